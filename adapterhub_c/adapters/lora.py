@@ -1,0 +1,177 @@
+"""LoRA adapters as plain tensors, read from and written to PEFT folders.
+
+A PEFT LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose
+keys look like ``base_model.model.<module>.lora_A.weight``. We keep every tensor of the
+file verbatim (biases, ``modules_to_save`` weights) and expose per-module views with
+the effective scale, so that packing, merging and conversion agree on one ΔW:
+
+    ΔW(module) = scale(module) · B @ A,  scale = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+where ``r`` and ``alpha`` honour ``rank_pattern`` / ``alpha_pattern`` as PEFT does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import IntegrityError, UsageError
+from ..fsutil import atomic_dir
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """Resolve a PEFT rank/alpha pattern for ``module`` (PEFT's get_pattern_key rule)."""
+    for pattern, value in (patterns or {}).items():
+        if module == pattern or re.match(rf"(.*\.)?{pattern}$", module):
+            return value
+    return default
+
+
+def lora_scale(config: dict, module: str) -> float:
+    """The factor PEFT multiplies B @ A by for ``module`` (rank/alpha patterns, rsLoRA)."""
+    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+@dataclass
+class LoraLayer:
+    """One adapted linear layer: A is [r, in], B is [out, r]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update scale · B @ A, shape [out, in]."""
+        return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter: its PEFT config and every tensor of its safetensors file."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # ---- reading and writing -------------------------------------------------
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "LoraAdapter":
+        """Read a PEFT LoRA folder; refuses non-LoRA and DoRA adapters."""
+        path = Path(path)
+        cfg_path = path / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise UsageError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter folder")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{cfg_path}: invalid JSON ({e})") from None
+        check_lora_config(config, str(path))
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UsageError(f"{path}: no {WEIGHTS_NAME}")
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise IntegrityError(f"{weights}: corrupt safetensors file ({e})") from None
+        return cls(config=config, tensors=tensors)
+
+    def to_folder(self, path: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write a PEFT folder atomically (plain ``PeftModel.from_pretrained`` loads it)."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt"})
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+        return path
+
+    # ---- per-layer view -------------------------------------------------------
+    def modules(self) -> list[str]:
+        """Names of the adapted modules (without the ``base_model.model.`` prefix)."""
+        names = []
+        for key in self.tensors:
+            m = _FACTOR_RE.match(key)
+            if m and m["factor"] == "lora_A":
+                names.append(_strip(m["module"]))
+        return sorted(names)
+
+    def layers(self) -> dict[str, LoraLayer]:
+        """Per-module (A, B, scale, bias) views of the adapter."""
+        out = {}
+        for module in self.modules():
+            key = PREFIX + module
+            out[module] = LoraLayer(
+                A=self.tensors[f"{key}.lora_A.weight"],
+                B=self.tensors[f"{key}.lora_B.weight"],
+                scale=lora_scale(self.config, module),
+                bias=self.tensors.get(f"{key}.lora_B.bias"),
+            )
+        return out
+
+    @classmethod
+    def from_layers(cls, layers: dict[str, LoraLayer], base_config: dict) -> "LoraAdapter":
+        """Build an adapter from per-module layers.
+
+        The effective scale of each layer is kept exactly: the config gets ``r`` and
+        ``lora_alpha`` per module through ``rank_pattern`` / ``alpha_pattern`` when the
+        layers differ, and rsLoRA is switched off (alpha is chosen so alpha/r = scale).
+        """
+        config = {k: v for k, v in base_config.items()
+                  if k not in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora")}
+        config.update(peft_type="LORA", use_rslora=False, use_dora=False)
+        ranks = {m: layer.rank for m, layer in layers.items()}
+        alphas = {m: layer.scale * layer.rank for m, layer in layers.items()}
+        r0 = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 8
+        a0 = alphas[next(m for m in layers if ranks[m] == r0)] if layers else 8
+        config["r"], config["lora_alpha"] = r0, a0
+        # patterns are anchored at the full module name so they match exactly one module
+        config["rank_pattern"] = {f"^{re.escape(m)}": r for m, r in ranks.items() if r != r0}
+        config["alpha_pattern"] = {f"^{re.escape(m)}": a for m, a in alphas.items() if a != a0}
+        config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in layers})
+        tensors = {}
+        for module, layer in layers.items():
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.A.contiguous()
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = layer.B.contiguous()
+            if layer.bias is not None:
+                tensors[f"{PREFIX}{module}.lora_B.bias"] = layer.bias.contiguous()
+        return cls(config=config, tensors=tensors)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _strip(module: str) -> str:
+    return module[len(PREFIX):] if module.startswith(PREFIX) else module
+
+
+def check_lora_config(config: dict, where: str) -> None:
+    """Refuse configs we cannot carry faithfully (non-LoRA PEFT types, DoRA)."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UsageError(f"{where}: PEFT type {peft_type or 'missing'!s} is not supported (only LoRA)")
+    if config.get("use_dora"):
+        raise UsageError(f"{where}: DoRA adapters are not supported yet")
+    if "r" not in config:
+        raise UsageError(f"{where}: adapter_config.json has no rank 'r'")

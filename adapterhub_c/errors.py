@@ -1,0 +1,35 @@
+"""Error types that the CLI turns into one-line messages and exit codes.
+
+UsageError  -> exit 2 (bad input: unknown name, invalid option value, wrong file)
+AdaptError  -> exit 1 (the operation failed: corrupt data, network, training)
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class AdaptError(Exception):
+    """An operation failed; the CLI prints the message and exits with 1."""
+
+    exit_code = 1
+
+
+class UsageError(AdaptError):
+    """The user asked for something invalid; the CLI exits with 2."""
+
+    exit_code = 2
+
+
+class NotFoundError(UsageError):
+    """A name or id matched nothing; suggests the closest known names."""
+
+    def __init__(self, what: str, name: str, known: Iterable[str] = ()):
+        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        super().__init__(f"unknown {what} {name!r}{hint}")
+        self.name = name
+
+
+class IntegrityError(AdaptError):
+    """Stored data does not match its digest, or a file is corrupt/truncated."""

@@ -1,0 +1,66 @@
+"""A seeded tiny random Llama with its own byte-level tokenizer, for tests.
+
+Hidden size 64, 2 layers, gated MLP; builds in well under a second and is the same
+model, bit for bit, every time (the weights come from a fixed seed).
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_SEED = 1234
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + 3 special tokens); any text round-trips."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS[1],
+        eos_token=SPECIAL_TOKENS[0],
+        pad_token=SPECIAL_TOKENS[0],
+        unk_token=SPECIAL_TOKENS[0],
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    """The tiny Llama's configuration (hidden 64, 2 layers, 4 heads, 2 KV heads)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+def build_tiny_llama() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Build the seeded tiny Llama and its tokenizer (float32, eval mode)."""
+    tokenizer = tiny_tokenizer()
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    return model, tokenizer
