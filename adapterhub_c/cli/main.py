@@ -1,0 +1,87 @@
+"""The ``adapt`` command: global options, error handling, and the command groups."""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from .. import __version__
+from ..errors import AdaptError
+
+
+class Context:
+    """What every command gets: the registry, opened lazily with the global options."""
+
+    def __init__(self, db: str | None, home: str | None, debug: bool):
+        self.db, self.home, self.debug = db, home, debug
+        self._registry = None
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from ..registry import Registry
+
+            self._registry = Registry(url=self.db, home=self.home)
+        return self._registry
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adapt")
+@click.option("--db", envvar="ADAPTERHUB_DB_URL", help="Registry database URL (default: SQLite in the home folder).")
+@click.option("--home", envvar="ADAPTERHUB_HOME", help="Home folder for the registry and blobs.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, home: str | None, debug: bool) -> None:
+    """adapterhub-c: many LoRA adapters on compressed models."""
+    ctx.obj = Context(db, home, debug)
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars replace those of transformers and huggingface_hub."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _register_commands() -> None:
+    from . import base_cmds, demo_cmd, eval_cmds, registry_cmds
+
+    for module in (registry_cmds, base_cmds, eval_cmds, demo_cmd):
+        module.register(cli)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit 2 / 1."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="adapt", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except AdaptError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line without --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+        sys.exit(1)

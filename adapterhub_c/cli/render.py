@@ -1,0 +1,70 @@
+"""Rendering for the CLI: tables, JSON, progress bars. No logic lives here."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Iterable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console() if sys.stdout.isatty() else Console(width=160)
+err_console = Console(stderr=True)
+
+
+def print_json(obj: Any) -> None:
+    """Print valid JSON on stdout (datetimes and paths as strings)."""
+    click.echo(json.dumps(obj, indent=2, default=str, sort_keys=False))
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str, separators=(",", ":"))
+    return str(value)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_table(rows: list[dict[str, Any]], columns: Iterable[str], title: str | None = None) -> None:
+    """A table of the given columns of ``rows``."""
+    columns = list(columns)
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*[fmt(row.get(c)) for c in columns])
+    console.print(table)
+
+
+@contextlib.contextmanager
+def progress_callback() -> Iterator[Any]:
+    """A ``progress(description, completed, total)`` callback drawing rich bars on a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(description: str, completed: int, total: int | None) -> None:
+        if description not in tasks:
+            tasks[description] = bars.add_task(description, total=total)
+        bars.update(tasks[description], completed=completed, total=total)
+
+    with bars:
+        yield update

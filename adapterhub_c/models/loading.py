@@ -1,0 +1,42 @@
+"""Loading registered models into memory."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UsageError
+from ..registry.models import BaseModel
+from ..registry.store import Registry
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' / None → cuda when available else cpu; otherwise the named device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def load_base_model(reg: Registry, base: BaseModel, device: str | None = "cpu", dtype=torch.float32):
+    """(model, tokenizer) of a registered base with stored weights, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if base.is_reference:
+        raise UsageError(f"base {base.name!r} is only a reference; fetch its weights with `adapt base add {base.name}`")
+    folder = reg.materialize(base)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+def load_base_tokenizer(reg: Registry, base: BaseModel):
+    """The tokenizer of a registered base (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reg.materialize(base))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,63 @@
+"""Registering artefacts: blobs first, then the row and its lineage in one transaction."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import select
+
+from ..errors import UsageError
+from .models import Artifact
+from .store import Registry
+
+ARTIFACT_KINDS = ("lora", "recovered-lora", "prompt", "pack", "merged", "composed")
+
+
+def name_taken(reg: Registry, name: str) -> bool:
+    """Whether an artefact already has this name."""
+    with reg.session() as s:
+        return s.scalar(select(Artifact.id).where(Artifact.name == name)) is not None
+
+
+def unique_name(reg: Registry, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``… if taken (for names the tool makes up)."""
+    name, i = stem, 1
+    while name_taken(reg, name):
+        i += 1
+        name = f"{stem}-{i}"
+    return name
+
+
+def register_artifact(reg: Registry, *, kind: str, name: str, base_id: str, folder: str | os.PathLike | None = None,
+                      files: dict[str, str] | None = None, variant_id: str | None = None, source: str | None = None,
+                      source_sha: str | None = None, config: dict[str, Any] | None = None,
+                      metrics: dict[str, Any] | None = None, parents: Iterable[tuple[Any, str]] = (),
+                      run_id: str | None = None) -> Artifact:
+    """Store ``folder`` as blobs (complete before anything points at them), then add the row.
+
+    ``parents`` is a list of (registry object, role) lineage edges. Raises UsageError if the
+    name is taken; nothing is registered then (the blobs stay until ``gc``).
+    """
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"unknown artefact kind {kind}")
+    stored = dict(files or {})
+    if folder is not None:
+        stored.update(reg.blobs.put_folder(folder))
+    size = sum(reg.blobs.path_for(d).stat().st_size for d in stored.values())
+    with reg.session() as s:
+        if s.scalar(select(Artifact.id).where(Artifact.name == name)) is not None:
+            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+        art = Artifact(kind=kind, name=name, base_id=base_id, variant_id=variant_id, source=source,
+                       source_sha=source_sha, files=stored, config=config or {}, metrics=metrics or {},
+                       size_bytes=size, run_id=run_id)
+        s.add(art)
+        s.flush()
+        for parent, role in parents:
+            reg.add_lineage(s, parent, art, role)
+        return art
+
+
+def artifact_folder(reg: Registry, art: Artifact, dest: str | os.PathLike | None = None) -> Path:
+    """The artefact's files laid out in a folder (verified)."""
+    return reg.materialize(art, dest)

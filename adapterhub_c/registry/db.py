@@ -1,0 +1,140 @@
+"""Opening a registry database: engine, SQLite pragmas, migrations on open.
+
+SQLite (the default, ``$ADAPTERHUB_HOME/registry.db``) runs in WAL mode with a busy
+timeout, and every transaction starts with ``BEGIN IMMEDIATE`` so that concurrent
+writers queue on the lock instead of failing with "database is locked" when a reader
+upgrades to a writer. Any other SQLAlchemy URL (PostgreSQL for shared use) works too.
+Migrations are applied under an exclusive lock (a lock file for SQLite, an advisory
+lock for PostgreSQL) so that many processes may open a new registry at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
+
+from ..errors import AdaptError
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_S = 60
+
+
+def default_home() -> Path:
+    """``$ADAPTERHUB_HOME``, or ``~/.cache/adapterhub_c``."""
+    return Path(os.environ.get("ADAPTERHUB_HOME") or Path.home() / ".cache" / "adapterhub_c")
+
+
+def default_url(home: Path) -> str:
+    """``$ADAPTERHUB_DB_URL``, or the SQLite file in the home folder."""
+    return os.environ.get("ADAPTERHUB_DB_URL") or f"sqlite:///{home / 'registry.db'}"
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest migration this code knows."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine, url: str):
+    if url.startswith("sqlite") and engine.url.database not in (None, "", ":memory:"):
+        lock_path = Path(engine.url.database).with_suffix(".migrate.lock")
+        with open(lock_path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    elif engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(727272)"))
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(727272)"))
+                conn.commit()
+    else:
+        yield
+
+
+def _current_revision(engine: Engine) -> tuple[str | None, bool]:
+    """(alembic revision or None, whether the database has any other tables)."""
+    with engine.connect() as conn:
+        rev = MigrationContext.configure(conn).get_current_revision()
+        tables = set(inspect(conn).get_table_names()) - {"alembic_version"}
+    return rev, bool(tables)
+
+
+def upgrade(engine: Engine, url: str) -> None:
+    """Bring the schema to the newest migration, refusing foreign or newer databases."""
+    head = head_revision()
+    try:
+        rev, has_tables = _current_revision(engine)
+        if rev == head:
+            return
+        with _migration_lock(engine, url):
+            rev, has_tables = _current_revision(engine)
+            if rev == head:
+                return
+            if rev is None and has_tables:
+                raise AdaptError(f"{_describe(url)} is not an adapterhub-c registry (it has foreign tables)")
+            if rev is not None and not _known_revision(rev):
+                raise AdaptError(f"{_describe(url)} was written by a newer adapterhub-c (schema {rev})")
+            cfg = _alembic_config()
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    except (DatabaseError, OperationalError) as e:
+        raise AdaptError(f"cannot open registry {_describe(url)}: {str(e.orig).splitlines()[0]}") from None
+
+
+def _known_revision(rev: str) -> bool:
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(rev) is not None
+    except CommandError:
+        return False
+
+
+def _describe(url: str) -> str:
+    """A URL safe to print: the password, if any, is hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

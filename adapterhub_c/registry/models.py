@@ -1,0 +1,135 @@
+"""SQLAlchemy models of the registry.
+
+Every object (base, variant, artefact) has a 32-hex id; names are unique within each
+table, and lookups accept a name or an id prefix. Files are stored as blob digests
+(``files`` maps a relative path to a sha256); a row is only written once all its blobs
+are complete, so a row never points at a partial blob.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def new_id() -> str:
+    """A fresh 32-hex identifier."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class BaseModel(Base):
+    """A base model: built-in, or a Hub repo (a reference until its weights are fetched)."""
+
+    __tablename__ = "base_models"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    hub_id: Mapped[str | None] = mapped_column(String(300), index=True)
+    revision: Mapped[str | None] = mapped_column(String(200))
+    commit_sha: Mapped[str | None] = mapped_column(String(64))
+    architecture: Mapped[str | None] = mapped_column(String(100))
+    params: Mapped[int | None] = mapped_column(BigInteger)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    files: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+
+    @property
+    def is_reference(self) -> bool:
+        """True while only the name is known (no weights stored)."""
+        return not self.files
+
+
+class Variant(Base):
+    """A base compressed by a recipe; the same recipe on the same base is one variant."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("base_id", "recipe_digest"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    base_id: Mapped[str] = mapped_column(ForeignKey("base_models.id"))
+    recipe: Mapped[str] = mapped_column(Text)
+    recipe_digest: Mapped[str] = mapped_column(String(64))
+    files: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sparsity: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class Artifact(Base):
+    """Anything derived or pulled: lora, recovered-lora, prompt, pack, merged, composed."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    base_id: Mapped[str] = mapped_column(ForeignKey("base_models.id"))
+    variant_id: Mapped[str | None] = mapped_column(ForeignKey("variants.id"))
+    source: Mapped[str | None] = mapped_column(String(500))
+    source_sha: Mapped[str | None] = mapped_column(String(64))
+    files: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class Lineage(Base):
+    """An edge parent → child (ids of bases, variants or artefacts) with a role."""
+
+    __tablename__ = "lineage"
+    __table_args__ = (UniqueConstraint("parent_id", "child_id", "role"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    parent_id: Mapped[str] = mapped_column(String(32), index=True)
+    parent_type: Mapped[str] = mapped_column(String(20))
+    child_id: Mapped[str] = mapped_column(String(32), index=True)
+    child_type: Mapped[str] = mapped_column(String(20))
+    role: Mapped[str] = mapped_column(String(40))
+
+
+class Run(Base):
+    """One command that changed the registry: parameters, status, timings, output."""
+
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    command: Mapped[str] = mapped_column(String(100))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    output: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None] = mapped_column(Integer)
+
+
+class Evaluation(Base):
+    """A measured value: (artefact and/or variant, or base) × dataset × split × metric."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    base_id: Mapped[str] = mapped_column(ForeignKey("base_models.id"))
+    variant_id: Mapped[str | None] = mapped_column(ForeignKey("variants.id"))
+    artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id"))
+    prompt_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id"))
+    dataset: Mapped[str] = mapped_column(String(300))
+    split: Mapped[str] = mapped_column(String(40))
+    metric: Mapped[str] = mapped_column(String(40))
+    value: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -1,0 +1,90 @@
+"""Registry: schema via Alembic, lookups, uniqueness, corrupt and foreign databases."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from adapterhub_c.errors import AdaptError, NotFoundError, UsageError
+from adapterhub_c.registry import Registry
+from adapterhub_c.registry.artifacts import register_artifact, unique_name
+from adapterhub_c.registry.models import Base, BaseModel
+from adapterhub_c.registry.runs import record_run
+
+
+def test_migrations_create_schema_matching_models(tmp_path):
+    reg = Registry(home=tmp_path)
+    with reg.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    with reg.engine.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() is not None
+
+
+def test_sqlite_uses_wal(reg):
+    con = sqlite3.connect(reg.home / "registry.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_lookup_by_name_hub_id_and_id_prefix(reg):
+    with reg.session() as s:
+        s.add(BaseModel(name="builtin:x", hub_id="Org/X"))
+    b = reg.get("builtin:x")
+    assert reg.get("Org/X").id == b.id
+    assert reg.get(b.id[:6]).id == b.id
+    with pytest.raises(NotFoundError, match="did you mean: builtin:x"):
+        reg.get("builtin:y")
+
+
+def test_artifact_names_unique(reg, tiny_base, tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.txt").write_text("x")
+    register_artifact(reg, kind="lora", name="a", base_id=tiny_base.id, folder=tmp_path / "f")
+    with pytest.raises(UsageError, match="already exists"):
+        register_artifact(reg, kind="lora", name="a", base_id=tiny_base.id, folder=tmp_path / "f")
+    assert unique_name(reg, "a") == "a-2"
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path):
+    (tmp_path / "registry.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(AdaptError, match="cannot open registry"):
+        Registry(home=tmp_path)
+
+
+def test_foreign_database_is_refused(tmp_path):
+    con = sqlite3.connect(tmp_path / "registry.db")
+    con.execute("CREATE TABLE customers (id INTEGER)")
+    con.commit()
+    con.close()
+    with pytest.raises(AdaptError, match="not an adapterhub-c registry"):
+        Registry(home=tmp_path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Registry(home=tmp_path).close()
+    con = sqlite3.connect(tmp_path / "registry.db")
+    con.execute("UPDATE alembic_version SET version_num = '9999'")
+    con.commit()
+    con.close()
+    with pytest.raises(AdaptError, match="newer"):
+        Registry(home=tmp_path)
+
+
+def test_run_records_status_and_hides_secrets(reg):
+    with record_run(reg, "demo", {"token": "hf_secret", "max_tokens": 5}) as run:
+        run.output = {"ok": 1}
+    with pytest.raises(RuntimeError):
+        with record_run(reg, "demo", {}):
+            raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt):
+        with record_run(reg, "demo", {}):
+            raise KeyboardInterrupt
+    from adapterhub_c.registry.views import list_objects
+
+    runs = list_objects(reg, "runs")
+    assert sorted(r["status"] for r in runs) == ["failed", "interrupted", "succeeded"]
+    ok = next(r for r in runs if r["status"] == "succeeded")
+    assert ok["parameters"] == {"max_tokens": 5} and ok["output"] == {"ok": 1}
+    assert "boom" in next(r for r in runs if r["status"] == "failed")["error"]
