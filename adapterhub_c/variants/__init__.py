@@ -1,1 +1,47 @@
-"""variants"""
+"""Compressed variants of a base model: recipes, pruning, bitsandbytes quantization, sizes.
+
+Build: `apply_recipe(model, recipe, calib_input_ids)` prunes in place and returns a
+`VariantBuild` (whole-model state dict, config, kept channel indices, stats).
+Load: `load_variant_model(folder_or_state, config, recipe, device)` quantizes with
+bitsandbytes at load time and returns an eval-mode model ready for PEFT.
+"""
+from .build import VariantBuild, VariantStats, apply_recipe, compute_stats, load_variant_model
+from .pruning import (
+    decoder_blocks,
+    keep_count,
+    n_m_mask,
+    prune_2_4,
+    prune_ffn_channels,
+    prune_magnitude,
+    prune_unstructured,
+    prune_wanda,
+    target_linears,
+    unstructured_mask,
+)
+from .quantize import bnb_config, dequantize_linear, is_bnb_linear, load_quantized
+from .recipe import PRUNE_METHODS, QUANT_METHODS, Recipe
+
+__all__ = [
+    "PRUNE_METHODS",
+    "QUANT_METHODS",
+    "Recipe",
+    "VariantBuild",
+    "VariantStats",
+    "apply_recipe",
+    "bnb_config",
+    "compute_stats",
+    "decoder_blocks",
+    "dequantize_linear",
+    "is_bnb_linear",
+    "keep_count",
+    "load_quantized",
+    "load_variant_model",
+    "n_m_mask",
+    "prune_2_4",
+    "prune_ffn_channels",
+    "prune_magnitude",
+    "prune_unstructured",
+    "prune_wanda",
+    "target_linears",
+    "unstructured_mask",
+]

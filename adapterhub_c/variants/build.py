@@ -1,0 +1,321 @@
+"""Build a variant from a base model and a recipe, and load a stored variant back.
+
+Storage decision: a variant is stored as the WHOLE pruned model in one safetensors blob
+(in the dtype the base was loaded in; tied weights stored once), plus its config (with
+the shrunk `intermediate_size` after ffn-channels pruning) and the recipe. Quantization
+is not baked into the blob: `load_variant_model` lets transformers quantize through
+bitsandbytes at load time (see quantize.py for why). A whole-model blob loads with a
+plain `from_pretrained`, needs no base to be present, and de-duplicates in a
+content-addressed store only per variant — the price is a blob the size of the base.
+Kept channel indices of ffn-channels pruning are stored beside it (they are not needed
+to run the variant, only to map base-shaped tensors such as LoRA factors onto it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from . import sizes
+from .pruning import prune_ffn_channels, prune_unstructured, target_linears
+from .quantize import load_quantized, resolve_dtype
+from .recipe import UNSTRUCTURED, Recipe
+
+Progress = Callable[[str, int, "int | None"], None]
+WEIGHTS_FILE = "model.safetensors"
+KEPT_FILE = "kept_indices.safetensors"
+VARIANT_FILE = "variant.json"
+
+
+@dataclass
+class VariantStats:
+    """Sizes and sparsity of a built variant (see sizes.py for the formulas)."""
+
+    base_params: int  # parameters of the base (tied weights counted once)
+    params_total: int  # parameters of the variant (fewer after ffn-channels)
+    params_nonzero: int
+    target_params_base: int  # weights of the pruned tensors, before pruning
+    target_params_nonzero: int  # … and their nonzeros after
+    sparsity: float  # 1 - target_params_nonzero / target_params_base
+    model_sparsity: float  # 1 - params_nonzero / base_params
+    bits_per_weight: float  # effective bits per weight of the decoder linears (+ a quantized LM head), scales included
+    stored_bytes: int  # tensor bytes of the stored blob (safetensors adds a small header)
+    quantized_bytes: int  # what the loaded variant holds: bnb formats + unquantized tensors in the stored dtype
+    ideal_bytes: int  # values + scales + positions, unquantized tensors at 16 bits
+    base_fp16_bytes: int  # the base at 16 bits, for compression ratios
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class VariantBuild:
+    """What `apply_recipe` produced: everything to store for a variant."""
+
+    recipe: Recipe
+    state_dict: dict[str, torch.Tensor]  # whole pruned model; shares memory with the model
+    kept_indices: dict[str, torch.Tensor]  # ffn-channels: MLP module name → kept channels (int64)
+    config: Any  # the updated transformers config
+    stats: VariantStats
+
+    def weights_bytes(self) -> bytes:
+        """The weights as one safetensors blob (recipe in the metadata)."""
+        from safetensors.torch import save
+
+        return save(self.state_dict, metadata={"format": "pt", "adapterhub_c.recipe": self.recipe.canonical_json()})
+
+    def kept_indices_bytes(self) -> bytes | None:
+        """The kept channel indices as a safetensors blob, or None without ffn-channels."""
+        from safetensors.torch import save
+
+        return save(self.kept_indices) if self.kept_indices else None
+
+    def save(self, folder: str | Path) -> Path:
+        """Write config.json, model.safetensors, variant.json (+ kept_indices.safetensors)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder)
+        (folder / WEIGHTS_FILE).write_bytes(self.weights_bytes())
+        kept = self.kept_indices_bytes()
+        if kept is not None:
+            (folder / KEPT_FILE).write_bytes(kept)
+        meta = {"recipe": self.recipe.to_dict(), "stats": self.stats.to_dict()}
+        (folder / VARIANT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return folder
+
+
+def apply_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    calib_input_ids: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> VariantBuild:
+    """Prune `model` in place by the recipe and return what to store (quantization comes at load).
+
+    `calib_input_ids`: tokenized calibration samples (list of [T] or [1, T] tensors, or
+    [N, T]); required when the recipe names `calib`, refused when it does not (the recipe
+    is the variant's identity, so unrecorded data must not change the result).
+    """
+    if recipe.uses_calibration and calib_input_ids is None:
+        raise UsageError(f"recipe uses calibration data {recipe.calib!r}: pass its input_ids")
+    if not recipe.uses_calibration and calib_input_ids is not None:
+        raise UsageError("calibration data given but the recipe names none (set calib in the recipe)")
+    _check_lm_head_quant(model, recipe)
+    base_params = _count_params(model)
+    targets_before = _pruned_tensors(model, recipe)
+    target_base = sum(p.numel() for p in targets_before.values())
+
+    kept: dict[str, torch.Tensor] = {}
+    layer_sparsity: dict[str, float] = {}
+    if recipe.prune in UNSTRUCTURED:
+        layer_sparsity = prune_unstructured(
+            model, recipe.prune, recipe.sparsity, recipe.prune_granularity or "row",
+            calib_input_ids=calib_input_ids, include_embeddings=recipe.include_embeddings,
+            include_lm_head=recipe.include_lm_head, progress=progress,
+        )
+    elif recipe.prune == "ffn-channels":
+        kept = prune_ffn_channels(model, recipe.sparsity, calib_input_ids, progress=progress)
+
+    stats = compute_stats(model, recipe, base_params, target_base, layer_sparsity)
+    state = {name: t.detach().cpu().contiguous() for name, t in _unique_state(model).items()}
+    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats)
+
+
+def load_variant_model(
+    source: str | Path | Mapping[str, torch.Tensor] | bytes | VariantBuild,
+    config: Any = None,
+    recipe: Recipe | str | dict | None = None,
+    device: str = "cpu",
+    compute_dtype: str | torch.dtype | None = None,
+) -> nn.Module:
+    """A transformers model of the variant, quantized with bitsandbytes where the recipe says, eval mode.
+
+    `source`: a folder written by `VariantBuild.save`, a safetensors file, a state dict,
+    the safetensors bytes, or a `VariantBuild`. `config` (a transformers config or its
+    dict) and `recipe` default to the folder's config.json / variant.json.
+    `compute_dtype`: dtype of the bnb matmuls and unquantized tensors (default: the
+    config's dtype, float32 when unset). The result is ready for `peft.get_peft_model`
+    or `PeftModel.from_pretrained` (LoRA wraps the bnb layers).
+    """
+    if isinstance(source, VariantBuild):
+        config = source.config if config is None else config
+        recipe = source.recipe if recipe is None else recipe
+        source = source.state_dict
+    folder = Path(source) if isinstance(source, (str, Path)) else None
+    if folder is not None and not folder.exists():
+        raise UsageError(f"variant weights not found: {folder}")
+    if folder is not None and folder.is_dir():
+        if recipe is None and (folder / VARIANT_FILE).exists():
+            recipe = json.loads((folder / VARIANT_FILE).read_text())["recipe"]
+    if recipe is None:
+        raise UsageError("loading a variant needs its recipe")
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_json(recipe)
+
+    with tempfile.TemporaryDirectory(prefix="adapterhub-variant-") as tmp:
+        model_dir = _model_folder(source, folder, config, Path(tmp))
+        cfg_dtype = _config_dtype(model_dir)
+        dtype = resolve_dtype(compute_dtype, cfg_dtype)
+        model = load_quantized(model_dir, recipe.quant, recipe.double_quant, dtype, device,
+                               include_lm_head=recipe.include_lm_head, dtype=dtype)
+    return model
+
+
+def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_base: int,
+                  layer_sparsity: dict[str, float] | None = None) -> VariantStats:
+    """Count parameters, nonzeros, bits and bytes of a pruned model under the recipe."""
+    pruned = _pruned_tensors(model, recipe)
+    quantized = _quantized_tensors(model, recipe)
+    pruned_ids = {id(p) for p in pruned.values()}
+    weight_names = set(_weight_names(model, target_linears(model))) | quantized
+    total = nonzero = target_nnz = stored_bits = held_bits = ideal_bits = 0
+    q_bits = q_numel = 0
+    for name, p in _unique_params(model).items():
+        numel, nnz = p.numel(), int(torch.count_nonzero(p.detach()))
+        in_f = p.shape[-1] if p.dim() >= 2 else numel
+        dtype_bits = p.element_size() * 8
+        total += numel
+        nonzero += nnz
+        stored_bits += numel * dtype_bits
+        quant = recipe.quant if name in quantized else "none"
+        pattern = _pattern(recipe, name) if id(p) in pruned_ids else "dense"
+        if id(p) in pruned_ids:
+            target_nnz += nnz
+        held_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits)
+        ideal_bits += sizes.ideal_tensor_bits(numel, nnz, in_f, quant, recipe.double_quant, pattern)
+        if name in weight_names:
+            q_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits)
+            q_numel += numel
+    return VariantStats(
+        base_params=base_params,
+        params_total=total,
+        params_nonzero=nonzero,
+        target_params_base=target_base,
+        target_params_nonzero=target_nnz,
+        sparsity=1.0 - target_nnz / target_base if target_base else 0.0,
+        model_sparsity=1.0 - nonzero / base_params if base_params else 0.0,
+        bits_per_weight=q_bits / q_numel if q_numel else 0.0,
+        stored_bytes=stored_bits // 8,
+        quantized_bytes=-(-held_bits // 8),
+        ideal_bytes=-(-ideal_bits // 8),
+        base_fp16_bytes=base_params * 2,
+        layer_sparsity=dict(layer_sparsity or {}),
+    )
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+
+def _unique_params(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Named parameters, a tied weight once (under its first name)."""
+    return dict(model.named_parameters())  # named_parameters already skips duplicates
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors kept once (first name), as save_pretrained does."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in _unique_params(model).values())
+
+
+def _weight_names(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": mod.weight for name, mod in modules.items()}
+
+
+def _pruned_tensors(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """The weights the recipe prunes, by parameter name (empty without pruning)."""
+    if recipe.prune == "none":
+        return {}
+    out = _weight_names(model, target_linears(model))
+    if recipe.prune == "ffn-channels":
+        return {n: p for n, p in out.items() if n.rsplit(".", 2)[-2] in ("gate_proj", "up_proj", "down_proj")}
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if recipe.include_embeddings and emb is not None:
+        out[f"{names[id(emb)]}.weight"] = emb.weight
+    if recipe.include_lm_head and head is not None and head.weight is not getattr(emb, "weight", None):
+        out[f"{names[id(head)]}.weight"] = head.weight
+    return out
+
+
+def _quantized_tensors(model: nn.Module, recipe: Recipe) -> set[str]:
+    if recipe.quant == "none":
+        return set()
+    out = set(_weight_names(model, target_linears(model)))
+    head = model.get_output_embeddings()
+    if recipe.include_lm_head and head is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        out.add(f"{names[id(head)]}.weight")
+    return out
+
+
+def _pattern(recipe: Recipe, name: str) -> str:
+    if recipe.prune == "2:4":
+        return "2:4"
+    if recipe.prune == "ffn-channels":
+        return "structured"
+    return "unstructured"
+
+
+def _check_lm_head_quant(model: nn.Module, recipe: Recipe) -> None:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if recipe.include_lm_head and recipe.quant != "none" and head is not None and emb is not None \
+            and head.weight is emb.weight:
+        raise UsageError("cannot quantize an LM head tied to the embeddings (embeddings stay unquantized)")
+
+
+def _config_dtype(folder: Path) -> torch.dtype:
+    data = json.loads((folder / "config.json").read_text())
+    name = data.get("dtype") or data.get("torch_dtype") or "float32"
+    return resolve_dtype(name) if name in ("float32", "float16", "bfloat16") else torch.float32
+
+
+def _model_folder(source: Any, folder: Path | None, config: Any, tmp: Path) -> Path:
+    """A folder with config.json + model.safetensors for from_pretrained (written to tmp if needed)."""
+    from safetensors.torch import load, load_file, save_file
+
+    if folder is not None and folder.is_dir() and config is None:
+        if not (folder / "config.json").exists() or not (folder / WEIGHTS_FILE).exists():
+            raise UsageError(f"{folder} is not a variant folder (config.json and {WEIGHTS_FILE} expected)")
+        return folder
+    if config is None:
+        raise UsageError("loading variant weights without a folder needs the model config")
+    if isinstance(source, bytes):
+        state = load(source)
+    elif folder is not None:
+        state = load_file(str(folder / WEIGHTS_FILE if folder.is_dir() else folder))
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in dict(source).items()}
+    _config_object(config).save_pretrained(tmp)
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return tmp
+
+
+def _config_object(config: Any):
+    if isinstance(config, (dict, str)):
+        from transformers import AutoConfig
+
+        data = json.loads(config) if isinstance(config, str) else dict(config)
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise UsageError("the variant config has no model_type")
+        return AutoConfig.for_model(model_type, **data)
+    return config

@@ -1,0 +1,94 @@
+"""Activation statistics from calibration data, collected with forward hooks.
+
+For every hooked linear layer we accumulate, per input feature j, the sum over all
+calibration tokens of x_j**2; the Wanda score uses sqrt of it, ||X_j||_2.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (nothing after it is needed)."""
+
+
+def normalise_calibration(calib_input_ids: Sequence[torch.Tensor] | torch.Tensor | None) -> list[torch.Tensor]:
+    """Turn the caller's input_ids (a [N, T] tensor or a list of [T] / [1, T] tensors) into [1, T] rows."""
+    if calib_input_ids is None:
+        return []
+    if isinstance(calib_input_ids, torch.Tensor):
+        if calib_input_ids.dim() == 1:
+            calib_input_ids = calib_input_ids.unsqueeze(0)
+        rows = list(calib_input_ids.unbind(0))
+    else:
+        rows = list(calib_input_ids)
+    out = []
+    for row in rows:
+        if not isinstance(row, torch.Tensor) or row.dtype not in (torch.int64, torch.int32):
+            raise UsageError("calibration data must be integer input_ids tensors")
+        row = row.reshape(1, -1).long()
+        if row.shape[1] == 0:
+            raise UsageError("calibration data contains an empty sequence")
+        out.append(row)
+    return out
+
+
+def _batches(rows: list[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+    by_len: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for row in rows:
+        by_len[row.shape[1]].append(row)
+    for length in sorted(by_len):
+        group = by_len[length]
+        for i in range(0, len(group), batch_size):
+            yield torch.cat(group[i : i + batch_size], dim=0)
+
+
+@torch.no_grad()
+def input_sq_norms(
+    model: nn.Module,
+    rows: list[torch.Tensor],
+    modules: dict[str, nn.Linear],
+    stop_after: nn.Module | None = None,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Sum over calibration tokens of x_j**2 for the input of each named linear (float32).
+
+    `stop_after`: a module after whose forward the pass is cut short (a decoder block),
+    so stats for block i cost only the forward up to block i.
+    """
+    if not rows:
+        raise UsageError("calibration data is empty")
+    device = next(model.parameters()).device
+    sums = {name: torch.zeros(mod.in_features, dtype=torch.float32, device=device) for name, mod in modules.items()}
+
+    def make_hook(name: str):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] += (x * x).sum(dim=0)
+
+        return hook
+
+    def stop(_mod, _args, _out):
+        raise _StopForward
+
+    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules.items()]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
+    try:
+        for batch in _batches(rows, batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums

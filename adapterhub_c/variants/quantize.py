@@ -1,0 +1,126 @@
+"""Quantization through bitsandbytes, applied when a variant is loaded.
+
+Decision: a variant stores plain (pruned) weights; quantization happens at load time
+through transformers' `BitsAndBytesConfig` passed to `from_pretrained`. With
+bitsandbytes >= 0.48 this works on CPU as well as on CUDA (verified on CPU with bnb
+0.50.2 and transformers 5: int8 → `bnb.nn.Linear8bitLt`, nf4/fp4 with or without
+double quantization → `bnb.nn.Linear4bit`). Why this way:
+- the model comes back marked `is_quantized` with its `hf_quantizer`, which is what
+  PEFT inspects to wrap bnb layers (`peft.tuners.lora.bnb.Linear4bit` / `Linear8bitLt`);
+- the stored blob is device-independent (bnb's packed layouts and states differ by
+  backend and version), so one blob serves CPU and CUDA;
+- the stored weights are the exact pruned weights, so adapters can also be evaluated
+  against the unquantized variant.
+Only the decoder-block linears are quantized unless `include_lm_head` (transformers'
+default keeps the LM head in full precision); embeddings never are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """A torch dtype from a name ('float32', 'bfloat16', 'float16'), a dtype or None (default)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def bnb_config(quant: str, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32,
+               include_lm_head: bool = False):
+    """The transformers `BitsAndBytesConfig` for a quant method, or None for 'none'."""
+    from transformers import BitsAndBytesConfig
+
+    skip = [] if include_lm_head else None  # None → transformers skips the LM head
+    if quant == "none":
+        return None
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if quant in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip,
+        )
+    raise UsageError(f"unknown quantization {quant!r}")
+
+
+def device_map_for(device: str | torch.device) -> dict[str, str]:
+    """A device_map placing the whole model on one device ('cpu', 'cuda', 'cuda:1')."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"": str(device)}
+
+
+def load_quantized(folder: str | Path, quant: str, double_quant: bool = False,
+                   compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   include_lm_head: bool = False, dtype: torch.dtype | None = None):
+    """Load a HF causal LM folder, quantizing its linears with bitsandbytes on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    config = bnb_config(quant, double_quant, compute_dtype, include_lm_head)
+    kwargs = {"dtype": dtype or compute_dtype}
+    if config is not None:
+        kwargs.update(quantization_config=config, device_map=device_map_for(device))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if config is None:
+        model.to(device)
+    return model.eval()
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """True for bitsandbytes' Linear8bitLt / Linear4bit."""
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+
+
+@torch.no_grad()
+def dequantize_linear(module: nn.Module) -> torch.Tensor:
+    """The float32 weight that a bitsandbytes linear stands for (its reference twin)."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear4bit):
+        w = module.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        w = module.weight
+        cb = w.CB if getattr(w, "CB", None) is not None else w.data
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return cb.float() * scb.float()[:, None] / 127.0
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    raise UsageError(f"not a linear layer: {type(module).__name__}")
+
+
+def quantized_storage_bits(module: nn.Module) -> int:
+    """Bits actually held by a bnb linear's weight and scales (for checking sizes.py)."""
+    import bitsandbytes as bnb
+
+    w = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        qs = w.quant_state
+        bits = w.data.numel() * w.data.element_size() * 8 + qs.absmax.numel() * qs.absmax.element_size() * 8
+        if qs.nested:
+            bits += qs.state2.absmax.numel() * qs.state2.absmax.element_size() * 8 + 32  # + offset
+        return bits
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        cb = w.CB if getattr(w, "CB", None) is not None else w.data
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return cb.numel() * 8 + scb.numel() * scb.element_size() * 8
+    return w.numel() * w.element_size() * 8

@@ -1,0 +1,187 @@
+"""A variant's recipe: which quantization and which pruning turn a base into a variant.
+
+The recipe is the identity of a variant: two variants of one base built from the same
+recipe are the same variant. `canonical_json()` is therefore stable (sorted keys,
+defaults filled, sparsity rounded to 6 decimals) and `digest()` hashes it.
+
+Defaults and choices:
+- `prune_granularity` (magnitude and wanda only) defaults to "row": every output row
+  of a weight keeps exactly round((1 - sparsity) * in_features) weights. "row" is what
+  the Wanda paper found best for LLMs (per-output comparison groups) and keeps every
+  output unit alive; "layer" ranks all weights of a matrix together (classic magnitude
+  pruning), keeping exactly round((1 - sparsity) * numel) weights per matrix.
+- sparsity: required for magnitude / wanda / ffn-channels, implied (0.5) for 2:4,
+  0 for no pruning.
+- `calib` names a data set that the caller tokenizes into `calib_samples` sequences of
+  `calib_seq_len` tokens; wanda requires it; 2:4 and ffn-channels use it for
+  activation-aware scores when given; it is refused where nothing would use it.
+- `include_embeddings` / `include_lm_head` (default False) extend unstructured pruning
+  (magnitude, wanda, 2:4) to the token embeddings / LM head; `include_lm_head` also
+  quantizes the LM head when the recipe quantizes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import UsageError
+
+QUANT_METHODS = ("none", "int8", "nf4", "fp4")
+PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels")
+GRANULARITIES = ("row", "layer")
+UNSTRUCTURED = ("magnitude", "wanda", "2:4")
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a variant is made from its base; validated and normalised on construction."""
+
+    quant: str = "none"
+    double_quant: bool = False
+    prune: str = "none"
+    sparsity: float | None = None
+    prune_granularity: str | None = None
+    calib: str | None = None
+    calib_samples: int = 32
+    calib_seq_len: int = 128
+    include_embeddings: bool = False
+    include_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        quant = str(self.quant).lower()
+        prune = str(self.prune).lower()
+        if quant not in QUANT_METHODS:
+            raise UsageError(f"unknown quantization {self.quant!r} (choose from {', '.join(QUANT_METHODS)})")
+        if prune not in PRUNE_METHODS:
+            raise UsageError(f"unknown pruning method {self.prune!r} (choose from {', '.join(PRUNE_METHODS)})")
+        _set(self, "quant", quant)
+        _set(self, "prune", prune)
+        _set(self, "sparsity", _normalise_sparsity(prune, self.sparsity))
+        _set(self, "prune_granularity", _normalise_granularity(prune, self.prune_granularity))
+        for flag in ("double_quant", "include_embeddings", "include_lm_head"):
+            if not isinstance(getattr(self, flag), bool):
+                raise UsageError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.double_quant and quant not in ("nf4", "fp4"):
+            raise UsageError(f"double_quant applies only to nf4 and fp4, not to quant {quant!r}")
+        self._check_calibration()
+        if self.include_embeddings and prune not in UNSTRUCTURED:
+            raise UsageError("include_embeddings applies only to magnitude, wanda and 2:4 pruning")
+        if self.include_lm_head and prune not in UNSTRUCTURED and quant == "none":
+            raise UsageError("include_lm_head applies only to magnitude, wanda, 2:4 pruning or to quantization")
+
+    def _check_calibration(self) -> None:
+        calib = self.calib
+        if calib is not None and (not isinstance(calib, str) or not calib.strip()):
+            raise UsageError(f"calib must be a data set name, got {calib!r}")
+        if calib is not None:
+            _set(self, "calib", calib.strip())
+        for name in ("calib_samples", "calib_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.prune == "wanda" and self.calib is None:
+            raise UsageError("wanda pruning needs calibration data (give calib, e.g. builtin:pydoc)")
+        if self.calib is not None and self.prune in ("none", "magnitude"):
+            raise UsageError(f"calib is unused with prune {self.prune!r}; it serves wanda, 2:4 and ffn-channels")
+
+    @property
+    def uses_calibration(self) -> bool:
+        """True when building this variant needs calibration input_ids."""
+        return self.calib is not None
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when the variant's linear layers are loaded as bitsandbytes layers."""
+        return self.quant != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, defaults filled, plus the recipe format version."""
+        data = asdict(self)
+        data["version"] = RECIPE_VERSION
+        return data
+
+    def canonical_json(self) -> str:
+        """The same recipe always gives the same string: sorted keys, no spaces."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """sha256 hex digest of `canonical_json()`."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def describe(self) -> str:
+        """A short human label, e.g. 'nf4+dq, wanda 50% (row)'."""
+        parts = []
+        if self.quant != "none":
+            parts.append(self.quant + ("+dq" if self.double_quant else ""))
+        if self.prune != "none":
+            label = self.prune if self.prune == "2:4" else f"{self.prune} {self.sparsity:.0%}"
+            if self.prune_granularity:
+                label += f" ({self.prune_granularity})"
+            parts.append(label)
+        return ", ".join(parts) or "uncompressed"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """Build from a dict such as `to_dict()` gives; unknown keys are refused."""
+        if not isinstance(data, dict):
+            raise UsageError(f"a recipe must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise UsageError(f"unsupported recipe version {version!r} (this build reads {RECIPE_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown recipe field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes | dict) -> "Recipe":
+        """Parse a recipe from JSON text (or an already-parsed dict)."""
+        if isinstance(text, dict):
+            return cls.from_dict(text)
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"recipe is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _set(obj: Recipe, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclass: normalise in __post_init__
+
+
+def _normalise_sparsity(prune: str, sparsity: Any) -> float:
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise UsageError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        sparsity = float(sparsity)
+        if math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+            raise UsageError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        sparsity = round(sparsity, 6) + 0.0  # +0.0 turns -0.0 into 0.0
+    if prune == "none":
+        if sparsity:
+            raise UsageError(f"sparsity {sparsity} given without a pruning method")
+        return 0.0
+    if prune == "2:4":
+        if sparsity is not None and sparsity != 0.5:
+            raise UsageError(f"2:4 pruning has sparsity 0.5 by definition, got {sparsity}")
+        return 0.5
+    if sparsity is None:
+        raise UsageError(f"prune {prune!r} needs a sparsity in [0, 1)")
+    return sparsity
+
+
+def _normalise_granularity(prune: str, granularity: Any) -> str | None:
+    if prune not in ("magnitude", "wanda"):
+        if granularity is not None:
+            raise UsageError(f"prune_granularity applies only to magnitude and wanda, not to {prune!r}")
+        return None
+    granularity = "row" if granularity is None else str(granularity).lower()
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"unknown prune_granularity {granularity!r} (choose from row, layer)")
+    return granularity
