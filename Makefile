@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -20,8 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/adapt demo
 
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV)

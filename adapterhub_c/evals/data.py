@@ -55,16 +55,23 @@ def pydoc_chunks() -> dict[str, list[str]]:
     from pydoc_data.topics import topics
 
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
+
+    def emit(key: str, text: str) -> None:
+        if text not in seen:  # some topics repeat whole passages of others
+            seen.add(text)
+            out[_bucket(key)].append(text)
+
     for topic in sorted(topics):
         paragraphs = [p.strip() for p in topics[topic].split("\n\n") if p.strip()]
         chunk, index = [], 0
         for para in paragraphs:
             chunk.append(para)
             if sum(len(p) for p in chunk) >= CHUNK_CHARS:
-                out[_bucket(f"{topic}/{index}")].append("\n\n".join(chunk))
+                emit(f"{topic}/{index}", "\n\n".join(chunk))
                 chunk, index = [], index + 1
         if chunk:
-            out[_bucket(f"{topic}/{index}")].append("\n\n".join(chunk))
+            emit(f"{topic}/{index}", "\n\n".join(chunk))
     return out
 
 

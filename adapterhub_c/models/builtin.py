@@ -45,10 +45,23 @@ def _export_smollm2(dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
+    from safetensors.torch import save_file
+
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.config.name_or_path = SMOLLM2_HUB_ID
-    model.save_pretrained(dest, safe_serialization=True)
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the
+    # weights are already dequantized to float32, so we write them ourselves.
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = SMOLLM2_HUB_ID
+    config.save_pretrained(dest)
+    model.generation_config.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
 
 

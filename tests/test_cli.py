@@ -1,0 +1,117 @@
+"""Every foundation command, on the tiny base, through the real entry point."""
+from __future__ import annotations
+
+from adapterhub_c.registry.artifacts import register_artifact
+
+
+def test_version_and_init(cli, home):
+    r = cli("--version")
+    assert r.code == 0 and "0.1.0" in r.out
+    r = cli("init")
+    assert r.code == 0 and str(home) in r.out and (home / "registry.db").exists()
+
+
+def test_base_add_is_idempotent(cli):
+    assert cli("base", "add", "builtin:tiny-llama").code == 0
+    r = cli("base", "add", "builtin:tiny-llama")
+    assert r.code == 0 and "already registered" in r.out
+    bases = cli("ls", "bases", "--json").json()
+    assert [b["name"] for b in bases] == ["builtin:tiny-llama"]
+    runs = cli("ls", "runs", "--json").json()
+    assert [r["command"] for r in runs] == ["base add"]
+
+
+def test_unknown_names_exit_2_with_suggestions(cli):
+    cli("base", "add", "builtin:tiny-llama")
+    r = cli("show", "builtin:tiny-lama")
+    assert r.code == 2 and "did you mean: builtin:tiny-llama" in r.err
+    assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("base", "add", "builtin:nope")
+    assert r.code == 2
+    r = cli("eval", "builtin:tiny-llama", "--data", "builtin:pydocs")
+    assert r.code == 2 and "builtin:pydoc" in r.err
+
+
+def test_ls_show_lineage_json(cli, reg, tiny_base, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    parent = register_artifact(reg, kind="lora", name="parent", base_id=tiny_base.id, folder=tmp_path / "a",
+                               parents=[(tiny_base, "adapter-of")])
+    register_artifact(reg, kind="pack", name="child", base_id=tiny_base.id, folder=tmp_path / "a",
+                      parents=[(parent, "packed-from")])
+    for what in ("bases", "variants", "artifacts", "runs"):
+        r = cli("ls", what, "--json")
+        assert r.code == 0
+        r.json()
+        assert cli("ls", what).code == 0
+    shown = cli("show", "parent", "--json").json()
+    assert shown["type"] == "artifact" and shown["children"][0]["name"] == "child"
+    assert cli("show", shown["id"][:8], "--json").json()["name"] == "parent"
+    assert cli("show", "builtin:tiny-llama").code == 0
+    tree = cli("lineage", "child", "--json").json()
+    assert tree["parents"][0]["name"] == "parent"
+    assert tree["parents"][0]["parents"][0]["name"] == "builtin:tiny-llama"
+    r = cli("lineage", "parent")
+    assert r.code == 0 and "child" in r.out
+
+
+def test_rm_refuses_while_derived_then_cascades(cli, reg, tiny_base, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    parent = register_artifact(reg, kind="lora", name="parent", base_id=tiny_base.id, folder=tmp_path / "a")
+    register_artifact(reg, kind="pack", name="child", base_id=tiny_base.id, folder=tmp_path / "a",
+                      parents=[(parent, "packed-from")])
+    r = cli("rm", "parent", "--yes")
+    assert r.code == 2 and "--cascade" in r.err
+    assert {a["name"] for a in cli("ls", "--json").json()} == {"parent", "child"}
+    assert cli("rm", "child", "--yes").code == 0
+    assert cli("rm", "parent", "--yes", "--cascade").code == 0
+    assert cli("ls", "--json").json() == []
+    r = cli("rm", "builtin:tiny-llama", "--yes")
+    assert r.code == 0
+
+
+def test_eval_records_evaluations(cli, tiny_base):
+    r = cli("eval", "builtin:tiny-llama", "--data", "builtin:pydoc", "--max-tokens", "600", "--json")
+    assert r.code == 0, r.err
+    row = r.json()
+    assert 1 < row["perplexity"] < 1000
+    r = cli("eval", "builtin:tiny-llama", "--data", "builtin:task/add-numbers", "--max-examples", "3",
+            "--max-tokens", "300", "--json")
+    assert r.code == 0, r.err
+    assert 0 <= r.json()["exact_match"] <= 1
+    evs = cli("show", "builtin:tiny-llama", "--json").json()["evaluations"]
+    assert {(e["dataset"], e["metric"]) for e in evs} == {
+        ("builtin:pydoc", "perplexity"), ("builtin:task/add-numbers", "perplexity"),
+        ("builtin:task/add-numbers", "exact_match")}
+
+
+def test_eval_bad_data_file(cli, tiny_base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    r = cli("eval", "builtin:tiny-llama", "--data", str(bad))
+    assert r.code == 2 and "bad.jsonl:2" in r.err
+    r = cli("eval", "builtin:tiny-llama", "--data", str(tmp_path / "missing.txt"))
+    assert r.code == 2 and "not found" in r.err
+
+
+def test_generate(cli, tiny_base):
+    r = cli("generate", "builtin:tiny-llama", "Hello", "--max-new-tokens", "5")
+    assert r.code == 0, r.err
+    r = cli("generate", "builtin:tiny-llama", "Hello", "--chat", "--max-new-tokens", "3")
+    assert r.code == 0, r.err
+    r = cli("generate", "builtin:tiny-llama", "Hello", "--max-new-tokens", "100000")
+    assert r.code == 2 and "context" in r.err
+
+
+def test_demo_on_tiny_base(cli):
+    r = cli("demo", "--base", "builtin:tiny-llama", "--max-tokens", "300")
+    assert r.code == 0, r.err
+    assert "perplexity" in r.out
+
+
+def test_corrupt_registry_exit_1(cli, home):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "registry.db").write_bytes(b"garbage" * 1000)
+    r = cli("ls", "--json")
+    assert r.code == 1 and "cannot open registry" in r.err and "Traceback" not in r.err
