@@ -136,6 +136,7 @@ def load_variant_model(
     recipe: Recipe | str | dict | None = None,
     device: str = "cpu",
     compute_dtype: str | torch.dtype | None = None,
+    cpu_bf16_kernel: bool = False,
 ) -> nn.Module:
     """A transformers model of the variant, quantized with bitsandbytes where the recipe says, eval mode.
 
@@ -145,6 +146,8 @@ def load_variant_model(
     `compute_dtype`: dtype of the bnb matmuls and unquantized tensors (default: the
     config's dtype, float32 when unset). The result is ready for `peft.get_peft_model`
     or `PeftModel.from_pretrained` (LoRA wraps the bnb layers).
+    `cpu_bf16_kernel`: keep bnb's CPU bf16 repacking of 4-bit layers (faster inference,
+    but training after an eval forward gets no gradients; see quantize.py).
     """
     if isinstance(source, VariantBuild):
         config = source.config if config is None else config
@@ -165,7 +168,8 @@ def load_variant_model(
         cfg_dtype = _config_dtype(model_dir)
         dtype = resolve_dtype(compute_dtype, cfg_dtype)
         model = load_quantized(model_dir, recipe.quant, recipe.double_quant, dtype, device,
-                               include_lm_head=recipe.include_lm_head, dtype=dtype)
+                               include_lm_head=recipe.include_lm_head, dtype=dtype,
+                               cpu_bf16_kernel=cpu_bf16_kernel)
     return model
 
 

@@ -13,9 +13,19 @@ double quantization → `bnb.nn.Linear4bit`). Why this way:
   against the unquantized variant.
 Only the decoder-block linears are quantized unless `include_lm_head` (transformers'
 default keeps the LM head in full precision); embeddings never are.
+
+CPU finding (bnb 0.50.2): on a CPU with AVX512-BF16, the first eval-mode no-grad
+forward of a `Linear4bit` repacks its weight IN PLACE into a CPU layout (absmax cast to
+bf16, double quantization dissolved) and from then on computes through
+`bitsandbytes::gemv_4bit` in bf16 — in train mode too — and that op has no autograd
+kernel: after one evaluation, LoRA training on the model silently gets no gradients at
+all (only a torch UserWarning). Results also change precision between eval and train.
+`load_quantized` therefore turns that fast path off by default (`cpu_bf16_kernel=False`):
+4-bit layers then dequantize and matmul in the compute dtype, as on CUDA.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -69,8 +79,13 @@ def device_map_for(device: str | torch.device) -> dict[str, str]:
 
 def load_quantized(folder: str | Path, quant: str, double_quant: bool = False,
                    compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   include_lm_head: bool = False, dtype: torch.dtype | None = None):
-    """Load a HF causal LM folder, quantizing its linears with bitsandbytes on `device`."""
+                   include_lm_head: bool = False, dtype: torch.dtype | None = None,
+                   cpu_bf16_kernel: bool = False):
+    """Load a HF causal LM folder, quantizing its linears with bitsandbytes on `device`.
+
+    `cpu_bf16_kernel=True` keeps bnb's CPU repack-to-bf16 fast path for 4-bit layers:
+    inference only, never train after an eval forward (see the module docstring).
+    """
     from transformers import AutoModelForCausalLM
 
     config = bnb_config(quant, double_quant, compute_dtype, include_lm_head)
@@ -80,7 +95,21 @@ def load_quantized(folder: str | Path, quant: str, double_quant: bool = False,
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if config is None:
         model.to(device)
+    elif not cpu_bf16_kernel:
+        disable_cpu_repack(model)
     return model.eval()
+
+
+def disable_cpu_repack(model: nn.Module) -> int:
+    """Turn off bnb's in-place CPU repacking of 4-bit weights (see the module docstring); returns the count."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
@@ -97,7 +126,12 @@ def dequantize_linear(module: nn.Module) -> torch.Tensor:
 
     if isinstance(module, bnb.nn.Linear4bit):
         w = module.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        data, state = w.data, w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by a CPU bf16 forward
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
         w = module.weight
         cb = w.CB if getattr(w, "CB", None) is not None else w.data
