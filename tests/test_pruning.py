@@ -228,3 +228,18 @@ def test_unsupported_architecture_is_a_usage_error():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
     with pytest.raises(UsageError):
         prune_magnitude(gpt2, 0.5)
+
+
+def test_blockwise_calibration_matches_full_forward_statistics():
+    from adapterhub_c.variants.calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
+
+    model = skewed_tiny()
+    rows = normalise_calibration(calib(n=5, length=20) + calib(n=2, length=9, seed=4))  # two lengths
+    blocks = list(model.model.layers)
+    mods = {"o": blocks[1].self_attn.o_proj, "down": blocks[1].mlp.down_proj}
+    full = input_sq_norms(model, rows, mods, stop_after=blocks[1])
+    cal = BlockwiseCalibrator(model, rows, blocks, batch_size=3)
+    cal.advance(0)
+    step = cal.stats(1, mods)
+    for k in mods:
+        torch.testing.assert_close(step[k], full[k], rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .calibration import input_sq_norms, normalise_calibration
+from .calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Progress = Callable[[str, int, "int | None"], None]
@@ -147,13 +147,16 @@ def prune_unstructured(
     was_training = model.training
     model.eval()
     try:
+        calibrator = BlockwiseCalibrator(model, rows, [b for _, b in blocks]) if rows else None
         for i, (prefix, block) in enumerate(blocks):
             linears = {f"{prefix}.{n}": m for n, m in block_linears(block).items()}
-            norms = input_sq_norms(model, rows, linears, stop_after=block) if rows else {}
+            norms = calibrator.stats(i, linears) if calibrator else {}
             for name, lin in linears.items():
                 mask = mask_for(lin.weight, norms.get(name))
                 _apply_mask(lin.weight, mask)
                 result[name] = 1.0 - mask.float().mean().item()
+            if calibrator:
+                calibrator.advance(i)
             if progress:
                 progress(f"pruning {prefix} ({method})", i + 1, total)
         for j, (name, module) in enumerate(extras.items()):
@@ -281,15 +284,16 @@ def prune_ffn_channels(
     was_training = model.training
     model.eval()
     try:
+        calibrator = BlockwiseCalibrator(model, rows, [b for _, _, b in mlps]) if rows else None
         for i, (name, mlp, block) in enumerate(mlps):
-            sq = None
-            if rows:
-                sq = input_sq_norms(model, rows, {name: mlp.down_proj}, stop_after=block)[name]
+            sq = calibrator.stats(i, {name: mlp.down_proj})[name] if calibrator else None
             scores = channel_scores(mlp, sq)
             order = torch.argsort(scores, descending=True, stable=True)[:keep]
             kept = torch.sort(order).values.to(torch.int64).cpu()
             shrink_mlp(mlp, kept)
             kept_all[name] = kept
+            if calibrator:
+                calibrator.advance(i)
             if progress:
                 progress(f"pruning channels of {name}", i + 1, len(mlps))
     finally:
