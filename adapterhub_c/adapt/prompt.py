@@ -12,7 +12,6 @@ Files are safetensors: one tensor ``prompt_embeddings`` [k, hidden] plus string 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
