@@ -1,0 +1,93 @@
+"""Model cards: writing adapter cards (README.md with YAML front matter) and reading their tags."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable
+
+import yaml
+
+_FRONT_MATTER_RE = re.compile(r"\A---\s*\n(.*?\n)?---\s*(\n|\Z)", re.DOTALL)
+
+
+def parse_front_matter(text: str) -> dict:
+    """The YAML front matter of a README as a dict ({} when absent); ValueError if malformed."""
+    m = _FRONT_MATTER_RE.match(text or "")
+    if not m or not (m.group(1) or "").strip():
+        return {}
+    data = yaml.safe_load(m.group(1))
+    if not isinstance(data, dict):
+        raise ValueError("the YAML front matter is not a mapping")
+    return data
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if v is not None]
+    return [str(value)]
+
+
+def card_tags(card_data: dict) -> list[str]:
+    """The tags the Hub derives from card metadata: explicit tags, library, base-model relations."""
+    tags = _as_list(card_data.get("tags"))
+    tags += _as_list(card_data.get("library_name"))
+    relation = card_data.get("base_model_relation")
+    for base in _as_list(card_data.get("base_model")):
+        tags.append(f"base_model:{base}")
+        if relation:
+            tags.append(f"base_model:{relation}:{base}")
+    if card_data.get("license"):
+        tags.append(f"license:{card_data['license']}")
+    return list(dict.fromkeys(tags))
+
+
+def _json_block(obj: Any) -> str:
+    return "```json\n" + json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n```\n"
+
+
+def model_card(base_model: str, name: str, recipe: dict | None = None,
+               lineage: Iterable[dict] | dict | None = None, metrics: dict | None = None,
+               extra_tags: Iterable[str] = ()) -> str:
+    """A README.md for an adapter of ``base_model``: YAML front matter then human sections.
+
+    The front matter carries ``library_name: peft``, ``base_model``, ``base_model_relation:
+    adapter`` and the tags ``lora``, ``adapterhub-c``, ``base_model:adapter:<base>`` so that
+    ``HfApi.list_models(filter="base_model:adapter:<base>")`` finds it.
+    """
+    from huggingface_hub import ModelCardData
+
+    tags = ["lora", "adapterhub-c", f"base_model:adapter:{base_model}", *extra_tags]
+    data = ModelCardData(library_name="peft", base_model=base_model,
+                         tags=list(dict.fromkeys(tags)))
+    data.base_model_relation = "adapter"
+    lines = [f"---\n{data.to_yaml()}\n---\n", f"# {name}\n",
+             f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), "
+             "made with adapterhub-c. It loads with plain PEFT:\n",
+             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+             f"base = AutoModelForCausalLM.from_pretrained({base_model!r})\n"
+             f"model = PeftModel.from_pretrained(base, {name!r})\n```\n"]
+    lines.append("## Variant recipe\n")
+    lines.append(_json_block(recipe) if recipe else "Uncompressed base (no variant recipe).\n")
+    lines.append("## Lineage\n")
+    if lineage:
+        items = [lineage] if isinstance(lineage, dict) else list(lineage)
+        for item in items:
+            if isinstance(item, dict):
+                role = item.get("role", "derived-from")
+                parent = item.get("parent", item.get("source", "?"))
+                lines.append(f"- {role}: `{parent}`\n")
+            else:
+                lines.append(f"- `{item}`\n")
+    else:
+        lines.append("No recorded parents.\n")
+    lines.append("\n## Measured metrics\n")
+    if metrics:
+        lines.append("| metric | value |\n|---|---|\n")
+        for key, value in sorted(metrics.items()):
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |\n")
+    else:
+        lines.append("No metrics recorded.\n")
+    return "\n".join(lines)
