@@ -501,16 +501,20 @@ def _uvicorn_server(app, log_level: str):
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
           ready: Callable[[str], None] | None = None, log_level: str = "warning",
-          user: str = DEFAULT_USER) -> None:
+          user: str = DEFAULT_USER, configure: Callable[[FastAPI], None] | None = None) -> None:
     """Serve the repos under ``root`` until interrupted (blocking).
 
     Binds loopback by default; ``port=0`` picks a free port. ``ready(endpoint)`` is called
-    once the socket is bound, with the endpoint URL (e.g. ``http://127.0.0.1:54321``).
+    once the socket is bound, with the endpoint URL (e.g. ``http://127.0.0.1:54321``);
+    ``configure(app)`` runs before serving (in-process set-up such as test fault injection).
     """
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     endpoint = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
-    server = _uvicorn_server(create_app(root, token, user=user), log_level)
+    app = create_app(root, token, user=user)
+    if configure is not None:
+        configure(app)
+    server = _uvicorn_server(app, log_level)
     if ready is not None:
         ready(endpoint)
     server.run(sockets=[sock])
