@@ -167,8 +167,8 @@ def create_app(root: str | Path, token: str | None = None, user: str = DEFAULT_U
 
     @app.post("/api/validate-yaml")
     async def validate_yaml(request: Request):
-        body = await request.json()
         try:
+            body = await request.json()
             parse_front_matter(body.get("content", ""))
         except Exception as e:  # yaml errors
             return JSONResponse({"errors": [{"message": f"invalid YAML: {e}"}], "warnings": []},
@@ -228,7 +228,10 @@ def create_app(root: str | Path, token: str | None = None, user: str = DEFAULT_U
         filters = q.getlist("filter")
         search = (q.get("search") or "").lower()
         author = q.get("author")
-        limit = int(q.get("limit") or 1000)
+        try:
+            limit = int(q.get("limit") or 1000)
+        except ValueError:
+            raise HubError(400, f"invalid limit {q.get('limit')!r}") from None
         with_card = q.get("cardData") in ("true", "True", "1") or q.get("full") in ("true", "True", "1")
         full = q.get("full") in ("true", "True", "1")
         out = []
@@ -257,6 +260,11 @@ def create_app(root: str | Path, token: str | None = None, user: str = DEFAULT_U
         commit = store.resolve(repo_id, revision)
         blobs = request.query_params.get("blobs") in ("true", "True", "1")
         return hub.model_json(repo_id, meta, commit, blobs=blobs)
+
+    @app.get("/api/models/{name}")
+    def model_info_no_namespace(name: str, request: Request):
+        raise HubError(404, f"Repository not found: {name} (ids are namespace/name)",
+                       "RepoNotFound")
 
     @app.get("/api/models/{ns}/{name}")
     def model_info(ns: str, name: str, request: Request):
@@ -383,6 +391,11 @@ def create_app(root: str | Path, token: str | None = None, user: str = DEFAULT_U
         blob = store.blob_path(entry["sha256"])
         return StreamingResponse(_stream(blob, start, length, fault), status_code=status,
                                  headers=headers)
+
+    @app.api_route("/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+    def resolve_no_namespace(name: str, revision: str, path: str, request: Request):
+        raise HubError(404, f"Repository not found: {name} (ids are namespace/name)",
+                       "RepoNotFound")
 
     return app
 
