@@ -1,0 +1,99 @@
+"""Plain LoRA training on any HF causal LM: a base, or a compressed variant of it.
+
+QLoRA: when the model holds bitsandbytes 8-bit / 4-bit layers, it first goes through
+``peft.prepare_model_for_kbit_training`` (freezes the base, casts non-quantized
+fp16/bf16 weights to fp32) with gradient checkpointing off by default (it trades
+speed for memory; turn it on with ``gradient_checkpointing=True`` on big models on
+GPU). This works on CPU as well with bitsandbytes >= 0.48 (the variant loader already
+turns off bnb's CPU bf16 repack, which would silently stop LoRA gradients).
+
+The LoRA is added in place and removed again (``unload``) when training ends, so the
+caller's model comes back as it was; the trained adapter is returned as a
+``LoraAdapter`` whose ``base_model_name_or_path`` the caller fills in.
+Defaults: r=16, alpha=32, dropout 0.05 on q/k/v/o (the CA-LoRA Llama setting); the
+optimiser and schedule defaults are those of ``loop.TrainConfig``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..adapters.lora import LoraAdapter
+from ..errors import UsageError
+from . import peft_io
+from .batches import make_batches
+from .loop import Progress, TrainConfig, TrainResult, train
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class TrainedLora:
+    """A trained adapter and how its training went."""
+
+    adapter: LoraAdapter
+    result: TrainResult
+
+
+def lm_loss_fn(model: nn.Module):
+    """``loss_fn(batch) -> (loss, logs)``: the model's LM loss (labels -100 are ignored)."""
+    def loss_fn(batch: dict) -> tuple[torch.Tensor, dict]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch["labels"])
+        return out.loss, {}
+    return loss_fn
+
+
+def _target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    names = peft_io.linear_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UsageError(f"the model has no linear layers named {', '.join(missing)}")
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def train_lora(model: nn.Module, tokenizer, dataset: Any, rank: int = 16, alpha: float = 32,
+               targets: Sequence[str] = DEFAULT_TARGETS, config: TrainConfig | None = None, *,
+               dropout: float = 0.05, use_rslora: bool = False, gradient_checkpointing: bool = False,
+               progress: Progress | None = None, resume: bool = False,
+               fingerprint: dict | None = None) -> TrainedLora:
+    """Train a fresh LoRA on ``model`` (in place, removed afterwards) with the LM loss on ``dataset``.
+
+    ``dataset``: an ``evals.data.Dataset`` (texts or prompt/completion pairs) or a list of
+    texts. ``fingerprint``: extra settings compared on resume (e.g. the base's name).
+    """
+    config = config or TrainConfig()
+    config.validate()
+    if rank < 1:
+        raise UsageError(f"rank must be >= 1, got {rank}")
+    if not targets:
+        raise UsageError("no target modules given")
+    modules = _target_modules(model, targets)
+    batches = make_batches(tokenizer, dataset, config.seq_len, config.batch_size, config.seed)
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    if peft_io.is_quantized_model(model):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    peft_io.place(model, config.device)
+    lora_cfg = {"peft_type": "LORA", "r": int(rank), "lora_alpha": alpha, "lora_dropout": dropout,
+                "use_rslora": use_rslora, "target_modules": sorted(set(targets)), "bias": "none"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # LoRA A's kaiming init
+        peft_model = peft_io.attach_lora(model, lora_cfg, modules)
+    try:
+        named = peft_io.set_trainable(peft_model, peft_io.lora_parameters(peft_model))
+        stamp = {"dataset": getattr(dataset, "name", None), "examples": len(dataset), "rank": rank,
+                 "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora,
+                 "targets": sorted(set(targets)), **(fingerprint or {})}
+        result = train(peft_model, named, lm_loss_fn(peft_model), batches, config,
+                       progress=progress, resume=resume, fingerprint=stamp)
+        adapter = peft_io.extract_lora(peft_model)
+    finally:
+        peft_model.unload()
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+    return TrainedLora(adapter=adapter, result=result)
