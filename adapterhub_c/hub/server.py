@@ -262,7 +262,8 @@ def create_app(root: str | Path, token: str | None = None, user: str = DEFAULT_U
         return hub.model_json(repo_id, meta, commit, blobs=blobs)
 
     @app.get("/api/models/{name}")
-    def model_info_no_namespace(name: str, request: Request):
+    @app.get("/api/models/{name}/revision/{revision}")
+    def model_info_no_namespace(name: str, request: Request, revision: str | None = None):
         raise HubError(404, f"Repository not found: {name} (ids are namespace/name)",
                        "RepoNotFound")
 
