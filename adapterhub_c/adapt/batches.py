@@ -132,7 +132,8 @@ class ShuffledBatches:
         self.per_epoch = max(1, len(examples) // batch_size)
         self._order: tuple[int, list[int]] | None = None  # cached permutation of one epoch
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example order of ``epoch`` (a seeded permutation, or 0..N-1 unshuffled)."""
         if self._order is None or self._order[0] != epoch:
             n = len(self.examples)
             if self.shuffle:
@@ -146,7 +147,7 @@ class ShuffledBatches:
     def batch(self, index: int) -> Batch:
         """Micro-batch number ``index`` (deterministic for a given seed)."""
         epoch, pos = divmod(int(index), self.per_epoch)
-        order = self._epoch_order(epoch)
+        order = self.epoch_order(epoch)
         return self.examples.collate(order[pos * self.batch_size:(pos + 1) * self.batch_size])
 
     def __iter__(self) -> Iterator[Batch]:
