@@ -170,7 +170,9 @@ def extract_lora(peft_model: nn.Module) -> LoraAdapter:
     """The default adapter as a ``LoraAdapter`` (PEFT keys; base_model_name_or_path left unset)."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER)
+    # PEFT counts every tensor inside a LoRA layer as the adapter's, recovery included
+    full = {k: v for k, v in peft_model.state_dict().items() if f".{CHILD}." not in k}
+    state = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=ADAPTER)
     config = json_config(peft_model.peft_config[ADAPTER])
     config["base_model_name_or_path"] = None
     config["inference_mode"] = True
