@@ -62,14 +62,13 @@ def test_train_lora_leaves_the_model_as_it_was(texts):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_interrupted_run_resumed_ends_with_the_same_weights(texts, tmp_path):
+def test_interrupted_run_resumed_ends_with_the_same_weights(texts, tmp_path, monkeypatch):
     full = run_lora(texts, cfg()).adapter.tensors
 
     # Ctrl-C in the middle of step 6 (inside the loss of its second micro-batch)
-    calls = {"n": 0}
-    model, tok = build_tiny_llama()
     from adapterhub_c.adapt import train as train_mod
 
+    calls = {"n": 0}
     real = train_mod.lm_loss_fn
 
     def interrupting(m):
@@ -83,12 +82,10 @@ def test_interrupted_run_resumed_ends_with_the_same_weights(texts, tmp_path):
         return loss_fn
 
     ckpt = tmp_path / "ckpt"
-    train_mod.lm_loss_fn = interrupting
-    try:
+    with monkeypatch.context() as mp:
+        mp.setattr(train_mod, "lm_loss_fn", interrupting)
         with pytest.raises(KeyboardInterrupt):
-            train_lora(model, tok, texts, rank=4, alpha=8, config=cfg(checkpoint_dir=str(ckpt)))
-    finally:
-        train_mod.lm_loss_fn = real
+            run_lora(texts, cfg(checkpoint_dir=str(ckpt)))
     with safe_open(str(ckpt / CHECKPOINT_NAME), framework="pt") as f:
         meta = json.loads(f.metadata()["adapterhub_c.checkpoint"])
     assert meta["step"] == 5 and len(meta["losses"]) == 5 and meta["hparams"]["lr"] == 3e-3

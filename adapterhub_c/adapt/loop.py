@@ -296,7 +296,9 @@ def train(module: torch.nn.Module, named_params: Sequence[tuple[str, torch.nn.Pa
 
     ``batches``: a ``BatchSource`` (random access, e.g. ``batches.make_batches``), a list
     of batch dicts (cycled), or an iterable. ``fingerprint``: extra settings (dataset,
-    rank, …) stored with the hyper-parameters and compared on resume.
+    rank, …) stored with the hyper-parameters and compared on resume. ``resume=True``
+    with no checkpoint file yet starts afresh (``result.resumed_from`` is None).
+    ``loss_fn(batch)`` returns the loss, or ``(loss, {name: float})`` logged per step.
     """
     config = config or TrainConfig()
     config.validate()

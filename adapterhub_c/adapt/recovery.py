@@ -18,7 +18,10 @@ keys (``…q_proj.lora_A.weight``) and recovery keys both name the variant's own
 Recovery is non-linear and is never merged into weights. On disk: ``recovery.safetensors``
 with tensors ``<module>.recovery_D`` / ``<module>.recovery_U`` (module names as in the
 bare variant, without PEFT's ``base_model.model.`` prefix) and a JSON config in the
-file metadata (key ``adapterhub_c.recovery``).
+file metadata (key ``adapterhub_c.recovery``). Do not save a student with PEFT's
+``save_pretrained``: PEFT counts every tensor inside a LoRA layer as the adapter's and
+would put the recovery tensors into ``adapter_model.safetensors``; use
+``convert.ConvertResult.save`` (or ``peft_io.extract_lora``), which leaves them out.
 """
 from __future__ import annotations
 
@@ -190,7 +193,8 @@ def recovery_modules(model: nn.Module) -> dict[str, Recovery]:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, Recovery):
-            out[bare_name(name.rsplit(".", 1)[0])] = module
+            host = name.rsplit(".", 1)[0].removesuffix(".base_layer")  # attached before PEFT wrapped it
+            out[bare_name(host)] = module
     return out
 
 
