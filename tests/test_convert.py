@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from adapterhub_c.adapt import peft_io
-from adapterhub_c.adapt.convert import build_student, build_teacher, distill_convert, load_adapted
+from adapterhub_c.adapt.convert import build_student, build_teacher, convert, distill_convert, load_adapted
 from adapterhub_c.adapt.loop import TrainConfig
 from adapterhub_c.adapt.recovery import (Recovery, RecoveryConfig, attach_recovery, detach_recovery,
                                          read_recovery_file, recovery_modules)
@@ -188,6 +188,16 @@ def test_bad_inputs_are_refused(source, tok):
         distill_convert(student, None, tok, Dataset("empty", "train"), distill=False, config=cfg())
     with pytest.raises(UsageError, match="activation"):
         RecoveryConfig(act="tanh")
+
+
+def test_convert_in_one_call(source, tok, texts):
+    result = convert(variant(), source, build_tiny_llama()[0], tok, texts, recover_rank=4, config=cfg(steps=2))
+    assert result.train is not None and len(result.train.losses) == 2 and "distill_loss" in result.train.logs[-1]
+    assert result.recovery_config.rank == 4 and result.recovery_state
+    with pytest.raises(UsageError, match="uncompressed base"):
+        convert(variant(), source, None, tok, texts, config=cfg(steps=2))
+    no_data = convert(variant(), source, None, tok, None, recover=False)
+    assert no_data.train is None and no_data.recovery_state is None
 
 
 def test_resume_with_changed_distill_alpha_is_refused(source, tok, texts, tmp_path):

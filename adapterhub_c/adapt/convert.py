@@ -35,7 +35,7 @@ from . import peft_io
 from .batches import make_batches
 from .loop import Progress, TrainConfig, TrainResult, train
 from .recovery import (FILE_NAME, RecoveryConfig, attach_recovery, load_recovery, read_recovery_file,
-                       recovery_state, save_recovery_file)
+                       recovery_file_bytes, recovery_state)
 
 FFN_ROWS = ("gate_proj", "up_proj")   # LoRA B rows follow the intermediate channels
 FFN_COLS = ("down_proj",)             # LoRA A columns follow the intermediate channels
@@ -71,13 +71,9 @@ class ConvertResult:
 
     def save(self, folder: str | Path) -> Path:
         """Write a PEFT folder (+ ``recovery.safetensors`` when there is recovery), atomically."""
-        folder = Path(folder)
         extra = {}
         if self.recovery_state:
-            tmp = folder.parent / f".{folder.name}.{FILE_NAME}"
-            save_recovery_file(tmp, self.recovery_state, self.recovery_config)
-            extra[FILE_NAME] = tmp.read_bytes()
-            tmp.unlink()
+            extra[FILE_NAME] = recovery_file_bytes(self.recovery_state, self.recovery_config)
         return self.lora.to_folder(folder, extra_files=extra)
 
 

@@ -256,12 +256,16 @@ def load_recovery(model: nn.Module, state: dict[str, torch.Tensor], config: Reco
     return attached
 
 
-def save_recovery_file(path: str | Path, state: dict[str, torch.Tensor], config: RecoveryConfig) -> Path:
-    """Write ``recovery.safetensors`` atomically (config as JSON in the metadata)."""
-    path = Path(path)
-    data = st_save({k: v.contiguous() for k, v in state.items()},
+def recovery_file_bytes(state: dict[str, torch.Tensor], config: RecoveryConfig) -> bytes:
+    """The bytes of a ``recovery.safetensors`` file (config as JSON in the metadata)."""
+    return st_save({k: v.contiguous() for k, v in state.items()},
                    metadata={META_KEY: json.dumps(config.to_dict(), sort_keys=True), "format": "pt"})
-    atomic_write_bytes(path, data)
+
+
+def save_recovery_file(path: str | Path, state: dict[str, torch.Tensor], config: RecoveryConfig) -> Path:
+    """Write ``recovery.safetensors`` atomically."""
+    path = Path(path)
+    atomic_write_bytes(path, recovery_file_bytes(state, config))
     return path
 
 
