@@ -1,0 +1,64 @@
+"""The one call that merges LoRA adapters: checks, dispatch by space, output adapter + config."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..adapters.lora import LoraAdapter
+from .batching import DEFAULT_CHUNK_BYTES
+from .delta import Progress, merge_delta
+from .factors import merge_factors
+from .inputs import (check_inputs, compute_dtype, input_device, input_names, module_inputs,
+                     output_base_config, output_dtype)
+from .spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml
+
+
+@dataclass
+class MergeResult:
+    """The merged adapter, the spec it was made with and its replayable YAML config."""
+
+    adapter: LoraAdapter
+    spec: MergeSpec
+    config_yaml: str
+    seconds: float = 0.0
+    modules: list[str] = field(default_factory=list)
+
+
+def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmetic", *,
+                   weights: Sequence[float] | None = None, space: str = "delta", rank: int | None = None,
+                   density: float | None = None, majority: str = "total", convention: str = "peft",
+                   seed: int = 0, names: Sequence[str] | None = None,
+                   digests: Sequence[str | None] | None = None, progress: Progress | None = None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergeResult:
+    """Merge N LoRA adapters of one base into one LoRA adapter.
+
+    method: ``task-arithmetic`` | ``ties`` | ``dare-linear`` | ``dare-ties``;
+    weights: one per adapter (default 1.0 each); space: ``delta`` (true ΔW, default) or
+    ``factors`` (A and B separately, PEFT convention, equal ranks); rank: output rank
+    (default Σ r_i for task arithmetic in delta space, else the largest input rank);
+    density: fraction kept by TIES/DARE, in (0, 1]; majority: ``total`` | ``frequency``;
+    convention: ``peft`` | ``mergekit`` (see :mod:`adapterhub_c.merge.spec`); seed: DARE.
+    names/digests: how the inputs are named in the YAML config. Runs on the device of
+    the inputs, in float32 (float64 if an input is), and stores the result in the
+    first input's dtype. Modules adapted by only some inputs count as ΔW = 0 elsewhere.
+    Raises UsageError on bad input.
+    """
+    started = time.perf_counter()
+    adapters = list(adapters)
+    names = input_names(adapters, names)
+    spec = make_spec(len(adapters), method=method, weights=weights, space=space, rank=rank,
+                     density=density, majority=majority, convention=convention, seed=seed)
+    check_inputs(adapters, names)
+    modules = module_inputs(adapters, names)
+    device, dtype, out_dtype = input_device(adapters), compute_dtype(adapters), output_dtype(adapters)
+    if spec.space == "delta":
+        layers = merge_delta(modules, spec, device, dtype, out_dtype, progress, chunk_bytes)
+    else:
+        layers = merge_factors(modules, spec, names, device, dtype, out_dtype, progress, chunk_bytes)
+    adapter = LoraAdapter.from_layers(layers, output_base_config(adapters))
+    if digests is None:
+        digests = [None] * len(adapters)
+    refs = [MergeInputRef(name=n, digest=d) for n, d in zip(names, digests)]
+    return MergeResult(adapter=adapter, spec=spec, config_yaml=merge_config_yaml(spec, refs),
+                       seconds=time.perf_counter() - started, modules=[m.name for m in modules])

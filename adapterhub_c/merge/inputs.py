@@ -1,0 +1,126 @@
+"""Checking merge/compose inputs and laying their layers out module by module.
+
+Modules that some inputs do not adapt are merged as if those inputs had ΔW = 0 there
+(the union of modules; a zero neither votes nor counts in TIES).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..adapters.lora import LoraAdapter, LoraLayer, check_lora_config
+from ..errors import UsageError
+
+_FACTOR_KEY = re.compile(r"\.lora_[AB]\.weight$")
+
+
+@dataclass
+class ModuleInputs:
+    """One module across the N inputs: per input a LoraLayer or None (not adapted)."""
+
+    name: str
+    layers: list[LoraLayer | None]
+    out_features: int
+    in_features: int
+
+    @property
+    def ranks(self) -> list[int]:
+        return [layer.rank if layer is not None else 0 for layer in self.layers]
+
+
+def input_names(adapters: Sequence[LoraAdapter], names: Sequence[str] | None) -> list[str]:
+    """Caller-given names, or ``input 1..N``."""
+    if names is None:
+        return [f"input {i + 1}" for i in range(len(adapters))]
+    if len(names) != len(adapters):
+        raise UsageError(f"got {len(names)} names for {len(adapters)} adapters")
+    return [str(n) for n in names]
+
+
+def check_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
+    """Refuse inputs that cannot be merged faithfully (UsageError naming the culprit)."""
+    if not adapters:
+        raise UsageError("no adapters given")
+    for adapter, name in zip(adapters, names):
+        if not isinstance(adapter, LoraAdapter):
+            raise UsageError(f"{name}: not a LoraAdapter ({type(adapter).__name__})")
+        check_lora_config(adapter.config, name)
+        extra = [k for k in adapter.tensors if not _FACTOR_KEY.search(k)]
+        if extra:
+            # biases (lora_bias), modules_to_save copies, embedding LoRAs: no merge rule
+            raise UsageError(f"{name}: cannot merge non-LoRA-factor tensor {extra[0]!r}"
+                             f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}")
+        if not adapter.modules():
+            raise UsageError(f"{name}: adapter has no LoRA layers")
+    base0 = adapters[0].config.get("base_model_name_or_path")
+    for adapter, name in zip(adapters[1:], names[1:]):
+        base = adapter.config.get("base_model_name_or_path")
+        if base != base0:
+            raise UsageError(f"adapters are for different bases: {names[0]} targets {base0!r}, "
+                             f"{name} targets {base!r}")
+
+
+def module_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> list[ModuleInputs]:
+    """The union of adapted modules, sorted by name, each with its per-input layers."""
+    per_input = [a.layers() for a in adapters]
+    modules = sorted(set().union(*per_input))
+    out = []
+    for module in modules:
+        layers = [layers.get(module) for layers in per_input]
+        shapes = {(layer.B.shape[0], layer.A.shape[1]) for layer in layers if layer is not None}
+        if len(shapes) != 1:
+            raise UsageError(f"module {module}: inputs disagree on its shape {sorted(shapes)}")
+        for layer, name in zip(layers, names):
+            if layer is not None and layer.B.shape[1] != layer.A.shape[0]:
+                raise UsageError(f"{name}: {module} has lora_A rank {layer.A.shape[0]} "
+                                 f"but lora_B rank {layer.B.shape[1]}")
+        (out_f, in_f), = shapes
+        out.append(ModuleInputs(name=module, layers=layers, out_features=out_f, in_features=in_f))
+    return out
+
+
+def compute_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    """float64 if any input is float64, else float32 (never merge in half precision)."""
+    dtypes = {t.dtype for a in adapters for t in a.tensors.values()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    """The dtype the result is stored in: that of the first input's factors."""
+    first = adapters[0]
+    return next(iter(first.tensors.values())).dtype
+
+
+def input_device(adapters: Sequence[LoraAdapter]) -> torch.device:
+    """Where the inputs live (the merge runs there)."""
+    return next(iter(adapters[0].tensors.values())).device
+
+
+def output_base_config(adapters: Sequence[LoraAdapter]) -> dict:
+    """The first input's config minus what the merge redefines (rank, alpha, patterns)."""
+    drop = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+            "target_modules", "modules_to_save", "lora_bias", "layers_to_transform", "layers_pattern",
+            "exclude_modules")
+    config = {k: v for k, v in adapters[0].config.items() if k not in drop}
+    config["lora_bias"] = False
+    return config
+
+
+def stack_padded(layers: list[LoraLayer | None], factor: str, rank: int, shape_other: int,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Stack A ([N, rank, in]) or B ([N, out, rank]) zero-padded to ``rank``; None → zeros."""
+    n = len(layers)
+    if factor == "A":
+        out = torch.zeros(n, rank, shape_other, dtype=dtype, device=device)
+        for i, layer in enumerate(layers):
+            if layer is not None:
+                out[i, :layer.rank] = layer.A.to(device=device, dtype=dtype)
+    else:
+        out = torch.zeros(n, shape_other, rank, dtype=dtype, device=device)
+        for i, layer in enumerate(layers):
+            if layer is not None:
+                out[i, :, :layer.rank] = layer.B.to(device=device, dtype=dtype)
+    return out

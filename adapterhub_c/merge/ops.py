@@ -1,0 +1,106 @@
+"""The merge rules on stacked task vectors, batched: tensors are [N, *batch, rows, cols].
+
+N indexes the inputs; every matrix (one module of one input) is trimmed on its own;
+``weights`` are [N] or [N, *batch] and broadcast over the matrix entries.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+
+def _bcast(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return weights.reshape(weights.shape + (1,) * (like.dim() - weights.dim())).to(like.dtype)
+
+
+def weighted_sum(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i·τ_i."""
+    return (tau * _bcast(weights, tau)).sum(0)
+
+
+def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction of entries by magnitude in each matrix, zero the rest.
+
+    k = int(density·entries) as in PEFT and mergekit. The threshold is the k-th largest
+    magnitude (``kthvalue``, O(n), faster than ``topk`` on CPU); entries tied with it are
+    all kept, which only matters for exactly equal magnitudes.
+    """
+    rows, cols = tau.shape[-2:]
+    numel = rows * cols
+    k = int(density * numel)
+    if k >= numel:
+        return tau
+    if k == 0:
+        return torch.zeros_like(tau)
+    mag = tau.abs().reshape(*tau.shape[:-2], numel)
+    thr = torch.kthvalue(mag, numel - k + 1, dim=-1, keepdim=True).values.unsqueeze(-1)
+    return torch.where(tau.abs() >= thr, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+
+
+def module_seed(seed: int, module: str, part: str = "") -> int:
+    """A per-module seed, so a module's DARE mask does not depend on which others are merged."""
+    h = hashlib.sha256(f"{seed}\0{module}\0{part}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def dare_keep_mask(n: int, rows: int, cols: int, density: float, seeds: Sequence[int],
+                   device: torch.device) -> torch.Tensor:
+    """Bernoulli(density) keep masks [N, len(seeds), rows, cols], one generator per module seed."""
+    masks = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        masks.append(torch.rand(n, rows, cols, generator=g, device=device) < density)
+    return torch.stack(masks, dim=1)
+
+
+def dare(tau: torch.Tensor, keep: torch.Tensor, density: float) -> torch.Tensor:
+    """Drop entries where ``keep`` is False and rescale the kept ones by 1/density."""
+    return torch.where(keep, tau / density, torch.zeros((), dtype=tau.dtype, device=tau.device))
+
+
+def elect_and_merge(tau: torch.Tensor, weights: torch.Tensor, majority: str = "total",
+                    convention: str = "peft") -> torch.Tensor:
+    """TIES sign election and disjoint merge of (already trimmed) task vectors.
+
+    ``peft``: elect on the unweighted τ, result = Σ w_i τ_i [agree] / #agree.
+    ``mergekit``: elect on w_i τ_i, result = Σ w_i τ_i [agree] / Σ w_i [agree].
+    ``majority``: ``total`` = sign of the sum, ``frequency`` = sign of the count; ties → +.
+    Zero entries have no sign: they neither vote by count nor agree.
+    """
+    w = _bcast(weights, tau)
+    wtau = tau * w
+    voters = tau if convention == "peft" else wtau
+    sign = voters.sign()
+    vote = voters.sum(0) if majority == "total" else sign.sum(0)
+    elected = torch.where(vote >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = sign == elected
+    total = torch.where(agree, wtau, torch.zeros((), dtype=tau.dtype, device=tau.device)).sum(0)
+    if convention == "peft":
+        divisor = agree.sum(0).clamp(min=1).to(tau.dtype)
+    else:
+        divisor = (agree.to(tau.dtype) * w).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones((), dtype=tau.dtype, device=tau.device), divisor)
+    return total / divisor
+
+
+def merge_dense(tau: torch.Tensor, weights: torch.Tensor, method: str, density: float | None,
+                majority: str, convention: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply ``method`` to stacked task vectors τ [N, *batch, rows, cols] → [*batch, rows, cols].
+
+    ``keep`` is the DARE keep mask (required for the dare methods).
+    """
+    if method == "task-arithmetic":
+        return weighted_sum(tau, weights)
+    if method == "ties":
+        return elect_and_merge(trim_magnitude(tau, density), weights, majority, convention)
+    if keep is None:
+        raise ValueError("DARE needs a keep mask")
+    dropped = dare(tau, keep, density)
+    if method == "dare-linear":
+        return weighted_sum(dropped, weights)
+    if method == "dare-ties":
+        return elect_and_merge(dropped, weights, majority, convention)
+    raise ValueError(f"unknown method {method}")

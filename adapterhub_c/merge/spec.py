@@ -1,0 +1,185 @@
+"""What a merge does, checked once, and its replayable YAML form (like mergekit's).
+
+Conventions (the defaults and why):
+
+- ``weights`` default to 1.0 for every input: task arithmetic is then the plain sum
+  Σ ΔW_i (the task-arithmetic paper with λ = 1); scale them yourself to get λ.
+- ``convention="peft"`` (default) for TIES and DARE-TIES: the sign is elected on the
+  *unweighted* pruned task vectors and the agreeing weighted entries are divided by
+  the *count* of agreeing inputs. With all weights equal to λ this is exactly the TIES
+  paper (disjoint mean, then scaled by λ) and it matches PEFT's ``ties``/``ties_svd``,
+  the baseline people compare against. ``convention="mergekit"`` elects on the
+  *weighted* task vectors and divides by the *sum of the agreeing weights* (mergekit's
+  ``ties`` with ``normalize: true``; there a common λ cancels out). mergekit's own
+  ``dare_ties`` defaults to ``normalize: false``; we always normalise under this
+  convention.
+- ``majority``: ``total`` elects the sign of the sum of values (TIES paper, PEFT
+  ``total``, mergekit ``sum``); ``frequency`` the sign held by more inputs (PEFT
+  ``frequency``, mergekit ``count``). A tie elects ``+``.
+- ``density`` is required for TIES and DARE (no silent default that prunes nothing)
+  and refused for task arithmetic.
+- ``space="delta"`` (default) merges the true ΔW_i = scale_i·B_i·A_i and
+  re-factorises; ``space="factors"`` merges A and B separately (PEFT ``linear``/``ties``
+  /``dare_*``, ComPEFT, LoraHub): cross terms, equal ranks needed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import yaml
+
+from ..errors import UsageError
+
+METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
+SPACES = ("delta", "factors")
+MAJORITIES = ("total", "frequency")
+CONVENTIONS = ("peft", "mergekit")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A validated merge recipe (everything but the inputs themselves)."""
+
+    method: str = "task-arithmetic"
+    weights: tuple[float, ...] = ()
+    space: str = "delta"
+    rank: int | None = None
+    density: float | None = None
+    majority: str = "total"
+    convention: str = "peft"
+    seed: int = 0
+
+    @property
+    def uses_sign_election(self) -> bool:
+        return self.method in ("ties", "dare-ties")
+
+    @property
+    def uses_dare(self) -> bool:
+        return self.method in ("dare-linear", "dare-ties")
+
+
+def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[float] | None = None,
+              space: str = "delta", rank: int | None = None, density: float | None = None,
+              majority: str = "total", convention: str = "peft", seed: int | None = 0) -> MergeSpec:
+    """Check every option against ``n_inputs`` and return the frozen spec (UsageError if bad)."""
+    method = str(method).lower().replace("_", "-")
+    if method == "linear":
+        method = "task-arithmetic"
+    _choice("method", method, METHODS)
+    _choice("space", space, SPACES)
+    _choice("majority", majority, MAJORITIES)
+    _choice("convention", convention, CONVENTIONS)
+    if n_inputs < 1:
+        raise UsageError("merge needs at least one adapter")
+    if weights is None:
+        weights = [1.0] * n_inputs
+    weights = [float(w) for w in weights]
+    if len(weights) != n_inputs:
+        raise UsageError(f"got {len(weights)} weights for {n_inputs} adapters; give one weight per adapter")
+    if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
+        raise UsageError(f"weights must be finite numbers, got {weights}")
+    if method == "task-arithmetic":
+        if density is not None:
+            raise UsageError("density applies to ties, dare-linear and dare-ties, not task-arithmetic")
+    else:
+        if density is None:
+            raise UsageError(f"{method} needs a density in (0, 1] (fraction of entries kept)")
+        density = float(density)
+        if not 0.0 < density <= 1.0:
+            raise UsageError(f"density must be in (0, 1], got {density}")
+    if rank is not None:
+        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+            raise UsageError(f"rank must be a positive integer, got {rank!r}")
+        rank = int(rank)
+    if seed is None:
+        seed = 0
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    return MergeSpec(method=method, weights=tuple(weights), space=space, rank=rank, density=density,
+                     majority=majority, convention=convention, seed=int(seed))
+
+
+def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class MergeInputRef:
+    """How the caller names one input in the replayable config (name, digest, extra)."""
+
+    name: str
+    digest: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def merge_config_yaml(spec: MergeSpec, inputs: Sequence[MergeInputRef | str | dict]) -> str:
+    """The replayable merge config as YAML: method, space, options and the inputs.
+
+    ``inputs`` are names (str), ``MergeInputRef``s or dicts with at least ``name``; they
+    are written in merge order, each with its weight.
+    """
+    refs = [_as_ref(x) for x in inputs]
+    if len(refs) != len(spec.weights):
+        raise UsageError(f"{len(refs)} input names for {len(spec.weights)} merged adapters")
+    doc = {
+        "adapterhub_c_merge": CONFIG_VERSION,
+        "method": spec.method,
+        "space": spec.space,
+        "rank": spec.rank,
+        "density": spec.density,
+        "majority": spec.majority if spec.uses_sign_election else None,
+        "convention": spec.convention if spec.uses_sign_election else None,
+        "seed": spec.seed if spec.uses_dare else None,
+        "inputs": [],
+    }
+    for ref, w in zip(refs, spec.weights):
+        item = {"name": ref.name, "weight": w}
+        if ref.digest:
+            item["digest"] = ref.digest
+        item.update(ref.extra)
+        doc["inputs"].append(item)
+    doc = {k: v for k, v in doc.items() if v is not None}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def parse_merge_config(text: str) -> tuple[MergeSpec, list[MergeInputRef]]:
+    """Read a config written by :func:`merge_config_yaml` back into a spec and input refs."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"merge config is not valid YAML ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise UsageError("merge config needs a non-empty 'inputs' list")
+    refs, weights = [], []
+    for item in doc["inputs"]:
+        if not isinstance(item, dict) or "name" not in item:
+            raise UsageError(f"merge config input without a name: {item!r}")
+        extra = {k: v for k, v in item.items() if k not in ("name", "digest", "weight")}
+        refs.append(MergeInputRef(name=str(item["name"]), digest=item.get("digest"), extra=extra))
+        weights.append(item.get("weight", 1.0))
+    spec = make_spec(len(refs), method=doc.get("method", "task-arithmetic"), weights=weights,
+                     space=doc.get("space", "delta"), rank=doc.get("rank"), density=doc.get("density"),
+                     majority=doc.get("majority", "total"), convention=doc.get("convention", "peft"),
+                     seed=doc.get("seed", 0))
+    return spec, refs
+
+
+def _as_ref(x) -> MergeInputRef:
+    if isinstance(x, MergeInputRef):
+        return x
+    if isinstance(x, str):
+        return MergeInputRef(name=x)
+    if isinstance(x, dict) and "name" in x:
+        extra = {k: v for k, v in x.items() if k not in ("name", "digest")}
+        return MergeInputRef(name=str(x["name"]), digest=x.get("digest"), extra=extra)
+    raise UsageError(f"cannot name a merge input with {x!r}")
+
+
+def spec_dict(spec: MergeSpec) -> dict:
+    """The spec as a plain dict (for run records)."""
+    d = asdict(spec)
+    d["weights"] = list(spec.weights)
+    return d
