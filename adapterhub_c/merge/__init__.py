@@ -1,10 +1,14 @@
 """Merging LoRA adapters (task arithmetic, TIES, DARE) and LoraHub-style composition."""
 from .api import MergeResult, merge_adapters
+from .completions import completion_loss, encode_examples
+from .compose import ComposeResult, compose_adapters, optimizer_chain
+from .compose_eval import ComposeStack, PeftEvaluator
 from .spec import (CONVENTIONS, MAJORITIES, METHODS, SPACES, MergeInputRef, MergeSpec, make_spec,
                    merge_config_yaml, parse_merge_config)
 
 __all__ = [
     "CONVENTIONS", "MAJORITIES", "METHODS", "SPACES",
-    "MergeInputRef", "MergeResult", "MergeSpec",
-    "make_spec", "merge_adapters", "merge_config_yaml", "parse_merge_config",
+    "ComposeResult", "ComposeStack", "MergeInputRef", "MergeResult", "MergeSpec", "PeftEvaluator",
+    "completion_loss", "compose_adapters", "encode_examples", "make_spec", "merge_adapters",
+    "merge_config_yaml", "optimizer_chain", "parse_merge_config",
 ]
