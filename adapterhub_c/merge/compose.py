@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..adapters.lora import LoraAdapter
-from ..errors import NotFoundError, UsageError
+from ..errors import AdaptError, NotFoundError, UsageError
 from .compose_eval import ComposeStack, PeftEvaluator
 from .completions import encode_examples
 from .delta import Progress
@@ -124,7 +124,6 @@ def _search(loss_fn, n, init, optimizer, budget, bounds, l1, seed, progress):
                 progress(f"composing ({optimizer})", step + 1, int(budget))
         used = optimizer_chain(opt)
     if not np.isfinite(best[1]):
-        from ..errors import AdaptError
         raise AdaptError("composition failed: every candidate gave a non-finite loss")
     return best_w, best, curve, used
 

@@ -104,9 +104,3 @@ def _scaled_B(m: ModuleInputs, rank: int, device, dtype) -> torch.Tensor:
                           dtype=dtype, device=device)
     return B * scales.view(-1, 1, 1)
 
-
-def dense_deltas(m: ModuleInputs, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The stacked true ΔW_i of one module, [N, out, in] (zeros where an input lacks it)."""
-    device = device or torch.device("cpu")
-    r = max(m.ranks)
-    return _scaled_B(m, r, device, dtype) @ stack_padded(m.layers, "A", r, m.in_features, dtype, device)

@@ -34,9 +34,9 @@ def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     if k == 0:
         return torch.zeros_like(tau)
-    mag = tau.abs().reshape(*tau.shape[:-2], numel)
-    thr = torch.kthvalue(mag, numel - k + 1, dim=-1, keepdim=True).values.unsqueeze(-1)
-    return torch.where(tau.abs() >= thr, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+    mag = tau.abs()
+    thr = torch.kthvalue(mag.reshape(*tau.shape[:-2], numel), numel - k + 1, dim=-1, keepdim=True).values
+    return torch.where(mag >= thr.unsqueeze(-1), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 
 def module_seed(seed: int, module: str, part: str = "") -> int:
