@@ -1,1 +1,14 @@
-"""pack"""
+"""ComPEFT packs: sparsify + ternarize + scale, exact encodings, the pack file."""
+from .compeft import METHODS, SCOPES, compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
+from .digest import tensors_digest
+from .encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
+from .format import (FORMAT_VERSION, Pack, build_pack, inspect_pack, pack_adapter, pack_stats, read_pack,
+                     unpack_to_adapter, write_pack)
+from .ternary import TernaryTensor, from_signs
+
+__all__ = [
+    "METHODS", "SCOPES", "compress_tensors", "decode_tensors", "keep_count", "prune_tensors", "topk_indices",
+    "tensors_digest", "ENCODINGS", "EncodedSigns", "decode", "encode", "entropy_bound", "golomb_parameter",
+    "FORMAT_VERSION", "Pack", "build_pack", "inspect_pack", "pack_adapter", "pack_stats", "read_pack",
+    "unpack_to_adapter", "write_pack", "TernaryTensor", "from_signs",
+]
