@@ -1,0 +1,34 @@
+"""Triton kernel for :func:`.decode.bitmask_decode` (imported lazily)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bf16_triton import f32_to_bf16_bits
+
+BLOCK = 1024
+
+
+@triton.jit
+def _decode_kernel(pos_ptr, neg_ptr, out_ptr, numel, scale, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    word = offs >> 5
+    bit = (offs & 31).to(tl.int32)
+    p = (tl.load(pos_ptr + word, mask=mask, other=0) >> bit) & 1
+    n = (tl.load(neg_ptr + word, mask=mask, other=0) >> bit) & 1
+    val = (p - n).to(tl.float32) * scale
+    if BF16:
+        tl.store(out_ptr + offs, f32_to_bf16_bits(val), mask=mask)
+    else:
+        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def decode_launch(pos, neg, out, numel: int, scale: float) -> None:
+    """Fill ``out`` (flat, contiguous) with the decoded values."""
+    if not numel:
+        return
+    bf16 = out.dtype == torch.bfloat16
+    target = out.view(torch.int16) if bf16 else out
+    _decode_kernel[(triton.cdiv(numel, BLOCK),)](pos, neg, target, numel, scale, BF16=bf16, BLOCK=BLOCK)
