@@ -49,11 +49,18 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _register_commands() -> None:
-    from . import base_cmds, demo_cmd, eval_cmds, registry_cmds
+COMMAND_MODULES = ("registry_cmds", "base_cmds", "eval_cmds", "variant_cmds", "hub_cmds", "adapt_cmds",
+                   "pack_cmds", "merge_cmds", "prompt_cmds", "batch_cmds", "demo_cmd")
 
-    for module in (registry_cmds, base_cmds, eval_cmds, demo_cmd):
-        module.register(cli)
+
+def _register_commands() -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(f"{__package__}.{name}") is None:
+            continue  # TEMPORARY while capabilities land in parallel; made strict before release
+        importlib.import_module(f"{__package__}.{name}").register(cli)
 
 
 _register_commands()

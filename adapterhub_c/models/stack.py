@@ -2,7 +2,7 @@
 
 A *stack* is a base, optionally compressed (a variant), optionally with an adapter and a
 soft prompt. ``TARGET`` may name any of base, variant or artefact; ``--variant``,
-``--adapter`` and ``--prompt`` complete it. Each later capability plugs its loader in here.
+``--adapter`` and ``--prompt`` complete it.
 """
 from __future__ import annotations
 
@@ -76,31 +76,24 @@ def _place_artifact(spec: StackSpec, obj: Artifact) -> None:
         spec.adapter = obj
 
 
-# Loaders registered by capabilities: kind → callable(reg, spec, model, device) -> model
-ADAPTER_LOADERS: dict[str, Any] = {}
-PROMPT_LOADER: list[Any] = []
-VARIANT_LOADER: list[Any] = []
-
-
 def load_stack(reg: Registry, spec: StackSpec, device: str | None = "cpu"):
-    """(model, tokenizer) for a stack, in eval mode."""
+    """(model, tokenizer) for a stack, in eval mode: variant or base, then adapter, then prompt."""
     from .loading import load_base_model, load_base_tokenizer
 
     if spec.variant is not None:
-        if not VARIANT_LOADER:
-            raise UsageError("variants are not supported by this build")
-        model = VARIANT_LOADER[0](reg, spec.variant, device)
+        from ..variants.ops import load_variant
+
+        model = load_variant(reg, spec.variant, device)
         tokenizer = load_base_tokenizer(reg, spec.base)
     else:
         model, tokenizer = load_base_model(reg, spec.base, device)
     if spec.adapter is not None:
-        loader = ADAPTER_LOADERS.get(spec.adapter.kind)
-        if loader is None:
-            raise UsageError(f"artefacts of kind {spec.adapter.kind!r} cannot be applied as an adapter")
-        model = loader(reg, spec, model, device)
+        from ..adapters.load import attach_adapter
+
+        model = attach_adapter(reg, spec, model, device)
     if spec.prompt is not None:
-        if not PROMPT_LOADER:
-            raise UsageError("soft prompts are not supported by this build")
-        model = PROMPT_LOADER[0](reg, spec, model, device)
+        from ..adapt.prompt_ops import attach_prompt
+
+        model = attach_prompt(reg, spec, model, device)
     model.eval()
     return model, tokenizer

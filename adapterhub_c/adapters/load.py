@@ -1,0 +1,77 @@
+"""Turning a registered adapter artefact into tensors, and attaching it to a loaded model.
+
+Every adapter kind ends up as a :class:`LoadedAdapter`: a LoRA (PEFT layout) and, for
+converted adapters, the recovery modules. Packs are decoded here once, so every command
+that takes ``--adapter`` (eval, generate, convert, merge, compose, pack) accepts a pack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..registry.models import Artifact, BaseModel
+from ..registry.store import Registry
+from .lora import LoraAdapter
+
+LORA_KINDS = ("lora", "recovered-lora", "merged", "composed")
+PACK_KINDS = ("pack",)
+ADAPTER_KINDS = LORA_KINDS + PACK_KINDS
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter in memory: the LoRA part and, for converted adapters, the recovery part."""
+
+    lora: LoraAdapter
+    recovery_state: dict[str, torch.Tensor] | None = None
+    recovery_config: Any = None  # adapt.recovery.RecoveryConfig when recovery_state is set
+
+
+def base_label(base: BaseModel) -> str:
+    """The name a pack or PEFT config records for its base (Hub id when known)."""
+    return base.hub_id or base.name
+
+
+def load_adapter_artifact(reg: Registry, art: Artifact) -> LoadedAdapter:
+    """Read (and for packs, decode) an adapter artefact from the blob store, verified."""
+    if art.kind not in ADAPTER_KINDS:
+        raise UsageError(f"{art.name!r} is a {art.kind}, not an adapter")
+    folder = reg.materialize(art)
+    if art.kind in PACK_KINDS:
+        from ..pack.ops import decode_pack_folder
+
+        return decode_pack_folder(reg, art, folder)
+    lora = LoraAdapter.from_folder(folder)
+    from ..adapt.recovery import FILE_NAME, read_recovery_file
+
+    if (folder / FILE_NAME).exists():
+        state, config = read_recovery_file(folder / FILE_NAME)
+        return LoadedAdapter(lora, state, config)
+    return LoadedAdapter(lora)
+
+
+def attach_adapter(reg: Registry, spec, model, device=None):
+    """``model`` (base or variant) with the stack's adapter attached, eval mode.
+
+    A LoRA trained on the uncompressed base and applied to an ``ffn-channels`` variant is
+    sliced by the variant's recorded kept indices, as ``adapt convert`` does.
+    """
+    from ..adapt.convert import _attach_source_lora, load_adapted
+    from ..adapt.recovery import load_recovery
+
+    loaded = load_adapter_artifact(reg, spec.adapter)
+    kept = None
+    if spec.variant is not None:
+        from ..variants.ops import variant_kept_indices
+
+        kept = variant_kept_indices(reg, spec.variant)
+    if kept and spec.adapter.variant_id != (spec.variant.id if spec.variant else None):
+        peft_model, _ = _attach_source_lora(model, loaded.lora, kept_indices=kept)
+        if loaded.recovery_state is not None:
+            load_recovery(peft_model, loaded.recovery_state, loaded.recovery_config)
+        peft_model.requires_grad_(False)
+        return peft_model.eval()
+    return load_adapted(model, loaded.lora, loaded.recovery_state, loaded.recovery_config)
