@@ -1,0 +1,391 @@
+"""Registry operations on variants: create (build, measure, register), load, list.
+
+What a variant row stores (its `files`, digests into the blob store):
+- pruned variants: `config.json` + `model.safetensors` (the whole pruned model, in the
+  dtype the base is stored in, with the shrunk `intermediate_size` after ffn-channels),
+  `variant.json` (recipe + stats) and, for ffn-channels, `kept_indices.safetensors`.
+  Storing plain pruned weights (and not bnb's packed tensors) keeps the blob
+  device-independent: the quantization config in the recipe is applied by bitsandbytes
+  each time the variant is loaded (see quantize.py for why).
+- unpruned variants (quantization only): NO copy of the weights. The row points at the
+  base's own `config.json` / `*.safetensors` blobs (content-addressed, so nothing is
+  duplicated) plus its own `variant.json`; quantization happens at load.
+The recipe (canonical JSON) and its digest identify a variant: creating the same recipe
+on the same base again returns the existing row.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from sqlalchemy import select
+
+from ..errors import UsageError
+from ..registry.models import BaseModel, Evaluation, Variant
+from ..registry.runs import record_run
+from ..registry.store import Registry
+from .build import KEPT_FILE, VARIANT_FILE, WEIGHTS_FILE, apply_recipe, load_variant_model
+from .recipe import Recipe
+
+Progress = Callable[[str, int, "int | None"], None]
+
+EVAL_DATA = "builtin:pydoc"
+EVAL_SPLIT = "test"
+DEFAULT_EVAL_TOKENS = 8192
+COMPUTE_DTYPE = torch.float32  # as load_base_model: variant and base perplexities are comparable
+CALIB_USERS = ("wanda", "2:4", "ffn-channels")
+# bnb announces on every int8 forward that float32 inputs are cast to float16 (by design of LLM.int8)
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class _DefaultCalib(str):
+    """The default calibration set: used by wanda, 2:4 and ffn-channels, silently unused otherwise."""
+
+
+DEFAULT_CALIB = _DefaultCalib("builtin:pydoc")
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
+    if isinstance(variant, Variant):
+        return variant
+    if not isinstance(variant, str) or not variant:
+        raise UsageError(f"a variant name or id is expected, got {variant!r}")
+    return reg.get(variant, "variant")
+
+
+def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cpu",
+                 compute_dtype: torch.dtype = COMPUTE_DTYPE):
+    """The variant as a transformers model (bnb layers where quantized) on `device`, eval mode.
+
+    `variant`: a Variant row or a name / id prefix. Unquantized tensors and the bnb
+    matmuls run in `compute_dtype` (float32 by default, like `load_base_model`). bnb's
+    CPU bf16 repacking is kept off, so the model can be trained (LoRA) after an eval
+    forward.
+    """
+    from ..models.loading import resolve_device
+    from .quantize import load_quantized
+
+    row = _variant_row(reg, variant)
+    recipe = Recipe.from_json(row.recipe)
+    dev = str(resolve_device(device))
+    folder = reg.materialize(row)
+    if (folder / WEIGHTS_FILE).exists():
+        return load_variant_model(folder, recipe=recipe, device=dev, compute_dtype=compute_dtype)
+    # an unpruned variant of a base with sharded weights: from_pretrained reads the shards
+    return load_quantized(folder, recipe.quant, recipe.double_quant, compute_dtype, dev,
+                          include_lm_head=recipe.include_lm_head, dtype=compute_dtype)
+
+
+def variant_kept_indices(reg: Registry, variant: Variant | str) -> dict[str, torch.Tensor] | None:
+    """ffn-channels variants: {MLP module name: kept intermediate channels (int64, sorted)}; else None."""
+    from safetensors.torch import load_file
+
+    row = _variant_row(reg, variant)
+    digest = (row.files or {}).get(KEPT_FILE)
+    if digest is None:
+        return None
+    return {k: v.long() for k, v in load_file(str(reg.blobs.verified_path(digest))).items()}
+
+
+def variant_recipe(row: Variant) -> Recipe:
+    """The row's recipe as a `Recipe`."""
+    return Recipe.from_json(row.recipe)
+
+
+# ---- creating --------------------------------------------------------------------------
+
+
+def _short_base_name(base: BaseModel) -> str:
+    name = base.name.split(":", 1)[-1].rsplit("/", 1)[-1]
+    return name or base.id[:8]
+
+
+def default_variant_name(base: BaseModel, recipe: Recipe) -> str:
+    """`<base-short>-<recipe>`, e.g. 'smollm2-135m-nf4-wanda50'."""
+    parts = []
+    if recipe.quant != "none":
+        parts.append(recipe.quant + ("dq" if recipe.double_quant else ""))
+    if recipe.prune != "none":
+        pct = f"{recipe.sparsity * 100:g}".replace(".", "p")
+        label = {"2:4": "2of4", "magnitude": f"mag{pct}", "wanda": f"wanda{pct}",
+                 "ffn-channels": f"ffn{pct}"}[recipe.prune]
+        if recipe.prune_granularity == "layer":
+            label += "-layer"
+        if recipe.prune in ("2:4", "ffn-channels") and recipe.calib is None:
+            label += "-mag"
+        parts.append(label)
+    if recipe.include_embeddings:
+        parts.append("emb")
+    if recipe.include_lm_head:
+        parts.append("head")
+    return "-".join([_short_base_name(base)] + parts)
+
+
+def _unique_variant_name(s, stem: str) -> str:
+    name, i = stem, 1
+    while s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
+        i += 1
+        name = f"{stem}-{i}"
+    return name
+
+
+def make_recipe(*, quant: str = "none", double_quant: bool = False, prune: str = "none",
+                sparsity: float | None = None, granularity: str | None = None, calib: str | None = DEFAULT_CALIB,
+                calib_samples: int = 32, calib_seq_len: int = 128, include_embeddings: bool = False,
+                include_lm_head: bool = False) -> Recipe:
+    """A validated Recipe from create_variant's arguments (UsageError on bad input).
+
+    The default calibration set is used only by the methods that read activations (wanda,
+    2:4 and ffn-channels score by activations when given one); an explicitly named one is
+    refused where it would go unused. `calib=None` gives magnitude-scored 2:4 / ffn-channels.
+    """
+    prune_l = str(prune).lower()
+    if isinstance(calib, _DefaultCalib) and prune_l not in CALIB_USERS:
+        calib = None
+    if sparsity is not None and prune_l == "none" and sparsity == 0:
+        sparsity = None
+    recipe = Recipe(quant=quant, double_quant=double_quant, prune=prune, sparsity=sparsity,
+                    prune_granularity=granularity, calib=calib, calib_samples=calib_samples,
+                    calib_seq_len=calib_seq_len, include_embeddings=include_embeddings,
+                    include_lm_head=include_lm_head)
+    if recipe.quant == "none" and recipe.prune == "none":
+        raise UsageError("this recipe compresses nothing: give a quantization (--quant) and/or a pruning method (--prune)")
+    return recipe
+
+
+def calibration_ids(tokenizer, recipe: Recipe) -> list[torch.Tensor] | None:
+    """The recipe's calibration input: the train split of `recipe.calib` as one token stream
+    (texts joined by EOS) cut into `calib_samples` consecutive rows of `calib_seq_len` tokens.
+    None when the recipe uses no calibration."""
+    from ..evals.data import load_dataset
+    from ..evals.metrics import token_stream
+
+    if not recipe.uses_calibration:
+        return None
+    data = load_dataset(recipe.calib, "train")
+    need = recipe.calib_samples * recipe.calib_seq_len
+    ids = token_stream(tokenizer, data.as_texts(), max_tokens=need)
+    rows = ids.numel() // recipe.calib_seq_len
+    if rows == 0:
+        raise UsageError(f"calibration data {recipe.calib!r} has fewer than {recipe.calib_seq_len} tokens")
+    return list(ids[: rows * recipe.calib_seq_len].view(rows, recipe.calib_seq_len).unbind(0))
+
+
+def _find_base_perplexity(reg: Registry, base: BaseModel, tokens: int) -> float | None:
+    with reg.session() as s:
+        rows = s.scalars(select(Evaluation).where(
+            Evaluation.base_id == base.id, Evaluation.variant_id.is_(None), Evaluation.artifact_id.is_(None),
+            Evaluation.prompt_id.is_(None), Evaluation.dataset == EVAL_DATA, Evaluation.split == EVAL_SPLIT,
+            Evaluation.metric == "perplexity").order_by(Evaluation.id.desc())).all()
+        for ev in rows:
+            d = ev.details or {}
+            if d.get("tokens") == tokens and d.get("max_length") and d.get("stride"):
+                from ..evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE
+
+                if (d["max_length"], d["stride"]) == (DEFAULT_MAX_LENGTH, DEFAULT_STRIDE):
+                    return ev.value
+    return None
+
+
+def _perplexity(model, tokenizer, eval_tokens: int, progress: Progress | None) -> dict:
+    from ..evals.ops import evaluate_model
+
+    res = evaluate_model(model, tokenizer, EVAL_DATA, EVAL_SPLIT, max_tokens=eval_tokens, progress=progress)
+    return res["_details"]["perplexity"]
+
+
+def _base_weight_files(base: BaseModel) -> dict[str, str]:
+    """The base's config and weight blobs (what an unpruned variant points at)."""
+    keep = {}
+    for rel, digest in (base.files or {}).items():
+        if rel in ("config.json", "generation_config.json") or rel.endswith(".safetensors") \
+                or rel.endswith(".safetensors.index.json"):
+            keep[rel] = digest
+    if "config.json" not in keep or not any(r.endswith(".safetensors") for r in keep):
+        raise UsageError(f"base {base.name!r} has no safetensors weights to build a variant from")
+    return keep
+
+
+def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "none", double_quant: bool = False,
+                   prune: str = "none", sparsity: float | None = None, granularity: str | None = None,
+                   calib: str | None = DEFAULT_CALIB, calib_samples: int = 32, calib_seq_len: int = 128,
+                   include_embeddings: bool = False, include_lm_head: bool = False, name: str | None = None,
+                   eval_tokens: int = DEFAULT_EVAL_TOKENS, device: str | None = "cpu",
+                   progress: Progress | None = None) -> tuple[Variant, bool]:
+    """Build, measure and register a compressed variant of a base; returns (row, created).
+
+    Idempotent: the same recipe (canonical JSON, see recipe.py) on the same base returns
+    the existing row with created=False, whatever `name` says. Bad input (unknown base,
+    a reference-only base, bad sparsity / quantization / 2:4 sparsity, ffn-channels on a
+    model without a gated MLP, a taken name) raises UsageError with nothing registered.
+
+    Pruning runs on the base loaded in float32; calibration (wanda; 2:4 and ffn-channels
+    when `calib` is set, which is the default) reads `calib_samples` × `calib_seq_len`
+    tokens of the `calib` data set's train split. Pruned variants store the pruned weights
+    (+ kept indices) as blobs; unpruned ones reuse the base's weight blobs (no copy).
+    Quantization is applied by bitsandbytes at load. With `eval_tokens` > 0 the perplexity
+    of the variant (and of the base, unless already recorded for the same token count) on
+    the first `eval_tokens` tokens of builtin:pydoc test is measured and recorded as
+    Evaluation rows and in `stats` ('perplexity', 'base_perplexity').
+    """
+    from ..models.loading import load_base_model
+
+    recipe = make_recipe(quant=quant, double_quant=double_quant, prune=prune, sparsity=sparsity,
+                         granularity=granularity, calib=calib, calib_samples=calib_samples,
+                         calib_seq_len=calib_seq_len, include_embeddings=include_embeddings,
+                         include_lm_head=include_lm_head)
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 0:
+        raise UsageError(f"eval_tokens must be a non-negative integer (0 skips the evaluation), got {eval_tokens!r}")
+    if eval_tokens == 1:
+        raise UsageError("eval_tokens must be 0 (skip) or at least 2")
+    if name is not None and (not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name)):
+        raise UsageError(f"invalid variant name {name!r} (no spaces)")
+    digest = recipe.digest()
+    with reg.session() as s:
+        base = base_ref if isinstance(base_ref, BaseModel) else reg.resolve(s, base_ref, "base")
+        base = s.get(BaseModel, base.id)
+        if base.is_reference:
+            raise UsageError(f"base {base.name!r} is only a reference; fetch its weights first (adapt base add)")
+        existing = s.scalar(select(Variant).where(Variant.base_id == base.id, Variant.recipe_digest == digest))
+        if existing is not None:
+            return existing, False
+        if name is not None and s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
+            raise UsageError(f"a variant named {name!r} already exists; pick another --name")
+        final_name = name or _unique_variant_name(s, default_variant_name(base, recipe))
+    if recipe.prune == "none":
+        base_files = _base_weight_files(base)
+
+    params = dict(base=base.name, recipe=recipe.to_dict(), name=final_name, eval_tokens=eval_tokens,
+                  device=str(device))
+    with record_run(reg, "variant create", params) as run:
+        model, tokenizer = load_base_model(reg, base, device)
+        base_ppl = base_eval = None
+        if eval_tokens:
+            from ..evals.data import load_dataset
+            from ..evals.metrics import token_stream
+
+            n_scored = token_stream(tokenizer, load_dataset(EVAL_DATA, EVAL_SPLIT).as_texts(), eval_tokens).numel() - 1
+            base_ppl = _find_base_perplexity(reg, base, n_scored)
+            if base_ppl is None:
+                base_eval = _perplexity(model, tokenizer, eval_tokens, progress)
+                base_ppl = base_eval["perplexity"]
+        calib_ids = calibration_ids(tokenizer, recipe)
+        build = apply_recipe(model, recipe, calib_ids, progress=progress)
+        stats = build.stats.to_dict()
+        meta = {"recipe": recipe.to_dict(), "stats": stats}
+        with tempfile.TemporaryDirectory(prefix="variant-", dir=reg.cache_dir) as tmp:
+            if recipe.prune == "none":
+                del build, model
+                files = dict(base_files)
+                load_from = reg.materialize(base)
+            else:
+                load_from = build.save(Path(tmp) / "variant")
+                del build, model
+            variant_ppl = None
+            if eval_tokens:
+                vmodel = load_variant_model(load_from, recipe=recipe, device=str(_device(device)),
+                                            compute_dtype=COMPUTE_DTYPE) \
+                    if (Path(load_from) / WEIGHTS_FILE).exists() else None
+                if vmodel is None:
+                    from .quantize import load_quantized
+
+                    vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE,
+                                            str(_device(device)), include_lm_head=recipe.include_lm_head,
+                                            dtype=COMPUTE_DTYPE)
+                variant_eval = _perplexity(vmodel, tokenizer, eval_tokens, progress)
+                variant_ppl = variant_eval["perplexity"]
+                del vmodel
+            stats.update(perplexity=variant_ppl, base_perplexity=base_ppl, eval_tokens=eval_tokens,
+                         eval_data=f"{EVAL_DATA}:{EVAL_SPLIT}")
+            meta["stats"] = stats
+            if recipe.prune == "none":
+                files[VARIANT_FILE] = reg.blobs.put_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
+            else:
+                (Path(load_from) / VARIANT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+                files = reg.blobs.put_folder(load_from)
+        own = {d for r, d in files.items() if d not in set((base.files or {}).values())}
+        size = sum(reg.blobs.path_for(d).stat().st_size for d in set(files.values()))
+        stats["own_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
+        stats["stored_file_bytes"] = size
+        stats["shares_base_weights"] = recipe.prune == "none"
+        with reg.session() as s:
+            if s.scalar(select(Variant.id).where(Variant.base_id == base.id, Variant.recipe_digest == digest)):
+                # built concurrently by another process: keep theirs
+                row = s.scalar(select(Variant).where(Variant.base_id == base.id, Variant.recipe_digest == digest))
+                run.output = {"variant": row.name, "id": row.id, "created": False}
+                return row, False
+            if s.scalar(select(Variant.id).where(Variant.name == final_name)) is not None:
+                raise UsageError(f"a variant named {final_name!r} was created meanwhile; pick another --name")
+            row = Variant(base_id=base.id, name=final_name, recipe=recipe.canonical_json(), recipe_digest=digest,
+                          files=files, stats=stats, size_bytes=size, sparsity=stats["sparsity"], run_id=run.id)
+            s.add(row)
+            s.flush()
+            reg.add_lineage(s, base, row, "variant-of")
+            if base_eval is not None:
+                s.add(Evaluation(base_id=base.id, dataset=EVAL_DATA, split=EVAL_SPLIT, metric="perplexity",
+                                 value=float(base_ppl), details=base_eval, run_id=run.id))
+            if variant_ppl is not None:
+                s.add(Evaluation(base_id=base.id, variant_id=row.id, dataset=EVAL_DATA, split=EVAL_SPLIT,
+                                 metric="perplexity", value=float(variant_ppl), details=variant_eval, run_id=run.id))
+            s.flush()
+        run.output = {"variant": row.name, "id": row.id, "created": True, "recipe": recipe.describe(),
+                      "perplexity": variant_ppl, "base_perplexity": base_ppl, "size_bytes": size}
+        return row, True
+
+
+def _device(device: str | None) -> torch.device:
+    from ..models.loading import resolve_device
+
+    return resolve_device(device)
+
+
+# ---- listing ---------------------------------------------------------------------------
+
+
+def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
+    """One variant as a flat dict (the columns of `adapt variant ls`)."""
+    recipe = Recipe.from_json(row.recipe)
+    st = row.stats or {}
+    base_params = st.get("base_params") or 0
+    ppl, base_ppl = st.get("perplexity"), st.get("base_perplexity")
+    return {
+        "name": row.name,
+        "id": row.id,
+        "base": base.name if base else row.base_id,
+        "recipe": recipe.describe(),
+        "recipe_json": recipe.to_dict(),
+        "params_kept": st.get("params_nonzero"),
+        "params_kept_frac": (st.get("params_nonzero") or 0) / base_params if base_params else None,
+        "sparsity": row.sparsity,
+        "bits_per_weight": st.get("bits_per_weight"),
+        "stored_bytes": row.size_bytes,
+        "own_bytes": st.get("own_bytes"),
+        "loaded_bytes": st.get("quantized_bytes"),
+        "ideal_bytes": st.get("ideal_bytes"),
+        "base_fp16_bytes": st.get("base_fp16_bytes"),
+        "ideal_ratio": (st["ideal_bytes"] / st["base_fp16_bytes"]) if st.get("ideal_bytes") and st.get("base_fp16_bytes") else None,
+        "perplexity": ppl,
+        "base_perplexity": base_ppl,
+        "ppl_ratio": ppl / base_ppl if ppl and base_ppl else None,
+        "eval_tokens": st.get("eval_tokens"),
+        "kept_indices": KEPT_FILE in (row.files or {}),
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+    }
+
+
+def list_variants(reg: Registry, base: str | None = None) -> list[dict[str, Any]]:
+    """All variants (optionally of one base) as dicts, oldest first."""
+    with reg.session() as s:
+        q = select(Variant).order_by(Variant.created_at, Variant.name)
+        if base is not None:
+            q = q.where(Variant.base_id == reg.resolve(s, base, "base").id)
+        rows = s.scalars(q).all()
+        bases = {b.id: b for b in s.scalars(select(BaseModel))}
+        return [variant_summary(r, bases.get(r.base_id)) for r in rows]
