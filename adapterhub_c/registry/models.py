@@ -11,7 +11,8 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -133,3 +134,51 @@ class Evaluation(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     run_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Batch(Base):
+    """A named batch of work items (e.g. many Hub LoRAs converted to one variant).
+
+    ``params`` holds the pipeline options that define the batch (variant, steps, their
+    options): re-running the same name with other options is refused. Run-time settings
+    (workers, executor, lease) are not part of it.
+    """
+
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    command: Mapped[str] = mapped_column(String(40))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    run_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class BatchItem(Base):
+    """One unit of a batch: its source, state (queued, running, done, failed) and lease.
+
+    A worker owns a running item while ``lease_expires_at`` is in the future; it renews the
+    lease as it works. ``attempts`` doubles as the claim token: a worker whose lease was
+    taken over can no longer record anything for the item.
+    """
+
+    __tablename__ = "batch_items"
+    __table_args__ = (UniqueConstraint("batch_id", "position"),
+                      Index("ix_batch_items_batch_state", "batch_id", "state"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(500))
+    state: Mapped[str] = mapped_column(String(20), default="queued")
+    retryable: Mapped[bool] = mapped_column(Boolean, default=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    outputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    artifact_ids: Mapped[list[Any]] = mapped_column(default=list)
+    run_id: Mapped[str | None] = mapped_column(String(32))
