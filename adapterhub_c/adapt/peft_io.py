@@ -59,7 +59,8 @@ def lora_config(config: dict, target_modules=None):
     from peft import LoraConfig
 
     init_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    kwargs = {k: v for k, v in config.items() if k in init_fields}
+    # the base is whatever model the LoRA is attached to (PEFT warns when the names differ)
+    kwargs = {k: v for k, v in config.items() if k in init_fields and k != "base_model_name_or_path"}
     kwargs.update(inference_mode=False, task_type="CAUSAL_LM")
     for k in ("rank_pattern", "alpha_pattern"):
         kwargs[k] = kwargs.get(k) or {}

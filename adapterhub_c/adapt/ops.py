@@ -1,0 +1,422 @@
+"""Registry operations of ``adapt train`` and ``adapt convert``.
+
+``train_adapter``: a plain LoRA (QLoRA on a quantized variant) trained on a base or a
+variant with ``train.train_lora``, saved as a PEFT folder whose
+``base_model_name_or_path`` is the base's Hub id (or its name), registered as ``lora``
+with lineage ``trained-on`` → base or variant, the training summary in ``metrics`` and
+its evaluation on held-out data (before / after) recorded as ``evaluations`` rows.
+
+``convert_adapter``: CA-LoRA / CPET conversion (``convert.py``) of a registered adapter
+(any kind, packs included) to a variant of its base. It measures, on the evaluation
+data, the variant alone, the variant + source adapter (naive; ffn-sliced on
+``ffn-channels`` variants), the teacher (base + source) and the converted adapter,
+records all of them as ``evaluations``, and registers a ``recovered-lora`` (PEFT folder
++ ``recovery.safetensors``) with lineage ``inherited-from`` (``converted-from`` with
+``inherit=False``) → source and ``targets`` → variant.
+
+Both runs checkpoint under ``<registry cache>/checkpoints/<run key>``; the key names
+what is trained (command, base/variant or source/variant, data, name), not the
+hyper-parameters, so ``resume=True`` with changed options finds the checkpoint and is
+refused with the list of differences instead of silently starting over. A completed run
+removes its checkpoint. Ctrl-C saves one (the loop) and the run is marked interrupted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import UsageError
+from ..evals.data import load_dataset
+from ..evals.ops import evaluate_model, record_evaluations
+from ..models.stack import StackSpec, load_stack, resolve_stack
+from ..registry.artifacts import name_taken, register_artifact, unique_name
+from ..registry.models import Artifact, BaseModel, Variant
+from ..registry.runs import record_run
+from ..registry.store import Registry
+from .loop import Progress, TrainConfig, TrainResult
+
+DEFAULT_STEPS = 100
+DEFAULT_LR = 2e-4
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_SEQ_LEN = 256
+EVAL_SPLIT = "test"
+DEFAULT_EVAL_TOKENS = 8192     # perplexity: first tokens of the eval split
+DEFAULT_EVAL_EXAMPLES = 50     # exact match: first examples of a task's eval split
+
+
+# ---------------------------------------------------------------------------------------
+# shared helpers
+
+
+def run_key(**parts: Any) -> str:
+    """A short stable digest naming one training run (its checkpoint folder)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def checkpoint_dir(reg: Registry, key: str) -> Path:
+    """``<cache>/checkpoints/<key>`` (created)."""
+    path = reg.cache_dir / "checkpoints" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _device_name(device: str | None) -> str:
+    from ..models.loading import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every) -> TrainConfig:
+    config = TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size), seq_len=int(seq_len),
+                         grad_accum=int(grad_accum), seed=int(seed), device=device,
+                         checkpoint_every=int(checkpoint_every))
+    config.validate()
+    return config
+
+
+def train_summary(result: TrainResult | None) -> dict | None:
+    """Loss curve start/end (first/last step and the mean of up to 10 steps), steps, time."""
+    if result is None:
+        return None
+    losses = result.losses
+    k = max(1, min(10, len(losses) // 5)) if losses else 0
+    out = {"steps": len(losses), "loss_start": losses[0] if losses else None,
+           "loss_end": losses[-1] if losses else None,
+           "loss_start_avg": sum(losses[:k]) / k if k else None,
+           "loss_end_avg": sum(losses[-k:]) / k if k else None,
+           "wall_s": round(result.wall_s, 3), "tokens": result.tokens,
+           "tokens_per_s": round(result.tokens_per_s, 2), "resumed_from": result.resumed_from}
+    last = result.logs[-1] if result.logs else {}
+    for key in ("task_loss", "distill_loss"):
+        if key in last:
+            out[f"{key}_end"] = last[key]
+    return out
+
+
+def _evaluate(model, tokenizer, data: str, split: str, max_tokens, max_examples, progress) -> dict:
+    return evaluate_model(model, tokenizer, data, split, max_tokens=max_tokens, max_examples=max_examples,
+                          progress=progress)
+
+
+def _public(results: dict) -> dict:
+    return {k: v for k, v in results.items() if not k.startswith("_")}
+
+
+def _tag(results: dict, role: str) -> dict:
+    """Add the row's role to every metric's details (stored with the evaluation)."""
+    for details in results.get("_details", {}).values():
+        details["role"] = role
+    return results
+
+
+def _dataset_label(data: str) -> str:
+    if data.startswith("builtin:task/"):
+        return data.split("/", 1)[1]
+    if data.startswith("builtin:"):
+        return data.split(":", 1)[1]
+    return Path(data).stem or "data"
+
+
+def _check_name(reg: Registry, name: str | None) -> None:
+    if name is not None:
+        if not name.strip():
+            raise UsageError("--name must not be empty")
+        if name_taken(reg, name):
+            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+
+
+# ---------------------------------------------------------------------------------------
+# adapt train
+
+
+def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None = None, rank: int = 16,
+                  alpha: float = 32, targets: Sequence[str] | None = None, steps: int = DEFAULT_STEPS,
+                  lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,
+                  grad_accum: int = 1, seed: int = 0, checkpoint_every: int = 0, name: str | None = None,
+                  eval_data: str | None = None, eval_split: str = EVAL_SPLIT,
+                  max_eval_tokens: int | None = DEFAULT_EVAL_TOKENS,
+                  max_eval_examples: int | None = DEFAULT_EVAL_EXAMPLES, baseline: bool = True,
+                  device: str | None = "cpu", resume: bool = False,
+                  progress: Progress | None = None) -> tuple[Artifact, dict]:
+    """Train a LoRA on ``target`` (a base or a variant; ``variant`` picks one of the base's) on ``data``.
+
+    Returns (the registered ``lora`` artefact, a report dict with the training summary and
+    the evaluation on ``eval_data`` (default: ``data``), split ``eval_split``, of the
+    model before (``baseline``) and after training). ``targets``: module names (default
+    q/k/v/o). Bad input raises UsageError before anything is loaded or registered.
+    """
+    from .train import DEFAULT_TARGETS, train_lora
+
+    if rank < 1:
+        raise UsageError(f"rank must be >= 1 (got {rank})")
+    if not alpha > 0:
+        raise UsageError(f"alpha must be > 0 (got {alpha})")
+    targets = sorted({t.strip() for t in (targets or DEFAULT_TARGETS) if t and t.strip()})
+    if not targets:
+        raise UsageError("--targets is empty")
+    device = _device_name(device)
+    config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
+    spec = resolve_stack(reg, target, variant)
+    if spec.adapter is not None or spec.prompt is not None:
+        raise UsageError(f"{target!r} is an artefact; train starts from a base or a variant")
+    if spec.base.is_reference:
+        raise UsageError(f"base {spec.base.name!r} is only a reference; fetch its weights with "
+                         f"`adapt base add {spec.base.name}`")
+    dataset = load_dataset(data, "train")
+    eval_data = eval_data or data
+    load_dataset(eval_data, eval_split)
+    _check_name(reg, name)
+    stem = f"{_dataset_label(data)}-lora" + (f"-{spec.variant.name}" if spec.variant else "")
+    key = run_key(command="adapt train", base=spec.base.id, variant=spec.variant.id if spec.variant else None,
+                  data=data, name=name)
+    params = dict(target=target, data=data, variant=variant, rank=rank, alpha=alpha, targets=targets,
+                  steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
+                  name=name, eval_data=eval_data, eval_split=eval_split, device=device, resume=resume)
+    with record_run(reg, "adapt train", params) as run:
+        config.checkpoint_dir = str(checkpoint_dir(reg, key))
+        run.output = {"checkpoint": config.checkpoint_dir}
+        t0 = time.perf_counter()
+        model, tokenizer = load_stack(reg, spec, device)
+        report: dict[str, Any] = {"base": spec.base.name, "variant": spec.variant.name if spec.variant else None,
+                                  "data": data, "eval_data": eval_data, "eval_split": eval_split}
+        before = None
+        if baseline:
+            before = _tag(_evaluate(model, tokenizer, eval_data, eval_split, max_eval_tokens, max_eval_examples,
+                                    progress), "before training")
+        trained = train_lora(model, tokenizer, dataset, rank=rank, alpha=alpha, targets=targets, config=config,
+                             progress=progress, resume=resume,
+                             fingerprint={"base": spec.base.id,
+                                          "variant": spec.variant.id if spec.variant else None})
+        adapter = trained.adapter
+        from ..adapters.load import base_label
+        from .convert import load_adapted
+
+        adapter.config["base_model_name_or_path"] = base_label(spec.base)
+        adapted = load_adapted(model, adapter)
+        after = _tag(_evaluate(adapted, tokenizer, eval_data, eval_split, max_eval_tokens, max_eval_examples,
+                               progress), "trained adapter")
+        summary = train_summary(trained.result)
+        metrics = {"train": summary, "eval": {"data": eval_data, "split": eval_split,
+                                              "before": _public(before) if before else None,
+                                              "after": _public(after)}}
+        cfg = {"data": data, "rank": rank, "alpha": alpha, "targets": targets, "train": config.hparams(),
+               "trained_on": spec.variant.name if spec.variant else spec.base.name}
+        art_name = name or unique_name(reg, stem)
+        parent = spec.variant if spec.variant is not None else spec.base
+        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+            folder = adapter.to_folder(Path(tmp) / "adapter")
+            art = register_artifact(reg, kind="lora", name=art_name, base_id=spec.base.id, folder=folder,
+                                    variant_id=spec.variant.id if spec.variant else None, source="adapt train",
+                                    config=cfg, metrics=metrics, parents=[(parent, "trained-on")], run_id=run.id)
+        if before is not None:
+            record_evaluations(reg, StackSpec(spec.base, spec.variant), eval_data, eval_split, before, run.id)
+        record_evaluations(reg, StackSpec(spec.base, spec.variant, adapter=art), eval_data, eval_split, after,
+                           run.id)
+        shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
+        report.update(artifact=art.name, id=art.id, size_bytes=art.size_bytes, train=summary,
+                      before=_public(before) if before else None, after=_public(after),
+                      wall_s=round(time.perf_counter() - t0, 2))
+        run.output = {"artifact": art.name, "id": art.id, "train": summary, "after": _public(after)}
+        return art, report
+
+
+# ---------------------------------------------------------------------------------------
+# adapt convert
+
+
+def _resolve_convert(reg: Registry, adapter_ref: str, variant_ref: str):
+    """(source artefact, variant, base) with the checks that need only the registry."""
+    from ..adapters.load import ADAPTER_KINDS
+
+    with reg.session() as s:
+        art = reg.resolve(s, adapter_ref, "artifact")
+        if art.kind not in ADAPTER_KINDS:
+            raise UsageError(f"{art.name!r} is a {art.kind}, not an adapter")
+        var = reg.resolve(s, variant_ref, "variant")
+        base = s.get(BaseModel, var.base_id)
+        if art.base_id != var.base_id:
+            other = s.get(BaseModel, art.base_id)
+            raise UsageError(f"adapter {art.name!r} belongs to base {other.name!r}, but variant {var.name!r} "
+                             f"is a variant of {base.name!r}")
+        source_variant = s.get(Variant, art.variant_id) if art.variant_id else None
+        if source_variant is not None and source_variant.id == var.id:
+            raise UsageError(f"adapter {art.name!r} already targets variant {var.name!r}")
+        return art, var, base, source_variant
+
+
+def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: str | None = None,
+                    eval_data: str | None = None, eval_split: str = EVAL_SPLIT, inherit: bool = True,
+                    recover: bool = True, distill: bool = True, recover_rank: int = 16, recover_act: str = "gelu",
+                    distill_alpha: float = 1.0, distill_on: str = "hidden", steps: int = DEFAULT_STEPS,
+                    lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,
+                    grad_accum: int = 1, seed: int = 0, checkpoint_every: int = 0, name: str | None = None,
+                    max_eval_tokens: int | None = DEFAULT_EVAL_TOKENS,
+                    max_eval_examples: int | None = DEFAULT_EVAL_EXAMPLES, reference_rows: bool = True,
+                    device: str | None = "cpu", resume: bool = False,
+                    progress: Progress | None = None) -> tuple[Artifact, dict]:
+    """Convert adapter ``adapter_ref`` to variant ``variant_ref`` (CA-LoRA: inherit, recover, distill).
+
+    Without ``data`` (or with ``steps=0``) nothing is trained: the inherited LoRA is
+    registered as is (no recovery modules: untrained ones are exactly zero). Evaluation
+    on ``eval_data`` (default: ``data``, else the source's training data, else
+    builtin:pydoc), split ``eval_split``. ``reference_rows=False`` skips the "variant
+    alone", "naive" and "teacher" rows (the converted one is always measured). Returns
+    (the ``recovered-lora`` artefact, report with the rows and the gap closed).
+    """
+    from .convert import DISTILL_ON
+    from .recovery import RecoveryConfig
+
+    device = _device_name(device)
+    config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
+    if distill_on not in DISTILL_ON:
+        raise UsageError(f"--distill-on must be one of {', '.join(DISTILL_ON)} (got {distill_on!r})")
+    if distill_alpha < 0:
+        raise UsageError(f"--distill-alpha must be >= 0 (got {distill_alpha})")
+    RecoveryConfig(rank=recover_rank, act=recover_act)  # validates rank and activation
+    art, var, base, source_variant = _resolve_convert(reg, adapter_ref, variant_ref)
+    dataset = load_dataset(data, "train") if data else None
+    trains = dataset is not None and config.steps > 0
+    if not inherit and not trains:
+        raise UsageError("--no-inherit without training data (or with --steps 0) leaves an empty adapter; "
+                         "give --data")
+    eval_data = eval_data or data or (art.config or {}).get("data") or "builtin:pydoc"
+    load_dataset(eval_data, eval_split)
+    _check_name(reg, name)
+    recover_used, distill_used = recover and trains, distill and trains
+    key = run_key(command="adapt convert", adapter=art.id, variant=var.id, data=data, name=name)
+    params = dict(adapter=adapter_ref, variant=variant_ref, data=data, eval_data=eval_data, eval_split=eval_split,
+                  inherit=inherit, recover=recover, distill=distill, recover_rank=recover_rank,
+                  recover_act=recover_act, distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
+                  batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed, name=name,
+                  device=device, resume=resume)
+    with record_run(reg, "adapt convert", params) as run:
+        if trains:
+            config.checkpoint_dir = str(checkpoint_dir(reg, key))
+            run.output = {"checkpoint": config.checkpoint_dir}
+        t0 = time.perf_counter()
+        result, rows, art_new = _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split,
+                                         inherit, recover_used, distill_used, recover_rank, recover_act,
+                                         distill_alpha, distill_on, config, name, max_eval_tokens,
+                                         max_eval_examples, reference_rows, device, resume, progress, run)
+        if config.checkpoint_dir:
+            shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
+        summary = train_summary(result.train)
+        report = {"artifact": art_new.name, "id": art_new.id, "source": art.name, "variant": var.name,
+                  "base": base.name, "data": data, "eval_data": eval_data, "eval_split": eval_split,
+                  "inherit": inherit, "recover": recover_used, "distill": distill_used,
+                  "distill_on": distill_on if distill_used else None, "train": summary,
+                  "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+                  "gap_closed": gap_closed(rows), "wall_s": round(time.perf_counter() - t0, 2)}
+        run.output = {"artifact": art_new.name, "id": art_new.id, "train": summary, "rows": report["rows"],
+                      "gap_closed": report["gap_closed"]}
+        return art_new, report
+
+
+ROW_VARIANT, ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED = ("variant alone", "variant + source (naive)",
+                                                      "base + source (teacher)", "variant + converted")
+
+
+def gap_closed(rows: list[dict]) -> dict:
+    """Per metric: (converted − naive) / (teacher − naive), the share of the gap closed."""
+    by = {r["row"]: r for r in rows}
+    out = {}
+    if not {ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED} <= set(by):
+        return out
+    for metric in ("perplexity", "exact_match"):
+        vals = [by[r].get(metric) for r in (ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED)]
+        if any(v is None for v in vals):
+            continue
+        naive, teacher, conv = vals
+        if teacher != naive:
+            out[metric] = (conv - naive) / (teacher - naive)
+    return out
+
+
+def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split, inherit, recover, distill,
+             recover_rank, recover_act, distill_alpha, distill_on, config, name, max_eval_tokens, max_eval_examples,
+             reference_rows, device, resume, progress, run):
+    from ..adapters.load import base_label, load_adapter_artifact
+    from ..models.loading import load_base_model
+    from ..variants.ops import load_variant, variant_kept_indices
+    from .convert import _attach_source_lora, build_student, build_teacher, distill_convert
+
+    loaded = load_adapter_artifact(reg, art)
+    if loaded.recovery_state is not None:
+        raise UsageError(f"{art.name!r} is already converted (it has recovery modules); convert its source instead")
+    if source_variant is not None and variant_kept_indices(reg, source_variant):
+        raise UsageError(f"{art.name!r} was trained on the ffn-channels variant {source_variant.name!r}; "
+                         "its shapes do not fit the base")
+    lora = loaded.lora
+    kept = variant_kept_indices(reg, var)
+    if distill or reference_rows:
+        base_model, tokenizer = load_base_model(reg, base, device)
+    else:
+        from ..models.loading import load_base_tokenizer
+
+        base_model, tokenizer = None, load_base_tokenizer(reg, base)
+    variant_model = load_variant(reg, var, device)
+    rows: list[dict] = []
+
+    def measure(model, role: str, spec: StackSpec, size: int | None) -> None:
+        res = _tag(_evaluate(model, tokenizer, eval_data, eval_split, max_eval_tokens, max_eval_examples,
+                             progress), role)
+        rows.append({"row": role, **_public(res), "size_bytes": size, "_spec": spec, "_res": res})
+
+    if reference_rows:
+        measure(variant_model, ROW_VARIANT, StackSpec(base, var), var.size_bytes)
+        naive, _ = _attach_source_lora(variant_model, lora, kept_indices=kept)
+        naive.requires_grad_(False)
+        measure(naive.eval(), ROW_NAIVE, StackSpec(base, var, adapter=art), _add(var.size_bytes, art.size_bytes))
+        variant_model = naive.unload()
+    teacher = None
+    if distill or reference_rows:
+        teacher = build_teacher(base_model, lora)
+        if reference_rows:
+            measure(teacher, ROW_TEACHER, StackSpec(base, adapter=art), _add(base.size_bytes, art.size_bytes))
+    if not distill:
+        teacher = None
+    del base_model
+    student = build_student(variant_model, lora, inherit=inherit, recover=recover, recover_rank=recover_rank,
+                            recover_act=recover_act, kept_indices=kept, seed=config.seed)
+    result = distill_convert(student, teacher, tokenizer, dataset, distill=distill, distill_alpha=distill_alpha,
+                             distill_on=distill_on, config=config, progress=progress, resume=resume,
+                             fingerprint={"adapter": art.id, "variant": var.id, "inherit": inherit})
+    teacher = None
+    result.lora.config["base_model_name_or_path"] = base_label(base)
+    conv_res = _tag(_evaluate(student.model, tokenizer, eval_data, eval_split, max_eval_tokens, max_eval_examples,
+                              progress), ROW_CONVERTED)
+    metrics = {"train": train_summary(result.train),
+               "eval": {"data": eval_data, "split": eval_split,
+                        "rows": {r["row"]: {k: v for k, v in r.items() if k in ("perplexity", "exact_match")}
+                                 for r in rows} | {ROW_CONVERTED: _public(conv_res)}}}
+    cfg = {"data": dataset.name if dataset is not None else None, "source": art.name, "variant": var.name,
+           "inherit": inherit, "recover": recover, "distill": distill,
+           "recovery": result.recovery_config.to_dict() if result.recovery_config else None,
+           "distill_alpha": distill_alpha if distill else None, "distill_on": distill_on if distill else None,
+           "ffn_sliced": bool(kept), "train": config.hparams() if result.train else None}
+    stem = f"{art.name}-{var.name}"
+    with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        folder = result.save(Path(tmp) / "adapter")
+        art_new = register_artifact(reg, kind="recovered-lora", name=name or unique_name(reg, stem),
+                                    base_id=base.id, folder=folder, variant_id=var.id, source="adapt convert",
+                                    config=cfg, metrics=metrics,
+                                    parents=[(art, "inherited-from" if inherit else "converted-from"),
+                                             (var, "targets")], run_id=run.id)
+    rows.append({"row": ROW_CONVERTED, **_public(conv_res), "size_bytes": _add(var.size_bytes, art_new.size_bytes),
+                 "_spec": StackSpec(base, var, adapter=art_new), "_res": conv_res})
+    for r in rows:
+        record_evaluations(reg, r["_spec"], eval_data, eval_split, r["_res"], run.id)
+    return result, rows, art_new
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+__all__ = ["train_adapter", "convert_adapter", "train_summary", "gap_closed", "run_key", "checkpoint_dir"]

@@ -1,0 +1,127 @@
+"""adapt train / convert."""
+from __future__ import annotations
+
+import click
+
+from .render import human_bytes, print_json, print_table, progress_callback
+
+DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+
+
+def _targets(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def _metric_columns(rows: list[dict]) -> list[str]:
+    return [m for m in ("perplexity", "exact_match") if any(m in r for r in rows)]
+
+
+@click.command("train")
+@click.argument("target")
+@click.option("--data", required=True, help="builtin:pydoc, builtin:task/<name>, or a .txt/.jsonl file.")
+@click.option("--variant", default=None, help="Train on this compressed variant of the base (QLoRA when quantized).")
+@click.option("--rank", type=int, default=16, show_default=True)
+@click.option("--alpha", type=float, default=32, show_default=True)
+@click.option("--targets", default=None, help="Comma-separated module names [default: q_proj,k_proj,v_proj,o_proj].")
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+              help="Also checkpoint every N steps (always at the end and on Ctrl-C).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run with the same options.")
+@click.option("--eval-data", default=None, help="Evaluate on this data instead of DATA.")
+@click.option("--max-eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--max-eval-examples", type=int, default=50, show_default=True)
+@DEVICE
+@click.option("--name", default=None, help="Name of the new adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch_size, seq_len, grad_accum, seed,
+              checkpoint_every, resume, eval_data, max_eval_tokens, max_eval_examples, device, name, as_json):
+    """Train a LoRA on TARGET (a base or a variant) and register it."""
+    from ..adapt.ops import train_adapter
+
+    with progress_callback() as progress:
+        art, report = train_adapter(obj.registry, target, data, variant=variant, rank=rank, alpha=alpha,
+                                    targets=_targets(targets), steps=steps, lr=lr, batch_size=batch_size,
+                                    seq_len=seq_len, grad_accum=grad_accum, seed=seed,
+                                    checkpoint_every=checkpoint_every, name=name, eval_data=eval_data,
+                                    max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
+                                    device=device, resume=resume, progress=progress)
+    if as_json:
+        print_json(report)
+        return
+    t = report["train"] or {}
+    print_table([{"adapter": art.name, "on": report["variant"] or report["base"], "steps": t.get("steps"),
+                  "loss start": t.get("loss_start_avg"), "loss end": t.get("loss_end_avg"),
+                  "time (s)": t.get("wall_s"), "tokens/s": t.get("tokens_per_s"),
+                  "size": human_bytes(art.size_bytes)}],
+                ["adapter", "on", "steps", "loss start", "loss end", "time (s)", "tokens/s", "size"],
+                title="trained")
+    rows = [{"model": "before training", **(report["before"] or {})}] if report["before"] else []
+    rows.append({"model": art.name, **report["after"]})
+    print_table(rows, ["model"] + _metric_columns(rows),
+                title=f"{report['eval_data']} ({report['eval_split']})")
+
+
+@click.command("convert")
+@click.argument("adapter")
+@click.option("--variant", required=True, help="The compressed variant to carry ADAPTER to.")
+@click.option("--data", default=None, help="Training data; without it: inherit only, no training.")
+@click.option("--eval-data", default=None, help="Evaluation data [default: DATA, else the adapter's own data].")
+@click.option("--no-inherit", is_flag=True, help="Start the LoRA fresh instead of from ADAPTER.")
+@click.option("--no-recover", is_flag=True, help="No recovery modules.")
+@click.option("--no-distill", is_flag=True, help="Task loss only, no teacher.")
+@click.option("--recover-rank", type=int, default=16, show_default=True)
+@click.option("--recover-act", default="gelu", show_default=True, help="gelu, relu, silu or identity.")
+@click.option("--distill-alpha", type=float, default=1.0, show_default=True)
+@click.option("--distill-on", type=click.Choice(["hidden", "logits"]), default="hidden", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the interrupted run with the same options.")
+@click.option("--max-eval-tokens", type=int, default=8192, show_default=True)
+@click.option("--max-eval-examples", type=int, default=50, show_default=True)
+@DEVICE
+@click.option("--name", default=None, help="Name of the converted adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def convert_cmd(obj, adapter, variant, data, eval_data, no_inherit, no_recover, no_distill, recover_rank,
+                recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, grad_accum, seed,
+                checkpoint_every, resume, max_eval_tokens, max_eval_examples, device, name, as_json):
+    """Carry ADAPTER to a compressed variant of its base (CA-LoRA: inherit, recover, distill)."""
+    from ..adapt.ops import convert_adapter
+
+    with progress_callback() as progress:
+        art, report = convert_adapter(obj.registry, adapter, variant, data=data, eval_data=eval_data,
+                                      inherit=not no_inherit, recover=not no_recover, distill=not no_distill,
+                                      recover_rank=recover_rank, recover_act=recover_act,
+                                      distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
+                                      batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
+                                      checkpoint_every=checkpoint_every, name=name,
+                                      max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
+                                      device=device, resume=resume, progress=progress)
+    if as_json:
+        print_json(report)
+        return
+    rows = [{**r, "size": human_bytes(r.get("size_bytes"))} for r in report["rows"]]
+    mode = "+".join(k for k in ("inherit", "recover", "distill") if report[k]) or "fresh LoRA"
+    t = report["train"]
+    trained = f"{t['steps']} steps, loss {t['loss_start_avg']:.4g} → {t['loss_end_avg']:.4g}" if t else "no training"
+    print_table(rows, ["row"] + _metric_columns(rows) + ["size"],
+                title=f"{art.name} ({mode}; {trained}) on {report['eval_data']} ({report['eval_split']})")
+    if report["gap_closed"]:
+        click.echo("gap closed (converted vs naive, of teacher vs naive): "
+                   + ", ".join(f"{k} {v:.0%}" for k, v in report["gap_closed"].items()))
+
+
+def register(cli) -> None:
+    cli.add_command(train_cmd)
+    cli.add_command(convert_cmd)
