@@ -70,7 +70,7 @@ def plot_transfer(matrix: dict, path: str | Path, title: str = "Soft-prompt tran
     if not rows or not cols or len(values) != len(rows) or any(len(v) != len(cols) for v in values):
         raise UsageError("transfer matrix is empty or its values do not match rows × columns")
     # Figure + Agg canvas directly: no pyplot global state, no backend switch for callers.
-    fig = Figure(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.7 * len(rows)), dpi=120)
+    fig = Figure(figsize=(2.6 + 1.3 * len(cols), 1.6 + 0.7 * len(rows)), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     finite = [v for line in values for v in line if v is not None and math.isfinite(v)]
@@ -90,7 +90,6 @@ def plot_transfer(matrix: dict, path: str | Path, title: str = "Soft-prompt tran
             colour = "white" if v is not None and math.isfinite(v) and v > middle else "black"
             ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
     fig.colorbar(image, ax=ax, label=matrix.get("metric", "perplexity"))
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())

@@ -21,6 +21,12 @@ def evaluate_model(model, tokenizer, data: str, split: str = "test", max_tokens:
     out: dict[str, float] = {}
     details: dict[str, dict] = {}
     if "perplexity" in metrics:
+        # a soft prompt takes positions of the context: shrink the windows so both fit
+        k = getattr(model, "num_virtual_tokens", 0)
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if k and context and max_length + k > context:
+            max_length = context - k
+            stride = min(stride, max(1, max_length // 2))
         ppl = perplexity(model, tokenizer, dataset.as_texts(), max_length=max_length, stride=stride,
                          max_tokens=max_tokens, progress=progress)
         out["perplexity"] = ppl["perplexity"]

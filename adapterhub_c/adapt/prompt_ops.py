@@ -1,0 +1,327 @@
+"""Registry operations for soft prompts: learn one on a variant, attach one, transfer matrix.
+
+- ``learn_prompt_artifact``: learn a ``k``-token prompt on a variant (or the base itself)
+  with the LM loss on a dataset's train split, through the shared training loop
+  (checkpoints, ``--resume``), and register it as a ``prompt`` artefact (one safetensors
+  file + ``prompt_config.json``) with lineage ``learned-on`` → the variant. Perplexity on
+  the dataset's test split before and after is recorded as evaluations.
+- ``attach_prompt``: what ``models.stack.load_stack`` calls for ``--prompt P``; wraps the
+  (possibly PEFT) model in ``PromptedModel``.
+- ``prompt_transfer``: every prompt on every variant (plus a no-prompt row), as in
+  Compress, Then Prompt's Figure 5; optional heat map PNG.
+
+Perplexity with and without a prompt is always measured on the same windows: the window
+is shrunk so that the prompt plus the window fits the model's context.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import UsageError
+from ..evals.data import load_dataset
+from ..evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
+from ..registry.models import Artifact, BaseModel, Variant
+from ..registry.store import Registry
+from .prompt import PromptedModel, SoftPrompt, learn_prompt, load_prompt, save_prompt
+
+Progress = Callable[[str, int, "int | None"], None]
+PROMPT_FILE = "prompt.safetensors"
+CONFIG_FILE = "prompt_config.json"
+DEFAULT_STEPS = 200
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH_SIZE = 2
+DEFAULT_SEQ_LEN = 256
+DEFAULT_TOKENS = 100
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def _base_label(base: BaseModel) -> str:
+    from ..adapters.load import base_label
+
+    return base_label(base)
+
+
+def _context(base: BaseModel) -> int | None:
+    value = (base.config or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _hidden(base: BaseModel) -> int | None:
+    value = (base.config or {}).get("hidden_size")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def eval_window(context: int | None, k: int, max_length: int = DEFAULT_MAX_LENGTH) -> tuple[int, int]:
+    """(max_length, stride) of perplexity windows that fit ``k`` prompt tokens in ``context``."""
+    if context is not None:
+        max_length = min(max_length, context - k)
+    if max_length < 2:
+        raise UsageError(f"{k} prompt tokens leave no room for text in a context of {context}")
+    return max_length, max(1, min(DEFAULT_STRIDE, max_length // 2))
+
+
+def _check_tokens(tokens: Any, context: int | None, seq_len: int | None = None) -> None:
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+        raise UsageError(f"--tokens must be a positive integer, got {tokens!r}")
+    if context is not None and tokens >= context:
+        raise UsageError(f"--tokens {tokens} does not fit the model's context of {context} positions")
+    if context is not None and seq_len is not None and tokens + seq_len > context:
+        raise UsageError(f"--tokens {tokens} + --seq-len {seq_len} exceed the model's context of "
+                         f"{context} positions; lower one of them")
+
+
+def _resolve_target(reg: Registry, ref: str) -> tuple[BaseModel, Variant | None]:
+    """A base or a variant named by ``ref`` (artefacts are refused)."""
+    with reg.session() as s:
+        obj = reg.resolve(s, ref)
+        if isinstance(obj, Variant):
+            return s.get(BaseModel, obj.base_id), obj
+        if isinstance(obj, BaseModel):
+            return obj, None
+        raise UsageError(f"{ref!r} is a {obj.kind} artefact; give a variant (or a base) to learn a prompt on")
+
+
+def _checkpoint_dir(reg: Registry, target_id: str, data: str, name: str | None) -> Path:
+    # Keyed by what the user names, not by the hyper-parameters: a resume with changed
+    # options then finds the checkpoint and the loop refuses with the differences listed.
+    key = hashlib.sha256(json.dumps([target_id, data, name or ""]).encode()).hexdigest()[:16]
+    return reg.cache_dir / "checkpoints" / f"prompt-{key}"
+
+
+def read_prompt_artifact(reg: Registry, art: Artifact, base: BaseModel,
+                         expected_hidden: int | None = None) -> SoftPrompt:
+    """The prompt of a ``prompt`` artefact, checked against ``base`` and the hidden size."""
+    if art.kind != "prompt":
+        raise UsageError(f"{art.name!r} is a {art.kind}, not a prompt")
+    if art.base_id != base.id:
+        raise UsageError(f"prompt {art.name!r} was learned for another base, not {base.name!r}")
+    folder = reg.materialize(art)
+    return load_prompt(folder / PROMPT_FILE, expected_base=_base_label(base),
+                       expected_hidden=expected_hidden)
+
+
+def _load_target(reg: Registry, base: BaseModel, variant: Variant | None, device: str | None):
+    from ..models.stack import StackSpec, load_stack
+
+    return load_stack(reg, StackSpec(base=base, variant=variant), device)
+
+
+# ---------------------------------------------------------------------------------------
+# learn
+
+
+def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "builtin:pydoc",
+                          tokens: int = DEFAULT_TOKENS, init: str = "vocab-sample",
+                          steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+                          batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,
+                          eval_tokens: int | None = None, checkpoint_every: int = 0, seed: int = 0,
+                          name: str | None = None, device: str | None = "cpu", resume: bool = False,
+                          progress: Progress | None = None) -> tuple[Artifact, dict]:
+    """Learn a soft prompt on a variant (or base) and register it as a ``prompt`` artefact.
+
+    Training: ``tokens`` embeddings initialised by ``init`` (``vocab-sample`` or
+    ``text:<string>``), AdamW at ``lr`` with no weight decay (the paper's Trainer default),
+    ``steps`` steps of ``batch_size`` × ``seq_len`` token chunks of ``data``'s train split,
+    through ``adapt.loop.train`` with checkpoints (every ``checkpoint_every`` steps, at the
+    end, on Ctrl-C) in the registry cache; ``resume`` continues from them. Before/after
+    perplexity on ``data``'s test split (at most ``eval_tokens`` tokens) is recorded as
+    evaluations and returned in the report. Nothing is registered on error.
+    """
+    from ..evals.ops import record_evaluations
+    from ..models.loading import resolve_device
+    from ..models.stack import StackSpec
+    from ..registry.artifacts import name_taken, register_artifact, unique_name
+    from ..registry.runs import record_run
+    from .loop import TrainConfig, train
+
+    base, variant = _resolve_target(reg, variant_ref)
+    context = _context(base)
+    _check_tokens(tokens, context, seq_len)
+    if not (init == "vocab-sample" or init.startswith("text:")):
+        raise UsageError(f"unknown --init {init!r} (choose 'vocab-sample' or 'text:<string>')")
+    if eval_tokens is not None and eval_tokens < 2:
+        raise UsageError("--eval-tokens must be at least 2")
+    train_set = load_dataset(data, "train")
+    test_set = load_dataset(data, "test")
+    if name is not None and name_taken(reg, name):
+        raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    target = variant or base
+    ckpt_dir = _checkpoint_dir(reg, target.id, data, name)
+    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, batch_size=batch_size, seq_len=seq_len,
+                         seed=seed, device=str(resolve_device(device)), checkpoint_every=checkpoint_every,
+                         checkpoint_dir=str(ckpt_dir))
+    config.validate()
+    max_length, stride = eval_window(context, tokens)
+    params = dict(variant=variant_ref, data=data, tokens=tokens, init=init, steps=steps, lr=lr,
+                  batch_size=batch_size, seq_len=seq_len, eval_tokens=eval_tokens,
+                  checkpoint_every=checkpoint_every, seed=seed, name=name, device=device, resume=resume)
+
+    with record_run(reg, "prompt learn", params) as run:
+        model, tokenizer = _load_target(reg, base, variant, device)
+        test_texts = test_set.as_texts()
+        before = perplexity(model, tokenizer, test_texts, max_length=max_length, stride=stride,
+                            max_tokens=eval_tokens, progress=progress)
+
+        def train_fn(module, named, loss_fn, batches, cfg):
+            fingerprint = {"target": target.id, "data": data, "tokens": tokens, "init": init}
+            return train(module, named, loss_fn, batches, cfg, progress=progress, resume=resume,
+                         fingerprint=fingerprint)
+
+        prompt, result = learn_prompt(model, tokenizer, train_set, tokens, init, config,
+                                      seq_len=seq_len, batch_size=batch_size,
+                                      max_batches=max(1, steps), seed=seed, base=_base_label(base),
+                                      learned_on=target.name, train_fn=train_fn)
+        prompted = PromptedModel(model, prompt, freeze_inner=False)
+        after = perplexity(prompted, tokenizer, test_texts, max_length=max_length, stride=stride,
+                           max_tokens=eval_tokens, progress=progress)
+
+        art_config = {"num_virtual_tokens": prompt.num_virtual_tokens, "hidden_size": prompt.hidden_size,
+                      "base": _base_label(base), "learned_on": target.name,
+                      "learned_on_kind": "variant" if variant else "base", "init": init,
+                      "data": data, "steps": steps, "lr": lr, "batch_size": batch_size,
+                      "seq_len": seq_len, "seed": seed, "weight_decay": config.weight_decay}
+        metrics = {"test_perplexity_before": before["perplexity"],
+                   "test_perplexity_after": after["perplexity"], "eval_tokens": before["tokens"],
+                   "eval_max_length": max_length, "eval_stride": stride,
+                   "final_loss": result.final_loss, "first_loss": result.losses[0] if result.losses else None,
+                   "train_tokens_per_s": result.tokens_per_s, "train_wall_s": result.wall_s,
+                   "resumed_from": result.resumed_from}
+        art_name = name or unique_name(reg, f"prompt-{target.name.replace(':', '-')}-k{tokens}")
+        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+            folder = Path(tmp) / "prompt"
+            folder.mkdir()
+            save_prompt(prompt, folder / PROMPT_FILE)
+            (folder / CONFIG_FILE).write_text(json.dumps(art_config, indent=2, sort_keys=True))
+            art = register_artifact(reg, kind="prompt", name=art_name, base_id=base.id, folder=folder,
+                                    variant_id=variant.id if variant else None, source=f"learned:{data}",
+                                    config=art_config, metrics=metrics, parents=[(target, "learned-on")],
+                                    run_id=run.id)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the artefact is complete; the checkpoint is spent
+        split = "test"
+        record_evaluations(reg, StackSpec(base=base, variant=variant), data, split,
+                           {"perplexity": before["perplexity"], "_details": {"perplexity": before}}, run.id)
+        record_evaluations(reg, StackSpec(base=base, variant=variant, prompt=art), data, split,
+                           {"perplexity": after["perplexity"], "_details": {"perplexity": after}}, run.id)
+        report = {"name": art.name, "id": art.id, "learned_on": target.name, "tokens": tokens,
+                  "steps": steps, "data": data, "perplexity_before": before["perplexity"],
+                  "perplexity_after": after["perplexity"], "eval_tokens": before["tokens"],
+                  "first_loss": metrics["first_loss"], "final_loss": result.final_loss,
+                  "train_wall_s": result.wall_s, "resumed_from": result.resumed_from}
+        run.output = report
+    return art, report
+
+
+# ---------------------------------------------------------------------------------------
+# attach
+
+
+def attach_prompt(reg: Registry, spec, model, device=None):
+    """``model`` (plain or PEFT, base or variant) wrapped in ``PromptedModel`` with the stack's prompt.
+
+    A prompt learned for another base, or of another hidden size, is a UsageError; so is
+    one too long for the model's context.
+    """
+    embed = model.get_input_embeddings()
+    hidden = embed.weight.shape[1] if embed is not None else None
+    prompt = read_prompt_artifact(reg, spec.prompt, spec.base, expected_hidden=hidden)
+    wrapped = PromptedModel(model, prompt, freeze_inner=False)
+    wrapped.eval()
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------
+# transfer
+
+
+def prompt_transfer(reg: Registry, prompts: Sequence[str], variants: Sequence[str], data: str,
+                    split: str = "test", plot: str | Path | None = None, max_tokens: int | None = None,
+                    device: str | None = "cpu", progress: Progress | None = None) -> dict:
+    """Perplexity of every prompt on every variant (and of each variant without a prompt).
+
+    Rows: ``no prompt`` then the prompts (where they were learned); columns: the variants
+    (a base may be named too). Models are loaded one at a time. Each cell is recorded as
+    an evaluation. With ``plot`` a heat map PNG is written there. Returns the matrix dict of
+    ``prompt_transfer.transfer_matrix`` plus ``learned_on`` per row and ``plot``.
+    """
+    from ..evals.ops import record_evaluations
+    from ..models.stack import StackSpec
+    from ..registry.runs import record_run
+    from .prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
+
+    prompts, variants = [p for p in prompts if p], [v for v in variants if v]
+    if not prompts:
+        raise UsageError("give at least one prompt (--prompts P1,P2,…)")
+    if not variants:
+        raise UsageError("give at least one variant (--variants V1,V2,…)")
+    if len(set(prompts)) != len(prompts) or len(set(variants)) != len(variants):
+        raise UsageError("a prompt or variant is named twice")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError("--max-tokens must be at least 2")
+    targets = [_resolve_target(reg, v) for v in variants]
+    base = targets[0][0]
+    for b, v in targets:
+        if b.id != base.id:
+            raise UsageError(f"{(v or b).name!r} belongs to base {b.name!r}, not {base.name!r}")
+    with reg.session() as s:
+        arts = [reg.resolve(s, p, "artifact") for p in prompts]
+    loaded = {a.name: read_prompt_artifact(reg, a, base, _hidden(base)) for a in arts}
+    context = _context(base)
+    longest = max(p.num_virtual_tokens for p in loaded.values())
+    if context is not None and longest >= context:
+        raise UsageError(f"a {longest}-token prompt does not fit the model's context of {context}")
+    max_length, stride = eval_window(context, longest)
+    texts = load_dataset(data, split).as_texts()
+    if plot is not None and Path(plot).suffix.lower() != ".png":
+        raise UsageError("--plot must name a .png file")
+
+    params = dict(prompts=list(prompts), variants=list(variants), data=data, split=split,
+                  max_tokens=max_tokens, plot=str(plot) if plot else None, device=device)
+    with record_run(reg, "prompt transfer", params) as run:
+        columns: list[str] = []
+        values: list[list[float]] = [[] for _ in range(len(loaded) + 1)]
+        tokens = None
+        total, done = len(targets) * (len(loaded) + 1), 0
+        for b, v in targets:
+            model, tokenizer = _load_target(reg, b, v, device)
+            column_name = (v or b).name
+
+            def column_progress(desc, completed, count, _done=done):
+                if progress:
+                    progress("prompt transfer", _done + completed, total)
+
+            part = transfer_matrix(loaded, {column_name: model}, tokenizer, texts, max_tokens=max_tokens,
+                                   max_length=max_length, stride=stride, progress=column_progress)
+            done += len(part["rows"])
+            columns.append(column_name)
+            for i, line in enumerate(part["values"]):
+                values[i].append(line[0])
+            tokens = part["tokens"]
+            del model
+        rows = [NO_PROMPT, *loaded]
+        matrix = {"rows": rows, "columns": columns, "values": values, "metric": "perplexity",
+                  "max_length": max_length, "stride": stride, "tokens": tokens, "data": data, "split": split,
+                  "learned_on": [None] + [p.learned_on for p in loaded.values()]}
+        by_name = {a.name: a for a in arts}
+        for (b, v), j in zip(targets, range(len(columns))):
+            for i, row in enumerate(rows):
+                spec = StackSpec(base=b, variant=v, prompt=by_name.get(row))
+                value = values[i][j]
+                record_evaluations(reg, spec, data, split, {"perplexity": value, "_details": {"perplexity": {
+                    "perplexity": value, "tokens": tokens, "max_length": max_length, "stride": stride}}},
+                    run.id)
+        if plot is not None:
+            plot_transfer(matrix, plot, title=f"Soft-prompt transfer: perplexity on {data} {split}")
+        matrix["plot"] = str(plot) if plot is not None else None
+        run.output = {"rows": rows, "columns": columns,
+                      "values": [[None if not math.isfinite(x) else x for x in line] for line in values],
+                      "plot": matrix["plot"]}
+    return matrix
