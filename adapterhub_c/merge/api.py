@@ -30,7 +30,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
                    density: float | None = None, majority: str = "total", convention: str = "peft",
                    seed: int = 0, names: Sequence[str] | None = None,
                    digests: Sequence[str | None] | None = None, progress: Progress | None = None,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergeResult:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, elections: dict | None = None) -> MergeResult:
     """Merge N LoRA adapters of one base into one LoRA adapter.
 
     method: ``task-arithmetic`` | ``ties`` | ``dare-linear`` | ``dare-ties``;
@@ -42,7 +42,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     names/digests: how the inputs are named in the YAML config. Runs on the device of
     the inputs, in float32 (float64 if an input is), and stores the result in the
     first input's dtype. Modules adapted by only some inputs count as ΔW = 0 elsewhere.
-    Raises UsageError on bad input.
+    ``elections``: pre-elected TIES signs per module (factors space only; see
+    :func:`adapterhub_c.merge.registry_ops.popcount_elections`). Raises UsageError on bad input.
     """
     started = time.perf_counter()
     adapters = list(adapters)
@@ -52,10 +53,12 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     check_inputs(adapters, names)
     modules = module_inputs(adapters, names)
     device, dtype, out_dtype = input_device(adapters), compute_dtype(adapters), output_dtype(adapters)
+    if elections is not None and spec.space != "factors":
+        raise UsageError("pre-elected signs apply to space=factors only")
     if spec.space == "delta":
         layers = merge_delta(modules, spec, device, dtype, out_dtype, progress, chunk_bytes)
     else:
-        layers = merge_factors(modules, spec, names, device, dtype, out_dtype, progress, chunk_bytes)
+        layers = merge_factors(modules, spec, names, device, dtype, out_dtype, progress, chunk_bytes, elections)
     adapter = LoraAdapter.from_layers(layers, output_base_config(adapters))
     if digests is None:
         digests = [None] * len(adapters)

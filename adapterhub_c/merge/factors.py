@@ -32,10 +32,26 @@ def check_equal_ranks(modules: list[ModuleInputs], names: list[str], what: str =
     return next(iter(ranks))
 
 
+def factor_weights(weights, modules: list[ModuleInputs], dtype: torch.dtype,
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input and module the weights (w_A, w_B) [N, C] put on A and B: w·scale split as
+    √|w·s| on B and sign(w·s)·√|w·s| on A (0 where an input lacks the module)."""
+    ws = torch.tensor([[w * (layer.scale if layer is not None else 0.0)
+                        for w, layer in zip(weights, m.layers)] for m in modules],
+                      dtype=dtype, device=device).T  # [N, C]
+    w_B = ws.abs().sqrt()
+    return ws.sign() * w_B, w_B
+
+
 def merge_factors(modules: list[ModuleInputs], spec: MergeSpec, names: list[str], device: torch.device,
                   dtype: torch.dtype, out_dtype: torch.dtype, progress: Progress | None = None,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, LoraLayer]:
-    """Merge the A and B factors separately; returns {module: LoraLayer(scale=1)}."""
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  elections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, LoraLayer]:
+    """Merge the A and B factors separately; returns {module: LoraLayer(scale=1)}.
+
+    ``elections``: {module: (elected sign of A, of B)} computed elsewhere (the popcount
+    path over packs); the TIES vote is then skipped for those modules.
+    """
     r = check_equal_ranks(modules, names)
     if spec.rank is not None and spec.rank != r:
         raise UsageError(f"space=factors keeps the input rank {r}; rank={spec.rank} needs space=delta")
@@ -46,11 +62,7 @@ def merge_factors(modules: list[ModuleInputs], spec: MergeSpec, names: list[str]
                                cost=lambda m: n * r * (m.out_features + m.in_features) * elem,
                                budget=chunk_bytes):
         out_f, in_f = chunk[0].out_features, chunk[0].in_features
-        ws = torch.tensor([[w * (layer.scale if layer is not None else 0.0)
-                            for w, layer in zip(spec.weights, m.layers)] for m in chunk],
-                          dtype=dtype, device=device).T  # [N, C]
-        w_B = ws.abs().sqrt()
-        w_A = ws.sign() * w_B
+        w_A, w_B = factor_weights(spec.weights, chunk, dtype, device)
         A = torch.stack([stack_padded(m.layers, "A", r, in_f, dtype, device) for m in chunk], 1)
         B = torch.stack([stack_padded(m.layers, "B", r, out_f, dtype, device) for m in chunk], 1)
         keep_A = keep_B = None
@@ -59,8 +71,12 @@ def merge_factors(modules: list[ModuleInputs], spec: MergeSpec, names: list[str]
                                     [module_seed(spec.seed, m.name, "A") for m in chunk], device)
             keep_B = dare_keep_mask(n, out_f, r, spec.density,
                                     [module_seed(spec.seed, m.name, "B") for m in chunk], device)
-        A_m = merge_dense(A, w_A, spec.method, spec.density, spec.majority, spec.convention, keep_A)
-        B_m = merge_dense(B, w_B, spec.method, spec.density, spec.majority, spec.convention, keep_B)
+        el_A = el_B = None
+        if elections is not None and spec.uses_sign_election:
+            el_A = torch.stack([elections[m.name][0] for m in chunk])
+            el_B = torch.stack([elections[m.name][1] for m in chunk])
+        A_m = merge_dense(A, w_A, spec.method, spec.density, spec.majority, spec.convention, keep_A, el_A)
+        B_m = merge_dense(B, w_B, spec.method, spec.density, spec.majority, spec.convention, keep_B, el_B)
         for i, m in enumerate(chunk):
             out[m.name] = LoraLayer(A=A_m[i].to(out_dtype).contiguous(), B=B_m[i].to(out_dtype).contiguous(),
                                     scale=1.0)

@@ -61,21 +61,34 @@ def dare(tau: torch.Tensor, keep: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep, tau / density, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 
+def elected_signs(tau: torch.Tensor, weights: torch.Tensor, majority: str = "total",
+                  convention: str = "peft") -> torch.Tensor:
+    """The TIES elected sign (+1/-1, a tie elects +1) per entry of stacked τ [N, …] → […]."""
+    voters = tau if convention == "peft" else tau * _bcast(weights, tau)
+    vote = voters.sum(0) if majority == "total" else voters.sign().sum(0)
+    return torch.where(vote >= 0, 1.0, -1.0).to(tau.dtype)
+
+
 def elect_and_merge(tau: torch.Tensor, weights: torch.Tensor, majority: str = "total",
-                    convention: str = "peft") -> torch.Tensor:
+                    convention: str = "peft", elected: torch.Tensor | None = None) -> torch.Tensor:
     """TIES sign election and disjoint merge of (already trimmed) task vectors.
 
     ``peft``: elect on the unweighted τ, result = Σ w_i τ_i [agree] / #agree.
     ``mergekit``: elect on w_i τ_i, result = Σ w_i τ_i [agree] / Σ w_i [agree].
     ``majority``: ``total`` = sign of the sum, ``frequency`` = sign of the count; ties → +.
-    Zero entries have no sign: they neither vote by count nor agree.
+    Zero entries have no sign: they neither vote by count nor agree. ``elected`` (+1/-1
+    per entry, as :func:`elected_signs` gives) skips the vote: the popcount election over
+    packs (:mod:`adapterhub_c.merge.registry_ops`) passes it where it is exact.
     """
     w = _bcast(weights, tau)
     wtau = tau * w
     voters = tau if convention == "peft" else wtau
     sign = voters.sign()
-    vote = voters.sum(0) if majority == "total" else sign.sum(0)
-    elected = torch.where(vote >= 0, 1.0, -1.0).to(tau.dtype)
+    if elected is None:
+        vote = voters.sum(0) if majority == "total" else sign.sum(0)
+        elected = torch.where(vote >= 0, 1.0, -1.0).to(tau.dtype)
+    else:
+        elected = elected.to(device=tau.device, dtype=tau.dtype)
     agree = sign == elected
     total = torch.where(agree, wtau, torch.zeros((), dtype=tau.dtype, device=tau.device)).sum(0)
     if convention == "peft":
@@ -87,20 +100,22 @@ def elect_and_merge(tau: torch.Tensor, weights: torch.Tensor, majority: str = "t
 
 
 def merge_dense(tau: torch.Tensor, weights: torch.Tensor, method: str, density: float | None,
-                majority: str, convention: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+                majority: str, convention: str, keep: torch.Tensor | None = None,
+                elected: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``method`` to stacked task vectors τ [N, *batch, rows, cols] → [*batch, rows, cols].
 
-    ``keep`` is the DARE keep mask (required for the dare methods).
+    ``keep`` is the DARE keep mask (required for the dare methods); ``elected`` an
+    already elected TIES sign [*batch, rows, cols] (see :func:`elect_and_merge`).
     """
     if method == "task-arithmetic":
         return weighted_sum(tau, weights)
     if method == "ties":
-        return elect_and_merge(trim_magnitude(tau, density), weights, majority, convention)
+        return elect_and_merge(trim_magnitude(tau, density), weights, majority, convention, elected)
     if keep is None:
         raise ValueError("DARE needs a keep mask")
     dropped = dare(tau, keep, density)
     if method == "dare-linear":
         return weighted_sum(dropped, weights)
     if method == "dare-ties":
-        return elect_and_merge(dropped, weights, majority, convention)
+        return elect_and_merge(dropped, weights, majority, convention, elected)
     raise ValueError(f"unknown method {method}")

@@ -1,0 +1,530 @@
+"""Registry operations: merge and compose registered adapter artefacts (``adapt merge`` / ``compose``).
+
+Inputs are any adapter artefacts (``lora``, ``recovered-lora`` without recovery modules,
+``merged``, ``composed``, ``pack``). Packs are read once and decoded once, on the merge
+device (the bitmask decode kernel on CUDA, its twin on CPU), and their bit planes are
+kept for the popcount sign election.
+
+Popcount sign election (TIES over packs). A ComPEFT pack stores every factor tensor as
+``c · T`` (T ternary, one magnitude c per tensor: per input with ``scope=global``, per
+tensor with ``scope=tensor``). In factor space, TIES on such tensors is:
+
+- trim: a no-op, as long as ``int(density·numel) >= 1`` for every factor matrix (every
+  non-zero has the same magnitude, so the k-th largest is c or 0 and ``|x| >= kth``
+  keeps all non-zeros);
+- elect: the vote of input i at an entry is ``v_i · T_i`` (``v_i = c_i`` under the peft
+  convention, ``c_i·w_i`` under mergekit's). With ``majority=frequency`` the dense vote
+  is the integer Σ sign(v_i)·T_i: exactly what ``kernels.elect_signs`` counts on the bit
+  planes. With ``majority=total`` the same count gives the same sign when every voting
+  input has the same |v_i| and at most 5 inputs vote: then the float partial sums of the
+  dense path are ±c, ±2c, 0 wherever the exact sum is 0, all exact, and a non-zero sum
+  cannot change sign by rounding (6 voters could reach a rounded ±3c before coming back).
+
+Where these hold (and the inputs are all packs, method ``ties``, space ``factors``),
+the vote runs on the bit planes and the disjoint mean is the dense path's own code, so
+the merged tensors are bit-identical (tests/test_merge_ops.py checks it). Elsewhere
+(delta space: B·A is not ternary; DARE-TIES: random drops; unequal magnitudes with
+``total``) the dense vote runs, and the report says why.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..adapters.load import ADAPTER_KINDS, PACK_KINDS, load_adapter_artifact
+from ..adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter
+from ..errors import UsageError
+from ..registry.artifacts import name_taken, register_artifact, unique_name
+from ..registry.models import Artifact, BaseModel, Variant
+from ..registry.runs import record_run
+from ..registry.store import Registry
+from .api import merge_adapters
+from .factors import factor_weights
+from .inputs import check_inputs, compute_dtype, input_names, module_inputs
+from .spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml, parse_merge_config, spec_dict
+
+Progress = Callable[[str, int, "int | None"], None]
+MERGE_CONFIG_FILE = "merge_config.yaml"
+COMPOSE_CONFIG_FILE = "compose_config.json"
+ELECTIONS = ("auto", "popcount", "dense")
+MAX_TOTAL_VOTERS = 5
+DEFAULT_SHOTS = 5
+
+
+@dataclass
+class PackPlanes:
+    """One packed factor tensor as bit planes on the merge device."""
+
+    pos: torch.Tensor     # int32 words, bit set where T = +1
+    neg: torch.Tensor     # int32 words, bit set where T = -1
+    numel: int
+    shape: tuple[int, ...]
+    scale: float
+    dtype: torch.dtype    # dtype of the decoded tensor (the source adapter's)
+
+
+@dataclass
+class MergeInput:
+    """A resolved input: its row, its LoRA on the device, and for packs the bit planes."""
+
+    art: Artifact
+    adapter: LoraAdapter
+    digest: str | None
+    planes: dict[str, PackPlanes] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Election:
+    """How TIES signs were elected: ``popcount`` (bit planes) or ``dense``, and why."""
+
+    method: str
+    reason: str
+    signs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+
+# ---- resolving and loading inputs ---------------------------------------------------------
+def resolve_inputs(reg: Registry, refs: Sequence[str], *, at_least: int = 2) -> tuple[list[Artifact], BaseModel,
+                                                                                     Variant | None]:
+    """Artefact rows for ``refs`` (adapters of one base); the base; the shared variant or None."""
+    refs = list(refs)
+    if len(refs) < at_least:
+        raise UsageError(f"give at least {at_least} adapters (got {len(refs)})")
+    with reg.session() as s:
+        arts = [reg.resolve(s, ref, "artifact") for ref in refs]
+        for art in arts:
+            if art.kind not in ADAPTER_KINDS:
+                raise UsageError(f"{art.name!r} is a {art.kind}, not an adapter")
+        bases = {art.base_id for art in arts}
+        if len(bases) > 1:
+            other = next(a for a in arts if a.base_id != arts[0].base_id)
+            b0, b1 = s.get(BaseModel, arts[0].base_id), s.get(BaseModel, other.base_id)
+            raise UsageError(f"adapters are for different bases: {arts[0].name!r} is for {b0.name!r}, "
+                             f"{other.name!r} is for {b1.name!r}")
+        base = s.get(BaseModel, arts[0].base_id)
+        variants = {art.variant_id for art in arts}
+        variant = s.get(Variant, arts[0].variant_id) if len(variants) == 1 and arts[0].variant_id else None
+        return arts, base, variant
+
+
+def _device(device: str | None) -> torch.device:
+    from ..models.loading import resolve_device
+
+    return resolve_device(device)
+
+
+def find_pack_file(folder: Path, files: Sequence[str]) -> Path:
+    """The pack file among an artefact's files (the one whose safetensors metadata says so)."""
+    from ..pack.format import KIND
+
+    for name in sorted(files):
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    continue
+                meta = json.loads(f.read(n)).get("__metadata__") or {}
+        except (OSError, struct.error, ValueError, AttributeError):
+            continue
+        if meta.get("kind") == KIND:
+            return path
+    raise UsageError(f"no pack file among {sorted(files)}")
+
+
+def _planes_of(tensor, encoded, device) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import planes_to_torch
+    from ..pack.encoding import encode
+
+    data = encoded.data if encoded.encoding == "bitmask" else \
+        encode(tensor.indices, tensor.negative, tensor.numel, "bitmask").data
+    return planes_to_torch(data["pos"], data["neg"], device)
+
+
+def load_pack_input(path: Path, device: torch.device) -> tuple[LoraAdapter, dict[str, PackPlanes]]:
+    """Read a pack file once; decode every tensor on ``device`` from its bit planes.
+
+    The decoded values are ``float32(T)·float32(scale)`` rounded once to the source dtype,
+    exactly what :func:`adapterhub_c.pack.format.unpack_to_adapter` gives.
+    """
+    from ..adapters.lora import check_lora_config
+    from ..kernels import bitmask_decode
+    from ..pack.format import read_pack
+    from ..pack.ternary import dtype_from_name
+
+    pack = read_pack(path)
+    if getattr(pack, "has_recovery", False):
+        raise UsageError(f"{path.name}: the pack carries recovery modules, which are non-linear and "
+                         f"cannot be merged or composed")
+    config = dict(pack.adapter_config)
+    check_lora_config(config, str(path))
+    tensors, planes = {}, {}
+    for name, t in pack.tensors.items():
+        dtype = dtype_from_name(t.dtype)
+        pos, neg = _planes_of(t, pack.encoded[name], device)
+        if dtype == torch.float64:
+            dense = t.to_dense().to(device)
+        else:
+            dense = bitmask_decode(pos, neg, t.numel, t.scale, dtype).reshape(t.shape)
+        tensors[name] = dense
+        planes[name] = PackPlanes(pos, neg, t.numel, tuple(t.shape), float(t.scale), dtype)
+    tensors.update({k: v.to(device) for k, v in pack.raw.items()})
+    return LoraAdapter(config=config, tensors=tensors), planes
+
+
+def load_inputs(reg: Registry, arts: Sequence[Artifact], device: torch.device,
+                progress: Progress | None = None) -> list[MergeInput]:
+    """Every input once, on ``device``; an artefact named twice is read once."""
+    cache: dict[str, MergeInput] = {}
+    out = []
+    for i, art in enumerate(arts):
+        if art.id not in cache:
+            t0 = time.perf_counter()
+            if art.kind in PACK_KINDS:
+                folder = reg.materialize(art)
+                path = find_pack_file(folder, list(art.files))
+                adapter, planes = load_pack_input(path, device)
+                digest = art.files.get(path.name)
+            else:
+                loaded = load_adapter_artifact(reg, art)
+                if loaded.recovery_state is not None:
+                    raise UsageError(f"{art.name!r} has recovery modules, which are non-linear and cannot be "
+                                     f"merged or composed")
+                adapter = LoraAdapter(loaded.lora.config, {k: v.to(device) for k, v in loaded.lora.tensors.items()})
+                planes, digest = None, art.files.get(WEIGHTS_NAME)
+            cache[art.id] = MergeInput(art, adapter, digest, planes, time.perf_counter() - t0)
+        out.append(cache[art.id])
+        if progress:
+            progress("reading inputs", i + 1, len(arts))
+    return out
+
+
+# ---- popcount sign election ----------------------------------------------------------------
+def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Sequence[str] | None = None,
+                       *, impl: str = "auto") -> Election:
+    """Elect TIES signs on the packs' bit planes where that equals the dense vote exactly.
+
+    Returns ``Election("popcount", …, signs={module: (sign_A, sign_B)})`` or
+    ``Election("dense", reason)`` when any condition of the module docstring fails.
+    """
+    from ..kernels import elect_signs, unpack_bits
+
+    t0 = time.perf_counter()
+    if spec.method != "ties":
+        return Election("dense", f"{spec.method} is not TIES" if not spec.uses_sign_election
+                        else "dare-ties drops entries at random before the vote")
+    if spec.space != "factors":
+        return Election("dense", "in delta space ΔW = B·A is not ternary")
+    if any(x.planes is None for x in inputs):
+        return Election("dense", "not every input is a pack")
+    adapters = [x.adapter for x in inputs]
+    names = input_names(adapters, names)
+    check_inputs(adapters, names)
+    modules = module_inputs(adapters, names)
+    dtype = compute_dtype(adapters)
+    device = next(iter(inputs[0].planes.values())).pos.device
+    signs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for m in modules:
+        w_A, w_B = factor_weights(spec.weights, [m], dtype, device)
+        pair = []
+        for factor, w in (("A", w_A[:, 0]), ("B", w_B[:, 0])):
+            key = f"{PREFIX}{m.name}.lora_{factor}.weight"
+            planes = [x.planes.get(key) if layer is not None else None for x, layer in zip(inputs, m.layers)]
+            shape = next(p.shape for p in planes if p is not None)
+            numel = int(np.prod(shape))
+            if spec.density is not None and int(spec.density * numel) < 1:
+                return Election("dense", f"density {spec.density} keeps no entry of {key}")
+            pos, neg, mags = [], [], []
+            for p, wi in zip(planes, w.tolist()):
+                if p is None:
+                    continue
+                # the voter magnitude exactly as the dense path computes it
+                value = torch.tensor(p.scale, dtype=torch.float32).to(p.dtype).to(dtype)
+                voter = value if spec.convention == "peft" else value * torch.tensor(wi, dtype=dtype)
+                if voter.item() == 0:
+                    continue
+                mags.append(abs(voter.item()))
+                flip = spec.convention == "mergekit" and wi < 0
+                pos.append(p.neg if flip else p.pos)
+                neg.append(p.pos if flip else p.neg)
+            if spec.majority == "total":
+                if len(set(mags)) > 1:
+                    return Election("dense", f"majority=total with unequal input magnitudes at {key} "
+                                             f"(use majority=frequency, or packs with equal scales)")
+                if len(mags) > MAX_TOTAL_VOTERS:
+                    return Election("dense", f"majority=total with more than {MAX_TOTAL_VOTERS} voters")
+            if not pos:
+                sign = torch.ones(shape, dtype=dtype, device=device)
+            else:
+                _, e_neg = elect_signs(torch.stack(pos), torch.stack(neg), numel, impl=impl)
+                # a tie (count 0) elects nothing in the kernel and + in the dense rule
+                sign = (1 - 2 * unpack_bits(e_neg, numel)).to(dtype).reshape(shape)
+            pair.append(sign)
+        signs[m.name] = (pair[0], pair[1])
+    return Election("popcount", f"factor-space TIES on packs, majority={spec.majority}", signs,
+                    time.perf_counter() - t0)
+
+
+# ---- merge -----------------------------------------------------------------------------------
+def _default_merge_name(reg: Registry, method: str, arts: Sequence[Artifact]) -> str:
+    stem = f"merge-{method}-" + "+".join(dict.fromkeys(a.name for a in arts))
+    return unique_name(reg, stem[:120])
+
+
+def _check_name(reg: Registry, name: str | None) -> None:
+    if name is not None:
+        if not name.strip():
+            raise UsageError("--name must not be empty")
+        if name_taken(reg, name):
+            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+
+
+def _parse_weights(weights) -> list[float] | None:
+    if weights is None or isinstance(weights, (list, tuple)):
+        return None if weights is None else [float(w) for w in weights]
+    try:
+        return [float(w) for w in str(weights).split(",")]
+    except ValueError:
+        raise UsageError(f"weights must be comma-separated numbers, got {weights!r}") from None
+
+
+def _yaml_refs(inputs: Sequence[MergeInput]) -> list[MergeInputRef]:
+    return [MergeInputRef(name=x.art.name, digest=x.digest, extra={"kind": x.art.kind, "id": x.art.id})
+            for x in inputs]
+
+
+def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = "auto",
+              progress: Progress | None = None):
+    """Merge loaded inputs by ``spec`` (popcount election where exact); (MergeResult, Election)."""
+    if election not in ELECTIONS:
+        raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
+    el = Election("dense", "asked for") if election == "dense" else popcount_elections(inputs, spec)
+    if election == "popcount" and el.method != "popcount":
+        raise UsageError(f"the popcount election is not exact here: {el.reason}")
+    refs = _yaml_refs(inputs)
+    result = merge_adapters([x.adapter for x in inputs], spec.method, weights=spec.weights, space=spec.space,
+                            rank=spec.rank, density=spec.density, majority=spec.majority,
+                            convention=spec.convention, seed=spec.seed, names=[r.name for r in refs],
+                            digests=[r.digest for r in refs], progress=progress, elections=el.signs)
+    result.config_yaml = merge_config_yaml(result.spec, refs)
+    return result, el
+
+
+def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=None, density: float | None = None,
+                    majority: str = "total", space: str = "delta", rank: int | None = None, seed: int = 0,
+                    convention: str = "peft", name: str | None = None, device: str | None = None,
+                    election: str = "auto", progress: Progress | None = None) -> tuple[Artifact, dict]:
+    """Merge registered adapters into a new ``merged`` artefact; returns (artefact, report).
+
+    ``refs``: two or more adapter artefacts of one base (LoRAs, converted LoRAs without
+    recovery, packs, merges, compositions); options as :func:`adapterhub_c.merge.merge_adapters`.
+    ``weights``: list or comma-separated string. The artefact is a PEFT folder plus
+    ``merge_config.yaml`` (replay it with :func:`replay_merge`), lineage ``merge-input`` to
+    every input; its variant is the inputs' if they all share one. ``election``: ``auto``
+    (popcount where exact), ``popcount`` (UsageError where not exact), ``dense``.
+    UsageError on bad input, before anything is registered.
+    """
+    arts, base, variant = resolve_inputs(reg, refs)
+    spec = make_spec(len(arts), method=method, weights=_parse_weights(weights), space=space, rank=rank,
+                     density=density, majority=majority, convention=convention, seed=seed)
+    if election not in ELECTIONS:
+        raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
+    _check_name(reg, name)
+    dev = _device(device)
+    t0 = time.perf_counter()
+    inputs = load_inputs(reg, arts, dev, progress)
+    read_s = time.perf_counter() - t0
+    # checks that need the tensors (ranks, shapes, configs) run before the run row is opened
+    adapters = [x.adapter for x in inputs]
+    names = [a.name for a in arts]
+    check_inputs(adapters, names)
+    modules = module_inputs(adapters, names)
+    if spec.space == "factors":
+        from .factors import check_equal_ranks
+
+        r = check_equal_ranks(modules, names)
+        if spec.rank is not None and spec.rank != r:
+            raise UsageError(f"space=factors keeps the input rank {r}; rank={spec.rank} needs space=delta")
+    params = dict(inputs=[a.name for a in arts], **spec_dict(spec), name=name, device=str(dev), election=election)
+    with record_run(reg, "merge", params) as run:
+        result, el = run_merge(inputs, spec, election=election, progress=progress)
+        out_name = name or _default_merge_name(reg, spec.method, arts)
+        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+            folder = Path(tmp) / "merged"
+            cpu = LoraAdapter(result.adapter.config, {k: v.detach().cpu() for k, v in result.adapter.tensors.items()})
+            cpu.to_folder(folder, extra_files={MERGE_CONFIG_FILE: result.config_yaml.encode()})
+            inputs_info = [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
+                           for x, w in zip(inputs, spec.weights)]
+            config = {"merge": spec_dict(spec), "inputs": inputs_info, "config_file": MERGE_CONFIG_FILE,
+                      "election": {"method": el.method, "reason": el.reason}}
+            ranks = sorted({layer.rank for layer in result.adapter.layers().values()})
+            metrics = {"merge_seconds": result.seconds, "read_seconds": read_s, "election_seconds": el.seconds,
+                       "modules": len(result.modules), "ranks": ranks,
+                       "parameters": result.adapter.num_parameters()}
+            parents, seen = [], set()
+            for a in arts:
+                if a.id not in seen:
+                    parents.append((a, "merge-input"))
+                    seen.add(a.id)
+            art = register_artifact(reg, kind="merged", name=out_name, base_id=base.id, folder=folder,
+                                    variant_id=variant.id if variant else None, source=f"merge:{spec.method}",
+                                    config=config, metrics=metrics, parents=parents, run_id=run.id)
+        report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": base.name,
+                  "variant": variant.name if variant else None, "method": spec.method, "space": spec.space,
+                  "inputs": inputs_info, "density": spec.density,
+                  "majority": spec.majority if spec.uses_sign_election else None,
+                  "convention": spec.convention if spec.uses_sign_election else None,
+                  "election": el.method, "election_reason": el.reason, "ranks": ranks,
+                  "parameters": metrics["parameters"], "size_bytes": art.size_bytes, "device": str(dev),
+                  "read_seconds": read_s, "merge_seconds": result.seconds, "run_id": run.id}
+        run.output = report
+        return art, report
+
+
+def replay_merge(reg: Registry, config_text: str, *, device: str | None = None, verify_digests: bool = True):
+    """Re-run a merge from its ``merge_config.yaml`` text; returns the MergeResult.
+
+    Inputs are looked up by the recorded id (else name); with ``verify_digests`` a
+    recorded digest that differs from the input's current weights is a UsageError.
+    """
+    spec, refs = parse_merge_config(config_text)
+    with reg.session() as s:
+        arts = [reg.resolve(s, str(r.extra.get("id") or r.name), "artifact") for r in refs]
+    inputs = load_inputs(reg, arts, _device(device))
+    if verify_digests:
+        for r, x in zip(refs, inputs):
+            if r.digest and x.digest != r.digest:
+                raise UsageError(f"input {r.name!r} has changed since the merge (digest {x.digest} != {r.digest})")
+    result, _ = run_merge(inputs, spec)
+    return result
+
+
+# ---- compose ---------------------------------------------------------------------------------
+def load_examples(examples: str, shots: int | None = None) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from a .jsonl file or ``builtin:task/<name>`` (its train split).
+
+    ``shots`` keeps the first N (default: all of a file, 5 of a built-in task).
+    UsageError when nothing usable is left.
+    """
+    from ..evals.data import load_dataset
+
+    if shots is not None and (isinstance(shots, bool) or int(shots) != shots or shots < 1):
+        raise UsageError(f"--shots must be a positive integer, got {shots!r}")
+    if examples.startswith("builtin:"):
+        if not examples.startswith("builtin:task/"):
+            raise UsageError(f"{examples}: composition needs prompt/completion examples (builtin:task/<name>)")
+        pairs = load_dataset(examples, "train").pairs[: shots or DEFAULT_SHOTS]
+    else:
+        path = Path(examples)
+        if path.suffix != ".jsonl":
+            raise UsageError(f"{examples}: examples must be a .jsonl file of prompt/completion lines")
+        if not path.is_file():
+            raise UsageError(f"examples file {examples!r} not found")
+        if not path.read_text(encoding="utf-8").strip():
+            raise UsageError(f"examples file {examples!r} has no usable example")
+        ds = load_dataset(examples, "train")
+        if not ds.pairs:
+            raise UsageError(f"{examples}: no prompt/completion example (lines need 'prompt' and 'completion')")
+        pairs = ds.pairs[:shots] if shots else ds.pairs
+    if not pairs:
+        raise UsageError(f"{examples}: no usable example")
+    return pairs
+
+
+def _parse_bounds(bounds) -> tuple[float, float]:
+    if isinstance(bounds, str):
+        try:
+            lo, hi = (float(x) for x in bounds.split(","))
+        except ValueError:
+            raise UsageError(f"bounds must be 'lower,upper', got {bounds!r}") from None
+        return lo, hi
+    lo, hi = bounds
+    return float(lo), float(hi)
+
+
+def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shots: int | None = None,
+                      budget: int = 40, bounds=(-1.5, 1.5), l1: float = 0.05, optimizer: str = "NGOpt",
+                      seed: int = 0, name: str | None = None, device: str | None = None, batch_size: int = 8,
+                      progress: Progress | None = None) -> tuple[Artifact, dict]:
+    """LoraHub-style composition of registered adapters on a few examples → ``composed`` artefact.
+
+    ``examples``: a .jsonl file of prompt/completion lines or ``builtin:task/<name>`` (train
+    split, first ``shots``). Loads the base (or the inputs' shared variant) once; the
+    weights, the optimizer chain nevergrad ran and the loss curve go into the run output
+    and the artefact's config (and ``compose_config.json`` in its folder). UsageError on
+    bad input, before anything is registered.
+    """
+    from ..models.loading import load_base_tokenizer
+    from ..models.stack import StackSpec, load_stack
+    from .completions import encode_examples
+    from .compose import _check_options, compose_adapters
+    from .factors import check_equal_ranks
+
+    arts, base, variant = resolve_inputs(reg, refs)
+    lo, hi = _parse_bounds(bounds)
+    _check_options(optimizer, budget, (lo, hi), l1)
+    _check_name(reg, name)
+    pairs = load_examples(examples, shots)
+    tokenizer = load_base_tokenizer(reg, base)
+    _, n_tokens = encode_examples(tokenizer, pairs, batch_size)  # UsageError if none is usable
+    dev = _device(device)
+    inputs = load_inputs(reg, arts, dev, progress)
+    adapters = [x.adapter for x in inputs]
+    names = [a.name for a in arts]
+    check_inputs(adapters, names)
+    check_equal_ranks(module_inputs(adapters, names), names, what="composition")
+    params = dict(inputs=names, examples=examples, shots=shots, n_examples=len(pairs), budget=budget,
+                  bounds=[lo, hi], l1=l1, optimizer=optimizer, seed=seed, name=name, device=str(dev))
+    with record_run(reg, "compose", params) as run:
+        t0 = time.perf_counter()
+        model, tokenizer = load_stack(reg, StackSpec(base=base, variant=variant), str(dev))
+        load_s = time.perf_counter() - t0
+        res = compose_adapters(adapters, model=model, tokenizer=tokenizer, examples=pairs, optimizer=optimizer,
+                               budget=budget, bounds=(lo, hi), l1=l1, seed=seed, batch_size=batch_size,
+                               names=names, progress=progress)
+        curve = [{k: c[k] for k in ("step", "loss", "objective", "best")} for c in res.curve]
+        summary = {"inputs": [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
+                              for x, w in zip(inputs, res.weights)],
+                   "weights": res.weights, "loss": res.loss, "objective": res.objective,
+                   "optimizer": res.optimizer, "optimizer_used": res.optimizer_used, "budget": budget,
+                   "bounds": [lo, hi], "l1": l1, "seed": seed, "examples": examples, "shots": shots,
+                   "n_examples": len(pairs), "completion_tokens": n_tokens, "curve": curve}
+        out_name = name or unique_name(reg, ("compose-" + "+".join(dict.fromkeys(names)))[:120])
+        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+            folder = Path(tmp) / "composed"
+            cpu = LoraAdapter(res.adapter.config, {k: v.detach().cpu() for k, v in res.adapter.tensors.items()})
+            cpu.to_folder(folder, extra_files={COMPOSE_CONFIG_FILE: (json.dumps(summary, indent=2) + "\n").encode()})
+            parents, seen = [], set()
+            for a in arts:
+                if a.id not in seen:
+                    parents.append((a, "compose-input"))
+                    seen.add(a.id)
+            seconds = res.seconds
+            metrics = {"loss": res.loss, "objective": res.objective, "compose_seconds": seconds,
+                       "load_seconds": load_s, "seconds_per_step": seconds / max(1, len(res.curve))}
+            art = register_artifact(reg, kind="composed", name=out_name, base_id=base.id, folder=folder,
+                                    variant_id=variant.id if variant else None, source="compose:lorahub",
+                                    config={**summary, "config_file": COMPOSE_CONFIG_FILE}, metrics=metrics,
+                                    parents=parents, run_id=run.id)
+        report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": base.name,
+                  "variant": variant.name if variant else None, **summary, **metrics, "device": str(dev),
+                  "run_id": run.id}
+        run.output = report
+        return art, report
+
+
+def summarize_curve(curve: Sequence[dict[str, Any]], points: int = 8) -> list[dict]:
+    """A few evenly spaced points of a loss curve (for tables)."""
+    if len(curve) <= points:
+        return list(curve)
+    idx = np.linspace(0, len(curve) - 1, points).round().astype(int)
+    return [curve[i] for i in sorted(set(idx.tolist()))]
