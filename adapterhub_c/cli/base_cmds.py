@@ -15,11 +15,21 @@ def base_group() -> None:
 @base_group.command("add")
 @click.argument("name")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--allow-pickle", is_flag=True, help="Hub repos: accept .bin weights (converted to safetensors).")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN); never stored or printed.")
 @click.pass_obj
-def base_add(obj, name: str, revision: str | None) -> None:
-    """Register a base model: builtin:smollm2-135m, builtin:tiny-llama (or a Hub repo)."""
+def base_add(obj, name: str, revision: str | None, allow_pickle: bool, token: str | None) -> None:
+    """Register a base model: builtin:smollm2-135m, builtin:tiny-llama, or a Hub repo REPO[@REV]."""
+    from ..models.builtin import builtin_for
+
     with progress_callback() as progress:
-        base, created = add_builtin_base(obj.registry, name, progress=progress)
+        if name.startswith("builtin:") or (builtin_for(name) is not None and not revision and "@" not in name):
+            base, created = add_builtin_base(obj.registry, name, progress=progress)
+        else:
+            from ..hub.ops import add_hub_base
+
+            base, created = add_hub_base(obj.registry, name, revision=revision, allow_pickle=allow_pickle,
+                                         token=token, progress=progress)
     click.echo(f"{'added' if created else 'already registered'}: {base.name} ({base.params:,} parameters, id {base.id[:8]})")
 
 

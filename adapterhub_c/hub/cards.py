@@ -49,12 +49,14 @@ def _json_block(obj: Any) -> str:
 
 def model_card(base_model: str, name: str, recipe: dict | None = None,
                lineage: Iterable[dict] | dict | None = None, metrics: dict | None = None,
-               extra_tags: Iterable[str] = ()) -> str:
+               extra_tags: Iterable[str] = (), peft_loadable: bool = True) -> str:
     """A README.md for an adapter of ``base_model``: YAML front matter then human sections.
 
     The front matter carries ``library_name: peft``, ``base_model``, ``base_model_relation:
     adapter`` and the tags ``lora``, ``adapterhub-c``, ``base_model:adapter:<base>`` so that
-    ``HfApi.list_models(filter="base_model:adapter:<base>")`` finds it.
+    ``HfApi.list_models(filter="base_model:adapter:<base>")`` finds it. With
+    ``peft_loadable=False`` (a repo holding only an adapterhub-c pack) the usage section says
+    how to decode it instead of showing PEFT code.
     """
     from huggingface_hub import ModelCardData
 
@@ -62,12 +64,17 @@ def model_card(base_model: str, name: str, recipe: dict | None = None,
     data = ModelCardData(library_name="peft", base_model=base_model,
                          tags=list(dict.fromkeys(tags)))
     data.base_model_relation = "adapter"
-    lines = [f"---\n{data.to_yaml()}\n---\n", f"# {name}\n",
-             f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), "
-             "made with adapterhub-c. It loads with plain PEFT:\n",
-             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-             f"base = AutoModelForCausalLM.from_pretrained({base_model!r})\n"
-             f"model = PeftModel.from_pretrained(base, {name!r})\n```\n"]
+    lines = [f"---\n{data.to_yaml()}\n---\n", f"# {name}\n"]
+    if peft_loadable:
+        lines += [f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), "
+                  "made with adapterhub-c. It loads with plain PEFT:\n",
+                  "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                  f"base = AutoModelForCausalLM.from_pretrained({base_model!r})\n"
+                  f"model = PeftModel.from_pretrained(base, {name!r})\n```\n"]
+    else:
+        lines += [f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}) "
+                  "stored as an adapterhub-c pack (ComPEFT: sparse ternary values and scales). "
+                  "Decode it with adapterhub-c (`adapt pack unpack`) into a PEFT folder.\n"]
     lines.append("## Variant recipe\n")
     lines.append(_json_block(recipe) if recipe else "Uncompressed base (no variant recipe).\n")
     lines.append("## Lineage\n")

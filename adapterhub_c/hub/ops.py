@@ -1,0 +1,663 @@
+"""Registry operations on the Hub: pull adapters, add Hub bases, search, push artefacts.
+
+The network side lives in :mod:`adapterhub_c.hub.client` (retries, offline mode, unsafe
+names, pickles); this module turns what it fetches into registry rows and back:
+
+- ``pull_adapter``: download → validate (LoRA config, safetensors header, shapes against
+  ``r`` / ``rank_pattern`` / ``target_modules`` and, when its weights are stored, the base)
+  → blobs → one ``lora`` artefact with source ``repo@sha``, linked to its base (a reference
+  row until its weights are fetched). The same repo@sha pulled again returns the existing row.
+- ``add_hub_base``: a base model's safetensors (and tokenizer) from the Hub, completing a
+  reference row left by a pull.
+- ``search_adapters_for``: ``list_models(filter="base_model:adapter:<base>")``, marking what
+  is already pulled.
+- ``push_artifact``: any adapter artefact as a PEFT folder + ``adapterhub_c.json`` + model
+  card, built deterministically so an unchanged artefact pushed again uploads nothing.
+
+Tokens are passed through to the client and nowhere else: never into runs, rows or messages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sqlalchemy import select
+
+from ..errors import AdaptError, IntegrityError, UsageError
+from ..registry.models import Artifact, BaseModel, Evaluation, Variant
+from ..registry.runs import record_run
+from ..registry.store import Registry
+from . import client
+
+Progress = Callable[[str, int, "int | None"], None]
+
+META_NAME = "adapterhub_c.json"
+CARD_NAME = "README.md"
+META_FORMAT = 1
+PUSH_FORMATS = ("peft", "pack", "both")
+ADAPTER_KINDS = ("lora", "recovered-lora", "merged", "composed", "pack")
+PULL_ROLE = "adapter-of"
+BASE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.bin"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern",
+                "bias", "modules_to_save", "base_model_name_or_path", "revision", "task_type")
+
+
+# ---- small helpers ------------------------------------------------------------------------
+def split_repo(repo: str, revision: str | None = None) -> tuple[str, str | None]:
+    """``"owner/name@rev"`` → (``owner/name``, ``rev``); ``revision`` must agree with ``@rev``."""
+    repo = (repo or "").strip()
+    repo_id, at, rev = repo.partition("@")
+    if not repo_id:
+        raise UsageError("give a hub repo id such as owner/name[@revision]")
+    if at and not rev:
+        raise UsageError(f"{repo!r}: empty revision after '@'")
+    if rev and revision and rev != revision:
+        raise UsageError(f"{repo!r} names revision {rev!r} but --revision says {revision!r}")
+    return repo_id, (rev or revision or None)
+
+
+def hub_label(base: BaseModel) -> str:
+    """The base's name on the Hub (its hub id; the registry name for bases that have none)."""
+    return base.hub_id or base.name
+
+
+def _as_list(patterns: str | Iterable[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    out = [patterns] if isinstance(patterns, str) else [p for p in patterns if p]
+    return out or None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _relabel(message: str, folder: Path, label: str) -> str:
+    return message.replace(str(folder), label)
+
+
+def _load_pickle_tensors(path: Path, what: str) -> dict:
+    """Tensors of a pickle file via torch's restricted ``weights_only`` loader (opt-in only)."""
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UsageError(f"{what}: cannot read pickle weights {path.name} with the safe loader "
+                         f"({reason})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{what}: {path.name} is not a flat dict of tensors")
+    # safetensors refuses shared storage; clone so tied tensors are written separately
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def _stage(src: Path, names: Iterable[str], dest: Path) -> None:
+    """Link ``names`` from ``src`` into ``dest`` (symlinks; the blob store copies content)."""
+    for rel in names:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink((src / rel).resolve(), target)
+
+
+# ---- base checks ----------------------------------------------------------------------------
+def _base_weight_shapes(reg: Registry, base: BaseModel) -> dict[str, list[int]]:
+    """{tensor name: shape} of a stored base, from its safetensors headers (no tensor loaded)."""
+    from .validate import check_safetensors_header
+
+    shapes: dict[str, list[int]] = {}
+    for rel, digest in sorted((base.files or {}).items()):
+        if rel.endswith(".safetensors"):
+            header = check_safetensors_header(reg.blobs.path_for(digest))
+            shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def check_adapter_against_base(reg: Registry, base: BaseModel, adapter, label: str) -> None:
+    """Every adapted module exists in the base with matching in/out features (stored bases only)."""
+    if base.is_reference:
+        return
+    shapes = _base_weight_shapes(reg, base)
+    if not shapes:
+        return
+    for module, layer in sorted(adapter.layers().items()):
+        key = f"{module}.weight"
+        if key not in shapes:
+            if module.endswith("lm_head") and base.config.get("tie_word_embeddings", False):
+                continue
+            raise IntegrityError(f"{label}: adapts module {module!r}, which base {base.name!r} "
+                                 "does not have (an adapter for another architecture?)")
+        shape = shapes[key]
+        want = [int(layer.B.shape[0]), int(layer.A.shape[-1])]
+        if len(shape) != 2 or list(shape) != want:
+            raise IntegrityError(f"{label}: module {module!r} is {want[0]}x{want[1]} in the adapter "
+                                 f"but {shape} in base {base.name!r}")
+
+
+def _find_or_reference_base(s, reg: Registry, base_name: str, revision: str | None,
+                            run_id: str | None) -> tuple[BaseModel, bool]:
+    """The base row an adapter names: an existing base (by name or hub id), or a new reference.
+
+    A name that is a built-in's hub id (or name) becomes a reference under the built-in's
+    name, so that ``adapt base add`` builds it offline and attaches it to the same row.
+    """
+    from ..models.builtin import builtin_for
+
+    base = reg.find_base(s, base_name)
+    builtin = builtin_for(base_name)
+    if base is None and builtin is not None:
+        base = reg.find_base(s, builtin.name)
+    if base is not None:
+        return base, False
+    if builtin is not None:
+        base = BaseModel(name=builtin.name, hub_id=builtin.hub_id, files={}, config={}, run_id=run_id)
+    else:
+        base = BaseModel(name=base_name, hub_id=base_name, revision=revision, files={}, config={},
+                         run_id=run_id)
+    s.add(base)
+    s.flush()
+    return base, True
+
+
+def _with_base_weights(reg: Registry, base_name: str, revision: str | None, allow_pickle: bool,
+                       token: str | None, endpoint: str | None, progress: Progress | None) -> BaseModel:
+    from ..models.builtin import builtin_for
+    from ..models.ops import add_builtin_base
+
+    builtin = builtin_for(base_name)
+    if builtin is not None:
+        return add_builtin_base(reg, builtin.name, progress=progress)[0]
+    return add_hub_base(reg, base_name, revision=revision, allow_pickle=allow_pickle, token=token,
+                        progress=progress, endpoint=endpoint)[0]
+
+
+# ---- pull -----------------------------------------------------------------------------------
+def _existing_pull(reg: Registry, repo_id: str, sha: str) -> Artifact | None:
+    with reg.session() as s:
+        return s.scalar(select(Artifact).where(Artifact.source == f"{repo_id}@{sha}",
+                                               Artifact.source_sha == sha).order_by(Artifact.created_at))
+
+
+def _default_pull_name(reg: Registry, repo_id: str, revision: str | None) -> str:
+    from ..registry.artifacts import unique_name
+
+    stem = repo_id if not revision or revision == "main" else f"{repo_id}@{revision}"
+    return unique_name(reg, stem)
+
+
+def _prepare_pulled_folder(got: client.DownloadedRepo, dest: Path, allow_pickle: bool,
+                           label: str) -> tuple[list[str], str | None]:
+    """Stage the downloaded files in ``dest``; with ``allow_pickle``, convert pickle weights.
+
+    Returns (staged names, the pickle file converted or None). Pickle files themselves are
+    never stored: only their safetensors conversion is.
+    """
+    from safetensors.torch import save_file
+
+    from ..adapters.lora import WEIGHTS_NAME
+    from .validate import PICKLE_WEIGHTS
+
+    names = [n for n in got.files if not n.lower().endswith(_PICKLE_SUFFIXES)]
+    converted = None
+    if WEIGHTS_NAME not in got.files:
+        pickles = [p for p in PICKLE_WEIGHTS if p in got.files]
+        if pickles and not allow_pickle:
+            raise UsageError(f"{label}: only pickle weights ({', '.join(pickles)}); pass "
+                             "--allow-pickle to convert them with the safe loader")
+        if pickles:
+            converted = pickles[0]
+            tensors = _load_pickle_tensors(got.path / converted, label)
+            save_file(tensors, str(dest / WEIGHTS_NAME), metadata={"format": "pt"})
+    _stage(got.path, names, dest)
+    staged = sorted(names + ([WEIGHTS_NAME] if converted else []))
+    return staged, converted
+
+
+def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
+                 include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
+                 name: str | None = None, allow_pickle: bool = False, token: str | None = None,
+                 with_base: bool = False, progress: Progress | None = None,
+                 endpoint: str | None = None) -> tuple[Artifact, bool]:
+    """Pull a LoRA from the Hub into the registry; returns (artefact, created now).
+
+    ``repo`` is ``owner/name[@revision]``. Nothing is registered unless the adapter passes
+    validation; DoRA and non-LoRA PEFT types are refused (UsageError). Its base (from
+    ``base_model_name_or_path``) is registered as a reference row, with weights only when
+    ``with_base``. Pulling a repo@sha already in the registry returns that artefact.
+    """
+    from ..adapters.lora import CONFIG_NAME
+    from .validate import validate_lora_folder
+
+    repo_id, revision = split_repo(repo, revision)
+    include, exclude = _as_list(include), _as_list(exclude)
+    if name is not None:
+        from ..registry.artifacts import name_taken
+
+        if not name.strip():
+            raise UsageError("--name must not be empty")
+        if name_taken(reg, name):
+            existing = reg.get(name, "artifact")
+            if existing.source_sha is None or not (existing.source or "").startswith(f"{repo_id}@"):
+                raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    got = client.download_repo(repo_id, revision=revision, include=include, exclude=exclude,
+                               allow_pickle=allow_pickle, token=token, endpoint=endpoint,
+                               progress=progress)
+    existing = _existing_pull(reg, repo_id, got.commit_sha)
+    if existing is not None:
+        return existing, False
+    if name is not None:
+        from ..registry.artifacts import name_taken
+
+        if name_taken(reg, name):
+            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    label = f"{repo_id}@{got.commit_sha[:12]}"
+    params = dict(repo=repo_id, revision=revision, include=include, exclude=exclude, name=name,
+                  allow_pickle=allow_pickle, with_base=with_base,
+                  endpoint=client.resolve_endpoint(endpoint))
+    with record_run(reg, "pull", params) as run, \
+            tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="pull-") as tmp:
+        staging = Path(tmp)
+        if CONFIG_NAME not in got.files:
+            raise UsageError(f"{label}: no {CONFIG_NAME}; not a PEFT adapter"
+                             + (" (or --include/--exclude left it out)" if include or exclude else ""))
+        staged, converted = _prepare_pulled_folder(got, staging, allow_pickle, label)
+        try:
+            adapter = validate_lora_folder(staging)
+        except IntegrityError as e:  # the repo's content is at fault: bad input, not a failure
+            raise UsageError(f"{label} is not a valid LoRA: {_relabel(str(e), staging, label)}") from None
+        except UsageError as e:
+            raise UsageError(_relabel(str(e), staging, label)) from None
+        base_name = adapter.config.get("base_model_name_or_path")
+        if not isinstance(base_name, str) or not base_name.strip():
+            raise UsageError(f"{label}: adapter_config.json does not name its base "
+                             "(base_model_name_or_path)")
+        base_rev = adapter.config.get("revision") or None
+        if with_base:
+            _with_base_weights(reg, base_name, base_rev, allow_pickle, token, endpoint, progress)
+        with reg.session() as s:
+            base = reg.find_base(s, base_name)
+        if base is not None:
+            try:
+                check_adapter_against_base(reg, base, adapter, label)
+            except IntegrityError as e:
+                raise UsageError(str(e)) from None
+        if progress is not None:
+            progress("storing blobs", 0, len(staged))
+        files = {rel: reg.blobs.put_file(staging / rel) for rel in staged}
+        size = sum(reg.blobs.path_for(d).stat().st_size for d in files.values())
+        config = {"hub": {"repo": repo_id, "revision": revision, "commit": got.commit_sha,
+                          "endpoint": client.resolve_endpoint(endpoint), "include": include,
+                          "exclude": exclude},
+                  "peft": {k: adapter.config[k] for k in _CONFIG_KEYS if k in adapter.config}}
+        if converted:
+            config["converted_from_pickle"] = converted
+        metrics = {"parameters": adapter.num_parameters(), "modules": len(adapter.layers())}
+        art_name = name or _default_pull_name(reg, repo_id, revision)
+        with reg.session() as s:
+            base, base_created = _find_or_reference_base(s, reg, base_name, base_rev, run.id)
+            if s.scalar(select(Artifact.id).where(Artifact.name == art_name)) is not None:
+                raise UsageError(f"an artefact named {art_name!r} already exists; pick another --name")
+            art = Artifact(kind="lora", name=art_name, base_id=base.id, source=f"{repo_id}@{got.commit_sha}",
+                           source_sha=got.commit_sha, files=files, config=config, metrics=metrics,
+                           size_bytes=size, run_id=run.id)
+            s.add(art)
+            s.flush()
+            reg.add_lineage(s, base, art, PULL_ROLE)
+            base_label = base.name
+        run.output = {"artifact": art.name, "id": art.id, "base": base_label,
+                      "base_reference_created": base_created, "commit": got.commit_sha,
+                      "files": sorted(files)}
+        if progress is not None:
+            progress("storing blobs", len(staged), len(staged))
+        return art, True
+
+
+# ---- base add ---------------------------------------------------------------------------------
+def _prepare_base_folder(got: client.DownloadedRepo, dest: Path, allow_pickle: bool,
+                         label: str) -> str | None:
+    """Stage a base model's files; pickle weights (opt-in) become one ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    from .validate import check_safetensors_header
+
+    names = [n for n in got.files if not n.lower().endswith(_PICKLE_SUFFIXES)
+             and not n.endswith(".bin.index.json")]
+    if "config.json" not in names:
+        raise UsageError(f"{label}: no config.json; not a transformers model repo")
+    weights = [n for n in names if n.endswith(".safetensors")]
+    converted = None
+    if not weights:
+        pickles = sorted(n for n in got.files if n.lower().endswith(_PICKLE_SUFFIXES)
+                         and "/" not in n and not n.startswith("training_args"))
+        if not pickles:
+            raise UsageError(f"{label}: no safetensors weights")
+        if not allow_pickle:
+            raise UsageError(f"{label}: only pickle weights ({', '.join(pickles[:3])}); pass "
+                             "--allow-pickle to convert them with the safe loader")
+        state: dict = {}
+        for p in pickles:
+            state.update(_load_pickle_tensors(got.path / p, label))
+        save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+        converted = ",".join(pickles)
+    for n in weights:
+        try:
+            check_safetensors_header(got.path / n)
+        except IntegrityError as e:
+            raise UsageError(f"{label} is not a valid model: "
+                             f"{_relabel(str(e), got.path, label)}") from None
+    _stage(got.path, names, dest)
+    return converted
+
+
+def add_hub_base(reg: Registry, repo: str, revision: str | None = None, allow_pickle: bool = False,
+                 token: str | None = None, progress: Progress | None = None,
+                 endpoint: str | None = None) -> tuple[BaseModel, bool]:
+    """Fetch a base model from the Hub (safetensors; pickles only with ``allow_pickle``).
+
+    Completes a reference row left by ``pull_adapter`` (same hub id) or adds a new base named
+    by the repo id. Returns (base, whether weights were stored now); the same commit already
+    stored is a no-op.
+    """
+    from ..models.ops import register_base_folder
+
+    repo_id, revision = split_repo(repo, revision)
+    got = client.download_repo(repo_id, revision=revision, include=BASE_PATTERNS,
+                               allow_pickle=allow_pickle, token=token, endpoint=endpoint,
+                               progress=progress)
+    with reg.session() as s:
+        row = reg.find_base(s, repo_id)
+    if row is not None and not row.is_reference and row.commit_sha == got.commit_sha:
+        return row, False
+    if row is not None and not row.is_reference and row.hub_id != repo_id:
+        raise UsageError(f"a base named {repo_id!r} already exists with other weights")
+    label = f"{repo_id}@{got.commit_sha[:12]}"
+    params = dict(name=repo_id, revision=revision, allow_pickle=allow_pickle,
+                  endpoint=client.resolve_endpoint(endpoint))
+    with record_run(reg, "base add", params) as run, \
+            tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="base-") as tmp:
+        converted = _prepare_base_folder(got, Path(tmp), allow_pickle, label)
+        if progress is not None:
+            progress(f"storing {repo_id}", 0, 1)
+        name = row.name if row is not None else repo_id
+        base, created = register_base_folder(reg, name, Path(tmp), repo_id, revision, got.commit_sha,
+                                             run.id)
+        if converted:
+            with reg.session() as s:
+                b = s.get(BaseModel, base.id)
+                b.config = {**(b.config or {}), "_adapterhub_converted_from_pickle": converted}
+        run.output = {"base": base.name, "id": base.id, "params": base.params,
+                      "commit": got.commit_sha, "completed_reference": row is not None}
+        if progress is not None:
+            progress(f"storing {repo_id}", 1, 1)
+        return base, True
+
+
+# ---- search -----------------------------------------------------------------------------------
+def search_adapters_for(reg: Registry, base: str, limit: int = 50, token: str | None = None,
+                        endpoint: str | None = None) -> list[dict]:
+    """Adapters of ``base`` on the Hub, each marked ``pulled`` (and as what) if in the registry.
+
+    ``base`` may be a registered base (its hub id is searched) or any hub id.
+    """
+    if limit is None or limit < 1:
+        raise UsageError("--limit must be at least 1")
+    with reg.session() as s:
+        row = reg.find_base(s, base)
+        hub_base = hub_label(row) if row is not None else base
+        pulled: dict[str, list[tuple[str, str]]] = {}
+        for art in s.scalars(select(Artifact).where(Artifact.source_sha.isnot(None))):
+            repo_id, _, sha = (art.source or "").partition("@")
+            if sha == art.source_sha:
+                pulled.setdefault(repo_id, []).append((art.name, sha))
+    found = client.search_adapters(hub_base, limit=limit, token=token, endpoint=endpoint)
+    for m in found:
+        mine = pulled.get(m["id"], [])
+        m["pulled"] = bool(mine)
+        m["pulled_as"] = [n for n, _ in mine]
+        m["pulled_latest"] = any(sha == m.get("sha") for _, sha in mine)
+    return found
+
+
+# ---- push -------------------------------------------------------------------------------------
+def _evaluations(s, art: Artifact) -> tuple[list[dict], list[dict]]:
+    """(this artefact's latest measurements, the same datasets measured without it)."""
+    names = {v.id: v.name for v in s.scalars(select(Variant))}
+    rows = s.scalars(select(Evaluation).where(Evaluation.artifact_id == art.id)
+                     .order_by(Evaluation.created_at, Evaluation.id)).all()
+    latest: dict[tuple, dict] = {}
+    for e in rows:
+        key = (e.dataset, e.split, e.metric, names.get(e.variant_id), e.prompt_id is not None)
+        latest[key] = {"dataset": e.dataset, "split": e.split, "metric": e.metric, "value": e.value,
+                       "variant": names.get(e.variant_id), "with_prompt": e.prompt_id is not None}
+    datasets = {(k[0], k[1], k[2], k[3]) for k in latest}
+    base_rows = s.scalars(select(Evaluation).where(Evaluation.base_id == art.base_id,
+                                                   Evaluation.artifact_id.is_(None),
+                                                   Evaluation.prompt_id.is_(None))
+                          .order_by(Evaluation.created_at, Evaluation.id)).all()
+    baseline: dict[tuple, dict] = {}
+    for e in base_rows:
+        key = (e.dataset, e.split, e.metric, names.get(e.variant_id))
+        if key in datasets:
+            baseline[key] = {"dataset": e.dataset, "split": e.split, "metric": e.metric,
+                             "value": e.value, "variant": names.get(e.variant_id)}
+    order = lambda d: (d["dataset"], d["split"], d["metric"], d["variant"] or "")  # noqa: E731
+    return sorted(latest.values(), key=order), sorted(baseline.values(), key=order)
+
+
+def _metric_key(m: dict, suffix: str = "") -> str:
+    where = f"{m['dataset']}/{m['split']}" + (f", {m['variant']}" if m.get("variant") else "")
+    return f"{m['metric']} ({where}){suffix}"
+
+
+def _describe(reg: Registry, art: Artifact) -> dict[str, Any]:
+    """Everything the card and ``adapterhub_c.json`` say about ``art`` (deterministic)."""
+    from ..registry.views import lineage_tree
+
+    with reg.session() as s:
+        base = s.get(BaseModel, art.base_id)
+        variant = s.get(Variant, art.variant_id) if art.variant_id else None
+        metrics, baselines = _evaluations(s, art)
+        parents = [{"role": role, "parent": p.name} for role, p in reg.parents(s, art)]
+    config = {k: v for k, v in (art.config or {}).items() if k != "pushes"}
+    return {
+        "format_version": META_FORMAT,
+        "name": art.name,
+        "kind": art.kind,
+        "base": {"name": base.name, "hub_id": base.hub_id, "revision": base.revision,
+                 "commit_sha": base.commit_sha},
+        "variant": ({"name": variant.name, "recipe": json.loads(variant.recipe)} if variant else None),
+        "source": art.source,
+        "source_sha": art.source_sha,
+        "config": config,
+        "lineage": lineage_tree(reg, art.id)["parents"],
+        "parents": parents,
+        "metrics": metrics,
+        "baselines": baselines,
+        "_base_label": hub_label(base),
+    }
+
+
+def _write_peft_part(reg: Registry, art: Artifact, stage: Path, base_label: str) -> list[str]:
+    """The PEFT files of ``art`` in ``stage`` (packs decoded); returns the names written."""
+    from ..adapters.load import load_adapter_artifact
+    from ..adapters.lora import CONFIG_NAME
+
+    written = []
+    if art.kind == "pack":
+        from ..adapt.recovery import FILE_NAME, recovery_file_bytes
+
+        loaded = load_adapter_artifact(reg, art)
+        lora = loaded.lora
+        lora.config = {**lora.config, "base_model_name_or_path": base_label}
+        lora.to_folder(stage / ".peft")
+        for p in sorted((stage / ".peft").iterdir()):
+            shutil.move(str(p), stage / p.name)
+            written.append(p.name)
+        (stage / ".peft").rmdir()
+        if loaded.recovery_state is not None:
+            (stage / FILE_NAME).write_bytes(recovery_file_bytes(loaded.recovery_state,
+                                                                loaded.recovery_config))
+            written.append(FILE_NAME)
+        return written
+    # LoRA kinds: the stored bytes as they are (bit-exact round trips), card and meta rebuilt
+    for rel, digest in sorted(art.files.items()):
+        if rel in (CARD_NAME, META_NAME):
+            continue
+        target = stage / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(reg.blobs.verified_path(digest), target)
+        written.append(rel)
+    cfg_path = stage / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise IntegrityError(f"artefact {art.name!r} has no {CONFIG_NAME}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("base_model_name_or_path") != base_label:
+        cfg["base_model_name_or_path"] = base_label
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return written
+
+
+def build_push_folder(reg: Registry, art: Artifact, dest: str | Path, fmt: str = "peft") -> list[dict]:
+    """Write what ``push`` uploads for ``art`` into the empty folder ``dest``.
+
+    ``fmt``: ``peft`` (PEFT folder), ``pack`` (the pack file only; pack artefacts),
+    ``both`` (PEFT folder and pack file). Always adds ``adapterhub_c.json`` and README.md.
+    Content is a function of the registry rows only (no timestamps), so an unchanged
+    artefact gives byte-identical files. Returns [{path, size, sha256}] sorted by path.
+    """
+    from .cards import model_card
+
+    if fmt not in PUSH_FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; pick one of {', '.join(PUSH_FORMATS)}")
+    if art.kind not in ADAPTER_KINDS:
+        raise UsageError(f"{art.name!r} is a {art.kind}; only adapters "
+                         f"({', '.join(ADAPTER_KINDS)}) can be pushed")
+    if fmt != "peft" and art.kind != "pack":
+        raise UsageError(f"--format {fmt} needs a pack artefact; {art.name!r} is a {art.kind}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    info = _describe(reg, art)
+    base_label = info.pop("_base_label")
+    written = []
+    if fmt in ("peft", "both"):
+        written += _write_peft_part(reg, art, dest, base_label)
+    if fmt in ("pack", "both"):
+        for rel, digest in sorted(art.files.items()):
+            if rel in (CARD_NAME, META_NAME):
+                continue
+            if (dest / rel).exists():
+                raise IntegrityError(f"pack file {rel!r} of {art.name!r} collides with a PEFT file")
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reg.blobs.verified_path(digest), dest / rel)
+            written.append(rel)
+    info["format"] = fmt
+    info["files"] = {rel: _sha256(dest / rel) for rel in sorted(written)}
+    (dest / META_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    card_metrics = {_metric_key(m): m["value"] for m in info["metrics"]}
+    card_metrics.update({_metric_key(m, " without adapter"): m["value"] for m in info["baselines"]})
+    lineage = info["parents"] or ([{"role": "pulled-from", "parent": info["source"]}]
+                                  if info["source"] else [])
+    recipe = info["variant"]["recipe"] if info["variant"] else None
+    card = model_card(base_label, art.name, recipe=recipe, lineage=lineage, metrics=card_metrics,
+                      extra_tags=(art.kind,), peft_loadable=fmt != "pack")
+    (dest / CARD_NAME).write_text(card)
+    return [{"path": p.relative_to(dest).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(dest.rglob("*")) if p.is_file()]
+
+
+def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = False, fmt: str = "peft",
+                  commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
+                  progress: Progress | None = None, endpoint: str | None = None) -> dict:
+    """Push an adapter artefact to ``repo_id`` (created if needed); returns what happened.
+
+    The result has ``repo_id``, ``files`` ([{path, size, sha256}]) and, unless ``dry_run``,
+    ``commit_sha``, ``url`` and ``uploaded`` (False when the repo already held this content:
+    no commit is made then). The pushed repo and commit are recorded in the artefact's
+    config under ``pushes``.
+    """
+    from .store import StoreError, check_repo_id
+
+    art = reg.get(name, "artifact")
+    repo_id = (repo_id or "").strip()
+    try:
+        check_repo_id(repo_id)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+    params = dict(artifact=art.name, repo_id=repo_id, private=private, format=fmt,
+                  commit_message=commit_message, endpoint=client.resolve_endpoint(endpoint))
+    with tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="push-") as tmp:
+        stage = Path(tmp) / "repo"
+        if dry_run:
+            files = build_push_folder(reg, art, stage, fmt)
+            return {"artifact": art.name, "repo_id": repo_id, "format": fmt, "dry_run": True,
+                    "files": files}
+        with record_run(reg, "push", params) as run:
+            files = build_push_folder(reg, art, stage, fmt)
+            res = client.push_folder(stage, repo_id, private=private, commit_message=commit_message,
+                                     token=token, endpoint=endpoint, progress=progress)
+            record = {"repo_id": repo_id, "commit_sha": res.commit_sha, "url": res.url,
+                      "format": fmt, "endpoint": client.resolve_endpoint(endpoint)}
+            with reg.session() as s:
+                row = s.get(Artifact, art.id)
+                pushes = [p for p in (row.config or {}).get("pushes", [])
+                          if (p.get("repo_id"), p.get("commit_sha"), p.get("endpoint"))
+                          != (repo_id, res.commit_sha, record["endpoint"])]
+                row.config = {**(row.config or {}), "pushes": pushes + [record]}
+            out = {"artifact": art.name, "repo_id": repo_id, "format": fmt, "dry_run": False,
+                   "commit_sha": res.commit_sha, "url": res.url, "uploaded": res.uploaded,
+                   "files": files}
+            run.output = {k: v for k, v in out.items() if k != "files"} | {
+                "files": [f["path"] for f in files]}
+            return out
+
+
+# ---- serve ------------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+              ready: Callable[[str], None] | None = None,
+              warn: Callable[[str], None] | None = None) -> None:
+    """Run the local Hub-compatible server on ``root`` until interrupted (blocking).
+
+    ``ready(endpoint)`` is called once listening. Binding a non-loopback interface without a
+    token is allowed but reported through ``warn``: anyone who can connect could write.
+    """
+    from .server import serve
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--root {root}: not a folder")
+    if not 0 <= int(port) <= 65535:
+        raise UsageError(f"--port {port}: out of range")
+    if not _is_loopback(host) and not token and warn is not None:
+        warn(f"serving on {host} without a token: anyone who can reach it can create and push repos")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        serve(root, host=host, port=int(port), token=token or None, ready=ready)
+    except OSError as e:
+        raise AdaptError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+
+
+__all__ = ["pull_adapter", "add_hub_base", "search_adapters_for", "push_artifact",
+           "build_push_folder", "split_repo", "check_adapter_against_base", "serve_hub"]
