@@ -2,13 +2,13 @@
 from .compeft import METHODS, SCOPES, compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
 from .digest import tensors_digest
 from .encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
-from .format import (FORMAT_VERSION, Pack, build_pack, inspect_pack, pack_adapter, pack_stats, read_pack,
-                     unpack_to_adapter, write_pack)
+from .format import (FORMAT_VERSION, RECOVERY_PREFIX, Pack, build_pack, inspect_pack, pack_adapter, pack_stats,
+                     read_pack, unpack_recovery, unpack_to_adapter, write_pack)
 from .ternary import TernaryTensor, from_signs
 
 __all__ = [
     "METHODS", "SCOPES", "compress_tensors", "decode_tensors", "keep_count", "prune_tensors", "topk_indices",
     "tensors_digest", "ENCODINGS", "EncodedSigns", "decode", "encode", "entropy_bound", "golomb_parameter",
     "FORMAT_VERSION", "Pack", "build_pack", "inspect_pack", "pack_adapter", "pack_stats", "read_pack",
-    "unpack_to_adapter", "write_pack", "TernaryTensor", "from_signs",
+    "unpack_to_adapter", "unpack_recovery", "RECOVERY_PREFIX", "write_pack", "TernaryTensor", "from_signs",
 ]

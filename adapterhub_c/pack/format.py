@@ -13,10 +13,17 @@ than four safetensors entries each:
   ``raw::<name>`` tensors stored verbatim (``modules_to_save`` copies and any key that is
              not a LoRA factor or LoRA bias: full weights, not deltas from zero)
 
+Converted adapters (CA-LoRA) also carry recovery modules: their D/U tensors are packed like
+LoRA factors under the names ``recovery::<module>.recovery_D`` / ``…recovery_U`` (in the
+same top-k and std as the LoRA factors with ``scope="global"``), and the recovery config
+(rank, alpha, act, dropout) is kept as JSON in the metadata key ``recovery_config``. The
+key is written only when there is recovery, so version-1 readers of plain packs are
+unaffected.
+
 Metadata (str → str): ``format_version`` ("1"), ``kind``, ``density``, ``alpha``,
 ``scope``, ``method``, ``encoding``, ``tensors`` (JSON list of [name, shape, dtype,
-scale]), ``raw`` (JSON list), ``source_digest``, ``base``, ``adapter_config`` (JSON) and
-``pack_digest``.
+scale]), ``raw`` (JSON list), ``source_digest``, ``base``, ``adapter_config`` (JSON),
+``recovery_config`` (JSON, optional) and ``pack_digest``.
 
 ``pack_digest`` = :func:`.digest.tensors_digest` over all tensors plus all metadata
 except ``pack_digest`` itself. This rule is the same for every format version, so a
@@ -49,6 +56,7 @@ from .ternary import TernaryTensor, dtype_from_name
 FORMAT_VERSION = "1"
 KIND = "adapterhub_c.pack"
 _LORA_DELTA_RE = re.compile(r"\.lora_(A|B)\.weight$|\.lora_B\.bias$")
+RECOVERY_PREFIX = "recovery::"
 
 
 @dataclass(eq=False)
@@ -67,6 +75,11 @@ class Pack:
     source_digest: str
     adapter_config: dict = field(default_factory=dict)
     pack_digest: str = ""
+    recovery_config: dict | None = None
+
+    @property
+    def has_recovery(self) -> bool:
+        return any(n.startswith(RECOVERY_PREFIX) for n in self.tensors)
 
 
 def build_pack(tensors: Mapping[str, torch.Tensor], *, density: float, base: str, source_digest: str,
@@ -92,12 +105,25 @@ def build_pack(tensors: Mapping[str, torch.Tensor], *, density: float, base: str
                 base, str(source_digest), dict(adapter_config or {}))
 
 
-def pack_adapter(adapter: LoraAdapter, *, density: float, base: str, source_digest: str, **kw) -> Pack:
-    """Pack a LoRA adapter: factors and LoRA biases are compressed, other keys kept raw."""
+def pack_adapter(adapter: LoraAdapter, *, density: float, base: str, source_digest: str,
+                 recovery_state: Mapping[str, torch.Tensor] | None = None,
+                 recovery_config: dict | None = None, **kw) -> Pack:
+    """Pack a LoRA adapter: factors and LoRA biases are compressed, other keys kept raw.
+
+    ``recovery_state`` ({``<module>.recovery_D``/``_U``: tensor}, a converted adapter's
+    recovery modules) is compressed with the factors under :data:`RECOVERY_PREFIX`;
+    ``recovery_config`` (a dict, ``RecoveryConfig.to_dict()``) is stored with it.
+    """
     packed = {k: v for k, v in adapter.tensors.items() if _LORA_DELTA_RE.search(k)}
     raw = {k: v for k, v in adapter.tensors.items() if k not in packed}
-    return build_pack(packed, raw=raw, density=density, base=base, source_digest=source_digest,
+    if recovery_state:
+        if recovery_config is None:
+            raise UsageError("recovery tensors need their recovery config")
+        packed.update({RECOVERY_PREFIX + k: v for k, v in recovery_state.items()})
+    pack = build_pack(packed, raw=raw, density=density, base=base, source_digest=source_digest,
                       adapter_config=adapter.config, **kw)
+    pack.recovery_config = dict(recovery_config) if recovery_state else None
+    return pack
 
 
 # ---- writing --------------------------------------------------------------------------
@@ -133,6 +159,8 @@ def _file_content(pack: Pack) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         "source_digest": pack.source_digest, "base": pack.base,
         "adapter_config": json.dumps(pack.adapter_config, sort_keys=True),
     }
+    if pack.recovery_config is not None:
+        meta["recovery_config"] = json.dumps(pack.recovery_config, sort_keys=True)
     return out, meta
 
 
@@ -186,9 +214,13 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
         ternary[name] = TernaryTensor(idx, neg, float(scale), shape, dtype)
         encoded[name] = enc
     raw = {name: tensors[f"raw::{name}"] for name in json.loads(meta["raw"])}
-    return Pack(ternary, encoded, raw, float(meta["density"]), float(meta["alpha"]), meta["scope"],
+    recovery = json.loads(meta["recovery_config"]) if "recovery_config" in meta else None
+    pack = Pack(ternary, encoded, raw, float(meta["density"]), float(meta["alpha"]), meta["scope"],
                 meta["method"], encoding, meta["base"], meta["source_digest"],
-                json.loads(meta["adapter_config"]), meta["pack_digest"])
+                json.loads(meta["adapter_config"]), meta["pack_digest"], recovery)
+    if pack.has_recovery and recovery is None:
+        raise IntegrityError(f"{path}: recovery tensors without a recovery config")
+    return pack
 
 
 def read_pack(path: str | Path, expected_base: str | None = None) -> Pack:
@@ -213,12 +245,23 @@ def read_pack(path: str | Path, expected_base: str | None = None) -> Pack:
 
 
 def unpack_to_adapter(pack: Pack) -> LoraAdapter:
-    """Dense LoRA adapter (original dtypes, config preserved) that plain PEFT loads."""
+    """Dense LoRA adapter (original dtypes, config preserved) that plain PEFT loads.
+
+    Recovery tensors are left out (see :func:`unpack_recovery`)."""
     config = dict(pack.adapter_config)
     check_lora_config(config, "pack")
-    tensors = {name: t.to_dense() for name, t in pack.tensors.items()}
+    tensors = {name: t.to_dense() for name, t in pack.tensors.items() if not name.startswith(RECOVERY_PREFIX)}
     tensors.update({name: t.clone() for name, t in pack.raw.items()})
     return LoraAdapter(config=config, tensors=tensors)
+
+
+def unpack_recovery(pack: Pack) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(dense recovery state without the prefix, recovery config dict), or None."""
+    if not pack.has_recovery:
+        return None
+    n = len(RECOVERY_PREFIX)
+    state = {name[n:]: t.to_dense() for name, t in pack.tensors.items() if name.startswith(RECOVERY_PREFIX)}
+    return state, dict(pack.recovery_config or {})
 
 
 # ---- inspection -----------------------------------------------------------------------
@@ -256,12 +299,14 @@ def pack_stats(pack: Pack) -> dict:
     }
 
 
-def inspect_pack(path: str | Path) -> dict:
+def inspect_pack(path: str | Path, expected_base: str | None = None) -> dict:
     """Verify and describe a pack file (JSON-serialisable): per tensor density, scale,
     bits per parameter, entropy bound H(k); totals; ratio vs fp16 (16 bits/param) of the
     payload and of the whole file."""
     path = Path(path)
-    stats = pack_stats(read_pack(path))
+    pack = read_pack(path, expected_base)
+    stats = pack_stats(pack)
+    stats["recovery_config"] = pack.recovery_config
     size = path.stat().st_size
     t = stats["totals"]
     t["file_bytes"] = size

@@ -1,0 +1,117 @@
+"""adapt pack / adapt pack inspect / adapt unpack."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..pack.ops import inspect_pack_ref, pack_artifact, unpack_artifact
+from .render import human_bytes, print_json, print_table, progress_callback
+
+
+class _PackGroup(click.Group):
+    """``adapt pack NAME …`` runs ``pack create``; ``adapt pack inspect …`` the subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("pack", cls=_PackGroup)
+def pack_group():
+    """ComPEFT packs: `adapt pack NAME --density K …` packs an adapter; `adapt pack inspect`."""
+
+
+@pack_group.command("create")
+@click.argument("adapter")
+@click.option("--density", "-k", required=True,
+              help="Kept fraction k in (0, 1], e.g. 0.1 or 10%.")
+@click.option("--alpha", default="1", show_default=True,
+              help="Magnitude multiplier (values become alpha·std·sign), or 'auto' with --eval-data.")
+@click.option("--eval-data", default=None,
+              help="Validation data for --alpha auto (and to measure pack vs unpacked quality).")
+@click.option("--alpha-metric", type=click.Choice(["auto", "perplexity", "exact_match"]), default="auto",
+              show_default=True, help="Search criterion: auto = exact match on tasks, perplexity on text.")
+@click.option("--max-tokens", type=int, default=2048, show_default=True,
+              help="Perplexity tokens per evaluation.")
+@click.option("--max-examples", type=int, default=24, show_default=True,
+              help="Exact-match examples per evaluation (tasks).")
+@click.option("--scope", type=click.Choice(["global", "tensor"]), default="global", show_default=True,
+              help="One top-k and std over all tensors (the paper's) or per tensor.")
+@click.option("--encoding", type=click.Choice(["golomb", "bitmask"]), default="golomb", show_default=True)
+@click.option("--method", type=click.Choice(["compeft", "stc"]), default="compeft", show_default=True,
+              help="stc: magnitude = mean |kept values| (alpha ignored).")
+@click.option("--name", default=None, help="Name of the pack (default: <adapter>-k<percent>).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (for evaluation).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_tokens, max_examples, scope, encoding,
+                method, name, device, as_json):
+    """Pack ADAPTER (any LoRA artefact, converted ones with their recovery modules)."""
+    with progress_callback() as progress:
+        _, report = pack_artifact(obj.registry, adapter, density=density, alpha=alpha, eval_data=eval_data,
+                                  scope=scope, encoding=encoding, method=method, name=name,
+                                  alpha_metric=alpha_metric, max_tokens=max_tokens, max_examples=max_examples,
+                                  device=device, progress=progress)
+    if as_json:
+        print_json(report)
+        return
+    row = dict(report)
+    row["pack"] = human_bytes(report["pack_bytes"])
+    row["fp16"] = human_bytes(report["fp16_bytes"])
+    row["ratio vs fp16"] = f"{report['ratio_vs_fp16']:.1f}x"
+    print_table([row], ["name", "source", "density", "alpha", "encoding", "scope", "pack", "fp16", "ratio vs fp16",
+                        "bits_per_param", "ratio_to_bound", "recovery"], title="pack")
+    search = report.get("alpha_search")
+    if search:
+        rows = [{**p, "best": "*" if p["alpha"] == search["best"] else ""} for p in search["curve"]]
+        cols = ["alpha"] + [m for m in ("exact_match", "perplexity") if m in rows[0]] + ["best"]
+        print_table(rows, cols, title=f"alpha search on {search['data']} (validation, by {search['metric']})")
+    q = report.get("quality")
+    if q:
+        rows = [{"adapter": "unpacked", **q["unpacked"]}, {"adapter": "pack", **q["pack"]}]
+        print_table(rows, ["adapter"] + list(q["pack"]), title=f"quality on {q['data']} (validation)")
+    if report.get("alpha_curve_png"):
+        click.echo(f"alpha curve: {report['alpha_curve_png']}")
+
+
+@pack_group.command("inspect")
+@click.argument("pack")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def pack_inspect(obj, pack, as_json):
+    """Per tensor density, scale, bits/param and entropy bound of PACK (a name or a file)."""
+    stats = inspect_pack_ref(None if Path(pack).is_file() else obj.registry, pack)
+    if as_json:
+        print_json(stats)
+        return
+    rows = [{"tensor": n, **r} for n, r in stats["tensors"].items()]
+    print_table(rows, ["tensor", "shape", "numel", "density", "scale", "param", "bits_per_param",
+                       "entropy_bits_per_param", "ratio_to_bound"],
+                title=f"{stats.get('name') or stats['path']} ({stats['encoding']}, k={stats['density']:g}, "
+                      f"alpha={stats['alpha']:g}, {stats['scope']})")
+    t = stats["totals"]
+    print_table([{**t, "file": human_bytes(t["file_bytes"])}],
+                ["numel", "nnz", "density", "bits_per_param", "entropy_bits_per_param", "ratio_to_bound",
+                 "ratio_vs_fp16", "file", "file_ratio_vs_fp16"], title="totals")
+
+
+@click.command("unpack")
+@click.argument("pack")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder to write (default ./<pack name>); must not exist or be empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def unpack_cmd(obj, pack, out, as_json):
+    """Decode PACK into a PEFT folder that plain PEFT loads."""
+    path = unpack_artifact(obj.registry, pack, out)
+    if as_json:
+        print_json({"pack": pack, "path": str(path), "files": sorted(p.name for p in path.iterdir())})
+    else:
+        click.echo(str(path))
+
+
+def register(cli) -> None:
+    cli.add_command(pack_group)
+    cli.add_command(unpack_cmd)

@@ -1,0 +1,336 @@
+"""Registry operations on packs: pack an adapter artefact, decode, unpack, inspect.
+
+A pack artefact is a folder of two files at most:
+
+- ``pack.safetensors``: the pack file (:mod:`.format`), made for the base recorded as
+  ``adapters.load.base_label(base)`` and carrying the registry digest of the source's
+  ``adapter_model.safetensors`` as its source digest;
+- ``alpha_curve.png``: the alpha search curve, when alpha was chosen with ``auto``.
+
+The artefact row has kind ``pack``, the source's base and variant, a ``packed-from``
+lineage edge to the source, and in ``config`` the pack parameters, sizes (pack file,
+fp16 safetensors of the same tensors, source files) and the alpha search curve.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as st_save
+
+from ..adapters.load import ADAPTER_KINDS, LORA_KINDS, LoadedAdapter, base_label, load_adapter_artifact
+from ..adapters.lora import WEIGHTS_NAME
+from ..errors import IntegrityError, UsageError
+from ..registry.artifacts import name_taken, register_artifact, unique_name
+from ..registry.models import Artifact, BaseModel, Variant
+from ..registry.runs import record_run
+from ..registry.store import Registry
+from .compeft import check_params
+from .encoding import ENCODINGS
+from .format import Pack, inspect_pack, pack_adapter, read_pack, unpack_recovery, unpack_to_adapter, write_pack
+
+PACK_FILE = "pack.safetensors"
+CURVE_FILE = "alpha_curve.png"
+INFO_FILE = "adapterhub_c.json"
+DEFAULT_SEARCH_TOKENS = 2048
+DEFAULT_SEARCH_EXAMPLES = 24
+
+
+# ---- parsing user values ---------------------------------------------------------------
+def parse_density(value: Any) -> float:
+    """A density from ``0.1``, ``"0.1"`` or ``"10%"``; UsageError unless in (0, 1]."""
+    text = str(value).strip()
+    try:
+        k = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"density must be a number in (0, 1] or a percentage, got {value!r}") from None
+    check_params(k)
+    return k
+
+
+def parse_alpha(value: Any) -> float | str:
+    """``"auto"`` or a positive number."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"alpha must be a positive number or 'auto', got {value!r}") from None
+    check_params(1.0, a)
+    return a
+
+
+# ---- decoding ------------------------------------------------------------------------------
+def loaded_from_pack(pack: Pack) -> LoadedAdapter:
+    """The dense adapter a pack decodes to (LoRA, plus recovery modules when packed)."""
+    lora = unpack_to_adapter(pack)
+    rec = unpack_recovery(pack)
+    if rec is None:
+        return LoadedAdapter(lora)
+    from ..adapt.recovery import RecoveryConfig
+
+    state, config = rec
+    return LoadedAdapter(lora, state, RecoveryConfig.from_dict(config))
+
+
+def _base_of(reg: Registry, art: Artifact) -> BaseModel:
+    with reg.session() as s:
+        base = s.get(BaseModel, art.base_id)
+        if base is None:
+            raise IntegrityError(f"artefact {art.name!r} points at a missing base")
+        return base
+
+
+def decode_pack_folder(reg: Registry, art: Artifact, folder: str | Path) -> LoadedAdapter:
+    """Read, verify and decode the pack file of a pack artefact's folder.
+
+    IntegrityError: the file is missing, truncated or corrupt (digest mismatch), or its
+    source digest differs from the artefact's. UsageError: the pack was made for another
+    base, or has a format version this version cannot read.
+    """
+    path = Path(folder) / PACK_FILE
+    if not path.is_file():
+        raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
+    pack = read_pack(path, expected_base=base_label(_base_of(reg, art)))
+    expected = (art.config or {}).get("source_digest")
+    if expected and pack.source_digest != expected:
+        raise IntegrityError(f"pack {art.name!r}: the file's source digest does not match the registry's")
+    return loaded_from_pack(pack)
+
+
+# ---- packing -------------------------------------------------------------------------------
+def _fp16_bytes(loaded: LoadedAdapter) -> int:
+    """Size of one fp16 safetensors file holding every tensor of the adapter."""
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in loaded.lora.tensors.items()}
+    tensors.update({f"recovery::{k}": v.half().contiguous() for k, v in (loaded.recovery_state or {}).items()})
+    return len(st_save(tensors))
+
+
+def _null_modules(loaded: LoadedAdapter) -> list[str]:
+    """Modules whose LoRA update the pack wiped out (all of A or all of B pruned, ΔW = 0).
+
+    With ``scope="global"`` this happens when one factor's entries are much larger than
+    the other's: the global top-k then keeps only the larger factor."""
+    return sorted(m for m, layer in loaded.lora.layers().items() if not (layer.A.any() and layer.B.any()))
+
+
+def _default_name(reg: Registry, source: str, density: float) -> str:
+    pct = f"{density * 100:.4g}".replace(".", "p")
+    return unique_name(reg, f"{source}-k{pct}")
+
+
+def _pack_loaded(loaded: LoadedAdapter, *, density, alpha, scope, method, encoding, base, source_digest) -> Pack:
+    return pack_adapter(loaded.lora, density=density, alpha=alpha, scope=scope, method=method, encoding=encoding,
+                        base=base, source_digest=source_digest, recovery_state=loaded.recovery_state,
+                        recovery_config=loaded.recovery_config.to_dict() if loaded.recovery_state else None)
+
+
+class _Evaluator:
+    """The source's stack (base or its variant) loaded once, adapter weights swapped in."""
+
+    def __init__(self, reg: Registry, base: BaseModel, variant: Variant | None, first: LoadedAdapter,
+                 data: str, metric: str, max_tokens: int | None, max_examples: int | None, device: str):
+        from ..evals.data import load_dataset
+        from ..models.stack import StackSpec, load_stack
+        from .alpha import AdapterSlot, resolve_metric
+
+        self.dataset = load_dataset(data, "validation")
+        self.metric = resolve_metric(metric, self.dataset.is_task)
+        self.max_tokens, self.max_examples = max_tokens, max_examples
+        model, self.tokenizer = load_stack(reg, StackSpec(base=base, variant=variant), device)
+        self.slot = AdapterSlot(model, first)
+
+    def __call__(self, adapter: LoadedAdapter) -> dict[str, float]:
+        from .alpha import evaluate_for_search
+
+        self.slot.set(adapter)
+        return evaluate_for_search(self.slot.model, self.tokenizer, self.dataset, self.metric,
+                                   self.max_tokens, self.max_examples)
+
+
+def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alpha: float | str = 1.0,
+                  eval_data: str | None = None, scope: str = "global", encoding: str = "golomb",
+                  method: str = "compeft", name: str | None = None, alpha_metric: str = "auto",
+                  max_tokens: int | None = DEFAULT_SEARCH_TOKENS,
+                  max_examples: int | None = DEFAULT_SEARCH_EXAMPLES, device: str = "cpu",
+                  progress=None) -> tuple[Artifact, dict]:
+    """ComPEFT-pack an adapter artefact (lora, recovered-lora, merged, composed) and register it.
+
+    ``alpha="auto"`` evaluates ``alpha.ALPHA_GRID`` on the validation split of
+    ``eval_data`` (see :mod:`.alpha` for the criterion), keeps the best, stores the curve in
+    the artefact config and the run output and draws it as ``alpha_curve.png``. With a
+    number and ``eval_data``, the pack and its source are both evaluated. The model is
+    built once in both cases. Returns (artefact, report).
+    """
+    density = parse_density(density)
+    alpha = parse_alpha(alpha)
+    check_params(density, 1.0, scope, method)
+    if encoding not in ENCODINGS:
+        raise UsageError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    if alpha == "auto" and method != "compeft":
+        raise UsageError(f"--alpha auto needs method compeft ({method} ignores alpha)")
+    if alpha == "auto" and not eval_data:
+        raise UsageError("--alpha auto needs --eval-data to choose alpha on")
+    for label, v in (("max tokens", max_tokens), ("max examples", max_examples)):
+        if v is not None and v < 2:
+            raise UsageError(f"{label} must be at least 2, got {v}")
+    if eval_data:
+        from ..evals.data import load_dataset
+        from .alpha import resolve_metric
+
+        resolve_metric(alpha_metric, load_dataset(eval_data, "validation").is_task)
+    with reg.session() as s:
+        src = reg.resolve(s, adapter_ref, "artifact")
+        if src.kind not in ADAPTER_KINDS:
+            raise UsageError(f"{src.name!r} is a {src.kind}, not an adapter")
+        if src.kind not in LORA_KINDS:
+            raise UsageError(f"{src.name!r} is already a pack; pack its source instead")
+        base = s.get(BaseModel, src.base_id)
+        variant = s.get(Variant, src.variant_id) if src.variant_id else None
+    if name is not None and name_taken(reg, name):
+        raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    source_digest = (src.files or {}).get(WEIGHTS_NAME)
+    if not source_digest:
+        raise UsageError(f"{src.name!r} has no {WEIGHTS_NAME}")
+    label = base_label(base)
+    params = dict(adapter=src.name, density=density, alpha=alpha, eval_data=eval_data, scope=scope,
+                  encoding=encoding, method=method, name=name, alpha_metric=alpha_metric,
+                  max_tokens=max_tokens, max_examples=max_examples, device=device)
+    t0 = time.monotonic()
+    with record_run(reg, "pack", params) as run:
+        loaded = load_adapter_artifact(reg, src)
+        kw = dict(density=density, scope=scope, method=method, encoding=encoding, base=label,
+                  source_digest=source_digest)
+        search, quality, curve_png = None, None, None
+        evaluator = None
+        if eval_data:
+            if progress:
+                progress("loading model", 0, 1)
+            evaluator = _Evaluator(reg, base, variant, loaded, eval_data, alpha_metric, max_tokens,
+                                   max_examples, device)
+            if progress:
+                progress("loading model", 1, 1)
+            reference = evaluator(loaded)
+        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+            folder = Path(tmp) / "pack"
+            folder.mkdir()
+            if alpha == "auto":
+                from .alpha import ALPHA_GRID, plot_alpha_curve, search_alpha
+
+                best, curve = search_alpha(
+                    lambda a: evaluator(loaded_from_pack(_pack_loaded(loaded, alpha=a, **kw))),
+                    evaluator.metric, ALPHA_GRID, progress)
+                alpha = best
+                search = {"data": eval_data, "split": "validation", "metric": evaluator.metric,
+                          "grid": list(ALPHA_GRID), "best": best, "curve": curve, "unpacked": reference,
+                          "max_tokens": max_tokens, "window": 512,
+                          "max_examples": max_examples if evaluator.metric == "exact_match" else None}
+                plot_alpha_curve(curve, folder / CURVE_FILE, evaluator.metric, best, reference,
+                                 title=f"{src.name} packed at k = {density:g} ({eval_data}, validation)")
+            pack = _pack_loaded(loaded, alpha=alpha, **kw)
+            write_pack(pack, folder / PACK_FILE)
+            stats = inspect_pack(folder / PACK_FILE, expected_base=label)  # read back and verified
+            if evaluator is not None:
+                packed = (next(p for p in search["curve"] if p["alpha"] == alpha) if search
+                          else evaluator(loaded_from_pack(pack)))
+                quality = {"data": eval_data, "split": "validation", "metric": evaluator.metric,
+                           "unpacked": reference,
+                           "pack": {k: v for k, v in packed.items() if k != "alpha"}}
+            t = stats["totals"]
+            fp16 = _fp16_bytes(loaded)
+            null = _null_modules(loaded_from_pack(pack))
+            src_bytes = sum(reg.blobs.path_for(d).stat().st_size for d in (src.files or {}).values())
+            pack_bytes = (folder / PACK_FILE).stat().st_size
+            config = {
+                "density": density, "alpha": float(alpha), "alpha_auto": search is not None,
+                "scope": scope, "encoding": encoding, "method": method, "format_file": PACK_FILE,
+                "source": src.name, "source_kind": src.kind, "source_digest": source_digest,
+                "source_recovery_digest": (src.files or {}).get("recovery.safetensors"),
+                "pack_digest": stats["pack_digest"], "base": label,
+                "recovery": loaded.recovery_state is not None,
+                "recovery_config": stats.get("recovery_config"),
+                "params": t["numel"], "nnz": t["nnz"], "raw_bytes": stats["raw_bytes"],
+                "pack_bytes": pack_bytes, "fp16_bytes": fp16, "source_bytes": src_bytes,
+                "ratio_vs_fp16": fp16 / pack_bytes,
+                "bits_per_param": t["bits_per_param"], "entropy_bits_per_param": t["entropy_bits_per_param"],
+                "ratio_to_bound": t["ratio_to_bound"], "null_modules": null,
+                "alpha_search": search,
+            }
+            metrics = {}
+            if quality:
+                metrics = {f"validation_{k}": v for k, v in quality["pack"].items()}
+                metrics.update({f"unpacked_validation_{k}": v for k, v in quality["unpacked"].items()})
+            final_name = name or _default_name(reg, src.name, density)
+            art = register_artifact(reg, kind="pack", name=final_name, base_id=src.base_id, folder=folder,
+                                    variant_id=src.variant_id, source=f"packed from {src.name}",
+                                    source_sha=source_digest, config=config, metrics=metrics,
+                                    parents=[(src, "packed-from")], run_id=run.id)
+        if search is not None:
+            curve_png = str(reg.materialize(art) / CURVE_FILE)
+        report = {"name": art.name, "id": art.id, **{k: v for k, v in config.items() if k != "alpha_search"},
+                  "quality": quality, "alpha_search": search, "alpha_curve_png": curve_png,
+                  "seconds": round(time.monotonic() - t0, 2)}
+        output = {k: v for k, v in report.items() if k not in ("recovery_config", "alpha_search")}
+        if search is not None:
+            # run outputs keep dicts, not lists of dicts: the curve is keyed by alpha
+            output["alpha_search"] = {**{k: v for k, v in search.items() if k != "curve"},
+                                      "curve": {f"{p['alpha']:g}": {k: v for k, v in p.items() if k != "alpha"}
+                                                for p in search["curve"]}}
+        run.output = output
+    return art, report
+
+
+# ---- unpack and inspect --------------------------------------------------------------------
+def _pack_row(reg: Registry, ref: str) -> Artifact:
+    art = reg.get(ref, "artifact")
+    if art.kind != "pack":
+        raise UsageError(f"{art.name!r} is a {art.kind}, not a pack")
+    return art
+
+
+def unpack_artifact(reg: Registry, pack_ref: str, out: str | Path | None = None) -> Path:
+    """Decode a pack artefact into a PEFT folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``, plus ``recovery.safetensors`` for converted adapters and
+    ``adapterhub_c.json`` with the provenance). Default ``out``: ``./<pack name>``; an
+    existing non-empty folder is refused."""
+    art = _pack_row(reg, pack_ref)
+    out = Path(out) if out is not None else Path.cwd() / art.name
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} already exists and is not an empty folder")
+    loaded = load_adapter_artifact(reg, art)
+    cfg = art.config or {}
+    info = {"unpacked_from": art.name, "pack_id": art.id, "pack_digest": cfg.get("pack_digest"),
+            "source": cfg.get("source"), "source_digest": cfg.get("source_digest"),
+            **{k: cfg.get(k) for k in ("density", "alpha", "scope", "encoding", "method", "base")}}
+    extra = {INFO_FILE: (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()}
+    if loaded.recovery_state:
+        from ..adapt.recovery import FILE_NAME, recovery_file_bytes
+
+        extra[FILE_NAME] = recovery_file_bytes(loaded.recovery_state, loaded.recovery_config)
+    return loaded.lora.to_folder(out, extra_files=extra)
+
+
+def inspect_pack_ref(reg: Registry | None, pack_ref_or_path: str | Path) -> dict:
+    """Describe a pack (a file path, or a registered pack by name/id), verified.
+
+    Per tensor: shape, density, scale, Golomb parameter, bits per parameter, the entropy
+    bound H(k) at its own density and the ratio to it; totals, file size and the ratio
+    vs fp16. A registered pack is also checked against its base.
+    """
+    path = Path(pack_ref_or_path)
+    if path.is_file():
+        stats = inspect_pack(path)
+        stats["path"] = str(path)
+        return stats
+    if reg is None:
+        raise UsageError(f"{pack_ref_or_path}: no such pack file")
+    art = _pack_row(reg, str(pack_ref_or_path))
+    folder = reg.materialize(art)
+    if not (folder / PACK_FILE).is_file():
+        raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
+    stats = inspect_pack(folder / PACK_FILE, expected_base=base_label(_base_of(reg, art)))
+    stats["name"], stats["path"] = art.name, str(folder / PACK_FILE)
+    return stats
