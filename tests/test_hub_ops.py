@@ -190,7 +190,7 @@ def test_pull_include_exclude(cli, tiny_base, hf, lora_dir, tmp_path):
     r = cli("pull", repo, "--exclude", "*.txt", "--exclude", "logs/*", "--json")
     assert r.code == 0, r.err
     assert set(cli("show", r.json()["name"], "--json").json()["files"]) == {"README.md", CONFIG, WEIGHTS}
-    assert cli("rm", r.json()["name"]).code == 0
+    assert cli("rm", r.json()["name"], "--yes").code == 0
     r = cli("pull", repo, "--include", "adapter_*", "--json")
     assert r.code == 0, r.err
     assert set(cli("show", r.json()["name"], "--json").json()["files"]) == {CONFIG, WEIGHTS}
@@ -302,7 +302,7 @@ def test_offline_pull_from_cache(cli, tiny_base, hf, lora_dir, monkeypatch):
     repo, sha = _publish(hf, lora_dir, "offline")
     first = cli("pull", repo, "--json")
     assert first.code == 0
-    assert cli("rm", repo).code == 0
+    assert cli("rm", repo, "--yes").code == 0
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     again = cli("pull", repo, "--json")
