@@ -367,6 +367,7 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "bits_per_weight": st.get("bits_per_weight"),
         "stored_bytes": row.size_bytes,
         "own_bytes": st.get("own_bytes"),
+        "shares_base_weights": bool(st.get("shares_base_weights")),
         "loaded_bytes": st.get("quantized_bytes"),
         "ideal_bytes": st.get("ideal_bytes"),
         "base_fp16_bytes": st.get("base_fp16_bytes"),
