@@ -27,7 +27,7 @@ SHAPES = {  # module -> (out, in) in the tiny Llama
     "model.layers.1.self_attn.q_proj": (64, 64),
     "model.layers.1.mlp.down_proj": (64, 128),
 }
-PACK_FILE = "adapter.pack.safetensors"
+PACK_FILE = "pack.safetensors"  # the name adapterhub_c.pack.ops uses
 
 
 def make_lora(seed: int, r: int = 4, alpha: float = 8.0, scale_B: float = 0.05, **config) -> LoraAdapter:

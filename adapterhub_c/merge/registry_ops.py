@@ -126,7 +126,8 @@ def find_pack_file(folder: Path, files: Sequence[str]) -> Path:
     """The pack file among an artefact's files (the one whose safetensors metadata says so)."""
     from ..pack.format import KIND
 
-    for name in sorted(files):
+    # pack.safetensors (the name adapterhub_c.pack.ops writes) first, then any other file
+    for name in sorted(files, key=lambda n: (n != "pack.safetensors", n)):
         path = folder / name
         try:
             with open(path, "rb") as f:
