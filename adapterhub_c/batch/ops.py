@@ -1,0 +1,219 @@
+"""Batch operations: ``run_batch`` (adapt batch convert) and ``batch_status``.
+
+A batch is named; its items live in the registry (``batches`` / ``batch_items``). Running
+the same batch again skips done items, retries failed ones while they have attempts
+left, and appends sources not yet in it. The run itself is one ``runs`` row; every step
+of every item records its own run too (pull, convert, pack, eval, push).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sqlalchemy import select
+
+from ..errors import UsageError
+from ..registry.models import Artifact, Batch, Variant, utcnow
+from ..registry.runs import record_run
+from ..registry.store import Registry
+from . import queue
+from .executors import WorkerSpec, default_threads, make_executor
+
+Progress = Callable[[str, int, int | None], None]
+POLL_S = 0.5
+
+# Options of adapt.ops.convert_adapter that a batch passes through (None = its default).
+CONVERT_OPTIONS = ("data", "eval_data", "inherit", "recover", "distill", "recover_rank", "recover_act",
+                   "distill_alpha", "distill_on", "steps", "lr", "batch_size", "seq_len", "grad_accum", "seed",
+                   "max_eval_tokens", "max_eval_examples", "reference_rows")
+
+
+def read_sources(path: str | Path) -> list[str]:
+    """Item sources from a file: one ``org/repo[@revision]`` or ``artifact:NAME`` a line; # comments."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def _search(reg: Registry, base: str, limit: int) -> list[str]:
+    from ..hub.ops import search_adapters_for
+
+    return [r["id"] for r in search_adapters_for(reg, base, limit=limit)]
+
+
+def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[str] | None = None,
+              from_file: str | Path | None = None, search_base: str | None = None, limit: int = 50,
+              name: str | None = None, convert: dict[str, Any] | None = None, pack_density: float | None = None,
+              pack_alpha: float | str | None = None, evaluate: bool = False, eval_data: str | None = None,
+              eval_max_tokens: int | None = None, push_to: str | None = None, private: bool = False,
+              device: str = "cpu", workers: int = 1, executor: str = "local", ray_address: str | None = None,
+              retries: int = 2, lease_seconds: float = 120.0, step_hook: str | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Convert many adapters to variant ``variant``: pull → convert → pack → evaluate → push.
+
+    Items come from ``sources``, a file (``from_file``) or a Hub search for adapters of
+    ``search_base`` (``limit``). ``name`` defaults to one derived from the variant and the
+    options, so the same command resumes the same batch; ``name`` alone resumes a batch
+    with its stored options. Each item is tried at most ``retries + 1`` times over all
+    runs. Returns the batch summary (``batch_status``) with this run's figures.
+    """
+    if retries < 0:
+        raise UsageError("--retries must be >= 0")
+    if lease_seconds <= 0:
+        raise UsageError("--lease-seconds must be > 0")
+    if pack_density is not None and not 0 < pack_density <= 1:
+        raise UsageError(f"--pack-density must be in (0, 1] (got {pack_density})")
+    executor_obj = make_executor(executor, workers, ray_address)  # validates before touching the registry
+    given = [s.strip() for s in (sources or []) if s.strip()]
+    if from_file is not None:
+        given += read_sources(from_file)
+    existing = _find_batch(reg, name) if name else None
+    if variant is None and existing is None:
+        raise UsageError("give --variant (or --name of an existing batch to resume it)")
+    if existing is not None and variant is None:
+        params = dict(existing.params)
+    else:
+        params = _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data, eval_max_tokens,
+                         push_to, private, device)
+    if search_base is not None:
+        given += _search(reg, search_base, limit)
+    if existing is None and not given:
+        raise UsageError("nothing to do: give --from-file FILE or --search-base BASE")
+    name = name or _default_name(reg, params)
+    batch, changes = queue.open_batch(reg, name, "convert", params, given, max_attempts=retries + 1)
+    run_params = dict(batch=name, variant=params["variant_name"], items=len(given), workers=workers,
+                      executor=executor, ray_address=ray_address, retries=retries, lease_seconds=lease_seconds,
+                      options={k: v for k, v in params.items() if k not in ("variant", "variant_name")})
+    with record_run(reg, "batch convert", run_params) as run:
+        with reg.session() as s:
+            row = s.get(Batch, batch.id)
+            row.run_id, row.updated_at = run.id, utcnow()
+        stats = execute_batch(reg, batch.id, executor_obj, lease_seconds=lease_seconds, run_id=run.id,
+                              step_hook=step_hook, progress=progress, label=f"batch {name}")
+        stats["changes"] = changes
+        summary = batch_status(reg, batch.id)
+        summary["this_run"] = stats
+        run.output = {"batch": name, "counts": summary["counts"], "done_this_run": stats["done"],
+                      "failed_this_run": stats["failed"], "items_per_minute": stats["items_per_minute"]}
+    return summary
+
+
+def _find_batch(reg: Registry, name: str) -> Batch | None:
+    with reg.session() as s:
+        return s.scalar(select(Batch).where(Batch.name == name))
+
+
+def _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data, eval_max_tokens, push_to,
+            private, device) -> dict[str, Any]:
+    with reg.session() as s:
+        var = reg.resolve(s, variant, "variant")
+    unknown = set(convert or {}) - set(CONVERT_OPTIONS)
+    if unknown:
+        raise UsageError(f"unknown convert option(s): {', '.join(sorted(unknown))}")
+    conv = {k: v for k, v in (convert or {}).items() if v is not None}
+    conv["device"] = device
+    if push_to is not None and ("/" in push_to or not push_to.strip()):
+        raise UsageError(f"--push-to takes an organisation or user name, not a repo (got {push_to!r})")
+    return {
+        "variant": var.id,
+        "variant_name": var.name,
+        "convert": conv,
+        "pack": None if pack_density is None else
+        {"density": float(pack_density), **({} if pack_alpha is None else {"alpha": pack_alpha})},
+        "evaluate": {"data": eval_data, "max_tokens": eval_max_tokens} if (evaluate or eval_data) else None,
+        "push": None if push_to is None else {"org": push_to.strip(), "private": bool(private)},
+        "device": device,
+    }
+
+
+def _default_name(reg: Registry, params: dict[str, Any]) -> str:
+    digest = hashlib.sha256(queue.canonical(params).encode()).hexdigest()[:8]
+    return f"convert-{params['variant_name']}-{digest}"
+
+
+def execute_batch(reg: Registry, batch_id: str, executor, *, lease_seconds: float = 120.0,
+                  run_id: str | None = None, step_hook: str | None = None, pipeline: str | None = None,
+                  threads: int | None = None, progress: Progress | None = None,
+                  label: str = "batch") -> dict[str, Any]:
+    """Run workers on an opened batch until no item is queued or running; returns this run's figures.
+
+    ``executor`` is a LocalExecutor / RayExecutor (``executors.make_executor``). Workers that
+    die abnormally have their items returned to the queue at once (the attempt counts).
+    """
+    before = queue.counts(reg, batch_id)
+    total = sum(before.values())
+    if threads is None and executor.name == "local":
+        threads = default_threads(executor.workers)
+    spec = WorkerSpec(url=reg.url, home=str(reg.home), batch_id=batch_id, lease_s=lease_seconds, run_id=run_id,
+                      threads=threads, step_hook=step_hook, pipeline=pipeline)
+    lost: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    executor.start(spec)
+    try:
+        while True:
+            for token, why in executor.dead():
+                n = queue.release_worker(reg, batch_id, f"{token}@", why)
+                lost.append({"worker": token, "reason": why, "items_returned": n})
+            now = queue.counts(reg, batch_id)
+            if progress is not None:
+                progress(label, now["done"] + now["failed"], total)
+            if executor.alive() == 0:
+                break
+            time.sleep(POLL_S)
+        for token, why in executor.dead():
+            n = queue.release_worker(reg, batch_id, f"{token}@", why)
+            lost.append({"worker": token, "reason": why, "items_returned": n})
+    except KeyboardInterrupt:
+        executor.stop()
+        for token in executor.tokens:
+            queue.release_worker(reg, batch_id, f"{token}@", "interrupted", count_attempt=False)
+        raise
+    finally:
+        executor.stop()
+    elapsed = time.monotonic() - t0
+    after = queue.counts(reg, batch_id)
+    done = after["done"] - before["done"]
+    failed = max(0, after["failed"] - before["failed"])
+    return {"done": done, "failed": failed, "elapsed_s": round(elapsed, 2),
+            "items_per_minute": round(60 * done / elapsed, 2) if elapsed > 0 else None,
+            "workers": executor.workers, "executor": executor.name, "lost_workers": lost}
+
+
+def batch_status(reg: Registry, ref: str) -> dict[str, Any]:
+    """A batch's options, counts per state and its items (state, attempts, error, lease, worker, artefacts)."""
+    batch = queue.get_batch(reg, ref)
+    rows = queue.items(reg, batch.id)
+    ids = {a for r in rows for a in (r.artifact_ids or [])}
+    with reg.session() as s:
+        names = dict(s.execute(select(Artifact.id, Artifact.name).where(Artifact.id.in_(ids))).all()) if ids else {}
+        variant = s.get(Variant, batch.params["variant"]) if batch.params.get("variant") else None
+    items = []
+    for r in rows:
+        arts = [names.get(a, a) for a in (r.artifact_ids or [])]
+        out = dict(r.outputs or {})
+        items.append({
+            "position": r.position, "source": r.source, "state": r.state, "attempts": r.attempts,
+            "error": r.error, "worker": r.worker_id, "step": out.get("step") if r.state == "running" else None,
+            "lease_expires_at": r.lease_expires_at.isoformat() + "Z" if r.lease_expires_at else None,
+            "duration_s": round(r.duration_s, 2) if r.duration_s is not None else None,
+            "result": arts[-1] if arts and r.state == "done" else None,
+            "artifacts": arts, "artifact_ids": list(r.artifact_ids or []),
+            "outputs": {k: v for k, v in out.items() if k not in ("step", "names")},
+        })
+    counts = dict.fromkeys(queue.STATES, 0)
+    for it in items:
+        counts[it["state"]] += 1
+    return {"batch": batch.name, "id": batch.id, "command": batch.command,
+            "variant": variant.name if variant else batch.params.get("variant_name"),
+            "max_attempts": batch.max_attempts, "created_at": batch.created_at.isoformat() + "Z",
+            "updated_at": batch.updated_at.isoformat() + "Z", "run_id": batch.run_id,
+            "params": batch.params, "counts": counts, "total": len(items), "items": items}
+

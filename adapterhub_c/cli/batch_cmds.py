@@ -1,0 +1,143 @@
+"""adapt batch convert / status."""
+from __future__ import annotations
+
+import click
+
+from ..errors import AdaptError
+from .render import print_json, print_table, progress_callback
+
+ITEM_COLUMNS = ["#", "source", "state", "attempts", "result", "error"]
+
+
+@click.group("batch")
+def batch_group() -> None:
+    """Many adapters at once: a resumable work queue in the registry, local or Ray workers."""
+
+
+@batch_group.command("convert")
+@click.option("--variant", default=None, help="The compressed variant to convert every adapter to.")
+@click.option("--from-file", "from_file", type=click.Path(dir_okay=False), default=None,
+              help="Items, one a line: org/repo[@revision] or artifact:NAME (# comments).")
+@click.option("--search-base", default=None, help="Items: adapters of this base found on the Hub.")
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many search results.")
+@click.option("--data", default=None, help="Convert: training data (without it: inherit only).")
+@click.option("--eval-data", default=None, help="Evaluation data [default: convert's choice].")
+@click.option("--no-inherit", is_flag=True, help="Convert: start the LoRA fresh.")
+@click.option("--no-recover", is_flag=True, help="Convert: no recovery modules.")
+@click.option("--no-distill", is_flag=True, help="Convert: task loss only, no teacher.")
+@click.option("--recover-rank", type=int, default=None, help="Convert: recovery rank [16].")
+@click.option("--recover-act", default=None, help="Convert: gelu, relu, silu or identity [gelu].")
+@click.option("--distill-alpha", type=float, default=None, help="Convert: distillation weight [1.0].")
+@click.option("--distill-on", type=click.Choice(["hidden", "logits"]), default=None, help="[hidden]")
+@click.option("--steps", type=int, default=None, help="Convert: training steps per adapter [100].")
+@click.option("--lr", type=float, default=None, help="Convert: learning rate [2e-4].")
+@click.option("--batch-size", type=int, default=None, help="Convert: batch size [4].")
+@click.option("--seq-len", type=int, default=None, help="Convert: sequence length [256].")
+@click.option("--seed", type=int, default=None, help="Convert: seed [0].")
+@click.option("--max-eval-tokens", type=int, default=None, help="Evaluation: at most this many tokens [8192].")
+@click.option("--max-eval-examples", type=int, default=None, help="Evaluation: at most this many examples [50].")
+@click.option("--no-reference-rows", is_flag=True,
+              help="Measure only the converted adapter (not variant alone / naive / teacher).")
+@click.option("--pack-density", type=float, default=None, help="Then ComPEFT-pack, keeping this share of values.")
+@click.option("--pack-alpha", default=None, help="Pack scale: a number or 'auto' [pack's default].")
+@click.option("--no-eval", is_flag=True, help="Skip the evaluate step (the pack is not measured).")
+@click.option("--push-to", default=None, help="Then push each result to the Hub under this organisation.")
+@click.option("--private", is_flag=True, help="Pushed repos are private.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (in every worker).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Parallel workers.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="Join this Ray cluster ('auto', host:port, ray://…).")
+@click.option("--retries", type=int, default=2, show_default=True, help="Attempts per item beyond the first.")
+@click.option("--lease-seconds", type=float, default=120, show_default=True,
+              help="A silent worker's item returns to the queue after this long.")
+@click.option("--name", default=None, help="Batch name (to resume or inspect it) [derived from the options].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no_inherit, no_recover, no_distill,
+                recover_rank, recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, seed,
+                max_eval_tokens, max_eval_examples, no_reference_rows, pack_density, pack_alpha, no_eval, push_to,
+                private, device, workers, executor, ray_address, retries, lease_seconds, name, as_json):
+    """Pull, convert to VARIANT, pack, evaluate and push many adapters; re-run to resume."""
+    from ..batch.ops import run_batch
+
+    convert = dict(data=data, eval_data=eval_data, inherit=False if no_inherit else None,
+                   recover=False if no_recover else None, distill=False if no_distill else None,
+                   recover_rank=recover_rank, recover_act=recover_act, distill_alpha=distill_alpha,
+                   distill_on=distill_on, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                   max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
+                   reference_rows=False if no_reference_rows else None)
+    alpha = pack_alpha
+    if pack_alpha is not None and pack_alpha != "auto":
+        try:
+            alpha = float(pack_alpha)
+        except ValueError:
+            raise click.BadParameter("a number or 'auto'", param_hint="--pack-alpha") from None
+    with progress_callback() as progress:
+        summary = run_batch(obj.registry, variant=variant, from_file=from_file, search_base=search_base,
+                            limit=limit, name=name, convert=convert, pack_density=pack_density, pack_alpha=alpha,
+                            evaluate=not no_eval, eval_data=eval_data, push_to=push_to, private=private,
+                            device=device, workers=workers, executor=executor, ray_address=ray_address,
+                            retries=retries, lease_seconds=lease_seconds, progress=progress)
+    _print_summary(summary, as_json)
+    _fail_if_unfinished(summary)
+
+
+@batch_group.command("status")
+@click.argument("batch")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def status_cmd(obj, batch, as_json):
+    """Items of BATCH: state, attempts, errors, leases, produced artefacts."""
+    from ..batch.ops import batch_status
+
+    summary = batch_status(obj.registry, batch)
+    if as_json:
+        print_json(summary)
+        return
+    rows = [_item_row(it, with_worker=True) for it in summary["items"]]
+    print_table(rows, ITEM_COLUMNS[:4] + ["step", "worker", "lease until"] + ITEM_COLUMNS[4:],
+                title=f"batch {summary['batch']} → {summary['variant']}")
+    click.echo(_counts_line(summary))
+
+
+def _item_row(it: dict, with_worker: bool = False) -> dict:
+    err = it["error"] or ""
+    row = {"#": it["position"], "source": it["source"], "state": it["state"], "attempts": it["attempts"],
+           "result": it["result"], "error": (err[:117] + "…") if len(err) > 120 else (err or None)}
+    if with_worker:
+        row.update({"step": it["step"], "worker": it["worker"] if it["state"] == "running" else None,
+                    "lease until": it["lease_expires_at"] if it["state"] == "running" else None})
+    return row
+
+
+def _counts_line(summary: dict) -> str:
+    c = summary["counts"]
+    return (f"{c['done']} done, {c['failed']} failed, {c['queued']} queued, {c['running']} running "
+            f"of {summary['total']}")
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print_json(summary)
+        return
+    run = summary["this_run"]
+    print_table([_item_row(it) for it in summary["items"]], ITEM_COLUMNS,
+                title=f"batch {summary['batch']} → {summary['variant']}")
+    rate = f", {run['items_per_minute']:.3g} items/min" if run.get("items_per_minute") else ""
+    click.echo(f"{_counts_line(summary)}; this run: {run['done']} done, {run['failed']} failed in "
+               f"{run['elapsed_s']:.1f} s with {run['workers']} {run['executor']} worker(s){rate}")
+    for lost in run["lost_workers"]:
+        click.echo(f"worker {lost['worker']}: {lost['reason']} ({lost['items_returned']} item(s) returned)")
+
+
+def _fail_if_unfinished(summary: dict) -> None:
+    c = summary["counts"]
+    if c["failed"] or c["queued"] or c["running"]:
+        left = f"{c['failed']} failed" + (f", {c['queued'] + c['running']} unfinished"
+                                          if c["queued"] or c["running"] else "")
+        raise AdaptError(f"batch {summary['batch']!r}: {left} of {summary['total']} "
+                         f"(see `adapt batch status {summary['batch']}`; run it again to retry)")
+
+
+def register(cli) -> None:
+    cli.add_command(batch_group)
