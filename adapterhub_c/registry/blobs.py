@@ -129,12 +129,16 @@ class BlobStore:
             src = self.verified_path(digest)
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink() or target.exists():
-                target.unlink()
+            if link and target.is_symlink() and os.readlink(target) == str(src.resolve()):
+                continue
+            # Build beside the target and rename over it: another process may be reading the
+            # same view (e.g. batch workers loading one variant), so it must never be missing.
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
             if link:
-                target.symlink_to(src.resolve())
+                tmp.symlink_to(src.resolve())
             else:
-                shutil.copyfile(src, target)
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, target)
         return dest
 
     # ---- maintenance -------------------------------------------------------------
