@@ -1,13 +1,18 @@
 """Pack sizes against the entropy bound and against the fp16 safetensors file.
 
-Usage: python benchmarks/pack_size.py [LORA_FOLDER] [--encoding golomb|bitmask] [--scope global|tensor]
+Usage:
+  python benchmarks/pack_size.py --zoo reverse-words            # a real zoo LoRA (pulled like a user would)
+  python benchmarks/pack_size.py --home H --loras NAME --tasks T  # a LoRA already in a registry
+  python benchmarks/pack_size.py FOLDER                         # a PEFT LoRA folder
+  python benchmarks/pack_size.py --random                       # seeded random LoRA, SmolLM2-135M shapes
 
-Without a folder: a seeded random LoRA with SmolLM2-135M shapes (hidden 576, 30 layers,
-q/k/v/o, r=16, 3 KV heads of 64 → k/v out 192). Factors are Gaussian: A with std
-1/sqrt(in) (the scale of a kaiming init), B with std 0.02 (a trained B, grown from zero).
-For each density k: pack file bytes, payload bits per parameter, the entropy bound
-(Σ numel·H(k_t) over tensors, at each tensor's own density), payload / bound, and the
-fp16 safetensors size / pack file size, both measured in this run.
+For each density k in 5, 10, 20, 30, 50% (ComPEFT, global scope): the pack file's bytes
+(``golomb`` encoding, the default; ``bitmask`` bits/param alongside), payload bits per
+parameter, the entropy bound (Σ numel·H(k_t) over tensors, each at its own density, one
+sign bit per non-zero included), payload / bound and whole file / bound (the file adds the
+safetensors header, per-tensor index rows and scales), and the fp16 safetensors file of the
+same tensors / the pack file — all measured in this run. Writes
+``benchmarks/results/pack_size.md``.
 """
 from __future__ import annotations
 
@@ -15,12 +20,14 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as st_save
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_zoo  # noqa: E402
 
 from adapterhub_c.adapters.lora import LoraAdapter  # noqa: E402
 from adapterhub_c.pack import inspect_pack, pack_adapter, tensors_digest, write_pack  # noqa: E402
@@ -29,7 +36,9 @@ DENSITIES = [0.05, 0.10, 0.20, 0.30, 0.50]
 
 
 def smollm2_like_lora(seed: int = 0) -> LoraAdapter:
-    """A random LoRA with the tensor shapes of SmolLM2-135M q/k/v/o at r=16."""
+    """A random LoRA with the tensor shapes of SmolLM2-135M q/k/v/o at r=16.
+
+    Gaussian factors: A with std 1/sqrt(in) (a kaiming-like init), B with std 0.02."""
     g = torch.Generator().manual_seed(seed)
     hidden, r, kv_out = 576, 16, 192
     tensors = {}
@@ -43,28 +52,88 @@ def smollm2_like_lora(seed: int = 0) -> LoraAdapter:
     return LoraAdapter(config=config, tensors=tensors)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder", nargs="?")
-    ap.add_argument("--encoding", default="golomb", choices=["golomb", "bitmask"])
-    ap.add_argument("--scope", default="global", choices=["global", "tensor"])
-    ap.add_argument("--alpha", type=float, default=1.0)
-    args = ap.parse_args()
-    adapter = LoraAdapter.from_folder(args.folder) if args.folder else smollm2_like_lora()
+def load_lora(args) -> tuple[LoraAdapter, str, int | None]:
+    """(adapter, description, bytes of its own weights file or None)."""
+    if args.random:
+        return smollm2_like_lora(), "random SmolLM2-135M-shaped LoRA r=16 q/k/v/o (seed 0)", None
+    if args.folder:
+        path = Path(args.folder) / "adapter_model.safetensors"
+        return LoraAdapter.from_folder(args.folder), f"PEFT folder {args.folder}", path.stat().st_size
+    from adapterhub_c.adapters.load import load_adapter_artifact
+    from adapterhub_c.adapters.lora import WEIGHTS_NAME
+
+    reg, pairs = bench_zoo.open_loras(args)
+    task, name = pairs[0]
+    art = reg.get(name, "artifact")
+    loaded = load_adapter_artifact(reg, art)
+    size = reg.blobs.path_for(art.files[WEIGHTS_NAME]).stat().st_size
+    src = "zoo LoRA" if not args.loras else "registry LoRA"
+    return loaded.lora, f"{src} {name} (task {task}, kind {art.kind})", size
+
+
+def measure(adapter: LoraAdapter, scope: str, alpha: float) -> list[dict]:
     fp16_bytes = len(st_save({k: v.to(torch.float16).contiguous() for k, v in adapter.tensors.items()}))
-    n = adapter.num_parameters()
-    print(f"adapter: {args.folder or 'random SmolLM2-135M-shaped LoRA r=16 q/k/v/o'}; {n:,} params; "
-          f"fp16 safetensors {fp16_bytes:,} bytes; encoding {args.encoding}, scope {args.scope}")
-    print(f"{'k':>5} {'file bytes':>11} {'bits/param':>10} {'bound':>8} {'x bound':>8} {'fp16/pack':>9}")
     digest = tensors_digest(adapter.tensors)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "p.pack")
         for k in DENSITIES:
-            write_pack(pack_adapter(adapter, density=k, alpha=args.alpha, scope=args.scope,
-                                    encoding=args.encoding, base="benchmark", source_digest=digest), path)
-            t = inspect_pack(path)["totals"]
-            print(f"{k:5.2f} {t['file_bytes']:11,d} {t['bits_per_param']:10.4f} {t['entropy_bits_per_param']:8.4f} "
-                  f"{t['ratio_to_bound']:8.4f} {fp16_bytes / t['file_bytes']:9.1f}")
+            row = {"k": k}
+            for encoding in ("golomb", "bitmask"):
+                t0 = time.perf_counter()
+                write_pack(pack_adapter(adapter, density=k, alpha=alpha, scope=scope, encoding=encoding,
+                                        base="benchmark", source_digest=digest), path)
+                seconds = time.perf_counter() - t0
+                t = inspect_pack(path)["totals"]
+                if encoding == "golomb":
+                    row.update({
+                        "file bytes": t["file_bytes"], "bits/param": t["bits_per_param"],
+                        "bound": t["entropy_bits_per_param"], "payload/bound": t["ratio_to_bound"],
+                        "file/bound": t["file_bytes"] * 8 / t["entropy_bits"],
+                        "fp16/pack": fp16_bytes / t["file_bytes"], "pack s": seconds,
+                    })
+                else:
+                    row.update({"bitmask bits/param": t["bits_per_param"], "bitmask fp16/pack": fp16_bytes / t["file_bytes"]})
+            rows.append(row)
+    return rows, fp16_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?")
+    ap.add_argument("--random", action="store_true")
+    ap.add_argument("--scope", default="global", choices=["global", "tensor"])
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--out", default=None)
+    bench_zoo.add_arguments(ap)
+    args = ap.parse_args()
+    started = time.time()
+    adapter, what, own_bytes = load_lora(args)
+    n = adapter.num_parameters()
+    rows, fp16_bytes = measure(adapter, args.scope, args.alpha)
+    cols = ["k", "file bytes", "bits/param", "bound", "payload/bound", "file/bound", "fp16/pack",
+            "bitmask bits/param", "bitmask fp16/pack", "pack s"]
+    fmt = {"k": "{:.2f}", "file bytes": "{:,d}", "bits/param": "{:.4f}", "bound": "{:.4f}",
+           "payload/bound": "{:.4f}", "file/bound": "{:.4f}", "fp16/pack": "{:.1f}",
+           "bitmask bits/param": "{:.4f}", "bitmask fp16/pack": "{:.1f}", "pack s": "{:.2f}"}
+    goal = all(r["payload/bound"] <= 1.01 for r in rows if r["k"] <= 0.2)
+    cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    text = "\n".join([
+        "# Pack size vs the entropy bound and the fp16 file", "",
+        f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+        f"Adapter: {what}; {n:,} parameters; fp16 safetensors of the same tensors {fp16_bytes:,} bytes"
+        + (f"; the artefact's own weights file {own_bytes:,} bytes" if own_bytes else "") + ".",
+        f"ComPEFT, scope {args.scope}, alpha {args.alpha:g} (alpha does not change sizes). "
+        "bound = entropy bound H(k) per parameter at each tensor's own density (sign bit included); "
+        "payload/bound = encoded bits / bound; file/bound = whole pack file (header, index, scales) / bound; "
+        "fp16/pack = fp16 safetensors bytes / pack file bytes (both measured here).", "",
+        bench_zoo.md_table(rows, cols, fmt), "",
+        f"Goal payload/bound <= 1.01 at k = 5–20%: {'met' if goal else 'MISSED'}. "
+        f"Total wall time {time.time() - started:.1f} s.",
+    ])
+    print(text)
+    if not args.random or args.out:
+        print(f"\nwrote {bench_zoo.write_result('pack_size', text, args.out)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Encode/decode throughput of the pack encodings, against a copy baseline of the same run.
 
-Usage: python benchmarks/pack_speed.py [--numel 10000000] [--repeat 5]
+Usage: python benchmarks/pack_speed.py [--numel 10000000] [--repeat 5] [--zoo TASK | --random]
 
 CPU: M params/s for encode (sign pattern → streams), decode (streams → positions and
 signs) and decode to a dense fp16 tensor, for golomb and bitmask at k = 5, 10, 20%; the
@@ -8,10 +8,19 @@ baseline is numpy copying an fp16 array of the same number of elements (the "rat
 column is decode-to-dense time / copy time). CUDA (when available): Triton bitmask
 decode to fp16 against ``torch`` copying an fp16 tensor of the same size: the fraction
 of copy bandwidth reached, counting the bytes each moves.
+
+Pack file → ready adapter (``--zoo TASK``: a real zoo LoRA; ``--random``: SmolLM2-135M
+shapes): the local CPU time to read + verify + decode the pack file (k = 5/10/20%,
+golomb and bitmask) into dense LoRA tensors, against reading the fp16 safetensors file of
+the same tensors into fp16 tensors (files in the page cache; best of ``--repeat``). Then
+the time to get a ready adapter when the file first has to travel over a link of a given
+bandwidth: bytes / bandwidth (SIMULATED, not a measured network transfer) + the measured
+local time. Writes ``benchmarks/results/pack_speed.md``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_zoo  # noqa: E402
 
 from adapterhub_c.pack.encoding import decode, encode  # noqa: E402
 
@@ -42,12 +52,11 @@ def to_dense(idx: np.ndarray, neg: np.ndarray, n: int, scale: float) -> np.ndarr
     return out
 
 
-def cpu_table(n: int, repeat: int) -> None:
+def cpu_table(n: int, repeat: int, out: list[str]) -> None:
     rng = np.random.default_rng(0)
     src = np.zeros(n, dtype=np.float16)
     copy_s = best(lambda: src.copy(), repeat)
-    print(f"CPU, {n:,} params; baseline fp16 copy: {n / copy_s / 1e6:,.0f} M params/s")
-    print(f"{'enc':>8} {'k':>5} {'encode M/s':>11} {'decode M/s':>11} {'dense M/s':>10} {'copy/dense':>10}")
+    rows = []
     for k in DENSITIES:
         idx = np.flatnonzero(rng.random(n) < k)
         neg = rng.random(idx.size) < 0.5
@@ -57,11 +66,19 @@ def cpu_table(n: int, repeat: int) -> None:
             e = best(lambda: encode(idx, neg, n, encoding), repeat)
             d = best(lambda: decode(enc), repeat)
             dd = best(lambda: to_dense(*decode(enc), n, 0.01), repeat)
-            print(f"{encoding:>8} {k:5.2f} {n / e / 1e6:11,.0f} {n / d / 1e6:11,.0f} {n / dd / 1e6:10,.0f} "
-                  f"{copy_s / dd:10.3f}")
+            rows.append({"encoding": encoding, "k": k, "encode M/s": n / e / 1e6, "decode M/s": n / d / 1e6,
+                         "decode→fp16 M/s": n / dd / 1e6, "fp16 copy M/s": n / copy_s / 1e6,
+                         "decode→fp16 / copy": copy_s / dd})
+    out += [f"## CPU encode / decode, {n:,} parameters (random ternary at density k), best of {repeat}", "",
+            "decode = bit streams → positions and signs; decode→fp16 = to a dense fp16 array (scale applied); "
+            "baseline: numpy copying an fp16 array of the same size (same run); last column = "
+            "throughput of decode→fp16 relative to that copy.", "",
+            bench_zoo.md_table(rows, list(rows[0]), {"k": "{:.2f}", "encode M/s": "{:,.0f}", "decode M/s": "{:,.0f}",
+                                                    "decode→fp16 M/s": "{:,.0f}", "fp16 copy M/s": "{:,.0f}",
+                                                    "decode→fp16 / copy": "{:.3f}"}), ""]
 
 
-def cuda_table(n: int, repeat: int) -> None:
+def cuda_table(n: int, repeat: int, out: list[str]) -> None:
     from adapterhub_c.kernels import bitmask_decode
     from adapterhub_c.pack.encoding import pack_plane
 
@@ -87,23 +104,106 @@ def cuda_table(n: int, repeat: int) -> None:
     dec_s = timed(lambda: bitmask_decode(pos, neg, n, 0.01, torch.float16))
     copy_bw = 4 * n / copy_s  # reads and writes 2 bytes per element
     dec_bw = (2 * n + n / 4) / dec_s  # writes 2 bytes, reads 2 bits per element
-    print(f"\nCUDA ({torch.cuda.get_device_name()}), {n:,} params")
-    print(f"{'op':>22} {'ms':>8} {'G params/s':>11} {'GB/s':>8} {'x copy BW':>9}")
-    print(f"{'torch fp16 copy':>22} {copy_s * 1e3:8.3f} {n / copy_s / 1e9:11.1f} {copy_bw / 1e9:8.0f} {1.0:9.2f}")
-    print(f"{'triton bitmask decode':>22} {dec_s * 1e3:8.3f} {n / dec_s / 1e9:11.1f} {dec_bw / 1e9:8.0f} "
-          f"{dec_bw / copy_bw:9.2f}")
+    rows = [{"op": "torch fp16 copy", "ms": copy_s * 1e3, "G params/s": n / copy_s / 1e9, "GB/s": copy_bw / 1e9,
+             "x copy BW": 1.0},
+            {"op": "triton bitmask decode", "ms": dec_s * 1e3, "G params/s": n / dec_s / 1e9, "GB/s": dec_bw / 1e9,
+             "x copy BW": dec_bw / copy_bw}]
+    out += [f"## CUDA ({torch.cuda.get_device_name()}), {n:,} parameters", "", bench_zoo.md_table(rows, list(rows[0])), ""]
+
+
+BANDWIDTHS = [("10 Mbit/s", 10e6 / 8), ("100 Mbit/s", 100e6 / 8), ("1 Gbit/s", 1e9 / 8), ("local NVMe 2 GB/s", 2e9)]
+
+
+def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
+    """Pack file → dense adapter tensors vs fp16 safetensors file → fp16 tensors."""
+    import os
+    import tempfile
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from adapterhub_c.pack import pack_adapter, read_pack, tensors_digest, unpack_to_adapter, write_pack
+
+    tensors16 = {k: v.to(torch.float16).contiguous() for k, v in adapter.tensors.items()}
+    n = adapter.num_parameters()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = os.path.join(tmp, "adapter_model.safetensors")
+        with open(f16, "wb") as f:
+            f.write(st_save(tensors16))
+
+        def load_fp16():
+            with open(f16, "rb") as f:
+                return st_load(f.read())
+
+        t16, _ = best(load_fp16, repeat), None
+        size16 = os.path.getsize(f16)
+        digest = tensors_digest(adapter.tensors)
+        cases = [("fp16 safetensors", size16, t16)]
+        for k in (0.05, 0.10, 0.20):
+            for encoding in ("golomb", "bitmask"):
+                path = os.path.join(tmp, f"p{k}{encoding}.pack")
+                write_pack(pack_adapter(adapter, density=k, encoding=encoding, base="benchmark",
+                                        source_digest=digest), path)
+                t = best(lambda: unpack_to_adapter(read_pack(path)), repeat)
+                cases.append((f"pack k={k:.2f} {encoding}", os.path.getsize(path), t))
+    for label, size, local in cases:
+        row = {"file": label, "bytes": size, "local s": local}
+        for bw_name, bw in BANDWIDTHS:
+            total = size / bw + local
+            base_total = size16 / bw + t16
+            row[f"@{bw_name} s"] = total
+            row[f"@{bw_name} x"] = base_total / total
+        rows.append(row)
+    cols = ["file", "bytes", "local s"] + [c for bw, _ in BANDWIDTHS for c in (f"@{bw} s", f"@{bw} x")]
+    fmt = {"bytes": "{:,d}", "local s": "{:.4f}", **{f"@{bw} s": "{:.3f}" for bw, _ in BANDWIDTHS},
+           **{f"@{bw} x": "{:.2f}" for bw, _ in BANDWIDTHS}}
+    out += [f"## Pack file → ready adapter vs the fp16 safetensors file ({what}; {n:,} parameters)", "",
+            "local s: MEASURED on this CPU (files in the page cache, best of "
+            f"{repeat}): fp16 = read the file + safetensors load into fp16 tensors; pack = read + verify the "
+            "digest + decode into dense tensors of the source dtype. @link s: bytes / link bandwidth "
+            "(SIMULATED transfer time, no network involved) + the measured local time; x = fp16 total / this "
+            "total (> 1: the pack gives a ready adapter sooner).", "",
+            bench_zoo.md_table(rows, cols, fmt), ""]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=int, default=10_000_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--random", action="store_true", help="ready-adapter table on a random SmolLM2-shaped LoRA")
+    ap.add_argument("--out", default=None)
+    bench_zoo.add_arguments(ap)
     args = ap.parse_args()
-    cpu_table(args.numel, args.repeat)
+    started = time.time()
+    cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    out = ["# Pack encode / decode speed and time to a ready adapter", "",
+           f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads "
+           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs (shared with other jobs)", ""]
+    cpu_table(args.numel, args.repeat, out)
+    if args.random or args.zoo or args.loras:
+        if args.random:
+            from pack_size import smollm2_like_lora
+
+            adapter, what = smollm2_like_lora(), "random SmolLM2-135M-shaped LoRA r=16"
+        else:
+            from adapterhub_c.adapters.load import load_adapter_artifact
+
+            reg, pairs = bench_zoo.open_loras(args)
+            task, name = pairs[0]
+            adapter = load_adapter_artifact(reg, reg.get(name, "artifact")).lora
+            what = f"LoRA {name}, task {task}"
+        ready_table(adapter, what, args.repeat, out)
     if torch.cuda.is_available():
-        cuda_table(max(args.numel, 100_000_000), args.repeat)
+        cuda_table(max(args.numel, 100_000_000), args.repeat, out)
     else:
-        print("\nno CUDA device: Triton decode throughput not measured")
+        out += ["## GPU", "", "No CUDA device in this run: the Triton decode throughput (goal >= 0.85 of the "
+                "device's copy bandwidth) was NOT measured.", ""]
+    out.append(f"Total wall time {time.time() - started:.1f} s.")
+    text = "\n".join(out)
+    print(text)
+    if args.zoo or args.loras or args.out:
+        print(f"\nwrote {bench_zoo.write_result('pack_speed', text, args.out)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,261 @@
+"""Quality of packed task LoRAs across densities: ComPEFT (auto alpha) vs STC vs pruned-only.
+
+Usage:
+  python benchmarks/pack_quality.py --zoo reverse-words,uppercase,sort-numbers
+        [--ks 0.05,0.1,0.2,0.5] [--examples 24] [--val-examples 16]
+  python benchmarks/pack_quality.py --home H --loras A,B --tasks t1,t2     # LoRAs already registered
+
+For each task LoRA (on its base, loaded once; the adapter is attached once and its weights
+swapped in place, :class:`adapterhub_c.pack.alpha.AdapterSlot`), on the first
+``--examples`` pairs of the task's test split: greedy exact match (the task metric) and
+completion perplexity (exp of the mean cross-entropy per completion token, teacher
+forced). A ``pydoc`` LoRA is scored by strided perplexity on ``--ppl-tokens`` tokens of
+the pydoc test split only. Rows, as in ComPEFT's Figure 5:
+
+- ``base``: no adapter; ``original``: the LoRA as trained (the baseline of the ratios);
+- ``compeft``: top-k, signs kept, magnitude alpha·std (global), alpha chosen on the
+  validation split from the paper's grid (0.5 … 10) — criterion: completion loss on the
+  first ``--val-examples`` validation pairs (pydoc: perplexity on ``--val-tokens``), one
+  teacher-forced pass per alpha (the library's ``--alpha auto`` uses greedy exact match,
+  which costs ~20x more on CPU);
+- ``stc``: the same top-k and signs, magnitude = mean |kept| (no alpha);
+- ``pruned``: the same top-k, kept values unchanged (no ternarisation).
+
+Every compressed row goes through the real pack file (write, read with digest check,
+decode) except ``pruned`` (not a pack format). Ratios are to ``original`` measured in the
+same run. Writes ``benchmarks/results/pack_quality.md`` and ``pack_quality.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_zoo  # noqa: E402
+
+from adapterhub_c.adapters.load import LoadedAdapter, load_adapter_artifact  # noqa: E402
+from adapterhub_c.adapters.lora import LoraAdapter  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Scorer:
+    """Test/validation scoring of one task on a model whose adapter weights change."""
+
+    def __init__(self, task: str, tokenizer, n_test: int, n_val: int, ppl_tokens: int, val_tokens: int):
+        from adapterhub_c.evals.data import load_dataset
+        from adapterhub_c.merge.completions import encode_examples
+
+        self.task, self.tok = task, tokenizer
+        self.is_text = task == "pydoc"
+        spec = "builtin:pydoc" if self.is_text else f"builtin:task/{task}"
+        test, val = load_dataset(spec, "test"), load_dataset(spec, "validation")
+        if self.is_text:
+            self.test_texts, self.val_texts = test.texts, val.texts
+            self.ppl_tokens, self.val_tokens = ppl_tokens, val_tokens
+        else:
+            self.test_pairs, self.val_pairs = test.pairs[:n_test], val.pairs[:n_val]
+            self.test_batches = encode_examples(tokenizer, self.test_pairs, 8)
+            self.val_batches = encode_examples(tokenizer, self.val_pairs, 8)
+
+    def _ppl_text(self, model, texts, tokens) -> float:
+        from adapterhub_c.evals.metrics import perplexity
+
+        return perplexity(model, self.tok, texts, max_length=512, stride=512, max_tokens=tokens)["perplexity"]
+
+    def validation(self, model) -> float:
+        """Alpha-search criterion (lower is better)."""
+        from adapterhub_c.merge.completions import completion_loss
+
+        if self.is_text:
+            return self._ppl_text(model, self.val_texts, self.val_tokens)
+        return completion_loss(model, *self.val_batches)
+
+    def test(self, model) -> dict:
+        from adapterhub_c.evals.metrics import exact_match
+        from adapterhub_c.merge.completions import completion_loss
+
+        if self.is_text:
+            return {"EM": None, "ppl": self._ppl_text(model, self.test_texts, self.ppl_tokens)}
+        loss = completion_loss(model, *self.test_batches)
+        em = exact_match(model, self.tok, self.test_pairs)["exact_match"]
+        return {"EM": em, "ppl": math.exp(loss)}
+
+
+def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int]:
+    """Pack → file → read (digest checked) → decode; returns (decoded adapter, file bytes)."""
+    from adapterhub_c.pack import pack_adapter, read_pack, write_pack
+    from adapterhub_c.pack.ops import loaded_from_pack
+
+    path = tmp / "p.pack"
+    write_pack(pack_adapter(lora, base="benchmark", source_digest="benchmark", **kw), path)
+    return loaded_from_pack(read_pack(path)), path.stat().st_size
+
+
+def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[list[dict], list[dict]]:
+    from adapterhub_c.models.loading import load_base_model
+    from adapterhub_c.pack import prune_tensors
+    from adapterhub_c.pack.alpha import ALPHA_GRID, AdapterSlot
+
+    art = reg.get(name, "artifact")
+    loaded = load_adapter_artifact(reg, art)
+    modules = tuple(sorted(loaded.lora.modules()))
+    if state.get("modules") != modules or state.get("base_id") != art.base_id:
+        from adapterhub_c.registry.models import BaseModel
+
+        with reg.session() as s:
+            base = s.get(BaseModel, art.base_id)
+        t0 = time.perf_counter()
+        model, tok = load_base_model(reg, base, "cpu")
+        state.update(tok=tok, base_name=base.name, modules=modules, base_id=art.base_id,
+                     base_scores={}, slot=None, model=model)
+        log(f"loaded {base.name} in {time.perf_counter() - t0:.1f}s")
+    tok = state["tok"]
+    scorer = Scorer(task, tok, args.examples, args.val_examples, args.ppl_tokens, args.val_tokens)
+    rows, curves = [], []
+
+    def add(method, k, res, alpha=None, nbytes=None, seconds=None):
+        rows.append({"task": task, "method": method, "k": k, "alpha": alpha, "EM": res["EM"], "ppl": res["ppl"],
+                     "bytes": nbytes, "s": seconds})
+        log(f"{task:14s} {method:9s} k={k} alpha={alpha} EM={res['EM']} ppl={res['ppl']:.4g}")
+
+    if state["slot"] is None:
+        t0 = time.perf_counter()
+        add("base", None, scorer.test(state["model"]), seconds=time.perf_counter() - t0)
+        state["slot"] = AdapterSlot(state["model"], loaded)
+    else:
+        # the slot wraps the base: scoring "no adapter" = zero LoRA factors
+        zero = LoadedAdapter(LoraAdapter(loaded.lora.config, {k: torch.zeros_like(v) for k, v in loaded.lora.tensors.items()}))
+        state["slot"].set(zero)
+        t0 = time.perf_counter()
+        add("base", None, scorer.test(state["slot"].model), seconds=time.perf_counter() - t0)
+    slot = state["slot"]
+    model = slot.model
+    from safetensors.torch import save as st_save
+
+    fp16 = len(st_save({k: v.half().contiguous() for k, v in loaded.lora.tensors.items()}))
+    slot.set(loaded)
+    t0 = time.perf_counter()
+    add("original", None, scorer.test(model), nbytes=fp16, seconds=time.perf_counter() - t0)
+    for k in args.ks:
+        t0 = time.perf_counter()
+        curve = []
+        for a in ALPHA_GRID:
+            dec, _ = through_pack(loaded.lora, tmp, density=k, alpha=a)
+            slot.set(dec)
+            curve.append({"alpha": a, "val": scorer.validation(model)})
+        best = min(curve, key=lambda p: p["val"] if math.isfinite(p["val"]) else math.inf)
+        curves.append({"task": task, "k": k, "curve": curve, "best": best["alpha"]})
+        dec, nbytes = through_pack(loaded.lora, tmp, density=k, alpha=best["alpha"])
+        slot.set(dec)
+        add("compeft", k, scorer.test(model), alpha=best["alpha"], nbytes=nbytes, seconds=time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dec, nbytes = through_pack(loaded.lora, tmp, density=k, method="stc")
+        slot.set(dec)
+        add("stc", k, scorer.test(model), nbytes=nbytes, seconds=time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        slot.set(LoadedAdapter(LoraAdapter(loaded.lora.config, prune_tensors(loaded.lora.tensors, k))))
+        add("pruned", k, scorer.test(model), seconds=time.perf_counter() - t0)
+    orig = next(r for r in rows if r["method"] == "original")
+    for r in rows:
+        r["EM / orig"] = r["EM"] / orig["EM"] if r["EM"] is not None and orig["EM"] else None
+        r["ppl / orig"] = r["ppl"] / orig["ppl"]
+        r["fp16 / bytes"] = fp16 / r["bytes"] if r["bytes"] else None
+    return rows, curves
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        tr = [r for r in rows if r["task"] == task]
+        metric = "EM" if tr[0]["EM"] is not None else "ppl"
+        for method, style in (("compeft", "o-"), ("stc", "s--"), ("pruned", "^:")):
+            pts = [(r["k"], r[metric]) for r in tr if r["method"] == method]
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], style, label=method)
+        for method, color in (("original", "black"), ("base", "gray")):
+            ref = next(r for r in tr if r["method"] == method)
+            ax.axhline(ref[metric], color=color, linestyle="-." if method == "base" else "-", linewidth=1,
+                       label=method)
+        ax.set_xscale("log")
+        ks = sorted({100 * r["k"] for r in tr if r["k"]})
+        ax.set_xticks(ks)
+        ax.set_xticklabels([f"{k:g}" for k in ks])
+        ax.set_xlabel("density k (%)")
+        ax.set_ylabel("exact match" if metric == "EM" else "perplexity")
+        ax.set_title(task, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ks", default="0.05,0.1,0.2,0.5")
+    ap.add_argument("--examples", type=int, default=24, help="test pairs per task (exact match + perplexity)")
+    ap.add_argument("--val-examples", type=int, default=16, help="validation pairs for the alpha search")
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="pydoc test tokens")
+    ap.add_argument("--val-tokens", type=int, default=1024, help="pydoc validation tokens (alpha search)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    bench_zoo.add_arguments(ap, default_zoo="reverse-words,uppercase,sort-numbers")
+    args = ap.parse_args()
+    args.ks = [float(x) for x in args.ks.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    reg, pairs = bench_zoo.open_loras(args)
+    rows, curves, state = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task, name in pairs:
+            r, c = run_task(task, name, reg, state, args, Path(tmp))
+            rows += r
+            curves += c
+    cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    cols = ["task", "method", "k", "alpha", "EM", "EM / orig", "ppl", "ppl / orig", "bytes", "fp16 / bytes", "s"]
+    fmt = {"k": "{:.2f}", "alpha": "{:g}", "EM": "{:.3f}", "EM / orig": "{:.3f}", "ppl": "{:.4f}",
+           "ppl / orig": "{:.4f}", "bytes": "{:,d}", "fp16 / bytes": "{:.1f}", "s": "{:.1f}"}
+    curve_rows = [{"task": c["task"], "k": c["k"], "best alpha": c["best"],
+                   **{f"α={p['alpha']:g}": p["val"] for p in c["curve"]}} for c in curves]
+    out_md = Path(args.out) if args.out else bench_zoo.ROOT / "benchmarks" / "results" / "pack_quality.md"
+    png = out_md.with_suffix(".png")
+    text = "\n".join([
+        "# Packed task LoRAs: quality across densities (the shape of ComPEFT's Figure 5)", "",
+        f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPU, torch threads "
+        f"{torch.get_num_threads()}, base {state.get('base_name')}", "",
+        bench_zoo.source_line(args, pairs) + ".",
+        f"Test: first {args.examples} pairs of each task's test split — EM = greedy exact match, ppl = completion "
+        f"perplexity (teacher forced); pydoc: strided perplexity on {args.ppl_tokens} test tokens. compeft alpha: "
+        f"best of the paper's grid by completion loss on the first {args.val_examples} validation pairs (pydoc: "
+        f"perplexity on {args.val_tokens} validation tokens). bytes = pack file (golomb) or, for original, the fp16 "
+        "safetensors of the same tensors; fp16 / bytes = compression vs that file. EM / orig and ppl / orig: "
+        "ratio to the uncompressed LoRA in this run. s = seconds for the row (compeft: incl. the alpha search).", "",
+        bench_zoo.md_table(rows, cols, fmt), "",
+        f"![quality vs density]({png.name})", "",
+        "## Alpha search curves (validation completion loss; pydoc: perplexity)", "",
+        bench_zoo.md_table(curve_rows, list(curve_rows[0]) if curve_rows else [], {"k": "{:.2f}"}), "",
+        f"Total wall time {time.time() - started:.0f} s.",
+    ])
+    print(text)
+    bench_zoo.write_result("pack_quality", text, str(out_md))
+    plot(rows, png)
+    print(f"\nwrote {out_md} and {png}")
+
+
+if __name__ == "__main__":
+    main()
