@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -117,8 +118,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("# Variants of SmolLM2-135M\n\n"
-                   "Command: `python benchmarks/variants.py"
-                   f" --eval-tokens {args.eval_tokens} --calib-samples {args.calib_samples}`\n\n"
+                   f"Command: `python benchmarks/variants.py {shlex.join(sys.argv[1:])}`\n\n"
                    f"{meta}\n\n{text}\n\n"
                    "Columns: see the docstring of benchmarks/variants.py. `stored` counts the blobs a variant "
                    "points at; quantization-only variants reuse the base's weight blobs (own = their variant.json).\n")

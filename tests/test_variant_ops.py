@@ -215,3 +215,21 @@ def test_cli_create_eval_generate_and_rm(cli, reg, tiny_base):
     assert cli("rm", "child-lora", "--yes").code == 0
     assert cli("rm", out["name"], "--yes").code == 0
     assert cli("variant", "ls", "--json").json() == []
+
+
+def test_rm_refused_while_a_lineage_child_exists_one_line_naming_it(cli, reg, tiny_base):
+    """A dependent known only through lineage (no variant_id) also blocks `adapt rm <variant>`."""
+    from adapterhub_c.registry.artifacts import register_artifact
+
+    row, _ = create_variant(reg, tiny_base.name, quant="int8", eval_tokens=0)
+    register_artifact(reg, kind="prompt", name="lineage-child", base_id=tiny_base.id, files={},
+                      parents=[(row, "learned-on")])
+    r = cli("rm", row.name, "--yes")
+    assert r.code == 2
+    assert "lineage-child" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert [v.name for v in _variants(reg)] == [row.name]  # nothing removed
+    # the base cannot go either while its variant exists
+    assert cli("rm", tiny_base.name, "--yes").code == 2
+    assert cli("rm", "lineage-child", "--yes").code == 0
+    assert cli("rm", row.name, "--yes").code == 0
+    assert _variants(reg) == []

@@ -1,0 +1,212 @@
+"""Compression-aware soft prompts on the real SmolLM2-135M (Compress, Then Prompt, Table 2 + Figure 5).
+
+Usage: python benchmarks/soft_prompt.py [--home DIR] [--steps 150] [--tokens 32] [--lr 1e-3]
+           [--seq-len 128] [--batch-size 2] [--eval-tokens 2048]
+           [--other-data /usr/share/common-licenses/GPL-3] [--only LABEL ...]
+           [--out benchmarks/results/soft_prompt.md]
+
+For each variant (NF4 + 50% Wanda, 2:4 Wanda-scored, 60% magnitude; made with
+`create_variant`, so an existing registry from benchmarks/variants.py is reused via
+--home) a prompt is learned on builtin:pydoc train with `learn_prompt_artifact` (the
+call behind `adapt prompt learn`). Then `prompt_transfer` (behind `adapt prompt transfer`)
+measures every prompt on the base and on every variant, plus a no-prompt row, on
+builtin:pydoc test (the training domain) and on a different text (--other-data, by
+default the GNU GPL v3 text shipped by Debian: English legal prose, not documentation).
+
+Printed / written:
+- Table 2 shape: per model, perplexity without a prompt and with the prompt learned on
+  that model, on both texts, and the share of the variant's gap to the base (no prompt)
+  that the prompt closes: (ppl_v - ppl_v+prompt) / (ppl_v - ppl_base).
+- the transfer matrices (rows: where the prompt was learned, columns: where applied)
+  and their heat maps: benchmarks/results/soft_prompt_transfer_*.png.
+The baseline every ratio uses is the base without a prompt, measured in the same run
+on the same windows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = [  # (label, create_variant kwargs) — the recipes of Compress, Then Prompt's shape
+    ("nf4 + wanda 50%", dict(quant="nf4", prune="wanda", sparsity=0.5)),
+    ("2:4 (wanda-scored)", dict(prune="2:4")),
+    ("magnitude 60%", dict(prune="magnitude", sparsity=0.6)),
+]
+DEFAULT_OTHER = "/usr/share/common-licenses/GPL-3"
+RESULTS = Path(__file__).parent / "results"
+
+
+def gap_closed(base: float, without: float, with_prompt: float) -> float | None:
+    """Share of the variant's perplexity gap to the base that the prompt closes (1 = all)."""
+    gap = without - base
+    if gap <= 0:
+        return None
+    return (without - with_prompt) / gap
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", default=None, help="registry home (default: a fresh temporary folder)")
+    ap.add_argument("--base", default="builtin:smollm2-135m")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--tokens", type=int, default=32, help="prompt length k")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="tokens of each evaluation text")
+    ap.add_argument("--calib-samples", type=int, default=32, help="for variants not yet in the registry")
+    ap.add_argument("--other-data", default=DEFAULT_OTHER, help="the second text (a .txt/.jsonl path or a builtin)")
+    ap.add_argument("--only", nargs="*", default=None, help="labels of the variants to run (default: all)")
+    ap.add_argument("--out", default=str(RESULTS / "soft_prompt.md"))
+    args = ap.parse_args()
+
+    home = Path(args.home or tempfile.mkdtemp(prefix="adapterhub-bench-prompt-"))
+    os.environ["ADAPTERHUB_HOME"] = str(home)
+    import torch
+
+    from adapterhub_c.adapt.prompt_ops import learn_prompt_artifact, prompt_transfer
+    from adapterhub_c.models.ops import add_builtin_base
+    from adapterhub_c.registry import Registry
+    from adapterhub_c.registry.models import Artifact
+    from adapterhub_c.variants.ops import create_variant
+
+    torch.manual_seed(0)
+    reg = Registry(home=home)
+    t0 = time.monotonic()
+    base, _ = add_builtin_base(reg, args.base)
+    print(f"base {base.name} ready in {time.monotonic() - t0:.0f}s (home {home}), "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.with_suffix("")
+
+    def progress_for(label):
+        def progress(desc, done, total):
+            if total and (done == total or done % 25 == 0):
+                print(f"  [{label}] {desc}: {done}/{total} ({time.monotonic() - t0:.0f}s)", flush=True)
+        return progress
+
+    variants, prompts, learn_reports = [], [], {}
+    for label, kwargs in VARIANTS:
+        if args.only and label not in args.only:
+            continue
+        t = time.monotonic()
+        row, created = create_variant(reg, base.name, calib_samples=args.calib_samples, eval_tokens=0,
+                                      progress=progress_for(label), **kwargs)
+        print(f"[{label}] variant {row.name} {'created' if created else 'reused'} "
+              f"({time.monotonic() - t:.0f}s)", flush=True)
+        variants.append((label, row.name))
+        # A prompt with the same name and settings from an earlier run is reused.
+        pname = f"bench-prompt-{row.name}-k{args.tokens}-s{args.steps}-lr{args.lr:g}-L{args.seq_len}"
+        with reg.session() as s:
+            from sqlalchemy import select
+
+            existing = s.scalar(select(Artifact).where(Artifact.name == pname))
+        if existing is not None:
+            report = dict(existing.metrics or {}, name=pname, reused=True)
+            print(f"[{label}] prompt {pname} reused", flush=True)
+        else:
+            _, report = learn_prompt_artifact(reg, row.name, data="builtin:pydoc", tokens=args.tokens,
+                                              steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                              seq_len=args.seq_len, eval_tokens=min(args.eval_tokens, 512),
+                                              name=pname, progress=progress_for(label))
+            print(f"[{label}] prompt {pname}: loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}, "
+                  f"{report['train_wall_s']:.0f}s for {args.steps} steps", flush=True)
+        learn_reports[label] = report
+        prompts.append(pname)
+
+    columns = [base.name] + [name for _, name in variants]
+    matrices = {}
+    for key, data in (("pydoc", "builtin:pydoc"), ("other", args.other_data)):
+        t = time.monotonic()
+        png = Path(f"{stem}_transfer_{key}.png")
+        matrices[key] = prompt_transfer(reg, prompts, columns, data, split="test", plot=png,
+                                        max_tokens=args.eval_tokens, progress=progress_for(f"transfer {key}"))
+        matrices[key]["seconds"] = time.monotonic() - t
+        print(f"transfer on {data}: {matrices[key]['seconds']:.0f}s, plot {png}", flush=True)
+
+    def cell(key, row_name, col_name):
+        m = matrices[key]
+        return m["values"][m["rows"].index(row_name)][m["columns"].index(col_name)]
+
+    # Table 2 shape
+    table, results = [], []
+    base_ppl = {k: cell(k, "no prompt", base.name) for k in matrices}
+    for (label, vname), pname in [(("base", base.name), None)] + list(zip(variants, prompts)):
+        r = {"label": label, "model": vname, "prompt": pname}
+        for k in matrices:
+            without = cell(k, "no prompt", vname)
+            with_p = cell(k, pname, vname) if pname else None
+            r[f"{k}_without"], r[f"{k}_with"] = without, with_p
+            r[f"{k}_ratio_without"] = without / base_ppl[k]
+            r[f"{k}_ratio_with"] = with_p / base_ppl[k] if with_p else None
+            r[f"{k}_gap_closed"] = gap_closed(base_ppl[k], without, with_p) if with_p else None
+        results.append(r)
+
+    def f(x, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x)
+
+    other_name = Path(args.other_data).name if os.sep in args.other_data else args.other_data
+    header = (f"| model | pydoc test: no prompt | + prompt | ratio vs base (no / +) | gap closed "
+              f"| {other_name}: no prompt | + prompt | ratio vs base (no / +) | gap closed |")
+    lines = [header, "|" + "---|" * 9]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {f(r['pydoc_without'])} | {f(r['pydoc_with'])} "
+            f"| {f(r['pydoc_ratio_without'])} / {f(r['pydoc_ratio_with'])} | {f(r['pydoc_gap_closed'], '{:.0%}')} "
+            f"| {f(r['other_without'])} | {f(r['other_with'])} "
+            f"| {f(r['other_ratio_without'])} / {f(r['other_ratio_with'])} | {f(r['other_gap_closed'], '{:.0%}')} |")
+    table2 = "\n".join(lines)
+
+    def matrix_md(m):
+        short = {n: lbl for lbl, n in variants}
+        short[base.name] = "base"
+        head = "| prompt learned on \\ applied to | " + " | ".join(short[c] for c in m["columns"]) + " |"
+        rows = [head, "|" + "---|" * (len(m["columns"]) + 1)]
+        for rname, line, learned in zip(m["rows"], m["values"], m["learned_on"]):
+            who = "no prompt" if learned is None else short.get(learned, learned)
+            rows.append(f"| {who} | " + " | ".join(f"{v:.3f}" for v in line) + " |")
+        return "\n".join(rows)
+
+    train_lines = ["| variant | prompt | first loss | final loss | train s | s/step |", "|---|---|---|---|---|---|"]
+    for label, rep in learn_reports.items():
+        wall = rep.get("train_wall_s")
+        train_lines.append(f"| {label} | {rep.get('name')} | {f(rep.get('first_loss'))} | {f(rep.get('final_loss'))} "
+                           f"| {f(wall, '{:.0f}')} | {f(wall / args.steps if wall else None, '{:.2f}')} |")
+    total = time.monotonic() - t0
+    meta = (f"Base {base.name}; prompts of k={args.tokens} tokens (vocab-sample init) learned on builtin:pydoc train "
+            f"for {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr:g}, no weight "
+            f"decay. Perplexity on the first {matrices['pydoc']['tokens'] + 1} tokens of builtin:pydoc test and of "
+            f"{args.other_data} ({matrices['other']['tokens'] + 1} tokens), windows {matrices['pydoc']['max_length']} "
+            f"stride {matrices['pydoc']['stride']} (shrunk so prompt + window fit the context; the same windows with "
+            f"and without a prompt). CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; total "
+            f"{total:.0f}s.")
+    text = (f"## Table 2 shape (with = the prompt learned on that model)\n\n{table2}\n\n"
+            f"## Transfer matrix, builtin:pydoc test (training domain)\n\n{matrix_md(matrices['pydoc'])}\n\n"
+            f"![transfer pydoc]({Path(f'{stem}_transfer_pydoc.png').name})\n\n"
+            f"## Transfer matrix, {other_name} (other text)\n\n{matrix_md(matrices['other'])}\n\n"
+            f"![transfer other]({Path(f'{stem}_transfer_other.png').name})\n\n"
+            f"## Prompt learning\n\n" + "\n".join(train_lines))
+    print()
+    print(text)
+    out.write_text("# Compression-aware soft prompts on SmolLM2-135M\n\n"
+                   f"Command: `python benchmarks/soft_prompt.py {shlex.join(sys.argv[1:])}`\n\n{meta}\n\n{text}\n\n"
+                   "Gap closed = (ppl without - ppl with) / (ppl without - base ppl without); the base row's "
+                   "figures are the baseline of every ratio.\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "args": vars(args), "table2": results, "learn": learn_reports,
+         "transfer": {k: {kk: vv for kk, vv in m.items()} for k, m in matrices.items()}},
+        indent=2, default=str))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
