@@ -172,3 +172,18 @@ def test_cpu_bf16_kernel_opt_in_keeps_dequantization_readable():
     assert lin.weight.quant_state.packing_format_for_cpu  # repacked in place
     after = dequantize_linear(lin)
     torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-3)  # absmax now bf16
+
+
+def test_int8_forward_does_not_log_the_per_call_cast_notice(loaded, caplog):
+    """bnb logs 'inputs will be cast' on every int8 float32 forward; we drop that one record only."""
+    import logging
+
+    _, model = loaded[("int8", False)]
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING):
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 259, (1, 8)))
+        bnb_logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "x")
+        bnb_logger.warning("another bnb warning")
+    messages = [r.getMessage() for r in caplog.records if r.name == bnb_logger.name]
+    assert messages == ["another bnb warning"]

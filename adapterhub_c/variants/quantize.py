@@ -26,6 +26,7 @@ all (only a torch UserWarning). Results also change precision between eval and t
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -34,6 +35,16 @@ from torch import nn
 from ..errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bnb >= 0.45 logs (not warns) this on EVERY int8 forward with float32 inputs; it is by design of LLM.int8."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNotice())
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
