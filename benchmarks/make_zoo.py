@@ -90,15 +90,16 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="builtin:smollm2-135m")
     ap.add_argument("--zoo-dir", type=Path, default=ZOO_DIR)
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    ap.add_argument("--steps", type=int, default=150, help="steps for the built-in tasks")
-    ap.add_argument("--pydoc-steps", type=int, default=None, help="steps for pydoc (default: --steps)")
+    ap.add_argument("--steps", type=int, default=8, help="steps for the built-in tasks")
+    ap.add_argument("--pydoc-steps", type=int, default=4, help="steps for pydoc")
+    ap.add_argument("--pydoc-batch-size", type=int, default=4, help="batch size for pydoc")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
-    ap.add_argument("--eval-examples", type=int, default=50)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-examples", type=int, default=20)
+    ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
                 print(f"{task}: already in the zoo, skipped", flush=True)
                 continue
             data = data_of(task)
-            steps = args.pydoc_steps if task == "pydoc" and args.pydoc_steps else args.steps
+            steps = args.pydoc_steps if task == "pydoc" else args.steps
+            batch_size = args.pydoc_batch_size if task == "pydoc" else args.batch_size
             name = f"zoo-{task}"
             t0 = time.perf_counter()
             if name_taken(reg, name):   # trained by a run that stopped before pushing
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
             else:
                 print(f"{task}: training {steps} steps on {data}", flush=True)
                 art, report = train_adapter(reg, base.name, data, rank=args.rank, alpha=args.alpha, steps=steps,
-                                            lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                                            lr=args.lr, batch_size=batch_size, seq_len=args.seq_len,
                                             name=name, max_eval_tokens=args.eval_tokens,
                                             max_eval_examples=args.eval_examples, device=args.device,
                                             progress=_progress(task))
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
                                    commit_message=f"{task} LoRA ({steps} steps)")
             entry = {"task": task, "data": data, "repo": repo, "commit": pushed["commit_sha"],
                      "artifact": art.name, "steps": steps, "rank": args.rank, "alpha": args.alpha,
-                     "lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "lr": args.lr, "batch_size": batch_size, "seq_len": args.seq_len,
                      "eval": {"split": "test", "max_examples": args.eval_examples,
                               "max_tokens": args.eval_tokens},
                      "metrics": {"train": report["train"], "before": report["before"], "after": report["after"]},
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
             f"# Zoo of task LoRAs on {args.base}\n\nCommand: `python benchmarks/make_zoo.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             f"LoRA r={args.rank}, alpha={args.alpha}, q/k/v/o, lr {args.lr}, batch {args.batch_size}, "
-            f"seq_len {args.seq_len}, CPU (2 shared cores). Test split: exact match on the first "
+            f"seq_len {args.seq_len} (pydoc: {args.pydoc_steps} steps, batch {args.pydoc_batch_size}), "
+            f"CPU (2 cores shared with other jobs, load ~8). Test split: exact match on the first "
             f"{args.eval_examples} prompts, perplexity on the first {args.eval_tokens} tokens.\n\n{table}\n")
     print(f"manifest: {manifest_path(zoo_dir)}")
     return 0
