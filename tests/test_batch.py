@@ -6,6 +6,7 @@ own), with 3 workers there. LoRAs are served by the local Hub server (tests/hubu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,6 +55,24 @@ def _pg_admin_url() -> str | None:
     return os.environ.get(PG_ENV) or None
 
 
+@contextlib.contextmanager
+def _pg_database(admin: str):
+    """A fresh, empty PostgreSQL database on the server ``admin`` names; its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"adapt_batch_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, home):
     """(registry URL, workers): SQLite in the home folder, or a fresh PostgreSQL database."""
@@ -62,21 +81,9 @@ def db(request, home):
         return
     admin = _pg_admin_url()
     if not admin:
-        pytest.skip(f"{PG_ENV} not set")
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"adapt_batch_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin).set(database=name).render_as_string(hide_password=False)
-    try:
+        pytest.skip(f"{PG_ENV} not set: no PostgreSQL server to test against (.ci/run starts one)")
+    with _pg_database(admin) as url:
         yield url, 3
-    finally:
-        with engine.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 @pytest.fixture
@@ -130,14 +137,18 @@ def hf(hub, tmp_path, monkeypatch):
     return hub
 
 
-@pytest.fixture
-def variant(breg):
+def _make_variant(reg):
     from adapterhub_c.models.ops import add_builtin_base
     from adapterhub_c.variants.ops import create_variant
 
-    add_builtin_base(breg, TINY)
-    v, _ = create_variant(breg, TINY, prune="magnitude", sparsity=0.5, eval_tokens=0, name="tiny-mag50")
+    add_builtin_base(reg, TINY)
+    v, _ = create_variant(reg, TINY, prune="magnitude", sparsity=0.5, eval_tokens=0, name="tiny-mag50")
     return v
+
+
+@pytest.fixture
+def variant(breg):
+    return _make_variant(breg)
 
 
 def _items_file(tmp_path: Path, sources: list[str]) -> Path:
@@ -400,3 +411,39 @@ def test_bad_input_is_refused_before_any_work(breg, variant, cli, tmp_path, db):
     from adapterhub_c.registry.views import list_objects
 
     assert not [x for x in list_objects(breg, "runs") if x["command"] == "batch convert"]
+
+
+# ---- Ray ---------------------------------------------------------------------------------------
+@pytest.fixture
+def shared_db(home):
+    """The registry a Ray cluster would share: PostgreSQL when the server is there, else SQLite."""
+    admin = _pg_admin_url()
+    if admin:
+        with _pg_database(admin) as url:
+            yield url
+    else:
+        yield f"sqlite:///{home / 'registry.db'}"
+
+
+def test_batch_on_a_local_ray_instance(shared_db, home, hf, cli, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is in the distributed extra: pip install '.[distributed]'")
+    from adapterhub_c.registry import Registry
+
+    reg = Registry(url=shared_db, home=home)
+    try:
+        _make_variant(reg)
+        items = _items_file(tmp_path, GOOD[:3] + [MISSING])
+        r = cli("--db", shared_db, "batch", "convert", "--variant", "tiny-mag50", "--from-file", str(items), *FAST,
+                "--executor", "ray", "--workers", "2", "--retries", "0", "--name", "on-ray", "--json")
+        assert r.code == 1, r.err
+        out = r.json()
+        assert out["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1}
+        assert out["this_run"]["executor"] == "ray" and out["this_run"]["workers"] == 2
+        assert not out["this_run"]["lost_workers"]
+        done = [it for it in out["items"] if it["state"] == "done"]
+        assert all(it["attempts"] == 1 and it["worker"].startswith("w") for it in done)
+        assert len(_artifacts(reg, "recovered-lora")) == 3
+        assert not ray.is_initialized()  # the local instance the batch started is gone again
+        _check_consistent(reg)
+    finally:
+        reg.close()
