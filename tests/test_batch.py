@@ -40,6 +40,14 @@ def stall_hook(source: str, step: str, attempt: int) -> None:
         time.sleep(600)
 
 
+def crashing_pipeline(ctx) -> list[str]:
+    """Like sleepy_pipeline, but the worker SIGKILLs itself in the first attempt of 'crash-*' items."""
+    if ctx.source.startswith("crash-") and ctx.claim.attempt == 1:
+        with ctx.step("work"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return sleepy_pipeline(ctx)
+
+
 def sleepy_pipeline(ctx) -> list[str]:
     """A model-free pipeline for queue tests: one step, a short sleep, a failure on 'bad-*'."""
     with ctx.step("work"):
@@ -175,7 +183,7 @@ def _runs(reg, command: str) -> list:
         return list(s.scalars(select(Run).where(Run.command == command)))
 
 
-def _check_consistent(reg) -> None:
+def _check_consistent(reg, allow_running: bool = False) -> None:
     """Every artefact's blobs are complete; no item is left running; done items point at artefacts."""
     from sqlalchemy import select
 
@@ -187,7 +195,7 @@ def _check_consistent(reg) -> None:
     for a in arts.values():
         for digest in a.files.values():
             reg.blobs.verified_path(digest)
-    assert not [i for i in items if i.state == "running"]
+    assert allow_running or not [i for i in items if i.state == "running"]
     for i in items:
         if i.state == "done":
             assert i.artifact_ids and all(a in arts for a in i.artifact_ids)
@@ -224,6 +232,25 @@ def test_queue_many_workers_claim_each_item_once(db, breg):
     assert changes["requeued"] == 0  # out of attempts
     with pytest.raises(Exception, match="other options"):
         queue.open_batch(breg, "q", "test", {"k": 2}, sources, max_attempts=2)
+
+
+def test_killed_worker_gives_its_item_back_at_once(db, breg):
+    from adapterhub_c.batch import queue
+    from adapterhub_c.batch.executors import make_executor
+    from adapterhub_c.batch.ops import execute_batch
+
+    batch, _ = queue.open_batch(breg, "crash", "test", {}, ["crash-1", "item-2"], max_attempts=3)
+    stats = execute_batch(breg, batch.id, make_executor("local", 1), lease_seconds=600,
+                          pipeline="test_batch:crashing_pipeline", threads=1)
+    (lost,) = stats["lost_workers"]
+    assert "killed by signal 9" in lost["reason"] and lost["items_returned"] == 1
+    state = {i.source: (i.state, i.attempts) for i in queue.items(breg, batch.id)}
+    assert state == {"crash-1": ("queued", 1), "item-2": ("queued", 0)}  # not left waiting for a 600 s lease
+    stats = execute_batch(breg, batch.id, make_executor("local", 1), lease_seconds=600,
+                          pipeline="test_batch:crashing_pipeline", threads=1)
+    assert stats["done"] == 2 and not stats["lost_workers"]
+    items = {i.source: i for i in queue.items(breg, batch.id)}
+    assert items["crash-1"].attempts == 2 and "signal 9" in items["crash-1"].outputs["errors"][0]["error"]
 
 
 def test_claims_are_exclusive_and_stale_workers_cannot_complete(db, breg):
@@ -338,40 +365,42 @@ def test_batch_converts_reports_broken_items_and_reruns_without_redoing(db, breg
     assert r.code == 2 and "other options" in r.err
 
 
-def test_worker_killed_mid_item_leaves_registry_consistent_and_rerun_finishes(db, breg, variant, hf, tmp_path):
+def test_batch_killed_mid_item_leaves_registry_consistent_and_rerun_finishes(db, breg, variant, hf, cli,
+                                                                            tmp_path):
+    """The whole `adapt batch convert` (driver and worker) SIGKILLed inside a convert step:
+    nothing half-registered, the item stays claimed until its lease expires, a rerun finishes it."""
     url, _ = db
     items = _items_file(tmp_path, GOOD[:2])
     env = dict(os.environ, ADAPTERHUB_BATCH_STEP_HOOK="test_batch:stall_hook", **{STALL_ENV: GOOD[0]},
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-c", "from adapterhub_c.cli.main import main; main()", "--db", url,
-           "batch", "convert", "--variant", "tiny-mag50", "--from-file", str(items), *FAST,
-           "--workers", "1", "--lease-seconds", "30", "--name", "killme", "--json"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["--db", url, "batch", "convert", "--variant", "tiny-mag50", "--from-file", str(items), *FAST,
+            "--workers", "1", "--name", "killme", "--json"]
+    cmd = [sys.executable, "-c", "from adapterhub_c.cli.main import main; main()", *args, "--lease-seconds", "5"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        worker_pid = _wait_for_stall(breg, GOOD[0], proc)
-        os.kill(worker_pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
+        _wait_for_stall(breg, GOOD[0], proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # driver, worker and all: nobody is left to give the item back
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, err
-    first = json.loads(out)
-    lost = first["this_run"]["lost_workers"]
-    assert len(lost) == 1 and "signal 9" in lost[0]["reason"] and lost[0]["items_returned"] == 1
-    assert first["counts"]["running"] == 0 and first["counts"]["done"] == 0
-    stalled = next(it for it in first["items"] if it["source"] == GOOD[0])
-    assert stalled["state"] == "queued" and stalled["attempts"] == 1
-    assert "killed by signal 9" in stalled["outputs"]["errors"][0]["error"]
-    assert _artifacts(breg, "recovered-lora") == []  # the killed convert registered nothing
-    _check_consistent(breg)
+            os.killpg(proc.pid, signal.SIGKILL)
+    from adapterhub_c.batch import queue
 
-    # Rerun without the hook: both items done, each converted exactly once.
-    env.pop("ADAPTERHUB_BATCH_STEP_HOOK")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    final = json.loads(done.stdout)
-    assert final["counts"]["done"] == 2
+    batch = queue.get_batch(breg, "killme")
+    state = {i.source: (i.state, i.attempts) for i in queue.items(breg, batch.id)}
+    assert state == {GOOD[0]: ("running", 1), GOOD[1]: ("queued", 0)}
+    assert _artifacts(breg, "recovered-lora") == []  # the killed convert registered nothing
+    _check_consistent(breg, allow_running=True)
+
+    # Rerun (no hook): the dead claim's lease runs out, the item is taken again and finished.
+    r = cli(*args, "--lease-seconds", "30")
+    assert r.code == 0, r.err
+    final = r.json()
+    assert final["counts"]["done"] == 2 and final["this_run"]["done"] == 2
     assert {it["source"]: it["attempts"] for it in final["items"]} == {GOOD[0]: 2, GOOD[1]: 1}
+    killed = next(it for it in final["items"] if it["source"] == GOOD[0])
+    assert killed["outputs"]["errors"][0]["error"].startswith("worker lost: lease expired")
     assert len(_artifacts(breg, "recovered-lora")) == 2
     _check_consistent(breg)
 
