@@ -86,3 +86,45 @@ def write_result(name: str, text: str, out: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n")
     return path
+
+
+def batched_exact_match(model, tokenizer, pairs, batch_size: int = 16) -> float:
+    """Greedy exact match like :func:`adapterhub_c.evals.metrics.exact_match`, batched with
+    a KV cache (``model.generate``, left padding) so it costs a few forwards, not one
+    full forward per generated token and example.
+
+    Same rule: prompt without special tokens, at most len(reference tokens) + 4 new
+    tokens, stop at EOS, keep the text before the first newline, compare stripped.
+    """
+    import torch
+
+    if not pairs:
+        raise ValueError("no examples to score")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = pad if pad is not None else (eos if eos is not None else 0)
+    device = next(model.parameters()).device
+    correct = 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in chunk]
+        budgets = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 4 for _, c in chunk]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max(budgets), pad_token_id=pad, eos_token_id=eos,
+                                 num_beams=1, temperature=None, top_p=None, top_k=None)
+        for j, (_, completion) in enumerate(chunk):
+            new = out[j, width:width + budgets[j]].tolist()
+            if eos is not None and eos in new:
+                new = new[:new.index(eos)]
+            text = tokenizer.decode(new).split("\n", 1)[0]
+            correct += text.strip() == completion.strip()
+    model.train(was_training)
+    return correct / len(pairs)

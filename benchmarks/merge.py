@@ -1,13 +1,16 @@
 """Merge speed (ours vs PEFT ``add_weighted_adapter``, same inputs, same run) and merge quality.
 
 Usage:
-  python benchmarks/merge.py [--ns 2,4,8] [--rank 16] [--density 0.5] [--threads 2]
-                             [--out benchmarks/results/merge.md]
-  python benchmarks/merge.py --zoo-home DIR --zoo a,b[,c] --tasks t1,t2[,t3]   # adds quality
+  python benchmarks/merge.py --zoo all [--ns 2,4,8] [--layers L] [--quality-tasks 2]
+  python benchmarks/merge.py --home H --loras A,B --tasks t1,t2      # LoRAs already registered
+  python benchmarks/merge.py [--ns 2,4,8] --out FILE                  # random LoRAs, timing only
 
-Timing: N LoRAs of rank 16 with the shapes of SmolLM2-135M (30 layers, q/k/v/o:
-576×576, 192×576, 192×576, 576×576; what ``adapt train`` targets by default), random
-factors, float32, CPU. Each pair of rows merges the same inputs at the same output rank:
+Timing: N LoRAs — the zoo's real task LoRAs (cycled when N exceeds their number), or
+random rank-16 LoRAs with the shapes of SmolLM2-135M (q/k/v/o: 576×576, 192×576,
+192×576, 576×576) — restricted to the first ``--layers`` decoder layers, float32, CPU.
+PEFT runs on a randomly initialised Llama with SmolLM2-135M's layer shapes (the base
+weights play no part in a merge). Each pair of rows merges the same inputs at the same
+output rank:
 
 - ``task-arithmetic`` rank 16: ours (delta space: QR of the stacked factors + SVD of the
   Σr×Σr core) vs PEFT ``svd`` (dense ΔW + full SVD per module);
@@ -26,21 +29,25 @@ factor-space TIES with ``majority=frequency``: sign election on the bit planes
 (``kernels.elect_signs``; the CPU twin here) vs the dense vote; the outputs are checked
 bit-identical.
 
-Quality (``--zoo-home``, registry of zoo task LoRAs and their packs): mean completion
-cross-entropy and exact match on each task's test split for each single LoRA, task
-arithmetic and TIES (delta space) from the original LoRAs and from their packs (the
-shape of ComPEFT's Table 6).
+Quality (``--zoo``/``--loras``): the first ``--quality-tasks`` task LoRAs are packed
+(ComPEFT, ``--pack-density``/``--pack-alpha``, registered like ``adapt pack``), read back
+through the merge command's input path (packs decoded once), merged (task arithmetic and
+TIES in ΔW space) from the LoRAs and from the packs, and scored on every merged task's
+test split: exact match and completion perplexity (the shape of ComPEFT's Table 6).
+Writes ``benchmarks/results/merge.md``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_zoo  # noqa: E402
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter  # noqa: E402
 from adapterhub_c.merge import merge_adapters  # noqa: E402
@@ -116,12 +123,25 @@ def rel_err(got: dict, ref: dict) -> float:
     return (num / den) ** 0.5
 
 
-def timing_rows(ns, rank, alpha, density, layers, repeat, log):
+def first_layers(adapter: LoraAdapter, layers: int) -> LoraAdapter:
+    """The adapter restricted to modules of the first ``layers`` decoder layers."""
+    import re
+
+    keep = {k: v for k, v in adapter.tensors.items()
+            if (m := re.search(r"\.layers\.(\d+)\.", k)) is None or int(m.group(1)) < layers}
+    return LoraAdapter(dict(adapter.config), keep)
+
+
+def timing_rows(ns, rank, alpha, density, layers, repeat, log, real: list[LoraAdapter] | None = None):
     shp = shapes(layers)
     rows = []
     model = peft_model(layers)
     for n in ns:
-        adapters = [make_lora(100 * n + i, shp, rank, alpha) for i in range(n)]
+        if real:
+            # real LoRAs, cycled when N exceeds how many there are
+            adapters = [first_layers(real[i % len(real)], layers) for i in range(n)]
+        else:
+            adapters = [make_lora(100 * n + i, shp, rank, alpha) for i in range(n)]
         pm = load_into_peft(model, adapters, rank, alpha)
         names = [f"a{i}" for i in range(n)]
         exact = None
@@ -159,7 +179,8 @@ def timing_rows(ns, rank, alpha, density, layers, repeat, log):
             else:
                 err = f"{rel_err(got_ours, got_peft):.2e} (ours vs peft)"
             row = dict(N=n, method=method, space=where, peft=peft_name, ours_s=t_ours, peft_s=t_peft,
-                       ratio=t_peft / t_ours, error=err)
+                       ratio=t_peft / t_ours, error=err, inputs=len({id(a.tensors) for a in adapters}) if not real
+                       else len({i % len(real) for i in range(n)}))
             rows.append(row)
             log(f"N={n} {method:16s} {where:22s} ours {t_ours:8.3f}s  peft {peft_name:9s} {t_peft:8.3f}s  "
                 f"x{t_peft / t_ours:6.1f}  {err}")
@@ -225,59 +246,72 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
 
 
 # ---- quality on zoo LoRAs ----------------------------------------------------------------------
-def quality_rows(home: str, zoo: list[str], tasks: list[str], packs: list[str] | None, density: float,
-                 max_examples: int, log):
-    """Per-task loss / exact match of singles, TA and TIES merges, from LoRAs and from packs."""
+def ensure_pack(reg, lora_name: str, density: float, alpha: float, scope: str = "global") -> str:
+    """A ComPEFT pack of ``lora_name`` registered in ``reg`` (reused when already there)."""
+    from adapterhub_c.errors import NotFoundError
+    from adapterhub_c.pack.ops import pack_artifact
+
+    name = f"{lora_name}-k{density:g}-a{alpha:g}" + ("-tensor" if scope == "tensor" else "")
+    try:
+        reg.get(name, "artifact")
+    except NotFoundError:
+        pack_artifact(reg, lora_name, density=density, alpha=alpha, scope=scope, name=name)
+    return name
+
+
+def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density: float, pack_alpha: float,
+                 max_examples: int, log, pack_scope: str = "global"):
+    """Per-task loss / exact match of singles, TA and TIES merges (delta space), from the
+    LoRAs and from their ComPEFT packs, all read through the merge command's input path."""
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.evals.metrics import exact_match
     from adapterhub_c.merge.completions import completion_loss, encode_examples
     from adapterhub_c.merge.registry_ops import load_inputs, resolve_inputs
     from adapterhub_c.models.loading import load_base_model
-    from adapterhub_c.registry import Registry
-
-    reg = Registry(home=home)
-    arts, base, _ = resolve_inputs(reg, zoo)
-    loras = [x.adapter for x in load_inputs(reg, arts, torch.device("cpu"))]
-    candidates = {f"single {a.name}": a_l for a, a_l in zip(arts, loras)}
-    candidates["task-arithmetic (LoRAs)"] = merge_adapters(loras, "task-arithmetic").adapter
-    candidates[f"ties d={density} (LoRAs)"] = merge_adapters(loras, "ties", density=density).adapter
-    if packs:
-        p_arts, _, _ = resolve_inputs(reg, packs)
-        plist = [x.adapter for x in load_inputs(reg, p_arts, torch.device("cpu"))]
-        candidates["task-arithmetic (packs)"] = merge_adapters(plist, "task-arithmetic").adapter
-        candidates[f"ties d={density} (packs)"] = merge_adapters(plist, "ties", density=density).adapter
-    model, tok = load_base_model(reg, base, "cpu")
     from peft import PeftModel
+    import math
     import tempfile
 
+    tasks = [t for t, _ in pairs]
+    arts, base, _ = resolve_inputs(reg, [n for _, n in pairs])
+    loras = [x.adapter for x in load_inputs(reg, arts, torch.device("cpu"))]
+    packs = [ensure_pack(reg, n, pack_density, pack_alpha, pack_scope) for _, n in pairs]
+    p_arts, _, _ = resolve_inputs(reg, packs)
+    plist = [x.adapter for x in load_inputs(reg, p_arts, torch.device("cpu"))]
+    sizes = {a.name: a.size_bytes for a in arts + p_arts}
+    candidates: list[tuple[str, LoraAdapter | None, float | None]] = [("base (no adapter)", None, None)]
+    candidates += [(f"single {a.name} (LoRA)", l, None) for a, l in zip(arts, loras)]
+    candidates += [(f"single {a.name} (pack)", l, None) for a, l in zip(p_arts, plist)]
+    for src, inputs in (("LoRAs", loras), ("packs", plist)):
+        for method, kw in (("task-arithmetic", {}), (f"ties d={density}", dict(density=density))):
+            res = merge_adapters(inputs, method.split()[0], **kw)
+            log(f"merged {method} from {src} in {res.seconds:.2f}s")
+            candidates.append((f"{method} ({src})", res.adapter, res.seconds))
+    model, tok = load_base_model(reg, base, "cpu")
     data = {t: load_dataset(f"builtin:task/{t}", "test").pairs[:max_examples] for t in tasks}
+    enc = {t: encode_examples(tok, p, 16) for t, p in data.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, adapter in [("base", None)] + list(candidates.items()):
+        for i, (label, adapter, merge_s) in enumerate(candidates):
+            t0 = time.perf_counter()
             if adapter is None:
                 m = model
             else:
-                folder = adapter.to_folder(Path(tmp) / label.replace(" ", "_").replace("/", "_"))
-                m = PeftModel.from_pretrained(model, str(folder)).eval()
-            row = {"adapter": label}
-            for t, pairs in data.items():
-                batches, n_tok = encode_examples(tok, pairs, 8)
-                row[f"{t} loss"] = completion_loss(m, batches, n_tok)
-                row[f"{t} EM"] = exact_match(m, tok, pairs)["exact_match"]
+                m = PeftModel.from_pretrained(model, str(adapter.to_folder(Path(tmp) / f"c{i}"))).eval()
+            row = {"adapter": label, "merge s": merge_s}
+            for t in tasks:
+                row[f"{t} EM"] = bench_zoo.batched_exact_match(m, tok, data[t])
+                row[f"{t} ppl"] = math.exp(completion_loss(m, *enc[t]))
             rows.append(row)
-            log(str(row))
+            log(f"{label}: {row} ({time.perf_counter() - t0:.0f}s)")
             if adapter is not None:
                 model = m.unload()
-    reg.close()
-    return rows
+    return rows, sizes, packs
 
 
-def md_table(rows, cols) -> str:
-    def f(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+def md_table(rows, cols, fmt=None) -> str:
+    fmt = {"ours_s": "{:.3f}", "peft_s": "{:.3f}", "ratio": "{:.1f}", "popcount_s": "{:.4f}", "dense_s": "{:.4f}",
+           "merge_popcount_s": "{:.3f}", "merge_dense_s": "{:.3f}", "read_decode_s": "{:.3f}", **(fmt or {})}
+    return bench_zoo.md_table(rows, cols, fmt)
 
 
 def main() -> None:
@@ -285,53 +319,83 @@ def main() -> None:
     ap.add_argument("--ns", default="2,4,8")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--density", type=float, default=0.5)
-    ap.add_argument("--layers", type=int, default=SMOLLM2["layers"])
+    ap.add_argument("--density", type=float, default=0.5, help="TIES density")
+    ap.add_argument("--layers", type=int, default=SMOLLM2["layers"], help="timing: first L decoder layers")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-packs", action="store_true")
-    ap.add_argument("--zoo-home", default=None)
-    ap.add_argument("--zoo", default=None, help="comma-separated zoo LoRA names")
-    ap.add_argument("--zoo-packs", default=None, help="comma-separated packs of the same LoRAs, same order")
-    ap.add_argument("--tasks", default=None, help="comma-separated built-in task names, one per zoo LoRA")
+    ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--random-timing", action="store_true", help="time on random LoRAs even with --zoo")
+    ap.add_argument("--quality-tasks", type=int, default=2, help="quality: merge the first Q zoo LoRAs")
+    ap.add_argument("--pack-density", type=float, default=0.2)
+    ap.add_argument("--pack-alpha", type=float, default=1.0)
+    ap.add_argument("--pack-scope", default="global", choices=["global", "tensor"])
     ap.add_argument("--max-examples", type=int, default=16)
-    ap.add_argument("--out", default="benchmarks/results/merge.md")
+    ap.add_argument("--out", default=None)
+    bench_zoo.add_arguments(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.ns.split(",")]
-    lines: list[str] = []
 
     def log(s: str) -> None:
-        print(s, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)
 
     started = time.time()
-    rows = timing_rows(ns, args.rank, args.alpha, args.density, args.layers, args.repeat, log)
+    cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    reg, pairs, real = None, [], None
+    if args.zoo or args.loras:
+        from adapterhub_c.adapters.load import load_adapter_artifact
+
+        reg, pairs = bench_zoo.open_loras(args)
+        if not args.random_timing:
+            real = [load_adapter_artifact(reg, reg.get(n, "artifact")).lora for _, n in pairs]
+            args.rank, args.alpha = int(real[0].config["r"]), float(real[0].config["lora_alpha"])
+    rows = timing_rows(ns, args.rank, args.alpha, args.density, args.layers, args.repeat, log, real)
+    if real:
+        what = (f"the {len(real)} LoRAs {', '.join(n for _, n in pairs)} (rank {args.rank}, alpha {args.alpha:g}), "
+                f"cycled when N > {len(real)} (the `inputs` column: distinct LoRAs among the N), restricted to "
+                f"their modules in the first {args.layers} decoder layers ({4 * args.layers} modules)")
+    else:
+        what = (f"N random rank-{args.rank} LoRAs with SmolLM2-135M shapes ({args.layers} layers × q/k/v/o = "
+                f"{4 * args.layers} modules)")
     out = [f"# Merge benchmark\n",
-           f"`python benchmarks/merge.py --ns {args.ns} --rank {args.rank} --density {args.density} "
-           f"--layers {args.layers} --repeat {args.repeat}` — CPU, torch threads {torch.get_num_threads()}, "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
-           f"Inputs: N random rank-{args.rank} LoRAs with SmolLM2-135M shapes ({args.layers} layers × q/k/v/o = "
-           f"{4 * args.layers} modules), float32. ratio = PEFT time / our time (same inputs, same run).\n",
-           md_table(rows, ["N", "method", "space", "peft", "ours_s", "peft_s", "ratio", "error"])]
+           f"`{cmd}` — CPU, torch threads {torch.get_num_threads()} ({os.cpu_count()} CPUs shared with other "
+           f"jobs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+           f"## Speed: ours vs PEFT `add_weighted_adapter`, same inputs, same output rank, same run\n",
+           f"Inputs: {what}, float32. ours_s / peft_s: best of {args.repeat} (PEFT's `svd`/`ties_svd`: one run, "
+           "they are slow); ratio = PEFT time / our time. error: relative Frobenius error of ΔW, summed over "
+           "modules, against the exact Σ w_i ΔW_i (task arithmetic; both are rank-r truncations of it, so equal "
+           "errors mean both reached the Eckart–Young optimum) or against PEFT's result.\n",
+           md_table(rows, ["N", "inputs", "method", "space", "peft", "ours_s", "peft_s", "ratio", "error"])]
     if not args.no_packs:
         prow = pack_rows(max(ns), args.rank, args.alpha, args.layers, args.repeat, log)
         out += ["\n## Packs: popcount sign election vs dense vote\n",
-                "Factor-space TIES over ComPEFT packs (k=0.1, bitmask), majority=frequency; outputs identical. "
-                "ratio = dense / popcount (CPU twin of the kernel).\n",
+                f"Factor-space TIES over {max(ns)} ComPEFT packs of random LoRAs with the same shapes (k=0.1, bitmask), "
+                "majority=frequency; outputs checked identical. ratio = dense / popcount (CPU twin of the kernel).\n",
                 md_table(prow, ["N", "what", "popcount_s", "dense_s", "ratio", "merge_popcount_s", "merge_dense_s",
                                 "read_decode_s", "identical"])]
-    if args.zoo_home and args.zoo and args.tasks:
-        q = quality_rows(args.zoo_home, args.zoo.split(","), args.tasks.split(","),
-                         args.zoo_packs.split(",") if args.zoo_packs else None, args.density,
-                         args.max_examples, log)
+    if reg is not None and not args.no_quality:
+        qpairs = [p for p in pairs if p[0] != "pydoc"][:args.quality_tasks]
+        q, sizes, packs = quality_rows(reg, qpairs, args.density, args.pack_density, args.pack_alpha,
+                                       args.max_examples, log, args.pack_scope)
         cols = ["adapter"] + [c for c in q[0] if c != "adapter"]
-        out += ["\n## Quality of merges of zoo task LoRAs (test split, completion loss / exact match)\n",
-                md_table(q, cols)]
+        tasks = [t for t, _ in qpairs]
+        out += ["\n## Quality of merged task LoRAs: from the LoRAs vs from their packs (ComPEFT Table 6 shape)\n",
+                f"Inputs: {', '.join(f'{n} ({t})' for t, n in qpairs)} and their ComPEFT packs "
+                f"(k={args.pack_density:g}, alpha={args.pack_alpha:g}, {args.pack_scope} scope: {', '.join(packs)}; sizes "
+                + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + "). "
+                f"Merges in ΔW space: task arithmetic (exact rank Σr) and TIES (density {args.density}, majority "
+                f"total, PEFT convention, rank 16), weights 1. Scores on the first {args.max_examples} test pairs of "
+                f"each task: EM = greedy exact match (batched with a KV cache), ppl = completion perplexity. "
+                f"The merged adapter should keep each task's score close to its single LoRA.\n",
+                md_table(q, cols, {"merge s": "{:.2f}", **{f"{t} EM": "{:.3f}" for t in tasks},
+                                   **{f"{t} ppl": "{:.3f}" for t in tasks}})]
     out.append(f"\nTotal wall time {time.time() - started:.0f} s.\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(out))
-    print("\n".join(out))
+    text = "\n".join(out)
+    print(text)
+    if reg is not None or args.out:
+        print(f"wrote {bench_zoo.write_result('merge', text, args.out)}")
 
 
 if __name__ == "__main__":

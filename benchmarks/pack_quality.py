@@ -9,7 +9,8 @@ For each task LoRA (on its base, loaded once; the adapter is attached once and i
 swapped in place, :class:`adapterhub_c.pack.alpha.AdapterSlot`), on the first
 ``--examples`` pairs of the task's test split: greedy exact match (the task metric) and
 completion perplexity (exp of the mean cross-entropy per completion token, teacher
-forced). A ``pydoc`` LoRA is scored by strided perplexity on ``--ppl-tokens`` tokens of
+forced; exact match is the library's greedy rule, batched with a KV cache:
+:func:`bench_zoo.batched_exact_match`). A ``pydoc`` LoRA is scored by strided perplexity on ``--ppl-tokens`` tokens of
 the pydoc test split only. Rows, as in ComPEFT's Figure 5:
 
 - ``base``: no adapter; ``original``: the LoRA as trained (the baseline of the ratios);
@@ -63,8 +64,8 @@ class Scorer:
             self.ppl_tokens, self.val_tokens = ppl_tokens, val_tokens
         else:
             self.test_pairs, self.val_pairs = test.pairs[:n_test], val.pairs[:n_val]
-            self.test_batches = encode_examples(tokenizer, self.test_pairs, 8)
-            self.val_batches = encode_examples(tokenizer, self.val_pairs, 8)
+            self.test_batches = encode_examples(tokenizer, self.test_pairs, 16)
+            self.val_batches = encode_examples(tokenizer, self.val_pairs, 16)
 
     def _ppl_text(self, model, texts, tokens) -> float:
         from adapterhub_c.evals.metrics import perplexity
@@ -80,13 +81,12 @@ class Scorer:
         return completion_loss(model, *self.val_batches)
 
     def test(self, model) -> dict:
-        from adapterhub_c.evals.metrics import exact_match
         from adapterhub_c.merge.completions import completion_loss
 
         if self.is_text:
             return {"EM": None, "ppl": self._ppl_text(model, self.test_texts, self.ppl_tokens)}
         loss = completion_loss(model, *self.test_batches)
-        em = exact_match(model, self.tok, self.test_pairs)["exact_match"]
+        em = bench_zoo.batched_exact_match(model, self.tok, self.test_pairs)
         return {"EM": em, "ppl": math.exp(loss)}
 
 
@@ -122,9 +122,12 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
     scorer = Scorer(task, tok, args.examples, args.val_examples, args.ppl_tokens, args.val_tokens)
     rows, curves = [], []
 
-    def add(method, k, res, alpha=None, nbytes=None, seconds=None):
+    def add(method, k, res, alpha=None, nbytes=None, seconds=None, adapter=None):
+        null = None
+        if adapter is not None:  # modules whose ΔW = B·A is zero: all of A or all of B dropped
+            null = sum(1 for layer in adapter.lora.layers().values() if not (layer.A.any() and layer.B.any()))
         rows.append({"task": task, "method": method, "k": k, "alpha": alpha, "EM": res["EM"], "ppl": res["ppl"],
-                     "bytes": nbytes, "s": seconds})
+                     "bytes": nbytes, "null modules": null, "s": seconds})
         log(f"{task:14s} {method:9s} k={k} alpha={alpha} EM={res['EM']} ppl={res['ppl']:.4g}")
 
     if state["slot"] is None:
@@ -149,21 +152,23 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
         t0 = time.perf_counter()
         curve = []
         for a in ALPHA_GRID:
-            dec, _ = through_pack(loaded.lora, tmp, density=k, alpha=a)
+            dec, _ = through_pack(loaded.lora, tmp, density=k, alpha=a, scope=args.scope)
             slot.set(dec)
             curve.append({"alpha": a, "val": scorer.validation(model)})
         best = min(curve, key=lambda p: p["val"] if math.isfinite(p["val"]) else math.inf)
         curves.append({"task": task, "k": k, "curve": curve, "best": best["alpha"]})
-        dec, nbytes = through_pack(loaded.lora, tmp, density=k, alpha=best["alpha"])
+        dec, nbytes = through_pack(loaded.lora, tmp, density=k, alpha=best["alpha"], scope=args.scope)
         slot.set(dec)
-        add("compeft", k, scorer.test(model), alpha=best["alpha"], nbytes=nbytes, seconds=time.perf_counter() - t0)
+        add("compeft", k, scorer.test(model), alpha=best["alpha"], nbytes=nbytes, seconds=time.perf_counter() - t0,
+            adapter=dec)
         t0 = time.perf_counter()
-        dec, nbytes = through_pack(loaded.lora, tmp, density=k, method="stc")
+        dec, nbytes = through_pack(loaded.lora, tmp, density=k, method="stc", scope=args.scope)
         slot.set(dec)
-        add("stc", k, scorer.test(model), nbytes=nbytes, seconds=time.perf_counter() - t0)
+        add("stc", k, scorer.test(model), nbytes=nbytes, seconds=time.perf_counter() - t0, adapter=dec)
         t0 = time.perf_counter()
-        slot.set(LoadedAdapter(LoraAdapter(loaded.lora.config, prune_tensors(loaded.lora.tensors, k))))
-        add("pruned", k, scorer.test(model), seconds=time.perf_counter() - t0)
+        pruned = LoadedAdapter(LoraAdapter(loaded.lora.config, prune_tensors(loaded.lora.tensors, k, scope=args.scope)))
+        slot.set(pruned)
+        add("pruned", k, scorer.test(model), seconds=time.perf_counter() - t0, adapter=pruned)
     orig = next(r for r in rows if r["method"] == "original")
     for r in rows:
         r["EM / orig"] = r["EM"] / orig["EM"] if r["EM"] is not None and orig["EM"] else None
@@ -211,6 +216,8 @@ def main() -> None:
     ap.add_argument("--val-examples", type=int, default=16, help="validation pairs for the alpha search")
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="pydoc test tokens")
     ap.add_argument("--val-tokens", type=int, default=1024, help="pydoc validation tokens (alpha search)")
+    ap.add_argument("--scope", default="global", choices=["global", "tensor"],
+                    help="top-k and magnitude over all tensors (the paper's code) or per tensor")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     bench_zoo.add_arguments(ap, default_zoo="reverse-words,uppercase,sort-numbers")
@@ -227,7 +234,7 @@ def main() -> None:
             rows += r
             curves += c
     cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
-    cols = ["task", "method", "k", "alpha", "EM", "EM / orig", "ppl", "ppl / orig", "bytes", "fp16 / bytes", "s"]
+    cols = ["task", "method", "k", "alpha", "EM", "EM / orig", "ppl", "ppl / orig", "bytes", "fp16 / bytes", "null modules", "s"]
     fmt = {"k": "{:.2f}", "alpha": "{:g}", "EM": "{:.3f}", "EM / orig": "{:.3f}", "ppl": "{:.4f}",
            "ppl / orig": "{:.4f}", "bytes": "{:,d}", "fp16 / bytes": "{:.1f}", "s": "{:.1f}"}
     curve_rows = [{"task": c["task"], "k": c["k"], "best alpha": c["best"],
@@ -239,6 +246,8 @@ def main() -> None:
         f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPU, torch threads "
         f"{torch.get_num_threads()}, base {state.get('base_name')}", "",
         bench_zoo.source_line(args, pairs) + ".",
+        f"Scope {args.scope} (top-k and magnitude over {'all tensors together, as the paper' if args.scope == 'global' else 'each tensor'}). "
+        f"null modules = adapted modules whose ΔW = B·A became 0 (all of A or of B dropped). "
         f"Test: first {args.examples} pairs of each task's test split — EM = greedy exact match, ppl = completion "
         f"perplexity (teacher forced); pydoc: strided perplexity on {args.ppl_tokens} test tokens. compeft alpha: "
         f"best of the paper's grid by completion loss on the first {args.val_examples} validation pairs (pydoc: "
