@@ -104,12 +104,6 @@ def test_generate(cli, tiny_base):
     assert r.code == 2 and "context" in r.err
 
 
-def test_demo_on_tiny_base(cli):
-    r = cli("demo", "--base", "builtin:tiny-llama", "--max-tokens", "300")
-    assert r.code == 0, r.err
-    assert "perplexity" in r.out
-
-
 def test_corrupt_registry_exit_1(cli, home):
     home.mkdir(parents=True, exist_ok=True)
     (home / "registry.db").write_bytes(b"garbage" * 1000)

@@ -40,9 +40,15 @@ def cli(ctx: click.Context, db: str | None, home: str | None, debug: bool) -> No
 
 def _quiet_libraries() -> None:
     """Our own progress bars replace those of transformers and huggingface_hub."""
+    import logging
     import os
+    import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # deprecation chatter of the libraries, not actionable by a user of `adapt`
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
