@@ -61,11 +61,8 @@ COMMAND_MODULES = ("registry_cmds", "base_cmds", "eval_cmds", "variant_cmds", "h
 
 def _register_commands() -> None:
     import importlib
-    import importlib.util
 
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(f"{__package__}.{name}") is None:
-            continue  # TEMPORARY while capabilities land in parallel; made strict before release
         importlib.import_module(f"{__package__}.{name}").register(cli)
 
 
