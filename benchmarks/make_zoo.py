@@ -66,7 +66,9 @@ def _summary(entry: dict) -> dict:
     primary = "perplexity" if entry["task"] == "pydoc" else "exact_match"
     return {"task": entry["task"], "metric": primary, "base": before.get(primary), "lora": after.get(primary),
             "ppl_base": before.get("perplexity"), "ppl_lora": after.get("perplexity"),
-            "steps": entry["steps"], "train_s": m["train"]["wall_s"], "total_s": entry.get("wall_s"),
+            "steps": entry["steps"], "batch": entry.get("batch_size"),
+            "n_em": (entry.get("eval") or {}).get("max_examples"), "n_tok": (entry.get("eval") or {}).get("max_tokens"),
+            "train_s": m["train"]["wall_s"], "total_s": entry.get("wall_s"),
             "loss": f'{m["train"]["loss_start_avg"]:.3f}→{m["train"]["loss_end_avg"]:.3f}',
             "tok_s": m["train"]["tokens_per_s"]}
 
@@ -76,12 +78,13 @@ def render_table(manifest: dict) -> str:
     def f(v, nd=3):
         return "–" if v is None else f"{v:.{nd}f}"
 
-    lines = ["| task | metric | base | base+LoRA | ppl base | ppl base+LoRA | steps | loss (first→last 10) | "
-             "train s | train tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | base | base+LoRA | ppl base | ppl base+LoRA | steps × batch | eval (EM prompts / ppl tokens) "
+             "| loss (first→last) | train s | train tok/s | total s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in manifest.get("loras", []):
         r = _summary(entry)
         lines.append(f"| {r['task']} | {r['metric']} | {f(r['base'])} | {f(r['lora'])} | {f(r['ppl_base'], 2)} | "
-                     f"{f(r['ppl_lora'], 2)} | {r['steps']} | {r['loss']} | {r['train_s']:.0f} | {r['tok_s']:.0f} |")
+                     f"{f(r['ppl_lora'], 2)} | {r['steps']} × {r['batch']} | {r['n_em']} / {r['n_tok']} | {r['loss']} | "
+                     f"{r['train_s']:.0f} | {r['tok_s']:.0f} | {r['total_s']:.0f} |")
     return "\n".join(lines)
 
 
