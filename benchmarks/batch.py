@@ -1,7 +1,7 @@
 """Batch conversion throughput: items per minute with 1 and 2 local workers, lock errors counted.
 
 Usage:
-  python benchmarks/batch.py [--items 8] [--workers 1,2] [--steps 5] [--pg-url URL]
+  python benchmarks/batch.py [--items 8] [--workers 1,2] [--steps 5] [--threads N] [--pg-url URL]
                              [--queue-items 100] [--queue-workers 1,2,4]
                              [--zoo-tasks reverse-words,uppercase,sort-numbers] [--zoo-steps 3] [--no-zoo]
                              [--out benchmarks/results/batch.md]
@@ -129,7 +129,7 @@ def bench_queue(n_items: int, workers: list[int], dbs: dict[str, object]) -> lis
                     errors += any(m in str(e).lower() for m in LOCK_MARKERS)
                     raise
                 rows.append(_row("queue", db_name, w, batch_status(reg, batch.id), stats, work_span(reg, batch.id),
-                                 errors))
+                                 errors) | {"threads": 1})
                 reg.close()
                 print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -157,7 +157,7 @@ def make_tiny_loras(root: Path, n: int) -> list[Path]:
 
 
 def run_convert_rows(part: str, sources: list[str], workers: list[int], setup, convert: dict,
-                     pack_density: float | None) -> list[dict]:
+                     pack_density: float | None, threads: int | None = None) -> list[dict]:
     """One fresh registry per worker count; ``setup(reg)`` registers the base and returns the variant name."""
     from adapterhub_c.batch.ops import run_batch
     from adapterhub_c.registry import Registry
@@ -172,11 +172,12 @@ def run_convert_rows(part: str, sources: list[str], workers: list[int], setup, c
             try:
                 summary = run_batch(reg, variant=variant, sources=sources, convert=convert,
                                     pack_density=pack_density, evaluate=True, workers=w, retries=0,
-                                    name=f"bench-{part}-w{w}")
+                                    threads=threads, name=f"bench-{part}-w{w}")
             except Exception as e:  # noqa: BLE001 - counted, then re-raised
                 errors += any(m in str(e).lower() for m in LOCK_MARKERS)
                 raise
             row = _row(part, "sqlite", w, summary, summary["this_run"], work_span(reg, summary["id"]), errors)
+            row["threads"] = summary["this_run"].get("threads")
             failed = [(it["source"], it["error"]) for it in summary["items"] if it["state"] == "failed"]
             if failed:
                 row["errors"] = failed[:3]
@@ -186,7 +187,7 @@ def run_convert_rows(part: str, sources: list[str], workers: list[int], setup, c
     return rows
 
 
-def bench_tiny(n_items: int, workers: list[int], steps: int) -> list[dict]:
+def bench_tiny(n_items: int, workers: list[int], steps: int, threads: int | None) -> list[dict]:
     from adapterhub_c.hub.client import push_folder
     from adapterhub_c.hub.server import BackgroundServer
 
@@ -210,11 +211,11 @@ def bench_tiny(n_items: int, workers: list[int], steps: int) -> list[dict]:
 
         convert = dict(data="builtin:task/reverse-words", steps=steps, batch_size=2, seq_len=32,
                        max_eval_tokens=256, max_eval_examples=4, reference_rows=False)
-        return run_convert_rows("tiny", sources, workers, setup, convert, pack_density=0.3)
+        return run_convert_rows("tiny", sources, workers, setup, convert, pack_density=0.3, threads=threads)
 
 
 # ---- the zoo on SmolLM2 ------------------------------------------------------------------------
-def bench_zoo(tasks: list[str], workers: list[int], steps: int) -> list[dict]:
+def bench_zoo(tasks: list[str], workers: list[int], steps: int, threads: int | None) -> list[dict]:
     from zoo import load_manifest, serve_zoo
 
     manifest = load_manifest()
@@ -238,11 +239,11 @@ def bench_zoo(tasks: list[str], workers: list[int], steps: int) -> list[dict]:
         sources = [by_task[t]["repo"] for t in have]
         convert = dict(steps=steps, batch_size=2, seq_len=64, max_eval_tokens=512, max_eval_examples=4,
                        reference_rows=False)
-        return run_convert_rows("zoo", sources, workers, setup, convert, pack_density=0.3)
+        return run_convert_rows("zoo", sources, workers, setup, convert, pack_density=0.3, threads=threads)
 
 
 # ---- report ----------------------------------------------------------------------------------
-COLUMNS = ["part", "db", "workers", "items", "done", "failed", "seconds", "items_per_min", "ratio",
+COLUMNS = ["part", "db", "workers", "threads", "items", "done", "failed", "seconds", "items_per_min", "ratio",
            "work_s", "work_per_min", "work_ratio", "lock_errors", "twice"]
 
 
@@ -295,6 +296,8 @@ def main() -> None:
                     help="PostgreSQL admin URL for the queue part [$ADAPTERHUB_TEST_PG_URL]")
     ap.add_argument("--zoo-tasks", default="reverse-words,uppercase,sort-numbers")
     ap.add_argument("--zoo-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per worker in the convert parts [cores / workers]")
     ap.add_argument("--no-zoo", action="store_true")
     ap.add_argument("--no-queue", action="store_true")
     ap.add_argument("--no-tiny", action="store_true")
@@ -311,10 +314,10 @@ def main() -> None:
             dbs["postgresql"] = lambda home: pg_database(args.pg_url)
         rows += bench_queue(args.queue_items, [int(w) for w in args.queue_workers.split(",")], dbs)
     if not args.no_tiny:
-        rows += bench_tiny(args.items, workers, args.steps)
+        rows += bench_tiny(args.items, workers, args.steps, args.threads)
     if not args.no_zoo:
         try:
-            rows += bench_zoo(args.zoo_tasks.split(","), workers, args.zoo_steps)
+            rows += bench_zoo(args.zoo_tasks.split(","), workers, args.zoo_steps, args.threads)
         except (FileNotFoundError, RuntimeError, KeyError) as e:
             print(f"zoo: skipped ({e})", flush=True)
     rows = with_ratios(rows)

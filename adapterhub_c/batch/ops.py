@@ -56,15 +56,18 @@ def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[st
               eval_max_tokens: int | None = None, push_to: str | None = None, private: bool = False,
               device: str = "cpu", workers: int = 1, executor: str = "local", ray_address: str | None = None,
               retries: int = 2, lease_seconds: float = 120.0, step_hook: str | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
+              threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Convert many adapters to variant ``variant``: pull → convert → pack → evaluate → push.
 
     Items come from ``sources``, a file (``from_file``) or a Hub search for adapters of
     ``search_base`` (``limit``). ``name`` defaults to one derived from the variant and the
     options, so the same command resumes the same batch; ``name`` alone resumes a batch
     with its stored options. Each item is tried at most ``retries + 1`` times over all
-    runs. Returns the batch summary (``batch_status``) with this run's figures.
+    runs. ``threads``: torch threads per local worker (default: the cores shared out among
+    the workers). Returns the batch summary (``batch_status``) with this run's figures.
     """
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be >= 1")
     if retries < 0:
         raise UsageError("--retries must be >= 0")
     if lease_seconds <= 0:
@@ -97,7 +100,7 @@ def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[st
             row = s.get(Batch, batch.id)
             row.run_id, row.updated_at = run.id, utcnow()
         stats = execute_batch(reg, batch.id, executor_obj, lease_seconds=lease_seconds, run_id=run.id,
-                              step_hook=step_hook, progress=progress, label=f"batch {name}")
+                              step_hook=step_hook, threads=threads, progress=progress, label=f"batch {name}")
         stats["changes"] = changes
         summary = batch_status(reg, batch.id)
         summary["this_run"] = stats
@@ -150,6 +153,12 @@ def execute_batch(reg: Registry, batch_id: str, executor, *, lease_seconds: floa
     """
     before = queue.counts(reg, batch_id)
     total = sum(before.values())
+    todo = before["queued"] + before["running"]
+    if todo == 0:  # nothing to do: no worker to start
+        return {"done": 0, "failed": 0, "elapsed_s": 0.0, "items_per_minute": None, "workers": 0,
+                "executor": executor.name, "lost_workers": []}
+    # More workers than items would only start, find nothing and stop.
+    executor.workers = min(executor.workers, todo)
     if threads is None and executor.name == "local":
         threads = default_threads(executor.workers)
     spec = WorkerSpec(url=reg.url, home=str(reg.home), batch_id=batch_id, lease_s=lease_seconds, run_id=run_id,
@@ -184,7 +193,7 @@ def execute_batch(reg: Registry, batch_id: str, executor, *, lease_seconds: floa
     failed = max(0, after["failed"] - before["failed"])
     return {"done": done, "failed": failed, "elapsed_s": round(elapsed, 2),
             "items_per_minute": round(60 * done / elapsed, 2) if elapsed > 0 else None,
-            "workers": executor.workers, "executor": executor.name, "lost_workers": lost}
+            "workers": executor.workers, "threads": threads, "executor": executor.name, "lost_workers": lost}
 
 
 def batch_status(reg: Registry, ref: str) -> dict[str, Any]:

@@ -197,9 +197,12 @@ def run_worker(url: str, home: str, batch_id: str, worker_token: str, lease_s: f
                     wait = min(max((soonest - utcnow()).total_seconds() + 0.05, 0.05), poll_s * 4)
                 time.sleep(wait)
                 continue
+            t_item = time.monotonic()
             stats[_work_on(reg, claim, params, fn, hook, lease_s, run_id)] += 1
-            if "torch" in sys.modules:
-                gc.collect()  # free the item's models before the next one loads its own
+            # Free the item's models before the next one loads its own; a full collection
+            # costs ~0.1-1 s with torch imported, so cheap items (no model) skip it.
+            if "torch" in sys.modules and time.monotonic() - t_item > 2.0:
+                gc.collect()
     finally:
         reg.close()
     return stats

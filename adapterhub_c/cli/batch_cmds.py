@@ -45,6 +45,8 @@ def batch_group() -> None:
 @click.option("--private", is_flag=True, help="Pushed repos are private.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (in every worker).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Parallel workers.")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per local worker [cores / workers]; 1 on a machine busy with other work.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", default=None, help="Join this Ray cluster ('auto', host:port, ray://…).")
 @click.option("--retries", type=int, default=2, show_default=True, help="Attempts per item beyond the first.")
@@ -56,7 +58,7 @@ def batch_group() -> None:
 def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no_inherit, no_recover, no_distill,
                 recover_rank, recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, seed,
                 max_eval_tokens, max_eval_examples, no_reference_rows, pack_density, pack_alpha, no_eval, push_to,
-                private, device, workers, executor, ray_address, retries, lease_seconds, name, as_json):
+                private, device, workers, threads, executor, ray_address, retries, lease_seconds, name, as_json):
     """Pull, convert to VARIANT, pack, evaluate and push many adapters; re-run to resume."""
     from ..batch.ops import run_batch
 
@@ -77,7 +79,7 @@ def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no
                             limit=limit, name=name, convert=convert, pack_density=pack_density, pack_alpha=alpha,
                             evaluate=not no_eval, eval_data=eval_data, push_to=push_to, private=private,
                             device=device, workers=workers, executor=executor, ray_address=ray_address,
-                            retries=retries, lease_seconds=lease_seconds, progress=progress)
+                            retries=retries, lease_seconds=lease_seconds, threads=threads, progress=progress)
     _print_summary(summary, as_json)
     _fail_if_unfinished(summary)
 
@@ -124,8 +126,11 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     print_table([_item_row(it) for it in summary["items"]], ITEM_COLUMNS,
                 title=f"batch {summary['batch']} → {summary['variant']}")
     rate = f", {run['items_per_minute']:.3g} items/min" if run.get("items_per_minute") else ""
-    click.echo(f"{_counts_line(summary)}; this run: {run['done']} done, {run['failed']} failed in "
-               f"{run['elapsed_s']:.1f} s with {run['workers']} {run['executor']} worker(s){rate}")
+    if run["workers"] == 0:
+        click.echo(f"{_counts_line(summary)}; this run: nothing left to do (out of retries or all done)")
+    else:
+        click.echo(f"{_counts_line(summary)}; this run: {run['done']} done, {run['failed']} failed in "
+                   f"{run['elapsed_s']:.1f} s with {run['workers']} {run['executor']} worker(s){rate}")
     for lost in run["lost_workers"]:
         click.echo(f"worker {lost['worker']}: {lost['reason']} ({lost['items_returned']} item(s) returned)")
 
