@@ -30,7 +30,7 @@ MISSING = "alice/does-not-exist"
 STALL_ENV = "ADAPTERHUB_TEST_STALL_SOURCE"
 # Convert options small enough for the tiny base: a few training steps, short evaluations.
 FAST = ["--data", "builtin:task/reverse-words", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-        "--max-eval-tokens", "128", "--max-eval-examples", "2", "--no-reference-rows"]
+        "--max-eval-tokens", "128", "--max-eval-examples", "2", "--no-reference-rows", "--threads", "1"]
 
 
 # ---- a test-only step hook (imported by the workers through ADAPTERHUB_BATCH_STEP_HOOK) ---------
@@ -435,6 +435,9 @@ def test_bad_input_is_refused_before_any_work(breg, variant, cli, tmp_path, db):
     r = cli("--db", url, "batch", "convert", "--variant", "tiny-mag50", "--from-file",
             str(_items_file(tmp_path, GOOD)), "--workers", "0")
     assert r.code == 2 and "--workers" in r.err
+    r = cli("--db", url, "batch", "convert", "--variant", "tiny-mag50", "--from-file",
+            str(_items_file(tmp_path, GOOD)), "--threads", "0")
+    assert r.code == 2 and "--threads" in r.err
     r = cli("--db", url, "batch", "status", "nothing-here")
     assert r.code == 2 and "unknown batch" in r.err
     from adapterhub_c.registry.views import list_objects
