@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     data = f"builtin:task/{args.task}"
     base_name, source = setup(reg, args)
     var, created = create_variant(reg, base_name, quant="nf4", prune="wanda", sparsity=0.5,
-                                  calib_samples=args.calib_samples, eval_tokens=args.ppl_tokens,
+                                  calib_samples=args.calib_samples, eval_tokens=0,
                                   device=args.device, progress=_progress("variant"))
     print(f"variant {var.name} ({'created' if created else 'reused'}); source LoRA {source}", flush=True)
 

@@ -280,7 +280,6 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
     sizes = {a.name: a.size_bytes for a in arts + p_arts}
     candidates: list[tuple[str, LoraAdapter | None, float | None]] = [("base (no adapter)", None, None)]
     candidates += [(f"single {a.name} (LoRA)", l, None) for a, l in zip(arts, loras)]
-    candidates += [(f"single {a.name} (pack)", l, None) for a, l in zip(p_arts, plist)]
     for src, inputs in (("LoRAs", loras), ("packs", plist)):
         for method, kw in (("task-arithmetic", {}), (f"ties d={density}", dict(density=density))):
             res = merge_adapters(inputs, method.split()[0], **kw)

@@ -177,6 +177,28 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
     return rows, curves
 
 
+def null_table(reg, pairs, ks) -> list[dict]:
+    """Per LoRA and k: modules whose ΔW the ComPEFT top-k zeroes, for each scope (no model needed)."""
+    from adapterhub_c.pack import compress_tensors
+
+    out = []
+    for task, name in pairs:
+        lora = load_adapter_artifact(reg, reg.get(name, "artifact")).lora
+        layers = lora.layers()
+        a_std = torch.cat([layer.A.flatten() for layer in layers.values()]).std().item()
+        b_std = torch.cat([layer.B.flatten() for layer in layers.values()]).std().item()
+        for k in ks:
+            row = {"task": task, "k": k, "modules": len(layers), "std A": a_std, "std B": b_std}
+            for scope in ("global", "tensor"):
+                tern = compress_tensors(lora.tensors, k, scope=scope)
+                row[f"null ({scope})"] = sum(
+                    1 for m in layers
+                    if not (tern[f"base_model.model.{m}.lora_A.weight"].nnz and tern[f"base_model.model.{m}.lora_B.weight"].nnz))
+            out.append(row)
+            log(f"null modules {row}")
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -227,6 +249,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.time()
     reg, pairs = bench_zoo.open_loras(args)
+    null_rows = null_table(reg, pairs, args.ks)
     rows, curves, state = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for task, name in pairs:
@@ -256,6 +279,12 @@ def main() -> None:
         "ratio to the uncompressed LoRA in this run. s = seconds for the row (compeft: incl. the alpha search).", "",
         bench_zoo.md_table(rows, cols, fmt), "",
         f"![quality vs density]({png.name})", "",
+        "## Modules wiped out by the top-k, per scope (no model involved)", "",
+        "A module's ΔW = B·A is 0 when the top-k keeps no entry of A or none of B. With the global scope (one "
+        "top-k over all factors, the paper's code) this happens when one factor's entries are much larger than "
+        "the other's, as in a LoRA trained briefly from B = 0 (std A vs std B below).", "",
+        bench_zoo.md_table(null_rows, ["task", "k", "modules", "std A", "std B", "null (global)", "null (tensor)"],
+                           {"k": "{:.2f}", "std A": "{:.3g}", "std B": "{:.3g}"}), "",
         "## Alpha search curves (validation completion loss; pydoc: perplexity)", "",
         bench_zoo.md_table(curve_rows, list(curve_rows[0]) if curve_rows else [], {"k": "{:.2f}"}), "",
         f"Total wall time {time.time() - started:.0f} s.",

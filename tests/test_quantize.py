@@ -180,7 +180,8 @@ def test_int8_forward_does_not_log_the_per_call_cast_notice(loaded, caplog):
 
     _, model = loaded[("int8", False)]
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
-    with caplog.at_level(logging.WARNING):
+    # the CLI raises the 'bitsandbytes' logger to ERROR for its users; set this one explicitly
+    with caplog.at_level(logging.WARNING, logger=bnb_logger.name):
         with torch.no_grad():
             model(input_ids=torch.randint(3, 259, (1, 8)))
         bnb_logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "x")
