@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_zoo  # noqa: E402
+from merge import parse_alpha  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -45,8 +46,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--examples", type=int, default=16, help="test pairs scored")
     ap.add_argument("--pack-density", type=float, default=0.2)
-    ap.add_argument("--pack-alpha", type=float, default=1.0)
-    ap.add_argument("--pack-scope", default="global", choices=["global", "tensor"])
+    ap.add_argument("--pack-alpha", type=parse_alpha, default="auto", help="a number or 'auto'")
+    ap.add_argument("--pack-scope", default="tensor", choices=["tensor", "global"])
     ap.add_argument("--out", default=None)
     bench_zoo.add_arguments(ap, default_zoo="all")
     args = ap.parse_args()
@@ -68,7 +69,7 @@ def main() -> None:
     if len(inputs) < 2:
         raise SystemExit(f"need at least 2 LoRAs of other tasks than {args.held_out} (have {inputs})")
     names = [n for _, n in inputs]
-    packs = [ensure_pack(reg, n, args.pack_density, args.pack_alpha, args.pack_scope) for n in names]
+    packs = [ensure_pack(reg, n, args.pack_density, args.pack_alpha, args.pack_scope, task=t) for t, n in inputs]
     sizes = {n: reg.get(n, "artifact").size_bytes for n in names + packs}
     examples = f"builtin:task/{args.held_out}"
 
@@ -123,7 +124,7 @@ def main() -> None:
         f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPU, torch threads "
         f"{torch.get_num_threads()} (2 CPUs shared with other jobs), base {base.name}", "",
         f"Inputs ({n}): " + ", ".join(f"{nm} ({t})" for t, nm in inputs)
-        + f"; their ComPEFT packs (k={args.pack_density:g}, alpha={args.pack_alpha:g}, {args.pack_scope} scope): "
+        + f"; their ComPEFT packs (k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope): "
         + ", ".join(packs) + ". Sizes: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + ".",
         f"Composition: `adapt compose` registry op, {args.shots} shots (train split), budget {args.budget}, "
         f"seed {args.seed}, NGOpt, bounds [-1.5, 1.5], l1 0.05. Scores: shots loss = completion cross-entropy "

@@ -246,21 +246,37 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
 
 
 # ---- quality on zoo LoRAs ----------------------------------------------------------------------
-def ensure_pack(reg, lora_name: str, density: float, alpha: float, scope: str = "global") -> str:
-    """A ComPEFT pack of ``lora_name`` registered in ``reg`` (reused when already there)."""
+def task_data(task: str) -> str:
+    """The built-in data of a zoo task (``pydoc`` is a text, the others are tasks)."""
+    return "builtin:pydoc" if task == "pydoc" else f"builtin:task/{task}"
+
+
+def parse_alpha(text: str) -> float | str:
+    """--pack-alpha: a number, or 'auto' (searched on the LoRA's own task, validation split)."""
+    return "auto" if text == "auto" else float(text)
+
+
+def ensure_pack(reg, lora_name: str, density: float, alpha: float | str, scope: str = "tensor",
+                task: str | None = None) -> str:
+    """A ComPEFT pack of ``lora_name`` registered in ``reg`` (reused when already there).
+
+    ``alpha="auto"`` searches alpha on the validation split of ``task`` (the LoRA's own task,
+    as ``adapt pack --alpha auto --eval-data`` would)."""
     from adapterhub_c.errors import NotFoundError
     from adapterhub_c.pack.ops import pack_artifact
 
-    name = f"{lora_name}-k{density:g}-a{alpha:g}" + ("-tensor" if scope == "tensor" else "")
+    a = "auto" if alpha == "auto" else f"{alpha:g}"
+    name = f"{lora_name}-k{density:g}-a{a}" + ("-tensor" if scope == "tensor" else "")
     try:
         reg.get(name, "artifact")
     except NotFoundError:
-        pack_artifact(reg, lora_name, density=density, alpha=alpha, scope=scope, name=name)
+        extra = dict(eval_data=task_data(task)) if alpha == "auto" else {}
+        pack_artifact(reg, lora_name, density=density, alpha=alpha, scope=scope, name=name, **extra)
     return name
 
 
 def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density: float, pack_alpha: float,
-                 max_examples: int, log, pack_scope: str = "global"):
+                 max_examples: int, log, pack_scope: str = "tensor"):
     """Per-task loss / exact match of singles, TA and TIES merges (delta space), from the
     LoRAs and from their ComPEFT packs, all read through the merge command's input path."""
     from adapterhub_c.evals.data import load_dataset
@@ -274,12 +290,13 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
     tasks = [t for t, _ in pairs]
     arts, base, _ = resolve_inputs(reg, [n for _, n in pairs])
     loras = [x.adapter for x in load_inputs(reg, arts, torch.device("cpu"))]
-    packs = [ensure_pack(reg, n, pack_density, pack_alpha, pack_scope) for _, n in pairs]
+    packs = [ensure_pack(reg, n, pack_density, pack_alpha, pack_scope, task=t) for t, n in pairs]
     p_arts, _, _ = resolve_inputs(reg, packs)
     plist = [x.adapter for x in load_inputs(reg, p_arts, torch.device("cpu"))]
     sizes = {a.name: a.size_bytes for a in arts + p_arts}
     candidates: list[tuple[str, LoraAdapter | None, float | None]] = [("base (no adapter)", None, None)]
     candidates += [(f"single {a.name} (LoRA)", l, None) for a, l in zip(arts, loras)]
+    candidates += [(f"single {a.name} (pack)", l, None) for a, l in zip(p_arts, plist)]
     for src, inputs in (("LoRAs", loras), ("packs", plist)):
         for method, kw in (("task-arithmetic", {}), (f"ties d={density}", dict(density=density))):
             res = merge_adapters(inputs, method.split()[0], **kw)
@@ -327,8 +344,8 @@ def main() -> None:
     ap.add_argument("--random-timing", action="store_true", help="time on random LoRAs even with --zoo")
     ap.add_argument("--quality-tasks", type=int, default=2, help="quality: merge the first Q zoo LoRAs")
     ap.add_argument("--pack-density", type=float, default=0.2)
-    ap.add_argument("--pack-alpha", type=float, default=1.0)
-    ap.add_argument("--pack-scope", default="global", choices=["global", "tensor"])
+    ap.add_argument("--pack-alpha", type=parse_alpha, default="auto", help="a number or 'auto'")
+    ap.add_argument("--pack-scope", default="tensor", choices=["tensor", "global"])
     ap.add_argument("--max-examples", type=int, default=16)
     ap.add_argument("--out", default=None)
     bench_zoo.add_arguments(ap)
@@ -382,7 +399,7 @@ def main() -> None:
         tasks = [t for t, _ in qpairs]
         out += ["\n## Quality of merged task LoRAs: from the LoRAs vs from their packs (ComPEFT Table 6 shape)\n",
                 f"Inputs: {', '.join(f'{n} ({t})' for t, n in qpairs)} and their ComPEFT packs "
-                f"(k={args.pack_density:g}, alpha={args.pack_alpha:g}, {args.pack_scope} scope: {', '.join(packs)}; sizes "
+                f"(k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope: {', '.join(packs)}; sizes "
                 + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + "). "
                 f"Merges in ΔW space: task arithmetic (exact rank Σr) and TIES (density {args.density}, majority "
                 f"total, PEFT convention, rank 16), weights 1. Scores on the first {args.max_examples} test pairs of "

@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--val-examples", type=int, default=16, help="validation pairs for the alpha search")
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="pydoc test tokens")
     ap.add_argument("--val-tokens", type=int, default=1024, help="pydoc validation tokens (alpha search)")
-    ap.add_argument("--scope", default="global", choices=["global", "tensor"],
+    ap.add_argument("--scope", default="tensor", choices=["tensor", "global"],
                     help="top-k and magnitude over all tensors (the paper's code) or per tensor")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)

@@ -22,7 +22,7 @@ def _tiny_model(reg, base):
     return model
 
 
-def _make_lora(reg, base, tmp_path, name="lora1", seed=0, recovery=False):
+def _make_lora(reg, base, tmp_path, name="lora1", seed=0, recovery=False, b_scale=0.25):
     """A random LoRA (r=4 on q/v) trained on nothing, registered as an artefact."""
     from peft import LoraConfig, get_peft_model
 
@@ -36,7 +36,7 @@ def _make_lora(reg, base, tmp_path, name="lora1", seed=0, recovery=False):
     lora = peft_io.extract_lora(peft_model)
     for k in lora.tensors:  # B like a trained one: about the size of A, not 4x larger
         if ".lora_B." in k:
-            lora.tensors[k] = lora.tensors[k] * 0.25
+            lora.tensors[k] = lora.tensors[k] * b_scale
     extra = {}
     if recovery:
         from adapterhub_c.adapt.recovery import (FILE_NAME, RecoveryConfig, attach_recovery, recovery_file_bytes,
@@ -78,13 +78,26 @@ def _flip_byte(path, offset):
 
 
 # ---- pack / unpack / PEFT --------------------------------------------------------------------
+def test_default_tensor_scope_keeps_every_module_global_scope_warns(reg, tiny_base, cli, tmp_path):
+    """A briefly trained LoRA has B far smaller than A: the global top-k keeps only A entries,
+    zeroing every module's update; the per-tensor default keeps them all."""
+    _make_lora(reg, tiny_base, tmp_path, name="smallb", b_scale=0.01)
+    r = cli("pack", "smallb", "--density", "10%", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["scope"] == "tensor" and r.json()["null_modules"] == []
+    r = cli("pack", "smallb", "--density", "10%", "--scope", "global", "--name", "smallb-global")
+    assert r.code == 0, r.err
+    assert "warning: the pack zeroes the whole update of 4 module(s)" in r.err and "--scope tensor" in r.err
+    assert len(reg.get("smallb-global", "artifact").config["null_modules"]) == 4
+
+
 def test_pack_registers_and_unpacks_to_plain_peft(reg, tiny_base, lora, cli, tmp_path):
     from peft import PeftModel
 
     from adapterhub_c.adapters.load import load_adapter_artifact
     from adapterhub_c.pack.ops import PACK_FILE
 
-    r = cli("pack", "lora1", "--density", "10%", "--alpha", "2", "--json")
+    r = cli("pack", "lora1", "--density", "10%", "--alpha", "2", "--scope", "global", "--json")
     assert r.code == 0, r.err
     rep = r.json()
     assert rep["name"] == "lora1-k10" and rep["density"] == 0.1 and rep["alpha"] == 2.0
@@ -153,7 +166,7 @@ def test_recovered_lora_pack_keeps_recovery(reg, tiny_base, cli, tmp_path):
     from adapterhub_c.registry.artifacts import register_artifact
 
     src_art = _make_lora(reg, tiny_base, tmp_path, name="conv", recovery=True)
-    r = cli("pack", "conv", "--density", "0.1", "--alpha", "3", "--json")
+    r = cli("pack", "conv", "--density", "0.1", "--alpha", "3", "--scope", "global", "--json")
     assert r.code == 0, r.err
     rep = r.json()
     assert rep["recovery"] and rep["source_kind"] == "recovered-lora"

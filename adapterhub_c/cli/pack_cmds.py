@@ -37,8 +37,9 @@ def pack_group():
               help="Perplexity tokens per evaluation.")
 @click.option("--max-examples", type=int, default=24, show_default=True,
               help="Exact-match examples per evaluation (tasks).")
-@click.option("--scope", type=click.Choice(["global", "tensor"]), default="global", show_default=True,
-              help="One top-k and std over all tensors (the paper's) or per tensor.")
+@click.option("--scope", type=click.Choice(["tensor", "global"]), default="tensor", show_default=True,
+              help="Top-k and std per tensor, or one over all tensors (the paper's code; it can zero whole "
+                   "modules of LoRAs whose B is much smaller than A).")
 @click.option("--encoding", type=click.Choice(["golomb", "bitmask"]), default="golomb", show_default=True)
 @click.option("--method", type=click.Choice(["compeft", "stc"]), default="compeft", show_default=True,
               help="stc: magnitude = mean |kept values| (alpha ignored).")
@@ -74,6 +75,10 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
         print_table(rows, ["adapter"] + list(q["pack"]), title=f"quality on {q['data']} (validation)")
     if report.get("alpha_curve_png"):
         click.echo(f"alpha curve: {report['alpha_curve_png']}")
+    if report.get("null_modules"):
+        click.echo(f"warning: the pack zeroes the whole update of {len(report['null_modules'])} module(s) "
+                   f"(no kept entry in A or in B){'; --scope tensor keeps every module' if report['scope'] == 'global' else ''}",
+                   err=True)
 
 
 @pack_group.command("inspect")

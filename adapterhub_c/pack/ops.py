@@ -152,7 +152,7 @@ class _Evaluator:
 
 
 def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alpha: float | str = 1.0,
-                  eval_data: str | None = None, scope: str = "global", encoding: str = "golomb",
+                  eval_data: str | None = None, scope: str = "tensor", encoding: str = "golomb",
                   method: str = "compeft", name: str | None = None, alpha_metric: str = "auto",
                   max_tokens: int | None = DEFAULT_SEARCH_TOKENS,
                   max_examples: int | None = DEFAULT_SEARCH_EXAMPLES, device: str = "cpu",
