@@ -47,6 +47,7 @@ class DemoSizes:
     convert_steps: int = 20
     batch_size: int = 4
     seq_len: int = 96
+    lr: float = 1e-3  # train and convert (the zoo's rate; the commands' 2e-4 learns little in 30 steps)
     search_tokens: int = 512
     search_examples: int = 6
     compose_shots: int = 5
@@ -135,7 +136,7 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
 
     # 3. task LoRAs on the base
     # no "before" evaluation: the base scores 0 exact match on every built-in task
-    train = dict(steps=z.lora_steps, batch_size=z.batch_size, seq_len=z.seq_len, rank=8, alpha=16,
+    train = dict(steps=z.lora_steps, lr=z.lr, batch_size=z.batch_size, seq_len=z.seq_len, rank=8, alpha=16,
                  max_eval_examples=z.eval_examples, max_eval_tokens=z.eval_tokens, baseline=False,
                  progress=progress)
     loras, rows = {}, []
@@ -171,7 +172,7 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
 
     # 5. convert the pulled LoRA to the variant (inherit + recover + distill)
     conv, conv_report = _reuse_or(reg, f"demo-{short}-{CONVERT_TASK}-on-{variant.name}", lambda: convert_adapter(
-        reg, pulled.name, variant.name, data=f"builtin:task/{CONVERT_TASK}", steps=z.convert_steps,
+        reg, pulled.name, variant.name, data=f"builtin:task/{CONVERT_TASK}", steps=z.convert_steps, lr=z.lr,
         batch_size=z.batch_size, seq_len=z.seq_len, max_eval_examples=z.eval_examples,
         max_eval_tokens=z.eval_tokens, name=f"demo-{short}-{CONVERT_TASK}-on-{variant.name}", progress=progress))
     if conv_report:

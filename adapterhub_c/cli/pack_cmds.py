@@ -76,9 +76,9 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
     if report.get("alpha_curve_png"):
         click.echo(f"alpha curve: {report['alpha_curve_png']}")
     if report.get("null_modules"):
+        hint = "; --scope tensor keeps every module" if report["scope"] == "global" else ""
         click.echo(f"warning: the pack zeroes the whole update of {len(report['null_modules'])} module(s) "
-                   f"(no kept entry in A or in B){'; --scope tensor keeps every module' if report['scope'] == 'global' else ''}",
-                   err=True)
+                   f"(no kept entry in A or in B){hint}", err=True)
 
 
 @pack_group.command("inspect")
