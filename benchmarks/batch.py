@@ -36,7 +36,6 @@ import secrets
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,24 +62,6 @@ def lock_errors(status: dict) -> int:
         texts = [it.get("error") or ""] + [e.get("error", "") for e in (it["outputs"].get("errors") or [])]
         n += sum(any(m in t.lower() for m in LOCK_MARKERS) for t in texts)
     return n
-
-
-@contextlib.contextmanager
-def pg_database(admin: str):
-    """A scratch PostgreSQL database on the server ``admin`` names (dropped afterwards)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"adapt_bench_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 def work_span(reg, batch_id: str) -> float | None:
@@ -311,7 +292,9 @@ def main() -> None:
     if not args.no_queue:
         dbs = {"sqlite": lambda home: contextlib.nullcontext(f"sqlite:///{Path(home) / 'registry.db'}")}
         if args.pg_url:
-            dbs["postgresql"] = lambda home: pg_database(args.pg_url)
+            from adapterhub_c.registry.db import scratch_postgres_database
+
+            dbs["postgresql"] = lambda home: scratch_postgres_database(args.pg_url, "adapt_bench")
         rows += bench_queue(args.queue_items, [int(w) for w in args.queue_workers.split(",")], dbs)
     if not args.no_tiny:
         rows += bench_tiny(args.items, workers, args.steps, args.threads)

@@ -6,18 +6,18 @@ own), with 3 workers there. LoRAs are served by the local Hub server (tests/hubu
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
+
+from adapterhub_c.registry.db import scratch_postgres_database
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubutil import TOKEN, running_hub  # noqa: E402
@@ -63,24 +63,6 @@ def _pg_admin_url() -> str | None:
     return os.environ.get(PG_ENV) or None
 
 
-@contextlib.contextmanager
-def _pg_database(admin: str):
-    """A fresh, empty PostgreSQL database on the server ``admin`` names; its URL."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"adapt_batch_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, home):
     """(registry URL, workers): SQLite in the home folder, or a fresh PostgreSQL database."""
@@ -90,7 +72,7 @@ def db(request, home):
     admin = _pg_admin_url()
     if not admin:
         pytest.skip(f"{PG_ENV} not set: no PostgreSQL server to test against (.ci/run starts one)")
-    with _pg_database(admin) as url:
+    with scratch_postgres_database(admin, "adapt_batch") as url:
         yield url, 3
 
 
@@ -451,7 +433,7 @@ def shared_db(home):
     """The registry a Ray cluster would share: PostgreSQL when the server is there, else SQLite."""
     admin = _pg_admin_url()
     if admin:
-        with _pg_database(admin) as url:
+        with scratch_postgres_database(admin, "adapt_batch") as url:
             yield url
     else:
         yield f"sqlite:///{home / 'registry.db'}"

@@ -138,3 +138,26 @@ def _describe(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+@contextlib.contextmanager
+def scratch_postgres_database(admin_url: str, prefix: str = "adapt_scratch"):
+    """A fresh, empty PostgreSQL database on the server ``admin_url`` names, dropped on exit.
+
+    Yields its URL (password included, for the workers it is handed to). For tests and
+    benchmarks that need a registry on a real server without touching existing databases.
+    """
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
