@@ -276,15 +276,16 @@ def test_dare_is_reproducible_with_a_seed():
     assert torch.equal(d["m.a.q_proj"], a["m.a.q_proj"])
 
 
-def test_dense_truncation_error_is_eckart_young():
+@pytest.mark.parametrize("svd,tol", [("exact", 1e-9), ("randomized", 1e-4)])
+def test_dense_truncation_error_is_eckart_young(svd, tol):
     ads = [make_adapter(s, r=4, shapes=TINY_SHAPES) for s in range(3)]
     full = merged_deltas(merge_adapters(ads, "ties", density=0.3, rank=128).adapter)
     R = 4
-    cut = merge_adapters(ads, "ties", density=0.3, rank=R).adapter
+    cut = merge_adapters(ads, "ties", density=0.3, rank=R, svd=svd).adapter
     for m, got in merged_deltas(cut).items():
         s = torch.linalg.svdvals(full[m])
         optimal = s[R:].pow(2).sum().sqrt()
-        assert torch.linalg.matrix_norm(full[m] - got) <= optimal * (1 + 1e-4) + 1e-6
+        assert torch.linalg.matrix_norm(full[m] - got) <= optimal * (1 + tol) + 1e-6
         layer = cut.layers()[m]
         # the split is balanced: B = U·√S and A = √S·Vᵀ have equal column/row norms
         assert torch.allclose(layer.B.norm(dim=0), layer.A.norm(dim=1), rtol=1e-3, atol=1e-5)
@@ -329,6 +330,25 @@ def test_bad_inputs_raise_usage_error():
         merge_adapters([a, biased])
     with pytest.raises(UsageError, match="at least one"):
         merge_adapters([])
+
+
+def test_merge_config_records_the_svd_routine():
+    ads = [make_adapter(1, shapes=TINY_SHAPES), make_adapter(2, shapes=TINY_SHAPES)]
+    res = merge_adapters(ads, "ties", density=0.5, rank=2)
+    assert "svd: randomized" in res.config_yaml
+    assert parse_merge_config(res.config_yaml)[0].svd == "randomized"
+    # version-1 configs written before the option truncated exactly, and replay so
+    old = "\n".join(line for line in res.config_yaml.splitlines() if not line.startswith("svd:"))
+    spec, _ = parse_merge_config(old)
+    assert spec.svd == "exact"
+    again = merge_adapters(ads, spec.method, density=spec.density, rank=spec.rank, svd=spec.svd)
+    exact = merge_adapters(ads, "ties", density=0.5, rank=2, svd="exact")
+    for k, v in exact.adapter.tensors.items():
+        assert torch.equal(again.adapter.tensors[k], v)
+    factors = merge_adapters(ads, "ties", density=0.5, space="factors")
+    assert "svd" not in factors.config_yaml and parse_merge_config(factors.config_yaml)[0] == factors.spec
+    with pytest.raises(UsageError, match="svd routine"):
+        merge_adapters(ads, "ties", density=0.5, svd="lanczos")
 
 
 def test_merge_config_yaml_is_replayable():

@@ -129,6 +129,31 @@ def test_cli_merge_registers_with_lineage_and_replayable_yaml(cli, reg, loras, m
             torch.testing.assert_close(deltas(merged)[m], expect, rtol=1e-5, atol=1e-6)
 
 
+def test_cli_svd_option_is_recorded_and_replayed(cli, reg, loras):
+    """--svd exact gives the Eckart–Young truncation; the choice goes into the report, the
+    YAML and the replay; without it the randomized routine is within 1e-4 of optimal."""
+    out = {}
+    for svd in ("exact", "randomized"):
+        args = ["--svd", svd] if svd == "exact" else []
+        r = cli("merge", "lora-a", "lora-b", "lora-c", "--method", "ties", "--density", "0.5", "--rank", "3",
+                *args, "--device", "cpu", "--name", f"t-{svd}", "--json")
+        assert r.code == 0, r.err
+        assert r.json()["svd"] == svd
+        merged, folder = stored_adapter(reg, f"t-{svd}")
+        yaml_text = (folder / MERGE_CONFIG_FILE).read_text()
+        assert f"svd: {svd}" in yaml_text
+        replayed = replay_merge(reg, yaml_text, device="cpu")
+        for k, v in merged.tensors.items():
+            assert torch.equal(replayed.adapter.tensors[k], v), k
+        out[svd] = deltas(merged)
+    full = deltas(merge_adapters(list(loras.values()), "ties", density=0.5, rank=64).adapter)
+    for m, M in full.items():
+        optimal = torch.linalg.svdvals(M)[3:].pow(2).sum().sqrt()
+        assert torch.linalg.matrix_norm(M - out["exact"][m]) <= optimal * (1 + 1e-9) + 1e-12
+        assert torch.linalg.matrix_norm(M - out["randomized"][m]) <= optimal * (1 + 1e-4) + 1e-9
+    assert cli("merge", "lora-a", "lora-b", "--method", "ties", "--density", "0.5", "--svd", "qr").code == 2
+
+
 def test_merged_artifact_loads_in_plain_peft(cli, reg, loras):
     from peft import PeftModel
 

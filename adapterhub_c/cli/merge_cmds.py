@@ -22,13 +22,16 @@ from .render import print_json, print_table, progress_callback
 @click.option("--rank", type=int, default=None, help="Output rank (delta space; default exact for task "
                                                       "arithmetic, else the largest input rank).")
 @click.option("--seed", type=int, default=0, show_default=True, help="DARE drop seed.")
+@click.option("--svd", default="randomized", show_default=True, type=click.Choice(["randomized", "exact"]),
+              help="Delta space, rank below the merge's: seeded randomized subspace iteration (within "
+                   "~1e-5 of optimal) or a full decomposition (exact, slower).")
 @click.option("--name", default=None, help="Name of the merged artefact.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--election", default="auto", show_default=True, type=click.Choice(["auto", "popcount", "dense"]),
               help="TIES over packs: popcount sign election where exact (auto), insist on it, or never.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def merge_cmd(obj, adapters, method, weights, density, majority, convention, space, rank, seed, name, device,
+def merge_cmd(obj, adapters, method, weights, density, majority, convention, space, rank, seed, svd, name, device,
               election, as_json):
     """Merge ADAPTERS (LoRAs, converted LoRAs, packs) into one LoRA artefact."""
     from ..merge.registry_ops import merge_artifacts
@@ -36,12 +39,12 @@ def merge_cmd(obj, adapters, method, weights, density, majority, convention, spa
     with progress_callback() as progress:
         _, report = merge_artifacts(obj.registry, list(adapters), method=method, weights=weights, density=density,
                                     majority=majority, convention=convention, space=space, rank=rank, seed=seed,
-                                    name=name, device=device, election=election, progress=progress)
+                                    svd=svd, name=name, device=device, election=election, progress=progress)
     if as_json:
         print_json(report)
         return
     print_table(report["inputs"], ["name", "kind", "weight"], title=f"merged {report['artifact']}")
-    keys = ["method", "space", "density", "majority", "convention", "election", "ranks", "parameters",
+    keys = ["method", "space", "svd", "density", "majority", "convention", "election", "ranks", "parameters",
             "read_seconds", "merge_seconds", "device"]
     print_table([report], [k for k in keys if report.get(k) is not None])
     if report.get("election_reason"):

@@ -5,6 +5,10 @@ Word layout everywhere: a bit plane is a 1-d int32 tensor, bit i of word w is el
 bits past ``numel`` are zero. Dispatch (``impl="auto"``): the Triton kernel for CUDA
 tensors, the twin for CPU tensors; ``impl="triton"`` forces the kernel (CPU tensors then
 need ``TRITON_INTERPRET=1`` set before triton is imported), ``impl="ref"`` the twin.
+
+:mod:`.ties_cpu` (not imported here: numba loads on first use) holds the fused CPU
+kernels of TIES over dense task vectors; their twins are the torch rules of
+:mod:`adapterhub_c.merge.ops`.
 """
 from .add import bitmask_add_, bitmask_add_ref
 from .agree import ternary_agreement, ternary_agreement_ref

@@ -1,11 +1,14 @@
 """Merging in ΔW space: ΔW_i = scale_i·B_i·A_i per module, merged, then re-factorised.
 
 - task arithmetic: exact without a dense matrix. Σ w_i·ΔW_i = [w_i·s_i·B_i]·[A_i]
-  (concatenation along the rank, like PEFT ``cat``), rank Σ r_i; a smaller rank is
-  the exact truncated SVD through QR of the stacked factors (lowrank.py).
+  (concatenation along the rank, like PEFT ``cat``), rank Σ r_i; a smaller rank is a
+  truncated SVD of the stacked factors (lowrank.py), never of a dense matrix.
 - TIES / DARE act on entries of ΔW, so the dense [N, out, in] stack is formed (one
   batched matmul per chunk of same-shape modules), merged, and truncated by
-  :func:`~adapterhub_c.merge.lowrank.truncate_dense`.
+  :func:`~adapterhub_c.merge.lowrank.truncate_dense`. On CPU, TIES and DARE-TIES run
+  the fused numba kernels of :mod:`adapterhub_c.kernels.ties_cpu` one module at a time
+  (its ΔW stack stays in cache); elsewhere (CUDA, and DARE-linear) the batched torch
+  rules of :mod:`.ops`.
 
 Default output rank: Σ r_i for task arithmetic (exact), the largest input rank of the
 module otherwise. Output layers have scale 1.
@@ -20,10 +23,15 @@ from ..adapters.lora import LoraLayer
 from .batching import DEFAULT_CHUNK_BYTES, chunks_by_key
 from .inputs import ModuleInputs, stack_padded
 from .lowrank import truncate_dense, truncate_lowrank_sum
-from .ops import dare_keep_mask, merge_dense, module_seed
+from .ops import dare, dare_keep_mask, merge_dense, module_seed
 from .spec import MergeSpec
 
 Progress = Callable[[str, int, "int | None"], None]
+
+# On CPU, modules are truncated together in groups of about this size (the subspace
+# iteration's products then run from cache; 8–16 MB measured fastest between 1 and 256 MB); TIES and
+# DARE-TIES form one module's ΔW stack at a time, which stays in cache through the kernels.
+CPU_TRUNCATE_BYTES = 8 << 20
 
 
 def merge_delta(modules: list[ModuleInputs], spec: MergeSpec, device: torch.device, dtype: torch.dtype,
@@ -48,14 +56,15 @@ def _task_arithmetic(modules, spec, device, dtype, out_dtype, progress, chunk_by
         A = torch.cat([layer.A.to(device=device, dtype=dtype) for _, layer in present], 0)
         cat[m.name] = (B, A)
     out, done = {}, 0
+    budget = min(chunk_bytes, CPU_TRUNCATE_BYTES) if device.type == "cpu" else chunk_bytes
     for chunk in chunks_by_key(
             modules, key=lambda m: (m.out_features, m.in_features, cat[m.name][1].shape[0]),
-            cost=lambda m: cat[m.name][1].numel() * 8 + cat[m.name][0].numel() * 8, budget=chunk_bytes):
+            cost=lambda m: cat[m.name][1].numel() * 8 + cat[m.name][0].numel() * 8, budget=budget):
         K = cat[chunk[0].name][1].shape[0]
         rank = spec.rank if spec.rank is not None else K
         B = torch.stack([cat[m.name][0] for m in chunk])
         A = torch.stack([cat[m.name][1] for m in chunk])
-        B, A = truncate_lowrank_sum(B, A, rank)
+        B, A = truncate_lowrank_sum(B, A, rank, spec.svd)
         for i, m in enumerate(chunk):
             out[m.name] = LoraLayer(A=A[i].to(out_dtype).contiguous(), B=B[i].to(out_dtype).contiguous(), scale=1.0)
         done += len(chunk)
@@ -69,26 +78,20 @@ def _dense(modules, spec, device, dtype, out_dtype, progress, chunk_bytes):
     n = len(spec.weights)
     weights = _weights(spec, device, dtype)
     elem = torch.finfo(dtype).bits // 8
+    fused = device.type == "cpu" and spec.uses_sign_election
+    if fused:
+        cost, budget = (lambda m: m.out_features * m.in_features * elem), min(chunk_bytes, CPU_TRUNCATE_BYTES)
+    else:
+        cost, budget = (lambda m: n * m.out_features * m.in_features * elem), chunk_bytes
     out, done = {}, 0
-    for chunk in chunks_by_key(modules, key=lambda m: (m.out_features, m.in_features),
-                               cost=lambda m: n * m.out_features * m.in_features * elem,
-                               budget=chunk_bytes):
-        out_f, in_f = chunk[0].out_features, chunk[0].in_features
-        r_max = max(max(m.ranks) for m in chunk)
-        # [N, C, out, r] @ [N, C, r, in]; scales folded into B, missing inputs are zeros
-        B = torch.stack([_scaled_B(m, r_max, device, dtype) for m in chunk], 1)
-        A = torch.stack([stack_padded(m.layers, "A", r_max, in_f, dtype, device) for m in chunk], 1)
-        delta = B @ A
-        del A, B
-        keep = None
-        if spec.uses_dare:
-            keep = dare_keep_mask(n, out_f, in_f, spec.density,
-                                  [module_seed(spec.seed, m.name) for m in chunk], device)
-        merged = merge_dense(delta, weights, spec.method, spec.density, spec.majority,
-                             spec.convention, keep)
-        del delta, keep
+    for chunk in chunks_by_key(modules, key=lambda m: (m.out_features, m.in_features), cost=cost, budget=budget):
+        if fused:
+            merged = torch.stack([_fused_module(m, spec, weights, device, dtype) for m in chunk])
+        else:
+            merged = _batched_chunk(chunk, spec, weights, device, dtype)
         ranks = [spec.rank if spec.rank is not None else max(m.ranks) for m in chunk]
-        Bo, Ao = truncate_dense(merged, max(ranks))
+        Bo, Ao = truncate_dense(merged, max(ranks), spec.svd)
+        del merged
         for i, (m, r) in enumerate(zip(chunk, ranks)):
             out[m.name] = LoraLayer(A=Ao[i, :r].to(out_dtype).contiguous(),
                                     B=Bo[i, :, :r].to(out_dtype).contiguous(), scale=1.0)
@@ -96,6 +99,39 @@ def _dense(modules, spec, device, dtype, out_dtype, progress, chunk_bytes):
         if progress:
             progress(f"merging ({spec.method}, delta)", done, len(modules))
     return out
+
+
+def _batched_chunk(chunk: list[ModuleInputs], spec: MergeSpec, weights: torch.Tensor, device,
+                   dtype) -> torch.Tensor:
+    """The merged ΔW [C, out, in] of a chunk by the batched torch rules of :mod:`.ops`."""
+    n = len(spec.weights)
+    out_f, in_f = chunk[0].out_features, chunk[0].in_features
+    r_max = max(max(m.ranks) for m in chunk)
+    # [N, C, out, r] @ [N, C, r, in]; scales folded into B, missing inputs are zeros
+    B = torch.stack([_scaled_B(m, r_max, device, dtype) for m in chunk], 1)
+    A = torch.stack([stack_padded(m.layers, "A", r_max, in_f, dtype, device) for m in chunk], 1)
+    delta = B @ A
+    del A, B
+    keep = None
+    if spec.uses_dare:
+        keep = dare_keep_mask(n, out_f, in_f, spec.density, [module_seed(spec.seed, m.name) for m in chunk], device)
+    return merge_dense(delta, weights, spec.method, spec.density, spec.majority, spec.convention, keep)
+
+
+def _fused_module(m: ModuleInputs, spec: MergeSpec, weights: torch.Tensor, device, dtype) -> torch.Tensor:
+    """TIES / DARE-TIES of one module on CPU with the numba kernels: merged ΔW [out, in]."""
+    from ..kernels.ties_cpu import ties_merge, trim_thresholds
+
+    r = max(m.ranks)
+    tau = _scaled_B(m, r, device, dtype) @ stack_padded(m.layers, "A", r, m.in_features, dtype, device)
+    if spec.uses_dare:  # DARE-TIES: drop and rescale, then elect among every non-zero entry
+        keep = dare_keep_mask(len(m.layers), m.out_features, m.in_features, spec.density,
+                              [module_seed(spec.seed, m.name)], device)[:, 0]
+        tau = dare(tau, keep, spec.density)
+        thresholds = torch.zeros(tau.shape[0], dtype=dtype)
+    else:
+        thresholds = trim_thresholds(tau, spec.density)
+    return ties_merge(tau, thresholds, weights, spec.majority, spec.convention)
 
 
 def _scaled_B(m: ModuleInputs, rank: int, device, dtype) -> torch.Tensor:

@@ -1,26 +1,42 @@
 """Re-factorising merged updates into LoRA factors (batched over modules of one shape).
 
-Every routine returns the best rank-R approximation (Eckart–Young) split evenly:
-B = U·√S, A = √S·Vᵀ, to be used with scale 1 (alpha = r). Ranks above what the
-update holds are padded with zero columns/rows so every module gets exactly R.
+Every routine returns a rank-R approximation split evenly: B = U·√S, A = √S·Vᵀ, to be
+used with scale 1 (alpha = r). Ranks above what the update holds are padded with zero
+columns/rows so every module gets exactly R. Two routines, chosen by ``svd``:
 
-Routines, and why:
-
-- :func:`truncate_lowrank_sum` — for ΔW = B_cat @ A_cat given as factors (task
-  arithmetic): QR of B_cat and of A_catᵀ, then an SVD of the small K×K core
-  (K = Σ r_i). Exact, and never forms the dense [out, in] matrix.
-- :func:`truncate_dense` — for dense merges (TIES, DARE): eigendecomposition of the
-  Gram matrix on the smaller side (M·Mᵀ or Mᵀ·M), in float64, then a projection.
-  Measured on 30 stacked 576×1536 matrices on 2 CPU cores: 1.4 s against 4.2 s for
-  ``torch.linalg.svd(full_matrices=False)`` and 4.7 s for PEFT's per-matrix
-  ``full_matrices=True`` SVD. float64 matters: a float32 Gram squares the condition
-  number and picked wrong directions (21 % above the optimal error on a spectrum
-  spanning 1e-6), float64 stays within 1e-7 of optimal. ``torch.svd_lowrank`` is
-  faster still but only approximately optimal, so it is not used.
+- ``exact``: the best rank-R approximation (Eckart–Young) from a full decomposition.
+  Dense merges (TIES, DARE): eigendecomposition of the float64 Gram matrix on the
+  smaller side. Task arithmetic (ΔW = B_cat·A_cat as factors): QR of B_cat and A_catᵀ and
+  an SVD of the small K×K core (K = Σ r_i), never forming the dense matrix. float64
+  matters for the Gram: a float32 Gram squares the condition number and picked wrong
+  directions (21% above the optimal error on a spectrum spanning 1e-6).
+- ``randomized`` (default): randomized subspace iteration with Rayleigh–Ritz (Halko,
+  Martinsson & Tropp 2011, Alg. 4.4), block R + 16, iterated until one more iteration
+  lowers the residual ‖M − M_R‖²_F by less than ``tol`` (1e-4) of itself. The costly
+  products run in the input precision; the small b×b Gram matrices, their eigen- and
+  Cholesky decompositions in float64. The start block comes from a fixed seed, so a
+  merge is reproducible bit for bit. On the TIES merges of the zoo's SmolLM2 LoRAs it
+  stops after 5–6 iterations within 2e-5 (squared Frobenius residual, relative) of the
+  Eckart–Young optimum, 10–20x faster than the exact routine on 576×576 modules (the
+  full decomposition is O(n³); this is O(n²·R) per iteration). Where the block covers
+  the whole space (small matrices, K ≤ R + 16) the exact routine runs: it is then cheap.
+  ``torch.svd_lowrank`` does the same iteration but for a fixed number of steps, with
+  no convergence test, so it is not used.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
+
+SVD_ROUTINES = ("randomized", "exact")
+OVERSAMPLE = 16
+TOL = 1e-4
+MAX_ITER = 50
+SEED = 0
+
+Apply = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _pad(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +50,94 @@ def _pad(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return B, A
 
 
-def truncate_dense(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors of dense M [C, out, in]: (B [C, out, R], A [C, R, in])."""
+def truncate_dense(M: torch.Tensor, rank: int, svd: str = "randomized") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors of dense M [C, out, in]: (B [C, out, R], A [C, R, in])."""
+    out_f, in_f = M.shape[-2:]
+    k = min(rank, out_f, in_f)
+    if svd == "exact" or k + OVERSAMPLE >= min(out_f, in_f):
+        return truncate_dense_exact(M, rank)
+    fro2 = torch.linalg.vector_norm(M, dim=(-2, -1)).double().pow(2)  # one pass, no float64 copy of M
+    B, A = _randomized(lambda X: M @ X, lambda Y: M.mT @ Y, in_f, fro2, k, M.dtype, M.device, M.shape[0])
+    return _pad(B, A, rank)
+
+
+def truncate_lowrank_sum(B: torch.Tensor, A: torch.Tensor, rank: int,
+                         svd: str = "randomized") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors of B @ A (B [C, out, K], A [C, K, in]) without forming it."""
+    K = B.shape[-1]
+    if rank >= K:
+        return _pad(B, A, rank)
+    out_f, in_f = B.shape[-2], A.shape[-1]
+    k = min(rank, out_f, in_f)
+    if svd == "exact" or k + OVERSAMPLE >= min(K, out_f, in_f):
+        return truncate_lowrank_sum_exact(B, A, rank)
+    # ‖BA‖² = tr(BᵀB·AAᵀ); float32 is enough for the stopping test it scales
+    fro2 = ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).double()
+    Bo, Ao = _randomized(lambda X: B @ (A @ X), lambda Y: A.mT @ (B.mT @ Y), in_f, fro2, k,
+                         B.dtype, B.device, B.shape[0])
+    return _pad(Bo, Ao, rank)
+
+
+def _randomized(apply: Apply, apply_t: Apply, n: int, fro2: torch.Tensor, k: int, dtype: torch.dtype,
+                device: torch.device, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subspace iteration for the top-k singular triplets of an operator M [C, m, n]
+    given by ``apply`` (X ↦ M·X) and ``apply_t`` (Y ↦ Mᵀ·Y); ``fro2`` = ‖M‖²_F per module."""
+    b = min(k + OVERSAMPLE, n)
+    X = _start_block(n, b).to(device=device, dtype=dtype).expand(C, n, b)
+    floor = fro2 * 1e-12
+    previous = None
+    for iteration in range(MAX_ITER):
+        Y = apply(X)                                    # [C, m, b]; M ≈ Y·Xᵀ on span(X)
+        Yd = Y.double()
+        G = Yd.mT @ Yd
+        lam = torch.linalg.eigvalsh(G)                  # Ritz values σ², ascending
+        captured = lam[..., -k:].sum(-1)
+        residual = (fro2 - captured).clamp(min=0)
+        if previous is not None and bool(((captured - previous) <= TOL * residual + floor).all()):
+            break
+        if bool((residual <= floor).all()) or iteration == MAX_ITER - 1:
+            break
+        previous = captured
+        X = _orthonormal(apply_t(Y), dtype)             # span(MᵀM·X), orthonormalised
+    lam, V = torch.linalg.eigh(G)
+    lam_k, V_k = lam[..., -k:].flip(-1).clamp(min=0), V[..., -k:].flip(-1)
+    quarter = lam_k.sqrt().sqrt()                       # √σ
+    safe = torch.where(quarter > 0, quarter, torch.ones_like(quarter))
+    B = (Yd @ V_k) / safe.unsqueeze(-2)                 # U·√σ  (Y·V_k = U·σ)
+    A = ((X.double() @ V_k) * quarter.unsqueeze(-2)).mT  # √σ·Vᵀ
+    return B.to(dtype), A.to(dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _start_block(n: int, b: int) -> torch.Tensor:
+    """The seeded Gaussian start block [n, b], orthonormalised (float64, CPU; cached)."""
+    g = torch.Generator().manual_seed(SEED)
+    return _orthonormal(torch.randn(n, b, generator=g, dtype=torch.float64), torch.float64)
+
+
+def _orthonormal_from_eigh(Y: torch.Tensor, lam: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Y·V·Λ^-½ (orthonormal columns spanning Y) from the eigendecomposition of YᵀY;
+    numerically null directions become zero columns."""
+    keep = lam > lam[..., -1:].clamp(min=0) * 1e-12
+    inv = torch.where(keep, lam.clamp(min=1e-300).rsqrt(), torch.zeros_like(lam))
+    return Y @ (V * inv.unsqueeze(-2)).to(Y.dtype)
+
+
+def _orthonormal(Z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An orthonormal basis of the columns of Z [C, n, b] (Cholesky QR in float64; an
+    eigendecomposition where Z is rank-deficient)."""
+    Zd = Z.double()
+    G = Zd.mT @ Zd
+    L, info = torch.linalg.cholesky_ex(G)
+    if bool((info == 0).all()):
+        Q = torch.linalg.solve_triangular(L, Zd.mT, upper=False).mT  # Z·L⁻ᵀ
+        return Q.to(dtype)
+    lam, V = torch.linalg.eigh(G)
+    return _orthonormal_from_eigh(Zd, lam, V).to(dtype)
+
+
+def truncate_dense_exact(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of dense M [C, out, in] (float64 Gram eigendecomposition)."""
     dtype = M.dtype
     out_f, in_f = M.shape[-2:]
     k = min(rank, out_f, in_f)
@@ -61,7 +163,7 @@ def truncate_dense(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return _pad(B.to(dtype), A.to(dtype), rank)
 
 
-def truncate_lowrank_sum(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate_lowrank_sum_exact(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors of B @ A (B [C, out, K], A [C, K, in]) without forming it."""
     dtype = B.dtype
     K = B.shape[-1]

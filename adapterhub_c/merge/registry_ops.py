@@ -314,7 +314,7 @@ def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = 
     refs = _yaml_refs(inputs)
     result = merge_adapters([x.adapter for x in inputs], spec.method, weights=spec.weights, space=spec.space,
                             rank=spec.rank, density=spec.density, majority=spec.majority,
-                            convention=spec.convention, seed=spec.seed, names=[r.name for r in refs],
+                            convention=spec.convention, seed=spec.seed, svd=spec.svd, names=[r.name for r in refs],
                             digests=[r.digest for r in refs], progress=progress, elections=el.signs)
     result.config_yaml = merge_config_yaml(result.spec, refs)
     return result, el
@@ -322,8 +322,9 @@ def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = 
 
 def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=None, density: float | None = None,
                     majority: str = "total", space: str = "delta", rank: int | None = None, seed: int = 0,
-                    convention: str = "peft", name: str | None = None, device: str | None = None,
-                    election: str = "auto", progress: Progress | None = None) -> tuple[Artifact, dict]:
+                    convention: str = "peft", svd: str = "randomized", name: str | None = None,
+                    device: str | None = None, election: str = "auto",
+                    progress: Progress | None = None) -> tuple[Artifact, dict]:
     """Merge registered adapters into a new ``merged`` artefact; returns (artefact, report).
 
     ``refs``: two or more adapter artefacts of one base (LoRAs, converted LoRAs without
@@ -336,7 +337,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     """
     arts, base, variant = resolve_inputs(reg, refs)
     spec = make_spec(len(arts), method=method, weights=_parse_weights(weights), space=space, rank=rank,
-                     density=density, majority=majority, convention=convention, seed=seed)
+                     density=density, majority=majority, convention=convention, seed=seed, svd=svd)
     if election not in ELECTIONS:
         raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
     _check_name(reg, name)
@@ -381,6 +382,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
                                     config=config, metrics=metrics, parents=parents, run_id=run.id)
         report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": base.name,
                   "variant": variant.name if variant else None, "method": spec.method, "space": spec.space,
+                  "svd": spec.svd if spec.space == "delta" else None,
                   "inputs": inputs_info, "density": spec.density,
                   "majority": spec.majority if spec.uses_sign_election else None,
                   "convention": spec.convention if spec.uses_sign_election else None,

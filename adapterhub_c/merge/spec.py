@@ -21,6 +21,11 @@ Conventions (the defaults and why):
 - ``space="delta"`` (default) merges the true ΔW_i = scale_i·B_i·A_i and
   re-factorises; ``space="factors"`` merges A and B separately (PEFT ``linear``/``ties``
   /``dare_*``, ComPEFT, LoraHub): cross terms, equal ranks needed.
+- ``svd`` (delta space, when the output rank is below what the merge holds):
+  ``randomized`` (default) is a seeded randomized subspace iteration run until it is
+  within ~1e-5 of the best rank-R approximation, ``exact`` a full decomposition; see
+  :mod:`adapterhub_c.merge.lowrank`. Configs written before this option existed
+  (no ``svd`` key) were made with the exact routine and replay with it.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Sequence
 import yaml
 
 from ..errors import UsageError
+from .lowrank import SVD_ROUTINES
 
 METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 SPACES = ("delta", "factors")
@@ -50,6 +56,7 @@ class MergeSpec:
     majority: str = "total"
     convention: str = "peft"
     seed: int = 0
+    svd: str = "randomized"
 
     @property
     def uses_sign_election(self) -> bool:
@@ -62,7 +69,8 @@ class MergeSpec:
 
 def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[float] | None = None,
               space: str = "delta", rank: int | None = None, density: float | None = None,
-              majority: str = "total", convention: str = "peft", seed: int | None = 0) -> MergeSpec:
+              majority: str = "total", convention: str = "peft", seed: int | None = 0,
+              svd: str = "randomized") -> MergeSpec:
     """Check every option against ``n_inputs`` and return the frozen spec (UsageError if bad)."""
     method = str(method).lower().replace("_", "-")
     if method == "linear":
@@ -71,6 +79,7 @@ def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[
     _choice("space", space, SPACES)
     _choice("majority", majority, MAJORITIES)
     _choice("convention", convention, CONVENTIONS)
+    _choice("svd routine", svd, SVD_ROUTINES)
     if n_inputs < 1:
         raise UsageError("merge needs at least one adapter")
     if weights is None:
@@ -98,7 +107,7 @@ def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[
     if isinstance(seed, bool) or int(seed) != seed:
         raise UsageError(f"seed must be an integer, got {seed!r}")
     return MergeSpec(method=method, weights=tuple(weights), space=space, rank=rank, density=density,
-                     majority=majority, convention=convention, seed=int(seed))
+                     majority=majority, convention=convention, seed=int(seed), svd=svd)
 
 
 def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
@@ -133,6 +142,7 @@ def merge_config_yaml(spec: MergeSpec, inputs: Sequence[MergeInputRef | str | di
         "majority": spec.majority if spec.uses_sign_election else None,
         "convention": spec.convention if spec.uses_sign_election else None,
         "seed": spec.seed if spec.uses_dare else None,
+        "svd": spec.svd if spec.space == "delta" else None,
         "inputs": [],
     }
     for ref, w in zip(refs, spec.weights):
@@ -160,10 +170,13 @@ def parse_merge_config(text: str) -> tuple[MergeSpec, list[MergeInputRef]]:
         extra = {k: v for k, v in item.items() if k not in ("name", "digest", "weight")}
         refs.append(MergeInputRef(name=str(item["name"]), digest=item.get("digest"), extra=extra))
         weights.append(item.get("weight", 1.0))
+    space = doc.get("space", "delta")
+    # version-1 configs from before the svd option truncated with the exact routine
+    svd = doc.get("svd", "exact" if space == "delta" else "randomized")
     spec = make_spec(len(refs), method=doc.get("method", "task-arithmetic"), weights=weights,
-                     space=doc.get("space", "delta"), rank=doc.get("rank"), density=doc.get("density"),
+                     space=space, rank=doc.get("rank"), density=doc.get("density"),
                      majority=doc.get("majority", "total"), convention=doc.get("convention", "peft"),
-                     seed=doc.get("seed", 0))
+                     seed=doc.get("seed", 0), svd=svd)
     return spec, refs
 
 
