@@ -83,3 +83,18 @@ def test_randomized_lowrank_sum_is_within_tolerance_of_optimal():
     # rank at or above K: the factors themselves, padded
     Bp, Ap = truncate_lowrank_sum(B, A, K + 3)
     assert Bp.shape[-1] == K + 3 and torch.equal(Bp[..., :K], B) and torch.equal(Ap[..., :K, :], A)
+
+
+@pytest.mark.parametrize("steep", [3.0, 8.0])
+def test_randomized_truncation_on_steep_spectra(steep):
+    """Singular values spanning 10^-steep: the iterated blocks are badly conditioned, their
+    orthonormalisation must stay accurate (Cholesky QR twice, Householder where it fails)."""
+    g = torch.Generator().manual_seed(int(steep))
+    m, n = 160, 220
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))[0]
+    s = torch.logspace(0, -steep, m, dtype=torch.float64)
+    M = ((U * s) @ V.mT).float()[None]
+    for rank in (5, 20):
+        B, A = truncate_dense(M, rank)
+        assert (_excess(M, B, A, rank) < 1e-4).all()
