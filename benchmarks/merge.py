@@ -416,8 +416,8 @@ def main() -> None:
         what = (f"N random rank-{args.rank} LoRAs with SmolLM2-135M shapes ({args.layers} layers × q/k/v/o = "
                 f"{4 * args.layers} modules)")
     out = [f"# Merge benchmark\n",
-           f"`{cmd}` — CPU, torch threads {torch.get_num_threads()} ({os.cpu_count()} CPUs shared with other "
-           f"jobs), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
+           f"`{cmd}` — CPU, torch threads {torch.get_num_threads()} ({os.cpu_count()} CPUs), "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
            f"## Speed: ours vs PEFT `add_weighted_adapter`, same inputs, same output rank, same run\n",
            f"Inputs: {what}, float32. ours_s / peft_s: best of {args.repeat} (PEFT's `svd`/`ties_svd`: one run, "
            "they are slow; both TIES rows are timed against the same PEFT run); ratio = PEFT time / our time. "
