@@ -2,8 +2,8 @@
 
 Why not plain torch: on CPU, eager torch spends ~10 passes over memory per TIES merge
 (abs, kthvalue, compare, where, sign, sums, …), several through slow boolean paths;
-measured on 576×576 SmolLM2 modules these kernels are ~5x faster (see
-``benchmarks/merge.py``). They compute exactly what their torch twins in
+measured on the 576×576 modules of two SmolLM2 LoRAs, one thread: ~46 ms a module for the
+torch rules, ~2.7 ms for these kernels. They compute exactly what their torch twins in
 :mod:`adapterhub_c.merge.ops` compute (``trim_magnitude`` + ``elect_and_merge``); the
 tests compare the two.
 
@@ -14,7 +14,7 @@ tests compare the two.
   bracket misses (about 1e-9 likely) the whole row is partitioned. Twice as fast as
   ``np.partition`` of the whole row, 10x ``torch.kthvalue``.
 - :func:`ties_merge`: sign election and disjoint merge of the entries kept by the
-  per-row thresholds, in one pass per input, branch-free so LLVM vectorises it.
+  per-row thresholds, in two passes per input (vote, then merge) that LLVM vectorises.
 
 The numba functions compile on first use (about a second) and are cached on disk
 (``cache=True``), so later processes load them at once.
@@ -37,7 +37,7 @@ def _bracket_pass(x, lo, hi, buf):  # pragma: no cover - compiled
     """(#entries with |x| > hi, #entries with lo ≤ |x| ≤ hi), the latter stored in ``buf``.
 
     Branch-free: every |x| is written at buf[m] and m only advances for entries inside
-    the bracket (a data-dependent branch there costs ~7x on random data)."""
+    the bracket (a data-dependent branch there costs ~5x on random data)."""
     above = 0
     m = 0
     for j in range(x.size):
