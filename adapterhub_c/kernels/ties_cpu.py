@@ -83,7 +83,8 @@ def kth_largest_abs(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _ties_merge(D, thr, w, weighted_vote, frequency, weighted_divisor, one, out, vote, div):  # pragma: no cover
+def _ties_merge(D, thr, w, mergekit, frequency, one, out, vote, div):  # pragma: no cover
+    # mergekit: vote on w_i·τ_i and divide by the agreeing weights; else vote on τ_i, divide by the count
     N, L = D.shape
     zero = one - one  # `one` carries the dtype (float32 or float64)
     for j in range(L):
@@ -94,7 +95,7 @@ def _ties_merge(D, thr, w, weighted_vote, frequency, weighted_divisor, one, out,
     # (tiling them for L1, or `&` instead of `and`, measured 3x slower)
     for i in range(N):
         t = thr[i]
-        sv = w[i] if weighted_vote else one
+        sv = w[i] if mergekit else one
         for j in range(L):
             x = D[i, j]
             v = x * sv
@@ -106,14 +107,13 @@ def _ties_merge(D, thr, w, weighted_vote, frequency, weighted_divisor, one, out,
     for i in range(N):
         t = thr[i]
         wi = w[i]
-        sv = wi if weighted_vote else one
-        dw = wi if weighted_divisor else one
+        sv = wi if mergekit else one  # the voter's scale is also what it adds to the divisor
         for j in range(L):
             x = D[i, j]
             v = x * sv
             agree = abs(x) >= t and v != zero and ((v > zero) == (vote[j] >= zero))
             out[j] += x * wi if agree else zero
-            div[j] += dw if agree else zero
+            div[j] += sv if agree else zero
     for j in range(L):
         d = div[j]
         out[j] = out[j] / (d if d != zero else one)
@@ -155,6 +155,5 @@ def ties_merge(tau: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tenso
         raise UsageError(f"need one threshold and one weight per input ({n})")
     L = D.shape[1]
     out, vote, div = np.empty(L, dt), np.empty(L, dt), np.empty(L, dt)
-    mk = convention == "mergekit"
-    _ties_merge(D, thr, w, mk, majority == "frequency", mk, dt.type(1), out, vote, div)
+    _ties_merge(D, thr, w, convention == "mergekit", majority == "frequency", dt.type(1), out, vote, div)
     return torch.from_numpy(out).view(tau.shape[1:])

@@ -82,8 +82,9 @@ def truncate_lowrank_sum(B: torch.Tensor, A: torch.Tensor, rank: int,
 def _randomized(apply: Apply, apply_t: Apply, n: int, fro2: torch.Tensor, k: int, dtype: torch.dtype,
                 device: torch.device, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Subspace iteration for the top-k singular triplets of an operator M [C, m, n]
-    given by ``apply`` (X ↦ M·X) and ``apply_t`` (Y ↦ Mᵀ·Y); ``fro2`` = ‖M‖²_F per module."""
-    b = min(k + OVERSAMPLE, n)
+    given by ``apply`` (X ↦ M·X) and ``apply_t`` (Y ↦ Mᵀ·Y); ``fro2`` = ‖M‖²_F per module.
+    The callers send only k + OVERSAMPLE < min(m, n) here (else the exact routine runs)."""
+    b = k + OVERSAMPLE
     X = _start_block(n, b).to(device=device, dtype=dtype).expand(C, n, b)
     floor = fro2 * 1e-12
     previous = None
