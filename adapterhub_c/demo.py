@@ -24,11 +24,17 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .evals.ops import run_eval
-from .models.builtin import SMOLLM2, TINY
-from .models.ops import add_builtin_base
-from .registry.models import Artifact
-from .registry.store import Registry
+from adapterhub_c.hub.ops import pull_adapter, push_artifact
+from adapterhub_c.models.builtin import SMOLLM2, TINY
+from adapterhub_c.registry.models import Artifact
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.workflows.bases import add_builtin_base
+from adapterhub_c.workflows.evals import run_eval
+from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts
+from adapterhub_c.workflows.packs import pack_artifact
+from adapterhub_c.workflows.prompts import learn_prompt_artifact
+from adapterhub_c.workflows.training import ROW_CONVERTED, convert_adapter, train_adapter
+from adapterhub_c.workflows.variants import create_variant
 
 DEMO_DATA = "builtin:pydoc"
 DEMO_MAX_TOKENS = 2048
@@ -110,13 +116,7 @@ def _fmt(value, digits: int = 3):
 def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
              progress=None) -> Iterator[tuple[str, list[dict]]]:
     """Run the demo flow on ``base``; yields (section title, table rows)."""
-    from .adapt.ops import ROW_CONVERTED, convert_adapter, train_adapter
-    from .adapt.prompt_ops import learn_prompt_artifact
-    from .hub.ops import pull_adapter, push_artifact
-    from .hub.server import BackgroundServer
-    from .merge.registry_ops import compose_artifacts, merge_artifacts
-    from .pack.ops import pack_artifact
-    from .variants.ops import create_variant
+    from adapterhub_c.hub.server import BackgroundServer
 
     z = demo_sizes(base, max_tokens)
     b, created = add_builtin_base(reg, base, progress=progress)

@@ -183,8 +183,8 @@ def bench_tiny(n_items: int, workers: list[int], steps: int, threads: int | None
         os.environ["HF_ENDPOINT"] = srv.endpoint  # the workers inherit it
 
         def setup(reg):
-            from adapterhub_c.models.ops import add_builtin_base
-            from adapterhub_c.variants.ops import create_variant
+            from adapterhub_c.workflows.bases import add_builtin_base
+            from adapterhub_c.workflows.variants import create_variant
 
             add_builtin_base(reg, TINY)
             v, _ = create_variant(reg, TINY, prune="magnitude", sparsity=0.5, eval_tokens=0, name="tiny-mag50")
@@ -210,8 +210,8 @@ def bench_zoo(tasks: list[str], workers: list[int], steps: int, threads: int | N
         os.environ["HF_ENDPOINT"] = endpoint
 
         def setup(reg):
-            from adapterhub_c.models.ops import add_builtin_base
-            from adapterhub_c.variants.ops import create_variant
+            from adapterhub_c.workflows.bases import add_builtin_base
+            from adapterhub_c.workflows.variants import create_variant
 
             add_builtin_base(reg, base)
             v, _ = create_variant(reg, base, quant="nf4", eval_tokens=0)

@@ -60,15 +60,15 @@ def flags_label(inherit: bool, recover: bool, distill: bool) -> str:
 
 def setup(reg, args) -> tuple[str, str]:
     """(base name, source LoRA artefact name): the zoo LoRA, or a tiny one trained here."""
-    from adapterhub_c.models.ops import add_builtin_base
     from adapterhub_c.registry.artifacts import name_taken
+    from adapterhub_c.workflows.bases import add_builtin_base
 
     data = f"builtin:task/{args.task}"
     if args.tiny:
         base, _ = add_builtin_base(reg, "builtin:tiny-llama")
         name = f"tiny-{args.task}-lora"
         if not name_taken(reg, name):
-            from adapterhub_c.adapt.ops import train_adapter
+            from adapterhub_c.workflows.training import train_adapter
 
             print(f"training the source LoRA on {base.name} ({args.source_steps} steps)", flush=True)
             train_adapter(reg, base.name, data, steps=args.source_steps, lr=3e-3, batch_size=16, seq_len=64,
@@ -100,11 +100,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help=f"markdown results (default {RESULTS}; none with --tiny)")
     args = ap.parse_args(argv)
 
-    from adapterhub_c.adapt.ops import ROW_CONVERTED, ROW_NAIVE, ROW_TEACHER, ROW_VARIANT, convert_adapter
-    from adapterhub_c.evals.ops import run_eval
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.artifacts import name_taken
-    from adapterhub_c.variants.ops import create_variant
+    from adapterhub_c.workflows.evals import run_eval
+    from adapterhub_c.workflows.training import ROW_CONVERTED, ROW_NAIVE, ROW_TEACHER, ROW_VARIANT, convert_adapter
+    from adapterhub_c.workflows.variants import create_variant
 
     t_start = time.perf_counter()
     home = args.home or (ZOO_DIR / ("ca-lora-home-tiny" if args.tiny else "ca-lora-home"))

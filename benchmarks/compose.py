@@ -7,7 +7,7 @@ Usage:
 The held-out task's own LoRA (if the zoo has one) is NOT an input; it is scored as the
 reference of what a LoRA trained on the task reaches. Inputs: every other LoRA. They are
 composed with ``adapt compose``'s registry operation
-(:func:`adapterhub_c.merge.registry_ops.compose_artifacts`: A = Σ w_i A_i, B = Σ w_i B_i,
+(:func:`adapterhub_c.workflows.merges.compose_artifacts`: A = Σ w_i A_i, B = Σ w_i B_i,
 nevergrad NGOpt, weights start at 0 in [-1.5, 1.5], loss = mean completion cross-entropy +
 0.05·mean|w|) on the first ``--shots`` pairs of the held-out task's train split, once
 from the LoRAs and once from their ComPEFT packs (registered like ``adapt pack``; packs
@@ -53,15 +53,16 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
 
-    from adapterhub_c.adapters.load import load_adapter_artifact
+    from merge import ensure_pack
+    from peft import PeftModel
+
     from adapterhub_c.adapters.lora import LoraAdapter
     from adapterhub_c.evals.data import load_dataset
     from adapterhub_c.merge import ComposeStack
     from adapterhub_c.merge.completions import completion_loss, encode_examples
-    from adapterhub_c.merge.registry_ops import compose_artifacts, load_inputs, resolve_inputs
-    from adapterhub_c.models.loading import load_base_model
-    from merge import ensure_pack
-    from peft import PeftModel
+    from adapterhub_c.runtime.adapters import load_adapter_artifact
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.workflows.merges import compose_artifacts, load_inputs, resolve_inputs
 
     reg, pairs = bench_zoo.open_loras(args)
     own = [n for t, n in pairs if t == args.held_out]

@@ -10,7 +10,7 @@ Usage:
 For each task, in the order given (default: reverse-words, uppercase, sort-numbers, pydoc,
 add-numbers, json-field, so that consumers of the first LoRAs can start early):
 
-1. ``adapterhub_c.adapt.ops.train_adapter`` trains a LoRA (r=16, alpha=32, q/k/v/o) on the
+1. ``adapterhub_c.workflows.training.train_adapter`` trains a LoRA (r=16, alpha=32, q/k/v/o) on the
    base in the zoo's own registry (``ZOO_DIR/home``), on the task's train split, and
    measures base and base+LoRA on the test split (exact match on the first
    ``--eval-examples`` prompts for the built-in tasks, perplexity on the first
@@ -107,11 +107,11 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    from adapterhub_c.adapt.ops import train_adapter
     from adapterhub_c.hub.ops import push_artifact
-    from adapterhub_c.models.ops import add_builtin_base
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.artifacts import name_taken
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.training import train_adapter
 
     zoo_dir: Path = args.zoo_dir
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

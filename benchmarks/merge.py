@@ -141,8 +141,8 @@ def excess_over_optimum(got: dict, full: dict, optimal: dict) -> float:
 
 def ties_reference(adapters: list[LoraAdapter], density: float) -> dict[str, torch.Tensor]:
     """The dense TIES merge (PEFT convention, weights 1) of each module in float64 with the
-    torch rules of ``adapterhub_c.merge.ops`` (which the tests check against a loop reference)."""
-    from adapterhub_c.merge.ops import merge_dense
+    torch rules of ``adapterhub_c.merge.rules`` (which the tests check against a loop reference)."""
+    from adapterhub_c.merge.rules import merge_dense
 
     per = [our_deltas(a) for a in adapters]
     return {m: merge_dense(torch.stack([p[m] for p in per]), torch.ones(len(per), dtype=torch.float64), "ties",
@@ -240,10 +240,11 @@ def timing_rows(ns, rank, alpha, density, layers, repeat, log, real: list[LoraAd
 
 def pack_rows(n, rank, alpha, layers, repeat, log):
     """Popcount vs dense sign election on N packs (factor-space TIES, frequency majority)."""
-    from adapterhub_c.merge.registry_ops import MergeInput, load_pack_input, popcount_elections, run_merge
+    import tempfile
+
     from adapterhub_c.merge.spec import make_spec
     from adapterhub_c.pack.format import pack_adapter, write_pack
-    import tempfile
+    from adapterhub_c.workflows.merges import MergeInput, load_pack_input, popcount_elections, run_merge
 
     shp = shapes(layers)
     inputs = []
@@ -260,8 +261,8 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
     read_s = sum(x.seconds for x in inputs)
     spec = make_spec(n, method="ties", space="factors", density=0.5, majority="frequency")
     from adapterhub_c.merge.factors import factor_weights  # noqa: F401  (same module the merge uses)
-    from adapterhub_c.merge.ops import elected_signs
     from adapterhub_c.merge.inputs import module_inputs
+    from adapterhub_c.merge.rules import elected_signs
 
     t_pop, el = best(lambda: popcount_elections(inputs, spec, names=[f"p{i}" for i in range(n)]), repeat)
     mods = module_inputs([x.adapter for x in inputs], [f"p{i}" for i in range(n)])
@@ -313,7 +314,7 @@ def ensure_pack(reg, lora_name: str, density: float, alpha: float | str, scope: 
     ``alpha="auto"`` searches alpha on the validation split of ``task`` (the LoRA's own task,
     as ``adapt pack --alpha auto --eval-data`` would)."""
     from adapterhub_c.errors import NotFoundError
-    from adapterhub_c.pack.ops import pack_artifact
+    from adapterhub_c.workflows.packs import pack_artifact
 
     a = "auto" if alpha == "auto" else f"{alpha:g}"
     name = f"{lora_name}-k{density:g}-a{a}" + ("-tensor" if scope == "tensor" else "")
@@ -329,13 +330,15 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
                  max_examples: int, log, pack_scope: str = "tensor"):
     """Per-task loss / exact match of singles, TA and TIES merges (delta space), from the
     LoRAs and from their ComPEFT packs, all read through the merge command's input path."""
-    from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.merge.completions import completion_loss, encode_examples
-    from adapterhub_c.merge.registry_ops import load_inputs, resolve_inputs
-    from adapterhub_c.models.loading import load_base_model
-    from peft import PeftModel
     import math
     import tempfile
+
+    from peft import PeftModel
+
+    from adapterhub_c.evals.data import load_dataset
+    from adapterhub_c.merge.completions import completion_loss, encode_examples
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.workflows.merges import load_inputs, resolve_inputs
 
     tasks = [t for t, _ in pairs]
     arts, base, _ = resolve_inputs(reg, [n for _, n in pairs])
@@ -411,7 +414,7 @@ def main() -> None:
     cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
     reg, pairs, real = None, [], None
     if args.zoo or args.loras:
-        from adapterhub_c.adapters.load import load_adapter_artifact
+        from adapterhub_c.runtime.adapters import load_adapter_artifact
 
         reg, pairs = bench_zoo.open_loras(args)
         if not args.random_timing:
@@ -425,10 +428,10 @@ def main() -> None:
     else:
         what = (f"N random rank-{args.rank} LoRAs with SmolLM2-135M shapes ({args.layers} layers × q/k/v/o = "
                 f"{4 * args.layers} modules)")
-    out = [f"# Merge benchmark\n",
+    out = ["# Merge benchmark\n",
            f"`{cmd}` — CPU, torch threads {torch.get_num_threads()} ({os.cpu_count()} CPUs), "
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
-           f"## Speed: ours vs PEFT `add_weighted_adapter`, same inputs, same output rank, same run\n",
+           "## Speed: ours vs PEFT `add_weighted_adapter`, same inputs, same output rank, same run\n",
            f"Inputs: {what}, float32. ours_s / peft_s: best of {args.repeat} (PEFT's `svd`/`ties_svd`: one run, "
            "they are slow; both TIES rows are timed against the same PEFT run); ratio = PEFT time / our time. "
            "error, rank-16 rows: ‖M − ΔW‖_F / ‖M − M_16‖_F − 1 summed over modules for ours / PEFT, where M is the "

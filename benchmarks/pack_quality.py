@@ -40,8 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_zoo  # noqa: E402
 
-from adapterhub_c.adapters.load import LoadedAdapter, load_adapter_artifact  # noqa: E402
+from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.adapters.lora import LoraAdapter  # noqa: E402
+from adapterhub_c.runtime.adapters import load_adapter_artifact  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -93,7 +94,7 @@ class Scorer:
 def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int]:
     """Pack → file → read (digest checked) → decode; returns (decoded adapter, file bytes)."""
     from adapterhub_c.pack import pack_adapter, read_pack, write_pack
-    from adapterhub_c.pack.ops import loaded_from_pack
+    from adapterhub_c.runtime.packs import loaded_from_pack
 
     path = tmp / "p.pack"
     write_pack(pack_adapter(lora, base="benchmark", source_digest="benchmark", **kw), path)
@@ -101,9 +102,9 @@ def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int
 
 
 def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[list[dict], list[dict]]:
-    from adapterhub_c.models.loading import load_base_model
     from adapterhub_c.pack import prune_tensors
     from adapterhub_c.pack.alpha import ALPHA_GRID, AdapterSlot
+    from adapterhub_c.runtime.bases import load_base_model
 
     art = reg.get(name, "artifact")
     loaded = load_adapter_artifact(reg, art)

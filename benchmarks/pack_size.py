@@ -59,8 +59,8 @@ def load_lora(args) -> tuple[LoraAdapter, str, int | None]:
     if args.folder:
         path = Path(args.folder) / "adapter_model.safetensors"
         return LoraAdapter.from_folder(args.folder), f"PEFT folder {args.folder}", path.stat().st_size
-    from adapterhub_c.adapters.load import load_adapter_artifact
     from adapterhub_c.adapters.lora import WEIGHTS_NAME
+    from adapterhub_c.runtime.adapters import load_adapter_artifact
 
     reg, pairs = bench_zoo.open_loras(args)
     task, name = pairs[0]

@@ -187,7 +187,7 @@ def main() -> None:
 
             adapter, what = smollm2_like_lora(), "random SmolLM2-135M-shaped LoRA r=16"
         else:
-            from adapterhub_c.adapters.load import load_adapter_artifact
+            from adapterhub_c.runtime.adapters import load_adapter_artifact
 
             reg, pairs = bench_zoo.open_loras(args)
             task, name = pairs[0]

@@ -92,11 +92,11 @@ def main() -> None:
     os.environ["ADAPTERHUB_HOME"] = str(home)
     import torch
 
-    from adapterhub_c.adapt.prompt_ops import learn_prompt_artifact, prompt_transfer
-    from adapterhub_c.models.ops import add_builtin_base
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.models import Artifact
-    from adapterhub_c.variants.ops import create_variant
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.prompts import learn_prompt_artifact, prompt_transfer
+    from adapterhub_c.workflows.variants import create_variant
 
     torch.manual_seed(0)
     reg = Registry(home=home)

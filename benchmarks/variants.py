@@ -3,7 +3,7 @@
 Usage: python benchmarks/variants.py [--home DIR] [--eval-tokens 8192] [--calib-samples 32]
                                      [--only NAME ...] [--out benchmarks/results/variants.md]
 
-Every variant is made with `adapterhub_c.variants.ops.create_variant` on
+Every variant is made with `adapterhub_c.workflows.variants.create_variant` on
 `builtin:smollm2-135m` in a registry at --home (a fresh temporary folder by default), so
 the figures are what `adapt variant create` / `adapt variant ls` record. Perplexity is
 measured on the first --eval-tokens tokens of builtin:pydoc test (windows of 512, stride
@@ -60,9 +60,9 @@ def main() -> None:
     os.environ["ADAPTERHUB_HOME"] = str(home)
     import torch
 
-    from adapterhub_c.models.ops import add_builtin_base
     from adapterhub_c.registry import Registry
-    from adapterhub_c.variants.ops import create_variant, variant_summary
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.variants import create_variant, variant_summary
 
     torch.manual_seed(0)
     reg = Registry(home=home)

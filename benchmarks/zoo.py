@@ -81,7 +81,7 @@ def pull_zoo(reg, endpoint: str, tasks: Sequence[str] | None = None,
     Returns ``{task: artefact name}``.
     """
     from adapterhub_c.hub.ops import pull_adapter
-    from adapterhub_c.models.ops import add_builtin_base
+    from adapterhub_c.workflows.bases import add_builtin_base
 
     manifest = load_manifest(zoo_dir)
     by_task = {entry["task"]: entry for entry in manifest.get("loras", [])}

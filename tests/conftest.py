@@ -32,7 +32,7 @@ def reg(home):
 @pytest.fixture
 def tiny_base(reg):
     """The registry with ``builtin:tiny-llama`` registered; returns the base row."""
-    from adapterhub_c.models.ops import add_builtin_base
+    from adapterhub_c.workflows.bases import add_builtin_base
 
     base, _ = add_builtin_base(reg, "builtin:tiny-llama")
     return base

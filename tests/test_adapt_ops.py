@@ -9,11 +9,11 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from adapterhub_c.adapt.ops import convert_adapter, gap_closed, train_adapter
-from adapterhub_c.adapters.load import load_adapter_artifact
 from adapterhub_c.errors import UsageError
 from adapterhub_c.registry import Registry
 from adapterhub_c.registry.models import Artifact, Evaluation, Run
+from adapterhub_c.runtime.adapters import load_adapter_artifact
+from adapterhub_c.workflows.training import convert_adapter, gap_closed, train_adapter
 
 TASK = "builtin:task/reverse-words"
 FAST = dict(steps=4, lr=3e-3, batch_size=2, seq_len=48, max_eval_tokens=300, max_eval_examples=2)
@@ -24,8 +24,8 @@ IDS = torch.tensor([[5, 70, 80, 90, 100, 33, 44, 120, 200, 17]])
 def world(tmp_path_factory):
     """One registry shared by the module: tiny base, an NF4 + wanda variant, an ffn-channels
     variant, and a source LoRA (q/v/up/down) trained on the base."""
-    from adapterhub_c.models.ops import add_builtin_base
-    from adapterhub_c.variants.ops import create_variant
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.variants import create_variant
 
     home = tmp_path_factory.mktemp("adapt_ops_home")
     reg = Registry(home=home)
@@ -150,7 +150,7 @@ def test_train_on_a_quantized_variant_is_qlora_and_targets_it(world):
 
 
 def test_convert_with_data_registers_recovered_lora_and_four_rows(world):
-    from adapterhub_c.adapt.recovery import FILE_NAME
+    from adapterhub_c.training.recovery import FILE_NAME
 
     reg, nf4, src = world["reg"], world["nf4"], world["source"]
     art, report = convert_adapter(reg, "src", nf4.name, data=TASK, recover_rank=4, name="conv-full", **FAST)
@@ -170,10 +170,11 @@ def test_convert_with_data_registers_recovered_lora_and_four_rows(world):
 
 
 def test_eval_of_the_converted_adapter_equals_load_adapted_by_hand(world, capsys):
-    from adapterhub_c.adapt.convert import load_adapted
-    from adapterhub_c.evals.ops import evaluate_model, run_eval
-    from adapterhub_c.models.loading import load_base_tokenizer
-    from adapterhub_c.variants.ops import load_variant
+    from adapterhub_c.evals.evaluate import evaluate_model
+    from adapterhub_c.runtime.bases import load_base_tokenizer
+    from adapterhub_c.runtime.variants import load_variant
+    from adapterhub_c.training.convert import load_adapted
+    from adapterhub_c.workflows.evals import run_eval
 
     reg, nf4 = world["reg"], world["nf4"]
     art, report = convert_adapter(reg, "src", nf4.name, data=TASK, recover_rank=4, name="conv-eval",
@@ -195,7 +196,7 @@ def test_eval_of_the_converted_adapter_equals_load_adapted_by_hand(world, capsys
 
 
 def test_convert_without_data_is_inheritance_only_and_still_evaluated(world):
-    from adapterhub_c.adapt.recovery import FILE_NAME
+    from adapterhub_c.training.recovery import FILE_NAME
 
     reg, nf4, src = world["reg"], world["nf4"], world["source"]
     art, report = convert_adapter(reg, "src", nf4.name, name="conv-nodata", max_eval_tokens=300, max_eval_examples=2)
@@ -213,7 +214,7 @@ def test_convert_without_data_is_inheritance_only_and_still_evaluated(world):
 
 @pytest.mark.parametrize("switch", ["inherit", "recover", "distill"])
 def test_each_switch_turns_off_exactly_its_part(world, switch):
-    from adapterhub_c.adapt.recovery import FILE_NAME
+    from adapterhub_c.training.recovery import FILE_NAME
 
     reg, nf4 = world["reg"], world["nf4"]
     art, report = convert_adapter(reg, "src", nf4.name, data=TASK, recover_rank=4, name=f"conv-no-{switch}",
@@ -229,7 +230,7 @@ def test_each_switch_turns_off_exactly_its_part(world, switch):
 
 def test_ffn_channels_variant_slices_the_source_through_the_registry(world, capsys):
     reg, ffn, src = world["reg"], world["ffn"], world["source"]
-    from adapterhub_c.variants.ops import variant_kept_indices
+    from adapterhub_c.runtime.variants import variant_kept_indices
 
     kept = variant_kept_indices(reg, ffn)
     assert kept
@@ -285,8 +286,8 @@ def test_cli_train_and_convert_json(world, capsys):
 def _other_base_lora(reg) -> str:
     """A LoRA registered on a second base (a copy of the tiny Llama under another name)."""
     from adapterhub_c.models.builtin import builtin_for
-    from adapterhub_c.models.ops import register_base_folder
     from adapterhub_c.registry.artifacts import name_taken, register_artifact
+    from adapterhub_c.workflows.bases import register_base_folder
 
     if not name_taken(reg, "other-lora"):
         with tempfile.TemporaryDirectory() as tmp:

@@ -128,8 +128,8 @@ def hf(hub, tmp_path, monkeypatch):
 
 
 def _make_variant(reg):
-    from adapterhub_c.models.ops import add_builtin_base
-    from adapterhub_c.variants.ops import create_variant
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.variants import create_variant
 
     add_builtin_base(reg, TINY)
     v, _ = create_variant(reg, TINY, prune="magnitude", sparsity=0.5, eval_tokens=0, name="tiny-mag50")

@@ -6,11 +6,20 @@ import itertools
 import pytest
 import torch
 
-from adapterhub_c.adapt.batches import (IGNORE_INDEX, IterBatches, ListBatches, as_batch_source, iter_batches,
-                                        lm_chunks, make_batches, task_example, tokenize_dataset)
 from adapterhub_c.errors import AdaptError, UsageError
 from adapterhub_c.evals.data import Dataset
 from adapterhub_c.models.tiny import tiny_tokenizer
+from adapterhub_c.training.batches import (
+    IGNORE_INDEX,
+    IterBatches,
+    ListBatches,
+    as_batch_source,
+    iter_batches,
+    lm_chunks,
+    make_batches,
+    task_example,
+    tokenize_dataset,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Blob store: content addressing, verification, crash safety, gc."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def test_corrupt_and_missing_blobs_are_detected(tmp_path):
 WRITER = r"""
 import sys, time
 from adapterhub_c.registry import Registry
-from adapterhub_c.models.ops import add_builtin_base
+from adapterhub_c.workflows.bases import add_builtin_base
 from adapterhub_c.registry.artifacts import register_artifact
 reg = Registry(home=sys.argv[1])
 base, _ = add_builtin_base(reg, "builtin:tiny-llama")

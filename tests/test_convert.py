@@ -7,15 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from adapterhub_c.adapt import peft_io
-from adapterhub_c.adapt.convert import build_student, build_teacher, convert, distill_convert, load_adapted
-from adapterhub_c.adapt.loop import TrainConfig
-from adapterhub_c.adapt.recovery import (Recovery, RecoveryConfig, attach_recovery, detach_recovery,
-                                         read_recovery_file, recovery_modules)
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import Dataset, load_dataset
 from adapterhub_c.models.tiny import build_tiny_llama
+from adapterhub_c.training import peft_io
+from adapterhub_c.training.convert import build_student, build_teacher, convert, distill_convert, load_adapted
+from adapterhub_c.training.loop import TrainConfig
+from adapterhub_c.training.recovery import (
+    Recovery,
+    RecoveryConfig,
+    attach_recovery,
+    detach_recovery,
+    read_recovery_file,
+    recovery_modules,
+)
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOURCE_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
-from adapterhub_c.hub.client import (download_repo, model_card, push_folder, search_adapters,
-                                     validate_lora_folder)
+from adapterhub_c.hub.client import download_repo, model_card, push_folder, search_adapters, validate_lora_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubutil import running_hub  # noqa: E402

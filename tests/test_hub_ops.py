@@ -414,9 +414,9 @@ def _register_lora(reg, base, folder: Path, name: str, kind: str = "lora", extra
 def test_push_loads_in_plain_peft_and_round_trips(cli, reg, tiny_base, hf, lora_dir, tmp_path):
     from peft import PeftModel
 
-    from adapterhub_c.models.loading import load_base_model
-    from adapterhub_c.models.stack import load_stack, resolve_stack
     from adapterhub_c.registry.models import Evaluation
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.runtime.stack import load_stack, resolve_stack
 
     art = _register_lora(reg, tiny_base, lora_dir, "my-lora")
     with reg.session() as s:
@@ -511,8 +511,8 @@ def save_bytes(tensors: dict) -> bytes:
 
 
 def test_push_pack_artefact(cli, reg, tiny_base, hf, lora_dir, tmp_path):
-    pytest.importorskip("adapterhub_c.pack.ops", reason="pack ops not merged yet")
-    from adapterhub_c.pack.ops import pack_artifact
+    pytest.importorskip("adapterhub_c.workflows.packs", reason="pack ops not merged yet")
+    from adapterhub_c.workflows.packs import pack_artifact
 
     _register_lora(reg, tiny_base, lora_dir, "to-pack")
     pack, _ = pack_artifact(reg, "to-pack", density=0.5)
@@ -525,7 +525,7 @@ def test_push_pack_artefact(cli, reg, tiny_base, hf, lora_dir, tmp_path):
         if want_peft:
             from peft import PeftModel
 
-            from adapterhub_c.models.loading import load_base_model
+            from adapterhub_c.runtime.bases import load_base_model
 
             snap = download_repo(r.json()["repo_id"], endpoint=hf.endpoint).path
             PeftModel.from_pretrained(load_base_model(reg, tiny_base)[0], str(snap))

@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx2
 import pytest
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError,
-                                    RevisionNotFoundError)
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubutil import running_hub  # noqa: E402

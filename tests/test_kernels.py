@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.kernels import (bitmask_add_, bitmask_decode, elect_signs, ternary_agreement,
-                                  ternary_agreement_ref)
+from adapterhub_c.kernels import bitmask_add_, bitmask_decode, elect_signs, ternary_agreement, ternary_agreement_ref
 from adapterhub_c.pack.encoding import pack_plane
 
 SIZES = [1, 31, 32, 33, 1000]

@@ -10,15 +10,13 @@ import torch
 from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
-from adapterhub_c.errors import UsageError
 from adapterhub_c.merge import merge_adapters
-from adapterhub_c.merge.ops import elected_signs
-from adapterhub_c.merge.registry_ops import (MERGE_CONFIG_FILE, load_inputs, popcount_elections, replay_merge,
-                                             run_merge)
+from adapterhub_c.merge.rules import elected_signs
 from adapterhub_c.merge.spec import make_spec
 from adapterhub_c.pack.format import pack_adapter, unpack_to_adapter, write_pack
 from adapterhub_c.registry.artifacts import register_artifact
 from adapterhub_c.registry.models import Artifact, Run
+from adapterhub_c.workflows.merges import MERGE_CONFIG_FILE, load_inputs, popcount_elections, replay_merge, run_merge
 
 BASE = "builtin:tiny-llama"
 SHAPES = {  # module -> (out, in) in the tiny Llama
@@ -27,7 +25,7 @@ SHAPES = {  # module -> (out, in) in the tiny Llama
     "model.layers.1.self_attn.q_proj": (64, 64),
     "model.layers.1.mlp.down_proj": (64, 128),
 }
-PACK_FILE = "pack.safetensors"  # the name adapterhub_c.pack.ops uses
+PACK_FILE = "pack.safetensors"  # the name adapterhub_c.workflows.packs uses
 
 
 def make_lora(seed: int, r: int = 4, alpha: float = 8.0, scale_B: float = 0.05, **config) -> LoraAdapter:
@@ -195,7 +193,7 @@ def test_variant_id_kept_only_when_shared(cli, reg, tiny_base, tmp_path):
     ("dare-ties", "factors", {"density": 0.6}),
 ])
 def test_pack_inputs_equal_their_decoded_loras(reg, tiny_base, tmp_path, method, space, extra):
-    from adapterhub_c.merge.registry_ops import merge_artifacts
+    from adapterhub_c.workflows.merges import merge_artifacts
 
     decoded = []
     for i, seed in enumerate((11, 12, 13)):
@@ -276,7 +274,7 @@ def test_popcount_refused_where_not_exact(cli, reg, tiny_base, tmp_path):
 
 # ---- bad input: exit 2, nothing registered ------------------------------------------------
 def test_bad_merge_inputs_exit_2_and_register_nothing(cli, reg, tiny_base, loras, tmp_path):
-    from adapterhub_c.models.ops import register_base_folder
+    from adapterhub_c.workflows.bases import register_base_folder
 
     other, _ = register_base_folder(reg, "other-base", reg.materialize(tiny_base), None, None, None, None)
     register_lora(reg, other, "foreign", make_lora(5), tmp_path)

@@ -9,8 +9,15 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.pack import (ENCODINGS, inspect_pack, pack_adapter, read_pack, tensors_digest,
-                               unpack_to_adapter, write_pack)
+from adapterhub_c.pack import (
+    ENCODINGS,
+    inspect_pack,
+    pack_adapter,
+    read_pack,
+    tensors_digest,
+    unpack_to_adapter,
+    write_pack,
+)
 from adapterhub_c.pack.digest import tensors_digest as digest_fn
 from adapterhub_c.pack.format import _file_content
 

@@ -16,7 +16,7 @@ BASE = "builtin:tiny-llama"
 
 # ---- fixtures ------------------------------------------------------------------------------
 def _tiny_model(reg, base):
-    from adapterhub_c.models.loading import load_base_model
+    from adapterhub_c.runtime.bases import load_base_model
 
     model, _ = load_base_model(reg, base)
     return model
@@ -26,8 +26,8 @@ def _make_lora(reg, base, tmp_path, name="lora1", seed=0, recovery=False, b_scal
     """A random LoRA (r=4 on q/v) trained on nothing, registered as an artefact."""
     from peft import LoraConfig, get_peft_model
 
-    from adapterhub_c.adapt import peft_io
     from adapterhub_c.registry.artifacts import register_artifact
+    from adapterhub_c.training import peft_io
 
     model = _tiny_model(reg, base)
     torch.manual_seed(seed)
@@ -39,8 +39,13 @@ def _make_lora(reg, base, tmp_path, name="lora1", seed=0, recovery=False, b_scal
             lora.tensors[k] = lora.tensors[k] * b_scale
     extra = {}
     if recovery:
-        from adapterhub_c.adapt.recovery import (FILE_NAME, RecoveryConfig, attach_recovery, recovery_file_bytes,
-                                                 recovery_state)
+        from adapterhub_c.training.recovery import (
+            FILE_NAME,
+            RecoveryConfig,
+            attach_recovery,
+            recovery_file_bytes,
+            recovery_state,
+        )
 
         bare = _tiny_model(reg, base)
         cfg = RecoveryConfig(rank=4, act="gelu")
@@ -94,8 +99,8 @@ def test_default_tensor_scope_keeps_every_module_global_scope_warns(reg, tiny_ba
 def test_pack_registers_and_unpacks_to_plain_peft(reg, tiny_base, lora, cli, tmp_path):
     from peft import PeftModel
 
-    from adapterhub_c.adapters.load import load_adapter_artifact
-    from adapterhub_c.pack.ops import PACK_FILE
+    from adapterhub_c.runtime.adapters import load_adapter_artifact
+    from adapterhub_c.workflows.packs import PACK_FILE
 
     r = cli("pack", "lora1", "--density", "10%", "--alpha", "2", "--scope", "global", "--json")
     assert r.code == 0, r.err
@@ -159,11 +164,11 @@ def test_eval_with_pack_equals_eval_with_unpacked_folder(reg, tiny_base, lora, c
 
 
 def test_recovered_lora_pack_keeps_recovery(reg, tiny_base, cli, tmp_path):
-    from adapterhub_c.adapt.recovery import FILE_NAME, read_recovery_file
-    from adapterhub_c.adapters.load import load_adapter_artifact
     from adapterhub_c.pack import RECOVERY_PREFIX, read_pack
-    from adapterhub_c.pack.ops import PACK_FILE
     from adapterhub_c.registry.artifacts import register_artifact
+    from adapterhub_c.runtime.adapters import load_adapter_artifact
+    from adapterhub_c.training.recovery import FILE_NAME, read_recovery_file
+    from adapterhub_c.workflows.packs import PACK_FILE
 
     src_art = _make_lora(reg, tiny_base, tmp_path, name="conv", recovery=True)
     r = cli("pack", "conv", "--density", "0.1", "--alpha", "3", "--scope", "global", "--json")
@@ -205,8 +210,8 @@ def test_recovered_lora_pack_keeps_recovery(reg, tiny_base, cli, tmp_path):
 # ---- alpha search ----------------------------------------------------------------------------
 def test_alpha_auto_picks_the_grid_argmin_and_draws_the_curve(reg, tiny_base, lora, cli):
     from adapterhub_c.pack.alpha import ALPHA_GRID
-    from adapterhub_c.pack.ops import CURVE_FILE, PACK_FILE
     from adapterhub_c.registry.models import Run
+    from adapterhub_c.workflows.packs import CURVE_FILE, PACK_FILE
 
     r = cli("pack", "lora1", "--density", "0.2", "--alpha", "auto", "--eval-data", "builtin:pydoc",
             "--max-tokens", "300", "--json")
@@ -312,7 +317,7 @@ def test_pack_of_a_pack_and_of_unknown_name(reg, tiny_base, lora, cli):
 
 
 def test_tampered_blobs_are_integrity_errors(reg, tiny_base, lora, cli, tmp_path):
-    from adapterhub_c.pack.ops import PACK_FILE
+    from adapterhub_c.workflows.packs import PACK_FILE
 
     assert cli("pack", "lora1", "--density", "0.1", "--name", "p").code == 0
     _flip_byte(_blob_path(reg, "p", PACK_FILE), 200)
@@ -349,7 +354,7 @@ def _rewrite(path, dest, **meta_changes):
 
 
 def test_bad_pack_files_through_inspect(reg, tiny_base, lora, cli, tmp_path):
-    from adapterhub_c.pack.ops import PACK_FILE
+    from adapterhub_c.workflows.packs import PACK_FILE
 
     assert cli("pack", "lora1", "--density", "0.1", "--name", "p").code == 0
     good = _blob_path(reg, "p", PACK_FILE)
@@ -375,8 +380,8 @@ def test_bad_pack_files_through_inspect(reg, tiny_base, lora, cli, tmp_path):
 
 
 def test_pack_for_another_base_is_refused(reg, tiny_base, lora, cli, tmp_path):
-    from adapterhub_c.pack.ops import PACK_FILE
     from adapterhub_c.registry.artifacts import register_artifact
+    from adapterhub_c.workflows.packs import PACK_FILE
 
     assert cli("pack", "lora1", "--density", "0.1", "--name", "p").code == 0
     art = reg.get("p", "artifact")

@@ -2,20 +2,18 @@
 transfer matrix, resume, bad input. Tiny Llama base with tiny variants (magnitude 50%, int8)."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from sqlalchemy import select
 
-from adapterhub_c.adapt.prompt import PromptedModel, SoftPrompt, load_prompt, save_prompt
-from adapterhub_c.adapt.prompt_ops import PROMPT_FILE, eval_window, learn_prompt_artifact
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import perplexity
 from adapterhub_c.registry import Registry
 from adapterhub_c.registry.models import Artifact, Evaluation, Lineage, Run
+from adapterhub_c.training.prompt import PromptedModel, SoftPrompt, load_prompt, save_prompt
+from adapterhub_c.workflows.prompts import PROMPT_FILE, eval_window, learn_prompt_artifact
 
 K = 4
 LEARN = ("--tokens", str(K), "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "300")
@@ -26,10 +24,10 @@ def world(tmp_path_factory):
     """A registry with the tiny base, two variants, a LoRA and two learned prompts."""
     from peft import LoraConfig, get_peft_model
 
-    from adapterhub_c.models.loading import load_base_model
-    from adapterhub_c.models.ops import add_builtin_base
     from adapterhub_c.registry.artifacts import register_artifact
-    from adapterhub_c.variants.ops import create_variant
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.variants import create_variant
 
     home = tmp_path_factory.mktemp("prompt-home")
     reg = Registry(home=home)
@@ -100,8 +98,8 @@ def _hand_ppl(model, tokenizer, prompt: SoftPrompt | None, max_tokens: int) -> f
 
 
 def test_eval_with_prompt_changes_perplexity_and_equals_hand_built_wrapper(cli, world):
-    from adapterhub_c.models.loading import load_base_tokenizer
-    from adapterhub_c.variants.ops import load_variant
+    from adapterhub_c.runtime.bases import load_base_tokenizer
+    from adapterhub_c.runtime.variants import load_variant
 
     reg, mag = world["reg"], world["mag"]
     plain = adapt(cli, world, "eval", mag.name, "--data", "builtin:pydoc", "--max-tokens", "600", "--json")
@@ -118,7 +116,7 @@ def test_eval_with_prompt_changes_perplexity_and_equals_hand_built_wrapper(cli, 
 def test_eval_with_prompt_and_adapter_applies_both(cli, world):
     from peft import PeftModel
 
-    from adapterhub_c.models.loading import load_base_model
+    from adapterhub_c.runtime.bases import load_base_model
 
     base = world["base"].name
     args = ("eval", base, "--data", "builtin:pydoc", "--max-tokens", "600", "--json")
@@ -192,9 +190,9 @@ def test_bad_learn_options_exit_2_and_register_nothing(cli, world, extra, messag
 
 
 def test_prompt_of_other_base_or_hidden_size_is_refused(cli, world, tmp_path):
-    from adapterhub_c.models.ops import register_base_folder
     from adapterhub_c.models.tiny import build_tiny_llama
     from adapterhub_c.registry.artifacts import register_artifact
+    from adapterhub_c.workflows.bases import register_base_folder
 
     reg, base = world["reg"], world["base"]
     model, tok = build_tiny_llama()

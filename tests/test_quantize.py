@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from adapterhub_c.models.tiny import build_tiny_llama
-from adapterhub_c.variants import Recipe, apply_recipe, dequantize_linear, load_variant_model, target_linears
-from adapterhub_c.variants import sizes
+from adapterhub_c.variants import Recipe, apply_recipe, dequantize_linear, load_variant_model, sizes, target_linears
 from adapterhub_c.variants.quantize import quantized_storage_bits
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")

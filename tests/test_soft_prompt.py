@@ -4,13 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterhub_c.adapt.prompt import (
-    IGNORE_INDEX, PromptedModel, SoftPrompt, init_prompt, learn_prompt, lm_loss, load_prompt,
-    prompt_batches, prompt_loss_fn, save_prompt, special_token_ids,
-)
-from adapterhub_c.adapt.prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models.tiny import build_tiny_llama
+from adapterhub_c.training.prompt import (
+    IGNORE_INDEX,
+    PromptedModel,
+    SoftPrompt,
+    init_prompt,
+    learn_prompt,
+    lm_loss,
+    load_prompt,
+    prompt_batches,
+    prompt_loss_fn,
+    save_prompt,
+    special_token_ids,
+)
+from adapterhub_c.training.prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
 
 K = 5
 TEXT = ("The for statement is used to iterate over the elements of a sequence "

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapterhub_c.adapt.loop import CHECKPOINT_NAME, TrainConfig, _defer_sigint, train
-from adapterhub_c.adapt.train import train_lora
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import Dataset, load_dataset
 from adapterhub_c.models.tiny import build_tiny_llama
+from adapterhub_c.training.loop import CHECKPOINT_NAME, TrainConfig, _defer_sigint, train
+from adapterhub_c.training.train import train_lora
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_interrupted_run_resumed_ends_with_the_same_weights(texts, tmp_path, mon
     full = run_lora(texts, cfg()).adapter.tensors
 
     # Ctrl-C in the middle of step 6 (inside the loss of its second micro-batch)
-    from adapterhub_c.adapt import train as train_mod
+    from adapterhub_c.training import train as train_mod
 
     calls = {"n": 0}
     real = train_mod.lm_loss_fn

@@ -9,14 +9,8 @@ from sqlalchemy import select
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.models import BaseModel, Evaluation, Run, Variant
-from adapterhub_c.variants.ops import (
-    calibration_ids,
-    create_variant,
-    list_variants,
-    load_variant,
-    make_recipe,
-    variant_kept_indices,
-)
+from adapterhub_c.runtime.variants import load_variant, variant_kept_indices
+from adapterhub_c.workflows.variants import calibration_ids, create_variant, make_recipe
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
 FAST = dict(calib_samples=4, calib_seq_len=64, eval_tokens=384)
@@ -61,7 +55,7 @@ def test_recipe_defaults_for_calibration():
 
 
 def test_calibration_ids_shape(reg, tiny_base):
-    from adapterhub_c.models.loading import load_base_tokenizer
+    from adapterhub_c.runtime.bases import load_base_tokenizer
 
     tok = load_base_tokenizer(reg, tiny_base)
     ids = calibration_ids(tok, make_recipe(prune="wanda", sparsity=0.5, calib_samples=3, calib_seq_len=50))
@@ -109,8 +103,8 @@ def _register_opt_base(reg, tmp_path):
     """A tiny OPT (q/k/v projections, but a plain fc1/fc2 MLP) sharing the tiny byte tokenizer."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from adapterhub_c.models.ops import register_base_folder
     from adapterhub_c.models.tiny import build_tiny_llama
+    from adapterhub_c.workflows.bases import register_base_folder
 
     _, tok = build_tiny_llama()
     cfg = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
@@ -147,7 +141,7 @@ def test_unpruned_variant_reuses_base_blobs_and_loads_bnb(reg, tiny_base):
 
 
 def test_pruned_variant_blob_and_kept_indices_round_trip(reg, tiny_base):
-    from adapterhub_c.models.loading import load_base_model
+    from adapterhub_c.runtime.bases import load_base_model
 
     row, _ = create_variant(reg, tiny_base.name, prune="ffn-channels", sparsity=0.25, **FAST)
     assert row.files["model.safetensors"] != tiny_base.files["model.safetensors"]

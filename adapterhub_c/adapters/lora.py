@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import IntegrityError, UsageError
-from ..fsutil import atomic_dir
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.fsutil import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UsageError
+from adapterhub_c.batch.worker import run_worker
+from adapterhub_c.errors import UsageError
 
 EXECUTORS = ("local", "ray")
 
@@ -43,8 +44,6 @@ def _token(i: int) -> str:
 
 def _local_entry(spec: WorkerSpec, token: str) -> None:
     import signal
-
-    from .worker import run_worker
 
     # The parent handles Ctrl-C and stops workers; a worker only releases its item then.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -103,8 +102,6 @@ class LocalExecutor:
 
 
 def _ray_entry(spec: WorkerSpec, token: str) -> dict:
-    from .worker import run_worker
-
     return run_worker(spec.url, spec.home, spec.batch_id, token, spec.lease_s, **spec.kwargs())
 
 

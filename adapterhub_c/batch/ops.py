@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterable
 
 from sqlalchemy import select
 
-from ..errors import UsageError
-from ..registry.models import Artifact, Batch, Variant, utcnow
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from . import queue
-from .executors import WorkerSpec, default_threads, make_executor
+from adapterhub_c.batch import queue
+from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_executor
+from adapterhub_c.errors import UsageError
+from adapterhub_c.hub.ops import search_adapters_for
+from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
 
 Progress = Callable[[str, int, int | None], None]
 POLL_S = 0.5
@@ -44,8 +45,6 @@ def read_sources(path: str | Path) -> list[str]:
 
 
 def _search(reg: Registry, base: str, limit: int) -> list[str]:
-    from ..hub.ops import search_adapters_for
-
     return [r["id"] for r in search_adapters_for(reg, base, limit=limit)]
 
 

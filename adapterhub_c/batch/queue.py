@@ -33,9 +33,9 @@ from typing import Any, Iterable
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
-from ..errors import UsageError
-from ..registry.models import Batch, BatchItem, utcnow
-from ..registry.store import Registry
+from adapterhub_c.errors import NotFoundError, UsageError
+from adapterhub_c.registry.models import Batch, BatchItem, utcnow
+from adapterhub_c.registry.store import Registry
 
 STATES = ("queued", "running", "done", "failed")
 ERROR_HISTORY = 10  # errors of earlier attempts kept per item (outputs["errors"])
@@ -133,8 +133,6 @@ def _describe_diff(old: dict, new: dict) -> str:
 
 def get_batch(reg: Registry, ref: str) -> Batch:
     """A batch by name or id prefix (UsageError with suggestions if unknown)."""
-    from ..errors import NotFoundError
-
     with reg.session() as s:
         batch = s.scalar(select(Batch).where(Batch.name == ref))
         if batch is None and len(ref) >= 4:

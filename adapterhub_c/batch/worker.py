@@ -25,8 +25,15 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..errors import AdaptError, UsageError
-from . import queue
+from adapterhub_c.batch import queue
+from adapterhub_c.errors import AdaptError, UsageError
+from adapterhub_c.hub.ops import pull_adapter, push_artifact
+from adapterhub_c.registry import Registry
+from adapterhub_c.registry.artifacts import unique_name
+from adapterhub_c.registry.models import Artifact, BaseModel, Batch, Lineage, Variant, utcnow
+from adapterhub_c.workflows.evals import run_eval
+from adapterhub_c.workflows.packs import pack_artifact
+from adapterhub_c.workflows.training import DEFAULT_EVAL_EXAMPLES, DEFAULT_EVAL_TOKENS, convert_adapter
 
 HOOK_ENV = "ADAPTERHUB_BATCH_STEP_HOOK"
 PIPELINES = {"convert": "adapterhub_c.batch.worker:convert_pipeline"}
@@ -115,8 +122,6 @@ class ItemContext:
 
     def reserve_name(self, step: str, stem: str) -> str:
         """The artefact name this item's ``step`` creates: reserved once, reused on retries."""
-        from ..registry.artifacts import unique_name
-
         names = dict(self.outputs.get("names") or {})
         if step not in names:
             names[step] = unique_name(self.reg, stem)
@@ -134,8 +139,6 @@ class ItemContext:
 def _artifact_or_none(reg, ref: str):
     from sqlalchemy import select
 
-    from ..registry.models import Artifact
-
     with reg.session() as s:
         return s.scalar(select(Artifact).where((Artifact.id == ref) | (Artifact.name == ref)))
 
@@ -143,8 +146,6 @@ def _artifact_or_none(reg, ref: str):
 def _adoptable(reg, name: str, parent_id: str, kind: tuple[str, ...]):
     """The artefact ``name`` if an earlier attempt registered it from ``parent_id``."""
     from sqlalchemy import select
-
-    from ..registry.models import Lineage
 
     art = _artifact_or_none(reg, name)
     if art is None or art.name != name or art.kind not in kind:
@@ -164,9 +165,6 @@ def run_worker(url: str, home: str, batch_id: str, worker_token: str, lease_s: f
     when its lease expires). ``pipeline`` ("module:function", default: the batch command's
     pipeline) is called as ``fn(ctx: ItemContext) -> list of artefact ids``.
     """
-    from ..registry import Registry
-    from ..registry.models import Batch
-
     if threads:
         import torch
 
@@ -192,8 +190,6 @@ def run_worker(url: str, home: str, batch_id: str, worker_token: str, lease_s: f
                     break
                 wait = poll_s
                 if soonest is not None:
-                    from ..registry.models import utcnow
-
                     wait = min(max((soonest - utcnow()).total_seconds() + 0.05, 0.05), poll_s * 4)
                 time.sleep(wait)
                 continue
@@ -248,8 +244,6 @@ def repo_slug(name: str) -> str:
 
 def convert_pipeline(ctx: ItemContext) -> list[str]:
     """pull → convert → pack → evaluate → push for one item; returns the artefact ids."""
-    from ..registry.models import BaseModel, Variant
-
     reg, p = ctx.reg, ctx.params
     with reg.session() as s:
         variant = s.get(Variant, p["variant"])
@@ -263,8 +257,6 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
     if kind == "hub":
         src = ctx.recorded_artifact("pull")
         if src is None:
-            from ..hub.ops import pull_adapter
-
             with ctx.step("pull"):
                 src, created = pull_adapter(reg, ref, revision=revision)
             ctx.record("pull", {"id": src.id, "name": src.name, "created": bool(created)})
@@ -286,8 +278,6 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
         conv = _adoptable(reg, name, src.id, ("recovered-lora",))
         report: dict = {}
         if conv is None:
-            from ..adapt.ops import convert_adapter
-
             with ctx.step("convert"):
                 conv, report = convert_adapter(reg, src.id, variant.id, name=name, **p.get("convert", {}))
         rows = {r["row"]: {k: v for k, v in r.items() if k in ("perplexity", "exact_match")}
@@ -305,8 +295,6 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
             name = ctx.reserve_name("pack", f"{conv.name}-k{opts['density']:g}")
             pack = _adoptable(reg, name, conv.id, ("pack",))
             if pack is None:
-                from ..pack.ops import pack_artifact
-
                 with ctx.step("pack"):
                     pack, _report = pack_artifact(reg, conv.id, name=name, device=p.get("device", "cpu"), **opts)
             ctx.record("pack", {"id": pack.id, "name": pack.name, "size_bytes": pack.size_bytes,
@@ -321,9 +309,6 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
             ctx.record("evaluate", {"artifact": conv.name, "data": conv_out.get("eval_data"),
                                     **(conv_out.get("rows") or {}).get("variant + converted", {})})
         else:
-            from ..adapt.ops import DEFAULT_EVAL_EXAMPLES, DEFAULT_EVAL_TOKENS
-            from ..evals.ops import run_eval
-
             c = p.get("convert", {})
             data = (p["evaluate"].get("data") or conv_out.get("eval_data")
                     or ((conv.metrics or {}).get("eval") or {}).get("data") or "builtin:pydoc")
@@ -338,8 +323,6 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
 
     # push
     if p.get("push") and ctx.outputs.get("push") is None:
-        from ..hub.ops import push_artifact
-
         opts = p["push"]
         repo_id = f"{opts['org']}/{repo_slug(final.name)}"
         with ctx.step("push"):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.workflows.training import convert_adapter, train_adapter
 
 DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 
@@ -42,8 +43,6 @@ def _metric_columns(rows: list[dict]) -> list[str]:
 def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch_size, seq_len, grad_accum, seed,
               checkpoint_every, resume, eval_data, max_eval_tokens, max_eval_examples, device, name, as_json):
     """Train a LoRA on TARGET (a base or a variant) and register it."""
-    from ..adapt.ops import train_adapter
-
     with progress_callback() as progress:
         art, report = train_adapter(obj.registry, target, data, variant=variant, rank=rank, alpha=alpha,
                                     targets=_targets(targets), steps=steps, lr=lr, batch_size=batch_size,
@@ -97,8 +96,6 @@ def convert_cmd(obj, adapter, variant, data, eval_data, no_inherit, no_recover, 
                 recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, grad_accum, seed,
                 checkpoint_every, resume, max_eval_tokens, max_eval_examples, device, name, as_json):
     """Carry ADAPTER to a compressed variant of its base (CA-LoRA: inherit, recover, distill)."""
-    from ..adapt.ops import convert_adapter
-
     with progress_callback() as progress:
         art, report = convert_adapter(obj.registry, adapter, variant, data=data, eval_data=eval_data,
                                       inherit=not no_inherit, recover=not no_recover, distill=not no_distill,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..errors import AdaptError
-from .render import print_json, print_table, progress_callback
+from adapterhub_c.batch.ops import batch_status, run_batch
+from adapterhub_c.cli.render import print_json, print_table, progress_callback
+from adapterhub_c.errors import AdaptError
 
 ITEM_COLUMNS = ["#", "source", "state", "attempts", "result", "error"]
 
@@ -60,8 +61,6 @@ def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no
                 max_eval_tokens, max_eval_examples, no_reference_rows, pack_density, pack_alpha, no_eval, push_to,
                 private, device, workers, threads, executor, ray_address, retries, lease_seconds, name, as_json):
     """Pull, convert to VARIANT, pack, evaluate and push many adapters; re-run to resume."""
-    from ..batch.ops import run_batch
-
     convert = dict(data=data, eval_data=eval_data, inherit=False if no_inherit else None,
                    recover=False if no_recover else None, distill=False if no_distill else None,
                    recover_rank=recover_rank, recover_act=recover_act, distill_alpha=distill_alpha,
@@ -90,8 +89,6 @@ def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no
 @click.pass_obj
 def status_cmd(obj, batch, as_json):
     """Items of BATCH: state, attempts, errors, leases, produced artefacts."""
-    from ..batch.ops import batch_status
-
     summary = batch_status(obj.registry, batch)
     if as_json:
         print_json(summary)

@@ -5,9 +5,9 @@ import time
 
 import click
 
-from ..demo import run_demo
-from ..models.builtin import SMOLLM2
-from .render import print_table, progress_callback
+from adapterhub_c.cli.render import print_table, progress_callback
+from adapterhub_c.demo import run_demo
+from adapterhub_c.models.builtin import SMOLLM2
 
 
 @click.command("demo")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..evals.ops import run_eval, run_generate
-from .render import print_json, print_table, progress_callback
+from adapterhub_c.cli.render import print_json, print_table, progress_callback
+from adapterhub_c.workflows.evals import run_eval, run_generate
 
 STACK_OPTIONS = [
     click.option("--variant", default=None, help="Run on this compressed variant of the base."),

@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from .render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.hub.ops import pull_adapter, push_artifact, search_adapters_for, serve_hub
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or printed."
 
@@ -23,8 +24,6 @@ TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or
 @click.pass_obj
 def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_base, token, as_json):
     """Pull a LoRA adapter REPO[@REV] from the Hub into the registry (HF_ENDPOINT, HF_HUB_OFFLINE honoured)."""
-    from ..hub.ops import pull_adapter
-
     with progress_callback() as progress:
         art, created = pull_adapter(obj.registry, repo, revision=revision, include=include or None,
                                     exclude=exclude or None, name=name, allow_pickle=allow_pickle,
@@ -48,8 +47,6 @@ def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_bas
 @click.pass_obj
 def search_cmd(obj, base, limit, token, as_json):
     """Find LoRA adapters of a base on the Hub (filter base_model:adapter:<BASE>)."""
-    from ..hub.ops import search_adapters_for
-
     rows = search_adapters_for(obj.registry, base, limit=limit, token=token)
     if as_json:
         print_json(rows)
@@ -73,8 +70,6 @@ def search_cmd(obj, base, limit, token, as_json):
 @click.pass_obj
 def push_cmd(obj, name, repo_id, private, fmt, commit_message, dry_run, token, as_json):
     """Push adapter NAME to the Hub repo REPO_ID (PEFT folder + adapterhub_c.json + model card)."""
-    from ..hub.ops import push_artifact
-
     with progress_callback() as progress:
         out = push_artifact(obj.registry, name, repo_id, private=private, fmt=fmt, commit_message=commit_message,
                             dry_run=dry_run, token=token, progress=progress)
@@ -102,8 +97,6 @@ def hub_group() -> None:
 @click.pass_obj
 def hub_serve(obj, root, host, port, token) -> None:
     """Serve Hub repos from ROOT until interrupted; point clients at it with HF_ENDPOINT."""
-    from ..hub.ops import serve_hub
-
     def ready(endpoint: str) -> None:
         click.echo(f"serving {root} at {endpoint} "
                    f"({'writes need the token' if token else 'no token: anyone who can connect may write'})")

@@ -6,8 +6,9 @@ import traceback
 
 import click
 
-from .. import __version__
-from ..errors import AdaptError
+from adapterhub_c import __version__
+from adapterhub_c.errors import AdaptError
+from adapterhub_c.registry import Registry
 
 
 class Context:
@@ -20,8 +21,6 @@ class Context:
     @property
     def registry(self):
         if self._registry is None:
-            from ..registry import Registry
-
             self._registry = Registry(url=self.db, home=self.home)
         return self._registry
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .render import print_json, print_table, progress_callback
+from adapterhub_c.cli.render import print_json, print_table, progress_callback
+from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts, summarize_curve
 
 
 @click.command("merge")
@@ -34,8 +35,6 @@ from .render import print_json, print_table, progress_callback
 def merge_cmd(obj, adapters, method, weights, density, majority, convention, space, rank, seed, svd, name, device,
               election, as_json):
     """Merge ADAPTERS (LoRAs, converted LoRAs, packs) into one LoRA artefact."""
-    from ..merge.registry_ops import merge_artifacts
-
     with progress_callback() as progress:
         _, report = merge_artifacts(obj.registry, list(adapters), method=method, weights=weights, density=density,
                                     majority=majority, convention=convention, space=space, rank=rank, seed=seed,
@@ -67,8 +66,6 @@ def merge_cmd(obj, adapters, method, weights, density, majority, convention, spa
 @click.pass_obj
 def compose_cmd(obj, adapters, examples, shots, budget, bounds, l1, optimizer, seed, name, device, as_json):
     """LoraHub-style composition of ADAPTERS, weights searched on a few examples."""
-    from ..merge.registry_ops import compose_artifacts, summarize_curve
-
     with progress_callback() as progress:
         _, report = compose_artifacts(obj.registry, list(adapters), examples=examples, shots=shots, budget=budget,
                                       bounds=bounds, l1=l1, optimizer=optimizer, seed=seed, name=name,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..pack.ops import inspect_pack_ref, pack_artifact, unpack_artifact
-from .render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.workflows.packs import inspect_pack_ref, pack_artifact, unpack_artifact
 
 
 class _PackGroup(click.Group):

@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import click
 
-from ..adapt.prompt_ops import (DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS,
-                                DEFAULT_TOKENS, learn_prompt_artifact, prompt_transfer)
-from .render import print_json, print_table, progress_callback
+from adapterhub_c.cli.render import print_json, print_table, progress_callback
+from adapterhub_c.workflows.prompts import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_STEPS,
+    DEFAULT_TOKENS,
+    learn_prompt_artifact,
+    prompt_transfer,
+)
 
 
 @click.group("prompt")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..registry import views
-from .render import console, human_bytes, print_json, print_table
+from adapterhub_c.cli.render import console, human_bytes, print_json, print_table
+from adapterhub_c.registry import views
 
 COLUMNS = {
     "bases": ["name", "hub_id", "architecture", "params", "size", "reference_only", "id8"],

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..variants.ops import DEFAULT_CALIB, DEFAULT_EVAL_TOKENS, create_variant, list_variants
-from ..variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
-from .render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
+from adapterhub_c.workflows.variants import DEFAULT_CALIB, DEFAULT_EVAL_TOKENS, create_variant, list_variants
 
 LS_COLUMNS = ["name", "base", "recipe", "params kept", "sparsity", "bits/weight", "stored", "ideal", "perplexity",
               "base ppl"]

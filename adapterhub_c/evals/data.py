@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
-from . import tasks
+from adapterhub_c.errors import NotFoundError, UsageError
+from adapterhub_c.evals import tasks
 
 SPLITS = ("train", "validation", "test")
 CHUNK_CHARS = 1500
@@ -107,7 +107,6 @@ def load_dataset(spec: str, split: str = "test") -> Dataset:
         return Dataset(spec, split, pairs=tasks.task_pairs(spec.split("/", 1)[1], split))
     if spec.startswith("builtin:"):
         known = ["builtin:pydoc"] + [f"builtin:task/{t}" for t in tasks.TASKS]
-        from ..errors import NotFoundError
 
         raise NotFoundError("dataset", spec, known)
     path = Path(spec)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from adapterhub_c.errors import UsageError
 
 Progress = Callable[[str, int, "int | None"], None]
 DEFAULT_MAX_LENGTH = 512

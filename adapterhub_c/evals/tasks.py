@@ -11,6 +11,8 @@ import json
 import random
 from typing import Callable
 
+from adapterhub_c.errors import NotFoundError
+
 WORDS = ("apple river stone cloud tiger lamp green seven orange piano forest candle "
          "silver window rocket garden violet marble thunder pencil").split()
 SPLIT_SIZES = {"train": 2000, "validation": 100, "test": 100}
@@ -56,8 +58,6 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 def task_pairs(name: str, split: str) -> list[tuple[str, str]]:
     """The deterministic prompt/completion pairs of a task split."""
     if name not in TASKS:
-        from ..errors import NotFoundError
-
         raise NotFoundError("task", name, TASKS)
     taken: set[str] = set()
     for other in ("test", "validation", "train"):

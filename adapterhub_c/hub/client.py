@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import AdaptError, UsageError
-from ..fsutil import atomic_write_bytes
-from .cards import model_card  # noqa: F401  (re-exported: part of the client API)
-from .validate import validate_lora_folder  # noqa: F401  (re-exported)
+from adapterhub_c.errors import AdaptError, UsageError
+from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.hub.cards import model_card  # noqa: F401  (re-exported: part of the client API)
+from adapterhub_c.hub.store import git_blob_oid
+from adapterhub_c.hub.validate import validate_lora_folder  # noqa: F401  (re-exported)
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -139,8 +140,7 @@ def _with_retries(fn: Callable[[], object], what: str, endpoint: str, tries: int
 def _translate(e: Exception, repo_id: str, revision: str | None, endpoint: str,
                token: str | None) -> Exception:
     """huggingface_hub errors → our one-line UsageError / AdaptError."""
-    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(e, RevisionNotFoundError):
         return UsageError(f"revision {revision!r} not found in hub repo {repo_id!r}")
@@ -322,8 +322,6 @@ def _local_files(folder: Path) -> dict[str, Path]:
 
 def _same(local: Path, remote) -> bool:
     """Whether a local file equals a remote RepoFile (sha256 for LFS files, git oid otherwise)."""
-    from .store import git_blob_oid
-
     if remote.size != local.stat().st_size:
         return False
     if remote.lfs is not None:

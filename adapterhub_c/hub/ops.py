@@ -28,11 +28,21 @@ from typing import Any, Callable, Iterable
 
 from sqlalchemy import select
 
-from ..errors import AdaptError, IntegrityError, UsageError
-from ..registry.models import Artifact, BaseModel, Evaluation, Variant
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from . import client
+from adapterhub_c.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
+from adapterhub_c.hub import client
+from adapterhub_c.hub.cards import model_card
+from adapterhub_c.hub.store import StoreError, check_repo_id
+from adapterhub_c.hub.validate import PICKLE_WEIGHTS, check_safetensors_header, validate_lora_folder
+from adapterhub_c.models.builtin import builtin_for
+from adapterhub_c.registry.artifacts import name_taken, unique_name
+from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.registry.views import lineage_tree
+from adapterhub_c.runtime.adapters import load_adapter_artifact
+from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
+from adapterhub_c.workflows.bases import add_builtin_base, register_base_folder
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -115,8 +125,6 @@ def _stage(src: Path, names: Iterable[str], dest: Path) -> None:
 # ---- base checks ----------------------------------------------------------------------------
 def _base_weight_shapes(reg: Registry, base: BaseModel) -> dict[str, list[int]]:
     """{tensor name: shape} of a stored base, from its safetensors headers (no tensor loaded)."""
-    from .validate import check_safetensors_header
-
     shapes: dict[str, list[int]] = {}
     for rel, digest in sorted((base.files or {}).items()):
         if rel.endswith(".safetensors"):
@@ -153,8 +161,6 @@ def _find_or_reference_base(s, reg: Registry, base_name: str, revision: str | No
     A name that is a built-in's hub id (or name) becomes a reference under the built-in's
     name, so that ``adapt base add`` builds it offline and attaches it to the same row.
     """
-    from ..models.builtin import builtin_for
-
     base = reg.find_base(s, base_name)
     builtin = builtin_for(base_name)
     if base is None and builtin is not None:
@@ -173,9 +179,6 @@ def _find_or_reference_base(s, reg: Registry, base_name: str, revision: str | No
 
 def _with_base_weights(reg: Registry, base_name: str, revision: str | None, allow_pickle: bool,
                        token: str | None, endpoint: str | None, progress: Progress | None) -> BaseModel:
-    from ..models.builtin import builtin_for
-    from ..models.ops import add_builtin_base
-
     builtin = builtin_for(base_name)
     if builtin is not None:
         return add_builtin_base(reg, builtin.name, progress=progress)[0]
@@ -191,8 +194,6 @@ def _existing_pull(reg: Registry, repo_id: str, sha: str) -> Artifact | None:
 
 
 def _default_pull_name(reg: Registry, repo_id: str, revision: str | None) -> str:
-    from ..registry.artifacts import unique_name
-
     stem = repo_id if not revision or revision == "main" else f"{repo_id}@{revision}"
     return unique_name(reg, stem)
 
@@ -205,9 +206,6 @@ def _prepare_pulled_folder(got: client.DownloadedRepo, dest: Path, allow_pickle:
     never stored: only their safetensors conversion is.
     """
     from safetensors.torch import save_file
-
-    from ..adapters.lora import WEIGHTS_NAME
-    from .validate import PICKLE_WEIGHTS
 
     names = [n for n in got.files if not n.lower().endswith(_PICKLE_SUFFIXES)]
     converted = None
@@ -237,14 +235,9 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     ``base_model_name_or_path``) is registered as a reference row, with weights only when
     ``with_base``. Pulling a repo@sha already in the registry returns that artefact.
     """
-    from ..adapters.lora import CONFIG_NAME
-    from .validate import validate_lora_folder
-
     repo_id, revision = split_repo(repo, revision)
     include, exclude = _as_list(include), _as_list(exclude)
     if name is not None:
-        from ..registry.artifacts import name_taken
-
         if not name.strip():
             raise UsageError("--name must not be empty")
         if name_taken(reg, name):
@@ -258,8 +251,6 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     if existing is not None:
         return existing, False
     if name is not None:
-        from ..registry.artifacts import name_taken
-
         if name_taken(reg, name):
             raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
     label = f"{repo_id}@{got.commit_sha[:12]}"
@@ -330,8 +321,6 @@ def _prepare_base_folder(got: client.DownloadedRepo, dest: Path, allow_pickle: b
     """Stage a base model's files; pickle weights (opt-in) become one ``model.safetensors``."""
     from safetensors.torch import save_file
 
-    from .validate import check_safetensors_header
-
     names = [n for n in got.files if not n.lower().endswith(_PICKLE_SUFFIXES)
              and not n.endswith(".bin.index.json")]
     if "config.json" not in names:
@@ -370,8 +359,6 @@ def add_hub_base(reg: Registry, repo: str, revision: str | None = None, allow_pi
     by the repo id. Returns (base, whether weights were stored now); the same commit already
     stored is a no-op.
     """
-    from ..models.ops import register_base_folder
-
     repo_id, revision = split_repo(repo, revision)
     got = client.download_repo(repo_id, revision=revision, include=BASE_PATTERNS,
                                allow_pickle=allow_pickle, token=token, endpoint=endpoint,
@@ -463,8 +450,6 @@ def _metric_key(m: dict, suffix: str = "") -> str:
 
 def _describe(reg: Registry, art: Artifact) -> dict[str, Any]:
     """Everything the card and ``adapterhub_c.json`` say about ``art`` (deterministic)."""
-    from ..registry.views import lineage_tree
-
     with reg.session() as s:
         base = s.get(BaseModel, art.base_id)
         variant = s.get(Variant, art.variant_id) if art.variant_id else None
@@ -491,13 +476,8 @@ def _describe(reg: Registry, art: Artifact) -> dict[str, Any]:
 
 def _write_peft_part(reg: Registry, art: Artifact, stage: Path, base_label: str) -> list[str]:
     """The PEFT files of ``art`` in ``stage`` (packs decoded); returns the names written."""
-    from ..adapters.load import load_adapter_artifact
-    from ..adapters.lora import CONFIG_NAME
-
     written = []
     if art.kind == "pack":
-        from ..adapt.recovery import FILE_NAME, recovery_file_bytes
-
         loaded = load_adapter_artifact(reg, art)
         lora = loaded.lora
         lora.config = {**lora.config, "base_model_name_or_path": base_label}
@@ -537,8 +517,6 @@ def build_push_folder(reg: Registry, art: Artifact, dest: str | Path, fmt: str =
     Content is a function of the registry rows only (no timestamps), so an unchanged
     artefact gives byte-identical files. Returns [{path, size, sha256}] sorted by path.
     """
-    from .cards import model_card
-
     if fmt not in PUSH_FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; pick one of {', '.join(PUSH_FORMATS)}")
     if art.kind not in ADAPTER_KINDS:
@@ -587,8 +565,6 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
     no commit is made then). The pushed repo and commit are recorded in the artefact's
     config under ``pushes``.
     """
-    from .store import StoreError, check_repo_id
-
     art = reg.get(name, "artifact")
     repo_id = (repo_id or "").strip()
     try:
@@ -643,7 +619,7 @@ def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: s
     ``ready(endpoint)`` is called once listening. Binding a non-loopback interface without a
     token is allowed but reported through ``warn``: anyone who can connect could write.
     """
-    from .server import serve
+    from adapterhub_c.hub.server import serve
 
     root = Path(root)
     if root.exists() and not root.is_dir():

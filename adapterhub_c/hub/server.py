@@ -25,10 +25,18 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .cards import card_tags, parse_front_matter
-from .faults import FaultInjector
-from .store import (DEFAULT_BRANCH, BadPath, RepoStore, StoreError, check_repo_id,
-                    check_repo_path, file_entry_json)
+from adapterhub_c.hub.cards import card_tags, parse_front_matter
+from adapterhub_c.hub.faults import FaultInjector
+from adapterhub_c.hub.store import (
+    DEFAULT_BRANCH,
+    BadPath,
+    RepoStore,
+    StoreError,
+    check_repo_id,
+    check_repo_path,
+    file_entry_json,
+    git_blob_oid,
+)
 
 DEFAULT_USER = "local"
 _CHUNK = 1 << 16
@@ -447,7 +455,6 @@ def _parse_commit_body(raw: bytes, store: RepoStore):
 
 
 def _git_oid_of_blob(store: RepoStore, sha256: str) -> str:
-    from .store import git_blob_oid
     return git_blob_oid(store.blob_path(sha256).read_bytes())
 
 

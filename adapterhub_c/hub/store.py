@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_write_bytes, atomic_write_json
+from adapterhub_c.fsutil import atomic_write_bytes, atomic_write_json
 
 DEFAULT_BRANCH = "main"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

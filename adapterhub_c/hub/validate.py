@@ -14,9 +14,8 @@ import re
 import struct
 from pathlib import Path
 
-from ..adapters.lora import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter, _pattern_value,
-                             check_lora_config)
-from ..errors import IntegrityError, UsageError
+from adapterhub_c.adapters.lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter, _pattern_value, check_lora_config
+from adapterhub_c.errors import IntegrityError, UsageError
 
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(\.[^.]+)?\.weight$")
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")

@@ -8,13 +8,13 @@ need ``TRITON_INTERPRET=1`` set before triton is imported), ``impl="ref"`` the t
 
 :mod:`.ties_cpu` (not imported here: numba loads on first use) holds the fused CPU
 kernels of TIES over dense task vectors; their twins are the torch rules of
-:mod:`adapterhub_c.merge.ops`.
+:mod:`adapterhub_c.merge.rules`.
 """
-from .add import bitmask_add_, bitmask_add_ref
-from .agree import ternary_agreement, ternary_agreement_ref
-from .decode import bitmask_decode, bitmask_decode_ref
-from .elect import elect_signs, elect_signs_ref
-from .layout import planes_to_torch, unpack_bits
+from adapterhub_c.kernels.add import bitmask_add_, bitmask_add_ref
+from adapterhub_c.kernels.agree import ternary_agreement, ternary_agreement_ref
+from adapterhub_c.kernels.decode import bitmask_decode, bitmask_decode_ref
+from adapterhub_c.kernels.elect import elect_signs, elect_signs_ref
+from adapterhub_c.kernels.layout import planes_to_torch, unpack_bits
 
 __all__ = [
     "bitmask_add_", "bitmask_add_ref", "ternary_agreement", "ternary_agreement_ref",

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
-from .layout import FLOAT_DTYPES, check_planes, unpack_bits, use_triton
+from adapterhub_c.errors import UsageError
+from adapterhub_c.kernels.layout import FLOAT_DTYPES, check_planes, unpack_bits, use_triton
 
 
 def _check_target(w: torch.Tensor) -> None:
@@ -37,7 +37,7 @@ def bitmask_add_(w: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: f
         raise UsageError("planes and target are on different devices")
     if not use_triton(impl, w, pos, neg):
         return bitmask_add_ref(w, pos, neg, scale)
-    from .add_triton import add_launch
+    from adapterhub_c.kernels.add_triton import add_launch
 
     add_launch(w.view(-1), pos, neg, w.numel(), float(scale))
     return w

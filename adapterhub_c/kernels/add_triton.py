@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bf16_triton import bf16_bits_to_f32, f32_to_bf16_bits
+from adapterhub_c.kernels.bf16_triton import bf16_bits_to_f32, f32_to_bf16_bits
 
 BLOCK = 1024
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UsageError
-from .layout import use_triton
+from adapterhub_c.errors import UsageError
+from adapterhub_c.kernels.layout import use_triton
 
 
 def _np_words(t: torch.Tensor) -> np.ndarray:
@@ -44,6 +44,6 @@ def ternary_agreement(a_pos: torch.Tensor, a_neg: torch.Tensor, b_pos: torch.Ten
         raise UsageError("all four planes must have the same length and device")
     if not use_triton(impl, *planes):
         return ternary_agreement_ref(*planes)
-    from .agree_triton import agree_launch
+    from adapterhub_c.kernels.agree_triton import agree_launch
 
     return _result(*agree_launch(*planes))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
-from .layout import FLOAT_DTYPES, check_planes, unpack_bits, use_triton
+from adapterhub_c.errors import UsageError
+from adapterhub_c.kernels.layout import FLOAT_DTYPES, check_planes, unpack_bits, use_triton
 
 
 def bitmask_decode_ref(pos: torch.Tensor, neg: torch.Tensor, numel: int, scale: float,
@@ -26,7 +26,7 @@ def bitmask_decode(pos: torch.Tensor, neg: torch.Tensor, numel: int, scale: floa
         raise UsageError(f"decode dtype must be float16, bfloat16 or float32, got {dtype}")
     if not use_triton(impl, pos, neg):
         return bitmask_decode_ref(pos, neg, numel, scale, dtype)
-    from .decode_triton import decode_launch
+    from adapterhub_c.kernels.decode_triton import decode_launch
 
     out = torch.empty(numel, dtype=dtype, device=pos.device)
     decode_launch(pos, neg, out, numel, float(scale))

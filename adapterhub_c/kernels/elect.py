@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
-from .layout import n_words, unpack_bits, use_triton
+from adapterhub_c.errors import UsageError
+from adapterhub_c.kernels.layout import n_words, unpack_bits, use_triton
 
 
 def _check(pos: torch.Tensor, neg: torch.Tensor, numel: int, weights):
@@ -56,6 +56,6 @@ def elect_signs(pos: torch.Tensor, neg: torch.Tensor, numel: int, weights=None, 
     w = _check(pos, neg, numel, weights)
     if not use_triton(impl, pos, neg):
         return elect_signs_ref(pos, neg, numel, w)
-    from .elect_triton import elect_launch
+    from adapterhub_c.kernels.elect_triton import elect_launch
 
     return elect_launch(pos.contiguous(), neg.contiguous(), numel, w)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from adapterhub_c.errors import UsageError
 
 IMPLS = ("auto", "triton", "ref")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

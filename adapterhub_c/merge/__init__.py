@@ -1,10 +1,19 @@
 """Merging LoRA adapters (task arithmetic, TIES, DARE) and LoraHub-style composition."""
-from .api import MergeResult, merge_adapters
-from .completions import completion_loss, encode_examples
-from .compose import ComposeResult, compose_adapters, optimizer_chain
-from .compose_eval import ComposeStack, PeftEvaluator
-from .spec import (CONVENTIONS, MAJORITIES, METHODS, SPACES, MergeInputRef, MergeSpec, make_spec,
-                   merge_config_yaml, parse_merge_config)
+from adapterhub_c.merge.api import MergeResult, merge_adapters
+from adapterhub_c.merge.completions import completion_loss, encode_examples
+from adapterhub_c.merge.compose import ComposeResult, compose_adapters, optimizer_chain
+from adapterhub_c.merge.compose_eval import ComposeStack, PeftEvaluator
+from adapterhub_c.merge.spec import (
+    CONVENTIONS,
+    MAJORITIES,
+    METHODS,
+    SPACES,
+    MergeInputRef,
+    MergeSpec,
+    make_spec,
+    merge_config_yaml,
+    parse_merge_config,
+)
 
 __all__ = [
     "CONVENTIONS", "MAJORITIES", "METHODS", "SPACES",

@@ -5,13 +5,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..adapters.lora import LoraAdapter
-from .batching import DEFAULT_CHUNK_BYTES
-from .delta import Progress, merge_delta
-from .factors import merge_factors
-from .inputs import (check_inputs, compute_dtype, input_device, input_names, module_inputs,
-                     output_base_config, output_dtype)
-from .spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import UsageError
+from adapterhub_c.merge.batching import DEFAULT_CHUNK_BYTES
+from adapterhub_c.merge.delta import Progress, merge_delta
+from adapterhub_c.merge.factors import merge_factors
+from adapterhub_c.merge.inputs import (
+    check_inputs,
+    compute_dtype,
+    input_device,
+    input_names,
+    module_inputs,
+    output_base_config,
+    output_dtype,
+)
+from adapterhub_c.merge.spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml
 
 
 @dataclass
@@ -45,7 +53,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     the inputs, in float32 (float64 if an input is), and stores the result in the
     first input's dtype. Modules adapted by only some inputs count as ΔW = 0 elsewhere.
     ``elections``: pre-elected TIES signs per module (factors space only; see
-    :func:`adapterhub_c.merge.registry_ops.popcount_elections`). Raises UsageError on bad input.
+    :func:`adapterhub_c.workflows.merges.popcount_elections`). Raises UsageError on bad input.
     """
     started = time.perf_counter()
     adapters = list(adapters)

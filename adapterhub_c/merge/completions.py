@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from adapterhub_c.errors import UsageError
 
 IGNORE = -100
 

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..adapters.lora import LoraAdapter
-from ..errors import AdaptError, NotFoundError, UsageError
-from .compose_eval import ComposeStack, PeftEvaluator
-from .completions import encode_examples
-from .delta import Progress
-from .inputs import input_names
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import AdaptError, NotFoundError, UsageError
+from adapterhub_c.merge.completions import encode_examples
+from adapterhub_c.merge.compose_eval import ComposeStack, PeftEvaluator
+from adapterhub_c.merge.delta import Progress
+from adapterhub_c.merge.inputs import input_names
 
 
 @dataclass

@@ -12,11 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..adapters.lora import LoraAdapter, LoraLayer
-from ..errors import UsageError
-from .completions import Batch, completion_loss
-from .factors import check_equal_ranks
-from .inputs import check_inputs, module_inputs, output_base_config
+from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
+from adapterhub_c.errors import UsageError
+from adapterhub_c.merge.completions import Batch, completion_loss
+from adapterhub_c.merge.factors import check_equal_ranks
+from adapterhub_c.merge.inputs import check_inputs, module_inputs, output_base_config
 
 
 class ComposeStack:

@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 
-from ..adapters.lora import LoraLayer
-from .batching import DEFAULT_CHUNK_BYTES, chunks_by_key
-from .inputs import ModuleInputs, stack_padded
-from .lowrank import truncate_dense, truncate_lowrank_sum
-from .ops import dare, dare_keep_mask, merge_dense, module_seed
-from .spec import MergeSpec
+from adapterhub_c.adapters.lora import LoraLayer
+from adapterhub_c.merge.batching import DEFAULT_CHUNK_BYTES, chunks_by_key
+from adapterhub_c.merge.inputs import ModuleInputs, stack_padded
+from adapterhub_c.merge.lowrank import truncate_dense, truncate_lowrank_sum
+from adapterhub_c.merge.rules import dare, dare_keep_mask, merge_dense, module_seed
+from adapterhub_c.merge.spec import MergeSpec
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -120,7 +120,7 @@ def _batched_chunk(chunk: list[ModuleInputs], spec: MergeSpec, weights: torch.Te
 
 def _fused_module(m: ModuleInputs, spec: MergeSpec, weights: torch.Tensor, device, dtype) -> torch.Tensor:
     """TIES / DARE-TIES of one module on CPU with the numba kernels: merged ΔW [out, in]."""
-    from ..kernels.ties_cpu import ties_merge, trim_thresholds
+    from adapterhub_c.kernels.ties_cpu import ties_merge, trim_thresholds
 
     r = max(m.ranks)
     tau = _scaled_B(m, r, device, dtype) @ stack_padded(m.layers, "A", r, m.in_features, dtype, device)

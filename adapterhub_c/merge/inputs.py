@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ..adapters.lora import LoraAdapter, LoraLayer, check_lora_config
-from ..errors import UsageError
+from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer, check_lora_config
+from adapterhub_c.errors import UsageError
 
 _FACTOR_KEY = re.compile(r"\.lora_[AB]\.weight$")
 

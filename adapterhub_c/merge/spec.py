@@ -34,8 +34,8 @@ from typing import Sequence
 
 import yaml
 
-from ..errors import UsageError
-from .lowrank import SVD_ROUTINES
+from adapterhub_c.errors import UsageError
+from adapterhub_c.merge.lowrank import SVD_ROUTINES
 
 METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 SPACES = ("delta", "factors")

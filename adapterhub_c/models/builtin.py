@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import AdaptError
+from adapterhub_c.errors import AdaptError
 
 SMOLLM2 = "builtin:smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -66,7 +66,7 @@ def _export_smollm2(dest: Path) -> None:
 
 
 def _export_tiny(dest: Path) -> None:
-    from .tiny import build_tiny_llama
+    from adapterhub_c.models.tiny import build_tiny_llama
 
     model, tokenizer = build_tiny_llama()
     model.save_pretrained(dest, safe_serialization=True)

@@ -1,10 +1,29 @@
 """ComPEFT packs: sparsify + ternarize + scale, exact encodings, the pack file."""
-from .compeft import METHODS, SCOPES, compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
-from .digest import tensors_digest
-from .encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
-from .format import (FORMAT_VERSION, RECOVERY_PREFIX, Pack, build_pack, inspect_pack, pack_adapter, pack_stats,
-                     read_pack, unpack_recovery, unpack_to_adapter, write_pack)
-from .ternary import TernaryTensor, from_signs
+from adapterhub_c.pack.compeft import (
+    METHODS,
+    SCOPES,
+    compress_tensors,
+    decode_tensors,
+    keep_count,
+    prune_tensors,
+    topk_indices,
+)
+from adapterhub_c.pack.digest import tensors_digest
+from adapterhub_c.pack.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
+from adapterhub_c.pack.format import (
+    FORMAT_VERSION,
+    RECOVERY_PREFIX,
+    Pack,
+    build_pack,
+    inspect_pack,
+    pack_adapter,
+    pack_stats,
+    read_pack,
+    unpack_recovery,
+    unpack_to_adapter,
+    write_pack,
+)
+from adapterhub_c.pack.ternary import TernaryTensor, from_signs
 
 __all__ = [
     "METHODS", "SCOPES", "compress_tensors", "decode_tensors", "keep_count", "prune_tensors", "topk_indices",

@@ -26,8 +26,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..adapters.load import LoadedAdapter
-from ..errors import UsageError
+from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.metrics import exact_match, perplexity
+from adapterhub_c.training import peft_io
+from adapterhub_c.training.convert import load_adapted
+from adapterhub_c.training.recovery import recovery_modules
 
 ALPHA_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 METRICS = ("auto", "perplexity", "exact_match")
@@ -42,10 +46,6 @@ class AdapterSlot:
     """
 
     def __init__(self, model: torch.nn.Module, first: LoadedAdapter):
-        from ..adapt import peft_io
-        from ..adapt.convert import load_adapted
-        from ..adapt.recovery import recovery_modules
-
         # module names as the model has them, computed before PEFT wraps the model
         self._mapping = peft_io.retarget(first.lora.modules(), model)
         self.model = load_adapted(model, first.lora, first.recovery_state, first.recovery_config)
@@ -55,8 +55,6 @@ class AdapterSlot:
     @torch.no_grad()
     def set(self, adapter: LoadedAdapter) -> None:
         """Copy ``adapter``'s LoRA factors (and recovery D/U) into the attached layers."""
-        from ..adapt import peft_io
-
         layers = adapter.lora.layers()
         if set(layers) != self._modules:
             raise UsageError("the adapter's modules differ from those attached")
@@ -87,8 +85,6 @@ def resolve_metric(metric: str, is_task: bool) -> str:
 def evaluate_for_search(model, tokenizer, dataset, metric: str, max_tokens: int | None,
                         max_examples: int | None) -> dict[str, float]:
     """The search criterion for one set of weights: perplexity (+ exact match for tasks)."""
-    from ..evals.metrics import exact_match, perplexity
-
     out = {"perplexity": perplexity(model, tokenizer, dataset.as_texts(), max_length=SEARCH_WINDOW,
                                     stride=SEARCH_WINDOW, max_tokens=max_tokens)["perplexity"]}
     if metric == "exact_match":

@@ -26,8 +26,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..errors import UsageError
-from .ternary import TernaryTensor, dtype_name
+from adapterhub_c.errors import UsageError
+from adapterhub_c.pack.ternary import TernaryTensor, dtype_name
 
 SCOPES = ("global", "tensor")
 METHODS = ("compeft", "stc")

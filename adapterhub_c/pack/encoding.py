@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import IntegrityError, UsageError
+from adapterhub_c.errors import IntegrityError, UsageError
 
 ENCODINGS = ("golomb", "bitmask")
 

@@ -45,13 +45,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..adapters.lora import LoraAdapter, check_lora_config
-from ..errors import IntegrityError, UsageError
-from ..fsutil import atomic_write_bytes
-from .compeft import check_params, compress_tensors
-from .digest import tensors_digest
-from .encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
-from .ternary import TernaryTensor, dtype_from_name
+from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.pack.compeft import check_params, compress_tensors
+from adapterhub_c.pack.digest import tensors_digest
+from adapterhub_c.pack.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
+from adapterhub_c.pack.ternary import TernaryTensor, dtype_from_name
 
 FORMAT_VERSION = "1"
 KIND = "adapterhub_c.pack"

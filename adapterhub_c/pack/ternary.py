@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import IntegrityError
+from adapterhub_c.errors import IntegrityError
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in
            (torch.float16, torch.bfloat16, torch.float32, torch.float64)}

@@ -1,4 +1,4 @@
 """The registry: SQLAlchemy models, sessions, Alembic migrations and the blob store."""
-from .store import Registry
+from adapterhub_c.registry.store import Registry
 
 __all__ = ["Registry"]

@@ -7,9 +7,9 @@ from typing import Any, Iterable
 
 from sqlalchemy import select
 
-from ..errors import UsageError
-from .models import Artifact
-from .store import Registry
+from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.models import Artifact
+from adapterhub_c.registry.store import Registry
 
 ARTIFACT_KINDS = ("lora", "recovered-lora", "prompt", "pack", "merged", "composed")
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from ..errors import AdaptError, IntegrityError
+from adapterhub_c.errors import AdaptError, IntegrityError
 
 CHUNK = 1 << 20
 STALE_AFTER_S = 24 * 3600

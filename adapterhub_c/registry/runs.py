@@ -11,8 +11,8 @@ import os
 import time
 from typing import Any, Iterator
 
-from .models import Run, utcnow
-from .store import Registry
+from adapterhub_c.registry.models import Run, utcnow
+from adapterhub_c.registry.store import Registry
 
 SECRET_KEYS = {"token", "hf_token", "auth_token", "password", "secret", "api_key"}
 

@@ -9,10 +9,10 @@ from typing import Iterator
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import NotFoundError, UsageError
-from .blobs import BlobStore
-from .db import default_home, default_url, make_engine, upgrade
-from .models import Artifact, BaseModel, Evaluation, Lineage, Run, Variant
+from adapterhub_c.errors import NotFoundError, UsageError
+from adapterhub_c.registry.blobs import BlobStore
+from adapterhub_c.registry.db import default_home, default_url, make_engine, upgrade
+from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Lineage, Run, Variant
 
 KINDS = {"base": BaseModel, "variant": Variant, "artifact": Artifact}
 MIN_ID_PREFIX = 4

@@ -6,8 +6,9 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
-from .models import Artifact, BaseModel, Evaluation, Run, Variant
-from .store import KINDS, Registry, delete_object, kind_of
+from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Run, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import KINDS, Registry, delete_object, kind_of
 
 LISTABLE = ("bases", "variants", "artifacts", "runs")
 
@@ -113,8 +114,6 @@ def lineage_tree(reg: Registry, ref: str) -> dict[str, Any]:
 
 def remove(reg: Registry, ref: str, cascade: bool = False) -> list[str]:
     """Delete an object (see ``delete_object``); returns the names removed."""
-    from .runs import record_run
-
     with record_run(reg, "rm", {"name": ref, "cascade": cascade}) as run:
         with reg.session() as s:
             obj = reg.resolve(s, ref)
@@ -125,8 +124,6 @@ def remove(reg: Registry, ref: str, cascade: bool = False) -> list[str]:
 
 def collect_garbage(reg: Registry, dry_run: bool = False) -> dict[str, Any]:
     """Remove blobs no row references and temp files of dead writers."""
-    from .runs import record_run
-
     with record_run(reg, "gc", {"dry_run": dry_run}) as run:
         result = reg.blobs.gc(reg.referenced_digests(), dry_run=dry_run)
         run.output = result

@@ -5,8 +5,8 @@ Build: `apply_recipe(model, recipe, calib_input_ids)` prunes in place and return
 Load: `load_variant_model(folder_or_state, config, recipe, device)` quantizes with
 bitsandbytes at load time and returns an eval-mode model ready for PEFT.
 """
-from .build import VariantBuild, VariantStats, apply_recipe, compute_stats, load_variant_model
-from .pruning import (
+from adapterhub_c.variants.build import VariantBuild, VariantStats, apply_recipe, compute_stats, load_variant_model
+from adapterhub_c.variants.pruning import (
     decoder_blocks,
     keep_count,
     n_m_mask,
@@ -18,8 +18,8 @@ from .pruning import (
     target_linears,
     unstructured_mask,
 )
-from .quantize import bnb_config, dequantize_linear, is_bnb_linear, load_quantized
-from .recipe import PRUNE_METHODS, QUANT_METHODS, Recipe
+from adapterhub_c.variants.quantize import bnb_config, dequantize_linear, is_bnb_linear, load_quantized
+from adapterhub_c.variants.recipe import PRUNE_METHODS, QUANT_METHODS, Recipe
 
 __all__ = [
     "PRUNE_METHODS",

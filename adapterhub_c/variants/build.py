@@ -22,11 +22,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from . import sizes
-from .pruning import prune_ffn_channels, prune_unstructured, target_linears
-from .quantize import load_quantized, resolve_dtype
-from .recipe import UNSTRUCTURED, Recipe
+from adapterhub_c.errors import UsageError
+from adapterhub_c.variants import sizes
+from adapterhub_c.variants.pruning import prune_ffn_channels, prune_unstructured, target_linears
+from adapterhub_c.variants.quantize import load_quantized, resolve_dtype
+from adapterhub_c.variants.recipe import UNSTRUCTURED, Recipe
 
 Progress = Callable[[str, int, "int | None"], None]
 WEIGHTS_FILE = "model.safetensors"

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from adapterhub_c.errors import UsageError
 
 Progress = Callable[[str, int, "int | None"], None]
 

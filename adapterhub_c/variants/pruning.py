@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from .calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
+from adapterhub_c.errors import UsageError
+from adapterhub_c.variants.calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Progress = Callable[[str, int, "int | None"], None]

@@ -27,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import UsageError
+from adapterhub_c.errors import UsageError
 
 QUANT_METHODS = ("none", "int8", "nf4", "fp4")
 PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels")

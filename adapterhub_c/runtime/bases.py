@@ -3,18 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
-from ..registry.models import BaseModel
-from ..registry.store import Registry
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """'auto' / None → cuda when available else cpu; otherwise the named device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(device)
+from adapterhub_c.errors import UsageError
+from adapterhub_c.models.device import resolve_device
+from adapterhub_c.registry.models import BaseModel
+from adapterhub_c.registry.store import Registry
 
 
 def load_base_model(reg: Registry, base: BaseModel, device: str | None = "cpu", dtype=torch.float32):
@@ -40,3 +32,8 @@ def load_base_tokenizer(reg: Registry, base: BaseModel):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def base_label(base: BaseModel) -> str:
+    """The name a pack or PEFT config records for its base (Hub id when known)."""
+    return base.hub_id or base.name

@@ -39,17 +39,35 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..adapters.load import ADAPTER_KINDS, PACK_KINDS, load_adapter_artifact
-from ..adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter
-from ..errors import UsageError
-from ..registry.artifacts import name_taken, register_artifact, unique_name
-from ..registry.models import Artifact, BaseModel, Variant
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from .api import merge_adapters
-from .factors import factor_weights
-from .inputs import check_inputs, compute_dtype, input_names, module_inputs
-from .spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml, parse_merge_config, spec_dict
+from adapterhub_c.adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter, check_lora_config
+from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
+from adapterhub_c.merge.api import merge_adapters
+from adapterhub_c.merge.completions import encode_examples
+from adapterhub_c.merge.compose import _check_options, compose_adapters
+from adapterhub_c.merge.factors import check_equal_ranks, factor_weights
+from adapterhub_c.merge.inputs import check_inputs, compute_dtype, input_names, module_inputs
+from adapterhub_c.merge.spec import (
+    MergeInputRef,
+    MergeSpec,
+    make_spec,
+    merge_config_yaml,
+    parse_merge_config,
+    spec_dict,
+)
+from adapterhub_c.models.device import resolve_device
+from adapterhub_c.pack.encoding import encode
+from adapterhub_c.pack.format import KIND, read_pack
+from adapterhub_c.pack.ternary import dtype_from_name
+from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.adapters import load_adapter_artifact
+from adapterhub_c.runtime.bases import load_base_tokenizer
+from adapterhub_c.runtime.stack import StackSpec, load_stack
 
 Progress = Callable[[str, int, "int | None"], None]
 MERGE_CONFIG_FILE = "merge_config.yaml"
@@ -117,16 +135,12 @@ def resolve_inputs(reg: Registry, refs: Sequence[str], *, at_least: int = 2) -> 
 
 
 def _device(device: str | None) -> torch.device:
-    from ..models.loading import resolve_device
-
     return resolve_device(device)
 
 
 def find_pack_file(folder: Path, files: Sequence[str]) -> Path:
     """The pack file among an artefact's files (the one whose safetensors metadata says so)."""
-    from ..pack.format import KIND
-
-    # pack.safetensors (the name adapterhub_c.pack.ops writes) first, then any other file
+    # pack.safetensors (the name adapterhub_c.workflows.packs writes) first, then any other file
     for name in sorted(files, key=lambda n: (n != "pack.safetensors", n)):
         path = folder / name
         try:
@@ -143,9 +157,6 @@ def find_pack_file(folder: Path, files: Sequence[str]) -> Path:
 
 
 def _planes_of(tensor, encoded, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels import planes_to_torch
-    from ..pack.encoding import encode
-
     data = encoded.data if encoded.encoding == "bitmask" else \
         encode(tensor.indices, tensor.negative, tensor.numel, "bitmask").data
     return planes_to_torch(data["pos"], data["neg"], device)
@@ -157,11 +168,6 @@ def load_pack_input(path: Path, device: torch.device) -> tuple[LoraAdapter, dict
     The decoded values are ``float32(T)·float32(scale)`` rounded once to the source dtype,
     exactly what :func:`adapterhub_c.pack.format.unpack_to_adapter` gives.
     """
-    from ..adapters.lora import check_lora_config
-    from ..kernels import bitmask_decode
-    from ..pack.format import read_pack
-    from ..pack.ternary import dtype_from_name
-
     pack = read_pack(path)
     if getattr(pack, "has_recovery", False):
         raise UsageError(f"{path.name}: the pack carries recovery modules, which are non-linear and "
@@ -217,8 +223,6 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
     Returns ``Election("popcount", …, signs={module: (sign_A, sign_B)})`` or
     ``Election("dense", reason)`` when any condition of the module docstring fails.
     """
-    from ..kernels import elect_signs, unpack_bits
-
     t0 = time.perf_counter()
     if spec.method != "ties":
         return Election("dense", f"{spec.method} is not TIES" if not spec.uses_sign_election
@@ -351,8 +355,6 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     check_inputs(adapters, names)
     modules = module_inputs(adapters, names)
     if spec.space == "factors":
-        from .factors import check_equal_ranks
-
         r = check_equal_ranks(modules, names)
         if spec.rank is not None and spec.rank != r:
             raise UsageError(f"space=factors keeps the input rank {r}; rank={spec.rank} needs space=delta")
@@ -418,8 +420,6 @@ def load_examples(examples: str, shots: int | None = None) -> list[tuple[str, st
     ``shots`` keeps the first N (default: all of a file, 5 of a built-in task).
     UsageError when nothing usable is left.
     """
-    from ..evals.data import load_dataset
-
     if shots is not None and (isinstance(shots, bool) or int(shots) != shots or shots < 1):
         raise UsageError(f"--shots must be a positive integer, got {shots!r}")
     if examples.startswith("builtin:"):
@@ -466,12 +466,6 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     and the artefact's config (and ``compose_config.json`` in its folder). UsageError on
     bad input, before anything is registered.
     """
-    from ..models.loading import load_base_tokenizer
-    from ..models.stack import StackSpec, load_stack
-    from .completions import encode_examples
-    from .compose import _check_options, compose_adapters
-    from .factors import check_equal_ranks
-
     arts, base, variant = resolve_inputs(reg, refs)
     lo, hi = _parse_bounds(bounds)
     _check_options(optimizer, budget, (lo, hi), l1)

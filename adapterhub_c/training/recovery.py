@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from ..errors import IntegrityError, UsageError
-from ..fsutil import atomic_write_bytes
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.fsutil import atomic_write_bytes
 
 FILE_NAME = "recovery.safetensors"
 META_KEY = "adapterhub_c.recovery"

@@ -24,19 +24,25 @@ from typing import Any, Callable
 import torch
 from sqlalchemy import select
 
-from ..errors import UsageError
-from ..registry.models import BaseModel, Evaluation, Variant
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from .build import KEPT_FILE, VARIANT_FILE, WEIGHTS_FILE, apply_recipe, load_variant_model
-from .recipe import Recipe
+from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.evaluate import evaluate_model
+from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
+from adapterhub_c.models.device import resolve_device
+from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.bases import load_base_model
+from adapterhub_c.runtime.variants import COMPUTE_DTYPE
+from adapterhub_c.variants.build import KEPT_FILE, VARIANT_FILE, WEIGHTS_FILE, apply_recipe, load_variant_model
+from adapterhub_c.variants.quantize import load_quantized
+from adapterhub_c.variants.recipe import Recipe
 
 Progress = Callable[[str, int, "int | None"], None]
 
 EVAL_DATA = "builtin:pydoc"
 EVAL_SPLIT = "test"
 DEFAULT_EVAL_TOKENS = 8192
-COMPUTE_DTYPE = torch.float32  # as load_base_model: variant and base perplexities are comparable
 CALIB_USERS = ("wanda", "2:4", "ffn-channels")
 # bnb announces on every int8 forward that float32 inputs are cast to float16 (by design of LLM.int8)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -52,51 +58,12 @@ DEFAULT_CALIB = _DefaultCalib("builtin:pydoc")
 # ---- loading ---------------------------------------------------------------------------
 
 
-def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
-    if isinstance(variant, Variant):
-        return variant
-    if not isinstance(variant, str) or not variant:
-        raise UsageError(f"a variant name or id is expected, got {variant!r}")
-    return reg.get(variant, "variant")
 
 
-def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cpu",
-                 compute_dtype: torch.dtype = COMPUTE_DTYPE):
-    """The variant as a transformers model (bnb layers where quantized) on `device`, eval mode.
-
-    `variant`: a Variant row or a name / id prefix. Unquantized tensors and the bnb
-    matmuls run in `compute_dtype` (float32 by default, like `load_base_model`). bnb's
-    CPU bf16 repacking is kept off, so the model can be trained (LoRA) after an eval
-    forward.
-    """
-    from ..models.loading import resolve_device
-    from .quantize import load_quantized
-
-    row = _variant_row(reg, variant)
-    recipe = Recipe.from_json(row.recipe)
-    dev = str(resolve_device(device))
-    folder = reg.materialize(row)
-    if (folder / WEIGHTS_FILE).exists():
-        return load_variant_model(folder, recipe=recipe, device=dev, compute_dtype=compute_dtype)
-    # an unpruned variant of a base with sharded weights: from_pretrained reads the shards
-    return load_quantized(folder, recipe.quant, recipe.double_quant, compute_dtype, dev,
-                          include_lm_head=recipe.include_lm_head, dtype=compute_dtype)
 
 
-def variant_kept_indices(reg: Registry, variant: Variant | str) -> dict[str, torch.Tensor] | None:
-    """ffn-channels variants: {MLP module name: kept intermediate channels (int64, sorted)}; else None."""
-    from safetensors.torch import load_file
-
-    row = _variant_row(reg, variant)
-    digest = (row.files or {}).get(KEPT_FILE)
-    if digest is None:
-        return None
-    return {k: v.long() for k, v in load_file(str(reg.blobs.verified_path(digest))).items()}
 
 
-def variant_recipe(row: Variant) -> Recipe:
-    """The row's recipe as a `Recipe`."""
-    return Recipe.from_json(row.recipe)
 
 
 # ---- creating --------------------------------------------------------------------------
@@ -164,9 +131,6 @@ def calibration_ids(tokenizer, recipe: Recipe) -> list[torch.Tensor] | None:
     """The recipe's calibration input: the train split of `recipe.calib` as one token stream
     (texts joined by EOS) cut into `calib_samples` consecutive rows of `calib_seq_len` tokens.
     None when the recipe uses no calibration."""
-    from ..evals.data import load_dataset
-    from ..evals.metrics import token_stream
-
     if not recipe.uses_calibration:
         return None
     data = load_dataset(recipe.calib, "train")
@@ -187,16 +151,12 @@ def _find_base_perplexity(reg: Registry, base: BaseModel, tokens: int) -> float 
         for ev in rows:
             d = ev.details or {}
             if d.get("tokens") == tokens and d.get("max_length") and d.get("stride"):
-                from ..evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE
-
                 if (d["max_length"], d["stride"]) == (DEFAULT_MAX_LENGTH, DEFAULT_STRIDE):
                     return ev.value
     return None
 
 
 def _perplexity(model, tokenizer, eval_tokens: int, progress: Progress | None) -> dict:
-    from ..evals.ops import evaluate_model
-
     res = evaluate_model(model, tokenizer, EVAL_DATA, EVAL_SPLIT, max_tokens=eval_tokens, progress=progress)
     return res["_details"]["perplexity"]
 
@@ -235,8 +195,6 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
     the first `eval_tokens` tokens of builtin:pydoc test is measured and recorded as
     Evaluation rows and in `stats` ('perplexity', 'base_perplexity').
     """
-    from ..models.loading import load_base_model
-
     recipe = make_recipe(quant=quant, double_quant=double_quant, prune=prune, sparsity=sparsity,
                          granularity=granularity, calib=calib, calib_samples=calib_samples,
                          calib_seq_len=calib_seq_len, include_embeddings=include_embeddings,
@@ -268,9 +226,6 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
         model, tokenizer = load_base_model(reg, base, device)
         base_ppl = base_eval = None
         if eval_tokens:
-            from ..evals.data import load_dataset
-            from ..evals.metrics import token_stream
-
             n_scored = token_stream(tokenizer, load_dataset(EVAL_DATA, EVAL_SPLIT).as_texts(), eval_tokens).numel() - 1
             base_ppl = _find_base_perplexity(reg, base, n_scored)
             if base_ppl is None:
@@ -294,8 +249,6 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
                                             compute_dtype=COMPUTE_DTYPE) \
                     if (Path(load_from) / WEIGHTS_FILE).exists() else None
                 if vmodel is None:
-                    from .quantize import load_quantized
-
                     vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE,
                                             str(_device(device)), include_lm_head=recipe.include_lm_head,
                                             dtype=COMPUTE_DTYPE)
@@ -341,8 +294,6 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
 
 
 def _device(device: str | None) -> torch.device:
-    from ..models.loading import resolve_device
-
     return resolve_device(device)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..errors import NotFoundError
-from ..registry.models import BaseModel
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from .builtin import BUILTINS, builtin_for
+from adapterhub_c.errors import NotFoundError
+from adapterhub_c.models.builtin import BUILTINS, builtin_for
+from adapterhub_c.registry.models import BaseModel
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
 
 
 def _describe_folder(folder: Path) -> dict:

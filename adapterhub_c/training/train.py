@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..adapters.lora import LoraAdapter
-from ..errors import UsageError
-from . import peft_io
-from .batches import make_batches
-from .loop import Progress, TrainConfig, TrainResult, train
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import UsageError
+from adapterhub_c.training import peft_io
+from adapterhub_c.training.batches import make_batches
+from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult, train
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -30,15 +30,31 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UsageError
-from ..evals.data import load_dataset
-from ..evals.ops import evaluate_model, record_evaluations
-from ..models.stack import StackSpec, load_stack, resolve_stack
-from ..registry.artifacts import name_taken, register_artifact, unique_name
-from ..registry.models import Artifact, BaseModel, Variant
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from .loop import Progress, TrainConfig, TrainResult
+from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.evaluate import evaluate_model
+from adapterhub_c.models.device import resolve_device
+from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.kinds import ADAPTER_KINDS
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.adapters import load_adapter_artifact
+from adapterhub_c.runtime.bases import base_label, load_base_model, load_base_tokenizer
+from adapterhub_c.runtime.evaluations import record_evaluations
+from adapterhub_c.runtime.stack import StackSpec, load_stack, resolve_stack
+from adapterhub_c.runtime.variants import load_variant, variant_kept_indices
+from adapterhub_c.training.convert import (
+    DISTILL_ON,
+    _attach_source_lora,
+    build_student,
+    build_teacher,
+    distill_convert,
+    load_adapted,
+)
+from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult
+from adapterhub_c.training.recovery import RecoveryConfig
+from adapterhub_c.training.train import DEFAULT_TARGETS, train_lora
 
 DEFAULT_STEPS = 100
 DEFAULT_LR = 2e-4
@@ -67,8 +83,6 @@ def checkpoint_dir(reg: Registry, key: str) -> Path:
 
 
 def _device_name(device: str | None) -> str:
-    from ..models.loading import resolve_device
-
     return str(resolve_device(device))
 
 
@@ -151,8 +165,6 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
     model before (``baseline``) and after training). ``targets``: module names (default
     q/k/v/o). Bad input raises UsageError before anything is loaded or registered.
     """
-    from .train import DEFAULT_TARGETS, train_lora
-
     if rank < 1:
         raise UsageError(f"rank must be >= 1 (got {rank})")
     if not alpha > 0:
@@ -194,8 +206,6 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
                              fingerprint={"base": spec.base.id,
                                           "variant": spec.variant.id if spec.variant else None})
         adapter = trained.adapter
-        from ..adapters.load import base_label
-        from .convert import load_adapted
 
         adapter.config["base_model_name_or_path"] = base_label(spec.base)
         adapted = load_adapted(model, adapter)
@@ -232,8 +242,6 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
 
 def _resolve_convert(reg: Registry, adapter_ref: str, variant_ref: str):
     """(source artefact, variant, base) with the checks that need only the registry."""
-    from ..adapters.load import ADAPTER_KINDS
-
     with reg.session() as s:
         art = reg.resolve(s, adapter_ref, "artifact")
         if art.kind not in ADAPTER_KINDS:
@@ -269,9 +277,6 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
     alone", "naive" and "teacher" rows (the converted one is always measured). Returns
     (the ``recovered-lora`` artefact, report with the rows and the gap closed).
     """
-    from .convert import DISTILL_ON
-    from .recovery import RecoveryConfig
-
     device = _device_name(device)
     config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
     if distill_on not in DISTILL_ON:
@@ -341,11 +346,6 @@ def gap_closed(rows: list[dict]) -> dict:
 def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split, inherit, recover, distill,
              recover_rank, recover_act, distill_alpha, distill_on, config, name, max_eval_tokens, max_eval_examples,
              reference_rows, device, resume, progress, run):
-    from ..adapters.load import base_label, load_adapter_artifact
-    from ..models.loading import load_base_model
-    from ..variants.ops import load_variant, variant_kept_indices
-    from .convert import _attach_source_lora, build_student, build_teacher, distill_convert
-
     loaded = load_adapter_artifact(reg, art)
     if loaded.recovery_state is not None:
         raise UsageError(f"{art.name!r} is already converted (it has recovery modules); convert its source instead")
@@ -357,8 +357,6 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
     if distill or reference_rows:
         base_model, tokenizer = load_base_model(reg, base, device)
     else:
-        from ..models.loading import load_base_tokenizer
-
         base_model, tokenizer = None, load_base_tokenizer(reg, base)
     variant_model = load_variant(reg, var, device)
     rows: list[dict] = []

@@ -11,10 +11,10 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UsageError
-from ..evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
-from ..fsutil import atomic_write_bytes
-from .prompt import PromptedModel, SoftPrompt, context_length
+from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
+from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.training.prompt import PromptedModel, SoftPrompt, context_length
 
 NO_PROMPT = "no prompt"
 Progress = Callable[[str, int, "int | None"], None]

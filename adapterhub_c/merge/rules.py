@@ -78,7 +78,7 @@ def elect_and_merge(tau: torch.Tensor, weights: torch.Tensor, majority: str = "t
     ``majority``: ``total`` = sign of the sum, ``frequency`` = sign of the count; ties → +.
     Zero entries have no sign: they neither vote by count nor agree. ``elected`` (+1/-1
     per entry, as :func:`elected_signs` gives) skips the vote: the popcount election over
-    packs (:mod:`adapterhub_c.merge.registry_ops`) passes it where it is exact.
+    packs (:mod:`adapterhub_c.workflows.merges`) passes it where it is exact.
     """
     w = _bcast(weights, tau)
     wtau = tau * w

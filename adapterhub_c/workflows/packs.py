@@ -17,22 +17,36 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import save as st_save
 
-from ..adapters.load import ADAPTER_KINDS, LORA_KINDS, LoadedAdapter, base_label, load_adapter_artifact
-from ..adapters.lora import WEIGHTS_NAME
-from ..errors import IntegrityError, UsageError
-from ..registry.artifacts import name_taken, register_artifact, unique_name
-from ..registry.models import Artifact, BaseModel, Variant
-from ..registry.runs import record_run
-from ..registry.store import Registry
-from .compeft import check_params
-from .encoding import ENCODINGS
-from .format import Pack, inspect_pack, pack_adapter, read_pack, unpack_recovery, unpack_to_adapter, write_pack
+from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.adapters.lora import WEIGHTS_NAME
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.pack.alpha import (
+    ALPHA_GRID,
+    AdapterSlot,
+    evaluate_for_search,
+    plot_alpha_curve,
+    resolve_metric,
+    search_alpha,
+)
+from adapterhub_c.pack.compeft import check_params
+from adapterhub_c.pack.encoding import ENCODINGS
+from adapterhub_c.pack.format import Pack, inspect_pack, pack_adapter, write_pack
+from adapterhub_c.pack.params import parse_alpha, parse_density
+from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.kinds import ADAPTER_KINDS, LORA_KINDS
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.adapters import load_adapter_artifact
+from adapterhub_c.runtime.bases import base_label
+from adapterhub_c.runtime.packs import PACK_FILE, _base_of, loaded_from_pack
+from adapterhub_c.runtime.stack import StackSpec, load_stack
+from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
 
-PACK_FILE = "pack.safetensors"
 CURVE_FILE = "alpha_curve.png"
 INFO_FILE = "adapterhub_c.json"
 DEFAULT_SEARCH_TOKENS = 2048
@@ -40,65 +54,15 @@ DEFAULT_SEARCH_EXAMPLES = 24
 
 
 # ---- parsing user values ---------------------------------------------------------------
-def parse_density(value: Any) -> float:
-    """A density from ``0.1``, ``"0.1"`` or ``"10%"``; UsageError unless in (0, 1]."""
-    text = str(value).strip()
-    try:
-        k = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise UsageError(f"density must be a number in (0, 1] or a percentage, got {value!r}") from None
-    check_params(k)
-    return k
 
 
-def parse_alpha(value: Any) -> float | str:
-    """``"auto"`` or a positive number."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        a = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"alpha must be a positive number or 'auto', got {value!r}") from None
-    check_params(1.0, a)
-    return a
 
 
 # ---- decoding ------------------------------------------------------------------------------
-def loaded_from_pack(pack: Pack) -> LoadedAdapter:
-    """The dense adapter a pack decodes to (LoRA, plus recovery modules when packed)."""
-    lora = unpack_to_adapter(pack)
-    rec = unpack_recovery(pack)
-    if rec is None:
-        return LoadedAdapter(lora)
-    from ..adapt.recovery import RecoveryConfig
-
-    state, config = rec
-    return LoadedAdapter(lora, state, RecoveryConfig.from_dict(config))
 
 
-def _base_of(reg: Registry, art: Artifact) -> BaseModel:
-    with reg.session() as s:
-        base = s.get(BaseModel, art.base_id)
-        if base is None:
-            raise IntegrityError(f"artefact {art.name!r} points at a missing base")
-        return base
 
 
-def decode_pack_folder(reg: Registry, art: Artifact, folder: str | Path) -> LoadedAdapter:
-    """Read, verify and decode the pack file of a pack artefact's folder.
-
-    IntegrityError: the file is missing, truncated or corrupt (digest mismatch), or its
-    source digest differs from the artefact's. UsageError: the pack was made for another
-    base, or has a format version this version cannot read.
-    """
-    path = Path(folder) / PACK_FILE
-    if not path.is_file():
-        raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
-    pack = read_pack(path, expected_base=base_label(_base_of(reg, art)))
-    expected = (art.config or {}).get("source_digest")
-    if expected and pack.source_digest != expected:
-        raise IntegrityError(f"pack {art.name!r}: the file's source digest does not match the registry's")
-    return loaded_from_pack(pack)
 
 
 # ---- packing -------------------------------------------------------------------------------
@@ -133,10 +97,6 @@ class _Evaluator:
 
     def __init__(self, reg: Registry, base: BaseModel, variant: Variant | None, first: LoadedAdapter,
                  data: str, metric: str, max_tokens: int | None, max_examples: int | None, device: str):
-        from ..evals.data import load_dataset
-        from ..models.stack import StackSpec, load_stack
-        from .alpha import AdapterSlot, resolve_metric
-
         self.dataset = load_dataset(data, "validation")
         self.metric = resolve_metric(metric, self.dataset.is_task)
         self.max_tokens, self.max_examples = max_tokens, max_examples
@@ -144,8 +104,6 @@ class _Evaluator:
         self.slot = AdapterSlot(model, first)
 
     def __call__(self, adapter: LoadedAdapter) -> dict[str, float]:
-        from .alpha import evaluate_for_search
-
         self.slot.set(adapter)
         return evaluate_for_search(self.slot.model, self.tokenizer, self.dataset, self.metric,
                                    self.max_tokens, self.max_examples)
@@ -178,9 +136,6 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
         if v is not None and v < 2:
             raise UsageError(f"{label} must be at least 2, got {v}")
     if eval_data:
-        from ..evals.data import load_dataset
-        from .alpha import resolve_metric
-
         resolve_metric(alpha_metric, load_dataset(eval_data, "validation").is_task)
     with reg.session() as s:
         src = reg.resolve(s, adapter_ref, "artifact")
@@ -218,8 +173,6 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             folder = Path(tmp) / "pack"
             folder.mkdir()
             if alpha == "auto":
-                from .alpha import ALPHA_GRID, plot_alpha_curve, search_alpha
-
                 best, curve = search_alpha(
                     lambda a: evaluator(loaded_from_pack(_pack_loaded(loaded, alpha=a, **kw))),
                     evaluator.metric, ALPHA_GRID, progress)
@@ -307,8 +260,6 @@ def unpack_artifact(reg: Registry, pack_ref: str, out: str | Path | None = None)
             **{k: cfg.get(k) for k in ("density", "alpha", "scope", "encoding", "method", "base")}}
     extra = {INFO_FILE: (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()}
     if loaded.recovery_state:
-        from ..adapt.recovery import FILE_NAME, recovery_file_bytes
-
         extra[FILE_NAME] = recovery_file_bytes(loaded.recovery_state, loaded.recovery_config)
     return loaded.lora.to_folder(out, extra_files=extra)
 

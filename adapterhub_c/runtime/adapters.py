@@ -6,33 +6,16 @@ that takes ``--adapter`` (eval, generate, convert, merge, compose, pack) accepts
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-import torch
-
-from ..errors import UsageError
-from ..registry.models import Artifact, BaseModel
-from ..registry.store import Registry
-from .lora import LoraAdapter
-
-LORA_KINDS = ("lora", "recovered-lora", "merged", "composed")
-PACK_KINDS = ("pack",)
-ADAPTER_KINDS = LORA_KINDS + PACK_KINDS
-
-
-@dataclass
-class LoadedAdapter:
-    """An adapter in memory: the LoRA part and, for converted adapters, the recovery part."""
-
-    lora: LoraAdapter
-    recovery_state: dict[str, torch.Tensor] | None = None
-    recovery_config: Any = None  # adapt.recovery.RecoveryConfig when recovery_state is set
-
-
-def base_label(base: BaseModel) -> str:
-    """The name a pack or PEFT config records for its base (Hub id when known)."""
-    return base.hub_id or base.name
+from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
+from adapterhub_c.registry.models import Artifact
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.packs import decode_pack_folder
+from adapterhub_c.runtime.variants import variant_kept_indices
+from adapterhub_c.training.convert import _attach_source_lora, load_adapted
+from adapterhub_c.training.recovery import FILE_NAME, load_recovery, read_recovery_file
 
 
 def load_adapter_artifact(reg: Registry, art: Artifact) -> LoadedAdapter:
@@ -41,11 +24,8 @@ def load_adapter_artifact(reg: Registry, art: Artifact) -> LoadedAdapter:
         raise UsageError(f"{art.name!r} is a {art.kind}, not an adapter")
     folder = reg.materialize(art)
     if art.kind in PACK_KINDS:
-        from ..pack.ops import decode_pack_folder
-
         return decode_pack_folder(reg, art, folder)
     lora = LoraAdapter.from_folder(folder)
-    from ..adapt.recovery import FILE_NAME, read_recovery_file
 
     if (folder / FILE_NAME).exists():
         state, config = read_recovery_file(folder / FILE_NAME)
@@ -59,14 +39,9 @@ def attach_adapter(reg: Registry, spec, model, device=None):
     A LoRA trained on the uncompressed base and applied to an ``ffn-channels`` variant is
     sliced by the variant's recorded kept indices, as ``adapt convert`` does.
     """
-    from ..adapt.convert import _attach_source_lora, load_adapted
-    from ..adapt.recovery import load_recovery
-
     loaded = load_adapter_artifact(reg, spec.adapter)
     kept = None
     if spec.variant is not None:
-        from ..variants.ops import variant_kept_indices
-
         kept = variant_kept_indices(reg, spec.variant)
     if kept and spec.adapter.variant_id != (spec.variant.id if spec.variant else None):
         peft_model, _ = _attach_source_lora(model, loaded.lora, kept_indices=kept)

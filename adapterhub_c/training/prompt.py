@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import IntegrityError, UsageError
-from ..fsutil import atomic_write_bytes
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.training.loop import train
 
 FORMAT_VERSION = "1"
 TENSOR_NAME = "prompt_embeddings"
@@ -336,15 +337,6 @@ def prompt_loss_fn(prompted: PromptedModel) -> Callable[[dict], torch.Tensor]:
     return loss_fn
 
 
-def _shared_train_fn() -> TrainFn | None:
-    """The shared training loop (``adapt.loop``), when this build has it."""
-    try:
-        from . import loop
-    except ImportError:
-        return None
-    return getattr(loop, "train", None)
-
-
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -360,18 +352,15 @@ def learn_prompt(model: nn.Module, tokenizer, dataset, k: int = 100, init: str =
     ``dataset`` is an ``evals.data.Dataset`` or a list of texts; it is cut into
     ``seq_len``-token chunks in batches of ``batch_size``. The inner model is frozen; the
     prompt is the only trainable parameter. Training is done by ``train_fn(module,
-    named_params, loss_fn, batches, config)`` — the shared loop in ``adapt.loop`` when it
-    exists and ``train_fn`` is not given — and its result is returned beside the prompt.
+    named_params, loss_fn, batches, config)`` — the shared loop in ``training.loop`` when
+    ``train_fn`` is not given — and its result is returned beside the prompt.
     """
     texts = dataset.as_texts() if hasattr(dataset, "as_texts") else list(dataset)
     prompt = init_prompt(model.get_input_embeddings(), k, init, tokenizer, seed,
                          base=base, learned_on=learned_on)
     prompted = PromptedModel(model, prompt, freeze_inner=True)
     batches = prompt_batches(tokenizer, texts, seq_len, batch_size, max_batches)
-    fn = train_fn or _shared_train_fn()
-    if fn is None:
-        raise UsageError("prompt learning needs a training loop: pass train_fn "
-                         "(adapterhub_c.adapt.loop is not available in this build)")
+    fn = train_fn or train
     named = [("prompt.embeddings", prompted.prompt.embeddings)]
     result = fn(prompted, named, prompt_loss_fn(prompted), batches, config)
     return prompted.prompt, result

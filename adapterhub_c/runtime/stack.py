@@ -9,9 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError
-from ..registry.models import Artifact, BaseModel, Variant
-from ..registry.store import Registry
+from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.adapters import attach_adapter
+from adapterhub_c.runtime.bases import load_base_model, load_base_tokenizer
+from adapterhub_c.runtime.prompts import attach_prompt
+from adapterhub_c.runtime.variants import load_variant
 
 PROMPT_KINDS = ("prompt",)
 
@@ -78,22 +82,14 @@ def _place_artifact(spec: StackSpec, obj: Artifact) -> None:
 
 def load_stack(reg: Registry, spec: StackSpec, device: str | None = "cpu"):
     """(model, tokenizer) for a stack, in eval mode: variant or base, then adapter, then prompt."""
-    from .loading import load_base_model, load_base_tokenizer
-
     if spec.variant is not None:
-        from ..variants.ops import load_variant
-
         model = load_variant(reg, spec.variant, device)
         tokenizer = load_base_tokenizer(reg, spec.base)
     else:
         model, tokenizer = load_base_model(reg, spec.base, device)
     if spec.adapter is not None:
-        from ..adapters.load import attach_adapter
-
         model = attach_adapter(reg, spec, model, device)
     if spec.prompt is not None:
-        from ..adapt.prompt_ops import attach_prompt
-
         model = attach_prompt(reg, spec, model, device)
     model.eval()
     return model, tokenizer

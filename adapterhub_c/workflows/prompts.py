@@ -23,15 +23,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import UsageError
-from ..evals.data import load_dataset
-from ..evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
-from ..registry.models import Artifact, BaseModel, Variant
-from ..registry.store import Registry
-from .prompt import PromptedModel, SoftPrompt, learn_prompt, load_prompt, save_prompt
+from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
+from adapterhub_c.models.device import resolve_device
+from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.bases import base_label
+from adapterhub_c.runtime.evaluations import record_evaluations
+from adapterhub_c.runtime.prompts import PROMPT_FILE, read_prompt_artifact
+from adapterhub_c.runtime.stack import StackSpec, load_stack
+from adapterhub_c.training.loop import TrainConfig, train
+from adapterhub_c.training.prompt import PromptedModel, learn_prompt, save_prompt
+from adapterhub_c.training.prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
 
 Progress = Callable[[str, int, "int | None"], None]
-PROMPT_FILE = "prompt.safetensors"
 CONFIG_FILE = "prompt_config.json"
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-2  # 30 steps, 16 tokens on NF4+Wanda50: ppl -10% at 1e-2 vs -2% at 1e-3 (adapt demo sizes)
@@ -42,12 +50,6 @@ DEFAULT_TOKENS = 100
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def _base_label(base: BaseModel) -> str:
-    from ..adapters.load import base_label
-
-    return base_label(base)
 
 
 def _context(base: BaseModel) -> int | None:
@@ -97,21 +99,9 @@ def _checkpoint_dir(reg: Registry, target_id: str, data: str, name: str | None) 
     return reg.cache_dir / "checkpoints" / f"prompt-{key}"
 
 
-def read_prompt_artifact(reg: Registry, art: Artifact, base: BaseModel,
-                         expected_hidden: int | None = None) -> SoftPrompt:
-    """The prompt of a ``prompt`` artefact, checked against ``base`` and the hidden size."""
-    if art.kind != "prompt":
-        raise UsageError(f"{art.name!r} is a {art.kind}, not a prompt")
-    if art.base_id != base.id:
-        raise UsageError(f"prompt {art.name!r} was learned for another base, not {base.name!r}")
-    folder = reg.materialize(art)
-    return load_prompt(folder / PROMPT_FILE, expected_base=_base_label(base),
-                       expected_hidden=expected_hidden)
 
 
 def _load_target(reg: Registry, base: BaseModel, variant: Variant | None, device: str | None):
-    from ..models.stack import StackSpec, load_stack
-
     return load_stack(reg, StackSpec(base=base, variant=variant), device)
 
 
@@ -136,13 +126,6 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
     perplexity on ``data``'s test split (at most ``eval_tokens`` tokens) is recorded as
     evaluations and returned in the report. Nothing is registered on error.
     """
-    from ..evals.ops import record_evaluations
-    from ..models.loading import resolve_device
-    from ..models.stack import StackSpec
-    from ..registry.artifacts import name_taken, register_artifact, unique_name
-    from ..registry.runs import record_run
-    from .loop import TrainConfig, train
-
     base, variant = _resolve_target(reg, variant_ref)
     context = _context(base)
     _check_tokens(tokens, context, seq_len)
@@ -178,14 +161,14 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
 
         prompt, result = learn_prompt(model, tokenizer, train_set, tokens, init, config,
                                       seq_len=seq_len, batch_size=batch_size,
-                                      max_batches=max(1, steps), seed=seed, base=_base_label(base),
+                                      max_batches=max(1, steps), seed=seed, base=base_label(base),
                                       learned_on=target.name, train_fn=train_fn)
         prompted = PromptedModel(model, prompt, freeze_inner=False)
         after = perplexity(prompted, tokenizer, test_texts, max_length=max_length, stride=stride,
                            max_tokens=eval_tokens, progress=progress)
 
         art_config = {"num_virtual_tokens": prompt.num_virtual_tokens, "hidden_size": prompt.hidden_size,
-                      "base": _base_label(base), "learned_on": target.name,
+                      "base": base_label(base), "learned_on": target.name,
                       "learned_on_kind": "variant" if variant else "base", "init": init,
                       "data": data, "steps": steps, "lr": lr, "batch_size": batch_size,
                       "seq_len": seq_len, "seed": seed, "weight_decay": config.weight_decay}
@@ -224,18 +207,6 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
 # attach
 
 
-def attach_prompt(reg: Registry, spec, model, device=None):
-    """``model`` (plain or PEFT, base or variant) wrapped in ``PromptedModel`` with the stack's prompt.
-
-    A prompt learned for another base, or of another hidden size, is a UsageError; so is
-    one too long for the model's context.
-    """
-    embed = model.get_input_embeddings()
-    hidden = embed.weight.shape[1] if embed is not None else None
-    prompt = read_prompt_artifact(reg, spec.prompt, spec.base, expected_hidden=hidden)
-    wrapped = PromptedModel(model, prompt, freeze_inner=False)
-    wrapped.eval()
-    return wrapped
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,11 +223,6 @@ def prompt_transfer(reg: Registry, prompts: Sequence[str], variants: Sequence[st
     an evaluation. With ``plot`` a heat map PNG is written there. Returns the matrix dict of
     ``prompt_transfer.transfer_matrix`` plus ``learned_on`` per row and ``plot``.
     """
-    from ..evals.ops import record_evaluations
-    from ..models.stack import StackSpec
-    from ..registry.runs import record_run
-    from .prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
-
     prompts, variants = [p for p in prompts if p], [v for v in variants if v]
     if not prompts:
         raise UsageError("give at least one prompt (--prompts P1,P2,…)")

@@ -12,9 +12,9 @@ import json
 import torch
 import torch.nn as nn
 
-from ..adapters.lora import LoraAdapter
-from ..errors import UsageError
-from .recovery import CHILD, bare_name
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import UsageError
+from adapterhub_c.training.recovery import CHILD, bare_name
 
 ADAPTER = "default"
 

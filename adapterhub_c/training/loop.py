@@ -46,9 +46,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import AdaptError, IntegrityError, UsageError
-from ..fsutil import atomic_write_bytes
-from .batches import as_batch_source
+from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
+from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.training.batches import as_batch_source
 
 Progress = Callable[[str, int, "int | None"], None]
 LossFn = Callable[[dict], Any]  # -> loss tensor, or (loss tensor, {name: float})

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkabl
 
 import torch
 
-from ..errors import AdaptError, UsageError
+from adapterhub_c.errors import AdaptError, UsageError
 
 IGNORE_INDEX = -100
 Batch = dict  # {"input_ids": LongTensor[B, T], "labels": …, "attention_mask": …}

@@ -29,13 +29,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..adapters.lora import LoraAdapter
-from ..errors import UsageError
-from . import peft_io
-from .batches import make_batches
-from .loop import Progress, TrainConfig, TrainResult, train
-from .recovery import (FILE_NAME, RecoveryConfig, attach_recovery, load_recovery, read_recovery_file,
-                       recovery_file_bytes, recovery_state)
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import UsageError
+from adapterhub_c.training import peft_io
+from adapterhub_c.training.batches import make_batches
+from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult, train
+from adapterhub_c.training.recovery import (
+    FILE_NAME,
+    RecoveryConfig,
+    attach_recovery,
+    load_recovery,
+    read_recovery_file,
+    recovery_file_bytes,
+    recovery_state,
+)
 
 FFN_ROWS = ("gate_proj", "up_proj")   # LoRA B rows follow the intermediate channels
 FFN_COLS = ("down_proj",)             # LoRA A columns follow the intermediate channels

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.errors import IntegrityError
+from adapterhub_c.pack.format import Pack, read_pack, unpack_recovery, unpack_to_adapter
+from adapterhub_c.registry.models import Artifact, BaseModel
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.bases import base_label
+from adapterhub_c.training.recovery import RecoveryConfig
+
+PACK_FILE = "pack.safetensors"
+
+
+def loaded_from_pack(pack: Pack) -> LoadedAdapter:
+    """The dense adapter a pack decodes to (LoRA, plus recovery modules when packed)."""
+    lora = unpack_to_adapter(pack)
+    rec = unpack_recovery(pack)
+    if rec is None:
+        return LoadedAdapter(lora)
+
+    state, config = rec
+    return LoadedAdapter(lora, state, RecoveryConfig.from_dict(config))
+
+
+def _base_of(reg: Registry, art: Artifact) -> BaseModel:
+    with reg.session() as s:
+        base = s.get(BaseModel, art.base_id)
+        if base is None:
+            raise IntegrityError(f"artefact {art.name!r} points at a missing base")
+        return base
+
+
+def decode_pack_folder(reg: Registry, art: Artifact, folder: str | Path) -> LoadedAdapter:
+    """Read, verify and decode the pack file of a pack artefact's folder.
+
+    IntegrityError: the file is missing, truncated or corrupt (digest mismatch), or its
+    source digest differs from the artefact's. UsageError: the pack was made for another
+    base, or has a format version this version cannot read.
+    """
+    path = Path(folder) / PACK_FILE
+    if not path.is_file():
+        raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
+    pack = read_pack(path, expected_base=base_label(_base_of(reg, art)))
+    expected = (art.config or {}).get("source_digest")
+    if expected and pack.source_digest != expected:
+        raise IntegrityError(f"pack {art.name!r}: the file's source digest does not match the registry's")
+    return loaded_from_pack(pack)
