@@ -38,7 +38,7 @@ def open_loras(args) -> tuple[object, list[tuple[str, str]]]:
         names, tasks = args.loras.split(","), args.tasks.split(",")
         if len(names) != len(tasks):
             raise SystemExit("--loras and --tasks need the same number of entries")
-        return Registry(home=args.home), list(zip(tasks, names))
+        return Registry(home=args.home), list(zip(tasks, names, strict=False))
     if not args.zoo:
         raise SystemExit("give --zoo TASKS or --home/--loras/--tasks")
     sys.path.insert(0, str(ROOT / "benchmarks"))

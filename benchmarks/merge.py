@@ -199,14 +199,14 @@ def timing_rows(ns, rank, alpha, density, layers, repeat, log, real: list[LoraAd
         peft_runs: dict[str, tuple[float, dict]] = {}   # PEFT method -> (seconds, ΔW per module)
         optima: dict[str, dict[str, float]] = {}         # reference -> optimal residual per module
         for method, where, ours_kw, peft_kw, peft_name, ref in cases:
-            t_ours, res = best(lambda: merge_adapters(adapters, **ours_kw), repeat)
+            t_ours, res = best(lambda adapters=adapters, kw=ours_kw: merge_adapters(adapters, **kw), repeat)
             if peft_name not in peft_runs:  # the same PEFT merge serves both TIES rows
                 peft_repeat = repeat if peft_name in ("cat", "linear", "ties") else 1
 
-                def run_peft():
+                def run_peft(pm=pm, names=names, n=n, kw=peft_kw):
                     if "merged" in pm.peft_config:
                         pm.delete_adapter("merged")
-                    pm.add_weighted_adapter(names, [1.0] * n, "merged", **peft_kw)
+                    pm.add_weighted_adapter(names, [1.0] * n, "merged", **kw)
 
                 t_peft, _ = best(run_peft, peft_repeat)
                 peft_runs[peft_name] = (t_peft, peft_deltas(pm, "merged", modules))
@@ -348,8 +348,8 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
     plist = [x.adapter for x in load_inputs(reg, p_arts, torch.device("cpu"))]
     sizes = {a.name: a.size_bytes for a in arts + p_arts}
     candidates: list[tuple[str, LoraAdapter | None, float | None]] = [("base (no adapter)", None, None)]
-    candidates += [(f"single {a.name} (LoRA)", l, None) for a, l in zip(arts, loras)]
-    candidates += [(f"single {a.name} (pack)", l, None) for a, l in zip(p_arts, plist)]
+    candidates += [(f"single {a.name} (LoRA)", l, None) for a, l in zip(arts, loras, strict=False)]
+    candidates += [(f"single {a.name} (pack)", l, None) for a, l in zip(p_arts, plist, strict=False)]
     for src, inputs in (("LoRAs", loras), ("packs", plist)):
         for method, kw in (("task-arithmetic", {}), (f"ties d={density}", dict(density=density))):
             res = merge_adapters(inputs, method.split()[0], **kw)

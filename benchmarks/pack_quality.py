@@ -208,7 +208,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=False):
         tr = [r for r in rows if r["task"] == task]
         metric = "EM" if tr[0]["EM"] is not None else "ppl"
         for method, style in (("compeft", "o-"), ("stc", "s--"), ("pruned", "^:")):

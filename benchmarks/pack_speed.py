@@ -62,10 +62,10 @@ def cpu_table(n: int, repeat: int, out: list[str]) -> None:
         neg = rng.random(idx.size) < 0.5
         for encoding in ("golomb", "bitmask"):
             enc = encode(idx, neg, n, encoding)
-            assert all(np.array_equal(a, b) for a, b in zip(decode(enc), (idx, neg)))
-            e = best(lambda: encode(idx, neg, n, encoding), repeat)
-            d = best(lambda: decode(enc), repeat)
-            dd = best(lambda: to_dense(*decode(enc), n, 0.01), repeat)
+            assert all(np.array_equal(a, b) for a, b in zip(decode(enc), (idx, neg), strict=False))
+            e = best(lambda idx=idx, neg=neg, encoding=encoding: encode(idx, neg, n, encoding), repeat)
+            d = best(lambda enc=enc: decode(enc), repeat)
+            dd = best(lambda enc=enc: to_dense(*decode(enc), n, 0.01), repeat)
             rows.append({"encoding": encoding, "k": k, "encode M/s": n / e / 1e6, "decode M/s": n / d / 1e6,
                          "decode→fp16 M/s": n / dd / 1e6, "fp16 copy M/s": n / copy_s / 1e6,
                          "decode→fp16 / copy": copy_s / dd})
@@ -145,7 +145,7 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
                 path = os.path.join(tmp, f"p{k}{encoding}.pack")
                 write_pack(pack_adapter(adapter, density=k, encoding=encoding, base="benchmark",
                                         source_digest=digest), path)
-                t = best(lambda: unpack_to_adapter(read_pack(path)), repeat)
+                t = best(lambda path=path: unpack_to_adapter(read_pack(path)), repeat)
                 cases.append((f"pack k={k:.2f} {encoding}", os.path.getsize(path), t))
     for label, size, local in cases:
         row = {"file": label, "bytes": size, "local s": local}

@@ -59,7 +59,7 @@ def partial_matrix(reg, prompt_transfer, prompts, columns, data, max_tokens, pro
     rows = ["no prompt", *prompts]
     values = [[nan] * len(columns) for _ in rows]
     learned_on, meta = [None] * len(rows), {}
-    for j, (prompt, column) in enumerate(zip(prompts, columns[1:]), start=1):
+    for j, (prompt, column) in enumerate(zip(prompts, columns[1:], strict=False), start=1):
         cols = [columns[0], column] if j == 1 else [column]
         m = prompt_transfer(reg, [prompt], cols, data, split="test", max_tokens=max_tokens, progress=progress)
         for c, name in enumerate(m["columns"]):
@@ -163,9 +163,9 @@ def main() -> None:
         return m["values"][m["rows"].index(row_name)][m["columns"].index(col_name)]
 
     # Table 2 shape
-    table, results = [], []
+    results = []
     base_ppl = {k: cell(k, "no prompt", base.name) for k in matrices}
-    for (label, vname), pname in [(("base", base.name), None)] + list(zip(variants, prompts)):
+    for (label, vname), pname in [(("base", base.name), None)] + list(zip(variants, prompts, strict=False)):
         r = {"label": label, "model": vname, "prompt": pname}
         for k in matrices:
             without = cell(k, "no prompt", vname)
@@ -196,7 +196,7 @@ def main() -> None:
         short[base.name] = "base"
         head = "| prompt learned on \\ applied to | " + " | ".join(short[c] for c in m["columns"]) + " |"
         rows = [head, "|" + "---|" * (len(m["columns"]) + 1)]
-        for rname, line, learned in zip(m["rows"], m["values"], m["learned_on"]):
+        for _rname, line, learned in zip(m["rows"], m["values"], m["learned_on"], strict=False):
             who = "no prompt" if learned is None else short.get(learned, learned)
             rows.append(f"| {who} | " + " | ".join("-" if v != v else f"{v:.3f}" for v in line) + " |")
         return "\n".join(rows)

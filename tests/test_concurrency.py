@@ -28,7 +28,7 @@ def test_eight_processes_register_at_once(reg, tiny_base, home):
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(home), str(w)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(8)]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_out, err) in zip(procs, results, strict=False):
         assert p.returncode == 0, err
         assert "locked" not in err
     names = {a["name"] for a in list_objects(reg, "artifacts")}

@@ -73,7 +73,7 @@ def test_task_arithmetic_exact_rank_equals_weighted_sum_of_true_deltas(tmp_path)
            make_adapter(3, r=6, alpha=4, ranks={"m.b.v_proj": 3}, alpha_pattern={"v_proj": 9})]
     weights = [0.7, -1.3, 0.4]
     res = merge_adapters(ads, "task-arithmetic", weights=weights)
-    want = {m: sum(w * true_deltas(a)[m] for w, a in zip(weights, ads)) for m in SMALL_SHAPES}
+    want = {m: sum(w * true_deltas(a)[m] for w, a in zip(weights, ads, strict=False)) for m in SMALL_SHAPES}
     layers = res.adapter.layers()
     assert layers["m.a.q_proj"].rank == 4 + 2 + 6 and layers["m.b.v_proj"].rank == 4 + 2 + 3
     for m, got in merged_deltas(res.adapter).items():
@@ -87,7 +87,7 @@ def test_task_arithmetic_exact_rank_equals_weighted_sum_of_true_deltas(tmp_path)
 def test_task_arithmetic_truncated_rank_is_best_approximation():
     ads = [make_adapter(s, r=3, shapes=TINY_SHAPES) for s in range(4)]
     weights = [1.0, -0.5, 0.8, 0.3]
-    full = {m: sum(w * true_deltas(a)[m] for w, a in zip(weights, ads)) for m in TINY_SHAPES}
+    full = {m: sum(w * true_deltas(a)[m] for w, a in zip(weights, ads, strict=False)) for m in TINY_SHAPES}
     R = 5
     res = merge_adapters(ads, weights=weights, rank=R)
     for m, got in merged_deltas(res.adapter).items():
@@ -200,7 +200,7 @@ def _ref_elect_merge(taus, weights, majority, convention):
     for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape]):
         idx = tuple(idx.tolist())
         vals = [t[idx].item() for t in taus]
-        voters = vals if convention == "peft" else [w * v for w, v in zip(weights, vals)]
+        voters = vals if convention == "peft" else [w * v for w, v in zip(weights, vals, strict=False)]
         if majority == "total":
             score = sum(voters)
         else:
@@ -245,7 +245,7 @@ def test_ties_and_dare_match_loop_reference(method, majority, convention):
         else:
             taus = [_ref_dare(t, m, seed, density, i, len(ads)) for i, t in enumerate(taus)]
         if method == "dare-linear":
-            want = sum(w * t for w, t in zip(weights, taus))
+            want = sum(w * t for w, t in zip(weights, taus, strict=False))
         else:
             want = _ref_elect_merge(taus, weights, majority, convention)
         assert_close(got[m], want)

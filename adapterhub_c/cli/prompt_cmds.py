@@ -81,8 +81,8 @@ def prompt_transfer_cmd(obj, prompts, variants, data, split, max_tokens, plot, d
         print_json(matrix)
         return
     rows = []
-    for row, learned_on, line in zip(matrix["rows"], matrix["learned_on"], matrix["values"]):
-        rows.append({"prompt": row, "learned on": learned_on or "-", **dict(zip(matrix["columns"], line))})
+    for row, learned_on, line in zip(matrix["rows"], matrix["learned_on"], matrix["values"], strict=False):
+        rows.append({"prompt": row, "learned on": learned_on or "-", **dict(zip(matrix["columns"], line, strict=False))})
     print_table(rows, ["prompt", "learned on", *matrix["columns"]],
                 title=f"perplexity on {data} {split} ({matrix['tokens']} tokens)")
     if matrix.get("plot"):

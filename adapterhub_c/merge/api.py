@@ -72,6 +72,6 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     adapter = LoraAdapter.from_layers(layers, output_base_config(adapters))
     if digests is None:
         digests = [None] * len(adapters)
-    refs = [MergeInputRef(name=n, digest=d) for n, d in zip(names, digests)]
+    refs = [MergeInputRef(name=n, digest=d) for n, d in zip(names, digests, strict=False)]
     return MergeResult(adapter=adapter, spec=spec, config_yaml=merge_config_yaml(spec, refs),
                        seconds=time.perf_counter() - started, modules=[m.name for m in modules])

@@ -51,7 +51,7 @@ def _task_arithmetic(modules, spec, device, dtype, out_dtype, progress, chunk_by
     """Concatenate [w_i·s_i·B_i] and [A_i]; truncate exactly when a smaller rank is asked."""
     cat = {}
     for m in modules:
-        present = [(w, layer) for w, layer in zip(spec.weights, m.layers) if layer is not None]
+        present = [(w, layer) for w, layer in zip(spec.weights, m.layers, strict=False) if layer is not None]
         B = torch.cat([layer.B.to(device=device, dtype=dtype) * (w * layer.scale) for w, layer in present], 1)
         A = torch.cat([layer.A.to(device=device, dtype=dtype) for _, layer in present], 0)
         cat[m.name] = (B, A)
@@ -92,7 +92,7 @@ def _dense(modules, spec, device, dtype, out_dtype, progress, chunk_bytes):
         ranks = [spec.rank if spec.rank is not None else max(m.ranks) for m in chunk]
         Bo, Ao = truncate_dense(merged, max(ranks), spec.svd)
         del merged
-        for i, (m, r) in enumerate(zip(chunk, ranks)):
+        for i, (m, r) in enumerate(zip(chunk, ranks, strict=False)):
             out[m.name] = LoraLayer(A=Ao[i, :r].to(out_dtype).contiguous(),
                                     B=Bo[i, :, :r].to(out_dtype).contiguous(), scale=1.0)
         done += len(chunk)

@@ -23,7 +23,7 @@ def check_equal_ranks(modules: list[ModuleInputs], names: list[str], what: str =
     """Every present layer of every module must share one rank; returns it."""
     ranks = {}
     for m in modules:
-        for layer, name in zip(m.layers, names):
+        for layer, name in zip(m.layers, names, strict=False):
             if layer is not None:
                 ranks.setdefault(layer.rank, (name, m.name))
     if len(ranks) > 1:
@@ -37,7 +37,7 @@ def factor_weights(weights, modules: list[ModuleInputs], dtype: torch.dtype,
     """Per input and module the weights (w_A, w_B) [N, C] put on A and B: w·scale split as
     √|w·s| on B and sign(w·s)·√|w·s| on A (0 where an input lacks the module)."""
     ws = torch.tensor([[w * (layer.scale if layer is not None else 0.0)
-                        for w, layer in zip(weights, m.layers)] for m in modules],
+                        for w, layer in zip(weights, m.layers, strict=False)] for m in modules],
                       dtype=dtype, device=device).T  # [N, C]
     w_B = ws.abs().sqrt()
     return ws.sign() * w_B, w_B

@@ -44,7 +44,7 @@ def check_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
     """Refuse inputs that cannot be merged faithfully (UsageError naming the culprit)."""
     if not adapters:
         raise UsageError("no adapters given")
-    for adapter, name in zip(adapters, names):
+    for adapter, name in zip(adapters, names, strict=False):
         if not isinstance(adapter, LoraAdapter):
             raise UsageError(f"{name}: not a LoraAdapter ({type(adapter).__name__})")
         check_lora_config(adapter.config, name)
@@ -56,7 +56,7 @@ def check_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
         if not adapter.modules():
             raise UsageError(f"{name}: adapter has no LoRA layers")
     base0 = adapters[0].config.get("base_model_name_or_path")
-    for adapter, name in zip(adapters[1:], names[1:]):
+    for adapter, name in zip(adapters[1:], names[1:], strict=False):
         base = adapter.config.get("base_model_name_or_path")
         if base != base0:
             raise UsageError(f"adapters are for different bases: {names[0]} targets {base0!r}, "
@@ -73,7 +73,7 @@ def module_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> list
         shapes = {(layer.B.shape[0], layer.A.shape[1]) for layer in layers if layer is not None}
         if len(shapes) != 1:
             raise UsageError(f"module {module}: inputs disagree on its shape {sorted(shapes)}")
-        for layer, name in zip(layers, names):
+        for layer, name in zip(layers, names, strict=False):
             if layer is not None and layer.B.shape[1] != layer.A.shape[0]:
                 raise UsageError(f"{name}: {module} has lora_A rank {layer.A.shape[0]} "
                                  f"but lora_B rank {layer.B.shape[1]}")

@@ -145,7 +145,7 @@ def merge_config_yaml(spec: MergeSpec, inputs: Sequence[MergeInputRef | str | di
         "svd": spec.svd if spec.space == "delta" else None,
         "inputs": [],
     }
-    for ref, w in zip(refs, spec.weights):
+    for ref, w in zip(refs, spec.weights, strict=False):
         item = {"name": ref.name, "weight": w}
         if ref.digest:
             item["digest"] = ref.digest

@@ -83,7 +83,7 @@ def _groups(names: list[str], arrays: list[np.ndarray], scope: str):
     if scope == "global":
         yield names, arrays
     else:
-        for name, a in zip(names, arrays):
+        for name, a in zip(names, arrays, strict=False):
             yield [name], [a]
 
 
@@ -116,10 +116,10 @@ def compress_tensors(tensors: Mapping[str, torch.Tensor], density: float, *, alp
         if method == "compeft":
             mag = alpha * _std(np.concatenate(group) if group else np.zeros(0))
         else:
-            vals = np.concatenate([np.abs(a[i]) for a, i in zip(group, kept)]) if group else np.zeros(0)
+            vals = np.concatenate([np.abs(a[i]) for a, i in zip(group, kept, strict=False)]) if group else np.zeros(0)
             mag = float(vals.mean(dtype=np.float64)) if vals.size else 0.0
         scale = float(np.float32(mag))
-        for name, a, idx in zip(group_names, group, kept):
+        for name, a, idx in zip(group_names, group, kept, strict=False):
             t = tensors[name]
             out[name] = TernaryTensor(idx, a[idx] < 0, scale, tuple(t.shape), dtype_name(t.dtype))
     return out
@@ -132,7 +132,7 @@ def prune_tensors(tensors: Mapping[str, torch.Tensor], density: float, *,
     names, arrays = _flat_arrays(tensors)
     out = {}
     for group_names, group in _groups(names, arrays, scope):
-        for name, idx in zip(group_names, _select(group, density)):
+        for name, idx in zip(group_names, _select(group, density), strict=False):
             src = tensors[name].detach().cpu()
             flat = torch.zeros(src.numel(), dtype=src.dtype)
             ix = torch.from_numpy(idx)

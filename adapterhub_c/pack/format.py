@@ -200,7 +200,7 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     if len(index) != len(info) or len(scales) != len(info):
         raise IntegrityError(f"{path}: index and tensor list disagree")
     ternary, encoded = {}, {}
-    for (name, shape, dtype, scale), row, stored_scale in zip(info, index, scales):
+    for (name, shape, dtype, scale), row, stored_scale in zip(info, index, scales, strict=False):
         numel, nnz, param, unary_bits, offset, length = row
         shape = tuple(int(x) for x in shape)
         if numel != math.prod(shape) or scale != stored_scale or offset < 0 or length < 0:

@@ -47,7 +47,7 @@ def transfer_matrix(prompts: dict[str, SoftPrompt], models: dict[str, object], t
     total, done, tokens = len(rows) * len(models), 0, None
     for row in rows:
         line = []
-        for name, model in models.items():
+        for model in models.values():
             target = model if row == NO_PROMPT else PromptedModel(model, prompts[row], freeze_inner=False)
             result = perplexity(target, tokenizer, texts, max_length=max_length, stride=stride,
                                 max_tokens=max_tokens)

@@ -285,7 +285,7 @@ def prune_ffn_channels(
     model.eval()
     try:
         calibrator = BlockwiseCalibrator(model, rows, [b for _, _, b in mlps]) if rows else None
-        for i, (name, mlp, block) in enumerate(mlps):
+        for i, (name, mlp, _block) in enumerate(mlps):
             sq = calibrator.stats(i, {name: mlp.down_proj})[name] if calibrator else None
             scores = channel_scores(mlp, sq)
             order = torch.argsort(scores, descending=True, stable=True)[:keep]

@@ -243,13 +243,13 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
         pair = []
         for factor, w in (("A", w_A[:, 0]), ("B", w_B[:, 0])):
             key = f"{PREFIX}{m.name}.lora_{factor}.weight"
-            planes = [x.planes.get(key) if layer is not None else None for x, layer in zip(inputs, m.layers)]
+            planes = [x.planes.get(key) if layer is not None else None for x, layer in zip(inputs, m.layers, strict=False)]
             shape = next(p.shape for p in planes if p is not None)
             numel = int(np.prod(shape))
             if spec.density is not None and int(spec.density * numel) < 1:
                 return Election("dense", f"density {spec.density} keeps no entry of {key}")
             pos, neg, mags = [], [], []
-            for p, wi in zip(planes, w.tolist()):
+            for p, wi in zip(planes, w.tolist(), strict=False):
                 if p is None:
                     continue
                 # the voter magnitude exactly as the dense path computes it
@@ -367,7 +367,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
             cpu = LoraAdapter(result.adapter.config, {k: v.detach().cpu() for k, v in result.adapter.tensors.items()})
             cpu.to_folder(folder, extra_files={MERGE_CONFIG_FILE: result.config_yaml.encode()})
             inputs_info = [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
-                           for x, w in zip(inputs, spec.weights)]
+                           for x, w in zip(inputs, spec.weights, strict=False)]
             config = {"merge": spec_dict(spec), "inputs": inputs_info, "config_file": MERGE_CONFIG_FILE,
                       "election": {"method": el.method, "reason": el.reason}}
             ranks = sorted({layer.rank for layer in result.adapter.layers().values()})
@@ -406,7 +406,7 @@ def replay_merge(reg: Registry, config_text: str, *, device: str | None = None, 
         arts = [reg.resolve(s, str(r.extra.get("id") or r.name), "artifact") for r in refs]
     inputs = load_inputs(reg, arts, _device(device))
     if verify_digests:
-        for r, x in zip(refs, inputs):
+        for r, x in zip(refs, inputs, strict=False):
             if r.digest and x.digest != r.digest:
                 raise UsageError(f"input {r.name!r} has changed since the merge (digest {x.digest} != {r.digest})")
     result, _ = run_merge(inputs, spec)
@@ -490,7 +490,7 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
                                names=names, progress=progress)
         curve = [{k: c[k] for k in ("step", "loss", "objective", "best")} for c in res.curve]
         summary = {"inputs": [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
-                              for x, w in zip(inputs, res.weights)],
+                              for x, w in zip(inputs, res.weights, strict=False)],
                    "weights": res.weights, "loss": res.loss, "objective": res.objective,
                    "optimizer": res.optimizer, "optimizer_used": res.optimizer_used, "budget": budget,
                    "bounds": [lo, hi], "l1": l1, "seed": seed, "examples": examples, "shots": shots,

@@ -277,7 +277,7 @@ def prompt_transfer(reg: Registry, prompts: Sequence[str], variants: Sequence[st
                   "max_length": max_length, "stride": stride, "tokens": tokens, "data": data, "split": split,
                   "learned_on": [None] + [p.learned_on for p in loaded.values()]}
         by_name = {a.name: a for a in arts}
-        for (b, v), j in zip(targets, range(len(columns))):
+        for (b, v), j in zip(targets, range(len(columns)), strict=False):
             for i, row in enumerate(rows):
                 spec = StackSpec(base=b, variant=v, prompt=by_name.get(row))
                 value = values[i][j]
