@@ -33,3 +33,11 @@ class NotFoundError(UsageError):
 
 class IntegrityError(AdaptError):
     """Stored data does not match its digest, or a file is corrupt/truncated."""
+
+
+class AdaptWarning(UserWarning):
+    """Something the user should know about a result that still succeeded.
+
+    Workflows raise it through :mod:`warnings` and also list its message in the returned
+    report's ``warnings``; the CLI prints those as ``warning: …`` lines.
+    """

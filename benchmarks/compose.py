@@ -58,8 +58,8 @@ def main() -> None:
 
     from adapterhub_c.adapters.lora import LoraAdapter
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.merge import ComposeStack
-    from adapterhub_c.merge.completions import completion_loss, encode_examples
+    from adapterhub_c.merging import ComposeStack
+    from adapterhub_c.merging.completions import completion_loss, encode_examples
     from adapterhub_c.runtime.adapters import load_adapter_artifact
     from adapterhub_c.runtime.bases import load_base_model
     from adapterhub_c.workflows.merges import compose_artifacts, load_inputs, resolve_inputs

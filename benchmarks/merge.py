@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_zoo  # noqa: E402
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter  # noqa: E402
-from adapterhub_c.merge import merge_adapters  # noqa: E402
+from adapterhub_c.merging import merge_adapters  # noqa: E402
 
 SMOLLM2 = dict(hidden=576, kv=192, layers=30)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -141,8 +141,8 @@ def excess_over_optimum(got: dict, full: dict, optimal: dict) -> float:
 
 def ties_reference(adapters: list[LoraAdapter], density: float) -> dict[str, torch.Tensor]:
     """The dense TIES merge (PEFT convention, weights 1) of each module in float64 with the
-    torch rules of ``adapterhub_c.merge.rules`` (which the tests check against a loop reference)."""
-    from adapterhub_c.merge.rules import merge_dense
+    torch rules of ``adapterhub_c.merging.rules`` (which the tests check against a loop reference)."""
+    from adapterhub_c.merging.rules import merge_dense
 
     per = [our_deltas(a) for a in adapters]
     return {m: merge_dense(torch.stack([p[m] for p in per]), torch.ones(len(per), dtype=torch.float64), "ties",
@@ -242,8 +242,8 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
     """Popcount vs dense sign election on N packs (factor-space TIES, frequency majority)."""
     import tempfile
 
-    from adapterhub_c.merge.spec import make_spec
-    from adapterhub_c.pack.format import pack_adapter, write_pack
+    from adapterhub_c.merging.spec import make_spec
+    from adapterhub_c.packing.format import pack_adapter, write_pack
     from adapterhub_c.workflows.merges import MergeInput, load_pack_input, popcount_elections, run_merge
 
     shp = shapes(layers)
@@ -260,9 +260,9 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
                                      seconds=time.perf_counter() - t0))
     read_s = sum(x.seconds for x in inputs)
     spec = make_spec(n, method="ties", space="factors", density=0.5, majority="frequency")
-    from adapterhub_c.merge.factors import factor_weights  # noqa: F401  (same module the merge uses)
-    from adapterhub_c.merge.inputs import module_inputs
-    from adapterhub_c.merge.rules import elected_signs
+    from adapterhub_c.merging.factors import factor_weights  # noqa: F401  (same module the merge uses)
+    from adapterhub_c.merging.inputs import module_inputs
+    from adapterhub_c.merging.rules import elected_signs
 
     t_pop, el = best(lambda: popcount_elections(inputs, spec, names=[f"p{i}" for i in range(n)]), repeat)
     mods = module_inputs([x.adapter for x in inputs], [f"p{i}" for i in range(n)])
@@ -336,7 +336,7 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
     from peft import PeftModel
 
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.merge.completions import completion_loss, encode_examples
+    from adapterhub_c.merging.completions import completion_loss, encode_examples
     from adapterhub_c.runtime.bases import load_base_model
     from adapterhub_c.workflows.merges import load_inputs, resolve_inputs
 

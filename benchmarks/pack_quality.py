@@ -6,7 +6,7 @@ Usage:
   python benchmarks/pack_quality.py --home H --loras A,B --tasks t1,t2     # LoRAs already registered
 
 For each task LoRA (on its base, loaded once; the adapter is attached once and its weights
-swapped in place, :class:`adapterhub_c.pack.alpha.AdapterSlot`), on the first
+swapped in place, :class:`adapterhub_c.packing.alpha.AdapterSlot`), on the first
 ``--examples`` pairs of the task's test split: greedy exact match (the task metric) and
 completion perplexity (exp of the mean cross-entropy per completion token, teacher
 forced; exact match is the library's greedy rule, batched with a KV cache:
@@ -54,7 +54,7 @@ class Scorer:
 
     def __init__(self, task: str, tokenizer, n_test: int, n_val: int, ppl_tokens: int, val_tokens: int):
         from adapterhub_c.evals.data import load_dataset
-        from adapterhub_c.merge.completions import encode_examples
+        from adapterhub_c.merging.completions import encode_examples
 
         self.task, self.tok = task, tokenizer
         self.is_text = task == "pydoc"
@@ -75,14 +75,14 @@ class Scorer:
 
     def validation(self, model) -> float:
         """Alpha-search criterion (lower is better)."""
-        from adapterhub_c.merge.completions import completion_loss
+        from adapterhub_c.merging.completions import completion_loss
 
         if self.is_text:
             return self._ppl_text(model, self.val_texts, self.val_tokens)
         return completion_loss(model, *self.val_batches)
 
     def test(self, model) -> dict:
-        from adapterhub_c.merge.completions import completion_loss
+        from adapterhub_c.merging.completions import completion_loss
 
         if self.is_text:
             return {"EM": None, "ppl": self._ppl_text(model, self.test_texts, self.ppl_tokens)}
@@ -93,7 +93,7 @@ class Scorer:
 
 def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int]:
     """Pack → file → read (digest checked) → decode; returns (decoded adapter, file bytes)."""
-    from adapterhub_c.pack import pack_adapter, read_pack, write_pack
+    from adapterhub_c.packing import pack_adapter, read_pack, write_pack
     from adapterhub_c.runtime.packs import loaded_from_pack
 
     path = tmp / "p.pack"
@@ -102,8 +102,8 @@ def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int
 
 
 def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[list[dict], list[dict]]:
-    from adapterhub_c.pack import prune_tensors
-    from adapterhub_c.pack.alpha import ALPHA_GRID, AdapterSlot
+    from adapterhub_c.packing import prune_tensors
+    from adapterhub_c.packing.alpha import ALPHA_GRID, AdapterSlot
     from adapterhub_c.runtime.bases import load_base_model
 
     art = reg.get(name, "artifact")
@@ -180,7 +180,7 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
 
 def null_table(reg, pairs, ks) -> list[dict]:
     """Per LoRA and k: modules whose ΔW the ComPEFT top-k zeroes, for each scope (no model needed)."""
-    from adapterhub_c.pack import compress_tensors
+    from adapterhub_c.packing import compress_tensors
 
     out = []
     for task, name in pairs:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_zoo  # noqa: E402
 
 from adapterhub_c.adapters.lora import LoraAdapter  # noqa: E402
-from adapterhub_c.pack import inspect_pack, pack_adapter, tensors_digest, write_pack  # noqa: E402
+from adapterhub_c.packing import inspect_pack, pack_adapter, tensors_digest, write_pack  # noqa: E402
 
 DENSITIES = [0.05, 0.10, 0.20, 0.30, 0.50]
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_zoo  # noqa: E402
 
-from adapterhub_c.pack.encoding import decode, encode  # noqa: E402
+from adapterhub_c.packing.encoding import decode, encode  # noqa: E402
 
 DENSITIES = [0.05, 0.10, 0.20]
 
@@ -80,7 +80,7 @@ def cpu_table(n: int, repeat: int, out: list[str]) -> None:
 
 def cuda_table(n: int, repeat: int, out: list[str]) -> None:
     from adapterhub_c.kernels import bitmask_decode
-    from adapterhub_c.pack.encoding import pack_plane
+    from adapterhub_c.packing.encoding import pack_plane
 
     rng = np.random.default_rng(1)
     t = np.where(rng.random(n) < 0.1, np.where(rng.random(n) < 0.5, -1, 1), 0)
@@ -122,7 +122,7 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from adapterhub_c.pack import pack_adapter, read_pack, tensors_digest, unpack_to_adapter, write_pack
+    from adapterhub_c.packing import pack_adapter, read_pack, tensors_digest, unpack_to_adapter, write_pack
 
     tensors16 = {k: v.to(torch.float16).contiguous() for k, v in adapter.tensors.items()}
     n = adapter.num_parameters()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.pack import compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
+from adapterhub_c.packing import compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
 
 
 def _tensors(seed=0):

@@ -9,9 +9,9 @@ import torch
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merge.completions import completion_loss, encode_examples
-from adapterhub_c.merge.compose import compose_adapters
-from adapterhub_c.merge.compose_eval import ComposeStack, PeftEvaluator
+from adapterhub_c.merging.completions import completion_loss, encode_examples
+from adapterhub_c.merging.compose import compose_adapters
+from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
 from adapterhub_c.models.tiny import build_tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]

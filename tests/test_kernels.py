@@ -13,7 +13,7 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.kernels import bitmask_add_, bitmask_decode, elect_signs, ternary_agreement, ternary_agreement_ref
-from adapterhub_c.pack.encoding import pack_plane
+from adapterhub_c.packing.encoding import pack_plane
 
 SIZES = [1, 31, 32, 33, 1000]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterhub_c.merge.lowrank import (
+from adapterhub_c.merging.lowrank import (
     truncate_dense,
     truncate_dense_exact,
     truncate_lowrank_sum,
     truncate_lowrank_sum_exact,
 )
-from adapterhub_c.merge.rules import merge_dense
+from adapterhub_c.merging.rules import merge_dense
 
 
 def _ties_like(C: int, m: int, n: int, seed: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merge import make_spec, merge_adapters, merge_config_yaml, parse_merge_config
-from adapterhub_c.merge.rules import module_seed
+from adapterhub_c.merging import make_spec, merge_adapters, merge_config_yaml, parse_merge_config
+from adapterhub_c.merging.rules import module_seed
 
 BASE = "builtin:tiny-llama"
 TINY_SHAPES = {  # module -> (out, in) in the tiny Llama

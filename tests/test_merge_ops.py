@@ -10,10 +10,10 @@ import torch
 from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
-from adapterhub_c.merge import merge_adapters
-from adapterhub_c.merge.rules import elected_signs
-from adapterhub_c.merge.spec import make_spec
-from adapterhub_c.pack.format import pack_adapter, unpack_to_adapter, write_pack
+from adapterhub_c.merging import merge_adapters
+from adapterhub_c.merging.rules import elected_signs
+from adapterhub_c.merging.spec import make_spec
+from adapterhub_c.packing.format import pack_adapter, unpack_to_adapter, write_pack
 from adapterhub_c.registry.artifacts import register_artifact
 from adapterhub_c.registry.models import Artifact, Run
 from adapterhub_c.workflows.merges import MERGE_CONFIG_FILE, load_inputs, popcount_elections, replay_merge, run_merge
@@ -242,8 +242,8 @@ def test_popcount_election_equals_dense_path(reg, tiny_base, tmp_path, n, majori
         for f, factor in enumerate("AB"):
             key = f"{PREFIX}{m}.lora_{factor}.weight"
             tau = torch.stack([x.adapter.tensors[key].float() for x in inputs])
-            from adapterhub_c.merge.factors import factor_weights
-            from adapterhub_c.merge.inputs import module_inputs
+            from adapterhub_c.merging.factors import factor_weights
+            from adapterhub_c.merging.inputs import module_inputs
 
             mod = [mi for mi in module_inputs([x.adapter for x in inputs], names) if mi.name == m]
             w = factor_weights(spec.weights, mod, torch.float32, "cpu")[f][:, 0]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.pack.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
+from adapterhub_c.packing.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
 
 SIZES = [0, 1, 31, 32, 33, 1000, 100003]
 DENSITIES = [0.0, 0.001, 0.05, 0.2, 0.5, 0.9, 1.0]

@@ -9,7 +9,7 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.pack import (
+from adapterhub_c.packing import (
     ENCODINGS,
     inspect_pack,
     pack_adapter,
@@ -18,8 +18,8 @@ from adapterhub_c.pack import (
     unpack_to_adapter,
     write_pack,
 )
-from adapterhub_c.pack.digest import tensors_digest as digest_fn
-from adapterhub_c.pack.format import _file_content
+from adapterhub_c.packing.digest import tensors_digest as digest_fn
+from adapterhub_c.packing.format import _file_content
 
 BASE = "builtin:tiny-llama"
 

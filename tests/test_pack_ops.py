@@ -164,7 +164,7 @@ def test_eval_with_pack_equals_eval_with_unpacked_folder(reg, tiny_base, lora, c
 
 
 def test_recovered_lora_pack_keeps_recovery(reg, tiny_base, cli, tmp_path):
-    from adapterhub_c.pack import RECOVERY_PREFIX, read_pack
+    from adapterhub_c.packing import RECOVERY_PREFIX, read_pack
     from adapterhub_c.registry.artifacts import register_artifact
     from adapterhub_c.runtime.adapters import load_adapter_artifact
     from adapterhub_c.training.recovery import FILE_NAME, read_recovery_file
@@ -209,7 +209,7 @@ def test_recovered_lora_pack_keeps_recovery(reg, tiny_base, cli, tmp_path):
 
 # ---- alpha search ----------------------------------------------------------------------------
 def test_alpha_auto_picks_the_grid_argmin_and_draws_the_curve(reg, tiny_base, lora, cli):
-    from adapterhub_c.pack.alpha import ALPHA_GRID
+    from adapterhub_c.packing.alpha import ALPHA_GRID
     from adapterhub_c.registry.models import Run
     from adapterhub_c.workflows.packs import CURVE_FILE, PACK_FILE
 
@@ -259,7 +259,7 @@ def test_alpha_auto_on_a_task_uses_exact_match_then_perplexity(reg, tiny_base, l
 
 # ---- inspect ---------------------------------------------------------------------------------
 def test_inspect_by_name_and_by_path(reg, tiny_base, lora, cli):
-    from adapterhub_c.pack import entropy_bound
+    from adapterhub_c.packing import entropy_bound
 
     assert cli("pack", "lora1", "--density", "0.05", "--alpha", "5", "--scope", "tensor", "--name", "p5").code == 0
     r = cli("pack", "inspect", "p5", "--json")
@@ -340,7 +340,7 @@ def _rewrite(path, dest, **meta_changes):
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from adapterhub_c.pack import tensors_digest
+    from adapterhub_c.packing import tensors_digest
 
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])

@@ -6,7 +6,7 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.kernels.ties_cpu import kth_largest_abs, ties_merge, trim_thresholds
-from adapterhub_c.merge.rules import elect_and_merge, merge_dense, trim_magnitude
+from adapterhub_c.merging.rules import elect_and_merge, merge_dense, trim_magnitude
 
 
 def _kth_ref(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from adapterhub_c.batch import queue
 from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_executor
 from adapterhub_c.errors import UsageError
 from adapterhub_c.hub.ops import search_adapters_for
+from adapterhub_c.packing.params import parse_alpha, parse_density
 from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -129,7 +130,7 @@ def _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data
         "variant_name": var.name,
         "convert": conv,
         "pack": None if pack_density is None else
-        {"density": float(pack_density), **({} if pack_alpha is None else {"alpha": pack_alpha})},
+        {"density": parse_density(pack_density), **({} if pack_alpha is None else {"alpha": parse_alpha(pack_alpha)})},
         "evaluate": {"data": eval_data, "max_tokens": eval_max_tokens} if (evaluate or eval_data) else None,
         "push": None if push_to is None else {"org": push_to.strip(), "private": bool(private)},
         "device": device,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
-from adapterhub_c.workflows.training import convert_adapter, train_adapter
+
+TRAIN, CONVERT = api.TRAIN_DEFAULTS, api.CONVERT_DEFAULTS
 
 DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 
@@ -21,21 +23,21 @@ def _metric_columns(rows: list[dict]) -> list[str]:
 @click.argument("target")
 @click.option("--data", required=True, help="builtin:pydoc, builtin:task/<name>, or a .txt/.jsonl file.")
 @click.option("--variant", default=None, help="Train on this compressed variant of the base (QLoRA when quantized).")
-@click.option("--rank", type=int, default=16, show_default=True)
-@click.option("--alpha", type=float, default=32, show_default=True)
+@click.option("--rank", type=int, default=TRAIN["rank"], show_default=True)
+@click.option("--alpha", type=float, default=TRAIN["alpha"], show_default=True)
 @click.option("--targets", default=None, help="Comma-separated module names [default: q_proj,k_proj,v_proj,o_proj].")
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+@click.option("--steps", type=int, default=TRAIN["steps"], show_default=True)
+@click.option("--lr", type=float, default=TRAIN["lr"], show_default=True)
+@click.option("--batch-size", type=int, default=TRAIN["batch_size"], show_default=True)
+@click.option("--seq-len", type=int, default=TRAIN["seq_len"], show_default=True)
+@click.option("--grad-accum", type=int, default=TRAIN["grad_accum"], show_default=True)
+@click.option("--seed", type=int, default=TRAIN["seed"], show_default=True)
+@click.option("--checkpoint-every", type=int, default=TRAIN["checkpoint_every"], show_default=True,
               help="Also checkpoint every N steps (always at the end and on Ctrl-C).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run with the same options.")
 @click.option("--eval-data", default=None, help="Evaluate on this data instead of DATA.")
-@click.option("--max-eval-tokens", type=int, default=8192, show_default=True)
-@click.option("--max-eval-examples", type=int, default=50, show_default=True)
+@click.option("--max-eval-tokens", type=int, default=TRAIN["max_eval_tokens"], show_default=True)
+@click.option("--max-eval-examples", type=int, default=TRAIN["max_eval_examples"], show_default=True)
 @DEVICE
 @click.option("--name", default=None, help="Name of the new adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -44,12 +46,13 @@ def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch
               checkpoint_every, resume, eval_data, max_eval_tokens, max_eval_examples, device, name, as_json):
     """Train a LoRA on TARGET (a base or a variant) and register it."""
     with progress_callback() as progress:
-        art, report = train_adapter(obj.registry, target, data, variant=variant, rank=rank, alpha=alpha,
-                                    targets=_targets(targets), steps=steps, lr=lr, batch_size=batch_size,
-                                    seq_len=seq_len, grad_accum=grad_accum, seed=seed,
-                                    checkpoint_every=checkpoint_every, name=name, eval_data=eval_data,
-                                    max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
-                                    device=device, resume=resume, progress=progress)
+        art = api.train(target, data, registry=obj.registry, variant=variant, rank=rank, alpha=alpha,
+                        targets=_targets(targets), steps=steps, lr=lr, batch_size=batch_size,
+                        seq_len=seq_len, grad_accum=grad_accum, seed=seed,
+                        checkpoint_every=checkpoint_every, name=name, eval_data=eval_data,
+                        max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
+                        device=device, resume=resume, progress=progress)
+    report = art.report
     if as_json:
         print_json(report)
         return
@@ -57,7 +60,7 @@ def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch
     print_table([{"adapter": art.name, "on": report["variant"] or report["base"], "steps": t.get("steps"),
                   "loss start": t.get("loss_start_avg"), "loss end": t.get("loss_end_avg"),
                   "time (s)": t.get("wall_s"), "tokens/s": t.get("tokens_per_s"),
-                  "size": human_bytes(art.size_bytes)}],
+                  "size": human_bytes(report["size_bytes"])}],
                 ["adapter", "on", "steps", "loss start", "loss end", "time (s)", "tokens/s", "size"],
                 title="trained")
     rows = [{"model": "before training", **(report["before"] or {})}] if report["before"] else []
@@ -74,20 +77,20 @@ def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch
 @click.option("--no-inherit", is_flag=True, help="Start the LoRA fresh instead of from ADAPTER.")
 @click.option("--no-recover", is_flag=True, help="No recovery modules.")
 @click.option("--no-distill", is_flag=True, help="Task loss only, no teacher.")
-@click.option("--recover-rank", type=int, default=16, show_default=True)
-@click.option("--recover-act", default="gelu", show_default=True, help="gelu, relu, silu or identity.")
-@click.option("--distill-alpha", type=float, default=1.0, show_default=True)
-@click.option("--distill-on", type=click.Choice(["hidden", "logits"]), default="hidden", show_default=True)
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoint-every", type=int, default=0, show_default=True)
+@click.option("--recover-rank", type=int, default=CONVERT["recover_rank"], show_default=True)
+@click.option("--recover-act", default=CONVERT["recover_act"], show_default=True, help="gelu, relu, silu or identity.")
+@click.option("--distill-alpha", type=float, default=CONVERT["distill_alpha"], show_default=True)
+@click.option("--distill-on", type=click.Choice(api.DISTILL_ON), default=CONVERT["distill_on"], show_default=True)
+@click.option("--steps", type=int, default=CONVERT["steps"], show_default=True)
+@click.option("--lr", type=float, default=CONVERT["lr"], show_default=True)
+@click.option("--batch-size", type=int, default=CONVERT["batch_size"], show_default=True)
+@click.option("--seq-len", type=int, default=CONVERT["seq_len"], show_default=True)
+@click.option("--grad-accum", type=int, default=CONVERT["grad_accum"], show_default=True)
+@click.option("--seed", type=int, default=CONVERT["seed"], show_default=True)
+@click.option("--checkpoint-every", type=int, default=CONVERT["checkpoint_every"], show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run with the same options.")
-@click.option("--max-eval-tokens", type=int, default=8192, show_default=True)
-@click.option("--max-eval-examples", type=int, default=50, show_default=True)
+@click.option("--max-eval-tokens", type=int, default=CONVERT["max_eval_tokens"], show_default=True)
+@click.option("--max-eval-examples", type=int, default=CONVERT["max_eval_examples"], show_default=True)
 @DEVICE
 @click.option("--name", default=None, help="Name of the converted adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -97,14 +100,15 @@ def convert_cmd(obj, adapter, variant, data, eval_data, no_inherit, no_recover, 
                 checkpoint_every, resume, max_eval_tokens, max_eval_examples, device, name, as_json):
     """Carry ADAPTER to a compressed variant of its base (CA-LoRA: inherit, recover, distill)."""
     with progress_callback() as progress:
-        art, report = convert_adapter(obj.registry, adapter, variant, data=data, eval_data=eval_data,
-                                      inherit=not no_inherit, recover=not no_recover, distill=not no_distill,
-                                      recover_rank=recover_rank, recover_act=recover_act,
-                                      distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
-                                      batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
-                                      checkpoint_every=checkpoint_every, name=name,
-                                      max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
-                                      device=device, resume=resume, progress=progress)
+        art = api.convert(adapter, variant, registry=obj.registry, data=data, eval_data=eval_data,
+                          inherit=not no_inherit, recover=not no_recover, distill=not no_distill,
+                          recover_rank=recover_rank, recover_act=recover_act,
+                          distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
+                          batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
+                          checkpoint_every=checkpoint_every, name=name,
+                          max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
+                          device=device, resume=resume, progress=progress)
+    report = art.report
     if as_json:
         print_json(report)
         return

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import progress_callback
-from adapterhub_c.hub.ops import add_hub_base
-from adapterhub_c.models.builtin import builtin_for
-from adapterhub_c.workflows.bases import add_builtin_base
 
 
 @click.group("base")
@@ -23,12 +21,10 @@ def base_group() -> None:
 def base_add(obj, name: str, revision: str | None, allow_pickle: bool, token: str | None) -> None:
     """Register a base model: builtin:smollm2-135m, builtin:tiny-llama, or a Hub repo REPO[@REV]."""
     with progress_callback() as progress:
-        if name.startswith("builtin:") or (builtin_for(name) is not None and not revision and "@" not in name):
-            base, created = add_builtin_base(obj.registry, name, progress=progress)
-        else:
-            base, created = add_hub_base(obj.registry, name, revision=revision, allow_pickle=allow_pickle,
-                                         token=token, progress=progress)
-    click.echo(f"{'added' if created else 'already registered'}: {base.name} ({base.params:,} parameters, id {base.id[:8]})")
+        base = api.add_base(name, revision=revision, allow_pickle=allow_pickle, token=token,
+                            registry=obj.registry, progress=progress)
+    click.echo(f"{'added' if base.created else 'already registered'}: {base.name} "
+               f"({base.report['params']:,} parameters, id {base.id[:8]})")
 
 
 def register(cli) -> None:

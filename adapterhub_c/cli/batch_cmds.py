@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-from adapterhub_c.batch.ops import batch_status, run_batch
+from adapterhub_c import api
 from adapterhub_c.cli.render import print_json, print_table, progress_callback
 from adapterhub_c.errors import AdaptError
 
+CONVERT = api.CONVERT_DEFAULTS
 ITEM_COLUMNS = ["#", "source", "state", "attempts", "result", "error"]
 
 
@@ -26,17 +27,18 @@ def batch_group() -> None:
 @click.option("--no-inherit", is_flag=True, help="Convert: start the LoRA fresh.")
 @click.option("--no-recover", is_flag=True, help="Convert: no recovery modules.")
 @click.option("--no-distill", is_flag=True, help="Convert: task loss only, no teacher.")
-@click.option("--recover-rank", type=int, default=None, help="Convert: recovery rank [16].")
-@click.option("--recover-act", default=None, help="Convert: gelu, relu, silu or identity [gelu].")
-@click.option("--distill-alpha", type=float, default=None, help="Convert: distillation weight [1.0].")
-@click.option("--distill-on", type=click.Choice(["hidden", "logits"]), default=None, help="[hidden]")
-@click.option("--steps", type=int, default=None, help="Convert: training steps per adapter [100].")
-@click.option("--lr", type=float, default=None, help="Convert: learning rate [2e-4].")
-@click.option("--batch-size", type=int, default=None, help="Convert: batch size [4].")
-@click.option("--seq-len", type=int, default=None, help="Convert: sequence length [256].")
-@click.option("--seed", type=int, default=None, help="Convert: seed [0].")
-@click.option("--max-eval-tokens", type=int, default=None, help="Evaluation: at most this many tokens [8192].")
-@click.option("--max-eval-examples", type=int, default=None, help="Evaluation: at most this many examples [50].")
+@click.option("--recover-rank", type=int, default=None, help=f"Convert: recovery rank [{CONVERT['recover_rank']}].")
+@click.option("--recover-act", default=None, help=f"Convert: gelu, relu, silu or identity [{CONVERT['recover_act']}].")
+@click.option("--distill-alpha", type=float, default=None, help=f"Convert: distillation weight [{CONVERT['distill_alpha']}].")
+@click.option("--distill-on", type=click.Choice(api.DISTILL_ON), default=None,
+              help=f"Convert: what to distil [{CONVERT['distill_on']}].")
+@click.option("--steps", type=int, default=None, help=f"Convert: training steps per adapter [{CONVERT['steps']}].")
+@click.option("--lr", type=float, default=None, help=f"Convert: learning rate [{CONVERT['lr']:g}].")
+@click.option("--batch-size", type=int, default=None, help=f"Convert: batch size [{CONVERT['batch_size']}].")
+@click.option("--seq-len", type=int, default=None, help=f"Convert: sequence length [{CONVERT['seq_len']}].")
+@click.option("--seed", type=int, default=None, help=f"Convert: seed [{CONVERT['seed']}].")
+@click.option("--max-eval-tokens", type=int, default=None, help=f"Evaluation: at most this many tokens [{CONVERT['max_eval_tokens']}].")
+@click.option("--max-eval-examples", type=int, default=None, help=f"Evaluation: at most this many examples [{CONVERT['max_eval_examples']}].")
 @click.option("--no-reference-rows", is_flag=True,
               help="Measure only the converted adapter (not variant alone / naive / teacher).")
 @click.option("--pack-density", type=float, default=None, help="Then ComPEFT-pack, keeping this share of values.")
@@ -67,15 +69,9 @@ def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no
                    distill_on=distill_on, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
                    max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
                    reference_rows=False if no_reference_rows else None)
-    alpha = pack_alpha
-    if pack_alpha is not None and pack_alpha != "auto":
-        try:
-            alpha = float(pack_alpha)
-        except ValueError:
-            raise click.BadParameter("a number or 'auto'", param_hint="--pack-alpha") from None
     with progress_callback() as progress:
-        summary = run_batch(obj.registry, variant=variant, from_file=from_file, search_base=search_base,
-                            limit=limit, name=name, convert=convert, pack_density=pack_density, pack_alpha=alpha,
+        summary = api.run_batch(registry=obj.registry, variant=variant, from_file=from_file, search_base=search_base,
+                            limit=limit, name=name, convert=convert, pack_density=pack_density, pack_alpha=pack_alpha,
                             evaluate=not no_eval, eval_data=eval_data, push_to=push_to, private=private,
                             device=device, workers=workers, executor=executor, ray_address=ray_address,
                             retries=retries, lease_seconds=lease_seconds, threads=threads, progress=progress)
@@ -89,7 +85,7 @@ def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no
 @click.pass_obj
 def status_cmd(obj, batch, as_json):
     """Items of BATCH: state, attempts, errors, leases, produced artefacts."""
-    summary = batch_status(obj.registry, batch)
+    summary = api.batch_status(batch, registry=obj.registry)
     if as_json:
         print_json(summary)
         return

@@ -5,13 +5,12 @@ import time
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import print_table, progress_callback
-from adapterhub_c.demo import run_demo
-from adapterhub_c.models.builtin import SMOLLM2
 
 
 @click.command("demo")
-@click.option("--base", default=SMOLLM2, show_default=True, help="Base to run the demo on.")
+@click.option("--base", default=api.DEFAULT_DEMO_BASE, show_default=True, help="Base to run the demo on.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Perplexity token budget per evaluation (default: the demo's).")
 @click.pass_obj
@@ -23,7 +22,7 @@ def demo_cmd(obj, base: str, max_tokens: int | None) -> None:
     """
     t0 = last = time.monotonic()
     with progress_callback() as progress:
-        for title, rows in run_demo(obj.registry, base=base, max_tokens=max_tokens, progress=progress):
+        for title, rows in api.demo(base=base, max_tokens=max_tokens, registry=obj.registry, progress=progress):
             now = time.monotonic()
             print_table(rows, list(rows[0]) if rows else [], title=f"{title} [{now - last:.0f} s]")
             last = now

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import print_json, print_table, progress_callback
-from adapterhub_c.workflows.evals import run_eval, run_generate
 
 STACK_OPTIONS = [
     click.option("--variant", default=None, help="Run on this compressed variant of the base."),
@@ -32,8 +32,9 @@ def stack_options(fn):
 def eval_cmd(obj, target, data, split, max_tokens, max_examples, variant, adapter, soft_prompt, device, as_json):
     """Measure perplexity (and exact match on tasks) of TARGET; results are recorded."""
     with progress_callback() as progress:
-        row = run_eval(obj.registry, target, data, split, variant=variant, adapter=adapter, prompt=soft_prompt,
-                       max_tokens=max_tokens, max_examples=max_examples, device=device, progress=progress)
+        row = api.evaluate(target, data, registry=obj.registry, split=split, variant=variant, adapter=adapter,
+                           prompt=soft_prompt, max_tokens=max_tokens, max_examples=max_examples, device=device,
+                           progress=progress).report
     if as_json:
         print_json(row)
     else:
@@ -49,8 +50,9 @@ def eval_cmd(obj, target, data, split, max_tokens, max_examples, variant, adapte
 @click.pass_obj
 def generate_cmd(obj, target, text, max_new_tokens, chat, variant, adapter, soft_prompt, device):
     """Greedy continuation of TEXT by TARGET."""
-    click.echo(run_generate(obj.registry, target, text, max_new_tokens=max_new_tokens, chat=chat,
-                            variant=variant, adapter=adapter, prompt=soft_prompt, device=device))
+    out = api.generate(target, text, registry=obj.registry, max_new_tokens=max_new_tokens, chat=chat,
+                       variant=variant, adapter=adapter, prompt=soft_prompt, device=device)
+    click.echo(out.report["text"])
 
 
 def register(cli) -> None:

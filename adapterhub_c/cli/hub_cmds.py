@@ -5,8 +5,8 @@ import sys
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
-from adapterhub_c.hub.ops import pull_adapter, push_artifact, search_adapters_for, serve_hub
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or printed."
 
@@ -25,18 +25,16 @@ TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or
 def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_base, token, as_json):
     """Pull a LoRA adapter REPO[@REV] from the Hub into the registry (HF_ENDPOINT, HF_HUB_OFFLINE honoured)."""
     with progress_callback() as progress:
-        art, created = pull_adapter(obj.registry, repo, revision=revision, include=include or None,
-                                    exclude=exclude or None, name=name, allow_pickle=allow_pickle,
-                                    token=token, with_base=with_base, progress=progress)
-    base = obj.registry.get(art.base_id, "base")
-    row = {"name": art.name, "id": art.id, "kind": art.kind, "source": art.source, "base": base.name,
-           "base_reference_only": base.is_reference, "size_bytes": art.size_bytes, "created": created}
+        art = api.pull(repo, revision=revision, name=name, registry=obj.registry, progress=progress,
+                       include=include or None, exclude=exclude or None, allow_pickle=allow_pickle, token=token,
+                       with_base=with_base)
+    row = art.report
     if as_json:
         print_json(row)
         return
-    state = "pulled" if created else "already in the registry"
-    click.echo(f"{state}: {art.name} ({art.source}, {human_bytes(art.size_bytes)}, id {art.id[:8]}) "
-               f"for base {base.name}" + (" (reference only)" if base.is_reference else ""))
+    state = "pulled" if art.created else "already in the registry"
+    click.echo(f"{state}: {art.name} ({row['source']}, {human_bytes(row['size_bytes'])}, id {art.id[:8]}) "
+               f"for base {row['base']}" + (" (reference only)" if row["base_reference_only"] else ""))
 
 
 @click.command("search")
@@ -47,7 +45,7 @@ def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_bas
 @click.pass_obj
 def search_cmd(obj, base, limit, token, as_json):
     """Find LoRA adapters of a base on the Hub (filter base_model:adapter:<BASE>)."""
-    rows = search_adapters_for(obj.registry, base, limit=limit, token=token)
+    rows = api.search(base, limit=limit, token=token, registry=obj.registry)
     if as_json:
         print_json(rows)
         return
@@ -71,8 +69,8 @@ def search_cmd(obj, base, limit, token, as_json):
 def push_cmd(obj, name, repo_id, private, fmt, commit_message, dry_run, token, as_json):
     """Push adapter NAME to the Hub repo REPO_ID (PEFT folder + adapterhub_c.json + model card)."""
     with progress_callback() as progress:
-        out = push_artifact(obj.registry, name, repo_id, private=private, fmt=fmt, commit_message=commit_message,
-                            dry_run=dry_run, token=token, progress=progress)
+        out = api.push(name, repo_id, registry=obj.registry, progress=progress, private=private, fmt=fmt,
+                       commit_message=commit_message, dry_run=dry_run, token=token).report
     if as_json:
         print_json(out)
         return
@@ -106,7 +104,7 @@ def hub_serve(obj, root, host, port, token) -> None:
     def warn(message: str) -> None:
         click.echo(f"warning: {message}", err=True)
 
-    serve_hub(root, host=host, port=port, token=token, ready=ready, warn=warn)
+    api.serve_hub(root, host=host, port=port, token=token, ready=ready, warn=warn)
 
 
 def register(cli) -> None:

@@ -6,9 +6,8 @@ import traceback
 
 import click
 
-from adapterhub_c import __version__
-from adapterhub_c.errors import AdaptError
-from adapterhub_c.registry import Registry
+from adapterhub_c import __version__, api
+from adapterhub_c.errors import AdaptError, AdaptWarning
 
 
 class Context:
@@ -21,7 +20,7 @@ class Context:
     @property
     def registry(self):
         if self._registry is None:
-            self._registry = Registry(url=self.db, home=self.home)
+            self._registry = api.open_registry(home=self.home, db=self.db)
         return self._registry
 
 
@@ -48,6 +47,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # ours reach the user as `warning: …` lines from each command's result
+    warnings.filterwarnings("ignore", category=AdaptWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import print_json, print_table, progress_callback
-from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts, summarize_curve
+
+COMPOSE = api.COMPOSE_DEFAULTS
 
 
 @click.command("merge")
@@ -36,9 +38,9 @@ def merge_cmd(obj, adapters, method, weights, density, majority, convention, spa
               election, as_json):
     """Merge ADAPTERS (LoRAs, converted LoRAs, packs) into one LoRA artefact."""
     with progress_callback() as progress:
-        _, report = merge_artifacts(obj.registry, list(adapters), method=method, weights=weights, density=density,
-                                    majority=majority, convention=convention, space=space, rank=rank, seed=seed,
-                                    svd=svd, name=name, device=device, election=election, progress=progress)
+        report = api.merge(adapters, method, registry=obj.registry, progress=progress, weights=weights,
+                           density=density, majority=majority, convention=convention, space=space, rank=rank,
+                           seed=seed, svd=svd, name=name, device=device, election=election).report
     if as_json:
         print_json(report)
         return
@@ -55,10 +57,10 @@ def merge_cmd(obj, adapters, method, weights, density, majority, convention, spa
 @click.option("--examples", required=True, help="A .jsonl file of prompt/completion lines, or builtin:task/<name>.")
 @click.option("--shots", type=int, default=None, help="Use the first N examples (default: all of a file, "
                                                       "5 of a built-in task).")
-@click.option("--budget", type=int, default=40, show_default=True, help="Loss evaluations of the search.")
+@click.option("--budget", type=int, default=COMPOSE["budget"], show_default=True, help="Loss evaluations of the search.")
 @click.option("--bounds", default="-1.5,1.5", show_default=True, help="Weight bounds 'lower,upper'.")
-@click.option("--l1", type=float, default=0.05, show_default=True, help="Penalty on mean |w|.")
-@click.option("--optimizer", default="NGOpt", show_default=True, help="A nevergrad optimizer name.")
+@click.option("--l1", type=float, default=COMPOSE["l1"], show_default=True, help="Penalty on mean |w|.")
+@click.option("--optimizer", default=COMPOSE["optimizer"], show_default=True, help="A nevergrad optimizer name.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default=None, help="Name of the composed artefact.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
@@ -67,14 +69,14 @@ def merge_cmd(obj, adapters, method, weights, density, majority, convention, spa
 def compose_cmd(obj, adapters, examples, shots, budget, bounds, l1, optimizer, seed, name, device, as_json):
     """LoraHub-style composition of ADAPTERS, weights searched on a few examples."""
     with progress_callback() as progress:
-        _, report = compose_artifacts(obj.registry, list(adapters), examples=examples, shots=shots, budget=budget,
-                                      bounds=bounds, l1=l1, optimizer=optimizer, seed=seed, name=name,
-                                      device=device, progress=progress)
+        report = api.compose(adapters, examples, registry=obj.registry, progress=progress, shots=shots,
+                             budget=budget, bounds=bounds, l1=l1, optimizer=optimizer, seed=seed, name=name,
+                             device=device).report
     if as_json:
         print_json(report)
         return
     print_table(report["inputs"], ["name", "kind", "weight"], title=f"composed {report['artifact']}")
-    print_table(summarize_curve(report["curve"]), ["step", "loss", "objective", "best"], title="loss curve")
+    print_table(report["curve_summary"], ["step", "loss", "objective", "best"], title="loss curve")
     click.echo(f"optimizer: {' -> '.join(report['optimizer_used'])}; loss {report['loss']:.4f} on "
                f"{report['n_examples']} examples; {report['seconds_per_step']:.3f} s per step")
 

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import click
 
-from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
-from adapterhub_c.workflows.packs import inspect_pack_ref, pack_artifact, unpack_artifact
+from adapterhub_c import api
+from adapterhub_c.cli.render import echo_warnings, human_bytes, print_json, print_table, progress_callback
+
+DEFAULTS = api.PACK_DEFAULTS
 
 
 class _PackGroup(click.Group):
@@ -27,15 +29,15 @@ def pack_group():
 @click.argument("adapter")
 @click.option("--density", "-k", required=True,
               help="Kept fraction k in (0, 1], e.g. 0.1 or 10%.")
-@click.option("--alpha", default="1", show_default=True,
+@click.option("--alpha", default=f"{DEFAULTS['alpha']:g}", show_default=True,
               help="Magnitude multiplier (values become alpha·std·sign), or 'auto' with --eval-data.")
 @click.option("--eval-data", default=None,
               help="Validation data for --alpha auto (and to measure pack vs unpacked quality).")
 @click.option("--alpha-metric", type=click.Choice(["auto", "perplexity", "exact_match"]), default="auto",
               show_default=True, help="Search criterion: auto = exact match on tasks, perplexity on text.")
-@click.option("--max-tokens", type=int, default=2048, show_default=True,
+@click.option("--max-tokens", type=int, default=DEFAULTS["max_tokens"], show_default=True,
               help="Perplexity tokens per evaluation.")
-@click.option("--max-examples", type=int, default=24, show_default=True,
+@click.option("--max-examples", type=int, default=DEFAULTS["max_examples"], show_default=True,
               help="Exact-match examples per evaluation (tasks).")
 @click.option("--scope", type=click.Choice(["tensor", "global"]), default="tensor", show_default=True,
               help="Top-k and std per tensor, or one over all tensors (the paper's code; it can zero whole "
@@ -51,12 +53,13 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
                 method, name, device, as_json):
     """Pack ADAPTER (any LoRA artefact, converted ones with their recovery modules)."""
     with progress_callback() as progress:
-        _, report = pack_artifact(obj.registry, adapter, density=density, alpha=alpha, eval_data=eval_data,
-                                  scope=scope, encoding=encoding, method=method, name=name,
-                                  alpha_metric=alpha_metric, max_tokens=max_tokens, max_examples=max_examples,
-                                  device=device, progress=progress)
+        result = api.pack(adapter, density, registry=obj.registry, alpha=alpha, eval_data=eval_data,
+                          scope=scope, encoding=encoding, method=method, name=name, alpha_metric=alpha_metric,
+                          max_tokens=max_tokens, max_examples=max_examples, device=device, progress=progress)
+    report = result.report
     if as_json:
         print_json(report)
+        echo_warnings(result)
         return
     row = dict(report)
     row["pack"] = human_bytes(report["pack_bytes"])
@@ -75,10 +78,7 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
         print_table(rows, ["adapter"] + list(q["pack"]), title=f"quality on {q['data']} (validation)")
     if report.get("alpha_curve_png"):
         click.echo(f"alpha curve: {report['alpha_curve_png']}")
-    if report.get("null_modules"):
-        hint = "; --scope tensor keeps every module" if report["scope"] == "global" else ""
-        click.echo(f"warning: the pack zeroes the whole update of {len(report['null_modules'])} module(s) "
-                   f"(no kept entry in A or in B){hint}", err=True)
+    echo_warnings(result)
 
 
 @pack_group.command("inspect")
@@ -87,7 +87,7 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
 @click.pass_obj
 def pack_inspect(obj, pack, as_json):
     """Per tensor density, scale, bits/param and entropy bound of PACK (a name or a file)."""
-    stats = inspect_pack_ref(None if Path(pack).is_file() else obj.registry, pack)
+    stats = api.inspect_pack(pack, registry=None if Path(pack).is_file() else obj.registry)
     if as_json:
         print_json(stats)
         return
@@ -110,11 +110,11 @@ def pack_inspect(obj, pack, as_json):
 @click.pass_obj
 def unpack_cmd(obj, pack, out, as_json):
     """Decode PACK into a PEFT folder that plain PEFT loads."""
-    path = unpack_artifact(obj.registry, pack, out)
+    folder = api.unpack(pack, out, registry=obj.registry)
     if as_json:
-        print_json({"pack": pack, "path": str(path), "files": sorted(p.name for p in path.iterdir())})
+        print_json({"pack": pack, "path": folder.report["path"], "files": sorted(folder.paths)})
     else:
-        click.echo(str(path))
+        click.echo(folder.report["path"])
 
 
 def register(cli) -> None:

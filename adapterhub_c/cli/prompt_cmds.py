@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import print_json, print_table, progress_callback
-from adapterhub_c.workflows.prompts import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_LR,
-    DEFAULT_SEQ_LEN,
-    DEFAULT_STEPS,
-    DEFAULT_TOKENS,
-    learn_prompt_artifact,
-    prompt_transfer,
-)
+
+DEFAULTS = api.PROMPT_DEFAULTS
 
 
 @click.group("prompt")
@@ -29,13 +23,13 @@ def _split_list(value: str) -> list[str]:
               help="Variant to learn the prompt on (a base name learns it on the uncompressed base).")
 @click.option("--data", default="builtin:pydoc", show_default=True,
               help="Training text: builtin:pydoc, builtin:task/<name>, or a .txt/.jsonl file (train split).")
-@click.option("--tokens", type=int, default=DEFAULT_TOKENS, show_default=True, help="Prompt length k.")
+@click.option("--tokens", type=int, default=DEFAULTS["tokens"], show_default=True, help="Prompt length k.")
 @click.option("--init", default="vocab-sample", show_default=True,
               help="vocab-sample (random real-token embeddings) or text:\"…\".")
-@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True)
-@click.option("--lr", type=float, default=DEFAULT_LR, show_default=True)
-@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
-@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True)
+@click.option("--steps", type=int, default=DEFAULTS["steps"], show_default=True)
+@click.option("--lr", type=float, default=DEFAULTS["lr"], show_default=True)
+@click.option("--batch-size", type=int, default=DEFAULTS["batch_size"], show_default=True)
+@click.option("--seq-len", type=int, default=DEFAULTS["seq_len"], show_default=True)
 @click.option("--eval-tokens", type=int, default=None,
               help="Measure before/after perplexity on at most this many test tokens.")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True,
@@ -50,11 +44,10 @@ def prompt_learn(obj, target, data, tokens, init, steps, lr, batch_size, seq_len
                  checkpoint_every, resume, seed, device, name, as_json):
     """Learn a soft prompt on a variant; registered as a prompt artefact, before/after perplexity recorded."""
     with progress_callback() as progress:
-        _, report = learn_prompt_artifact(obj.registry, target, data=data, tokens=tokens, init=init,
-                                          steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                                          eval_tokens=eval_tokens, checkpoint_every=checkpoint_every,
-                                          seed=seed, name=name, device=device, resume=resume,
-                                          progress=progress)
+        report = api.learn_prompt(target, registry=obj.registry, progress=progress, data=data, tokens=tokens,
+                                  init=init, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                                  eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=seed, name=name,
+                                  device=device, resume=resume).report
     if as_json:
         print_json(report)
     else:
@@ -75,8 +68,9 @@ def prompt_learn(obj, target, data, tokens, init, steps, lr, batch_size, seq_len
 def prompt_transfer_cmd(obj, prompts, variants, data, split, max_tokens, plot, device, as_json):
     """Perplexity of every prompt on every variant: the transfer matrix (rows learned on, columns applied to)."""
     with progress_callback() as progress:
-        matrix = prompt_transfer(obj.registry, _split_list(prompts), _split_list(variants), data, split=split,
-                                 plot=plot, max_tokens=max_tokens, device=device, progress=progress)
+        matrix = api.transfer_prompts(_split_list(prompts), _split_list(variants), data, registry=obj.registry,
+                                      progress=progress, split=split, plot=plot, max_tokens=max_tokens,
+                                      device=device)
     if as_json:
         print_json(matrix)
         return

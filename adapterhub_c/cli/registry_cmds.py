@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import console, human_bytes, print_json, print_table
-from adapterhub_c.registry import views
 
 COLUMNS = {
     "bases": ["name", "hub_id", "architecture", "params", "size", "reference_only", "id8"],
@@ -23,13 +23,13 @@ def init_cmd(obj) -> None:
 
 
 @click.command("ls")
-@click.argument("what", type=click.Choice(views.LISTABLE), default="artifacts")
+@click.argument("what", type=click.Choice(api.LISTABLE), default="artifacts")
 @click.option("--limit", type=int, default=None, help="At most this many runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def ls_cmd(obj, what: str, limit: int | None, as_json: bool) -> None:
     """List bases, variants, artifacts (default) or runs."""
-    rows = views.list_objects(obj.registry, what, limit=limit)
+    rows = api.list_objects(what, limit=limit, registry=obj.registry)
     if as_json:
         print_json(rows)
         return
@@ -45,7 +45,7 @@ def ls_cmd(obj, what: str, limit: int | None, as_json: bool) -> None:
 @click.pass_obj
 def show_cmd(obj, name: str, as_json: bool) -> None:
     """Everything about one base, variant or artefact."""
-    row = views.show_object(obj.registry, name)
+    row = api.show(name, registry=obj.registry)
     if as_json:
         print_json(row)
         return
@@ -75,7 +75,7 @@ def _print_tree(nodes, key, depth=0) -> None:
 @click.pass_obj
 def lineage_cmd(obj, name: str, as_json: bool) -> None:
     """Where an object comes from and what derives from it."""
-    tree = views.lineage_tree(obj.registry, name)
+    tree = api.lineage(name, registry=obj.registry)
     if as_json:
         print_json(tree)
         return
@@ -95,7 +95,7 @@ def rm_cmd(obj, name: str, yes: bool, cascade: bool) -> None:
     """Remove an object from the registry (blobs go at the next `adapt gc`)."""
     if not yes:
         click.confirm(f"remove {name}{' and everything derived from it' if cascade else ''}?", abort=True)
-    removed = views.remove(obj.registry, name, cascade=cascade)
+    removed = api.remove(name, cascade=cascade, registry=obj.registry)
     click.echo(f"removed: {', '.join(removed)}")
 
 
@@ -105,7 +105,7 @@ def rm_cmd(obj, name: str, yes: bool, cascade: bool) -> None:
 @click.pass_obj
 def gc_cmd(obj, dry_run: bool, as_json: bool) -> None:
     """Delete blobs no row references and temp files left by dead writers."""
-    result = views.collect_garbage(obj.registry, dry_run=dry_run)
+    result = api.gc(dry_run=dry_run, registry=obj.registry)
     if as_json:
         print_json(result)
     else:

@@ -40,6 +40,12 @@ def human_bytes(n: int | None) -> str:
     return str(n)
 
 
+def echo_warnings(result: Any) -> None:
+    """Print a result's warnings as ``warning: …`` lines on stderr."""
+    for message in getattr(result, "warnings", ()) or ():
+        click.echo(f"warning: {message}", err=True)
+
+
 def print_table(rows: list[dict[str, Any]], columns: Iterable[str], title: str | None = None) -> None:
     """A table of the given columns of ``rows``."""
     columns = list(columns)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import click
 
+from adapterhub_c import api
 from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
-from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
-from adapterhub_c.workflows.variants import DEFAULT_CALIB, DEFAULT_EVAL_TOKENS, create_variant, list_variants
+
+DEFAULTS = api.VARIANT_DEFAULTS
 
 LS_COLUMNS = ["name", "base", "recipe", "params kept", "sparsity", "bits/weight", "stored", "ideal", "perplexity",
               "base ppl"]
@@ -38,21 +39,23 @@ def variant_group() -> None:
 
 @variant_group.command("create")
 @click.argument("base")
-@click.option("--quant", type=click.Choice(QUANT_METHODS), default="none", show_default=True,
+@click.option("--quant", type=click.Choice(api.QUANT_METHODS), default="none", show_default=True,
               help="bitsandbytes quantization of the decoder linears, applied at load.")
 @click.option("--double-quant", is_flag=True, help="Quantize the 4-bit scales too (nf4/fp4).")
-@click.option("--prune", type=click.Choice(PRUNE_METHODS), default="none", show_default=True,
+@click.option("--prune", type=click.Choice(api.PRUNE_METHODS), default="none", show_default=True,
               help="Pruning method (magnitude/wanda: unstructured; 2:4: semi-structured; ffn-channels: MLP channels).")
 @click.option("--sparsity", type=float, default=None,
               help="Fraction of the pruned weights (or MLP channels) removed, in [0, 1); 2:4 is 0.5.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default=None,
+@click.option("--granularity", type=click.Choice(api.GRANULARITIES), default=None,
               help="magnitude/wanda: rank weights per output row (default) or per whole layer.")
 @click.option("--calib", default=None,
-              help="Calibration data for wanda, 2:4 and ffn-channels (default builtin:pydoc; 'none' for "
+              help=f"Calibration data for wanda, 2:4 and ffn-channels (default {api.DEFAULT_CALIB}; 'none' for "
                    "magnitude-scored 2:4 / ffn-channels).")
-@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration sequences.")
-@click.option("--calib-seq-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, show_default=True,
+@click.option("--calib-samples", type=int, default=DEFAULTS["calib_samples"], show_default=True,
+              help="Calibration sequences.")
+@click.option("--calib-seq-len", type=int, default=DEFAULTS["calib_seq_len"], show_default=True,
+              help="Tokens per calibration sequence.")
+@click.option("--eval-tokens", type=int, default=DEFAULTS["eval_tokens"], show_default=True,
               help="Measure perplexity on this many builtin:pydoc test tokens (0 skips).")
 @click.option("--name", default=None, help="Variant name (default <base>-<recipe>, e.g. smollm2-135m-nf4-wanda50).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
@@ -61,22 +64,17 @@ def variant_group() -> None:
 def variant_create(obj, base, quant, double_quant, prune, sparsity, granularity, calib, calib_samples,
                    calib_seq_len, eval_tokens, name, device, as_json) -> None:
     """Create a compressed variant of BASE (the same recipe on the same base is the same variant)."""
-    if calib is None:
-        calib = DEFAULT_CALIB
-    elif calib.lower() == "none":
-        calib = None
     with progress_callback() as progress:
-        row, created = create_variant(obj.registry, base, quant=quant, double_quant=double_quant, prune=prune,
-                                      sparsity=sparsity, granularity=granularity, calib=calib,
-                                      calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                                      name=name, eval_tokens=eval_tokens, device=device, progress=progress)
-    summary = next(v for v in list_variants(obj.registry) if v["id"] == row.id)
-    summary["created"] = created
+        row = api.create_variant(base, quant=quant, prune=prune, sparsity=sparsity,
+                                 calib=api.DEFAULT_CALIB if calib is None else calib, registry=obj.registry,
+                                 progress=progress, double_quant=double_quant, granularity=granularity,
+                                 calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                                 name=name, eval_tokens=eval_tokens, device=device)
     if as_json:
-        print_json(summary)
+        print_json(row.report)
         return
-    click.echo(f"{'created' if created else 'already exists (same recipe)'}: {row.name} (id {row.id[:8]})")
-    print_table([_table_row(summary)], LS_COLUMNS)
+    click.echo(f"{'created' if row.created else 'already exists (same recipe)'}: {row.name} (id {row.id[:8]})")
+    print_table([_table_row(row.report)], LS_COLUMNS)
 
 
 @variant_group.command("ls")
@@ -85,7 +83,7 @@ def variant_create(obj, base, quant, double_quant, prune, sparsity, granularity,
 @click.pass_obj
 def variant_ls(obj, base, as_json) -> None:
     """List variants: recipe, parameters kept, sparsity, bits per weight, sizes, perplexity."""
-    rows = list_variants(obj.registry, base=base)
+    rows = api.list_variants(base, registry=obj.registry)
     if as_json:
         print_json(rows)
         return

@@ -1,7 +1,7 @@
 """Bit-plane layout helpers shared by the kernels and their twins.
 
 A plane is a 1-d int32 tensor; bit i of word w is element 32w+i (little-endian words,
-as :func:`adapterhub_c.pack.encoding.pack_plane` writes them).
+as :func:`adapterhub_c.packing.encoding.pack_plane` writes them).
 """
 from __future__ import annotations
 

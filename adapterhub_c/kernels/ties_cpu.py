@@ -4,7 +4,7 @@ Why not plain torch: on CPU, eager torch spends ~10 passes over memory per TIES 
 (abs, kthvalue, compare, where, sign, sums, …), several through slow boolean paths;
 measured on the 576×576 modules of two SmolLM2 LoRAs, one thread: ~46 ms a module for the
 torch rules, ~2.7 ms for these kernels. They compute exactly what their torch twins in
-:mod:`adapterhub_c.merge.rules` compute (``trim_magnitude`` + ``elect_and_merge``); the
+:mod:`adapterhub_c.merging.rules` compute (``trim_magnitude`` + ``elect_and_merge``); the
 tests compare the two.
 
 - :func:`kth_largest_abs`: the exact k-th largest |x| of each row (the TIES trim
@@ -140,7 +140,7 @@ def ties_merge(tau: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tenso
                convention: str = "peft") -> torch.Tensor:
     """TIES elect + disjoint merge of τ [N, *shape] (CPU) → [*shape], entries with
     |τ_i| ≥ thresholds[i] kept (zeros never are); the rules of
-    :func:`adapterhub_c.merge.rules.elect_and_merge`, which is its twin."""
+    :func:`adapterhub_c.merging.rules.elect_and_merge`, which is its twin."""
     if tau.device.type != "cpu" or tau.dtype not in (torch.float32, torch.float64):
         raise UsageError("ties_merge needs a float32/float64 CPU tensor")
     n = tau.shape[0]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.errors import IntegrityError
-from adapterhub_c.pack.format import Pack, read_pack, unpack_recovery, unpack_to_adapter
+from adapterhub_c.packing.format import Pack, read_pack, unpack_recovery, unpack_to_adapter
 from adapterhub_c.registry.models import Artifact, BaseModel
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import base_label

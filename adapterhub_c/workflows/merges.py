@@ -43,12 +43,12 @@ from adapterhub_c.adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter, check_
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
-from adapterhub_c.merge.api import merge_adapters
-from adapterhub_c.merge.completions import encode_examples
-from adapterhub_c.merge.compose import _check_options, compose_adapters
-from adapterhub_c.merge.factors import check_equal_ranks, factor_weights
-from adapterhub_c.merge.inputs import check_inputs, compute_dtype, input_names, module_inputs
-from adapterhub_c.merge.spec import (
+from adapterhub_c.merging.api import merge_adapters
+from adapterhub_c.merging.completions import encode_examples
+from adapterhub_c.merging.compose import _check_options, compose_adapters
+from adapterhub_c.merging.factors import check_equal_ranks, factor_weights
+from adapterhub_c.merging.inputs import check_inputs, compute_dtype, input_names, module_inputs
+from adapterhub_c.merging.spec import (
     MergeInputRef,
     MergeSpec,
     make_spec,
@@ -57,9 +57,9 @@ from adapterhub_c.merge.spec import (
     spec_dict,
 )
 from adapterhub_c.models.device import resolve_device
-from adapterhub_c.pack.encoding import encode
-from adapterhub_c.pack.format import KIND, read_pack
-from adapterhub_c.pack.ternary import dtype_from_name
+from adapterhub_c.packing.encoding import encode
+from adapterhub_c.packing.format import KIND, read_pack
+from adapterhub_c.packing.ternary import dtype_from_name
 from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -166,7 +166,7 @@ def load_pack_input(path: Path, device: torch.device) -> tuple[LoraAdapter, dict
     """Read a pack file once; decode every tensor on ``device`` from its bit planes.
 
     The decoded values are ``float32(T)·float32(scale)`` rounded once to the source dtype,
-    exactly what :func:`adapterhub_c.pack.format.unpack_to_adapter` gives.
+    exactly what :func:`adapterhub_c.packing.format.unpack_to_adapter` gives.
     """
     pack = read_pack(path)
     if getattr(pack, "has_recovery", False):
@@ -332,7 +332,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     """Merge registered adapters into a new ``merged`` artefact; returns (artefact, report).
 
     ``refs``: two or more adapter artefacts of one base (LoRAs, converted LoRAs without
-    recovery, packs, merges, compositions); options as :func:`adapterhub_c.merge.merge_adapters`.
+    recovery, packs, merges, compositions); options as :func:`adapterhub_c.merging.merge_adapters`.
     ``weights``: list or comma-separated string. The artefact is a PEFT folder plus
     ``merge_config.yaml`` (replay it with :func:`replay_merge`), lineage ``merge-input`` to
     every input; its variant is the inputs' if they all share one. ``election``: ``auto``

@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.adapters.lora import WEIGHTS_NAME
-from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.errors import AdaptWarning, IntegrityError, UsageError
 from adapterhub_c.evals.data import load_dataset
-from adapterhub_c.pack.alpha import (
+from adapterhub_c.packing.alpha import (
     ALPHA_GRID,
     AdapterSlot,
     evaluate_for_search,
@@ -32,10 +33,10 @@ from adapterhub_c.pack.alpha import (
     resolve_metric,
     search_alpha,
 )
-from adapterhub_c.pack.compeft import check_params
-from adapterhub_c.pack.encoding import ENCODINGS
-from adapterhub_c.pack.format import Pack, inspect_pack, pack_adapter, write_pack
-from adapterhub_c.pack.params import parse_alpha, parse_density
+from adapterhub_c.packing.compeft import check_params
+from adapterhub_c.packing.encoding import ENCODINGS
+from adapterhub_c.packing.format import Pack, inspect_pack, pack_adapter, write_pack
+from adapterhub_c.packing.params import parse_alpha, parse_density
 from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, LORA_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -79,6 +80,14 @@ def _null_modules(loaded: LoadedAdapter) -> list[str]:
     With ``scope="global"`` this happens when one factor's entries are much larger than
     the other's: the global top-k then keeps only the larger factor."""
     return sorted(m for m, layer in loaded.lora.layers().items() if not (layer.A.any() and layer.B.any()))
+
+
+def _pack_warnings(null_modules: list[str], scope: str) -> list[str]:
+    """What a user should hear about a pack that was written."""
+    if not null_modules:
+        return []
+    hint = "; --scope tensor keeps every module" if scope == "global" else ""
+    return [f"the pack zeroes the whole update of {len(null_modules)} module(s) (no kept entry in A or in B){hint}"]
 
 
 def _default_name(reg: Registry, source: str, density: float) -> str:
@@ -225,7 +234,9 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             curve_png = str(reg.materialize(art) / CURVE_FILE)
         report = {"name": art.name, "id": art.id, **{k: v for k, v in config.items() if k != "alpha_search"},
                   "quality": quality, "alpha_search": search, "alpha_curve_png": curve_png,
-                  "seconds": round(time.monotonic() - t0, 2)}
+                  "seconds": round(time.monotonic() - t0, 2), "warnings": _pack_warnings(null, scope)}
+        for message in report["warnings"]:
+            warnings.warn(message, AdaptWarning, stacklevel=2)
         output = {k: v for k, v in report.items() if k not in ("recovery_config", "alpha_search")}
         if search is not None:
             # run outputs keep dicts, not lists of dicts: the curve is keyed by alpha

@@ -56,10 +56,11 @@ from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult
 from adapterhub_c.training.recovery import RecoveryConfig
 from adapterhub_c.training.train import DEFAULT_TARGETS, train_lora
 
-DEFAULT_STEPS = 100
-DEFAULT_LR = 2e-4
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_SEQ_LEN = 256
+# the training loop's own defaults (one place: TrainConfig)
+DEFAULT_STEPS = TrainConfig.steps
+DEFAULT_LR = TrainConfig.lr
+DEFAULT_BATCH_SIZE = TrainConfig.batch_size
+DEFAULT_SEQ_LEN = TrainConfig.seq_len
 EVAL_SPLIT = "test"
 DEFAULT_EVAL_TOKENS = 8192     # perplexity: first tokens of the eval split
 DEFAULT_EVAL_EXAMPLES = 50     # exact match: first examples of a task's eval split

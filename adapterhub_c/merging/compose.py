@@ -19,10 +19,10 @@ import numpy as np
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import AdaptError, NotFoundError, UsageError
-from adapterhub_c.merge.completions import encode_examples
-from adapterhub_c.merge.compose_eval import ComposeStack, PeftEvaluator
-from adapterhub_c.merge.delta import Progress
-from adapterhub_c.merge.inputs import input_names
+from adapterhub_c.merging.completions import encode_examples
+from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
+from adapterhub_c.merging.delta import Progress
+from adapterhub_c.merging.inputs import input_names
 
 
 @dataclass

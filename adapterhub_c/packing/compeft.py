@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.pack.ternary import TernaryTensor, dtype_name
+from adapterhub_c.packing.ternary import TernaryTensor, dtype_name
 
 SCOPES = ("global", "tensor")
 METHODS = ("compeft", "stc")

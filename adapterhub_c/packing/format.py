@@ -48,10 +48,10 @@ from safetensors.torch import save as st_save
 from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes
-from adapterhub_c.pack.compeft import check_params, compress_tensors
-from adapterhub_c.pack.digest import tensors_digest
-from adapterhub_c.pack.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
-from adapterhub_c.pack.ternary import TernaryTensor, dtype_from_name
+from adapterhub_c.packing.compeft import check_params, compress_tensors
+from adapterhub_c.packing.digest import tensors_digest
+from adapterhub_c.packing.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
+from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name
 
 FORMAT_VERSION = "1"
 KIND = "adapterhub_c.pack"

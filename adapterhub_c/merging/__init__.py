@@ -1,9 +1,9 @@
 """Merging LoRA adapters (task arithmetic, TIES, DARE) and LoraHub-style composition."""
-from adapterhub_c.merge.api import MergeResult, merge_adapters
-from adapterhub_c.merge.completions import completion_loss, encode_examples
-from adapterhub_c.merge.compose import ComposeResult, compose_adapters, optimizer_chain
-from adapterhub_c.merge.compose_eval import ComposeStack, PeftEvaluator
-from adapterhub_c.merge.spec import (
+from adapterhub_c.merging.api import MergeResult, merge_adapters
+from adapterhub_c.merging.completions import completion_loss, encode_examples
+from adapterhub_c.merging.compose import ComposeResult, compose_adapters, optimizer_chain
+from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
+from adapterhub_c.merging.spec import (
     CONVENTIONS,
     MAJORITIES,
     METHODS,

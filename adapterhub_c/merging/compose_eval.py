@@ -14,9 +14,9 @@ import torch
 
 from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merge.completions import Batch, completion_loss
-from adapterhub_c.merge.factors import check_equal_ranks
-from adapterhub_c.merge.inputs import check_inputs, module_inputs, output_base_config
+from adapterhub_c.merging.completions import Batch, completion_loss
+from adapterhub_c.merging.factors import check_equal_ranks
+from adapterhub_c.merging.inputs import check_inputs, module_inputs, output_base_config
 
 
 class ComposeStack:

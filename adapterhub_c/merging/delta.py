@@ -5,7 +5,7 @@
   truncated SVD of the stacked factors (lowrank.py), never of a dense matrix.
 - TIES / DARE act on entries of ΔW, so the dense [N, out, in] stack is formed (one
   batched matmul per chunk of same-shape modules), merged, and truncated by
-  :func:`~adapterhub_c.merge.lowrank.truncate_dense`. On CPU, TIES and DARE-TIES run
+  :func:`~adapterhub_c.merging.lowrank.truncate_dense`. On CPU, TIES and DARE-TIES run
   the fused numba kernels of :mod:`adapterhub_c.kernels.ties_cpu` one module at a time
   (its ΔW stack stays in cache); elsewhere (CUDA, and DARE-linear) the batched torch
   rules of :mod:`.ops`.
@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 
 from adapterhub_c.adapters.lora import LoraLayer
-from adapterhub_c.merge.batching import DEFAULT_CHUNK_BYTES, chunks_by_key
-from adapterhub_c.merge.inputs import ModuleInputs, stack_padded
-from adapterhub_c.merge.lowrank import truncate_dense, truncate_lowrank_sum
-from adapterhub_c.merge.rules import dare, dare_keep_mask, merge_dense, module_seed
-from adapterhub_c.merge.spec import MergeSpec
+from adapterhub_c.merging.batching import DEFAULT_CHUNK_BYTES, chunks_by_key
+from adapterhub_c.merging.inputs import ModuleInputs, stack_padded
+from adapterhub_c.merging.lowrank import truncate_dense, truncate_lowrank_sum
+from adapterhub_c.merging.rules import dare, dare_keep_mask, merge_dense, module_seed
+from adapterhub_c.merging.spec import MergeSpec
 
 Progress = Callable[[str, int, "int | None"], None]
 

@@ -1,5 +1,5 @@
 """ComPEFT packs: sparsify + ternarize + scale, exact encodings, the pack file."""
-from adapterhub_c.pack.compeft import (
+from adapterhub_c.packing.compeft import (
     METHODS,
     SCOPES,
     compress_tensors,
@@ -8,9 +8,9 @@ from adapterhub_c.pack.compeft import (
     prune_tensors,
     topk_indices,
 )
-from adapterhub_c.pack.digest import tensors_digest
-from adapterhub_c.pack.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
-from adapterhub_c.pack.format import (
+from adapterhub_c.packing.digest import tensors_digest
+from adapterhub_c.packing.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound, golomb_parameter
+from adapterhub_c.packing.format import (
     FORMAT_VERSION,
     RECOVERY_PREFIX,
     Pack,
@@ -23,7 +23,7 @@ from adapterhub_c.pack.format import (
     unpack_to_adapter,
     write_pack,
 )
-from adapterhub_c.pack.ternary import TernaryTensor, from_signs
+from adapterhub_c.packing.ternary import TernaryTensor, from_signs
 
 __all__ = [
     "METHODS", "SCOPES", "compress_tensors", "decode_tensors", "keep_count", "prune_tensors", "topk_indices",

@@ -7,10 +7,10 @@ from typing import Sequence
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merge.batching import DEFAULT_CHUNK_BYTES
-from adapterhub_c.merge.delta import Progress, merge_delta
-from adapterhub_c.merge.factors import merge_factors
-from adapterhub_c.merge.inputs import (
+from adapterhub_c.merging.batching import DEFAULT_CHUNK_BYTES
+from adapterhub_c.merging.delta import Progress, merge_delta
+from adapterhub_c.merging.factors import merge_factors
+from adapterhub_c.merging.inputs import (
     check_inputs,
     compute_dtype,
     input_device,
@@ -19,7 +19,7 @@ from adapterhub_c.merge.inputs import (
     output_base_config,
     output_dtype,
 )
-from adapterhub_c.merge.spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml
+from adapterhub_c.merging.spec import MergeInputRef, MergeSpec, make_spec, merge_config_yaml
 
 
 @dataclass
@@ -46,9 +46,9 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     ``factors`` (A and B separately, PEFT convention, equal ranks); rank: output rank
     (default Σ r_i for task arithmetic in delta space, else the largest input rank);
     density: fraction kept by TIES/DARE, in (0, 1]; majority: ``total`` | ``frequency``;
-    convention: ``peft`` | ``mergekit`` (see :mod:`adapterhub_c.merge.spec`); seed: DARE;
+    convention: ``peft`` | ``mergekit`` (see :mod:`adapterhub_c.merging.spec`); seed: DARE;
     svd: ``randomized`` | ``exact``, how delta-space results are truncated to ``rank``
-    (see :mod:`adapterhub_c.merge.lowrank`).
+    (see :mod:`adapterhub_c.merging.lowrank`).
     names/digests: how the inputs are named in the YAML config. Runs on the device of
     the inputs, in float32 (float64 if an input is), and stores the result in the
     first input's dtype. Modules adapted by only some inputs count as ΔW = 0 elsewhere.

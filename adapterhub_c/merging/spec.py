@@ -24,7 +24,7 @@ Conventions (the defaults and why):
 - ``svd`` (delta space, when the output rank is below what the merge holds):
   ``randomized`` (default) is a seeded randomized subspace iteration run until it is
   within ~1e-5 of the best rank-R approximation, ``exact`` a full decomposition; see
-  :mod:`adapterhub_c.merge.lowrank`. Configs written before this option existed
+  :mod:`adapterhub_c.merging.lowrank`. Configs written before this option existed
   (no ``svd`` key) were made with the exact routine and replay with it.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Sequence
 import yaml
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merge.lowrank import SVD_ROUTINES
+from adapterhub_c.merging.lowrank import SVD_ROUTINES
 
 METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 SPACES = ("delta", "factors")

@@ -12,11 +12,11 @@ import torch
 
 from adapterhub_c.adapters.lora import LoraLayer
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merge.batching import DEFAULT_CHUNK_BYTES, chunks_by_key
-from adapterhub_c.merge.delta import Progress
-from adapterhub_c.merge.inputs import ModuleInputs, stack_padded
-from adapterhub_c.merge.rules import dare_keep_mask, merge_dense, module_seed
-from adapterhub_c.merge.spec import MergeSpec
+from adapterhub_c.merging.batching import DEFAULT_CHUNK_BYTES, chunks_by_key
+from adapterhub_c.merging.delta import Progress
+from adapterhub_c.merging.inputs import ModuleInputs, stack_padded
+from adapterhub_c.merging.rules import dare_keep_mask, merge_dense, module_seed
+from adapterhub_c.merging.spec import MergeSpec
 
 
 def check_equal_ranks(modules: list[ModuleInputs], names: list[str], what: str = "space=factors") -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.pack.compeft import check_params
+from adapterhub_c.packing.compeft import check_params
 
 
 def parse_density(value: Any) -> float:

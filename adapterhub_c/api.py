@@ -1,0 +1,349 @@
+"""The public Python API: one function per ``adapt`` command, each returning plain data.
+
+Every function that makes or fetches something returns a frozen :class:`Result` (name, id,
+kind, paths, report) instead of registry rows, so a notebook can chain them::
+
+    import adapterhub_c as ah
+    reg = ah.open_registry()
+    lora = ah.pull("org/some-lora", registry=reg)
+    pack = ah.pack(lora.name, density=0.1, registry=reg)
+
+``registry`` is optional everywhere: without it the registry of ``$ADAPTERHUB_HOME`` /
+``$ADAPTERHUB_DB_URL`` is opened once and reused. ``progress`` takes a
+``progress(description, completed, total)`` callback (the CLI draws it as a bar). Options not
+named in a signature are passed on to the workflow function named in its docstring, with
+the same names as the command's flags (``--batch-size`` → ``batch_size``).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from adapterhub_c import demo_flow as _demo
+from adapterhub_c.batch import ops as _batch
+from adapterhub_c.hub import ops as _hub
+from adapterhub_c.models.builtin import SMOLLM2, builtin_for
+from adapterhub_c.registry import Registry, views
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.runtime.stack import load_stack, resolve_stack
+from adapterhub_c.training.convert import DISTILL_ON
+from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
+from adapterhub_c.workflows import bases as _bases
+from adapterhub_c.workflows import evals as _evals
+from adapterhub_c.workflows import merges as _merges
+from adapterhub_c.workflows import packs as _packs
+from adapterhub_c.workflows import prompts as _prompts
+from adapterhub_c.workflows import training as _training
+from adapterhub_c.workflows import variants as _variants
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+
+def _defaults(fn: Callable) -> dict[str, Any]:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+# Defaults the CLI shows in its help: read off the workflow functions, never restated.
+TRAIN_DEFAULTS = _defaults(_training.train_adapter)
+CONVERT_DEFAULTS = _defaults(_training.convert_adapter)
+PROMPT_DEFAULTS = _defaults(_prompts.learn_prompt_artifact)
+VARIANT_DEFAULTS = _defaults(_variants.create_variant)
+PACK_DEFAULTS = _defaults(_packs.pack_artifact)
+MERGE_DEFAULTS = _defaults(_merges.merge_artifacts)
+COMPOSE_DEFAULTS = _defaults(_merges.compose_artifacts)
+DEFAULT_CALIB = _variants.DEFAULT_CALIB  # builtin:pydoc, and silently unused by recipes needing none
+LISTABLE = views.LISTABLE
+DEFAULT_DEMO_BASE = SMOLLM2
+
+__all__ = [
+    "Result", "open_registry", "add_base", "create_variant", "list_variants", "pull", "search", "train", "convert",
+    "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
+    "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
+    "serve_hub", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON",
+]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command made or found.
+
+    ``kind``: base, variant, an artefact kind (lora, recovered-lora, pack, merged, composed,
+    prompt), or folder / evaluation / generation / push. ``paths``: file name → path on disk
+    (blob store files for registry objects, written files for unpack). ``report``: the
+    command's figures (what ``--json`` prints). ``created`` is False when the object was
+    already there (re-runs are idempotent). ``warnings``: messages the CLI prints as warnings,
+    also raised through :mod:`warnings` while the command ran.
+    """
+
+    name: str
+    id: str
+    kind: str
+    paths: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    created: bool = True
+    warnings: tuple[str, ...] = ()
+
+
+_default_registries: dict[tuple[str | None, str | None], Registry] = {}
+
+
+def open_registry(home: str | Path | None = None, db: str | None = None) -> Registry:
+    """The registry at ``home`` (default ``$ADAPTERHUB_HOME`` or ``~/.cache/adapterhub_c``) or URL ``db``.
+
+    Created and migrated to the current schema on first use.
+    """
+    return Registry(url=db, home=home)
+
+
+def _reg(registry: Registry | None) -> Registry:
+    if registry is not None:
+        return registry
+    key = (None, None)
+    if key not in _default_registries:
+        _default_registries[key] = open_registry()
+    return _default_registries[key]
+
+
+def _kind(row) -> str:
+    if isinstance(row, BaseModel):
+        return "base"
+    if isinstance(row, Variant):
+        return "variant"
+    return row.kind if isinstance(row, Artifact) else type(row).__name__.lower()
+
+
+def _result(reg: Registry, row, report: dict | None = None, created: bool = True) -> Result:
+    report = dict(report or {})
+    paths = {f: str(reg.blobs.path_for(d)) for f, d in sorted((row.files or {}).items())}
+    return Result(name=row.name, id=row.id, kind=_kind(row), paths=paths, report=report, created=created,
+                  warnings=tuple(report.get("warnings") or ()))
+
+
+# ---- bases and variants -------------------------------------------------------------------
+
+
+def add_base(name: str, *, revision: str | None = None, allow_pickle: bool = False, token: str | None = None,
+             registry: Registry | None = None, progress: Progress | None = None) -> Result:
+    """Register a base: ``builtin:smollm2-135m``, ``builtin:tiny-llama``, or a Hub repo ``REPO[@REV]``.
+
+    A Hub id that names a built-in (e.g. the SmolLM2 repo) without a revision is served by the
+    built-in copy, offline. Idempotent: ``created`` is False when it was registered already.
+    """
+    reg = _reg(registry)
+    if name.startswith("builtin:") or (builtin_for(name) is not None and not revision and "@" not in name):
+        row, created = _bases.add_builtin_base(reg, name, progress=progress)
+    else:
+        row, created = _hub.add_hub_base(reg, name, revision=revision, allow_pickle=allow_pickle, token=token,
+                                         progress=progress)
+    return _result(reg, row, {"params": row.params, "hub_id": row.hub_id, "created": created}, created)
+
+
+def create_variant(base: str, *, quant: str = "none", prune: str = "none", sparsity: float | None = None,
+                   calib: str | None = DEFAULT_CALIB, registry: Registry | None = None,
+                   progress: Progress | None = None, **options: Any) -> Result:
+    """A compressed variant of ``base`` (see ``workflows.variants.create_variant`` for the options).
+
+    ``calib``: calibration data for wanda, 2:4 and ffn-channels (``"none"`` or None: magnitude
+    scores). The same recipe on the same base returns the existing variant (``created`` False).
+    """
+    reg = _reg(registry)
+    if calib is not None and calib.lower() == "none":
+        calib = None
+    row, created = _variants.create_variant(reg, base, quant=quant, prune=prune, sparsity=sparsity, calib=calib,
+                                            progress=progress, **options)
+    summary = next(v for v in _variants.list_variants(reg) if v["id"] == row.id)
+    return _result(reg, row, {**summary, "created": created}, created)
+
+
+def list_variants(base: str | None = None, *, registry: Registry | None = None) -> list[dict[str, Any]]:
+    """Every variant (of ``base``): recipe, parameters kept, sizes, perplexity."""
+    return _variants.list_variants(_reg(registry), base=base)
+
+
+# ---- the Hub --------------------------------------------------------------------------------
+
+
+def pull(repo: str, *, revision: str | None = None, name: str | None = None, registry: Registry | None = None,
+         progress: Progress | None = None, **options: Any) -> Result:
+    """Pull a LoRA ``REPO[@REV]`` from the Hub (options: include, exclude, allow_pickle, with_base, token)."""
+    reg = _reg(registry)
+    art, created = _hub.pull_adapter(reg, repo, revision=revision, name=name, progress=progress, **options)
+    base = reg.get(art.base_id, "base")
+    report = {"name": art.name, "id": art.id, "kind": art.kind, "source": art.source, "base": base.name,
+              "base_reference_only": base.is_reference, "size_bytes": art.size_bytes, "created": created}
+    return _result(reg, art, report, created)
+
+
+def search(base: str, *, limit: int = 50, token: str | None = None,
+           registry: Registry | None = None) -> list[dict[str, Any]]:
+    """LoRA adapters of ``base`` on the Hub, with what is already pulled."""
+    return _hub.search_adapters_for(_reg(registry), base, limit=limit, token=token)
+
+
+def push(name: str, repo_id: str, *, registry: Registry | None = None, progress: Progress | None = None,
+         **options: Any) -> Result:
+    """Push artefact ``name`` to Hub repo ``repo_id`` (options: private, fmt, commit_message, dry_run, token)."""
+    reg = _reg(registry)
+    out = _hub.push_artifact(reg, name, repo_id, progress=progress, **options)
+    art = reg.get(name, "artifact")
+    paths = {f["path"]: f["path"] for f in out.get("files", [])}
+    return Result(name=art.name, id=art.id, kind="push", paths=paths, report=out,
+                  created=bool(out.get("uploaded")))
+
+
+def serve_hub(root: str | Path, **options: Any) -> None:
+    """Serve Hub repos from ``root`` until interrupted (options: host, port, token, ready, warn)."""
+    _hub.serve_hub(root, **options)
+
+
+# ---- training, conversion, prompts ----------------------------------------------------------
+
+
+def train(target: str, data: str, *, registry: Registry | None = None, progress: Progress | None = None,
+          **options: Any) -> Result:
+    """Train a LoRA on ``target`` (a base or variant) with ``data`` (see ``workflows.training.train_adapter``)."""
+    reg = _reg(registry)
+    art, report = _training.train_adapter(reg, target, data, progress=progress, **options)
+    return _result(reg, art, report)
+
+
+def convert(adapter: str, variant: str, *, registry: Registry | None = None, progress: Progress | None = None,
+            **options: Any) -> Result:
+    """Carry ``adapter`` to compressed ``variant`` (CA-LoRA; see ``workflows.training.convert_adapter``)."""
+    reg = _reg(registry)
+    art, report = _training.convert_adapter(reg, adapter, variant, progress=progress, **options)
+    return _result(reg, art, report)
+
+
+def learn_prompt(variant: str, *, registry: Registry | None = None, progress: Progress | None = None,
+                 **options: Any) -> Result:
+    """Learn a soft prompt on ``variant`` (see ``workflows.prompts.learn_prompt_artifact``)."""
+    reg = _reg(registry)
+    art, report = _prompts.learn_prompt_artifact(reg, variant, progress=progress, **options)
+    return _result(reg, art, report)
+
+
+def transfer_prompts(prompts: Sequence[str], variants: Sequence[str], data: str, *,
+                     registry: Registry | None = None, progress: Progress | None = None,
+                     **options: Any) -> dict[str, Any]:
+    """Perplexity of every prompt on every variant (see ``workflows.prompts.prompt_transfer``)."""
+    return _prompts.prompt_transfer(_reg(registry), list(prompts), list(variants), data, progress=progress,
+                                    **options)
+
+
+# ---- packs, merges, composition -------------------------------------------------------------
+
+
+def pack(adapter: str, density: float | str, *, registry: Registry | None = None,
+         progress: Progress | None = None, **options: Any) -> Result:
+    """ComPEFT-pack ``adapter`` keeping ``density`` of its values (see ``workflows.packs.pack_artifact``)."""
+    reg = _reg(registry)
+    art, report = _packs.pack_artifact(reg, adapter, density=density, progress=progress, **options)
+    return _result(reg, art, report)
+
+
+def unpack(pack: str, out: str | Path | None = None, *, registry: Registry | None = None) -> Result:
+    """Decode ``pack`` into a PEFT folder at ``out`` (default ``./<pack name>``)."""
+    reg = _reg(registry)
+    folder = _packs.unpack_artifact(reg, pack, out)
+    art = reg.get(pack, "artifact")
+    paths = {p.name: str(p) for p in sorted(folder.iterdir())}
+    return Result(name=art.name, id=art.id, kind="folder", paths=paths, report={"pack": pack, "path": str(folder)})
+
+
+def inspect_pack(pack_or_path: str | Path, *, registry: Registry | None = None) -> dict[str, Any]:
+    """Per-tensor density, scale and bits of a pack artefact or a pack file."""
+    path = Path(pack_or_path)
+    return _packs.inspect_pack_ref(None if path.is_file() else _reg(registry), pack_or_path)
+
+
+def merge(adapters: Sequence[str], method: str, *, registry: Registry | None = None,
+          progress: Progress | None = None, **options: Any) -> Result:
+    """Merge ``adapters`` with ``method`` (see ``workflows.merges.merge_artifacts``)."""
+    reg = _reg(registry)
+    art, report = _merges.merge_artifacts(reg, list(adapters), method=method, progress=progress, **options)
+    return _result(reg, art, report)
+
+
+def compose(adapters: Sequence[str], examples: str, *, registry: Registry | None = None,
+            progress: Progress | None = None, **options: Any) -> Result:
+    """LoraHub composition of ``adapters`` searched on ``examples`` (see ``workflows.merges.compose_artifacts``)."""
+    reg = _reg(registry)
+    art, report = _merges.compose_artifacts(reg, list(adapters), examples=examples, progress=progress, **options)
+    report = {**report, "curve_summary": _merges.summarize_curve(report["curve"])}
+    return _result(reg, art, report)
+
+
+# ---- using a stack --------------------------------------------------------------------------
+
+
+def evaluate(target: str, data: str, *, registry: Registry | None = None, progress: Progress | None = None,
+             **options: Any) -> Result:
+    """Measure ``target`` (+ variant / adapter / prompt options) on ``data``; results are recorded."""
+    reg = _reg(registry)
+    row = _evals.run_eval(reg, target, data, progress=progress, **options)
+    return Result(name=row["target"], id="", kind="evaluation", report=row)
+
+
+def generate(target: str, text: str, *, registry: Registry | None = None, **options: Any) -> Result:
+    """Greedy continuation of ``text``; ``report["text"]`` holds it."""
+    out = _evals.run_generate(_reg(registry), target, text, **options)
+    return Result(name=target, id="", kind="generation", report={"text": out})
+
+
+def load(target: str, adapter: str | None = None, prompt: str | None = None, *, variant: str | None = None,
+         device: str | None = "cpu", registry: Registry | None = None):
+    """``(model, tokenizer)`` of a stack in eval mode: base or variant, then adapter, then prompt."""
+    reg = _reg(registry)
+    return load_stack(reg, resolve_stack(reg, target, variant, adapter, prompt), device)
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+
+def list_objects(what: str = "artifacts", *, limit: int | None = None,
+                 registry: Registry | None = None) -> list[dict[str, Any]]:
+    """Bases, variants, artifacts or runs as dicts."""
+    return views.list_objects(_reg(registry), what, limit=limit)
+
+
+def show(ref: str, *, registry: Registry | None = None) -> dict[str, Any]:
+    """Everything about one base, variant or artefact."""
+    return views.show_object(_reg(registry), ref)
+
+
+def lineage(ref: str, *, registry: Registry | None = None) -> dict[str, Any]:
+    """Where ``ref`` comes from and what derives from it, as a tree."""
+    return views.lineage_tree(_reg(registry), ref)
+
+
+def remove(ref: str, *, cascade: bool = False, registry: Registry | None = None) -> list[str]:
+    """Remove ``ref`` (and with ``cascade`` everything derived); returns the names removed."""
+    return views.remove(_reg(registry), ref, cascade=cascade)
+
+
+def gc(*, dry_run: bool = False, registry: Registry | None = None) -> dict[str, Any]:
+    """Delete unreferenced blobs and dead writers' temp files."""
+    return views.collect_garbage(_reg(registry), dry_run=dry_run)
+
+
+# ---- many at once ---------------------------------------------------------------------------
+
+
+def run_batch(*, registry: Registry | None = None, progress: Progress | None = None, **options: Any) -> dict:
+    """Pull, convert, pack, evaluate and push many adapters (see ``batch.ops.run_batch``)."""
+    return _batch.run_batch(_reg(registry), progress=progress, **options)
+
+
+def batch_status(name: str, *, registry: Registry | None = None) -> dict[str, Any]:
+    """The items of batch ``name``: state, attempts, errors, results."""
+    return _batch.batch_status(_reg(registry), name)
+
+
+def demo(*, base: str = SMOLLM2, max_tokens: int | None = None, registry: Registry | None = None,
+         progress: Progress | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """The whole flow on ``base``, yielding (title, rows) per step as it goes."""
+    yield from _demo.run_demo(_reg(registry), base=base, max_tokens=max_tokens, progress=progress)
