@@ -10,12 +10,29 @@ import yaml
 _FRONT_MATTER_RE = re.compile(r"\A---\s*\n(.*?\n)?---\s*(\n|\Z)", re.DOTALL)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe loader that refuses aliases: a few hundred bytes of nested ``*alias`` lists
+    ("billion laughs") expand to gigabytes once the card is serialised as JSON."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in front matter",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def parse_front_matter(text: str) -> dict:
-    """The YAML front matter of a README as a dict ({} when absent); ValueError if malformed."""
+    """The YAML front matter of a README as a dict ({} when absent).
+
+    Raises ``yaml.YAMLError`` if it is malformed or uses aliases, ValueError if it is not a
+    mapping.
+    """
     m = _FRONT_MATTER_RE.match(text or "")
     if not m or not (m.group(1) or "").strip():
         return {}
-    data = yaml.safe_load(m.group(1))
+    data = yaml.load(m.group(1), Loader=_NoAliasLoader)
     if not isinstance(data, dict):
         raise ValueError("the YAML front matter is not a mapping")
     return data

@@ -33,6 +33,15 @@ DEFAULT_BRANCH = "main"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _PREFIX_RE = re.compile(r"^[0-9a-f]{7,39}$")
+# control characters, and lone surrogates (valid in JSON strings, not in UTF-8 file names)
+_UNSAFE_CHAR_RE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# git check-ref-format: no control characters, space, ~ ^ : ? * [ \, "..", "@{" or "//".
+_BAD_REF_RE = re.compile(r"[\x00-\x20\x7f\ud800-\udfff~^:?*\[\\]|\.\.|@\{|//")
+# Path limits are ours (the Hub documents none): a component must fit NAME_MAX so that a
+# pull can write it, and the whole path leaves room under PATH_MAX for the cache prefix.
+MAX_PATH_COMPONENT_BYTES = 255
+MAX_PATH_BYTES = 1024
+MAX_REVISION_BYTES = 255
 # Files the real Hub would store with Git LFS; we report LFS metadata (sha256) for them.
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".gguf", ".onnx", ".h5",
                 ".msgpack", ".npz", ".npy", ".zip", ".tar", ".gz", ".pack")
@@ -83,10 +92,19 @@ def is_lfs(path: str, size: int) -> bool:
     return path.lower().endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
 
 
+def _shown(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def check_repo_path(path: str) -> str:
-    """Validate a file path inside a repo; refuses absolute paths, ``..``, ``.git`` and empty parts."""
-    if not isinstance(path, str) or not path or "\\" in path or "\0" in path:
-        raise BadPath(f"invalid file path {path!r}")
+    """Validate a file path inside a repo; refuses absolute paths, ``..``, ``.git``, empty parts,
+    control characters and names longer than the limits above."""
+    if not isinstance(path, str) or not path or "\\" in path or _UNSAFE_CHAR_RE.search(path):
+        raise BadPath(f"invalid file path {_shown(path)}")
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise BadPath(f"file path {_shown(path)} is longer than {MAX_PATH_BYTES} bytes")
     if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
         raise BadPath(f"absolute file path {path!r} is not allowed")
     parts = path.split("/")
@@ -94,15 +112,35 @@ def check_repo_path(path: str) -> str:
         raise BadPath(f"file path {path!r} has an empty, '.' or '..' component")
     if parts[0] == ".git":
         raise BadPath(f"file path {path!r} is inside .git")
+    if any(len(p.encode()) > MAX_PATH_COMPONENT_BYTES for p in parts):
+        raise BadPath(f"file path {_shown(path)} has a component longer than "
+                      f"{MAX_PATH_COMPONENT_BYTES} bytes")
     return path
+
+
+def _valid_name(part: str) -> bool:
+    # the Hub's rules (huggingface_hub.utils.validate_repo_id): 1-96 characters, no "--" or
+    # "..", not ending in "-", "." or ".git"
+    return (bool(_NAME_RE.match(part)) and "--" not in part and ".." not in part
+            and not part.endswith(("-", ".", ".git")))
 
 
 def check_repo_id(repo_id: str) -> tuple[str, str]:
     """Split ``namespace/name`` and validate both parts."""
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(_NAME_RE.match(p) for p in parts) or ".." in repo_id:
-        raise BadPath(f"invalid repo id {repo_id!r} (expected namespace/name)")
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    if len(parts) != 2 or not all(_valid_name(p) for p in parts):
+        raise BadPath(f"invalid repo id {_shown(repo_id)} (expected namespace/name)")
     return parts[0], parts[1]
+
+
+def check_revision(revision: str) -> str:
+    """Validate a revision (a branch name or a commit sha) as git would a ref name."""
+    if (not isinstance(revision, str) or not revision
+            or len(revision.encode()) > MAX_REVISION_BYTES
+            or _BAD_REF_RE.search(revision) or revision.startswith(("/", "-"))
+            or revision.endswith(("/", ".", ".lock"))):
+        raise BadPath(f"invalid revision {_shown(revision)}")
+    return revision
 
 
 @dataclass
@@ -295,8 +333,12 @@ class RepoStore:
         atomic_write_json(d / "commits" / f"{commit.id}.json", commit.to_json())
 
     # ---- reading files ------------------------------------------------------------
-    def read(self, entry: dict) -> bytes:
-        return self.blob_path(entry["sha256"]).read_bytes()
+    def read(self, entry: dict, max_bytes: int | None = None) -> bytes:
+        """The file's bytes; only the first ``max_bytes`` of them when given."""
+        if max_bytes is None:
+            return self.blob_path(entry["sha256"]).read_bytes()
+        with open(self.blob_path(entry["sha256"]), "rb") as f:
+            return f.read(max_bytes)
 
     @staticmethod
     def tree(commit: Commit, path: str = "", recursive: bool = False) -> list[dict]:

@@ -1,0 +1,418 @@
+"""Hostile input against the local Hub server: DoS bodies and cards, malformed requests, odd names.
+
+Every answer must be 2xx/4xx (never 5xx, never a dropped connection) and the server must keep
+answering. Traffic goes only to a loopback server started by the test; seeded and bounded.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx2
+import pytest
+from huggingface_hub import HfApi, hf_hub_download
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hubutil import TOKEN, running_hub
+
+from adapterhub_c.hub import server as server_mod
+from adapterhub_c.hub.server import BackgroundServer
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CARD = "---\nlibrary_name: peft\ntags:\n- lora\n---\n# target\n"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    with running_hub(tmp_path_factory.mktemp("hostile")) as h:
+        h.store.create_repo("alice/target")
+        h.store.commit("alice/target", message="seed", add={
+            "README.md": CARD.encode(), "config.json": b'{"a": 1}',
+            "weights.safetensors": bytes(range(256)) * 16})
+        yield h
+
+
+def _raw(endpoint: str, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str]]:
+    """Send raw bytes, return (status, headers); fails the test if the server drops us."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data, f"connection dropped without an answer: {request[:120]!r}"
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    status = int(head[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:])}
+    return status, headers
+
+
+def _request(method: str, target: str, headers: dict | None = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body or method in ("POST", "PUT", "DELETE"):
+        lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+
+
+def _ndjson(*items) -> bytes:
+    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
+
+
+def _file_op(path: str, data: bytes = b"x") -> dict:
+    return {"key": "file", "value": {"path": path, "encoding": "base64",
+                                     "content": base64.b64encode(data).decode()}}
+
+
+HEADER = {"key": "header", "value": {"summary": "hostile"}}
+
+
+def _commit(endpoint: str, repo_id: str, body: bytes) -> httpx2.Response:
+    return httpx2.post(f"{endpoint}/api/models/{repo_id}/commit/main", content=body, timeout=30,
+                       headers={**AUTH, "Content-Type": "application/x-ndjson"})
+
+
+def _alias_bomb(depth: int) -> str:
+    lines = ["---", "a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, depth + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n---\n# bomb\n"
+
+
+# ---- hole 1: denial of service --------------------------------------------------------------
+def test_alias_bomb_front_matter_is_not_expanded(hub):
+    bomb = _alias_bomb(5)  # 9**6 leaves once expanded: megabytes from a 400-byte README
+    hub.store.create_repo("alice/bomb")
+    hub.store.commit("alice/bomb", message="bomb", add={"README.md": bomb.encode()})
+    r = httpx2.get(f"{hub.endpoint}/api/models/alice/bomb", timeout=30)
+    assert r.status_code == 200 and len(r.content) < 20_000
+    assert r.json()["cardData"] == {}
+    r = httpx2.get(f"{hub.endpoint}/api/models", params={"search": "bomb", "cardData": "true"},
+                   timeout=30)
+    assert r.status_code == 200 and len(r.content) < 20_000
+    r = httpx2.post(f"{hub.endpoint}/api/validate-yaml", json={"content": bomb}, timeout=30)
+    assert r.status_code == 400 and "alias" in r.text.lower()
+
+
+def test_card_is_parsed_once_per_commit(hub, monkeypatch):
+    calls = []
+    real = server_mod.parse_front_matter
+
+    def counting(text):
+        if "cache-probe" in text:
+            calls.append(1)
+        return real(text)
+
+    monkeypatch.setattr(server_mod, "parse_front_matter", counting)
+    hub.store.create_repo("alice/cached")
+    card = "---\ntags:\n- cache-probe\n---\n"
+    hub.store.commit("alice/cached", message="card", add={"README.md": card.encode()})
+    for _ in range(3):
+        assert "cache-probe" in httpx2.get(f"{hub.endpoint}/api/models/alice/cached").json()["tags"]
+    httpx2.get(f"{hub.endpoint}/api/models", params={"search": "cached", "cardData": "true"})
+    assert len(calls) == 1
+    hub.store.commit("alice/cached", message="card 2",
+                     add={"README.md": (card + "changed\n").encode()})
+    httpx2.get(f"{hub.endpoint}/api/models/alice/cached")
+    httpx2.get(f"{hub.endpoint}/api/models/alice/cached")
+    assert len(calls) == 2
+
+
+def _blocks_loop(endpoint: str, entered: threading.Event, send) -> None:
+    """While ``send`` is stuck in a handler's parsing, other requests must still be answered."""
+    worker = threading.Thread(target=send, daemon=True)
+    worker.start()
+    assert entered.wait(10), "the request never reached the parser"
+    r = httpx2.get(f"{endpoint}/api/models", params={"limit": 1}, timeout=3)
+    assert r.status_code == 200
+
+
+def test_body_parsing_runs_off_the_event_loop(tmp_path, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    real = server_mod.parse_front_matter
+
+    def slow_parse(text):
+        if "BLOCK" in text:
+            entered.set()
+            release.wait(10)
+        return real(text)
+
+    monkeypatch.setattr(server_mod, "parse_front_matter", slow_parse)
+    with running_hub(tmp_path / "h") as hub:
+        hub.store.create_repo("alice/slow")
+        real_commit = hub.store.commit
+
+        def slow_commit(repo_id, **kw):
+            if kw.get("message") == "BLOCK":
+                entered.set()
+                release.wait(10)
+            return real_commit(repo_id, **kw)
+
+        hub.store.commit = slow_commit
+        try:
+            _blocks_loop(hub.endpoint, entered, lambda: httpx2.post(
+                f"{hub.endpoint}/api/validate-yaml", json={"content": "---\na: BLOCK\n---\n"},
+                timeout=20))
+            release.set()
+            entered.clear()
+            release.clear()
+            body = _ndjson({"key": "header", "value": {"summary": "BLOCK"}}, _file_op("a.txt"))
+            _blocks_loop(hub.endpoint, entered, lambda: _commit(hub.endpoint, "alice/slow", body))
+        finally:
+            release.set()
+
+
+def test_body_size_limits(tmp_path, hub):
+    # defaults: a 30 MB body to an unauthenticated JSON endpoint is refused unread
+    junk = b"{" + b" " * (30 << 20)
+    r = httpx2.post(f"{hub.endpoint}/api/validate-yaml", content=junk, timeout=30,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.headers.get("X-Error-Message")
+    # configured limits, declared (Content-Length) and streamed (chunked)
+    srv = BackgroundServer(tmp_path / "small", token=TOKEN, max_body_bytes=64 << 10,
+                           max_upload_bytes=256 << 10)
+    with srv:
+        ep = srv.endpoint
+        srv.store.create_repo("alice/small")
+        big = json.dumps({"content": "a" * (100 << 10)}).encode()
+        for content in (big, iter([big[:50_000], big[50_000:]])):
+            r = httpx2.post(f"{ep}/api/validate-yaml", content=content, timeout=30,
+                            headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.headers["X-Error-Code"] == "PayloadTooLarge"
+        r = httpx2.post(f"{ep}/api/models/alice/small/paths-info/main", timeout=30,
+                        data={"paths": ["a" * 100] * 1000})
+        assert r.status_code == 413
+        ok = _ndjson(HEADER, _file_op("ok.bin", b"x" * (100 << 10)))
+        assert _commit(ep, "alice/small", ok).status_code == 200
+        too_big = _ndjson(HEADER, _file_op("big.bin", b"x" * (300 << 10)))
+        assert _commit(ep, "alice/small", too_big).status_code == 413
+        assert httpx2.get(f"{ep}/api/models").status_code == 200
+        assert set(srv.store.resolve("alice/small", None).files) == {"ok.bin"}
+
+
+# ---- hole 2: 500s and dropped connections -----------------------------------------------------
+def test_non_latin1_file_names_download(hub, tmp_path):
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    api.create_repo("alice/unicode")
+    api.upload_file(path_or_fileobj=b"konnichiwa", path_in_repo="日本/データ.txt",
+                    repo_id="alice/unicode")
+    url = f"{hub.endpoint}/alice/unicode/resolve/main/{quote('日本/データ.txt')}"
+    head = httpx2.head(url)
+    assert head.status_code == 200 and int(head.headers["Content-Length"]) == 10
+    assert quote("データ.txt") in head.headers["Content-Disposition"]
+    assert httpx2.get(url).content == b"konnichiwa"
+    got = hf_hub_download("alice/unicode", "日本/データ.txt", endpoint=hub.endpoint,
+                          cache_dir=tmp_path / "c", token=False)
+    assert Path(got).read_bytes() == b"konnichiwa"
+    missing = httpx2.head(f"{hub.endpoint}/alice/unicode/resolve/main/{quote('無い.txt')}")
+    assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+
+
+@pytest.mark.parametrize("target", [
+    "/alice/target/resolve/main/a%0Db.txt",
+    "/alice/target/resolve/main/a%00b.txt",
+    "/alice/target/resolve/main/%0D%0AX-Evil:%201",
+    "/alice/target/resolve/ma%0Din/README.md",
+    "/alice/target/resolve/%00/README.md",
+    "/api/models/alice/target/revision/x%0D%0AX-Evil:%201",
+    "/api/models/alice/target/tree/ma%00in",
+    "/api/models/alice/tar%0Dget",
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_control_characters_answer_4xx(hub, target, method):
+    status, headers = _raw(hub.endpoint, _request(method, target))
+    assert 400 <= status < 500 and "x-error-message" in headers, (status, headers)
+    assert "x-evil" not in headers
+
+
+MALFORMED = [
+    ("POST", "/api/repos/create", b"[]"),
+    ("POST", "/api/repos/create", b'"x"'),
+    ("POST", "/api/repos/create", b"not json"),
+    ("POST", "/api/repos/create", b"\xff\xfe"),
+    ("POST", "/api/repos/create", b""),
+    ("POST", "/api/repos/create", b'{"name": 5}'),
+    ("POST", "/api/repos/create", b'{"name": ["a"]}'),
+    ("POST", "/api/repos/create", b'{"name": "ok", "organization": {}}'),
+    ("POST", "/api/repos/create", b'{"name": "ok2", "private": "yes"}'),
+    ("POST", "/api/repos/create", b'{"name": "ok3", "visibility": 3}'),
+    ("POST", "/api/repos/create", b"[" * 100_000),
+    ("DELETE", "/api/repos/delete", b"[]"),
+    ("DELETE", "/api/repos/delete", b'{"name": 1}'),
+    ("PUT", "/api/models/alice/target/settings", b"[]"),
+    ("PUT", "/api/models/alice/target/settings", b'{"private": "no"}'),
+    ("POST", "/api/models/alice/target/preupload/main", b"[]"),
+    ("POST", "/api/models/alice/target/preupload/main", b'{"files": "x"}'),
+    ("POST", "/api/models/alice/target/preupload/main", b'{"files": [1]}'),
+    ("POST", "/api/models/alice/target/preupload/main", b'{"files": [{"path": 5}]}'),
+    ("POST", "/api/models/alice/target/preupload/main", b'{"files": {"path": "a"}}'),
+    ("POST", "/api/models/alice/target/preupload/main", b"{"),
+    ("POST", "/api/models/alice/target/paths-info/main", b"[]"),
+    ("POST", "/api/models/alice/target/paths-info/main", b'{"paths": "README.md"}'),
+    ("POST", "/api/models/alice/target/paths-info/main", b'{"paths": [1]}'),
+    ("POST", "/api/models/alice/target/paths-info/main", b'{"paths": [["a"]]}'),
+    ("POST", "/api/models/alice/target/paths-info/main", b"\xff"),
+    ("POST", "/api/validate-yaml", b"[]"),
+    ("POST", "/api/validate-yaml", b'{"content": 5}'),
+]
+COMMITS = [
+    _ndjson({"key": "header", "value": [1]}),
+    _ndjson({"key": "header", "value": None}, _file_op("a.txt")),
+    _ndjson(HEADER, {"key": "file", "value": "a.txt"}),
+    _ndjson(HEADER, {"key": "file", "value": {"path": "a.txt", "content": 5}}),
+    _ndjson(HEADER, {"key": "file", "value": {"content": "eA=="}}),
+    _ndjson(HEADER, {"key": "lfsFile", "value": {"path": "a.bin", "oid": 5}}),
+    _ndjson(HEADER, {"key": "deletedFolder", "value": {"path": 5}}),
+    _ndjson(HEADER, {"key": "deletedFile", "value": ["README.md"]}),
+    _ndjson({"key": "header", "value": {"summary": 5}}, _file_op("a.txt")),
+    _ndjson({"key": "header", "value": {"summary": "x", "parentCommit": 5}}, _file_op("a.txt")),
+    _ndjson({"key": "header", "value": {"summary": "x", "description": []}}, _file_op("a.txt")),
+    _ndjson(HEADER) + b"\xff\xfe\n",
+    _ndjson(HEADER) + b"[" * 100_000 + b"\n",
+]
+
+
+def test_malformed_bodies_answer_400(hub):
+    before = hub.store.resolve("alice/target", None).id
+    cases = [(m, p, b, "application/json") for m, p, b in MALFORMED]
+    cases += [("POST", "/api/models/alice/target/commit/main", b, "application/x-ndjson")
+              for b in COMMITS]
+    cases.append(("POST", "/api/models/alice/target/paths-info/main", b"paths=\xff\xfe",
+                  "application/x-www-form-urlencoded"))
+    for method, path, body, ctype in cases:
+        r = httpx2.request(method, f"{hub.endpoint}{path}", content=body, timeout=10,
+                           headers={**AUTH, "Content-Type": ctype})
+        assert r.status_code == 400, (path, body[:60], r.status_code, r.text[:200])
+        assert r.headers["X-Error-Code"] == "BadRequest" and r.headers["X-Error-Message"]
+    assert hub.store.resolve("alice/target", None).id == before
+    assert not any(hub.store.exists(f"local/{n}") for n in ("ok", "ok2", "ok3"))
+
+
+def test_huge_range_header(hub):
+    url = f"{hub.endpoint}/alice/target/resolve/main/weights.safetensors"
+    digits = "9" * 5000
+    assert httpx2.get(url, headers={"Range": f"bytes={digits}-"}).status_code == 416
+    assert httpx2.get(url, headers={"Range": f"bytes={digits}-{digits}"}).status_code == 416
+    whole = httpx2.get(url, headers={"Range": f"bytes=0-{digits}"})
+    assert whole.status_code == 206 and len(whole.content) == 4096
+    assert httpx2.get(url, headers={"Range": f"bytes=-{digits}"}).status_code == 206
+
+
+def test_overlong_names_refused_at_upload(hub):
+    hub.store.create_repo("alice/long")
+    for bad in ("a" * 5000, "日" * 86, "d/" + "a" * 256, "a\rb.txt", "a\x00b", "/".join("a" * 600)):
+        r = _commit(hub.endpoint, "alice/long", _ndjson(HEADER, _file_op(bad)))
+        assert r.status_code == 400 and r.headers["X-Error-Code"] == "BadRequest", bad[:20]
+        r = httpx2.post(f"{hub.endpoint}/api/models/alice/long/preupload/main", headers=AUTH,
+                        json={"files": [{"path": bad, "sample": "", "size": 1}]})
+        assert r.status_code == 400, bad[:20]
+    assert _commit(hub.endpoint, "alice/long", _ndjson(HEADER, _file_op("d/" + "a" * 255))
+                   ).status_code == 200
+    assert hub.store.resolve("alice/long", None).files.keys() == {"d/" + "a" * 255}
+    for name in ("a" * 97, "a--b", "-a", "a.", "a.git", "日本"):
+        r = httpx2.post(f"{hub.endpoint}/api/repos/create", headers=AUTH, json={"name": name})
+        assert r.status_code == 400 and r.headers["X-Error-Code"] == "BadRequest", name
+    r = httpx2.get(f"{hub.endpoint}/api/models/alice/long/revision/{'r' * 5000}")
+    assert r.status_code == 400 and len(r.headers["X-Error-Message"]) <= 500
+
+
+# ---- the campaign, seeded and bounded ---------------------------------------------------------
+ODD = ["%00", "%0D", "%0A", "%0D%0A", "..", "%2e%2e", "%E6%97%A5%E6%9C%AC", "%FF", "%25",
+       "%20", "~", "@%7B", "*", "a:b", ".git", "%5C", "main", "README.md", "config.json"]
+
+
+def _odd(rng: random.Random) -> str:
+    if rng.random() < 0.15:
+        return "a" * rng.choice([97, 256, 1000, 5000])
+    return "".join(rng.choice(ODD) for _ in range(rng.randint(1, 3)))
+
+
+def _odd_target(rng: random.Random) -> str:
+    ns, name, rev, path = (rng.choice(["alice", "target", _odd(rng)]) for _ in range(4))
+    name = rng.choice(["target", name])
+    return rng.choice([
+        f"/{ns}/{name}/resolve/{rev}/{path}",
+        f"/alice/target/resolve/{rev}/{path}",
+        f"/api/models/{ns}/{name}",
+        f"/api/models/alice/target/revision/{rev}",
+        f"/api/models/alice/target/tree/{rev}/{path}",
+        f"/api/models/alice/target/commits/{rev}",
+        f"/api/models?limit={_odd(rng)}&search={_odd(rng)}",
+    ])
+
+
+def _mutated_json(rng: random.Random) -> bytes:
+    valid = rng.choice([
+        {"name": "fuzz", "organization": "alice", "private": False},
+        {"files": [{"path": "a.txt", "sample": "", "size": 1}]},
+        {"paths": ["README.md", "config.json"]},
+        {"content": CARD},
+    ])
+    raw = json.dumps(valid).encode()
+    kind = rng.randrange(5)
+    if kind == 0:
+        return raw[:rng.randrange(len(raw))]
+    if kind == 1:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    if kind == 2:
+        return b"[" * rng.randint(1000, 50_000)
+    if kind == 3:
+        key = rng.choice(list(valid))
+        return json.dumps({key: rng.choice([None, 5, "x", [1], {"a": {}}, [[]]])}).encode()
+    return json.dumps(rng.choice([[], "x", 5, None, [valid]])).encode()
+
+
+def _hostile(rng: random.Random) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return _request(rng.choice(["GET", "HEAD"]), _odd_target(rng))
+    if kind == 1:
+        path = rng.choice(["/api/repos/create", "/api/models/alice/target/preupload/main",
+                           "/api/models/alice/target/paths-info/main", "/api/validate-yaml"])
+        return _request("POST", path, {**AUTH, "Content-Type": "application/json"},
+                        _mutated_json(rng))
+    if kind == 2:
+        ops = [HEADER, _file_op(_odd(rng).replace("%", "")), rng.choice(COMMITS)]
+        body = b"".join(json.dumps(o).encode() + b"\n" if isinstance(o, dict) else o
+                        for o in rng.sample(ops, rng.randint(1, 3)))
+        return _request("POST", "/api/models/alice/target/commit/main",
+                        {**AUTH, "Content-Type": "application/x-ndjson"}, body)
+    if kind == 3:
+        value = rng.choice(["x" * rng.choice([1000, 20_000, 100_000]), "%0D", "\x7f\xff"])
+        return _request("GET", "/api/models/alice/target", {"X-Junk": value})
+    if kind == 4:
+        rng_value = rng.choice(["bytes=", "bytes=-0", "bytes=5-1", "bytes=1-2,3-4", "bits=0-1",
+                                "bytes=" + "9" * rng.randint(18, 6000) + "-", "bytes=-" + "9" * 30,
+                                "bytes=0x10-", "bytes= 1 - 2 "])
+        return _request("GET", "/alice/target/resolve/main/weights.safetensors",
+                        {"Range": rng_value})
+    return rng.choice([b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
+                       b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"])
+
+
+def test_seeded_hostile_requests_never_5xx(tmp_path):
+    rng = random.Random(20)
+    with running_hub(tmp_path / "campaign") as hub:
+        hub.store.create_repo("alice/target")
+        hub.store.commit("alice/target", message="seed", add={
+            "README.md": CARD.encode(), "weights.safetensors": bytes(range(256)) * 16})
+        start = time.monotonic()
+        statuses = []
+        for _ in range(100):
+            request = _hostile(rng)
+            status, _headers = _raw(hub.endpoint, request, timeout=5)
+            assert 200 <= status < 500, (status, request[:160])
+            statuses.append(status)
+        assert time.monotonic() - start < 60
+        assert any(s >= 400 for s in statuses) and any(s < 300 for s in statuses)
+        assert httpx2.get(f"{hub.endpoint}/api/models").status_code == 200
