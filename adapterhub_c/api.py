@@ -17,6 +17,7 @@ the same names as the command's flags (``--batch-size`` → ``batch_size``).
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -99,9 +100,10 @@ def open_registry(home: str | Path | None = None, db: str | None = None) -> Regi
 
 
 def _reg(registry: Registry | None) -> Registry:
+    """``registry``, or the one the environment names (opened once per home / URL)."""
     if registry is not None:
         return registry
-    key = (None, None)
+    key = (os.environ.get("ADAPTERHUB_HOME"), os.environ.get("ADAPTERHUB_DB_URL"))
     if key not in _default_registries:
         _default_registries[key] = open_registry()
     return _default_registries[key]
@@ -189,9 +191,7 @@ def push(name: str, repo_id: str, *, registry: Registry | None = None, progress:
     reg = _reg(registry)
     out = _hub.push_artifact(reg, name, repo_id, progress=progress, **options)
     art = reg.get(name, "artifact")
-    paths = {f["path"]: f["path"] for f in out.get("files", [])}
-    return Result(name=art.name, id=art.id, kind="push", paths=paths, report=out,
-                  created=bool(out.get("uploaded")))
+    return Result(name=art.name, id=art.id, kind="push", report=out, created=bool(out.get("uploaded")))
 
 
 def serve_hub(root: str | Path, **options: Any) -> None:
