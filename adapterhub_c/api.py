@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 from adapterhub_c import demo_flow as _demo
 from adapterhub_c.batch import ops as _batch
 from adapterhub_c.hub import ops as _hub
+from adapterhub_c.merging.spec import RESCALES
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -63,7 +64,7 @@ __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "pull", "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON",
+    "serve_hub", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
 ]
 
 

@@ -97,3 +97,21 @@ def test_other_bad_input():
         compress_tensors({"i": torch.arange(4)}, 0.5)
     with pytest.raises(UsageError):
         compress_tensors({"x": torch.tensor([1.0, float("inf")])}, 0.5)
+
+
+def _reference_kept(x: torch.Tensor, K: float) -> int:
+    """How many entries the ComPEFT reference (``topk_values_mask``) keeps: |x| >= kthvalue(n - int(n·K))."""
+    n = x.numel()
+    kth = x.abs().reshape(1, -1).kthvalue(n - int(n * K), dim=1).values
+    return int((x.abs() >= kth).sum())
+
+
+@pytest.mark.parametrize("n,k", [(100, 0.1), (1000, 0.05), (37, 0.2), (50, 0.01)])
+def test_kept_count_is_round_kn_not_the_references_int_kn_plus_one(n, k):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    ours = compress_tensors({"t": x}, k, scope="tensor")["t"].nnz
+    assert ours == keep_count(k, n) == int(k * n + 0.5)
+    assert _reference_kept(x, k) == int(k * n) + 1  # distinct magnitudes: no ties
+    tied = torch.ones(n)  # every magnitude tied: the reference keeps all, we keep round(k·n)
+    assert compress_tensors({"t": tied}, k, scope="tensor")["t"].nnz == keep_count(k, n)
+    assert _reference_kept(tied, k) == n

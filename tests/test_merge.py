@@ -216,13 +216,17 @@ def _ref_elect_merge(taus, weights, majority, convention):
     return out
 
 
-def _ref_dare(tau, module, seed, density, n_index, n):
+def _ref_dare(tau, module, seed, density, n_index, n, rescale="inverse-p"):
+    """inverse-p: kept entries / density; l1: kept entries · ‖τ‖₁/‖kept‖₁ (mergekit's rule)."""
     g = torch.Generator().manual_seed(module_seed(seed, module))
     keep = torch.rand(n, *tau.shape, generator=g) < density
     out = tau.clone()
     for idx in torch.cartesian_prod(*[torch.arange(s) for s in tau.shape]):
         idx = tuple(idx.tolist())
         out[idx] = tau[idx] / density if keep[(n_index,) + idx] else 0.0
+    if rescale == "l1":
+        kept = out * density
+        out = kept * (tau.abs().sum() / kept.abs().sum())
     return out
 
 
@@ -243,7 +247,8 @@ def test_ties_and_dare_match_loop_reference(method, majority, convention):
         if method == "ties":
             taus = [_ref_trim(t, density) for t in taus]
         else:
-            taus = [_ref_dare(t, m, seed, density, i, len(ads)) for i, t in enumerate(taus)]
+            rescale = "l1" if convention == "mergekit" else "inverse-p"  # the default of each convention
+            taus = [_ref_dare(t, m, seed, density, i, len(ads), rescale) for i, t in enumerate(taus)]
         if method == "dare-linear":
             want = sum(w * t for w, t in zip(weights, taus, strict=False))
         else:

@@ -272,6 +272,17 @@ def test_popcount_refused_where_not_exact(cli, reg, tiny_base, tmp_path):
     assert r.code == 0 and r.json()["election"] == "popcount"
 
 
+def test_popcount_refused_under_mergekit_where_its_trim_cuts_ties(reg, tiny_base, tmp_path):
+    for i in range(2):
+        register_pack(reg, tiny_base, f"t{i}", make_lora(70 + i), tmp_path, density=0.3)
+    inputs = load_inputs(reg, [reg.get(f"t{i}", "artifact") for i in range(2)], torch.device("cpu"))
+    kw = {"method": "ties", "weights": [1.0, 1.0], "space": "factors", "majority": "frequency",
+          "convention": "mergekit"}
+    el = popcount_elections(inputs, make_spec(2, density=0.1, **kw))  # k below the packs' non-zero counts
+    assert el.method == "dense" and "mergekit trim" in el.reason
+    assert popcount_elections(inputs, make_spec(2, density=0.8, **kw)).method == "popcount"
+
+
 # ---- bad input: exit 2, nothing registered ------------------------------------------------
 def test_bad_merge_inputs_exit_2_and_register_nothing(cli, reg, tiny_base, loras, tmp_path):
     from adapterhub_c.workflows.bases import register_base_folder

@@ -153,6 +153,7 @@ def test_inspect(adapter, tmp_path, encoding):
     else:  # small tensors: a few padding bits each
         assert t["bits_per_param"] < 1.05 * t["entropy_bits_per_param"]
     assert t["ratio_vs_fp16"] == pytest.approx(16 / t["bits_per_param"])
+    assert info["kept_count"].startswith("round(k·n)") and "int(k·n)+1" in info["kept_count"]
 
 
 def test_bad_pack_parameters(adapter):

@@ -1,4 +1,4 @@
-"""The fused CPU TIES kernels (numba) against their torch twins in merge.ops."""
+"""The fused CPU TIES kernels (numba) against their torch twins in merging.rules."""
 from __future__ import annotations
 
 import pytest

@@ -20,6 +20,9 @@ COMPOSE = api.COMPOSE_DEFAULTS
 @click.option("--convention", default="peft", show_default=True, type=click.Choice(["peft", "mergekit"]),
               help="TIES: elect on unweighted vectors and divide by the count (peft), or on weighted ones "
                    "and divide by the sum of weights (mergekit).")
+@click.option("--rescale", default=None, type=click.Choice(api.RESCALES),
+              help="DARE: keep each input's L1 norm (l1, mergekit's rule; default with --convention mergekit) "
+                   "or multiply kept entries by 1/density (inverse-p, the DARE paper and PEFT; default with peft).")
 @click.option("--space", default="delta", show_default=True, type=click.Choice(["delta", "factors"]),
               help="Merge the true ΔW = s·B·A (delta), or A and B separately (factors; equal ranks).")
 @click.option("--rank", type=int, default=None, help="Output rank (delta space; default exact for task "
@@ -34,18 +37,18 @@ COMPOSE = api.COMPOSE_DEFAULTS
               help="TIES over packs: popcount sign election where exact (auto), insist on it, or never.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def merge_cmd(obj, adapters, method, weights, density, majority, convention, space, rank, seed, svd, name, device,
-              election, as_json):
+def merge_cmd(obj, adapters, method, weights, density, majority, convention, rescale, space, rank, seed, svd, name,
+              device, election, as_json):
     """Merge ADAPTERS (LoRAs, converted LoRAs, packs) into one LoRA artefact."""
     with progress_callback() as progress:
         report = api.merge(adapters, method, registry=obj.registry, progress=progress, weights=weights,
                            density=density, majority=majority, convention=convention, space=space, rank=rank,
-                           seed=seed, svd=svd, name=name, device=device, election=election).report
+                           seed=seed, svd=svd, name=name, device=device, election=election, rescale=rescale).report
     if as_json:
         print_json(report)
         return
     print_table(report["inputs"], ["name", "kind", "weight"], title=f"merged {report['artifact']}")
-    keys = ["method", "space", "svd", "density", "majority", "convention", "election", "ranks", "parameters",
+    keys = ["method", "space", "svd", "density", "majority", "convention", "rescale", "election", "ranks", "parameters",
             "read_seconds", "merge_seconds", "device"]
     print_table([report], [k for k in keys if report.get(k) is not None])
     if report.get("election_reason"):

@@ -100,6 +100,7 @@ def pack_inspect(obj, pack, as_json):
     print_table([{**t, "file": human_bytes(t["file_bytes"])}],
                 ["numel", "nnz", "density", "bits_per_param", "entropy_bits_per_param", "ratio_to_bound",
                  "ratio_vs_fp16", "file", "file_ratio_vs_fp16"], title="totals")
+    click.echo(f"kept: {stats['kept_count']}")
 
 
 @click.command("unpack")

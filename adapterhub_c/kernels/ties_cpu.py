@@ -15,6 +15,8 @@ tests compare the two.
   ``np.partition`` of the whole row, 10x ``torch.kthvalue``.
 - :func:`ties_merge`: sign election and disjoint merge of the entries kept by the
   per-row thresholds, in two passes per input (vote, then merge) that LLVM vectorises.
+- :func:`drop_excess_ties`: the mergekit convention keeps exactly k entries at a
+  magnitude tie; one counting pass per input finds the (rare) inputs that need a cut.
 
 The numba functions compile on first use (about a second) and are cached on disk
 (``cache=True``), so later processes load them at once.
@@ -119,21 +121,61 @@ def _ties_merge(D, thr, w, mergekit, frequency, one, out, vote, div):  # pragma:
         out[j] = out[j] / (d if d != zero else one)
 
 
-def trim_thresholds(tau: torch.Tensor, density: float) -> torch.Tensor:
+def _trim_count(density: float, numel: int, convention: str) -> int:
+    # the rule of ``trim_count`` in the torch rules, restated so the kernels import no merge code
+    k = int(density * numel)
+    return max(1, k) if convention == "mergekit" and numel else k
+
+
+def trim_thresholds(tau: torch.Tensor, density: float, convention: str = "peft") -> torch.Tensor:
     """Per input of τ [N, *shape] (CPU) the TIES trim threshold: keep |τ_i| ≥ it.
 
-    k = int(density·numel) as in PEFT and mergekit; the threshold is the k-th largest
-    magnitude (entries tied with it are all kept, like ``trim_magnitude``); k = numel keeps
-    every non-zero entry (0), k = 0 keeps none (inf)."""
+    k = int(density·numel) as in PEFT, at least 1 under mergekit (``trim_count`` of the
+    torch rules); the threshold is the k-th largest magnitude (entries tied with it are
+    all kept, like ``trim_magnitude``; :func:`drop_excess_ties` then cuts them to k for
+    mergekit); k = numel keeps every non-zero entry (0), k = 0 keeps none (inf)."""
     n = tau.shape[0]
     flat = tau.detach().reshape(n, -1)
     numel = flat.shape[1]
-    k = int(density * numel)
+    k = _trim_count(density, numel, convention)
     if k >= numel:
         return torch.zeros(n, dtype=tau.dtype)
     if k == 0:
         return torch.full((n,), math.inf, dtype=tau.dtype)
     return kth_largest_abs(flat, k)
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_at_least(x, t):  # pragma: no cover - compiled
+    c = 0
+    for j in range(x.size):
+        c += abs(x[j]) >= t
+    return c
+
+
+def drop_excess_ties(tau: torch.Tensor, thresholds: torch.Tensor, density: float) -> torch.Tensor:
+    """τ [N, *shape] (CPU) trimmed to exactly k = max(1, int(density·numel)) entries per input.
+
+    ``thresholds`` are :func:`trim_thresholds` under the mergekit convention. Where more
+    than k entries of input i reach ``thresholds[i]`` (ties at it), the tied entries past
+    the first ones in flat index order are zeroed, in a copy: the mergekit convention of
+    ``trim_magnitude``. Returns ``tau`` itself when no input has excess ties, which costs
+    one compiled counting pass per input.
+    """
+    n = tau.shape[0]
+    xn = tau.detach().reshape(n, -1).contiguous().numpy()
+    k = _trim_count(density, xn.shape[1], "mergekit")
+    out = None
+    for i, t in enumerate(thresholds.tolist()):
+        if not 0 < t < math.inf:  # 0 keeps the non-zeros only, inf nothing: no ties to cut
+            continue
+        t = xn.dtype.type(t)
+        extra = _count_at_least(xn[i], t) - k
+        if extra > 0:
+            if out is None:
+                out = xn.copy()
+            out[i, np.flatnonzero(np.abs(xn[i]) == t)[-extra:]] = 0
+    return tau if out is None else torch.from_numpy(out).view(tau.shape)
 
 
 def ties_merge(tau: torch.Tensor, thresholds: torch.Tensor, weights: torch.Tensor, majority: str = "total",

@@ -36,7 +36,8 @@ class MergeResult:
 def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmetic", *,
                    weights: Sequence[float] | None = None, space: str = "delta", rank: int | None = None,
                    density: float | None = None, majority: str = "total", convention: str = "peft",
-                   seed: int = 0, svd: str = "randomized", names: Sequence[str] | None = None,
+                   seed: int = 0, svd: str = "randomized", rescale: str | None = None,
+                   names: Sequence[str] | None = None,
                    digests: Sequence[str | None] | None = None, progress: Progress | None = None,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, elections: dict | None = None) -> MergeResult:
     """Merge N LoRA adapters of one base into one LoRA adapter.
@@ -48,7 +49,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     density: fraction kept by TIES/DARE, in (0, 1]; majority: ``total`` | ``frequency``;
     convention: ``peft`` | ``mergekit`` (see :mod:`adapterhub_c.merging.spec`); seed: DARE;
     svd: ``randomized`` | ``exact``, how delta-space results are truncated to ``rank``
-    (see :mod:`adapterhub_c.merging.lowrank`).
+    (see :mod:`adapterhub_c.merging.lowrank`); rescale: DARE's ``l1`` | ``inverse-p``
+    (default by convention, see :mod:`adapterhub_c.merging.spec`).
     names/digests: how the inputs are named in the YAML config. Runs on the device of
     the inputs, in float32 (float64 if an input is), and stores the result in the
     first input's dtype. Modules adapted by only some inputs count as ΔW = 0 elsewhere.
@@ -59,7 +61,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     adapters = list(adapters)
     names = input_names(adapters, names)
     spec = make_spec(len(adapters), method=method, weights=weights, space=space, rank=rank,
-                     density=density, majority=majority, convention=convention, seed=seed, svd=svd)
+                     density=density, majority=majority, convention=convention, seed=seed, svd=svd,
+                     rescale=rescale)
     check_inputs(adapters, names)
     modules = module_inputs(adapters, names)
     device, dtype, out_dtype = input_device(adapters), compute_dtype(adapters), output_dtype(adapters)

@@ -115,22 +115,25 @@ def _batched_chunk(chunk: list[ModuleInputs], spec: MergeSpec, weights: torch.Te
     keep = None
     if spec.uses_dare:
         keep = dare_keep_mask(n, out_f, in_f, spec.density, [module_seed(spec.seed, m.name) for m in chunk], device)
-    return merge_dense(delta, weights, spec.method, spec.density, spec.majority, spec.convention, keep)
+    return merge_dense(delta, weights, spec.method, spec.density, spec.majority, spec.convention, keep,
+                       rescale=spec.rescale)
 
 
 def _fused_module(m: ModuleInputs, spec: MergeSpec, weights: torch.Tensor, device, dtype) -> torch.Tensor:
     """TIES / DARE-TIES of one module on CPU with the numba kernels: merged ΔW [out, in]."""
-    from adapterhub_c.kernels.ties_cpu import ties_merge, trim_thresholds
+    from adapterhub_c.kernels.ties_cpu import drop_excess_ties, ties_merge, trim_thresholds
 
     r = max(m.ranks)
     tau = _scaled_B(m, r, device, dtype) @ stack_padded(m.layers, "A", r, m.in_features, dtype, device)
     if spec.uses_dare:  # DARE-TIES: drop and rescale, then elect among every non-zero entry
         keep = dare_keep_mask(len(m.layers), m.out_features, m.in_features, spec.density,
                               [module_seed(spec.seed, m.name)], device)[:, 0]
-        tau = dare(tau, keep, spec.density)
+        tau = dare(tau, keep, spec.density, spec.rescale)
         thresholds = torch.zeros(tau.shape[0], dtype=dtype)
     else:
-        thresholds = trim_thresholds(tau, spec.density)
+        thresholds = trim_thresholds(tau, spec.density, spec.convention)
+        if spec.convention == "mergekit":  # exactly k entries at a magnitude tie
+            tau = drop_excess_ties(tau, thresholds, spec.density)
     return ties_merge(tau, thresholds, weights, spec.majority, spec.convention)
 
 

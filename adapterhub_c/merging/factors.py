@@ -75,8 +75,10 @@ def merge_factors(modules: list[ModuleInputs], spec: MergeSpec, names: list[str]
         if elections is not None and spec.uses_sign_election:
             el_A = torch.stack([elections[m.name][0] for m in chunk])
             el_B = torch.stack([elections[m.name][1] for m in chunk])
-        A_m = merge_dense(A, w_A, spec.method, spec.density, spec.majority, spec.convention, keep_A, el_A)
-        B_m = merge_dense(B, w_B, spec.method, spec.density, spec.majority, spec.convention, keep_B, el_B)
+        A_m = merge_dense(A, w_A, spec.method, spec.density, spec.majority, spec.convention, keep_A, el_A,
+                          spec.rescale)
+        B_m = merge_dense(B, w_B, spec.method, spec.density, spec.majority, spec.convention, keep_B, el_B,
+                          spec.rescale)
         for i, m in enumerate(chunk):
             out[m.name] = LoraLayer(A=A_m[i].to(out_dtype).contiguous(), B=B_m[i].to(out_dtype).contiguous(),
                                     scale=1.0)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+L1_RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+
 
 def _bcast(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return weights.reshape(weights.shape + (1,) * (like.dim() - weights.dim())).to(like.dtype)
@@ -20,23 +22,46 @@ def weighted_sum(tau: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (tau * _bcast(weights, tau)).sum(0)
 
 
-def trim_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+def trim_count(density: float, numel: int, convention: str = "peft") -> int:
+    """How many entries of a ``numel``-entry matrix the TIES trim keeps.
+
+    k = int(density·numel) as in PEFT; under mergekit (≥ 0.1.5, ``sparsify.magnitude``)
+    at least one entry of a non-empty matrix, max(1, int(density·numel)).
+    """
+    k = int(density * numel)
+    return max(1, k) if convention == "mergekit" and numel else k
+
+
+def _first_k(mag: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask of exactly ``k`` entries per row of ``mag`` [..., n] whose k-th largest is
+    ``thr`` [..., 1]: all above it, then the tied ones in index order."""
+    above = mag > thr
+    tied = mag == thr
+    room = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def trim_magnitude(tau: torch.Tensor, density: float, convention: str = "peft") -> torch.Tensor:
     """Keep the top ``density`` fraction of entries by magnitude in each matrix, zero the rest.
 
-    k = int(density·entries) as in PEFT and mergekit. The threshold is the k-th largest
-    magnitude (``kthvalue``, O(n), faster than ``topk`` on CPU); entries tied with it are
-    all kept, which only matters for exactly equal magnitudes.
+    k as :func:`trim_count` gives. The threshold is the k-th largest magnitude
+    (``kthvalue``, O(n), faster than ``topk`` on CPU). Entries tied with it: the ``peft``
+    convention keeps them all (which only matters for exactly equal magnitudes; PEFT's
+    own ``topk`` keeps k of them); ``mergekit`` keeps exactly k, the tied ones with the
+    lowest flat index first (mergekit keeps the first k of an ``argsort``, whose order
+    among equal values torch leaves unspecified).
     """
     rows, cols = tau.shape[-2:]
     numel = rows * cols
-    k = int(density * numel)
+    k = trim_count(density, numel, convention)
     if k >= numel:
         return tau
     if k == 0:
         return torch.zeros_like(tau)
-    mag = tau.abs()
-    thr = torch.kthvalue(mag.reshape(*tau.shape[:-2], numel), numel - k + 1, dim=-1, keepdim=True).values
-    return torch.where(mag >= thr.unsqueeze(-1), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+    mag = tau.abs().reshape(*tau.shape[:-2], numel)
+    thr = torch.kthvalue(mag, numel - k + 1, dim=-1, keepdim=True).values
+    keep = _first_k(mag, thr, k) if convention == "mergekit" else mag >= thr
+    return torch.where(keep.reshape(tau.shape), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 
 def module_seed(seed: int, module: str, part: str = "") -> int:
@@ -56,9 +81,25 @@ def dare_keep_mask(n: int, rows: int, cols: int, density: float, seeds: Sequence
     return torch.stack(masks, dim=1)
 
 
-def dare(tau: torch.Tensor, keep: torch.Tensor, density: float) -> torch.Tensor:
-    """Drop entries where ``keep`` is False and rescale the kept ones by 1/density."""
-    return torch.where(keep, tau / density, torch.zeros((), dtype=tau.dtype, device=tau.device))
+def dare(tau: torch.Tensor, keep: torch.Tensor, density: float, rescale: str = "inverse-p") -> torch.Tensor:
+    """Drop the entries where ``keep`` is False and rescale the kept ones.
+
+    ``inverse-p``: by 1/density (the DARE paper, PEFT). ``l1``: each matrix of each
+    input by ‖τ‖₁ / ‖keep·τ‖₁, so it keeps its L1 norm (mergekit ≥ 0.1, ``sparsify``
+    with ``rescale_norm: l1``); left unscaled where either norm is below
+    :data:`L1_RESCALE_EPS`, as mergekit does.
+    """
+    zero = torch.zeros((), dtype=tau.dtype, device=tau.device)
+    if rescale == "inverse-p":
+        return torch.where(keep, tau / density, zero)
+    if rescale != "l1":
+        raise ValueError(f"unknown DARE rescale {rescale!r}")
+    masked = torch.where(keep, tau, zero)
+    before = tau.abs().sum((-2, -1), keepdim=True)
+    after = masked.abs().sum((-2, -1), keepdim=True)
+    scaled = (before >= L1_RESCALE_EPS) & (after >= L1_RESCALE_EPS)
+    # where() picks 1 wherever after is 0, so the inf/NaN of before/after never shows
+    return masked * torch.where(scaled, before / after, torch.ones((), dtype=tau.dtype, device=tau.device))
 
 
 def elected_signs(tau: torch.Tensor, weights: torch.Tensor, majority: str = "total",
@@ -101,19 +142,20 @@ def elect_and_merge(tau: torch.Tensor, weights: torch.Tensor, majority: str = "t
 
 def merge_dense(tau: torch.Tensor, weights: torch.Tensor, method: str, density: float | None,
                 majority: str, convention: str, keep: torch.Tensor | None = None,
-                elected: torch.Tensor | None = None) -> torch.Tensor:
+                elected: torch.Tensor | None = None, rescale: str = "inverse-p") -> torch.Tensor:
     """Apply ``method`` to stacked task vectors τ [N, *batch, rows, cols] → [*batch, rows, cols].
 
-    ``keep`` is the DARE keep mask (required for the dare methods); ``elected`` an
-    already elected TIES sign [*batch, rows, cols] (see :func:`elect_and_merge`).
+    ``keep`` is the DARE keep mask (required for the dare methods) and ``rescale`` how
+    DARE rescales (see :func:`dare`); ``elected`` an already elected TIES sign
+    [*batch, rows, cols] (see :func:`elect_and_merge`).
     """
     if method == "task-arithmetic":
         return weighted_sum(tau, weights)
     if method == "ties":
-        return elect_and_merge(trim_magnitude(tau, density), weights, majority, convention, elected)
+        return elect_and_merge(trim_magnitude(tau, density, convention), weights, majority, convention, elected)
     if keep is None:
         raise ValueError("DARE needs a keep mask")
-    dropped = dare(tau, keep, density)
+    dropped = dare(tau, keep, density, rescale)
     if method == "dare-linear":
         return weighted_sum(dropped, weights)
     if method == "dare-ties":

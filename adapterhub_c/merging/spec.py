@@ -13,6 +13,15 @@ Conventions (the defaults and why):
   ``ties`` with ``normalize: true``; there a common λ cancels out). mergekit's own
   ``dare_ties`` defaults to ``normalize: false``; we always normalise under this
   convention.
+- TIES trim ties: ``peft`` keeps every entry tied with the k-th largest magnitude
+  (k = int(density·n)) and nothing when k = 0; ``mergekit`` keeps exactly k (the tied
+  ones with the lowest index first) and at least one, max(1, int(density·n)), as
+  mergekit 0.1.5's ``sparsify.magnitude`` does.
+- ``rescale`` (DARE only): ``l1`` rescales each input's kept entries by ‖τ‖₁/‖mask·τ‖₁
+  (mergekit ≥ 0.1, its ``sparsify`` with ``rescale_norm: l1``; the default under
+  ``convention="mergekit"``), ``inverse-p`` by 1/density (the DARE paper and PEFT; the
+  default under ``peft``). Configs written before this option (no ``rescale`` key)
+  rescaled by 1/density under either convention and replay so.
 - ``majority``: ``total`` elects the sign of the sum of values (TIES paper, PEFT
   ``total``, mergekit ``sum``); ``frequency`` the sign held by more inputs (PEFT
   ``frequency``, mergekit ``count``). A tie elects ``+``.
@@ -41,6 +50,7 @@ METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
 SPACES = ("delta", "factors")
 MAJORITIES = ("total", "frequency")
 CONVENTIONS = ("peft", "mergekit")
+RESCALES = ("l1", "inverse-p")  # DARE; see merging.rules.dare
 CONFIG_VERSION = 1
 
 
@@ -57,6 +67,7 @@ class MergeSpec:
     convention: str = "peft"
     seed: int = 0
     svd: str = "randomized"
+    rescale: str | None = None  # DARE methods only: "l1" or "inverse-p"
 
     @property
     def uses_sign_election(self) -> bool:
@@ -70,11 +81,13 @@ class MergeSpec:
 def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[float] | None = None,
               space: str = "delta", rank: int | None = None, density: float | None = None,
               majority: str = "total", convention: str = "peft", seed: int | None = 0,
-              svd: str = "randomized") -> MergeSpec:
-    """Check every option against ``n_inputs`` and return the frozen spec (UsageError if bad)."""
-    method = str(method).lower().replace("_", "-")
-    if method == "linear":
-        method = "task-arithmetic"
+              svd: str = "randomized", rescale: str | None = None) -> MergeSpec:
+    """Check every option against ``n_inputs`` and return the frozen spec (UsageError if bad).
+
+    ``rescale`` (DARE only) defaults by ``convention``: ``l1`` for mergekit, ``inverse-p``
+    for peft.
+    """
+    method = _method_name(method)
     _choice("method", method, METHODS)
     _choice("space", space, SPACES)
     _choice("majority", majority, MAJORITIES)
@@ -102,12 +115,30 @@ def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[
         if isinstance(rank, bool) or int(rank) != rank or rank < 1:
             raise UsageError(f"rank must be a positive integer, got {rank!r}")
         rank = int(rank)
+    rescale = _rescale(method, convention, rescale)
     if seed is None:
         seed = 0
     if isinstance(seed, bool) or int(seed) != seed:
         raise UsageError(f"seed must be an integer, got {seed!r}")
     return MergeSpec(method=method, weights=tuple(weights), space=space, rank=rank, density=density,
-                     majority=majority, convention=convention, seed=int(seed), svd=svd)
+                     majority=majority, convention=convention, seed=int(seed), svd=svd, rescale=rescale)
+
+
+def _method_name(method) -> str:
+    method = str(method).lower().replace("_", "-")
+    return "task-arithmetic" if method == "linear" else method
+
+
+def _rescale(method: str, convention: str, rescale: str | None) -> str | None:
+    """The DARE rescale rule: given, or the convention's; None for the other methods."""
+    if method not in ("dare-linear", "dare-ties"):
+        if rescale is not None:
+            raise UsageError(f"rescale applies to dare-linear and dare-ties, not {method}")
+        return None
+    if rescale is None:
+        return "l1" if convention == "mergekit" else "inverse-p"
+    _choice("rescale", rescale, RESCALES)
+    return rescale
 
 
 def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
@@ -142,6 +173,7 @@ def merge_config_yaml(spec: MergeSpec, inputs: Sequence[MergeInputRef | str | di
         "majority": spec.majority if spec.uses_sign_election else None,
         "convention": spec.convention if spec.uses_sign_election else None,
         "seed": spec.seed if spec.uses_dare else None,
+        "rescale": spec.rescale if spec.uses_dare else None,
         "svd": spec.svd if spec.space == "delta" else None,
         "inputs": [],
     }
@@ -173,10 +205,14 @@ def parse_merge_config(text: str) -> tuple[MergeSpec, list[MergeInputRef]]:
     space = doc.get("space", "delta")
     # version-1 configs from before the svd option truncated with the exact routine
     svd = doc.get("svd", "exact" if space == "delta" else "randomized")
-    spec = make_spec(len(refs), method=doc.get("method", "task-arithmetic"), weights=weights,
+    method = doc.get("method", "task-arithmetic")
+    rescale = doc.get("rescale")
+    if rescale is None and _method_name(method) in ("dare-linear", "dare-ties"):
+        rescale = "inverse-p"  # configs from before the rescale option: DARE rescaled by 1/p
+    spec = make_spec(len(refs), method=method, weights=weights,
                      space=space, rank=doc.get("rank"), density=doc.get("density"),
                      majority=doc.get("majority", "total"), convention=doc.get("convention", "peft"),
-                     seed=doc.get("seed", 0), svd=svd)
+                     seed=doc.get("seed", 0), svd=svd, rescale=rescale)
     return spec, refs
 
 

@@ -7,7 +7,9 @@ the reference code (prateeky2806/ComPEFT, ``ties_utils.py``).
 Our choices, where the reference code is loose:
 
 * Exactly ``round(k·n)`` entries are selected (round half up). The reference keeps
-  ``|x| >= kth`` and may keep more on ties. Ties at the threshold are broken by position:
+  ``|x| >= kthvalue(n - int(n·k))``: ``int(n·k) + 1`` entries, more on ties (so at least
+  one entry, and about one more than ours); we keep ours, the count the density names,
+  and say so in ``pack inspect`` (:data:`KEPT_COUNT_RULE`). Ties at the threshold are broken by position:
   the lowest flat index wins, where the flat index runs over the tensors concatenated in
   sorted-name order (``scope="global"``) or over one tensor (``scope="tensor"``).
   A selected entry that is exactly 0 has no sign and stays 0.
@@ -31,13 +33,15 @@ from adapterhub_c.packing.ternary import TernaryTensor, dtype_name
 
 SCOPES = ("global", "tensor")
 METHODS = ("compeft", "stc")
+KEPT_COUNT_RULE = ("round(k·n) entries per top-k group, ties to the lowest index (the ComPEFT reference "
+                   "keeps int(k·n)+1 plus ties)")
 
 
 def check_params(density: float, alpha: float = 1.0, scope: str = "global", method: str = "compeft") -> None:
     """Raise UsageError unless 0 < density <= 1, alpha > 0 and scope/method are known."""
-    if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
+    if isinstance(density, bool) or not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
         raise UsageError(f"density must be in (0, 1], got {density!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise UsageError(f"alpha must be a positive number, got {alpha!r}")
     if scope not in SCOPES:
         raise UsageError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")

@@ -32,6 +32,10 @@ import numpy as np
 from adapterhub_c.errors import IntegrityError, UsageError
 
 ENCODINGS = ("golomb", "bitmask")
+# Decoder bounds: the writer's m is about ln2/density (at most ~numel); with m <= 2^32,
+# nnz·m < 2^62 and numel < 2^62 no int64 step of the golomb index arithmetic can wrap.
+MAX_GOLOMB_PARAM = 1 << 32
+_INT_SAFE = 1 << 62
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,14 +95,22 @@ def encode(indices: np.ndarray, negative: np.ndarray, numel: int, encoding: str 
 
 
 def decode(enc: EncodedSigns) -> tuple[np.ndarray, np.ndarray]:
-    """Back to (indices int64, negative bool); IntegrityError on inconsistent streams."""
-    if enc.numel < 0 or not 0 <= enc.nnz <= enc.numel:
+    """Back to (indices int64, negative bool); IntegrityError on inconsistent streams.
+
+    The indices are checked strictly increasing and within [0, numel), whatever the
+    streams say.
+    """
+    if not 0 <= enc.nnz <= enc.numel < _INT_SAFE:
         raise IntegrityError(f"bad counts: numel={enc.numel}, nnz={enc.nnz}")
     if enc.encoding == "golomb":
-        return _golomb_decode(enc)
-    if enc.encoding == "bitmask":
-        return _bitmask_decode(enc)
-    raise IntegrityError(f"unknown encoding {enc.encoding!r}")
+        indices, negative = _golomb_decode(enc)
+    elif enc.encoding == "bitmask":
+        indices, negative = _bitmask_decode(enc)
+    else:
+        raise IntegrityError(f"unknown encoding {enc.encoding!r}")
+    if indices.size and (indices[0] < 0 or indices[-1] >= enc.numel or not (np.diff(indices) > 0).all()):
+        raise IntegrityError("decoded positions are not strictly increasing within the tensor")
+    return indices, negative
 
 
 # ---- golomb -------------------------------------------------------------------------
@@ -143,8 +155,12 @@ def _prefix_values(seg: np.ndarray, nnz: int, w: int) -> np.ndarray:
 def _golomb_decode(enc: EncodedSigns) -> tuple[np.ndarray, np.ndarray]:
     nnz, m, ub = enc.nnz, enc.param, enc.unary_bits
     data = enc.data.get("bits")
-    if data is None or data.dtype != np.uint8 or data.ndim != 1 or m < 1 or ub < nnz:
+    if data is None or data.dtype != np.uint8 or data.ndim != 1 or ub < nnz:
         raise IntegrityError("golomb stream: bad header or missing data")
+    if not 1 <= m <= MAX_GOLOMB_PARAM or nnz * m >= _INT_SAFE:
+        raise IntegrityError(f"golomb parameter {m} is out of range for {nnz} non-zeros")
+    if (ub - nnz) * m + nnz > enc.numel:  # the quotients alone already pass the end
+        raise IntegrityError("golomb stream decodes past the end of the tensor")
     w, u = _widths(m)
     if m == 1:
         w = 0
@@ -209,6 +225,8 @@ def _bitmask_encode(indices, negative, numel) -> EncodedSigns:
 
 def _bitmask_decode(enc: EncodedSigns) -> tuple[np.ndarray, np.ndarray]:
     pos_w, neg_w = enc.data.get("pos"), enc.data.get("neg")
+    if enc.param or enc.unary_bits:
+        raise IntegrityError("bitmask entry with golomb fields")
     nw = n_words(enc.numel)
     for plane in (pos_w, neg_w):
         if plane is None or plane.dtype.kind not in "iu" or plane.itemsize != 4 or plane.shape != (nw,):

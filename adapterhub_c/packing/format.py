@@ -48,10 +48,10 @@ from safetensors.torch import save as st_save
 from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes
-from adapterhub_c.packing.compeft import check_params, compress_tensors
+from adapterhub_c.packing.compeft import KEPT_COUNT_RULE, METHODS, SCOPES, check_params, compress_tensors, keep_count
 from adapterhub_c.packing.digest import tensors_digest
 from adapterhub_c.packing.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
-from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name
+from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name, scale_fits
 
 FORMAT_VERSION = "1"
 KIND = "adapterhub_c.pack"
@@ -99,7 +99,13 @@ def build_pack(tensors: Mapping[str, torch.Tensor], *, density: float, base: str
     raw = {k: v.detach().cpu().contiguous() for k, v in (raw or {}).items()}
     if set(raw) & set(tensors):
         raise UsageError(f"tensors both packed and raw: {sorted(set(raw) & set(tensors))}")
+    for name, t in raw.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsageError(f"raw tensor {name!r} has NaN or infinite values")
     ternary = compress_tensors(tensors, density, alpha=alpha, scope=scope, method=method)
+    for name, t in ternary.items():
+        if not scale_fits(t.scale, t.dtype):
+            raise UsageError(f"the magnitude {t.scale:g} of {name!r} does not fit {t.dtype}; use a smaller alpha")
     encoded = {n: encode(t.indices, t.negative, t.numel, encoding) for n, t in ternary.items()}
     return Pack(ternary, encoded, raw, float(density), float(alpha), scope, method, encoding,
                 base, str(source_digest), dict(adapter_config or {}))
@@ -174,7 +180,7 @@ def write_pack(pack: Pack, path: str | Path) -> str:
 
 
 # ---- reading --------------------------------------------------------------------------
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -188,49 +194,210 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     stored = meta.get("pack_digest")
     if not stored or tensors_digest(tensors, {k: v for k, v in meta.items() if k != "pack_digest"}) != stored:
         raise IntegrityError(f"{path}: pack digest mismatch (the file is corrupt)")
-    return tensors, meta
+    return tensors, meta, len(data)
 
 
-def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Pack:
-    info = json.loads(meta["tensors"])
-    encoding = meta["encoding"]
-    streams = {st: tensors[st].numpy() for st in _STREAMS[encoding]}
-    index = tensors["index"].tolist()
-    scales = tensors["scales"].tolist()
-    if len(index) != len(info) or len(scales) != len(info):
-        raise IntegrityError(f"{path}: index and tensor list disagree")
-    ternary, encoded = {}, {}
-    for (name, shape, dtype, scale), row, stored_scale in zip(info, index, scales, strict=False):
-        numel, nnz, param, unary_bits, offset, length = row
-        shape = tuple(int(x) for x in shape)
-        if numel != math.prod(shape) or scale != stored_scale or offset < 0 or length < 0:
-            raise IntegrityError(f"{path}: inconsistent index entry for {name!r}")
-        data = {st: arr[offset:offset + length] for st, arr in streams.items()}
-        if any(d.size != length for d in data.values()):
-            raise IntegrityError(f"{path}: data of {name!r} runs past the end")
-        enc = EncodedSigns(encoding, numel, nnz, param, unary_bits, data)
-        idx, neg = decode(enc)
+# The pack digest only catches accidents: anyone can recompute it. So the reader trusts
+# no header field: each is checked against its type and range, and what decoding
+# allocates is bounded by the bytes in the file (issue 20).
+#
+# Claimed elements (what unpacking allocates, ~9 bytes each): an honest payload takes at
+# least density·numel bits (golomb: about density·numel·(log2(1/density) + 1.5) bits,
+# bitmask: 2·numel), so 8·file_bytes/density bounds honest packs 2-10x above their size;
+# NUMEL_SLACK leaves room for sources with many exact zeros (never stored),
+# MIN_NUMEL_ALLOWANCE for tiny packs, and MAX_PACK_NUMEL (beyond any LoRA we pack)
+# caps a pack whose claimed density is tiny.
+NUMEL_SLACK = 4
+MIN_NUMEL_ALLOWANCE = 1 << 24
+MAX_PACK_NUMEL = 1 << 32
+_TENSOR_KEYS = {"index": (torch.int64, 2), "scales": (torch.float32, 1), "bits": (torch.uint8, 1),
+                "pos": (torch.int32, 1), "neg": (torch.int32, 1)}
+
+
+def numel_cap(file_bytes: int, density: float) -> int:
+    """The most packed elements a pack file of ``file_bytes`` at ``density`` may claim."""
+    relative = NUMEL_SLACK * 8 * file_bytes / density
+    return int(min(MAX_PACK_NUMEL, max(MIN_NUMEL_ALLOWANCE, relative)))
+
+
+def _json(meta: dict[str, str], key: str, kind: type):
+    try:
+        value = json.loads(meta[key])
+    except KeyError:
+        raise IntegrityError(f"metadata {key!r} is missing") from None
+    except (TypeError, ValueError):
+        raise IntegrityError(f"metadata {key!r} is not JSON") from None
+    if not isinstance(value, kind):
+        raise IntegrityError(f"metadata {key!r} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _number(meta: dict[str, str], key: str) -> float:
+    try:
+        return float(meta[key])
+    except KeyError:
+        raise IntegrityError(f"metadata {key!r} is missing") from None
+    except (TypeError, ValueError):
+        raise IntegrityError(f"metadata {key!r} is not a number: {meta[key]!r}") from None
+
+
+def _text(meta: dict[str, str], key: str, allowed: tuple[str, ...] | None = None) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str) or (allowed is not None and value not in allowed):
+        choices = f" (one of {', '.join(allowed)})" if allowed else ""
+        raise IntegrityError(f"metadata {key!r} is {value!r}{choices}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Header:
+    density: float
+    alpha: float
+    scope: str
+    method: str
+    encoding: str
+    base: str
+    source_digest: str
+    adapter_config: dict
+    recovery_config: dict | None
+
+
+def _header(meta: dict[str, str]) -> _Header:
+    """The pack parameters of the metadata, each checked as :func:`.compeft.check_params` would."""
+    density, alpha = _number(meta, "density"), _number(meta, "alpha")
+    if not 0.0 < density <= 1.0:  # NaN fails too
+        raise IntegrityError(f"density must be in (0, 1], got {density!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise IntegrityError(f"alpha must be a finite positive number, got {alpha!r}")
+    recovery = _json(meta, "recovery_config", dict) if "recovery_config" in meta else None
+    return _Header(density, alpha, _text(meta, "scope", SCOPES), _text(meta, "method", METHODS),
+                   _text(meta, "encoding", ENCODINGS), _text(meta, "base"), _text(meta, "source_digest"),
+                   _json(meta, "adapter_config", dict), recovery)
+
+
+def _shape(name: str, shape) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+        raise IntegrityError(f"shape of {name!r} must be a list of non-negative integers, got {shape!r}")
+    if math.prod(shape) > MAX_PACK_NUMEL:
+        raise IntegrityError(f"shape {shape} of {name!r} has more than {MAX_PACK_NUMEL} elements")
+    return tuple(shape)
+
+
+def _tensor_list(meta: dict[str, str]) -> list[tuple[str, tuple[int, ...], str, float]]:
+    """The ``tensors`` metadata: [name, shape, dtype, scale] rows, names unique and sorted."""
+    rows = []
+    for entry in _json(meta, "tensors", list):
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise IntegrityError(f"tensor entry must be [name, shape, dtype, scale], got {entry!r}")
+        name, shape, dtype, scale = entry
+        if not isinstance(name, str) or not name:
+            raise IntegrityError(f"tensor name must be a non-empty string, got {name!r}")
+        if not isinstance(dtype, str):
+            raise IntegrityError(f"dtype of {name!r} must be a string, got {dtype!r}")
         dtype_from_name(dtype)
-        ternary[name] = TernaryTensor(idx, neg, float(scale), shape, dtype)
+        if type(scale) not in (int, float) or not scale_fits(scale, dtype):
+            raise IntegrityError(f"scale of {name!r} must be finite, >= 0 and fit {dtype}, got {scale!r}")
+        rows.append((name, _shape(name, shape), dtype, float(scale)))
+    names = [r[0] for r in rows]
+    if names != sorted(set(names)):
+        raise IntegrityError("tensor names are not unique and sorted")
+    return rows
+
+
+def _raw_names(meta: dict[str, str], packed: list[str]) -> list[str]:
+    names = _json(meta, "raw", list)
+    if not all(isinstance(n, str) and n for n in names) or names != sorted(set(names)):
+        raise IntegrityError("raw tensor names must be unique, sorted, non-empty strings")
+    if set(names) & set(packed):
+        raise IntegrityError("a tensor is both packed and raw")
+    return names
+
+
+def _check_tensor_keys(tensors: dict[str, torch.Tensor], encoding: str, raw: list[str]) -> None:
+    """Exactly the tables, the streams of ``encoding`` and the raw tensors, with their dtypes."""
+    expected = {"index", "scales", *_STREAMS[encoding], *(f"raw::{n}" for n in raw)}
+    if set(tensors) != expected:
+        diff = sorted(set(tensors) ^ expected)
+        raise IntegrityError(f"unexpected or missing tensors: {diff[:5]}")
+    for key, (dtype, ndim) in _TENSOR_KEYS.items():
+        if key in tensors and (tensors[key].dtype != dtype or tensors[key].dim() != ndim):
+            raise IntegrityError(f"tensor {key!r} must be {ndim}-d {dtype}, got {tensors[key].dtype} "
+                                 f"{list(tensors[key].shape)}")
+    for name in raw:
+        t = tensors[f"raw::{name}"]
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise IntegrityError(f"raw tensor {name!r} has NaN or infinite values")
+
+
+def _index_rows(tensors: dict[str, torch.Tensor], rows, streams: dict[str, np.ndarray]) -> list[list[int]]:
+    """The ``index`` table, checked against the tensor list and laid back to back on the streams."""
+    index, scales = tensors["index"], tensors["scales"]
+    if index.shape != (len(rows), 6) or scales.shape != (len(rows),):
+        raise IntegrityError("index and tensor list disagree")
+    table, offset = index.tolist(), 0
+    stream_size = next(iter(streams.values())).size
+    for (name, shape, _, scale), row, stored_scale in zip(rows, table, scales.tolist(), strict=True):
+        numel, nnz, _, _, start, length = row
+        if numel != math.prod(shape) or not 0 <= nnz <= numel or scale != stored_scale:
+            raise IntegrityError(f"inconsistent index entry for {name!r}")
+        if start != offset or length < 0 or start + length > stream_size:
+            raise IntegrityError(f"data of {name!r} overlaps another tensor's or runs past the end")
+        offset += length
+    if offset != stream_size or any(a.size != stream_size for a in streams.values()):
+        raise IntegrityError("the streams hold data that no tensor owns")
+    return table
+
+
+def _check_claims(rows, table, header: _Header, file_bytes: int) -> None:
+    """The claimed sizes against the file's size and the density (see :func:`numel_cap`)."""
+    total = sum(row[0] for row in table)
+    cap = numel_cap(file_bytes, header.density)
+    if total > cap:
+        raise IntegrityError(f"claims {total} packed elements; a {file_bytes}-byte pack at density "
+                             f"{header.density:g} holds at most {cap}")
+    # the writer keeps at most keep_count entries of each top-k group (fewer where they are 0)
+    groups = [table] if header.scope == "global" else [[row] for row in table]
+    for group in groups:
+        numel, nnz = sum(r[0] for r in group), sum(r[1] for r in group)
+        if nnz > keep_count(header.density, numel):
+            raise IntegrityError(f"{nnz} non-zeros of {numel} entries exceed density {header.density:g}")
+
+
+def _parse(tensors: dict[str, torch.Tensor], meta: dict[str, str], file_bytes: int) -> Pack:
+    header = _header(meta)
+    rows = _tensor_list(meta)
+    raw_names = _raw_names(meta, [r[0] for r in rows])
+    _check_tensor_keys(tensors, header.encoding, raw_names)
+    streams = {st: tensors[st].numpy() for st in _STREAMS[header.encoding]}
+    table = _index_rows(tensors, rows, streams)
+    _check_claims(rows, table, header, file_bytes)
+    ternary, encoded = {}, {}
+    for (name, shape, dtype, scale), row in zip(rows, table, strict=True):
+        numel, nnz, param, unary_bits, offset, length = row
+        data = {st: arr[offset:offset + length] for st, arr in streams.items()}
+        enc = EncodedSigns(header.encoding, numel, nnz, param, unary_bits, data)
+        idx, neg = decode(enc)
+        ternary[name] = TernaryTensor(idx, neg, scale, shape, dtype)
         encoded[name] = enc
-    raw = {name: tensors[f"raw::{name}"] for name in json.loads(meta["raw"])}
-    recovery = json.loads(meta["recovery_config"]) if "recovery_config" in meta else None
-    pack = Pack(ternary, encoded, raw, float(meta["density"]), float(meta["alpha"]), meta["scope"],
-                meta["method"], encoding, meta["base"], meta["source_digest"],
-                json.loads(meta["adapter_config"]), meta["pack_digest"], recovery)
-    if pack.has_recovery and recovery is None:
-        raise IntegrityError(f"{path}: recovery tensors without a recovery config")
+    raw = {name: tensors[f"raw::{name}"] for name in raw_names}
+    pack = Pack(ternary, encoded, raw, header.density, header.alpha, header.scope, header.method,
+                header.encoding, header.base, header.source_digest, header.adapter_config,
+                meta["pack_digest"], header.recovery_config)
+    if pack.has_recovery and header.recovery_config is None:
+        raise IntegrityError("recovery tensors without a recovery config")
     return pack
 
 
 def read_pack(path: str | Path, expected_base: str | None = None) -> Pack:
     """Read and verify a pack file.
 
-    IntegrityError: unreadable, truncated, or digest mismatch (any flipped byte).
+    IntegrityError: unreadable, truncated, digest mismatch (any flipped byte), or a
+    header or stream that the writer cannot have produced (a digest anyone can recompute
+    proves nothing against a deliberate writer: every field is checked).
     UsageError: an unknown ``format_version``, or ``expected_base`` given and different.
     """
     path = Path(path)
-    tensors, meta = _load(path)
+    tensors, meta, file_bytes = _load(path)
     version = meta.get("format_version")
     if version != FORMAT_VERSION or meta.get("kind") != KIND:
         raise UsageError(f"{path}: pack format version {version!r} is not supported "
@@ -238,10 +405,9 @@ def read_pack(path: str | Path, expected_base: str | None = None) -> Pack:
     if expected_base is not None and meta.get("base") != expected_base:
         raise UsageError(f"{path}: pack was made for base {meta.get('base')!r}, not {expected_base!r}")
     try:
-        return _parse(path, tensors, meta)
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-        # the digest matched, so the writer produced this: still not a pack we can read
-        raise IntegrityError(f"{path}: malformed pack content ({e!r})") from None
+        return _parse(tensors, meta, file_bytes)
+    except IntegrityError as e:
+        raise IntegrityError(f"{path}: {e}") from None
 
 
 def unpack_to_adapter(pack: Pack) -> LoraAdapter:
@@ -287,7 +453,7 @@ def pack_stats(pack: Pack) -> dict:
     raw_bytes = sum(t.numel() * t.element_size() for t in pack.raw.values())
     return {
         "encoding": pack.encoding, "method": pack.method, "scope": pack.scope,
-        "density": pack.density, "alpha": pack.alpha, "base": pack.base,
+        "density": pack.density, "kept_count": KEPT_COUNT_RULE, "alpha": pack.alpha, "base": pack.base,
         "source_digest": pack.source_digest, "pack_digest": pack.pack_digest,
         "tensors": rows, "raw_tensors": sorted(pack.raw), "raw_bytes": raw_bytes,
         "totals": {

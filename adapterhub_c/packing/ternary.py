@@ -32,6 +32,15 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise IntegrityError(f"unknown tensor dtype {name!r}") from None
 
 
+def scale_fits(scale: float, dtype: str) -> bool:
+    """Whether a magnitude is finite, not negative, and stays finite as float32 and then in
+    ``dtype``: what :meth:`TernaryTensor.to_dense` computes with it."""
+    if not (math.isfinite(scale) and scale >= 0):
+        return False
+    value = torch.tensor(scale, dtype=torch.float64).to(torch.float32).to(dtype_from_name(dtype))
+    return bool(torch.isfinite(value))
+
+
 @dataclass(frozen=True, eq=False)
 class TernaryTensor:
     """``scale · T`` with T ternary; see the module docstring for the fields."""

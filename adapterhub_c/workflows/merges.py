@@ -11,7 +11,8 @@ tensor with ``scope=tensor``). In factor space, TIES on such tensors is:
 
 - trim: a no-op, as long as ``int(density·numel) >= 1`` for every factor matrix (every
   non-zero has the same magnitude, so the k-th largest is c or 0 and ``|x| >= kth``
-  keeps all non-zeros);
+  keeps all non-zeros); under the mergekit convention, which keeps exactly k entries at
+  a tie, also as long as k is at least every input's non-zero count;
 - elect: the vote of input i at an entry is ``v_i · T_i`` (``v_i = c_i`` under the peft
   convention, ``c_i·w_i`` under mergekit's). With ``majority=frequency`` the dense vote
   is the integer Σ sign(v_i)·T_i: exactly what ``kernels.elect_signs`` counts on the bit
@@ -87,6 +88,7 @@ class PackPlanes:
     shape: tuple[int, ...]
     scale: float
     dtype: torch.dtype    # dtype of the decoded tensor (the source adapter's)
+    nnz: int              # non-zero entries
 
 
 @dataclass
@@ -183,7 +185,7 @@ def load_pack_input(path: Path, device: torch.device) -> tuple[LoraAdapter, dict
         else:
             dense = bitmask_decode(pos, neg, t.numel, t.scale, dtype).reshape(t.shape)
         tensors[name] = dense
-        planes[name] = PackPlanes(pos, neg, t.numel, tuple(t.shape), float(t.scale), dtype)
+        planes[name] = PackPlanes(pos, neg, t.numel, tuple(t.shape), float(t.scale), dtype, t.nnz)
     tensors.update({k: v.to(device) for k, v in pack.raw.items()})
     return LoraAdapter(config=config, tensors=tensors), planes
 
@@ -248,6 +250,11 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
             numel = int(np.prod(shape))
             if spec.density is not None and int(spec.density * numel) < 1:
                 return Election("dense", f"density {spec.density} keeps no entry of {key}")
+            if spec.convention == "mergekit" and any(p is not None and p.nnz > int(spec.density * numel)
+                                                     for p in planes):
+                # every non-zero is tied at c, and mergekit's trim keeps only k of them
+                return Election("dense", f"density {spec.density} keeps fewer entries of {key} than a pack "
+                                         f"holds, and the mergekit trim cuts ties")
             pos, neg, mags = [], [], []
             for p, wi in zip(planes, w.tolist(), strict=False):
                 if p is None:
@@ -318,7 +325,8 @@ def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = 
     refs = _yaml_refs(inputs)
     result = merge_adapters([x.adapter for x in inputs], spec.method, weights=spec.weights, space=spec.space,
                             rank=spec.rank, density=spec.density, majority=spec.majority,
-                            convention=spec.convention, seed=spec.seed, svd=spec.svd, names=[r.name for r in refs],
+                            convention=spec.convention, seed=spec.seed, svd=spec.svd, rescale=spec.rescale,
+                            names=[r.name for r in refs],
                             digests=[r.digest for r in refs], progress=progress, elections=el.signs)
     result.config_yaml = merge_config_yaml(result.spec, refs)
     return result, el
@@ -326,7 +334,8 @@ def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = 
 
 def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=None, density: float | None = None,
                     majority: str = "total", space: str = "delta", rank: int | None = None, seed: int = 0,
-                    convention: str = "peft", svd: str = "randomized", name: str | None = None,
+                    convention: str = "peft", svd: str = "randomized", rescale: str | None = None,
+                    name: str | None = None,
                     device: str | None = None, election: str = "auto",
                     progress: Progress | None = None) -> tuple[Artifact, dict]:
     """Merge registered adapters into a new ``merged`` artefact; returns (artefact, report).
@@ -341,7 +350,8 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     """
     arts, base, variant = resolve_inputs(reg, refs)
     spec = make_spec(len(arts), method=method, weights=_parse_weights(weights), space=space, rank=rank,
-                     density=density, majority=majority, convention=convention, seed=seed, svd=svd)
+                     density=density, majority=majority, convention=convention, seed=seed, svd=svd,
+                     rescale=rescale)
     if election not in ELECTIONS:
         raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
     _check_name(reg, name)
@@ -388,7 +398,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
                   "inputs": inputs_info, "density": spec.density,
                   "majority": spec.majority if spec.uses_sign_election else None,
                   "convention": spec.convention if spec.uses_sign_election else None,
-                  "election": el.method, "election_reason": el.reason, "ranks": ranks,
+                  "rescale": spec.rescale, "election": el.method, "election_reason": el.reason, "ranks": ranks,
                   "parameters": metrics["parameters"], "size_bytes": art.size_bytes, "device": str(dev),
                   "read_seconds": read_s, "merge_seconds": result.seconds, "run_id": run.id}
         run.output = report
