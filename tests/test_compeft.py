@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.pack import compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
+from adapterhub_c.pack import compress_tensors, decode_tensors, kept_at_density, prune_tensors, topk_indices
 
 
 def _tensors(seed=0):
@@ -43,7 +43,7 @@ def test_tensor_scope_per_tensor_count_and_std():
     out = compress_tensors(ts, 0.2, alpha=2.0, scope="tensor")
     for name, t in out.items():
         src = ts[name].double()
-        assert t.nnz == keep_count(0.2, src.numel())
+        assert t.nnz == kept_at_density(src.numel(), density=0.2)
         assert t.scale == float(np.float32(2.0 * src.std().item()))
 
 
@@ -67,7 +67,7 @@ def test_stc_scale_is_mean_abs_of_kept():
     ts = _tensors(2)
     out = compress_tensors(ts, 0.1, alpha=7.0, method="stc")
     flat = torch.cat([ts[n].double().reshape(-1) for n in sorted(ts)])
-    top = flat.abs().sort(descending=True).values[: keep_count(0.1, flat.numel())]
+    top = flat.abs().sort(descending=True).values[: kept_at_density(flat.numel(), density=0.1)]
     assert all(t.scale == float(np.float32(top.mean().item())) for t in out.values())
 
 

@@ -10,13 +10,21 @@ import torch
 from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
+from adapterhub_c.errors import IntegrityError
 from adapterhub_c.merge import merge_adapters
 from adapterhub_c.merge.rules import elected_signs
 from adapterhub_c.merge.spec import make_spec
 from adapterhub_c.pack.format import pack_adapter, unpack_to_adapter, write_pack
 from adapterhub_c.registry.artifacts import register_artifact
 from adapterhub_c.registry.models import Artifact, Run
-from adapterhub_c.workflows.merges import MERGE_CONFIG_FILE, load_inputs, popcount_elections, replay_merge, run_merge
+from adapterhub_c.workflows.merges import (
+    MERGE_CONFIG_FILE,
+    load_inputs,
+    merge_artifacts,
+    popcount_elections,
+    replay_merge,
+    run_merge,
+)
 
 BASE = "builtin:tiny-llama"
 SHAPES = {  # module -> (out, in) in the tiny Llama
@@ -270,6 +278,24 @@ def test_popcount_refused_where_not_exact(cli, reg, tiny_base, tmp_path):
     r = cli("merge", "r0", "r1", "--method", "ties", "--space", "factors", "--density", "0.5",
             "--majority", "frequency", "--device", "cpu", "--json")
     assert r.code == 0 and r.json()["election"] == "popcount"
+
+
+def test_pack_whose_source_digest_differs_from_the_registry_is_refused(cli, reg, tiny_base, tmp_path):
+    """Merge reads packs by the verified route: the file's source digest must be the row's."""
+    register_pack(reg, tiny_base, "good", make_lora(70), tmp_path)
+    for name, recorded in (("same", "test"), ("swapped", "another-source")):
+        folder = tmp_path / f"src-{name}"
+        folder.mkdir()
+        write_pack(pack_adapter(make_lora(71), density=0.3, base=BASE, source_digest="test"), folder / PACK_FILE)
+        register_artifact(reg, kind="pack", name=name, base_id=tiny_base.id, folder=folder,
+                          config={"source_digest": recorded})
+    with pytest.raises(IntegrityError, match="source digest"):
+        merge_artifacts(reg, ["good", "swapped"], method="task-arithmetic", device="cpu")
+    r = cli("merge", "good", "swapped", "--method", "task-arithmetic", "--device", "cpu")
+    assert r.code == 1 and "source digest" in r.err, r.err
+    assert count(reg, "merged") == 0
+    art, _ = merge_artifacts(reg, ["good", "same"], method="task-arithmetic", device="cpu")  # the digests agree
+    assert art.kind == "merged" and count(reg, "merged") == 1
 
 
 # ---- bad input: exit 2, nothing registered ------------------------------------------------

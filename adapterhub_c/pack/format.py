@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -47,7 +46,7 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.fsutil import atomic_write_bytes, read_safetensors_header
 from adapterhub_c.pack.compeft import check_params, compress_tensors
 from adapterhub_c.pack.digest import tensors_digest
 from adapterhub_c.pack.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
@@ -181,10 +180,9 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UsageError(f"{path}: no such pack file") from None
     try:
         tensors = st_load(data)
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
     except Exception as e:  # the container itself is unreadable: truncated or garbled
         raise IntegrityError(f"{path}: corrupt or truncated pack file ({e})") from None
+    meta = read_safetensors_header(path).get("__metadata__") or {}
     stored = meta.get("pack_digest")
     if not stored or tensors_digest(tensors, {k: v for k, v in meta.items() if k != "pack_digest"}) != stored:
         raise IntegrityError(f"{path}: pack digest mismatch (the file is corrupt)")
