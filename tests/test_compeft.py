@@ -97,3 +97,11 @@ def test_other_bad_input():
         compress_tensors({"i": torch.arange(4)}, 0.5)
     with pytest.raises(UsageError):
         compress_tensors({"x": torch.tensor([1.0, float("inf")])}, 0.5)
+
+
+def test_kept_at_density_rounds_half_up_and_names_its_rate():
+    assert kept_at_density(5, density=0.5) == 3
+    assert kept_at_density(10, density=0.25) == 3  # 2.5
+    assert kept_at_density(7, density=1.0) == 7
+    with pytest.raises(TypeError):
+        kept_at_density(0.2, 10)  # the rate is keyword-only: the old (density, n) order cannot slip through
