@@ -243,7 +243,7 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
     import tempfile
 
     from adapterhub_c.merging.spec import make_spec
-    from adapterhub_c.packing.format import pack_adapter, write_pack
+    from adapterhub_c.packing.format import pack_adapter, read_pack, write_pack
     from adapterhub_c.workflows.merges import MergeInput, load_pack_input, popcount_elections, run_merge
 
     shp = shapes(layers)
@@ -255,7 +255,7 @@ def pack_rows(n, rank, alpha, layers, repeat, log):
             write_pack(pack_adapter(a, density=0.1, base="builtin:smollm2-135m", source_digest="bench",
                                     encoding="bitmask"), path)
             t0 = time.perf_counter()
-            adapter, planes = load_pack_input(path, torch.device("cpu"))
+            adapter, planes = load_pack_input(read_pack(path), torch.device("cpu"), path.name)
             inputs.append(MergeInput(art=None, adapter=adapter, digest=None, planes=planes,
                                      seconds=time.perf_counter() - t0))
     read_s = sum(x.seconds for x in inputs)

@@ -1,7 +1,13 @@
 """Every foundation command, on the tiny base, through the real entry point."""
 from __future__ import annotations
 
+import pytest
+
+from adapterhub_c.evals.evaluate import evaluate_model
+from adapterhub_c.evals.metrics import greedy_generate
 from adapterhub_c.registry.artifacts import register_artifact
+from adapterhub_c.runtime.stack import load_stack, resolve_stack
+from adapterhub_c.workflows.evals import run_generate
 
 
 def test_version_and_init(cli, home):
@@ -65,25 +71,47 @@ def test_rm_refuses_while_derived_then_cascades(cli, reg, tiny_base, tmp_path):
     assert r.code == 2 and "--cascade" in r.err
     assert {a["name"] for a in cli("ls", "--json").json()} == {"parent", "child"}
     assert cli("rm", "child", "--yes").code == 0
+    assert {a["name"] for a in cli("ls", "--json").json()} == {"parent"}
     assert cli("rm", "parent", "--yes", "--cascade").code == 0
     assert cli("ls", "--json").json() == []
     r = cli("rm", "builtin:tiny-llama", "--yes")
     assert r.code == 0
+    assert cli("ls", "bases", "--json").json() == []
 
 
-def test_eval_records_evaluations(cli, tiny_base):
+def _tiny_model(reg):
+    return load_stack(reg, resolve_stack(reg, "builtin:tiny-llama"), "cpu")
+
+
+def test_eval_records_evaluations(cli, reg, tiny_base):
+    model, tokenizer = _tiny_model(reg)
     r = cli("eval", "builtin:tiny-llama", "--data", "builtin:pydoc", "--max-tokens", "600", "--json")
     assert r.code == 0, r.err
     row = r.json()
     assert 1 < row["perplexity"] < 1000
+    # the figures are the library's, for the same stack and budget
+    lib = evaluate_model(model, tokenizer, "builtin:pydoc", "test", max_tokens=600)
+    assert row["target"] == "builtin:tiny-llama" and row["data"] == "builtin:pydoc" and row["split"] == "test"
+    assert row["perplexity"] == pytest.approx(lib["perplexity"], rel=1e-6)
     r = cli("eval", "builtin:tiny-llama", "--data", "builtin:task/add-numbers", "--max-examples", "3",
             "--max-tokens", "300", "--json")
     assert r.code == 0, r.err
     assert 0 <= r.json()["exact_match"] <= 1
+    task = r.json()
+    lib_task = evaluate_model(model, tokenizer, "builtin:task/add-numbers", "test", max_tokens=300, max_examples=3)
+    assert lib_task["_details"]["exact_match"]["examples"] == 3
+    assert task["exact_match"] == lib_task["exact_match"]
+    assert task["perplexity"] == pytest.approx(lib_task["perplexity"], rel=1e-6)
     evs = cli("show", "builtin:tiny-llama", "--json").json()["evaluations"]
     assert {(e["dataset"], e["metric"]) for e in evs} == {
         ("builtin:pydoc", "perplexity"), ("builtin:task/add-numbers", "perplexity"),
         ("builtin:task/add-numbers", "exact_match")}
+    # and the recorded values are the printed ones, on the base alone
+    recorded = {(e["dataset"], e["metric"]): e["value"] for e in evs}
+    assert recorded == pytest.approx({("builtin:pydoc", "perplexity"): row["perplexity"],
+                                      ("builtin:task/add-numbers", "perplexity"): task["perplexity"],
+                                      ("builtin:task/add-numbers", "exact_match"): task["exact_match"]})
+    assert all(e["split"] == "test" and e["variant"] is None and e["with_adapter"] is None for e in evs)
 
 
 def test_eval_bad_data_file(cli, tiny_base, tmp_path):
@@ -95,11 +123,16 @@ def test_eval_bad_data_file(cli, tiny_base, tmp_path):
     assert r.code == 2 and "not found" in r.err
 
 
-def test_generate(cli, tiny_base):
+def test_generate(cli, reg, tiny_base):
     r = cli("generate", "builtin:tiny-llama", "Hello", "--max-new-tokens", "5")
     assert r.code == 0, r.err
+    model, tokenizer = _tiny_model(reg)
+    expected = greedy_generate(model, tokenizer, "Hello", 5, stop_at_newline=False)
+    assert expected.strip() and r.out.rstrip("\n") == expected.rstrip("\n")  # the greedy continuation
     r = cli("generate", "builtin:tiny-llama", "Hello", "--chat", "--max-new-tokens", "3")
     assert r.code == 0, r.err
+    chat = run_generate(reg, "builtin:tiny-llama", "Hello", max_new_tokens=3, chat=True)
+    assert chat.strip() and r.out.rstrip("\n") == chat.rstrip("\n")
     r = cli("generate", "builtin:tiny-llama", "Hello", "--max-new-tokens", "100000")
     assert r.code == 2 and "context" in r.err
 

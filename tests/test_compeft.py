@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.packing import compress_tensors, decode_tensors, keep_count, prune_tensors, topk_indices
+from adapterhub_c.packing import compress_tensors, decode_tensors, kept_at_density, prune_tensors, topk_indices
 
 
 def _tensors(seed=0):
@@ -43,7 +43,7 @@ def test_tensor_scope_per_tensor_count_and_std():
     out = compress_tensors(ts, 0.2, alpha=2.0, scope="tensor")
     for name, t in out.items():
         src = ts[name].double()
-        assert t.nnz == keep_count(0.2, src.numel())
+        assert t.nnz == kept_at_density(src.numel(), density=0.2)
         assert t.scale == float(np.float32(2.0 * src.std().item()))
 
 
@@ -67,7 +67,7 @@ def test_stc_scale_is_mean_abs_of_kept():
     ts = _tensors(2)
     out = compress_tensors(ts, 0.1, alpha=7.0, method="stc")
     flat = torch.cat([ts[n].double().reshape(-1) for n in sorted(ts)])
-    top = flat.abs().sort(descending=True).values[: keep_count(0.1, flat.numel())]
+    top = flat.abs().sort(descending=True).values[: kept_at_density(flat.numel(), density=0.1)]
     assert all(t.scale == float(np.float32(top.mean().item())) for t in out.values())
 
 
@@ -110,8 +110,16 @@ def _reference_kept(x: torch.Tensor, K: float) -> int:
 def test_kept_count_is_round_kn_not_the_references_int_kn_plus_one(n, k):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     ours = compress_tensors({"t": x}, k, scope="tensor")["t"].nnz
-    assert ours == keep_count(k, n) == int(k * n + 0.5)
+    assert ours == kept_at_density(n, density=k) == int(k * n + 0.5)
     assert _reference_kept(x, k) == int(k * n) + 1  # distinct magnitudes: no ties
     tied = torch.ones(n)  # every magnitude tied: the reference keeps all, we keep round(k·n)
-    assert compress_tensors({"t": tied}, k, scope="tensor")["t"].nnz == keep_count(k, n)
+    assert compress_tensors({"t": tied}, k, scope="tensor")["t"].nnz == kept_at_density(n, density=k)
     assert _reference_kept(tied, k) == n
+
+
+def test_kept_at_density_rounds_half_up_and_names_its_rate():
+    assert kept_at_density(5, density=0.5) == 3
+    assert kept_at_density(10, density=0.25) == 3  # 2.5
+    assert kept_at_density(7, density=1.0) == 7
+    with pytest.raises(TypeError):
+        kept_at_density(0.2, 10)  # the rate is keyword-only: the old (density, n) order cannot slip through

@@ -13,13 +13,24 @@ def _kinds(cli) -> Counter:
     return Counter(a["kind"] for a in cli("ls", "artifacts", "--json").json())
 
 
-def test_demo_runs_every_step_and_reruns_by_reusing(cli):
+def _weights(art) -> dict[str, str]:
+    return {f: d for f, d in art.files.items() if f.endswith(".safetensors")}
+
+
+def test_demo_runs_every_step_and_reruns_by_reusing(cli, reg):
     r = cli("demo", "--base", "builtin:tiny-llama", "--max-tokens", "200")
     assert r.code == 0, r.err
     flat = " ".join(r.out.split())
     for title in SECTIONS:
         assert title in flat, title
     assert "True" in flat  # the pulled weights are bit-identical to the pushed ones
+    # ...said in the push/pull table itself (its one boolean, weights_bit_identical), and true in the registry
+    hub_table = flat[flat.index(SECTIONS[3]):flat.index(SECTIONS[4])]
+    assert "True" in hub_table and "False" not in hub_table, hub_table
+    pushed = reg.get("demo-tiny-llama-uppercase", "artifact")
+    pulled = reg.get("demo-tiny-llama-uppercase-pulled", "artifact")
+    assert pulled.source.startswith("demo/tiny-llama-uppercase-lora@")
+    assert _weights(pushed) and _weights(pulled) == _weights(pushed)
     kinds = _kinds(cli)
     assert kinds == Counter({"lora": 4, "recovered-lora": 1, "pack": 1, "merged": 2, "composed": 1, "prompt": 1})
     assert [v["name"] for v in cli("variant", "ls", "--json").json()] == ["tiny-llama-nf4-wanda50"]

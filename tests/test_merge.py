@@ -337,6 +337,18 @@ def test_bad_inputs_raise_usage_error():
         merge_adapters([])
 
 
+def test_pre_elected_signs_apply_to_factor_space_only():
+    """``elections`` with space=delta is a UsageError (it once died with NameError: UsageError unimported)."""
+    a, b = make_adapter(1), make_adapter(2)
+    signs = {m: (torch.ones(4, in_f), torch.ones(out_f, 4)) for m, (out_f, in_f) in SMALL_SHAPES.items()}
+    with pytest.raises(UsageError, match="space=factors only"):
+        merge_adapters([a, b], "ties", density=0.5, space="delta", elections=signs)
+    with pytest.raises(UsageError, match="space=factors only"):
+        merge_adapters([a, b], density=None, elections={})
+    merged = merge_adapters([a, b], "ties", density=0.5, space="factors", elections=signs)  # where they do apply
+    assert set(merged.modules) == set(SMALL_SHAPES)
+
+
 def test_merge_config_records_the_svd_routine():
     ads = [make_adapter(1, shapes=TINY_SHAPES), make_adapter(2, shapes=TINY_SHAPES)]
     res = merge_adapters(ads, "ties", density=0.5, rank=2)

@@ -10,13 +10,21 @@ import torch
 from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
+from adapterhub_c.errors import IntegrityError
 from adapterhub_c.merging import merge_adapters
 from adapterhub_c.merging.rules import elected_signs
 from adapterhub_c.merging.spec import make_spec
 from adapterhub_c.packing.format import pack_adapter, unpack_to_adapter, write_pack
 from adapterhub_c.registry.artifacts import register_artifact
 from adapterhub_c.registry.models import Artifact, Run
-from adapterhub_c.workflows.merges import MERGE_CONFIG_FILE, load_inputs, popcount_elections, replay_merge, run_merge
+from adapterhub_c.workflows.merges import (
+    MERGE_CONFIG_FILE,
+    load_inputs,
+    merge_artifacts,
+    popcount_elections,
+    replay_merge,
+    run_merge,
+)
 
 BASE = "builtin:tiny-llama"
 SHAPES = {  # module -> (out, in) in the tiny Llama
@@ -281,6 +289,24 @@ def test_popcount_refused_under_mergekit_where_its_trim_cuts_ties(reg, tiny_base
     el = popcount_elections(inputs, make_spec(2, density=0.1, **kw))  # k below the packs' non-zero counts
     assert el.method == "dense" and "mergekit trim" in el.reason
     assert popcount_elections(inputs, make_spec(2, density=0.8, **kw)).method == "popcount"
+
+
+def test_pack_whose_source_digest_differs_from_the_registry_is_refused(cli, reg, tiny_base, tmp_path):
+    """Merge reads packs by the verified route: the file's source digest must be the row's."""
+    register_pack(reg, tiny_base, "good", make_lora(70), tmp_path)
+    for name, recorded in (("same", "test"), ("swapped", "another-source")):
+        folder = tmp_path / f"src-{name}"
+        folder.mkdir()
+        write_pack(pack_adapter(make_lora(71), density=0.3, base=BASE, source_digest="test"), folder / PACK_FILE)
+        register_artifact(reg, kind="pack", name=name, base_id=tiny_base.id, folder=folder,
+                          config={"source_digest": recorded})
+    with pytest.raises(IntegrityError, match="source digest"):
+        merge_artifacts(reg, ["good", "swapped"], method="task-arithmetic", device="cpu")
+    r = cli("merge", "good", "swapped", "--method", "task-arithmetic", "--device", "cpu")
+    assert r.code == 1 and "source digest" in r.err, r.err
+    assert count(reg, "merged") == 0
+    art, _ = merge_artifacts(reg, ["good", "same"], method="task-arithmetic", device="cpu")  # the digests agree
+    assert art.kind == "merged" and count(reg, "merged") == 1
 
 
 # ---- bad input: exit 2, nothing registered ------------------------------------------------

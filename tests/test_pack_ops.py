@@ -297,6 +297,7 @@ def test_bad_density_is_refused_and_nothing_registered(reg, tiny_base, lora, cli
     (("--alpha", "-1"), "alpha"),
     (("--alpha", "x"), "alpha"),
     (("--name", "lora1"), "already exists"),
+    (("--name", ""), "must not be empty"),
     (("--alpha", "auto", "--eval-data", "builtin:nope"), "unknown dataset"),
     (("--alpha", "auto", "--eval-data", "builtin:pydoc", "--alpha-metric", "exact_match"), "task"),
 ])

@@ -180,6 +180,7 @@ def test_interrupted_learning_resumes_to_the_same_prompt(world):
     (("--tokens", "512"), "context"),
     (("--tokens", "500", "--seq-len", "32"), "context"),
     (("--init", "zeros"), "init"),
+    (("--name", ""), "must not be empty"),
 ])
 def test_bad_learn_options_exit_2_and_register_nothing(cli, world, extra, message):
     before = artifact_count(world["reg"])

@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models.tiny import build_tiny_llama
 from adapterhub_c.variants import (
-    keep_count,
+    kept_at_sparsity,
     prune_2_4,
     prune_ffn_channels,
     prune_magnitude,
@@ -53,7 +53,7 @@ def test_magnitude_row_keeps_exact_count_per_row_and_the_largest(sparsity):
     for name, lin in target_linears(model).items():
         w, w0 = lin.weight, before[name]
         kept = w != 0
-        assert (kept.sum(dim=1) == keep_count(w.shape[1], sparsity)).all(), name
+        assert (kept.sum(dim=1) == kept_at_sparsity(w.shape[1], sparsity=sparsity)).all(), name
         assert torch.equal(w[kept], w0[kept])  # survivors untouched
         # every kept |w| >= every pruned |w| of the same row
         big = torch.where(kept, w0.abs(), torch.inf).min(dim=1).values
@@ -63,11 +63,11 @@ def test_magnitude_row_keeps_exact_count_per_row_and_the_largest(sparsity):
     assert torch.equal(model.lm_head.weight, head)
 
 
-def test_keep_count_rounds_half_up():
-    assert keep_count(128, 0.5) == 64
-    assert keep_count(5, 0.5) == 3
-    assert keep_count(64, 0.3) == 45  # 44.8
-    assert keep_count(10, 0.0) == 10
+def test_kept_at_sparsity_rounds_half_up():
+    assert kept_at_sparsity(128, sparsity=0.5) == 64
+    assert kept_at_sparsity(5, sparsity=0.5) == 3
+    assert kept_at_sparsity(64, sparsity=0.3) == 45  # 44.8
+    assert kept_at_sparsity(10, sparsity=0.0) == 10
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.6])
@@ -77,7 +77,7 @@ def test_magnitude_layer_keeps_exact_count_per_matrix(sparsity):
     row_counts = set()
     for lin in target_linears(model).values():
         nnz = int((lin.weight != 0).sum())
-        assert nnz == keep_count(lin.weight.numel(), sparsity)
+        assert nnz == kept_at_sparsity(lin.weight.numel(), sparsity=sparsity)
         row_counts |= set((lin.weight != 0).sum(dim=1).tolist())
     assert len(row_counts) > 1  # rows differ: really per layer, not per row
 

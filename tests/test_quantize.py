@@ -110,6 +110,7 @@ def test_lora_attaches_to_quantized_variant_and_trains_on_cpu(tmp_path):
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert all(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)  # B = 0: A's is 0
     # LoRA B starts at zero: give it a value, save, and re-attach with PeftModel.from_pretrained
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -134,6 +135,18 @@ def test_int8_lora_forward_backward():
     peft_model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if "lora_A" in n]
     assert grads and all(g is not None for g in grads)
+    # B starts at exactly zero, so ∂L/∂A = 0 there; B itself must get a non-zero gradient in every layer
+    b_grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert len(b_grads) == len(grads) and all(g is not None and g.abs().sum() > 0 for g in b_grads.values())
+    # one SGD step moves B off zero; then A receives gradients through the int8 layers too
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p -= 0.5 * p.grad
+    assert all(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    peft_model.zero_grad()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_A" in n)
 
 
 def test_training_after_an_eval_forward_still_gets_gradients():

@@ -9,7 +9,7 @@ from alembic.runtime.migration import MigrationContext
 
 from adapterhub_c.errors import AdaptError, NotFoundError, UsageError
 from adapterhub_c.registry import Registry
-from adapterhub_c.registry.artifacts import register_artifact, unique_name
+from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
 from adapterhub_c.registry.models import Base, BaseModel
 from adapterhub_c.registry.runs import record_run
 
@@ -45,6 +45,28 @@ def test_artifact_names_unique(reg, tiny_base, tmp_path):
     with pytest.raises(UsageError, match="already exists"):
         register_artifact(reg, kind="lora", name="a", base_id=tiny_base.id, folder=tmp_path / "f")
     assert unique_name(reg, "a") == "a-2"
+
+
+def test_check_new_name_refuses_empty_and_taken_names(reg, tiny_base, tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.txt").write_text("x")
+    register_artifact(reg, kind="lora", name="a", base_id=tiny_base.id, folder=tmp_path / "f")
+    check_new_name(reg, None)  # the tool makes one up
+    check_new_name(reg, "b")
+    for bad in ("", "  "):
+        with pytest.raises(UsageError, match="must not be empty"):
+            check_new_name(reg, bad)
+    with pytest.raises(UsageError, match="'a' already exists"):
+        check_new_name(reg, "a")
+
+
+def test_artifact_kinds_are_one_list():
+    from adapterhub_c.registry.kinds import ADAPTER_KINDS, ARTIFACT_KINDS, LORA_KINDS, PACK_KINDS, PROMPT_KINDS
+
+    assert set(ARTIFACT_KINDS) == {"lora", "recovered-lora", "merged", "composed", "pack", "prompt"}
+    assert ADAPTER_KINDS == LORA_KINDS + PACK_KINDS and set(ARTIFACT_KINDS) - set(ADAPTER_KINDS) == set(PROMPT_KINDS)
+    with pytest.raises(ValueError, match="unknown artefact kind"):
+        register_artifact(None, kind="adapter", name="x", base_id="b")
 
 
 def test_corrupt_database_is_a_clear_error(tmp_path):

@@ -30,6 +30,7 @@ from adapterhub_c.errors import AdaptError, UsageError
 from adapterhub_c.hub.ops import pull_adapter, push_artifact
 from adapterhub_c.registry import Registry
 from adapterhub_c.registry.artifacts import unique_name
+from adapterhub_c.registry.kinds import PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Batch, Lineage, Variant, utcnow
 from adapterhub_c.workflows.evals import run_eval
 from adapterhub_c.workflows.packs import pack_artifact
@@ -293,7 +294,7 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
         if pack is None:
             opts = dict(p["pack"])
             name = ctx.reserve_name("pack", f"{conv.name}-k{opts['density']:g}")
-            pack = _adoptable(reg, name, conv.id, ("pack",))
+            pack = _adoptable(reg, name, conv.id, PACK_KINDS)
             if pack is None:
                 with ctx.step("pack"):
                     pack, _report = pack_artifact(reg, conv.id, name=name, device=p.get("device", "cpu"), **opts)

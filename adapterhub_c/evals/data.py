@@ -121,8 +121,3 @@ def load_dataset(spec: str, split: str = "test") -> Dataset:
     if not texts and not pairs:
         raise UsageError(f"data file {spec!r} is empty")
     return Dataset(spec, split, texts=texts, pairs=pairs)
-
-
-def dataset_names() -> list[str]:
-    """Names of the built-in datasets."""
-    return ["builtin:pydoc"] + [f"builtin:task/{t}" for t in tasks.TASKS]

@@ -30,12 +30,14 @@ from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
+from adapterhub_c.fsutil import read_safetensors_header
 from adapterhub_c.hub import client
 from adapterhub_c.hub.cards import model_card
 from adapterhub_c.hub.store import StoreError, check_repo_id
-from adapterhub_c.hub.validate import PICKLE_WEIGHTS, check_safetensors_header, validate_lora_folder
+from adapterhub_c.hub.validate import PICKLE_WEIGHTS, validate_lora_folder
 from adapterhub_c.models.builtin import builtin_for
-from adapterhub_c.registry.artifacts import name_taken, unique_name
+from adapterhub_c.registry.artifacts import check_new_name, name_taken, unique_name
+from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -50,7 +52,6 @@ META_NAME = "adapterhub_c.json"
 CARD_NAME = "README.md"
 META_FORMAT = 1
 PUSH_FORMATS = ("peft", "pack", "both")
-ADAPTER_KINDS = ("lora", "recovered-lora", "merged", "composed", "pack")
 PULL_ROLE = "adapter-of"
 BASE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.bin"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -128,7 +129,7 @@ def _base_weight_shapes(reg: Registry, base: BaseModel) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for rel, digest in sorted((base.files or {}).items()):
         if rel.endswith(".safetensors"):
-            header = check_safetensors_header(reg.blobs.path_for(digest))
+            header = read_safetensors_header(reg.blobs.path_for(digest))
             shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     return shapes
 
@@ -250,9 +251,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     existing = _existing_pull(reg, repo_id, got.commit_sha)
     if existing is not None:
         return existing, False
-    if name is not None:
-        if name_taken(reg, name):
-            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    check_new_name(reg, name)
     label = f"{repo_id}@{got.commit_sha[:12]}"
     params = dict(repo=repo_id, revision=revision, include=include, exclude=exclude, name=name,
                   allow_pickle=allow_pickle, with_base=with_base,
@@ -342,7 +341,7 @@ def _prepare_base_folder(got: client.DownloadedRepo, dest: Path, allow_pickle: b
         converted = ",".join(pickles)
     for n in weights:
         try:
-            check_safetensors_header(got.path / n)
+            read_safetensors_header(got.path / n)
         except IntegrityError as e:
             raise UsageError(f"{label} is not a valid model: "
                              f"{_relabel(str(e), got.path, label)}") from None
@@ -477,7 +476,7 @@ def _describe(reg: Registry, art: Artifact) -> dict[str, Any]:
 def _write_peft_part(reg: Registry, art: Artifact, stage: Path, base_label: str) -> list[str]:
     """The PEFT files of ``art`` in ``stage`` (packs decoded); returns the names written."""
     written = []
-    if art.kind == "pack":
+    if art.kind in PACK_KINDS:
         loaded = load_adapter_artifact(reg, art)
         lora = loaded.lora
         lora.config = {**lora.config, "base_model_name_or_path": base_label}
@@ -522,7 +521,7 @@ def build_push_folder(reg: Registry, art: Artifact, dest: str | Path, fmt: str =
     if art.kind not in ADAPTER_KINDS:
         raise UsageError(f"{art.name!r} is a {art.kind}; only adapters "
                          f"({', '.join(ADAPTER_KINDS)}) can be pushed")
-    if fmt != "peft" and art.kind != "pack":
+    if fmt != "peft" and art.kind not in PACK_KINDS:
         raise UsageError(f"--format {fmt} needs a pack artefact; {art.name!r} is a {art.kind}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

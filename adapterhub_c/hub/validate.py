@@ -11,51 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 from adapterhub_c.adapters.lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter, _pattern_value, check_lora_config
 from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.fsutil import read_safetensors_header
 
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(\.[^.]+)?\.weight$")
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
-
-
-def check_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header without loading tensors; IntegrityError if it is corrupt."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise IntegrityError(f"{path}: corrupt safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > size - 8 or n > 100_000_000:
-                raise IntegrityError(f"{path}: corrupt safetensors file (header length {n} "
-                                     f"does not fit in {size} bytes)")
-            raw = f.read(n)
-    except OSError as e:
-        raise IntegrityError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path}: corrupt safetensors header ({e})") from None
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            shape = [int(d) for d in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(f"{path}: tensor {name}: malformed header entry") from None
-        if not 0 <= start <= end <= data_len:
-            raise IntegrityError(f"{path}: tensor {name}: data [{start}, {end}) lies outside the "
-                                 f"{data_len} data bytes (file truncated?)")
-        info["shape"] = shape
-    return header
 
 
 def _target_matches(target, module: str) -> bool:
@@ -101,7 +64,7 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
             raise UsageError(f"{path}: only pickle weights ({', '.join(pickles)}); "
                              f"adapterhub-c reads {WEIGHTS_NAME} only and never unpickles")
         raise UsageError(f"{path}: no {WEIGHTS_NAME}")
-    header = check_safetensors_header(weights)
+    header = read_safetensors_header(weights)
     _check_shapes(config, header, weights)
     return LoraAdapter.from_folder(path)
 

@@ -4,7 +4,7 @@ from adapterhub_c.packing.compeft import (
     SCOPES,
     compress_tensors,
     decode_tensors,
-    keep_count,
+    kept_at_density,
     prune_tensors,
     topk_indices,
 )
@@ -26,7 +26,7 @@ from adapterhub_c.packing.format import (
 from adapterhub_c.packing.ternary import TernaryTensor, from_signs
 
 __all__ = [
-    "METHODS", "SCOPES", "compress_tensors", "decode_tensors", "keep_count", "prune_tensors", "topk_indices",
+    "METHODS", "SCOPES", "compress_tensors", "decode_tensors", "kept_at_density", "prune_tensors", "topk_indices",
     "tensors_digest", "ENCODINGS", "EncodedSigns", "decode", "encode", "entropy_bound", "golomb_parameter",
     "FORMAT_VERSION", "Pack", "build_pack", "inspect_pack", "pack_adapter", "pack_stats", "read_pack",
     "unpack_to_adapter", "unpack_recovery", "RECOVERY_PREFIX", "write_pack", "TernaryTensor", "from_signs",

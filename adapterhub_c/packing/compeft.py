@@ -49,8 +49,8 @@ def check_params(density: float, alpha: float = 1.0, scope: str = "global", meth
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def keep_count(density: float, n: int) -> int:
-    """round(density · n), halves rounded up: the exact number of entries kept."""
+def kept_at_density(n: int, *, density: float) -> int:
+    """How many of ``n`` entries a top-k keeps at this density: round(density · n), halves up."""
     return min(n, int(math.floor(density * n + 0.5)))
 
 
@@ -94,7 +94,7 @@ def _groups(names: list[str], arrays: list[np.ndarray], scope: str):
 def _select(arrays: list[np.ndarray], density: float) -> list[np.ndarray]:
     """Per-array kept indices for a top-k over the concatenation of ``arrays``."""
     flat = np.concatenate(arrays) if arrays else np.zeros(0)
-    chosen = topk_indices(np.abs(flat), keep_count(density, flat.size))
+    chosen = topk_indices(np.abs(flat), kept_at_density(flat.size, density=density))
     chosen = chosen[flat[chosen] != 0]  # exact zeros have no sign
     bounds = np.cumsum([0] + [a.size for a in arrays])
     cuts = np.searchsorted(chosen, bounds)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -47,8 +46,15 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.fsutil import atomic_write_bytes
-from adapterhub_c.packing.compeft import KEPT_COUNT_RULE, METHODS, SCOPES, check_params, compress_tensors, keep_count
+from adapterhub_c.fsutil import atomic_write_bytes, read_safetensors_header
+from adapterhub_c.packing.compeft import (
+    KEPT_COUNT_RULE,
+    METHODS,
+    SCOPES,
+    check_params,
+    compress_tensors,
+    kept_at_density,
+)
 from adapterhub_c.packing.digest import tensors_digest
 from adapterhub_c.packing.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
 from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name, scale_fits
@@ -187,10 +193,9 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
         raise UsageError(f"{path}: no such pack file") from None
     try:
         tensors = st_load(data)
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
     except Exception as e:  # the container itself is unreadable: truncated or garbled
         raise IntegrityError(f"{path}: corrupt or truncated pack file ({e})") from None
+    meta = read_safetensors_header(path).get("__metadata__") or {}
     stored = meta.get("pack_digest")
     if not stored or tensors_digest(tensors, {k: v for k, v in meta.items() if k != "pack_digest"}) != stored:
         raise IntegrityError(f"{path}: pack digest mismatch (the file is corrupt)")
@@ -355,11 +360,11 @@ def _check_claims(rows, table, header: _Header, file_bytes: int) -> None:
     if total > cap:
         raise IntegrityError(f"claims {total} packed elements; a {file_bytes}-byte pack at density "
                              f"{header.density:g} holds at most {cap}")
-    # the writer keeps at most keep_count entries of each top-k group (fewer where they are 0)
+    # the writer keeps at most kept_at_density entries of each top-k group (fewer where they are 0)
     groups = [table] if header.scope == "global" else [[row] for row in table]
     for group in groups:
         numel, nnz = sum(r[0] for r in group), sum(r[1] for r in group)
-        if nnz > keep_count(header.density, numel):
+        if nnz > kept_at_density(numel, density=header.density):
             raise IntegrityError(f"{nnz} non-zeros of {numel} entries exceed density {header.density:g}")
 
 

@@ -2,22 +2,34 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import select
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.kinds import ARTIFACT_KINDS
 from adapterhub_c.registry.models import Artifact
 from adapterhub_c.registry.store import Registry
-
-ARTIFACT_KINDS = ("lora", "recovered-lora", "prompt", "pack", "merged", "composed")
 
 
 def name_taken(reg: Registry, name: str) -> bool:
     """Whether an artefact already has this name."""
     with reg.session() as s:
         return s.scalar(select(Artifact.id).where(Artifact.name == name)) is not None
+
+
+def check_new_name(reg: Registry, name: str | None) -> None:
+    """Refuse a user-given name for a new artefact: empty, or taken (UsageError). ``None`` passes.
+
+    ``None`` means "make one up" (see :func:`unique_name`); the check runs before any
+    work so a bad ``--name`` fails fast. ``register_artifact`` checks again, atomically.
+    """
+    if name is None:
+        return
+    if not name.strip():
+        raise UsageError("--name must not be empty")
+    if name_taken(reg, name):
+        raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
 
 
 def unique_name(reg: Registry, stem: str) -> str:
@@ -56,8 +68,3 @@ def register_artifact(reg: Registry, *, kind: str, name: str, base_id: str, fold
         for parent, role in parents:
             reg.add_lineage(s, parent, art, role)
         return art
-
-
-def artifact_folder(reg: Registry, art: Artifact, dest: str | os.PathLike | None = None) -> Path:
-    """The artefact's files laid out in a folder (verified)."""
-    return reg.materialize(art, dest)

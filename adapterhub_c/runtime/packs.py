@@ -1,3 +1,4 @@
+"""Pack artefacts → verified packs and decoded adapters (the one route every reader takes)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,18 +33,24 @@ def _base_of(reg: Registry, art: Artifact) -> BaseModel:
         return base
 
 
-def decode_pack_folder(reg: Registry, art: Artifact, folder: str | Path) -> LoadedAdapter:
-    """Read, verify and decode the pack file of a pack artefact's folder.
+def read_pack_artifact(reg: Registry, art: Artifact, folder: str | Path | None = None) -> Pack:
+    """Read and verify the pack file of a pack artefact (its folder, materialized if not given).
 
     IntegrityError: the file is missing, truncated or corrupt (digest mismatch), or its
     source digest differs from the artefact's. UsageError: the pack was made for another
     base, or has a format version this version cannot read.
     """
-    path = Path(folder) / PACK_FILE
+    folder = Path(folder) if folder is not None else reg.materialize(art)
+    path = folder / PACK_FILE
     if not path.is_file():
         raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
     pack = read_pack(path, expected_base=base_label(_base_of(reg, art)))
     expected = (art.config or {}).get("source_digest")
     if expected and pack.source_digest != expected:
         raise IntegrityError(f"pack {art.name!r}: the file's source digest does not match the registry's")
-    return loaded_from_pack(pack)
+    return pack
+
+
+def decode_pack_folder(reg: Registry, art: Artifact, folder: str | Path) -> LoadedAdapter:
+    """Read, verify (:func:`read_pack_artifact`) and decode the pack file of a pack artefact's folder."""
+    return loaded_from_pack(read_pack_artifact(reg, art, folder))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.kinds import PROMPT_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import base_label
@@ -12,7 +13,7 @@ PROMPT_FILE = "prompt.safetensors"
 def read_prompt_artifact(reg: Registry, art: Artifact, base: BaseModel,
                          expected_hidden: int | None = None) -> SoftPrompt:
     """The prompt of a ``prompt`` artefact, checked against ``base`` and the hidden size."""
-    if art.kind != "prompt":
+    if art.kind not in PROMPT_KINDS:
         raise UsageError(f"{art.name!r} is a {art.kind}, not a prompt")
     if art.base_id != base.id:
         raise UsageError(f"prompt {art.name!r} was learned for another base, not {base.name!r}")

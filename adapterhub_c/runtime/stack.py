@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.kinds import PROMPT_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.adapters import attach_adapter
 from adapterhub_c.runtime.bases import load_base_model, load_base_tokenizer
 from adapterhub_c.runtime.prompts import attach_prompt
 from adapterhub_c.runtime.variants import load_variant
-
-PROMPT_KINDS = ("prompt",)
 
 
 @dataclass

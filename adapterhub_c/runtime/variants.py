@@ -1,6 +1,8 @@
+"""Registry variant rows → loaded (pruned, quantized) models and their kept channels."""
 from __future__ import annotations
 
 import torch
+from safetensors.torch import load_file
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models.device import resolve_device
@@ -43,15 +45,8 @@ def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cp
 
 def variant_kept_indices(reg: Registry, variant: Variant | str) -> dict[str, torch.Tensor] | None:
     """ffn-channels variants: {MLP module name: kept intermediate channels (int64, sorted)}; else None."""
-    from safetensors.torch import load_file
-
     row = _variant_row(reg, variant)
     digest = (row.files or {}).get(KEPT_FILE)
     if digest is None:
         return None
     return {k: v.long() for k, v in load_file(str(reg.blobs.verified_path(digest))).items()}
-
-
-def variant_recipe(row: Variant) -> Recipe:
-    """The row's recipe as a `Recipe`."""
-    return Recipe.from_json(row.recipe)

@@ -37,7 +37,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.fsutil import atomic_write_bytes
 
 FILE_NAME = "recovery.safetensors"
 META_KEY = "adapterhub_c.recovery"
@@ -260,13 +259,6 @@ def recovery_file_bytes(state: dict[str, torch.Tensor], config: RecoveryConfig) 
     """The bytes of a ``recovery.safetensors`` file (config as JSON in the metadata)."""
     return st_save({k: v.contiguous() for k, v in state.items()},
                    metadata={META_KEY: json.dumps(config.to_dict(), sort_keys=True), "format": "pt"})
-
-
-def save_recovery_file(path: str | Path, state: dict[str, torch.Tensor], config: RecoveryConfig) -> Path:
-    """Write ``recovery.safetensors`` atomically."""
-    path = Path(path)
-    atomic_write_bytes(path, recovery_file_bytes(state, config))
-    return path
 
 
 def read_recovery_file(path: str | Path) -> tuple[dict[str, torch.Tensor], RecoveryConfig]:

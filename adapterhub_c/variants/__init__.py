@@ -8,7 +8,7 @@ bitsandbytes at load time and returns an eval-mode model ready for PEFT.
 from adapterhub_c.variants.build import VariantBuild, VariantStats, apply_recipe, compute_stats, load_variant_model
 from adapterhub_c.variants.pruning import (
     decoder_blocks,
-    keep_count,
+    kept_at_sparsity,
     n_m_mask,
     prune_2_4,
     prune_ffn_channels,
@@ -33,7 +33,7 @@ __all__ = [
     "decoder_blocks",
     "dequantize_linear",
     "is_bnb_linear",
-    "keep_count",
+    "kept_at_sparsity",
     "load_quantized",
     "load_variant_model",
     "n_m_mask",

@@ -31,8 +31,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 Progress = Callable[[str, int, "int | None"], None]
 
 
-def keep_count(n: int, sparsity: float) -> int:
-    """How many of n weights a group keeps at this sparsity: round((1 - s) * n), halves up."""
+def kept_at_sparsity(n: int, *, sparsity: float) -> int:
+    """How many of ``n`` weights a group keeps at this sparsity: round((1 - s) * n), halves up."""
     return int(math.floor((1.0 - sparsity) * n + 0.5 + 1e-9))
 
 
@@ -70,7 +70,7 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def unstructured_mask(scores: torch.Tensor, sparsity: float, granularity: str = "row") -> torch.Tensor:
     """Boolean keep-mask zeroing the lowest scores: per row (dim 1) or over the whole matrix."""
     if granularity == "row":
-        n_prune = scores.shape[1] - keep_count(scores.shape[1], sparsity)
+        n_prune = scores.shape[1] - kept_at_sparsity(scores.shape[1], sparsity=sparsity)
         mask = torch.ones_like(scores, dtype=torch.bool)
         if n_prune:
             idx = torch.argsort(scores, dim=1, stable=True)[:, :n_prune]
@@ -78,7 +78,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, granularity: str = 
         return mask
     if granularity == "layer":
         flat = scores.reshape(-1)
-        n_prune = flat.numel() - keep_count(flat.numel(), sparsity)
+        n_prune = flat.numel() - kept_at_sparsity(flat.numel(), sparsity=sparsity)
         mask = torch.ones_like(flat, dtype=torch.bool)
         if n_prune:
             mask[torch.argsort(flat, stable=True)[:n_prune]] = False
@@ -277,7 +277,7 @@ def prune_ffn_channels(
     if len(sizes) != 1:
         raise UsageError("ffn-channels pruning needs the same intermediate size in every block")
     size = sizes.pop()
-    keep = keep_count(size, sparsity)
+    keep = kept_at_sparsity(size, sparsity=sparsity)
     if keep < 1:
         raise UsageError(f"sparsity {sparsity} would remove every MLP channel")
     kept_all: dict[str, torch.Tensor] = {}

@@ -27,7 +27,6 @@ import math
 BLOCKSIZE_4BIT = 64
 NESTED_BLOCKSIZE = 256
 DEPLOY_BITS = 16
-PATTERNS = ("dense", "structured", "unstructured", "2:4")
 
 
 def value_bits(quant: str, dense_bits: int = DEPLOY_BITS) -> int:

@@ -30,7 +30,6 @@ the merged tensors are bit-identical (tests/test_merge_ops.py checks it). Elsewh
 from __future__ import annotations
 
 import json
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -59,15 +58,16 @@ from adapterhub_c.merging.spec import (
 )
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.packing.encoding import encode
-from adapterhub_c.packing.format import KIND, read_pack
+from adapterhub_c.packing.format import Pack
 from adapterhub_c.packing.ternary import dtype_from_name
-from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.runtime.bases import load_base_tokenizer
+from adapterhub_c.runtime.packs import PACK_FILE, read_pack_artifact
 from adapterhub_c.runtime.stack import StackSpec, load_stack
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -136,46 +136,24 @@ def resolve_inputs(reg: Registry, refs: Sequence[str], *, at_least: int = 2) -> 
         return arts, base, variant
 
 
-def _device(device: str | None) -> torch.device:
-    return resolve_device(device)
-
-
-def find_pack_file(folder: Path, files: Sequence[str]) -> Path:
-    """The pack file among an artefact's files (the one whose safetensors metadata says so)."""
-    # pack.safetensors (the name adapterhub_c.workflows.packs writes) first, then any other file
-    for name in sorted(files, key=lambda n: (n != "pack.safetensors", n)):
-        path = folder / name
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > 100_000_000:
-                    continue
-                meta = json.loads(f.read(n)).get("__metadata__") or {}
-        except (OSError, struct.error, ValueError, AttributeError):
-            continue
-        if meta.get("kind") == KIND:
-            return path
-    raise UsageError(f"no pack file among {sorted(files)}")
-
-
 def _planes_of(tensor, encoded, device) -> tuple[torch.Tensor, torch.Tensor]:
     data = encoded.data if encoded.encoding == "bitmask" else \
         encode(tensor.indices, tensor.negative, tensor.numel, "bitmask").data
     return planes_to_torch(data["pos"], data["neg"], device)
 
 
-def load_pack_input(path: Path, device: torch.device) -> tuple[LoraAdapter, dict[str, PackPlanes]]:
-    """Read a pack file once; decode every tensor on ``device`` from its bit planes.
+def load_pack_input(pack: Pack, device: torch.device, label: str) -> tuple[LoraAdapter, dict[str, PackPlanes]]:
+    """Decode every tensor of a read (and verified) pack on ``device`` from its bit planes.
 
     The decoded values are ``float32(T)·float32(scale)`` rounded once to the source dtype,
-    exactly what :func:`adapterhub_c.packing.format.unpack_to_adapter` gives.
+    exactly what :func:`adapterhub_c.pack.format.unpack_to_adapter` gives. ``label`` names
+    the pack in messages.
     """
-    pack = read_pack(path)
-    if getattr(pack, "has_recovery", False):
-        raise UsageError(f"{path.name}: the pack carries recovery modules, which are non-linear and "
+    if pack.has_recovery:
+        raise UsageError(f"{label}: the pack carries recovery modules, which are non-linear and "
                          f"cannot be merged or composed")
     config = dict(pack.adapter_config)
-    check_lora_config(config, str(path))
+    check_lora_config(config, label)
     tensors, planes = {}, {}
     for name, t in pack.tensors.items():
         dtype = dtype_from_name(t.dtype)
@@ -199,10 +177,8 @@ def load_inputs(reg: Registry, arts: Sequence[Artifact], device: torch.device,
         if art.id not in cache:
             t0 = time.perf_counter()
             if art.kind in PACK_KINDS:
-                folder = reg.materialize(art)
-                path = find_pack_file(folder, list(art.files))
-                adapter, planes = load_pack_input(path, device)
-                digest = art.files.get(path.name)
+                adapter, planes = load_pack_input(read_pack_artifact(reg, art), device, f"pack {art.name!r}")
+                digest = art.files.get(PACK_FILE)
             else:
                 loaded = load_adapter_artifact(reg, art)
                 if loaded.recovery_state is not None:
@@ -292,14 +268,6 @@ def _default_merge_name(reg: Registry, method: str, arts: Sequence[Artifact]) ->
     return unique_name(reg, stem[:120])
 
 
-def _check_name(reg: Registry, name: str | None) -> None:
-    if name is not None:
-        if not name.strip():
-            raise UsageError("--name must not be empty")
-        if name_taken(reg, name):
-            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
-
-
 def _parse_weights(weights) -> list[float] | None:
     if weights is None or isinstance(weights, (list, tuple)):
         return None if weights is None else [float(w) for w in weights]
@@ -354,8 +322,8 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
                      rescale=rescale)
     if election not in ELECTIONS:
         raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
-    _check_name(reg, name)
-    dev = _device(device)
+    check_new_name(reg, name)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     inputs = load_inputs(reg, arts, dev, progress)
     read_s = time.perf_counter() - t0
@@ -414,7 +382,7 @@ def replay_merge(reg: Registry, config_text: str, *, device: str | None = None, 
     spec, refs = parse_merge_config(config_text)
     with reg.session() as s:
         arts = [reg.resolve(s, str(r.extra.get("id") or r.name), "artifact") for r in refs]
-    inputs = load_inputs(reg, arts, _device(device))
+    inputs = load_inputs(reg, arts, resolve_device(device))
     if verify_digests:
         for r, x in zip(refs, inputs, strict=False):
             if r.digest and x.digest != r.digest:
@@ -479,11 +447,11 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     arts, base, variant = resolve_inputs(reg, refs)
     lo, hi = _parse_bounds(bounds)
     _check_options(optimizer, budget, (lo, hi), l1)
-    _check_name(reg, name)
+    check_new_name(reg, name)
     pairs = load_examples(examples, shots)
     tokenizer = load_base_tokenizer(reg, base)
     _, n_tokens = encode_examples(tokenizer, pairs, batch_size)  # UsageError if none is usable
-    dev = _device(device)
+    dev = resolve_device(device)
     inputs = load_inputs(reg, arts, dev, progress)
     adapters = [x.adapter for x in inputs]
     names = [a.name for a in arts]

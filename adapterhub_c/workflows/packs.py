@@ -37,8 +37,8 @@ from adapterhub_c.packing.compeft import check_params
 from adapterhub_c.packing.encoding import ENCODINGS
 from adapterhub_c.packing.format import Pack, inspect_pack, pack_adapter, write_pack
 from adapterhub_c.packing.params import parse_alpha, parse_density
-from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
-from adapterhub_c.registry.kinds import ADAPTER_KINDS, LORA_KINDS
+from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
+from adapterhub_c.registry.kinds import ADAPTER_KINDS, LORA_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -52,18 +52,6 @@ CURVE_FILE = "alpha_curve.png"
 INFO_FILE = "adapterhub_c.json"
 DEFAULT_SEARCH_TOKENS = 2048
 DEFAULT_SEARCH_EXAMPLES = 24
-
-
-# ---- parsing user values ---------------------------------------------------------------
-
-
-
-
-# ---- decoding ------------------------------------------------------------------------------
-
-
-
-
 
 
 # ---- packing -------------------------------------------------------------------------------
@@ -154,8 +142,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             raise UsageError(f"{src.name!r} is already a pack; pack its source instead")
         base = s.get(BaseModel, src.base_id)
         variant = s.get(Variant, src.variant_id) if src.variant_id else None
-    if name is not None and name_taken(reg, name):
-        raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    check_new_name(reg, name)
     source_digest = (src.files or {}).get(WEIGHTS_NAME)
     if not source_digest:
         raise UsageError(f"{src.name!r} has no {WEIGHTS_NAME}")
@@ -250,7 +237,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
 # ---- unpack and inspect --------------------------------------------------------------------
 def _pack_row(reg: Registry, ref: str) -> Artifact:
     art = reg.get(ref, "artifact")
-    if art.kind != "pack":
+    if art.kind not in PACK_KINDS:
         raise UsageError(f"{art.name!r} is a {art.kind}, not a pack")
     return art
 

@@ -27,7 +27,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.models.device import resolve_device
-from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -135,8 +135,7 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
         raise UsageError("--eval-tokens must be at least 2")
     train_set = load_dataset(data, "train")
     test_set = load_dataset(data, "test")
-    if name is not None and name_taken(reg, name):
-        raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+    check_new_name(reg, name)
     target = variant or base
     ckpt_dir = _checkpoint_dir(reg, target.id, data, name)
     config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, batch_size=batch_size, seq_len=seq_len,

@@ -34,7 +34,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.models.device import resolve_device
-from adapterhub_c.registry.artifacts import name_taken, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
@@ -81,10 +81,6 @@ def checkpoint_dir(reg: Registry, key: str) -> Path:
     path = reg.cache_dir / "checkpoints" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _device_name(device: str | None) -> str:
-    return str(resolve_device(device))
 
 
 def _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every) -> TrainConfig:
@@ -138,14 +134,6 @@ def _dataset_label(data: str) -> str:
     return Path(data).stem or "data"
 
 
-def _check_name(reg: Registry, name: str | None) -> None:
-    if name is not None:
-        if not name.strip():
-            raise UsageError("--name must not be empty")
-        if name_taken(reg, name):
-            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
-
-
 # ---------------------------------------------------------------------------------------
 # adapt train
 
@@ -173,7 +161,7 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
     targets = sorted({t.strip() for t in (targets or DEFAULT_TARGETS) if t and t.strip()})
     if not targets:
         raise UsageError("--targets is empty")
-    device = _device_name(device)
+    device = str(resolve_device(device))
     config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
     spec = resolve_stack(reg, target, variant)
     if spec.adapter is not None or spec.prompt is not None:
@@ -184,7 +172,7 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
     dataset = load_dataset(data, "train")
     eval_data = eval_data or data
     load_dataset(eval_data, eval_split)
-    _check_name(reg, name)
+    check_new_name(reg, name)
     stem = f"{_dataset_label(data)}-lora" + (f"-{spec.variant.name}" if spec.variant else "")
     key = run_key(command="adapt train", base=spec.base.id, variant=spec.variant.id if spec.variant else None,
                   data=data, name=name)
@@ -278,7 +266,7 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
     alone", "naive" and "teacher" rows (the converted one is always measured). Returns
     (the ``recovered-lora`` artefact, report with the rows and the gap closed).
     """
-    device = _device_name(device)
+    device = str(resolve_device(device))
     config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
     if distill_on not in DISTILL_ON:
         raise UsageError(f"--distill-on must be one of {', '.join(DISTILL_ON)} (got {distill_on!r})")
@@ -293,7 +281,7 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
                          "give --data")
     eval_data = eval_data or data or (art.config or {}).get("data") or "builtin:pydoc"
     load_dataset(eval_data, eval_split)
-    _check_name(reg, name)
+    check_new_name(reg, name)
     recover_used, distill_used = recover and trains, distill and trains
     key = run_key(command="adapt convert", adapter=art.id, variant=var.id, data=data, name=name)
     params = dict(adapter=adapter_ref, variant=variant_ref, data=data, eval_data=eval_data, eval_split=eval_split,

@@ -245,12 +245,12 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
                 del build, model
             variant_ppl = None
             if eval_tokens:
-                vmodel = load_variant_model(load_from, recipe=recipe, device=str(_device(device)),
+                vmodel = load_variant_model(load_from, recipe=recipe, device=str(resolve_device(device)),
                                             compute_dtype=COMPUTE_DTYPE) \
                     if (Path(load_from) / WEIGHTS_FILE).exists() else None
                 if vmodel is None:
                     vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE,
-                                            str(_device(device)), include_lm_head=recipe.include_lm_head,
+                                            str(resolve_device(device)), include_lm_head=recipe.include_lm_head,
                                             dtype=COMPUTE_DTYPE)
                 variant_eval = _perplexity(vmodel, tokenizer, eval_tokens, progress)
                 variant_ppl = variant_eval["perplexity"]
@@ -291,10 +291,6 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
         run.output = {"variant": row.name, "id": row.id, "created": True, "recipe": recipe.describe(),
                       "perplexity": variant_ppl, "base_perplexity": base_ppl, "size_bytes": size}
         return row, True
-
-
-def _device(device: str | None) -> torch.device:
-    return resolve_device(device)
 
 
 # ---- listing ---------------------------------------------------------------------------
