@@ -79,10 +79,10 @@ def test_eval_records_evaluations(cli, tiny_base):
     r = cli("eval", "builtin:tiny-llama", "--data", "builtin:task/add-numbers", "--max-examples", "3",
             "--max-tokens", "300", "--json")
     assert r.code == 0, r.err
-    assert 0 <= r.json()["exact_match"] <= 1
+    assert 0 <= r.json()["exact_match"] <= 1 and r.json()["completion_ppl"] > 1 and "perplexity" not in r.json()
     evs = cli("show", "builtin:tiny-llama", "--json").json()["evaluations"]
     assert {(e["dataset"], e["metric"]) for e in evs} == {
-        ("builtin:pydoc", "perplexity"), ("builtin:task/add-numbers", "perplexity"),
+        ("builtin:pydoc", "perplexity"), ("builtin:task/add-numbers", "completion_ppl"),
         ("builtin:task/add-numbers", "exact_match")}
 
 
