@@ -177,7 +177,7 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
         max_eval_tokens=z.eval_tokens, name=f"demo-{short}-{CONVERT_TASK}-on-{variant.name}", progress=progress))
     if conv_report:
         yield f"convert {pulled.name} to {variant.name} (CA-LoRA, {z.convert_steps} steps)", [
-            {"row": r["row"], "exact_match": _fmt(r.get("exact_match")), "perplexity": _fmt(r.get("perplexity"), 2),
+            {"row": r["row"], "exact_match": _fmt(r.get("exact_match")), "completion_ppl": _fmt(r.get("completion_ppl"), 3),
              "size_MB": _fmt((r.get("size_bytes") or 0) / 1e6, 2) if r.get("size_bytes") else None}
             for r in conv_report["rows"]]
     else:
@@ -195,9 +195,9 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
                                   max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
     yield f"ComPEFT pack at k = {PACK_DENSITY:.0%} (alpha {(pack.config or {}).get('alpha')})", [
         {"adapter": conv.name, "bytes": conv.size_bytes, "exact_match": _fmt(conv_q.get("exact_match")),
-         "perplexity": _fmt(conv_q.get("perplexity"), 2), "vs_unpacked_size": 1.0},
+         "completion_ppl": _fmt(conv_q.get("completion_ppl"), 3), "vs_unpacked_size": 1.0},
         {"adapter": pack.name, "bytes": pack.size_bytes, "exact_match": _fmt(packed_q.get("exact_match")),
-         "perplexity": _fmt(packed_q.get("perplexity"), 2),
+         "completion_ppl": _fmt(packed_q.get("completion_ppl"), 3),
          "vs_unpacked_size": _fmt(pack.size_bytes / conv.size_bytes, 4)}]
 
     # 7. merge two task LoRAs, compose on a third task

@@ -21,7 +21,6 @@ Writes ``benchmarks/results/compose.md``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -58,8 +57,8 @@ def main() -> None:
 
     from adapterhub_c.adapters.lora import LoraAdapter
     from adapterhub_c.evals.data import load_dataset
+    from adapterhub_c.evals.metrics import completion_perplexity
     from adapterhub_c.merging import ComposeStack
-    from adapterhub_c.merging.completions import completion_loss, encode_examples
     from adapterhub_c.runtime.adapters import load_adapter_artifact
     from adapterhub_c.runtime.bases import load_base_model
     from adapterhub_c.workflows.merges import compose_artifacts, load_inputs, resolve_inputs
@@ -90,9 +89,7 @@ def main() -> None:
     uniform = ComposeStack(loras, names).adapter([1.0 / n] * n)
     model, tok = load_base_model(reg, base, "cpu")
     test = load_dataset(examples, "test").pairs[:args.examples]
-    enc = encode_examples(tok, test, 16)
     shots = load_dataset(examples, "train").pairs[:args.shots]
-    enc_shots = encode_examples(tok, shots, 16)
     candidates: list[tuple[str, LoraAdapter | None, dict]] = [("base (no adapter)", None, {})]
     candidates.append((f"uniform 1/{n} over the LoRAs", uniform, {}))
     for label in ("LoRAs", "packs"):
@@ -107,9 +104,9 @@ def main() -> None:
         for i, (label, adapter, extra) in enumerate(candidates):
             m = model if adapter is None else \
                 PeftModel.from_pretrained(model, str(adapter.to_folder(Path(tmp) / f"c{i}"))).eval()
-            row = {"adapter": label, "shots loss": completion_loss(m, *enc_shots),
+            row = {"adapter": label, "shots loss": completion_perplexity(m, tok, shots, batch_size=16)["completion_nll"],
                    "test EM": bench_zoo.batched_exact_match(m, tok, test),
-                   "test ppl": math.exp(completion_loss(m, *enc)), **extra}
+                   "test ppl": completion_perplexity(m, tok, test, batch_size=16)["completion_ppl"], **extra}
             rows.append(row)
             log(str(row))
             if adapter is not None:
@@ -128,7 +125,7 @@ def main() -> None:
         + f"; their ComPEFT packs (k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope): "
         + ", ".join(packs) + ". Sizes: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + ".",
         f"Composition: `adapt compose` registry op, {args.shots} shots (train split), budget {args.budget}, "
-        f"seed {args.seed}, NGOpt, bounds [-1.5, 1.5], l1 0.05. Scores: shots loss = completion cross-entropy "
+        f"seed {args.seed}, NGOpt, bounds [-1.5, 1.5], l1 0.05. Scores: shots loss = completion NLL "
         f"on the {args.shots} shots (what the search minimises, without the penalty); test = first "
         f"{args.examples} test pairs: greedy exact match (batched, KV cache) and completion perplexity. "
         "s/step = search wall time / budget; search s = the search; command s = the whole registry "

@@ -6,15 +6,16 @@ Usage:
                                 [--batch-size B] [--seq-len T] [--lr LR] [--rank R]
                                 [--eval-examples N] [--eval-tokens N] [--device cpu|cuda]
                                 [--base builtin:smollm2-135m] [--zoo-dir DIR]
+  python benchmarks/make_zoo.py --remeasure   # re-evaluate the zoo's LoRAs, no training
 
 For each task, in the order given (default: reverse-words, uppercase, sort-numbers, pydoc,
 add-numbers, json-field, so that consumers of the first LoRAs can start early):
 
 1. ``adapterhub_c.workflows.training.train_adapter`` trains a LoRA (r=16, alpha=32, q/k/v/o) on the
    base in the zoo's own registry (``ZOO_DIR/home``), on the task's train split, and
-   measures base and base+LoRA on the test split (exact match on the first
-   ``--eval-examples`` prompts for the built-in tasks, perplexity on the first
-   ``--eval-tokens`` tokens; perplexity only for ``pydoc``);
+   measures base and base+LoRA on the test split (exact match and completion perplexity
+   on the first ``--eval-examples`` prompts for the built-in tasks; perplexity on the
+   first ``--eval-tokens`` tokens for ``pydoc``);
 2. ``adapterhub_c.hub.ops.push_artifact`` pushes it to a local Hub served over
    ``ZOO_DIR/hub`` as ``zoo/<base short name>-<task>``;
 3. the manifest ``ZOO_DIR/zoo.json`` is rewritten atomically.
@@ -22,7 +23,8 @@ add-numbers, json-field, so that consumers of the first LoRAs can start early):
 Re-running skips the LoRAs already in the manifest (and pushes, without retraining, one
 that was trained but not yet pushed when a previous run stopped). The table at the end
 (also written to ``benchmarks/results/zoo.md``) compares base vs base+LoRA per task, the
-ratio being measured in the same run.
+ratio being measured in the same run. ``--remeasure`` evaluates every LoRA of the manifest
+again with today's metrics (same examples and tokens as recorded) and rewrites the table.
 """
 from __future__ import annotations
 
@@ -64,8 +66,10 @@ def _summary(entry: dict) -> dict:
     m = entry["metrics"]
     before, after = m.get("before") or {}, m.get("after") or {}
     primary = "perplexity" if entry["task"] == "pydoc" else "exact_match"
+    # tasks: completion perplexity (entries measured before it existed show none)
+    ppl = "perplexity" if entry["task"] == "pydoc" else "completion_ppl"
     return {"task": entry["task"], "metric": primary, "base": before.get(primary), "lora": after.get(primary),
-            "ppl_base": before.get("perplexity"), "ppl_lora": after.get("perplexity"),
+            "ppl_base": before.get(ppl), "ppl_lora": after.get(ppl),
             "steps": entry["steps"], "batch": entry.get("batch_size"),
             "n_em": (entry.get("eval") or {}).get("max_examples"), "n_tok": (entry.get("eval") or {}).get("max_tokens"),
             "train_s": m["train"]["wall_s"], "total_s": entry.get("wall_s"),
@@ -73,12 +77,27 @@ def _summary(entry: dict) -> dict:
             "tok_s": m["train"]["tokens_per_s"]}
 
 
+def remeasure(reg, manifest: dict, device: str) -> None:
+    """Evaluate base and base+LoRA of every manifest entry again, in place (no training)."""
+    from adapterhub_c.evals.metrics import QUALITY_METRICS
+    from adapterhub_c.workflows.evals import run_eval
+
+    for entry in manifest["loras"]:
+        ev = entry.get("eval") or {}
+        kw = dict(max_tokens=ev.get("max_tokens"), max_examples=ev.get("max_examples"), device=device)
+        for key, adapter in (("before", None), ("after", entry["artifact"])):
+            print(f"{entry['task']}: measuring {'base' if adapter is None else adapter}", flush=True)
+            row = run_eval(reg, manifest["base"], entry["data"], "test", adapter=adapter,
+                           progress=_progress(entry["task"]), **kw)
+            entry["metrics"][key] = {k: v for k, v in row.items() if k in QUALITY_METRICS}
+
+
 def render_table(manifest: dict) -> str:
     """Markdown table of the manifest: base vs base+LoRA per task."""
     def f(v, nd=3):
         return "–" if v is None else f"{v:.{nd}f}"
 
-    lines = ["| task | metric | base | base+LoRA | ppl base | ppl base+LoRA | steps × batch | eval (EM prompts / ppl tokens) "
+    lines = ["| task | metric | base | base+LoRA | ppl base | ppl base+LoRA | steps × batch | eval (prompts / pydoc tokens) "
              "| loss (first→last) | train s | train tok/s | total s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in manifest.get("loras", []):
         r = _summary(entry)
@@ -105,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--remeasure", action="store_true", help="re-evaluate the zoo's LoRAs (no training) and exit")
     args = ap.parse_args(argv)
 
     from adapterhub_c.hub.ops import push_artifact
@@ -127,6 +147,10 @@ def main(argv=None) -> int:
     print(f"zoo {zoo_dir} base {base.name}; tasks {tasks}; steps {args.steps} batch {args.batch_size} "
           f"seq_len {args.seq_len} lr {args.lr} rank {args.rank}; eval: {args.eval_examples} examples, "
           f"{args.eval_tokens} tokens of the test split; device {args.device}", flush=True)
+    if args.remeasure:
+        remeasure(reg, manifest, args.device)
+        write_manifest(manifest, zoo_dir)
+        tasks = []
     with serve_zoo(zoo_dir) as endpoint:
         for task in tasks:
             if any(e["task"] == task for e in manifest["loras"]):
@@ -174,8 +198,9 @@ def main(argv=None) -> int:
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             f"LoRA r={args.rank}, alpha={args.alpha}, q/k/v/o, lr {args.lr}, batch {args.batch_size}, "
             f"seq_len {args.seq_len} (pydoc: {args.pydoc_steps} steps, batch {args.pydoc_batch_size}), "
-            f"CPU (2 cores shared with other jobs, load ~8). Test split: exact match on the first "
-            f"{args.eval_examples} prompts, perplexity on the first {args.eval_tokens} tokens.\n\n{table}\n")
+            f"CPU (2 cores shared with other jobs, load ~8). Test split: exact match and completion perplexity "
+            f"(ppl columns: exp of the mean NLL of the completion tokens given the prompt) on the first "
+            f"{args.eval_examples} prompts; pydoc: perplexity on the first {args.eval_tokens} tokens.\n\n{table}\n")
     print(f"manifest: {manifest_path(zoo_dir)}")
     return 0
 

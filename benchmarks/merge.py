@@ -330,13 +330,12 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
                  max_examples: int, log, pack_scope: str = "tensor"):
     """Per-task loss / exact match of singles, TA and TIES merges (delta space), from the
     LoRAs and from their ComPEFT packs, all read through the merge command's input path."""
-    import math
     import tempfile
 
     from peft import PeftModel
 
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.merging.completions import completion_loss, encode_examples
+    from adapterhub_c.evals.metrics import completion_perplexity
     from adapterhub_c.runtime.bases import load_base_model
     from adapterhub_c.workflows.merges import load_inputs, resolve_inputs
 
@@ -357,7 +356,6 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
             candidates.append((f"{method} ({src})", res.adapter, res.seconds))
     model, tok = load_base_model(reg, base, "cpu")
     data = {t: load_dataset(f"builtin:task/{t}", "test").pairs[:max_examples] for t in tasks}
-    enc = {t: encode_examples(tok, p, 16) for t, p in data.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, adapter, merge_s) in enumerate(candidates):
@@ -369,7 +367,7 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
             row = {"adapter": label, "merge s": merge_s}
             for t in tasks:
                 row[f"{t} EM"] = bench_zoo.batched_exact_match(m, tok, data[t])
-                row[f"{t} ppl"] = math.exp(completion_loss(m, *enc[t]))
+                row[f"{t} ppl"] = completion_perplexity(m, tok, data[t], batch_size=16)["completion_ppl"]
             rows.append(row)
             log(f"{label}: {row} ({time.perf_counter() - t0:.0f}s)")
             if adapter is not None:

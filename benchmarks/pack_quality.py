@@ -8,14 +8,14 @@ Usage:
 For each task LoRA (on its base, loaded once; the adapter is attached once and its weights
 swapped in place, :class:`adapterhub_c.packing.alpha.AdapterSlot`), on the first
 ``--examples`` pairs of the task's test split: greedy exact match (the task metric) and
-completion perplexity (exp of the mean cross-entropy per completion token, teacher
-forced; exact match is the library's greedy rule, batched with a KV cache:
-:func:`bench_zoo.batched_exact_match`). A ``pydoc`` LoRA is scored by strided perplexity on ``--ppl-tokens`` tokens of
+completion perplexity (:func:`adapterhub_c.evals.metrics.completion_perplexity`: exp of
+the mean NLL of the completion tokens given the prompt, teacher forced; exact match is the
+library's greedy rule, batched with a KV cache: :func:`bench_zoo.batched_exact_match`). A ``pydoc`` LoRA is scored by strided perplexity on ``--ppl-tokens`` tokens of
 the pydoc test split only. Rows, as in ComPEFT's Figure 5:
 
 - ``base``: no adapter; ``original``: the LoRA as trained (the baseline of the ratios);
 - ``compeft``: top-k, signs kept, magnitude alpha·std (global), alpha chosen on the
-  validation split from the paper's grid (0.5 … 10) — criterion: completion loss on the
+  validation split from the paper's grid (0.5 … 10) — criterion: completion NLL on the
   first ``--val-examples`` validation pairs (pydoc: perplexity on ``--val-tokens``), one
   teacher-forced pass per alpha (the library's ``--alpha auto`` uses greedy exact match,
   which costs ~20x more on CPU);
@@ -54,7 +54,6 @@ class Scorer:
 
     def __init__(self, task: str, tokenizer, n_test: int, n_val: int, ppl_tokens: int, val_tokens: int):
         from adapterhub_c.evals.data import load_dataset
-        from adapterhub_c.merging.completions import encode_examples
 
         self.task, self.tok = task, tokenizer
         self.is_text = task == "pydoc"
@@ -65,30 +64,28 @@ class Scorer:
             self.ppl_tokens, self.val_tokens = ppl_tokens, val_tokens
         else:
             self.test_pairs, self.val_pairs = test.pairs[:n_test], val.pairs[:n_val]
-            self.test_batches = encode_examples(tokenizer, self.test_pairs, 16)
-            self.val_batches = encode_examples(tokenizer, self.val_pairs, 16)
 
     def _ppl_text(self, model, texts, tokens) -> float:
         from adapterhub_c.evals.metrics import perplexity
 
         return perplexity(model, self.tok, texts, max_length=512, stride=512, max_tokens=tokens)["perplexity"]
 
-    def validation(self, model) -> float:
-        """Alpha-search criterion (lower is better)."""
-        from adapterhub_c.merging.completions import completion_loss
+    def _completion(self, model, pairs) -> dict:
+        from adapterhub_c.evals.metrics import completion_perplexity
 
+        return completion_perplexity(model, self.tok, pairs, batch_size=16)
+
+    def validation(self, model) -> float:
+        """Alpha-search criterion (lower is better): completion NLL; pydoc: perplexity."""
         if self.is_text:
             return self._ppl_text(model, self.val_texts, self.val_tokens)
-        return completion_loss(model, *self.val_batches)
+        return self._completion(model, self.val_pairs)["completion_nll"]
 
     def test(self, model) -> dict:
-        from adapterhub_c.merging.completions import completion_loss
-
         if self.is_text:
             return {"EM": None, "ppl": self._ppl_text(model, self.test_texts, self.ppl_tokens)}
-        loss = completion_loss(model, *self.test_batches)
         em = bench_zoo.batched_exact_match(model, self.tok, self.test_pairs)
-        return {"EM": em, "ppl": math.exp(loss)}
+        return {"EM": em, "ppl": self._completion(model, self.test_pairs)["completion_ppl"]}
 
 
 def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int]:
@@ -274,7 +271,7 @@ def main() -> None:
         f"null modules = adapted modules whose ΔW = B·A became 0 (all of A or of B dropped). "
         f"Test: first {args.examples} pairs of each task's test split — EM = greedy exact match, ppl = completion "
         f"perplexity (teacher forced); pydoc: strided perplexity on {args.ppl_tokens} test tokens. compeft alpha: "
-        f"best of the paper's grid by completion loss on the first {args.val_examples} validation pairs (pydoc: "
+        f"best of the paper's grid by completion NLL on the first {args.val_examples} validation pairs (pydoc: "
         f"perplexity on {args.val_tokens} validation tokens). bytes = pack file (golomb) or, for original, the fp16 "
         "safetensors of the same tensors; fp16 / bytes = compression vs that file. EM / orig and ppl / orig: "
         "ratio to the uncompressed LoRA in this run. s = seconds for the row (compeft: incl. the alpha search).", "",
@@ -286,7 +283,7 @@ def main() -> None:
         "the other's, as in a LoRA trained briefly from B = 0 (std A vs std B below).", "",
         bench_zoo.md_table(null_rows, ["task", "k", "modules", "std A", "std B", "null (global)", "null (tensor)"],
                            {"k": "{:.2f}", "std A": "{:.3g}", "std B": "{:.3g}"}), "",
-        "## Alpha search curves (validation completion loss; pydoc: perplexity)", "",
+        "## Alpha search curves (validation completion NLL; pydoc: perplexity)", "",
         bench_zoo.md_table(curve_rows, list(curve_rows[0]) if curve_rows else [], {"k": "{:.2f}"}), "",
         f"Total wall time {time.time() - started:.0f} s.",
     ])

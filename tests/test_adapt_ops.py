@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -88,11 +89,11 @@ def test_train_registers_a_peft_loadable_lora_with_summary_lineage_and_evaluatio
     assert roles(reg, art) == {"builtin:tiny-llama": "trained-on"}
     train = art.metrics["train"]
     assert train["steps"] == 4 and train["loss_end"] is not None and train["wall_s"] > 0
-    assert report["after"]["perplexity"] < report["before"]["perplexity"]
+    assert report["after"]["completion_ppl"] < report["before"]["completion_ppl"]
     assert art.config["rank"] == 4 and art.config["targets"] == ["down_proj", "q_proj", "up_proj", "v_proj"]
     rows = evaluations(reg, art.run_id)
     assert {(e.artifact_id, e.metric) for e in rows} == {
-        (None, "perplexity"), (None, "exact_match"), (art.id, "perplexity"), (art.id, "exact_match")}
+        (None, "completion_ppl"), (None, "exact_match"), (art.id, "completion_ppl"), (art.id, "exact_match")}
     assert all(e.dataset == TASK and e.split == "test" for e in rows)
 
     folder = reg.materialize(art)
@@ -162,7 +163,7 @@ def test_convert_with_data_registers_recovered_lora_and_four_rows(world):
     assert [r["row"] for r in report["rows"]] == ["variant alone", "variant + source (naive)",
                                                   "base + source (teacher)", "variant + converted"]
     rows = evaluations(reg, art.run_id)
-    assert len(rows) == 8  # 4 rows × (perplexity, exact match)
+    assert len(rows) == 8  # 4 rows × (completion_ppl, exact match)
     ids = {(e.variant_id, e.artifact_id) for e in rows}
     assert ids == {(nf4.id, None), (nf4.id, src.id), (None, src.id), (nf4.id, art.id)}
     cfg = json.loads((reg.materialize(art) / "adapter_config.json").read_text())
@@ -186,10 +187,10 @@ def test_eval_of_the_converted_adapter_equals_load_adapted_by_hand(world, capsys
     model = load_adapted(load_variant(reg, nf4), loaded.lora, loaded.recovery_state, loaded.recovery_config)
     tok = load_base_tokenizer(reg, reg.get("builtin:tiny-llama", "base"))
     by_hand = evaluate_model(model, tok, TASK, max_tokens=300, max_examples=2)
-    assert via_registry["perplexity"] == by_hand["perplexity"]
+    assert via_registry["completion_ppl"] == by_hand["completion_ppl"]
     assert via_registry["exact_match"] == by_hand["exact_match"]
     converted = report["rows"][-1]
-    assert converted["perplexity"] == pytest.approx(by_hand["perplexity"], rel=1e-5)
+    assert converted["completion_ppl"] == pytest.approx(by_hand["completion_ppl"], rel=1e-5)
     code, out, err = run_cli(world["home"], capsys, "generate", "builtin:tiny-llama", "Reverse the words: a b",
                              "--variant", nf4.name, "--adapter", "conv-eval", "--max-new-tokens", "3")
     assert code == 0, err
@@ -207,7 +208,7 @@ def test_convert_without_data_is_inheritance_only_and_still_evaluated(world):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     by = {r["row"]: r for r in report["rows"]}
     # inherit only on a non-ffn variant: the converted adapter is the naive one
-    assert by["variant + converted"]["perplexity"] == pytest.approx(by["variant + source (naive)"]["perplexity"],
+    assert by["variant + converted"]["completion_ppl"] == pytest.approx(by["variant + source (naive)"]["completion_ppl"],
                                                                     rel=1e-6)
     assert len(evaluations(reg, art.run_id)) == 8
 
@@ -248,14 +249,14 @@ def test_ffn_channels_variant_slices_the_source_through_the_registry(world, caps
         else:
             assert torch.equal(b[module].A, layer.A) and torch.equal(b[module].B, layer.B)
     by = {r["row"]: r for r in report["rows"]}
-    assert by["variant + converted"]["perplexity"] == pytest.approx(by["variant + source (naive)"]["perplexity"],
+    assert by["variant + converted"]["completion_ppl"] == pytest.approx(by["variant + source (naive)"]["completion_ppl"],
                                                                     rel=1e-6)
     # the sliced, converted adapter and the unsliced source both evaluate on the variant
     for adapter in ("conv-ffn", "src"):
         code, out, err = run_cli(world["home"], capsys, "eval", ffn.name, "--adapter", adapter, "--data", TASK,
                                  "--max-tokens", "300", "--max-examples", "2", "--json")
         assert code == 0, err
-        assert json.loads(out)["perplexity"] == pytest.approx(by["variant + converted"]["perplexity"], rel=1e-5)
+        assert json.loads(out)["completion_ppl"] == pytest.approx(by["variant + converted"]["completion_ppl"], rel=1e-5)
 
 
 def test_gap_closed():
@@ -263,6 +264,11 @@ def test_gap_closed():
             {"row": "base + source (teacher)", "perplexity": 10.0, "exact_match": 0.6},
             {"row": "variant + converted", "perplexity": 12.0, "exact_match": 0.5}]
     assert gap_closed(rows) == pytest.approx({"perplexity": 0.8, "exact_match": 0.75})
+    # on a task the perplexity gap is measured in completion NLL (log of completion_ppl)
+    task = [{"row": "variant + source (naive)", "completion_ppl": math.e ** 3, "exact_match": 0.2},
+            {"row": "base + source (teacher)", "completion_ppl": math.e ** 1, "exact_match": 0.6},
+            {"row": "variant + converted", "completion_ppl": math.e ** 1.5, "exact_match": 0.5}]
+    assert gap_closed(task) == pytest.approx({"completion_nll": 0.75, "exact_match": 0.75})
 
 
 # ---------------------------------------------------------------------------------------

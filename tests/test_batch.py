@@ -312,7 +312,7 @@ def test_batch_converts_reports_broken_items_and_reruns_without_redoing(db, breg
         assert it["attempts"] == 1 and len(it["artifact_ids"]) == 3  # pulled, converted, pack
         assert set(it["outputs"]) >= {"pull", "convert", "pack", "evaluate", "push"}
         assert it["outputs"]["push"]["repo"].startswith("carol/")
-        assert it["outputs"]["evaluate"]["perplexity"] > 0
+        assert it["outputs"]["evaluate"]["completion_ppl"] > 1
     converted, packs = _artifacts(breg, "recovered-lora"), _artifacts(breg, "pack")
     assert len(converted) == 8 and len(packs) == 8
     assert all(a.variant_id == variant.id for a in converted)

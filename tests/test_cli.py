@@ -96,15 +96,15 @@ def test_eval_records_evaluations(cli, reg, tiny_base):
     r = cli("eval", "builtin:tiny-llama", "--data", "builtin:task/add-numbers", "--max-examples", "3",
             "--max-tokens", "300", "--json")
     assert r.code == 0, r.err
-    assert 0 <= r.json()["exact_match"] <= 1
+    assert 0 <= r.json()["exact_match"] <= 1 and r.json()["completion_ppl"] > 1 and "perplexity" not in r.json()
     task = r.json()
     lib_task = evaluate_model(model, tokenizer, "builtin:task/add-numbers", "test", max_tokens=300, max_examples=3)
     assert lib_task["_details"]["exact_match"]["examples"] == 3
     assert task["exact_match"] == lib_task["exact_match"]
-    assert task["perplexity"] == pytest.approx(lib_task["perplexity"], rel=1e-6)
+    assert task["completion_ppl"] == pytest.approx(lib_task["completion_ppl"], rel=1e-6)
     evs = cli("show", "builtin:tiny-llama", "--json").json()["evaluations"]
     assert {(e["dataset"], e["metric"]) for e in evs} == {
-        ("builtin:pydoc", "perplexity"), ("builtin:task/add-numbers", "perplexity"),
+        ("builtin:pydoc", "perplexity"), ("builtin:task/add-numbers", "completion_ppl"),
         ("builtin:task/add-numbers", "exact_match")}
     # and the recorded values are the printed ones, on the base alone
     recorded = {(e["dataset"], e["metric"]): e["value"] for e in evs}

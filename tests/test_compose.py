@@ -9,7 +9,7 @@ import torch
 
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merging.completions import completion_loss, encode_examples
+from adapterhub_c.evals.metrics import completion_perplexity, encode_completions
 from adapterhub_c.merging.compose import compose_adapters
 from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
 from adapterhub_c.models.tiny import build_tiny_llama
@@ -37,7 +37,7 @@ def trained() -> LoraAdapter:
     torch.manual_seed(0)
     model, tok = build_tiny_llama()
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    batches, n_tokens = encode_examples(tok, task_examples(32, seed=1), batch_size=32)
+    batches = encode_completions(tok, task_examples(32, seed=1), batch_size=32).batches
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     b = batches[0]
@@ -82,14 +82,14 @@ def test_composition_finds_the_trained_adapter_and_beats_uniform(trained):
     assert int(np.argmax(mags)) == 1 and mags[1] > 2 * np.delete(mags, 1).max(), res.weights
 
     stack = ComposeStack(adapters, ["d1", "t", "d2", "d3"])
-    batches, n_tokens = encode_examples(tok, held_out, batch_size=4)
-    with PeftEvaluator(stack, model, batches, n_tokens) as ev:
+    encoded = encode_completions(tok, held_out, batch_size=4)
+    with PeftEvaluator(stack, model, encoded) as ev:
         uniform = ev.loss([1 / 4] * 4)
         composed = ev.loss(res.weights)
         base = ev.loss([0.0] * 4)
     assert composed < uniform and composed < base, (composed, uniform, base)
     # the returned adapter is the composition that was scored
-    with PeftEvaluator(ComposeStack([res.adapter], ["c"]), model, batches, n_tokens) as ev:
+    with PeftEvaluator(ComposeStack([res.adapter], ["c"]), model, encoded) as ev:
         assert ev.loss([1.0]) == pytest.approx(composed, rel=1e-4)
 
 
@@ -97,8 +97,7 @@ def test_fused_rebuild_reproduces_each_input_delta(trained):
     model, tok = build_tiny_llama()
     adapters = [trained, distractor(5, trained, alpha=2)]
     stack = ComposeStack(adapters, ["t", "d"])
-    batches, n_tokens = encode_examples(tok, task_examples(2, seed=0))
-    with PeftEvaluator(stack, model, batches, n_tokens) as ev:
+    with PeftEvaluator(stack, model, encode_completions(tok, task_examples(2, seed=0))) as ev:
         for i, adapter in enumerate(adapters):
             w = [0.0, 0.0]
             w[i] = 1.0
@@ -116,25 +115,15 @@ def test_fused_rebuild_reproduces_each_input_delta(trained):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_does_not_depend_on_batch_size(trained):
+def test_compose_loss_is_the_completion_nll_of_the_task_metric(trained):
     model, tok = build_tiny_llama()
     ex = [("ab =>", " xyxy"), ("abcdefgh long prompt =>", " x"), ("c =>", " xyxyxyxy")]
-    losses = []
-    for bs in (1, 2, 3):
-        batches, n_tokens = encode_examples(tok, ex, batch_size=bs)
-        losses.append(completion_loss(model, batches, n_tokens))
-    assert losses == pytest.approx([losses[0]] * 3, rel=1e-5)
-    # the same number by hand: token cross-entropies over completion tokens only
-    total, count = 0.0, 0
-    for prompt, completion in ex:
-        p = tok(prompt)["input_ids"]
-        c = tok(completion, add_special_tokens=False)["input_ids"]
-        logits = model(input_ids=torch.tensor([p + c])).logits[0]
-        logp = torch.log_softmax(logits.float(), -1)
-        for j, token in enumerate(c):
-            total -= logp[len(p) + j - 1, token].item()
-            count += 1
-    assert losses[0] == pytest.approx(total / count, rel=1e-5)
+    with PeftEvaluator(ComposeStack([trained], ["t"]), model, encode_completions(tok, ex, batch_size=2)) as ev:
+        loss = ev.loss([0.0])
+        with_trained = ev.loss([1.0])
+        direct = completion_perplexity(ev.model, tok, ex, batch_size=3)["completion_nll"]
+    assert loss == pytest.approx(completion_perplexity(model, tok, ex)["completion_nll"], rel=1e-5)
+    assert with_trained == pytest.approx(direct, rel=1e-5) and with_trained < loss
 
 
 def test_callable_loss_and_l1_penalty():

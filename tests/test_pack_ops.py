@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import UsageError
 
 BASE = "builtin:tiny-llama"
 
@@ -247,14 +248,24 @@ def test_alpha_auto_picks_the_grid_argmin_and_draws_the_curve(reg, tiny_base, lo
     assert r2.json()["quality"]["unpacked"] == search["unpacked"]
 
 
-def test_alpha_auto_on_a_task_uses_exact_match_then_perplexity(reg, tiny_base, lora, cli):
+def test_alpha_auto_on_a_task_uses_exact_match_then_completion_perplexity(reg, tiny_base, lora, cli):
     r = cli("pack", "lora1", "--density", "0.3", "--alpha", "auto", "--eval-data", "builtin:task/uppercase",
             "--max-examples", "2", "--max-tokens", "200", "--json")
     assert r.code == 0, r.err
     search = r.json()["alpha_search"]
-    assert search["metric"] == "exact_match" and search["max_examples"] == 2
-    key = min(search["curve"], key=lambda p: (-p["exact_match"], p["perplexity"]))
+    assert search["metric"] == "exact_match" and search["max_examples"] == 2 and search["max_tokens"] is None
+    assert all(set(p) == {"alpha", "exact_match", "completion_ppl"} for p in search["curve"])
+    key = min(search["curve"], key=lambda p: (-p["exact_match"], p["completion_ppl"]))
     assert search["best"] == key["alpha"]
+
+
+def test_alpha_metric_perplexity_on_a_task_is_completion_perplexity():
+    from adapterhub_c.packing.alpha import resolve_metric
+
+    assert resolve_metric("perplexity", is_task=True) == "completion_ppl"
+    assert resolve_metric("perplexity", is_task=False) == "perplexity"
+    with pytest.raises(UsageError, match="completion_ppl needs a task"):
+        resolve_metric("completion_ppl", is_task=False)
 
 
 # ---- inspect ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from adapterhub_c.batch import queue
 from adapterhub_c.errors import AdaptError, UsageError
+from adapterhub_c.evals.metrics import QUALITY_METRICS
 from adapterhub_c.hub.ops import pull_adapter, push_artifact
 from adapterhub_c.registry import Registry
 from adapterhub_c.registry.artifacts import unique_name
@@ -281,7 +282,7 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
         if conv is None:
             with ctx.step("convert"):
                 conv, report = convert_adapter(reg, src.id, variant.id, name=name, **p.get("convert", {}))
-        rows = {r["row"]: {k: v for k, v in r.items() if k in ("perplexity", "exact_match")}
+        rows = {r["row"]: {k: v for k, v in r.items() if k in QUALITY_METRICS}
                 for r in report.get("rows", [])}
         ctx.record("convert", {"id": conv.id, "name": conv.name, "gap_closed": report.get("gap_closed"),
                                "eval_data": report.get("eval_data"), "rows": rows})
@@ -320,7 +321,7 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
                                max_examples=c.get("max_eval_examples", DEFAULT_EVAL_EXAMPLES),
                                device=p.get("device", "cpu"))
             ctx.record("evaluate", {"artifact": final.name, "data": data, **{
-                k: v for k, v in res.items() if k in ("perplexity", "exact_match")}})
+                k: v for k, v in res.items() if k in QUALITY_METRICS}})
 
     # push
     if p.get("push") and ctx.outputs.get("push") is None:

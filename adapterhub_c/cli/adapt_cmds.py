@@ -16,7 +16,7 @@ def _targets(value: str | None) -> list[str] | None:
 
 
 def _metric_columns(rows: list[dict]) -> list[str]:
-    return [m for m in ("perplexity", "exact_match") if any(m in r for r in rows)]
+    return [m for m in ("perplexity", "completion_ppl", "exact_match") if any(m in r for r in rows)]
 
 
 @click.command("train")

@@ -30,7 +30,7 @@ def stack_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def eval_cmd(obj, target, data, split, max_tokens, max_examples, variant, adapter, soft_prompt, device, as_json):
-    """Measure perplexity (and exact match on tasks) of TARGET; results are recorded."""
+    """Measure perplexity (text) or completion perplexity and exact match (tasks) of TARGET; results are recorded."""
     with progress_callback() as progress:
         row = api.evaluate(target, data, registry=obj.registry, split=split, variant=variant, adapter=adapter,
                            prompt=soft_prompt, max_tokens=max_tokens, max_examples=max_examples, device=device,

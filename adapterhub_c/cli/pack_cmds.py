@@ -33,7 +33,7 @@ def pack_group():
               help="Magnitude multiplier (values become alpha·std·sign), or 'auto' with --eval-data.")
 @click.option("--eval-data", default=None,
               help="Validation data for --alpha auto (and to measure pack vs unpacked quality).")
-@click.option("--alpha-metric", type=click.Choice(["auto", "perplexity", "exact_match"]), default="auto",
+@click.option("--alpha-metric", type=click.Choice(["auto", "perplexity", "completion_ppl", "exact_match"]), default="auto",
               show_default=True, help="Search criterion: auto = exact match on tasks, perplexity on text.")
 @click.option("--max-tokens", type=int, default=DEFAULTS["max_tokens"], show_default=True,
               help="Perplexity tokens per evaluation.")
@@ -70,7 +70,7 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
     search = report.get("alpha_search")
     if search:
         rows = [{**p, "best": "*" if p["alpha"] == search["best"] else ""} for p in search["curve"]]
-        cols = ["alpha"] + [m for m in ("exact_match", "perplexity") if m in rows[0]] + ["best"]
+        cols = ["alpha"] + [m for m in ("exact_match", "completion_ppl", "perplexity") if m in rows[0]] + ["best"]
         print_table(rows, cols, title=f"alpha search on {search['data']} (validation, by {search['metric']})")
     q = report.get("quality")
     if q:

@@ -1,6 +1,5 @@
 """Merging LoRA adapters (task arithmetic, TIES, DARE) and LoraHub-style composition."""
 from adapterhub_c.merging.api import MergeResult, merge_adapters
-from adapterhub_c.merging.completions import completion_loss, encode_examples
 from adapterhub_c.merging.compose import ComposeResult, compose_adapters, optimizer_chain
 from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
 from adapterhub_c.merging.spec import (
@@ -18,6 +17,6 @@ from adapterhub_c.merging.spec import (
 __all__ = [
     "CONVENTIONS", "MAJORITIES", "METHODS", "SPACES",
     "ComposeResult", "ComposeStack", "MergeInputRef", "MergeResult", "MergeSpec", "PeftEvaluator",
-    "completion_loss", "compose_adapters", "encode_examples", "make_spec", "merge_adapters",
+    "compose_adapters", "make_spec", "merge_adapters",
     "merge_config_yaml", "optimizer_chain", "parse_merge_config",
 ]

@@ -1,7 +1,8 @@
 """LoraHub-style composition: a gradient-free search for weights w over N LoRA adapters.
 
-objective(w) = loss(w) + l1 · mean|w|, where loss is the mean cross-entropy per
-completion token over all examples (so the penalty's weight does not depend on the
+objective(w) = loss(w) + l1 · mean|w|, where loss is the completion NLL of
+:func:`adapterhub_c.evals.metrics.completion_perplexity` (mean cross-entropy per
+completion token over all examples, so the penalty's weight does not depend on the
 batch size, unlike LoraHub's mean of per-batch means) or the value of a caller's
 callable. Search: a nevergrad optimizer by name (default NGOpt, budget 40, weights
 start at 0 within [-1.5, 1.5], as LoraHub). The result uses the best *evaluated*
@@ -19,7 +20,7 @@ import numpy as np
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import AdaptError, NotFoundError, UsageError
-from adapterhub_c.merging.completions import encode_examples
+from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
 from adapterhub_c.merging.delta import Progress
 from adapterhub_c.merging.inputs import input_names
@@ -70,8 +71,7 @@ def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.n
     stack = ComposeStack(adapters, names, device=device)
     evaluator = None
     if model is not None:
-        batches, n_tokens = encode_examples(tokenizer, examples, batch_size, max_length, device)
-        evaluator = PeftEvaluator(stack, model, batches, n_tokens)
+        evaluator = PeftEvaluator(stack, model, encode_completions(tokenizer, examples, batch_size, max_length, device))
         loss_fn = evaluator.loss
     try:
         best_w, best, curve, used = _search(loss_fn, n, init, optimizer, budget, bounds, l1, seed, progress)

@@ -14,7 +14,7 @@ import torch
 
 from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merging.completions import Batch, completion_loss
+from adapterhub_c.evals.metrics import EncodedCompletions, score_completions
 from adapterhub_c.merging.factors import check_equal_ranks
 from adapterhub_c.merging.inputs import check_inputs, module_inputs, output_base_config
 
@@ -67,10 +67,10 @@ class PeftEvaluator:
     ``requires_grad`` flags and train/eval mode are restored.
     """
 
-    def __init__(self, stack: ComposeStack, model, batches: Sequence[Batch], n_tokens: int):
+    def __init__(self, stack: ComposeStack, model, examples: EncodedCompletions):
         from peft import LoraConfig, get_peft_model
 
-        self.stack, self.batches, self.n_tokens = stack, list(batches), n_tokens
+        self.stack, self.examples = stack, examples
         self._base = model
         self._was_training = model.training
         self._grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -103,9 +103,10 @@ class PeftEvaluator:
         torch.mv(self._stack.T, w, out=self._flat)
 
     def loss(self, weights: Sequence[float]) -> float:
-        """Mean completion-token cross-entropy with the composed adapter for ``weights``."""
+        """Completion NLL (nats per completion token; the log of completion perplexity)
+        with the composed adapter for ``weights``."""
         self.set_weights(weights)
-        return completion_loss(self.model, self.batches, self.n_tokens)
+        return score_completions(self.model, self.examples)["completion_nll"]
 
     def close(self) -> None:
         """Remove the LoRA layers and restore the base as it was."""

@@ -10,9 +10,13 @@ Criterion (``metric``):
 
 - ``perplexity`` (text corpora; lower is better): strided perplexity of the validation
   texts with windows of 512 tokens moved by 512 (no overlap: every token scored once,
-  half the cost of ``adapt eval``'s stride 256), at most ``max_tokens`` tokens.
-- ``exact_match`` (tasks; higher is better): greedy exact match on at most
-  ``max_examples`` validation examples, ties broken by the perplexity above.
+  half the cost of ``adapt eval``'s stride 256), at most ``max_tokens`` tokens. Asked
+  for on a task, it means ``completion_ppl``.
+- ``completion_ppl`` (tasks; lower is better): completion perplexity
+  (:func:`~adapterhub_c.evals.metrics.completion_perplexity`) of at most ``max_examples``
+  validation examples.
+- ``exact_match`` (tasks; higher is better): greedy exact match on the same examples,
+  ties broken by their completion perplexity.
 
 The top-k selection does not depend on alpha, only the magnitude ``alpha · std`` does;
 the grid still goes through the full pack path for each alpha so the evaluated weights
@@ -28,13 +32,13 @@ import torch
 
 from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.errors import UsageError
-from adapterhub_c.evals.metrics import exact_match, perplexity
+from adapterhub_c.evals.metrics import completion_perplexity, exact_match, perplexity
 from adapterhub_c.training import peft_io
 from adapterhub_c.training.convert import load_adapted
 from adapterhub_c.training.recovery import recovery_modules
 
 ALPHA_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
-METRICS = ("auto", "perplexity", "exact_match")
+METRICS = ("auto", "perplexity", "completion_ppl", "exact_match")
 SEARCH_WINDOW = 512
 
 
@@ -72,31 +76,38 @@ class AdapterSlot:
 
 
 def resolve_metric(metric: str, is_task: bool) -> str:
-    """The criterion actually used: ``auto`` → exact_match on tasks, perplexity on text."""
+    """The criterion actually used: ``auto`` → exact_match on tasks, perplexity on text;
+    on a task, ``perplexity`` is its completion perplexity."""
     if metric not in METRICS:
         raise UsageError(f"alpha metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if metric == "auto":
         return "exact_match" if is_task else "perplexity"
-    if metric == "exact_match" and not is_task:
-        raise UsageError("exact match needs a task dataset (prompt/completion pairs)")
+    if metric in ("exact_match", "completion_ppl") and not is_task:
+        raise UsageError(f"{metric} needs a task dataset (prompt/completion pairs)")
+    if metric == "perplexity" and is_task:
+        return "completion_ppl"
     return metric
 
 
 def evaluate_for_search(model, tokenizer, dataset, metric: str, max_tokens: int | None,
                         max_examples: int | None) -> dict[str, float]:
-    """The search criterion for one set of weights: perplexity (+ exact match for tasks)."""
-    out = {"perplexity": perplexity(model, tokenizer, dataset.as_texts(), max_length=SEARCH_WINDOW,
-                                    stride=SEARCH_WINDOW, max_tokens=max_tokens)["perplexity"]}
+    """The search criterion for one set of weights: perplexity on text; completion
+    perplexity (+ exact match) of the first ``max_examples`` examples of a task."""
+    if not dataset.is_task:
+        return {"perplexity": perplexity(model, tokenizer, dataset.texts, max_length=SEARCH_WINDOW,
+                                         stride=SEARCH_WINDOW, max_tokens=max_tokens)["perplexity"]}
+    out = {"completion_ppl": completion_perplexity(model, tokenizer, dataset.pairs,
+                                                   max_examples=max_examples)["completion_ppl"]}
     if metric == "exact_match":
         out["exact_match"] = exact_match(model, tokenizer, dataset.pairs, max_examples=max_examples)["exact_match"]
     return out
 
 
 def sort_key(metric: str) -> Callable[[dict], tuple]:
-    """Smaller is better: perplexity, or (-exact match, perplexity)."""
+    """Smaller is better: perplexity, completion perplexity, or (-exact match, completion perplexity)."""
     if metric == "exact_match":
-        return lambda p: (-p["exact_match"], _finite(p["perplexity"]))
-    return lambda p: (_finite(p["perplexity"]),)
+        return lambda p: (-p["exact_match"], _finite(p["completion_ppl"]))
+    return lambda p: (_finite(p[metric]),)
 
 
 def _finite(x: float) -> float:
@@ -108,8 +119,8 @@ def search_alpha(evaluate: Callable[[float], dict], metric: str, grid: Sequence[
     """Evaluate every alpha of ``grid``; returns (best alpha, curve).
 
     ``evaluate(alpha)`` returns the metrics of the model with that alpha's weights. The
-    curve is ``[{"alpha", "perplexity", ("exact_match")}, …]`` in grid order; the best is
-    the first point with the smallest :func:`sort_key`.
+    curve is ``[{"alpha", "perplexity"}, …]`` on text, ``[{"alpha", "completion_ppl",
+    ("exact_match")}, …]`` on a task, in grid order; the best is the first point with the smallest :func:`sort_key`.
     """
     if not grid:
         raise UsageError("empty alpha grid")
@@ -145,7 +156,7 @@ def plot_alpha_curve(curve: list[dict], path: str | Path, metric: str, best: flo
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:g}" for x in xs])
         ax.set_xlabel("alpha (magnitude = alpha · std)")
-        ax.set_ylabel(metric.replace("_", " ") + (" (lower is better)" if metric == "perplexity" else ""))
+        ax.set_ylabel(metric.replace("_", " ") + ("" if metric == "exact_match" else " (lower is better)"))
         if title:
             ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)

@@ -42,9 +42,9 @@ import torch
 from adapterhub_c.adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter, check_lora_config
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
 from adapterhub_c.merging.api import merge_adapters
-from adapterhub_c.merging.completions import encode_examples
 from adapterhub_c.merging.compose import _check_options, compose_adapters
 from adapterhub_c.merging.factors import check_equal_ranks, factor_weights
 from adapterhub_c.merging.inputs import check_inputs, compute_dtype, input_names, module_inputs
@@ -450,7 +450,7 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     check_new_name(reg, name)
     pairs = load_examples(examples, shots)
     tokenizer = load_base_tokenizer(reg, base)
-    _, n_tokens = encode_examples(tokenizer, pairs, batch_size)  # UsageError if none is usable
+    n_tokens = encode_completions(tokenizer, pairs, batch_size).tokens  # UsageError if none is usable
     dev = resolve_device(device)
     inputs = load_inputs(reg, arts, dev, progress)
     adapters = [x.adapter for x in inputs]

@@ -27,6 +27,7 @@ from adapterhub_c.errors import AdaptWarning, IntegrityError, UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.packing.alpha import (
     ALPHA_GRID,
+    SEARCH_WINDOW,
     AdapterSlot,
     evaluate_for_search,
     plot_alpha_curve,
@@ -106,6 +107,13 @@ class _Evaluator:
                                    self.max_tokens, self.max_examples)
 
 
+def _search_budget(is_task: bool, max_tokens: int | None, max_examples: int | None) -> dict:
+    """What the alpha search scored: tokens of text, or the first examples of a task."""
+    if is_task:
+        return {"max_tokens": None, "window": None, "max_examples": max_examples}
+    return {"max_tokens": max_tokens, "window": SEARCH_WINDOW, "max_examples": None}
+
+
 def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alpha: float | str = 1.0,
                   eval_data: str | None = None, scope: str = "tensor", encoding: str = "golomb",
                   method: str = "compeft", name: str | None = None, alpha_metric: str = "auto",
@@ -175,8 +183,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
                 alpha = best
                 search = {"data": eval_data, "split": "validation", "metric": evaluator.metric,
                           "grid": list(ALPHA_GRID), "best": best, "curve": curve, "unpacked": reference,
-                          "max_tokens": max_tokens, "window": 512,
-                          "max_examples": max_examples if evaluator.metric == "exact_match" else None}
+                          **_search_budget(evaluator.dataset.is_task, max_tokens, max_examples)}
                 plot_alpha_curve(curve, folder / CURVE_FILE, evaluator.metric, best, reference,
                                  title=f"{src.name} packed at k = {density:g} ({eval_data}, validation)")
             pack = _pack_loaded(loaded, alpha=alpha, **kw)

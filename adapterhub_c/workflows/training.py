@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from typing import Any, Sequence
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
+from adapterhub_c.evals.metrics import QUALITY_METRICS
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS
@@ -317,19 +319,30 @@ ROW_VARIANT, ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED = ("variant alone", "variant 
 
 
 def gap_closed(rows: list[dict]) -> dict:
-    """Per metric: (converted − naive) / (teacher − naive), the share of the gap closed."""
+    """Per metric: (converted − naive) / (teacher − naive), the share of the gap closed.
+
+    On tasks the perplexity figure is ``completion_nll`` (the log of completion
+    perplexity: the gap in nats per completion token); on text, ``perplexity``.
+    """
     by = {r["row"]: r for r in rows}
     out = {}
     if not {ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED} <= set(by):
         return out
-    for metric in ("perplexity", "exact_match"):
-        vals = [by[r].get(metric) for r in (ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED)]
+    for metric in ("perplexity", "completion_nll", "exact_match"):
+        vals = [_gap_value(by[r], metric) for r in (ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED)]
         if any(v is None for v in vals):
             continue
         naive, teacher, conv = vals
         if teacher != naive:
             out[metric] = (conv - naive) / (teacher - naive)
     return out
+
+
+def _gap_value(row: dict, metric: str) -> float | None:
+    if metric == "completion_nll":
+        ppl = row.get("completion_ppl")
+        return None if ppl is None else math.log(ppl)
+    return row.get(metric)
 
 
 def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split, inherit, recover, distill,
@@ -380,7 +393,7 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
                               progress), ROW_CONVERTED)
     metrics = {"train": train_summary(result.train),
                "eval": {"data": eval_data, "split": eval_split,
-                        "rows": {r["row"]: {k: v for k, v in r.items() if k in ("perplexity", "exact_match")}
+                        "rows": {r["row"]: {k: v for k, v in r.items() if k in QUALITY_METRICS}
                                  for r in rows} | {ROW_CONVERTED: _public(conv_res)}}}
     cfg = {"data": dataset.name if dataset is not None else None, "source": art.name, "variant": var.name,
            "inherit": inherit, "recover": recover, "distill": distill,
