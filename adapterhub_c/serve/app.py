@@ -44,6 +44,7 @@ class _Common(BaseModel):
     stream_options: dict | None = None
     n: int | None = None
     user: str | None = None
+    return_token_ids: bool | None = None  # ours (as vLLM's): the generated ids in x_adapterhub.token_ids
 
 
 class CompletionRequest(_Common):
@@ -324,8 +325,10 @@ def create_app(srv) -> FastAPI:
             else:
                 choice = {"index": 0, "text": body_text, "finish_reason": job.finish_reason, "logprobs": None}
                 obj = "text_completion"
-            return {**meta, "object": obj, "choices": [choice], "usage": usage(),
-                    "x_adapterhub": {**info, "first_token_ms": _ms(job.first_token_s)}}
+            info["first_token_ms"] = _ms(job.first_token_s)
+            if req.return_token_ids:
+                info["token_ids"] = list(job.tokens)
+            return {**meta, "object": obj, "choices": [choice], "usage": usage(), "x_adapterhub": info}
         finally:
             if not released:
                 release()
