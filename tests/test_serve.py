@@ -517,3 +517,30 @@ def test_demo_round(world):
         assert r["first_switch_ms"] > 0 and r["resident_switch_ms"] < 1.0
     assert rows[1]["kind"] == "pack" and rows[3]["kind"] == "lora+prompt"
 
+
+
+def test_load_adapter_pulls_from_the_hub_only_with_allow_pull(world, tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hubutil import running_hub
+
+    from adapterhub_c.hub.client import push_folder
+
+    folder = _random_lora(world["reg"], world["base"], tmp_path / "hub-lora", seed=11)
+    with running_hub(tmp_path / "hubroot") as hub:
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        push_folder(folder, "alice/served-lora", token=hub.token, endpoint=hub.endpoint)
+        with BackgroundServer(world["reg"], world["nf4"], ServeOptions(token="")) as srv:
+            status, body = raw(srv, "POST", "/v1/load_adapter", {"lora_name": "alice/served-lora"}, token=None)
+            assert status == 404, body  # no --allow-pull
+        with BackgroundServer(world["reg"], world["nf4"], ServeOptions(token="", allow_pull=True)) as srv:
+            status, body = raw(srv, "POST", "/v1/load_adapter", {"lora_name": "alice/served-lora"}, token=None)
+            assert status == 200, body
+            name = body["model"]
+            c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+            out = c.completions.create(model=name, prompt="a", max_tokens=3, temperature=0)
+            assert out.model == name and name in {m.id for m in c.models.list().data}

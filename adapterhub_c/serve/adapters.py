@@ -104,18 +104,16 @@ def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> Ada
     kept = target.kept_indices if (target.kept_indices and art.variant_id != target_variant) else None
     parts = _source_tensors(lora, mapping, kept)
     scales = {mapping[m]: layer.scale for m, layer in lora.layers().items() if m in mapping}
-    dev = target.device
     out = AdapterWeights(key=art.id, name=art.name)
+    pending: list[tuple[torch.Tensor, object, str]] = []  # (source tensor, part, attribute)
     for module, t in parts.items():
         d_in, d_out = target.linears[module]
         A, B = t["A"], t["B"]
         if A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
             raise UsageError(f"adapter {art.name!r}: LoRA of {module} is {tuple(B.shape)}·{tuple(A.shape)}, "
                              f"the served layer is {d_in}→{d_out}")
-        bias = t.get("bias")
-        out.lora[module] = LoraPart(A.to(dev, torch.float32).contiguous(), B.to(dev, torch.float32).contiguous(),
-                                    scales[module],
-                                    None if bias is None else bias.to(dev, torch.float32).contiguous())
+        part = out.lora[module] = LoraPart(A, B, scales[module], t.get("bias"))
+        pending += [(A, part, "A"), (B, part, "B")] + ([(part.bias, part, "bias")] if part.bias is not None else [])
     if loaded.recovery_state:
         cfg = loaded.recovery_config or RecoveryConfig()
         for name in sorted({k.rsplit(".", 1)[0] for k in loaded.recovery_state}):
@@ -130,8 +128,22 @@ def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> Ada
             # the scale exactly as training.recovery.load_recovery computes it
             scale = RecoveryConfig(rank=D.shape[0], alpha=cfg.scale * D.shape[0], act=cfg.act,
                                    dropout=cfg.dropout).scale
-            out.recovery[name] = RecoveryPart(D.to(dev, torch.float32).contiguous(),
-                                              U.to(dev, torch.float32).contiguous(), scale, cfg.act)
+            part = out.recovery[name] = RecoveryPart(D, U, scale, cfg.act)
+            pending += [(D, part, "D"), (U, part, "U")]
+    # one float32 buffer per adapter on the device, the factors views into it: a single
+    # allocation (and a single host→device copy) whatever the number of modules
+    total = sum(t.numel() for t, _, _ in pending)
+    flat = torch.empty(total, dtype=torch.float32)
+    offset = 0
+    views = []
+    for t, _, _ in pending:
+        n = t.numel()
+        flat[offset:offset + n].copy_(t.reshape(-1))
+        views.append((offset, n, t.shape))
+        offset += n
+    flat = flat.to(target.device)
+    for (start, n, shape), (_, part, attr) in zip(views, pending, strict=True):
+        setattr(part, attr, flat[start:start + n].view(shape))
     if not out.lora and not out.recovery:
         raise UsageError(f"adapter {art.name!r} has no LoRA modules")
     return out
@@ -209,6 +221,15 @@ class AdapterCache:
             if not self._pins.get(art.id):
                 self._drop(art.id)
         return art
+
+    def evict(self, name: str) -> bool:
+        """Drop ``name`` from memory (it stays servable); False when not resident or in use."""
+        with self._lock:
+            art = self.servable.get(name)
+            if art is None or art.id not in self._resident or self._pins.get(art.id):
+                return False
+            self._drop(art.id)
+            return True
 
     def _registered_names(self, s) -> list[str]:
         return list(s.scalars(select(Artifact.name).where(Artifact.kind.in_(SERVABLE_KINDS))))

@@ -45,6 +45,7 @@ class _Common(BaseModel):
     n: int | None = None
     user: str | None = None
     return_token_ids: bool | None = None  # ours (as vLLM's): the generated ids in x_adapterhub.token_ids
+    ignore_eos: bool | None = None        # vLLM's: generate max_tokens tokens whatever comes
 
 
 class CompletionRequest(_Common):
@@ -114,7 +115,8 @@ def _sampling(req: _Common, max_tokens: int | None) -> tuple[SamplingParams, boo
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise bad_request(f"stop takes up to {MAX_STOP} non-empty strings", "stop")
-    return SamplingParams(max_tokens or 1, temperature, top_p, stop, req.seed), max_tokens is not None
+    params = SamplingParams(max_tokens or 1, temperature, top_p, stop, req.seed, bool(req.ignore_eos))
+    return params, max_tokens is not None
 
 
 def _message_text(m: ChatMessage, i: int) -> str:

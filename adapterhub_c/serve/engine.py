@@ -41,6 +41,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
 
 
 class Job:
@@ -158,7 +159,10 @@ class Engine:
                 if jobs:
                     self._start_cohort(jobs)
                 for cohort in list(self._cohorts):
-                    self._step(cohort)
+                    try:
+                        self._step(cohort)
+                    except Exception as e:  # noqa: BLE001 - the cohort fails, the engine keeps serving
+                        self._fail(cohort, e)
                 self._cohorts = [c for c in self._cohorts if c.jobs]
                 self.metrics.set("active_sequences", self.active)
 
@@ -240,7 +244,7 @@ class Engine:
     def _advance(self, job: Job, token: int) -> bool:
         """Add ``token`` to ``job``; emit what became final. True when the job is finished."""
         p = job.params
-        if token == self.eos:
+        if token == self.eos and not p.ignore_eos:
             job.finish_reason = "stop"
         else:
             job.tokens.append(token)
@@ -282,7 +286,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - a decoding failure ends this request only
                 job.emit(("error", from_exception(e)))
                 continue
-            self.metrics.inc("completion_tokens_total", 0 if token == self.eos else 1)
+            self.metrics.inc("completion_tokens_total", 0 if token == self.eos and not job.params.ignore_eos else 1)
             if not done:
                 keep.append(i)
                 tokens.append(token)
