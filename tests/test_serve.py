@@ -51,7 +51,7 @@ def world(tmp_path_factory):
     from adapterhub_c.models.tiny import build_tiny_llama
     from adapterhub_c.registry.artifacts import register_artifact
     from adapterhub_c.workflows.bases import add_builtin_base, register_base_folder
-    from adapterhub_c.workflows.merges import merge_artifacts
+    from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts
     from adapterhub_c.workflows.packs import pack_artifact
     from adapterhub_c.workflows.prompts import learn_prompt_artifact
     from adapterhub_c.workflows.training import convert_adapter, train_adapter
@@ -71,6 +71,8 @@ def world(tmp_path_factory):
                               folder=_random_lora(reg, base, home / "second", seed=3))
     assert other.kind == "lora"
     merge_artifacts(reg, ["src", "second"], method="task-arithmetic", name="merged")
+    compose_artifacts(reg, ["src", "second"], examples=TASK, shots=2, budget=4, name="composed")
+    pack_artifact(reg, "conv", density=0.5, alpha=1.0, name="conv-pack")  # a pack carrying recovery modules
     learn_prompt_artifact(reg, nf4.name, name="p", tokens=K_PROMPT, steps=2, seq_len=32, batch_size=2,
                           eval_tokens=300)
     # another base, and a LoRA of it
@@ -183,7 +185,7 @@ def metric(server, name: str, **labels) -> float:
 def test_models_lists_target_and_adapters_with_parents(client, world):
     models = {m.id: m for m in client.models.list().data}
     assert world["nf4"] in models
-    for name in ("src", "src-pack", "conv", "merged", "second", "p"):
+    for name in ("src", "src-pack", "conv", "conv-pack", "merged", "composed", "second", "p"):
         assert name in models, name
     assert "other-lora" not in models
     extra = {k: m.model_extra for k, m in models.items()}
@@ -193,7 +195,8 @@ def test_models_lists_target_and_adapters_with_parents(client, world):
     assert extra["p"]["kind"] == "prompt"
 
 
-@pytest.mark.parametrize("model", ["src", "src-pack", "conv", "merged", "p", "src+p", "target"])
+@pytest.mark.parametrize("model", ["src", "src-pack", "conv", "conv-pack", "merged", "composed", "p", "src+p",
+                                   "conv+p", "target"])
 def test_completions_match_adapt_generate(client, world, model):
     model = world["nf4"] if model == "target" else model
     for text in PROMPTS:
@@ -213,6 +216,17 @@ def test_chat_matches_adapt_generate_chat(client, world, model):
     assert out.model_extra["x_adapterhub"]["token_ids"] == want_ids
     assert out.choices[0].message.content == want_text
     assert out.choices[0].message.role == "assistant"
+
+
+def test_switching_never_touches_the_base_weights(server, client):
+    model = server.server.model
+    before = {n: (p.data_ptr(), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()}
+    buffers = {n: b.data_ptr() for n, b in model.named_buffers()}
+    for m in ("src", "conv", "conv-pack", "src+p", "merged"):
+        client.completions.create(model=m, prompt="a", max_tokens=2, temperature=0)
+    assert {n: (p.data_ptr(), p.dtype, tuple(p.shape)) for n, p in model.named_parameters()} == before
+    assert {n: b.data_ptr() for n, b in model.named_buffers()} == buffers
+    assert len(server.server.cache.resident_names()) >= 5  # the adapters live beside the model
 
 
 def test_adapters_really_differ(world):
