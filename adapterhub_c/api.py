@@ -30,6 +30,7 @@ from adapterhub_c.models.builtin import SMOLLM2, builtin_for
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
+from adapterhub_c.serve import server as _serve
 from adapterhub_c.training.convert import DISTILL_ON
 from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
 from adapterhub_c.workflows import bases as _bases
@@ -64,7 +65,7 @@ __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "pull", "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
+    "serve_hub", "serve", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
 ]
 
 
@@ -342,6 +343,21 @@ def run_batch(*, registry: Registry | None = None, progress: Progress | None = N
 def batch_status(name: str, *, registry: Registry | None = None) -> dict[str, Any]:
     """The items of batch ``name``: state, attempts, errors, results."""
     return _batch.batch_status(_reg(registry), name)
+
+
+SERVE_HOST, SERVE_TOKEN_ENV = _serve.DEFAULT_HOST, _serve.TOKEN_ENV
+
+
+def serve(target: str, *, host: str = SERVE_HOST, port: int = 8000, registry: Registry | None = None,
+          ready: Callable | None = None, warn: Callable[[str], None] | None = None, **options: Any) -> None:
+    """Serve ``target`` and its adapters behind an OpenAI-compatible API until interrupted.
+
+    ``options`` are the fields of ``serve.server.ServeOptions`` (adapters, all, max_resident,
+    max_resident_mb, token, device, allow_pull, log_requests, max_batch, batch_window_ms);
+    ``ready(endpoint, server)`` is called once listening.
+    """
+    _serve.serve(_reg(registry), target, _serve.ServeOptions(**options), host=host, port=port, ready=ready,
+                 warn=warn)
 
 
 def demo(*, base: str = SMOLLM2, max_tokens: int | None = None, registry: Registry | None = None,
