@@ -46,7 +46,7 @@ from torch import nn
 
 from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
 from adapterhub_c.errors import AdaptWarning, UsageError
-from adapterhub_c.variants.calibration import _batches
+from adapterhub_c.variants.calibration import _batches, normalise_calibration
 from adapterhub_c.variants.pruning import PROJECTIONS, target_linears
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
 
@@ -136,9 +136,10 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
                     batch_size: int = 8, progress: Progress | None = None) -> Moments:
     """XᵀX / n of the input of every named linear (default: the decoder-block projections).
 
-    One forward pass over the calibration rows ([1, T] input_ids); q/k/v (and gate/up)
+    One forward pass over the calibration rows (input_ids, [T] or [1, T] each); q/k/v (and gate/up)
     share one moment when the model really feeds them the same tensor (checked on every
     call; a module that sees another input gets its own). Accumulated in float64."""
+    rows = normalise_calibration(rows)
     if not rows:
         raise UsageError("calibration data is empty")
     modules = dict(target_linears(model) if modules is None else modules)
@@ -155,7 +156,7 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
     live: dict[str, tuple[torch.Tensor, set]] = {}  # group → (input of this forward, members seen)
 
     def accumulate(key: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         xtx = (x.T @ x).double()
         if key in sums:
             sums[key] += xtx
@@ -165,7 +166,7 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
 
     def make_hook(name: str):
         def hook(_mod, args):
-            x = args[0].detach()
+            x = args[0]  # the very object: q/k/v of one block receive the same tensor
             g = groups[name]
             if g not in owner:
                 owner[g] = name
@@ -269,6 +270,7 @@ class Factors:
         return 1.0 - self.residual / self.energy if self.energy > 0 else 1.0
 
 
+@torch.no_grad()
 def weighted_lowrank(D: torch.Tensor, moment: Moment | None, rank: int, reg: float = REG_LAMBDA) -> Factors:
     """Best rank-``rank`` approximation of ``D`` in the norm ||E·C^{1/2}||_F (C regularised).
 
@@ -334,6 +336,7 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
 
 
+@torch.no_grad()
 def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdapter | None,
                moments: Moments | None, extra_rank: int, targets: str | Iterable[str] = "all",
                kept_indices: Mapping[str, torch.Tensor] | None = None, reg: float = REG_LAMBDA,
