@@ -119,9 +119,6 @@ class Moments:
     def __getitem__(self, module: str) -> Moment:
         return self.moments[self.groups[module]]
 
-    def tokens(self) -> int:
-        return min((m.tokens for m in self.moments.values()), default=0)
-
 
 def _group_key(name: str, present: set[str]) -> str:
     parent, _, leaf = name.rpartition(".")
