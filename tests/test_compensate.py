@@ -403,3 +403,19 @@ def test_cli_convert_lowrank_and_bad_input(world, capsys, monkeypatch):
     from adapterhub_c.registry.artifacts import name_taken
 
     assert not name_taken(world["reg"], "lr-bad")
+
+
+def test_batch_convert_lowrank_needs_no_data(world, capsys, tmp_path):
+    home, nf4, reg = world["home"], world["nf4"], world["reg"]
+    items = tmp_path / "items.txt"
+    items.write_text("artifact:src\n")
+    code, out, err = run_cli(home, capsys, "batch", "convert", "--variant", nf4.name, "--from-file", str(items),
+                             "--recover", "lowrank", "--recover-rank", "2", "--targets", "attn", "--calib-samples",
+                             "2", "--max-eval-tokens", "64", "--max-eval-examples", "1", "--no-reference-rows",
+                             "--threads", "1", "--name", "lowrank-batch", "--json")
+    assert code == 0, (out, err)
+    item = json.loads(out)["items"][0]
+    assert item["state"] == "done", item
+    art = reg.get(item["result"], "artifact")
+    assert art.kind == "lora" and art.variant_id == nf4.id and art.config["recover_method"] == "lowrank"
+    assert art.config["compensation"]["targets"] == "attn"
