@@ -419,3 +419,18 @@ def test_batch_convert_lowrank_needs_no_data(world, capsys, tmp_path):
     art = reg.get(item["result"], "artifact")
     assert art.kind == "lora" and art.variant_id == nf4.id and art.config["recover_method"] == "lowrank"
     assert art.config["compensation"]["targets"] == "attn"
+
+
+def test_moment_cache_round_trips_exactly(tmp_path):
+    from adapterhub_c.runtime.compensation import _read, _write
+
+    moments = collect_moments(pruned(), calib_rows(2, 16))
+    path = tmp_path / "m.safetensors"
+    _write(path, moments, {"variant": "v"})
+    back = _read(path)
+    assert back.groups == moments.groups and back.moments.keys() == moments.moments.keys()
+    for key, m in moments.moments.items():
+        assert torch.equal(back.moments[key].Q, m.Q) and torch.equal(back.moments[key].e, m.e)
+        assert back.moments[key].tokens == m.tokens == 32
+    path.write_bytes(path.read_bytes()[:100])  # a broken file is recomputed, never trusted
+    assert _read(path) is None

@@ -74,12 +74,13 @@ class Moment:
     tokens: int
 
     @classmethod
-    def from_matrix(cls, C: torch.Tensor, tokens: int) -> "Moment":
+    def from_matrix(cls, C: torch.Tensor, tokens: int, q_dtype: torch.dtype = torch.float64) -> "Moment":
+        """Eigendecomposition in float64; Q kept in ``q_dtype`` (float32 halves the memory and the cache)."""
         C = C.double()
         if not torch.isfinite(C).all():
             raise UsageError("the calibration activations contain NaN or infinite values")
         e, Q = torch.linalg.eigh((C + C.T) / 2)
-        return cls(Q=Q, e=e.clamp_min(0.0), tokens=int(tokens))
+        return cls(Q=Q.to(q_dtype), e=e.clamp_min(0.0), tokens=int(tokens))
 
     @property
     def dim(self) -> int:
@@ -193,11 +194,12 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
     finally:
         for handle in handles:
             handle.remove()
-    moments = {}
-    for i, (key, total) in enumerate(sums.items()):
-        moments[key] = Moment.from_matrix(total / counts[key], counts[key])
+    moments, total = {}, len(sums)
+    for i, key in enumerate(list(sums)):
+        # Q in float32, as the cache stores it: a fresh and a cached conversion give the same adapter
+        moments[key] = Moment.from_matrix(sums.pop(key) / counts[key], counts[key], q_dtype=torch.float32)
         if progress:
-            progress("eigendecomposition", i + 1, len(sums))
+            progress("eigendecomposition", i + 1, total)
     return Moments(groups=groups, moments=moments)
 
 
