@@ -31,6 +31,7 @@ from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
 from adapterhub_c.serve import server as _serve
+from adapterhub_c.training.compensate import TARGET_SETS
 from adapterhub_c.training.convert import DISTILL_ON
 from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
 from adapterhub_c.workflows import bases as _bases
@@ -58,6 +59,8 @@ PACK_DEFAULTS = _defaults(_packs.pack_artifact)
 MERGE_DEFAULTS = _defaults(_merges.merge_artifacts)
 COMPOSE_DEFAULTS = _defaults(_merges.compose_artifacts)
 DEFAULT_CALIB = _variants.DEFAULT_CALIB  # builtin:pydoc, and silently unused by recipes needing none
+RECOVER_METHODS = _training.RECOVER_METHODS  # adapt convert --recover
+COMPENSATE_TARGETS = tuple(TARGET_SETS)      # --recover lowrank --targets
 LISTABLE = views.LISTABLE
 DEFAULT_DEMO_BASE = SMOLLM2
 
@@ -66,6 +69,7 @@ __all__ = [
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
     "serve_hub", "serve", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
+    "RECOVER_METHODS", "COMPENSATE_TARGETS",
 ]
 
 

@@ -5,6 +5,13 @@ Usage:
                                [--eval-examples 20] [--ppl-tokens 1024] [--recover-rank 16]
                                [--device cpu|cuda] [--home DIR] [--out benchmarks/results/ca_lora.md]
   python benchmarks/ca_lora.py --tiny        # builtin:tiny-llama, a LoRA trained in-process (dev/CI)
+  python benchmarks/ca_lora.py --lowrank [--tasks reverse-words,uppercase,sort-numbers]
+                               [--variants nf4-wanda50,2:4] [--steps 20] [--eval-examples 50] [--tiny]
+                               [--out benchmarks/results/ca_lora_lowrank.md]
+
+``--lowrank``: compensated conversion (``adapt convert --recover lowrank``, issue 18) against
+the naive transfer, the teacher and CA-LoRA's recovery modules, per variant and task (see
+``lowrank_main``).
 
 Setup (the shape of Table 3 of the CA-LoRA paper, on SmolLM2-135M):
 
@@ -61,30 +68,42 @@ def flags_label(inherit: bool, recover: bool, distill: bool) -> str:
     return "+".join(on) if on else "none (variant + fresh LoRA)"
 
 
-def setup(reg, args) -> tuple[str, str]:
-    """(base name, source LoRA artefact name): the zoo LoRA, or a tiny one trained here."""
+def setup(reg, args, tasks=None) -> tuple[str, dict[str, str]] | tuple[str, str]:
+    """(base name, source LoRA artefact name): the zoo LoRA, or a tiny one trained here.
+
+    With ``tasks``: (base name, {task: source LoRA artefact name})."""
     from adapterhub_c.registry.artifacts import name_taken
     from adapterhub_c.workflows.bases import add_builtin_base
 
-    data = f"builtin:task/{args.task}"
+    wanted = list(tasks) if tasks is not None else [args.task]
     if args.tiny:
         base, _ = add_builtin_base(reg, "builtin:tiny-llama")
-        name = f"tiny-{args.task}-lora"
-        if not name_taken(reg, name):
-            from adapterhub_c.workflows.training import train_adapter
+        names = {}
+        for task in wanted:
+            name = names[task] = f"tiny-{task}-lora"
+            if not name_taken(reg, name):
+                from adapterhub_c.workflows.training import train_adapter
 
-            print(f"training the source LoRA on {base.name} ({args.source_steps} steps)", flush=True)
-            train_adapter(reg, base.name, data, steps=args.source_steps, lr=3e-3, batch_size=16, seq_len=64,
-                          name=name, baseline=False, max_eval_examples=2, max_eval_tokens=256,
-                          device=args.device)
-        return base.name, name
-    with serve_zoo() as endpoint:
-        names = pull_zoo(reg, endpoint, [args.task])
-    return "builtin:smollm2-135m", names[args.task]
+                print(f"training the {task} source LoRA on {base.name} ({args.source_steps} steps)", flush=True)
+                train_adapter(reg, base.name, f"builtin:task/{task}", steps=args.source_steps, lr=3e-3,
+                              batch_size=16, seq_len=64, name=name, baseline=False, max_eval_examples=2,
+                              max_eval_tokens=256, device=args.device)
+    else:
+        with serve_zoo() as endpoint:
+            names = pull_zoo(reg, endpoint, wanted)
+    base_name = "builtin:tiny-llama" if args.tiny else "builtin:smollm2-135m"
+    return (base_name, names) if tasks is not None else (base_name, names[args.task])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lowrank", action="store_true", help="the compensated-conversion table (issue 18)")
+    ap.add_argument("--tasks", default="reverse-words,uppercase,sort-numbers", help="--lowrank: zoo tasks")
+    ap.add_argument("--variants", default="nf4-wanda50,2:4", help=f"--lowrank: of {', '.join(LOWRANK_VARIANTS)}")
+    ap.add_argument("--compensate-rank", type=int, default=16, help="--lowrank: R, the rank added to r")
+    ap.add_argument("--compensate-targets", default="all", help="--lowrank: attn or all")
+    ap.add_argument("--compensate-calib-samples", type=int, default=32,
+                    help="--lowrank: calibration sequences of 128 tokens for the activation moments")
     ap.add_argument("--task", default="reverse-words")
     ap.add_argument("--tiny", action="store_true", help="builtin:tiny-llama and an in-process LoRA (fast)")
     ap.add_argument("--steps", type=int, default=8)
@@ -102,6 +121,8 @@ def main(argv=None) -> int:
                     help="registry (default: ZOO_DIR/ca-lora-home, or a tiny one under it with --tiny)")
     ap.add_argument("--out", type=Path, default=None, help=f"markdown results (default {RESULTS}; none with --tiny)")
     args = ap.parse_args(argv)
+    if args.lowrank:
+        return lowrank_main(args)
 
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.artifacts import name_taken
@@ -232,6 +253,227 @@ def render(args, base_name, var, source, rows, ref_rows, gap, total_s) -> str:
                      f"{f(r['pydoc_ppl'], 2)} | – | – | – |")
     lines += ["", "Gap closed by full CA-LoRA, (full − fresh) / (base+LoRA − fresh; completion ppl in NLL): "
               + ", ".join(f"{k} {v:.0%}" for k, v in gap.items()) + " (target ≥ 80 %)."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# --lowrank: compensated conversion (issue 18)
+
+LOWRANK_RESULTS = REPO_ROOT / "benchmarks" / "results" / "ca_lora_lowrank.md"
+LOWRANK_VARIANTS = {"nf4-wanda50": ("NF4 + 50 % Wanda", dict(quant="nf4", prune="wanda", sparsity=0.5)),
+                    "2:4": ("2:4 (activation-aware)", dict(prune="2:4"))}
+R_TEACHER, R_VARIANT, R_NAIVE = "base + LoRA (teacher)", "variant alone", "variant + LoRA, inherited (0 steps)"
+R_COMP0, R_COMPD = "compensated, 0 steps (no task data)", "compensated + {n} steps distillation"
+R_CALORA, R_ALONE = "CA-LoRA recovery modules + {n} steps", "compensation alone (no source LoRA)"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of k successes in n trials."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def completion_nll(model, tokenizer, pairs) -> float:
+    """Mean NLL (nats) of the completion tokens given the prompt, fed as exact match feeds it.
+
+    A small stand-in: the project's ``completion_perplexity`` (being added to evals/metrics.py
+    in parallel) is not in this tree yet. Prompt and completion are tokenized separately and
+    joined; only the completion tokens are scored."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, completion in pairs:
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([p + c], device=device)
+            logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float()
+            total += F.cross_entropy(logits, torch.tensor(c, device=device), reduction="sum").item()
+            count += len(c)
+    return total / count
+
+
+def measure_task(model, tokenizer, data: str, n: int) -> dict:
+    """Exact match (with its 95 % interval) and completion NLL on the first ``n`` test prompts."""
+    from adapterhub_c.evals.data import load_dataset
+    from adapterhub_c.evals.metrics import exact_match
+
+    pairs = load_dataset(data, "test").pairs[:n]
+    em = exact_match(model, tokenizer, pairs)
+    k = round(em["exact_match"] * len(pairs))
+    return {"em": em["exact_match"], "em_ci": wilson(k, len(pairs)), "n": len(pairs),
+            "nll": completion_nll(model, tokenizer, pairs)}
+
+
+def lowrank_main(args) -> int:
+    """Per variant × task: teacher, variant alone, naive, compensated (0 steps and + distillation),
+    CA-LoRA (recovery modules, same steps), compensation alone; exact match on the first
+    ``--eval-examples`` test prompts (95 % Wilson interval) and completion NLL on the same
+    prompts; adapter sizes; per variant, builtin:pydoc perplexity of base / variant /
+    variant + compensation alone."""
+    from adapterhub_c.registry import Registry
+    from adapterhub_c.registry.artifacts import name_taken
+    from adapterhub_c.runtime.stack import load_stack, resolve_stack
+    from adapterhub_c.workflows.evals import run_eval
+    from adapterhub_c.workflows.training import convert_adapter
+    from adapterhub_c.workflows.variants import create_variant
+
+    t_start = time.perf_counter()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in LOWRANK_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown} (choose from {', '.join(LOWRANK_VARIANTS)})")
+    home = args.home or (ZOO_DIR / ("ca-lora-home-tiny" if args.tiny else "ca-lora-home"))
+    reg = Registry(home=home)
+    base_name, sources = setup(reg, args, tasks)
+    cheap = dict(max_eval_examples=1, max_eval_tokens=64, reference_rows=False, device=args.device)
+    comp = dict(recover="lowrank", recover_rank=args.compensate_rank, recover_targets=args.compensate_targets,
+                calib_samples=args.compensate_calib_samples)
+    train = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                 distill_alpha=args.distill_alpha)
+    measured: dict = {}
+
+    def stack_row(label, target, tok_data, n, **stack):
+        print(f"  measuring {label}", flush=True)
+        model, tok = load_stack(reg, resolve_stack(reg, target, **stack), args.device)
+        return measure_task(model, tok, tok_data, n)
+
+    def converted(name, source, var, **opts):
+        if name_taken(reg, name):
+            art = reg.get(name, "artifact")
+            return art, (art.config or {}).get("compensation") or {}, None
+        print(f"  converting {name}", flush=True)
+        t0 = time.perf_counter()
+        art, report = convert_adapter(reg, source, var.name, name=name, progress=_progress(name), **cheap, **opts)
+        return art, report.get("compensation") or {}, time.perf_counter() - t0
+
+    teacher_rows = {}
+    for task in tasks:
+        data = f"builtin:task/{task}"
+        teacher_rows[task] = {"row": R_TEACHER, **stack_row(f"{task}: teacher", base_name, data, args.eval_examples,
+                                                            adapter=sources[task]),
+                              "size": reg.get(sources[task], "artifact").size_bytes}
+    pydoc = {"base": run_eval(reg, base_name, "builtin:pydoc", "test", max_tokens=args.ppl_tokens,
+                              device=args.device)["perplexity"]}
+    for vkey in variants:
+        label, recipe = LOWRANK_VARIANTS[vkey]
+        var, created = create_variant(reg, base_name, **recipe, calib_samples=args.calib_samples, eval_tokens=0,
+                                      device=args.device, progress=_progress("variant"))
+        print(f"variant {var.name} ({'created' if created else 'reused'})", flush=True)
+        vtag = vkey.replace(":", "")
+        # the compensation alone first: it pays for the calibration moments, cached for the others
+        alone, alone_info, alone_s = converted(f"lr-alone-{vtag}", sources[tasks[0]], var, inherit=False, **comp)
+        pydoc[vkey] = {
+            "variant": run_eval(reg, base_name, "builtin:pydoc", "test", variant=var.name,
+                                max_tokens=args.ppl_tokens, device=args.device)["perplexity"],
+            "compensated": run_eval(reg, base_name, "builtin:pydoc", "test", variant=var.name, adapter=alone.name,
+                                    max_tokens=args.ppl_tokens, device=args.device)["perplexity"],
+            "size": alone.size_bytes, "convert_s": alone_s}
+        for task in tasks:
+            data, src = f"builtin:task/{task}", sources[task]
+            n = args.eval_examples
+            tag = f"{vtag}-{task}-R{args.compensate_rank}{args.compensate_targets}"
+            c0, c0_info, c0_s = converted(f"lr0-{tag}", src, var, **comp)
+            cd, _, cd_s = converted(f"lrd-{tag}-s{args.steps}", src, var, data=data, **comp, **train)
+            cm, _, cm_s = converted(f"calora-{vtag}-{task}-s{args.steps}", src, var, data=data, **train,
+                                    recover_rank=args.recover_rank)
+            rows = [teacher_rows[task],
+                    {"row": R_VARIANT, **stack_row(f"{task}: variant", var.name, data, n), "size": 0},
+                    {"row": R_NAIVE, **stack_row(f"{task}: naive", var.name, data, n, adapter=src),
+                     "size": reg.get(src, "artifact").size_bytes},
+                    {"row": R_COMP0, **stack_row(f"{task}: compensated", var.name, data, n, adapter=c0.name),
+                     "size": c0.size_bytes, "convert_s": c0_s, "solve_s": c0_info.get("wall_s"),
+                     "captured": c0_info.get("captured_mean"), "moments_cached": c0_info.get("moments_cached")},
+                    {"row": R_COMPD.format(n=args.steps), **stack_row(f"{task}: compensated + distill", var.name,
+                                                                      data, n, adapter=cd.name),
+                     "size": cd.size_bytes, "convert_s": cd_s},
+                    {"row": R_CALORA.format(n=args.steps), **stack_row(f"{task}: CA-LoRA", var.name, data, n,
+                                                                       adapter=cm.name),
+                     "size": cm.size_bytes, "convert_s": cm_s},
+                    {"row": R_ALONE, **stack_row(f"{task}: compensation alone", var.name, data, n,
+                                                 adapter=alone.name),
+                     "size": alone.size_bytes, "convert_s": alone_s}]
+            measured[(vkey, task)] = rows
+            print(render_lowrank_rows(vkey, task, rows), flush=True)
+    total_s = time.perf_counter() - t_start
+    text = render_lowrank(args, base_name, tasks, variants, measured, pydoc, total_s)
+    print(text)
+    out = args.out or (None if args.tiny else LOWRANK_RESULTS)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"written {out}")
+    return 0
+
+
+def _gap(rows: list[dict], row: str, metric: str) -> float | None:
+    by = {r["row"]: r for r in rows}
+    naive, teacher, x = by[R_NAIVE][metric], by[R_TEACHER][metric], by[row][metric]
+    return None if teacher == naive else (x - naive) / (teacher - naive)
+
+
+def _size(b) -> str:
+    if not b:
+        return "–"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
+
+
+def render_lowrank_rows(vkey: str, task: str, rows: list[dict]) -> str:
+    lines = [f"### {LOWRANK_VARIANTS[vkey][0]} — {task}", "",
+             "| row | EM | EM 95 % CI | completion NLL | completion ppl | adapter size | convert s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["em_ci"]
+        conv = "–" if r.get("convert_s") is None else f"{r['convert_s']:.0f}"
+        lines.append(f"| {r['row']} | {r['em']:.2f} | {lo:.2f}–{hi:.2f} | {r['nll']:.3f} | {math.exp(r['nll']):.2f} "
+                     f"| {_size(r.get('size'))} | {conv} |")
+    return "\n".join(lines)
+
+
+def render_lowrank(args, base_name, tasks, variants, measured, pydoc, total_s) -> str:
+    steps = args.steps
+    lines = [f"# Compensated conversion (issue 18) on {base_name}", "",
+             f"Command: `python benchmarks/ca_lora.py {' '.join(sys.argv[1:])}`", "",
+             f"Compensation: `adapt convert --recover lowrank --recover-rank {args.compensate_rank} --targets "
+             f"{args.compensate_targets}`, calibration {args.compensate_calib_samples} × 128 tokens of builtin:pydoc train "
+             f"(moments computed once per variant, then cached), regularised with 0.01·mean(diag C)·I. "
+             f"Distillation rows: {steps} steps × batch {args.batch_size} (seq_len ≤ {args.seq_len}), lr {args.lr}, "
+             f"alpha {args.distill_alpha} on the last hidden state, the task's train split; CA-LoRA recovery rank "
+             f"{args.recover_rank}. Exact match (EM) on the first {args.eval_examples} prompts of each task's test "
+             f"split, 95 % Wilson interval; completion NLL (nats per completion token, prompt as exact match "
+             f"feeds it; a stand-in helper in this script until evals' completion_perplexity lands) on the same "
+             f"prompts. 'convert s' is the whole `convert_adapter` call (model loading included, with a cheap "
+             f"one-prompt evaluation; – when the artefact was reused). Device {args.device}; total "
+             f"{total_s / 60:.1f} min.", ""]
+    lines += ["## Gap closed, (row − naive) / (teacher − naive), mean over tasks", "",
+              "| variant | row | EM | completion NLL |", "|---|---|---|---|"]
+    for vkey in variants:
+        for row in (R_COMP0, R_COMPD.format(n=steps), R_CALORA.format(n=steps), R_ALONE):
+            gaps = {m: [g for t in tasks if (g := _gap(measured[(vkey, t)], row, m)) is not None]
+                    for m in ("em", "nll")}
+            cell = {m: (f"{sum(v) / len(v):.0%} ({len(v)} task{'s' if len(v) != 1 else ''})" if v else "–")
+                    for m, v in gaps.items()}
+            lines.append(f"| {LOWRANK_VARIANTS[vkey][0]} | {row} | {cell['em']} | {cell['nll']} |")
+    lines += ["", "## Per task", ""]
+    for vkey in variants:
+        for task in tasks:
+            lines += [render_lowrank_rows(vkey, task, measured[(vkey, task)]), ""]
+    lines += ["## builtin:pydoc perplexity: does the variant get back toward the base without any adapter?", "",
+              f"First {args.ppl_tokens} tokens of the test split.", "",
+              "| variant | base | variant alone | variant + compensation alone | compensation size | convert s |",
+              "|---|---|---|---|---|---|"]
+    for vkey in variants:
+        p = pydoc[vkey]
+        conv = "–" if p.get("convert_s") is None else f"{p['convert_s']:.0f}"
+        lines.append(f"| {LOWRANK_VARIANTS[vkey][0]} | {pydoc['base']:.2f} | {p['variant']:.2f} | "
+                     f"{p['compensated']:.2f} | {_size(p['size'])} | {conv} |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ POLL_S = 0.5
 
 # Options of adapt.ops.convert_adapter that a batch passes through (None = its default).
 CONVERT_OPTIONS = ("data", "eval_data", "inherit", "recover", "distill", "recover_rank", "recover_act",
-                   "distill_alpha", "distill_on", "steps", "lr", "batch_size", "seq_len", "grad_accum", "seed",
+                   "recover_targets", "calib", "calib_samples", "calib_seq_len", "distill_alpha", "distill_on", "steps", "lr", "batch_size", "seq_len", "grad_accum", "seed",
                    "max_eval_tokens", "max_eval_examples", "reference_rows")
 
 

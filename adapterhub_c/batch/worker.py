@@ -277,7 +277,7 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
     conv = ctx.recorded_artifact("convert")
     if conv is None:
         name = ctx.reserve_name("convert", f"{src.name}-{variant.name}")
-        conv = _adoptable(reg, name, src.id, ("recovered-lora",))
+        conv = _adoptable(reg, name, src.id, ("recovered-lora", "lora"))  # lora: --recover lowrank
         report: dict = {}
         if conv is None:
             with ctx.step("convert"):

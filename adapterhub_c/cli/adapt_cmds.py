@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import echo_warnings, human_bytes, print_json, print_table, progress_callback
 
 TRAIN, CONVERT = api.TRAIN_DEFAULTS, api.CONVERT_DEFAULTS
 
@@ -76,9 +76,22 @@ def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch
 @click.option("--eval-data", default=None, help="Evaluation data [default: DATA, else the adapter's own data].")
 @click.option("--no-inherit", is_flag=True, help="Start the LoRA fresh instead of from ADAPTER.")
 @click.option("--no-recover", is_flag=True, help="No recovery modules.")
+@click.option("--recover", "recover_method", type=click.Choice(api.RECOVER_METHODS), default=None,
+              help="modules: CA-LoRA recovery modules (trained with --data) [default]; lowrank: fold the "
+                   "compression error into the LoRA (activation-weighted low rank, no data needed; plain PEFT).")
 @click.option("--no-distill", is_flag=True, help="Task loss only, no teacher.")
-@click.option("--recover-rank", type=int, default=CONVERT["recover_rank"], show_default=True)
+@click.option("--recover-rank", type=int, default=CONVERT["recover_rank"], show_default=True,
+              help="Recovery modules' rank; lowrank: the rank added to the source's on every layer.")
 @click.option("--recover-act", default=CONVERT["recover_act"], show_default=True, help="gelu, relu, silu or identity.")
+@click.option("--targets", "recover_targets", type=click.Choice(api.COMPENSATE_TARGETS),
+              default=CONVERT["recover_targets"], show_default=True,
+              help="lowrank: compensate the attention projections or all decoder linears.")
+@click.option("--calib", default=None,
+              help="lowrank: calibration data [default: the variant's own, else builtin:pydoc].")
+@click.option("--calib-samples", type=int, default=CONVERT["calib_samples"], show_default=True,
+              help="lowrank: calibration sequences (moments are cached per variant).")
+@click.option("--calib-seq-len", type=int, default=CONVERT["calib_seq_len"], show_default=True,
+              help="lowrank: tokens per calibration sequence.")
 @click.option("--distill-alpha", type=float, default=CONVERT["distill_alpha"], show_default=True)
 @click.option("--distill-on", type=click.Choice(api.DISTILL_ON), default=CONVERT["distill_on"], show_default=True)
 @click.option("--steps", type=int, default=CONVERT["steps"], show_default=True)
@@ -95,25 +108,32 @@ def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch
 @click.option("--name", default=None, help="Name of the converted adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def convert_cmd(obj, adapter, variant, data, eval_data, no_inherit, no_recover, no_distill, recover_rank,
-                recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, grad_accum, seed,
-                checkpoint_every, resume, max_eval_tokens, max_eval_examples, device, name, as_json):
+def convert_cmd(obj, adapter, variant, data, eval_data, no_inherit, no_recover, recover_method, no_distill,
+                recover_rank, recover_act, recover_targets, calib, calib_samples, calib_seq_len, distill_alpha,
+                distill_on, steps, lr, batch_size, seq_len, grad_accum, seed, checkpoint_every, resume,
+                max_eval_tokens, max_eval_examples, device, name, as_json):
     """Carry ADAPTER to a compressed variant of its base (CA-LoRA: inherit, recover, distill)."""
+    if no_recover and recover_method:
+        raise click.UsageError("--no-recover and --recover exclude each other")
     with progress_callback() as progress:
         art = api.convert(adapter, variant, registry=obj.registry, data=data, eval_data=eval_data,
-                          inherit=not no_inherit, recover=not no_recover, distill=not no_distill,
-                          recover_rank=recover_rank, recover_act=recover_act,
+                          inherit=not no_inherit, recover=False if no_recover else (recover_method or True),
+                          distill=not no_distill, recover_rank=recover_rank, recover_act=recover_act,
+                          recover_targets=recover_targets, calib=calib, calib_samples=calib_samples,
+                          calib_seq_len=calib_seq_len,
                           distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
                           batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
                           checkpoint_every=checkpoint_every, name=name,
                           max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
                           device=device, resume=resume, progress=progress)
     report = art.report
+    echo_warnings(art)
     if as_json:
         print_json(report)
         return
     rows = [{**r, "size": human_bytes(r.get("size_bytes"))} for r in report["rows"]]
-    mode = "+".join(k for k in ("inherit", "recover", "distill") if report[k]) or "fresh LoRA"
+    mode = "+".join(("recover lowrank" if k == "recover" and report["recover_method"] == "lowrank" else k)
+                    for k in ("inherit", "recover", "distill") if report[k]) or "fresh LoRA"
     t = report["train"]
     trained = f"{t['steps']} steps, loss {t['loss_start_avg']:.4g} → {t['loss_end_avg']:.4g}" if t else "no training"
     print_table(rows, ["row"] + _metric_columns(rows) + ["size"],

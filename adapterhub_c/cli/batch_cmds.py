@@ -26,6 +26,13 @@ def batch_group() -> None:
 @click.option("--eval-data", default=None, help="Evaluation data [default: convert's choice].")
 @click.option("--no-inherit", is_flag=True, help="Convert: start the LoRA fresh.")
 @click.option("--no-recover", is_flag=True, help="Convert: no recovery modules.")
+@click.option("--recover", "recover_method", type=click.Choice(api.RECOVER_METHODS), default=None,
+              help="Convert: modules (CA-LoRA) [default] or lowrank (compensated plain LoRA, no --data needed).")
+@click.option("--targets", "recover_targets", type=click.Choice(api.COMPENSATE_TARGETS), default=None,
+              help=f"Convert, lowrank: layers to compensate [{CONVERT['recover_targets']}].")
+@click.option("--calib", default=None, help="Convert, lowrank: calibration data [the variant's, else builtin:pydoc].")
+@click.option("--calib-samples", type=int, default=None,
+              help=f"Convert, lowrank: calibration sequences [{CONVERT['calib_samples']}].")
 @click.option("--no-distill", is_flag=True, help="Convert: task loss only, no teacher.")
 @click.option("--recover-rank", type=int, default=None, help=f"Convert: recovery rank [{CONVERT['recover_rank']}].")
 @click.option("--recover-act", default=None, help=f"Convert: gelu, relu, silu or identity [{CONVERT['recover_act']}].")
@@ -58,13 +65,16 @@ def batch_group() -> None:
 @click.option("--name", default=None, help="Batch name (to resume or inspect it) [derived from the options].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no_inherit, no_recover, no_distill,
-                recover_rank, recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, seed,
+def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no_inherit, no_recover,
+                recover_method, recover_targets, calib, calib_samples, no_distill, recover_rank, recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, seed,
                 max_eval_tokens, max_eval_examples, no_reference_rows, pack_density, pack_alpha, no_eval, push_to,
                 private, device, workers, threads, executor, ray_address, retries, lease_seconds, name, as_json):
     """Pull, convert to VARIANT, pack, evaluate and push many adapters; re-run to resume."""
+    if no_recover and recover_method:
+        raise click.UsageError("--no-recover and --recover exclude each other")
     convert = dict(data=data, eval_data=eval_data, inherit=False if no_inherit else None,
-                   recover=False if no_recover else None, distill=False if no_distill else None,
+                   recover=False if no_recover else recover_method, distill=False if no_distill else None,
+                   recover_targets=recover_targets, calib=calib, calib_samples=calib_samples,
                    recover_rank=recover_rank, recover_act=recover_act, distill_alpha=distill_alpha,
                    distill_on=distill_on, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
                    max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.metrics import token_stream
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -39,6 +41,19 @@ def normalise_calibration(calib_input_ids: Sequence[torch.Tensor] | torch.Tensor
             raise UsageError("calibration data contains an empty sequence")
         out.append(row)
     return out
+
+
+def calibration_rows(tokenizer, data: str, samples: int, seq_len: int) -> list[torch.Tensor]:
+    """Calibration input_ids: the train split of ``data`` as one token stream (texts joined
+    by EOS) cut into at most ``samples`` consecutive rows of ``seq_len`` tokens."""
+    if samples < 1 or seq_len < 1:
+        raise UsageError(f"calibration needs samples >= 1 and seq_len >= 1 (got {samples}, {seq_len})")
+    dataset = load_dataset(data, "train")
+    ids = token_stream(tokenizer, dataset.as_texts(), max_tokens=samples * seq_len)
+    rows = ids.numel() // seq_len
+    if rows == 0:
+        raise UsageError(f"calibration data {data!r} has fewer than {seq_len} tokens")
+    return list(ids[: rows * seq_len].view(rows, seq_len).unbind(0))
 
 
 def _batches(rows: list[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:

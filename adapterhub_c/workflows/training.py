@@ -43,9 +43,11 @@ from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.runtime.bases import base_label, load_base_model, load_base_tokenizer
+from adapterhub_c.runtime.compensation import variant_moments
 from adapterhub_c.runtime.evaluations import record_evaluations
 from adapterhub_c.runtime.stack import StackSpec, load_stack, resolve_stack
-from adapterhub_c.runtime.variants import load_variant, variant_kept_indices
+from adapterhub_c.runtime.variants import load_variant, variant_kept_indices, variant_recipe
+from adapterhub_c.training.compensate import TARGET_SETS, check_readable, compensate, compensation_targets
 from adapterhub_c.training.convert import (
     DISTILL_ON,
     _attach_source_lora,
@@ -66,6 +68,8 @@ DEFAULT_SEQ_LEN = TrainConfig.seq_len
 EVAL_SPLIT = "test"
 DEFAULT_EVAL_TOKENS = 8192     # perplexity: first tokens of the eval split
 DEFAULT_EVAL_EXAMPLES = 50     # exact match: first examples of a task's eval split
+RECOVER_METHODS = ("modules", "lowrank")
+DEFAULT_CALIB = "builtin:pydoc"  # lowrank: when the variant's recipe names no calibration set
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +255,9 @@ def _resolve_convert(reg: Registry, adapter_ref: str, variant_ref: str):
 
 def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: str | None = None,
                     eval_data: str | None = None, eval_split: str = EVAL_SPLIT, inherit: bool = True,
-                    recover: bool = True, distill: bool = True, recover_rank: int = 16, recover_act: str = "gelu",
+                    recover: bool | str = True, distill: bool = True, recover_rank: int = 16,
+                    recover_act: str = "gelu", recover_targets: str = "all", calib: str | None = None,
+                    calib_samples: int = 32, calib_seq_len: int = 128,
                     distill_alpha: float = 1.0, distill_on: str = "hidden", steps: int = DEFAULT_STEPS,
                     lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,
                     grad_accum: int = 1, seed: int = 0, checkpoint_every: int = 0, name: str | None = None,
@@ -267,6 +273,15 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
     builtin:pydoc), split ``eval_split``. ``reference_rows=False`` skips the "variant
     alone", "naive" and "teacher" rows (the converted one is always measured). Returns
     (the ``recovered-lora`` artefact, report with the rows and the gap closed).
+
+    ``recover``: True / "modules" (CA-LoRA recovery modules, trained with the data),
+    False (none) or "lowrank" (compensated conversion, ``training.compensate``): the
+    LoRA becomes the best rank-(r + ``recover_rank``) approximation of W + s·B·A − Ŵ in
+    the calibration-weighted norm on the ``recover_targets`` layers ("attn" or "all"),
+    from ``calib_samples`` × ``calib_seq_len`` tokens of ``calib`` (default: the variant's
+    own calibration set, else builtin:pydoc; the moments are cached per variant); no
+    data needed, and with data the distillation starts from it. The result is one plain
+    PEFT LoRA, registered as ``lora``; ``inherit=False`` compensates the variant alone.
     """
     device = str(resolve_device(device))
     config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
@@ -274,21 +289,40 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
         raise UsageError(f"--distill-on must be one of {', '.join(DISTILL_ON)} (got {distill_on!r})")
     if distill_alpha < 0:
         raise UsageError(f"--distill-alpha must be >= 0 (got {distill_alpha})")
-    RecoveryConfig(rank=recover_rank, act=recover_act)  # validates rank and activation
+    method = _recover_method(recover)
+    if method == "lowrank":
+        if isinstance(recover_rank, bool) or not isinstance(recover_rank, int) or recover_rank < 1:
+            raise UsageError(f"--recover-rank must be a positive integer (got {recover_rank!r})")
+        if recover_targets not in TARGET_SETS:
+            raise UsageError(f"--targets must be one of {', '.join(TARGET_SETS)} (got {recover_targets!r})")
+        for flag, value in (("--calib-samples", calib_samples), ("--calib-seq-len", calib_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{flag} must be a positive integer (got {value!r})")
+    else:
+        RecoveryConfig(rank=recover_rank, act=recover_act)  # validates rank and activation
     art, var, base, source_variant = _resolve_convert(reg, adapter_ref, variant_ref)
+    lowrank = None
+    if method == "lowrank":
+        lowrank = {"rank": recover_rank, "targets": recover_targets,
+                   "calib": calib or variant_recipe(var).calib or DEFAULT_CALIB, "samples": calib_samples,
+                   "seq_len": calib_seq_len}
+        load_dataset(lowrank["calib"], "train")
     dataset = load_dataset(data, "train") if data else None
     trains = dataset is not None and config.steps > 0
-    if not inherit and not trains:
+    if not inherit and not trains and lowrank is None:
         raise UsageError("--no-inherit without training data (or with --steps 0) leaves an empty adapter; "
                          "give --data")
     eval_data = eval_data or data or (art.config or {}).get("data") or "builtin:pydoc"
     load_dataset(eval_data, eval_split)
     check_new_name(reg, name)
-    recover_used, distill_used = recover and trains, distill and trains
+    recover_used, distill_used = method == "modules" and trains, distill and trains
     key = run_key(command="adapt convert", adapter=art.id, variant=var.id, data=data, name=name)
     params = dict(adapter=adapter_ref, variant=variant_ref, data=data, eval_data=eval_data, eval_split=eval_split,
-                  inherit=inherit, recover=recover, distill=distill, recover_rank=recover_rank,
-                  recover_act=recover_act, distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
+                  inherit=inherit, recover=method or False, distill=distill, recover_rank=recover_rank,
+                  recover_act=recover_act, recover_targets=recover_targets if lowrank else None,
+                  calib=lowrank["calib"] if lowrank else None, calib_samples=calib_samples if lowrank else None,
+                  calib_seq_len=calib_seq_len if lowrank else None,
+                  distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
                   batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed, name=name,
                   device=device, resume=resume)
     with record_run(reg, "adapt convert", params) as run:
@@ -296,22 +330,36 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
             config.checkpoint_dir = str(checkpoint_dir(reg, key))
             run.output = {"checkpoint": config.checkpoint_dir}
         t0 = time.perf_counter()
-        result, rows, art_new = _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split,
-                                         inherit, recover_used, distill_used, recover_rank, recover_act,
-                                         distill_alpha, distill_on, config, name, max_eval_tokens,
-                                         max_eval_examples, reference_rows, device, resume, progress, run)
+        result, rows, art_new, comp = _convert(reg, art, var, base, source_variant, dataset, eval_data,
+                                               eval_split, inherit, recover_used, distill_used, recover_rank,
+                                               recover_act, distill_alpha, distill_on, config, name,
+                                               max_eval_tokens, max_eval_examples, reference_rows, device, resume,
+                                               progress, run, lowrank=lowrank)
         if config.checkpoint_dir:
             shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
         summary = train_summary(result.train)
-        report = {"artifact": art_new.name, "id": art_new.id, "source": art.name, "variant": var.name,
-                  "base": base.name, "data": data, "eval_data": eval_data, "eval_split": eval_split,
-                  "inherit": inherit, "recover": recover_used, "distill": distill_used,
-                  "distill_on": distill_on if distill_used else None, "train": summary,
+        report = {"artifact": art_new.name, "id": art_new.id, "kind": art_new.kind, "source": art.name,
+                  "variant": var.name, "base": base.name, "data": data, "eval_data": eval_data,
+                  "eval_split": eval_split, "inherit": inherit, "recover": recover_used or lowrank is not None,
+                  "recover_method": "lowrank" if lowrank else ("modules" if recover_used else None),
+                  "distill": distill_used, "distill_on": distill_on if distill_used else None, "train": summary,
+                  "compensation": comp, "warnings": list((comp or {}).get("warnings", [])),
                   "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
                   "gap_closed": gap_closed(rows), "wall_s": round(time.perf_counter() - t0, 2)}
         run.output = {"artifact": art_new.name, "id": art_new.id, "train": summary, "rows": report["rows"],
-                      "gap_closed": report["gap_closed"]}
+                      "gap_closed": report["gap_closed"], "compensation": comp}
         return art_new, report
+
+
+def _recover_method(recover: bool | str | None) -> str | None:
+    """True / "modules" → "modules", False / "none" → None, "lowrank" → "lowrank"."""
+    if recover is None or recover is True or recover == "modules":
+        return "modules"
+    if recover is False or recover == "none":
+        return None
+    if recover == "lowrank":
+        return "lowrank"
+    raise UsageError(f"--recover must be one of {', '.join(RECOVER_METHODS)} (got {recover!r})")
 
 
 ROW_VARIANT, ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED = ("variant alone", "variant + source (naive)",
@@ -347,7 +395,7 @@ def _gap_value(row: dict, metric: str) -> float | None:
 
 def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split, inherit, recover, distill,
              recover_rank, recover_act, distill_alpha, distill_on, config, name, max_eval_tokens, max_eval_examples,
-             reference_rows, device, resume, progress, run):
+             reference_rows, device, resume, progress, run, lowrank=None):
     loaded = load_adapter_artifact(reg, art)
     if loaded.recovery_state is not None:
         raise UsageError(f"{art.name!r} is already converted (it has recovery modules); convert its source instead")
@@ -356,11 +404,15 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
                          "its shapes do not fit the base")
     lora = loaded.lora
     kept = variant_kept_indices(reg, var)
-    if distill or reference_rows:
+    if distill or reference_rows or lowrank:
         base_model, tokenizer = load_base_model(reg, base, device)
     else:
         base_model, tokenizer = None, load_base_tokenizer(reg, base)
     variant_model = load_variant(reg, var, device)
+    comp, cached = None, None
+    if lowrank:
+        comp, cached = _compensate(reg, var, base_model, variant_model, tokenizer, lora if inherit else None,
+                                   kept, lowrank, progress)
     rows: list[dict] = []
 
     def measure(model, role: str, spec: StackSpec, size: int | None) -> None:
@@ -382,11 +434,15 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
     if not distill:
         teacher = None
     del base_model
-    student = build_student(variant_model, lora, inherit=inherit, recover=recover, recover_rank=recover_rank,
-                            recover_act=recover_act, kept_indices=kept, seed=config.seed)
+    if comp is not None:  # the student starts from the compensated LoRA, already shaped for the variant
+        student = build_student(variant_model, comp.adapter, inherit=True, recover=False, seed=config.seed)
+    else:
+        student = build_student(variant_model, lora, inherit=inherit, recover=recover, recover_rank=recover_rank,
+                                recover_act=recover_act, kept_indices=kept, seed=config.seed)
     result = distill_convert(student, teacher, tokenizer, dataset, distill=distill, distill_alpha=distill_alpha,
                              distill_on=distill_on, config=config, progress=progress, resume=resume,
-                             fingerprint={"adapter": art.id, "variant": var.id, "inherit": inherit})
+                             fingerprint={"adapter": art.id, "variant": var.id, "inherit": inherit,
+                                          "compensation": lowrank})
     teacher = None
     result.lora.config["base_model_name_or_path"] = base_label(base)
     conv_res = _tag(_evaluate(student.model, tokenizer, eval_data, eval_split, max_eval_tokens, max_eval_examples,
@@ -395,15 +451,20 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
                "eval": {"data": eval_data, "split": eval_split,
                         "rows": {r["row"]: {k: v for k, v in r.items() if k in QUALITY_METRICS}
                                  for r in rows} | {ROW_CONVERTED: _public(conv_res)}}}
+    comp_info = None if comp is None else {**lowrank, **comp.summary(), "moments_cached": cached,
+                                           "warnings": comp.warnings}
     cfg = {"data": dataset.name if dataset is not None else None, "source": art.name, "variant": var.name,
            "inherit": inherit, "recover": recover, "distill": distill,
+           "recover_method": "lowrank" if comp is not None else ("modules" if recover else None),
+           "compensation": {k: v for k, v in (comp_info or {}).items() if k not in ("warnings", "wall_s")} or None,
            "recovery": result.recovery_config.to_dict() if result.recovery_config else None,
            "distill_alpha": distill_alpha if distill else None, "distill_on": distill_on if distill else None,
            "ffn_sliced": bool(kept), "train": config.hparams() if result.train else None}
     stem = f"{art.name}-{var.name}"
     with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
         folder = result.save(Path(tmp) / "adapter")
-        art_new = register_artifact(reg, kind="recovered-lora", name=name or unique_name(reg, stem),
+        kind = "lora" if comp is not None else "recovered-lora"  # compensated: one plain PEFT LoRA
+        art_new = register_artifact(reg, kind=kind, name=name or unique_name(reg, stem),
                                     base_id=base.id, folder=folder, variant_id=var.id, source="adapt convert",
                                     config=cfg, metrics=metrics,
                                     parents=[(art, "inherited-from" if inherit else "converted-from"),
@@ -412,7 +473,17 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
                  "_spec": StackSpec(base, var, adapter=art_new), "_res": conv_res})
     for r in rows:
         record_evaluations(reg, r["_spec"], eval_data, eval_split, r["_res"], run.id)
-    return result, rows, art_new
+    return result, rows, art_new, comp_info
+
+
+def _compensate(reg, var, base_model, variant_model, tokenizer, source, kept, lowrank, progress):
+    """The compensated LoRA of ``source`` (None: of the variant alone) on the loaded variant."""
+    check_readable(variant_model, compensation_targets(variant_model, lowrank["targets"]))
+    moments, cached = variant_moments(reg, var, variant_model, tokenizer, lowrank["calib"], lowrank["samples"],
+                                      lowrank["seq_len"], progress=progress)
+    comp = compensate(base_model, variant_model, source, moments, lowrank["rank"], lowrank["targets"],
+                      kept_indices=kept, progress=progress)
+    return comp, cached
 
 
 def _add(a: int | None, b: int | None) -> int | None:

@@ -35,6 +35,7 @@ from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import load_base_model
 from adapterhub_c.runtime.variants import COMPUTE_DTYPE
 from adapterhub_c.variants.build import KEPT_FILE, VARIANT_FILE, WEIGHTS_FILE, apply_recipe, load_variant_model
+from adapterhub_c.variants.calibration import calibration_rows
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
 
@@ -133,13 +134,7 @@ def calibration_ids(tokenizer, recipe: Recipe) -> list[torch.Tensor] | None:
     None when the recipe uses no calibration."""
     if not recipe.uses_calibration:
         return None
-    data = load_dataset(recipe.calib, "train")
-    need = recipe.calib_samples * recipe.calib_seq_len
-    ids = token_stream(tokenizer, data.as_texts(), max_tokens=need)
-    rows = ids.numel() // recipe.calib_seq_len
-    if rows == 0:
-        raise UsageError(f"calibration data {recipe.calib!r} has fewer than {recipe.calib_seq_len} tokens")
-    return list(ids[: rows * recipe.calib_seq_len].view(rows, recipe.calib_seq_len).unbind(0))
+    return calibration_rows(tokenizer, recipe.calib, recipe.calib_samples, recipe.calib_seq_len)
 
 
 def _find_base_perplexity(reg: Registry, base: BaseModel, tokens: int) -> float | None:

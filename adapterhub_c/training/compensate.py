@@ -1,0 +1,452 @@
+"""Compensated conversion: fold a variant's compression error into one plain LoRA (after EoRA).
+
+For every compensated linear layer the converted adapter's update ΔW' is the best
+rank-k approximation, in the norm weighted by the calibration inputs' second moment, of
+
+    D = (W + s·B·A) − Ŵ
+
+W: the base weight; s·B·A: the source LoRA's update (0 where it has none); Ŵ: the
+variant's effective weight as the variant computes it (``effective_weight``: the
+dequantized weight of a bitsandbytes layer, the masked weight of a pruned one; for
+``ffn-channels`` variants W and s·B·A are sliced to the kept channels first);
+k = r + R (r: the source's rank on that layer, 0 where it has none; R: the extra rank),
+clamped to min(out, in).
+
+The weighted norm is ||E||_C = ||E·C^{1/2}||_F with C = XᵀX / n the second moment of the
+layer's n calibration inputs X (rows are tokens): ||E·x||² summed over the calibration
+tokens, i.e. the error of the layer's output. Solution (Eckart–Young in the weighted
+space): with the eigendecomposition C = Q·diag(e)·Qᵀ and S = Q·diag(√e) (S·Sᵀ = C),
+M = D·S, truncated SVD M ≈ U_k·Σ_k·V_kᵀ, then
+
+    B' = U_k·Σ_k,   A' = V_kᵀ·S⁻¹ = V_kᵀ·diag(1/√e)·Qᵀ,   ΔW' = B'·A'.
+
+The PEFT scaling is folded into the factors: every layer gets lora_alpha = its rank
+(scale 1), ``rank_pattern`` / ``alpha_pattern`` where the ranks differ.
+
+Regularisation (always, so the solve is defined whatever the calibration set): C is
+replaced by C + λ·mean(diag C)·I with λ = ``REG_LAMBDA`` = 0.01, GPTQ's dampening of the
+same XᵀX matrix. Since C + δI has C's eigenvectors and eigenvalues e + δ, the cached
+eigendecomposition serves any λ. With fewer calibration tokens than input features the
+raw moment is rank-deficient: the same regularised solve applies and a warning names
+the layers (``AdaptWarning``). An all-zero moment (no signal) falls back to C = I
+(plain Frobenius). Everything is computed in float64; the factors are stored in float32.
+
+Pure domain code: tensors in, a ``LoraAdapter`` out; the moments come from
+``collect_moments`` (forward hooks on the variant), the caller caches them.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
+from adapterhub_c.errors import AdaptWarning, UsageError
+from adapterhub_c.variants.calibration import _batches, normalise_calibration
+from adapterhub_c.variants.pruning import PROJECTIONS, target_linears
+from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
+
+REG_LAMBDA = 0.01
+TARGET_SETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": PROJECTIONS}
+FFN_ROWS = ("gate_proj", "up_proj")   # output rows follow the intermediate channels
+FFN_COLS = ("down_proj",)             # input columns follow the intermediate channels
+# linears of one block that read the very same input tensor (verified while collecting)
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+DEFAULT_LORA = {"peft_type": "LORA", "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM"}
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+# ---------------------------------------------------------------------------------------
+# activation moments
+
+
+@dataclass
+class Moment:
+    """The second moment C = XᵀX / n of one input, held as its eigendecomposition C = Q·diag(e)·Qᵀ."""
+
+    Q: torch.Tensor        # [d, d], orthonormal columns
+    e: torch.Tensor        # [d], eigenvalues (float64, ascending, clipped at 0)
+    tokens: int
+
+    @classmethod
+    def from_matrix(cls, C: torch.Tensor, tokens: int, q_dtype: torch.dtype = torch.float64) -> "Moment":
+        """Eigendecomposition in float64; Q kept in ``q_dtype`` (float32 halves the memory and the cache)."""
+        C = C.double()
+        if not torch.isfinite(C).all():
+            raise UsageError("the calibration activations contain NaN or infinite values")
+        e, Q = torch.linalg.eigh((C + C.T) / 2)
+        return cls(Q=Q.to(q_dtype), e=e.clamp_min(0.0), tokens=int(tokens))
+
+    @property
+    def dim(self) -> int:
+        return self.e.numel()
+
+    def matrix(self) -> torch.Tensor:
+        """C in float64."""
+        Q = self.Q.double()
+        return (Q * self.e) @ Q.T
+
+    def factors(self, reg: float = REG_LAMBDA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q, √e_reg, e_reg) of the regularised moment C + reg·mean(diag C)·I (float64).
+
+        An all-zero moment becomes the identity (plain Frobenius norm)."""
+        Q, e = self.Q.double(), self.e.double()
+        mean_diag = float(e.sum()) / max(1, e.numel())  # trace / d = mean(diag C)
+        if not mean_diag > 0:
+            e = torch.ones_like(e)
+        else:
+            e = e + reg * mean_diag
+        return Q, e.sqrt(), e
+
+
+@dataclass
+class Moments:
+    """Second moments of the calibration inputs of a model's linears.
+
+    ``groups``: module name → group key (linears reading the same input share one moment);
+    ``moments``: group key → Moment."""
+
+    groups: dict[str, str]
+    moments: dict[str, Moment]
+
+    def __contains__(self, module: str) -> bool:
+        return module in self.groups
+
+    def __getitem__(self, module: str) -> Moment:
+        return self.moments[self.groups[module]]
+
+
+def _group_key(name: str, present: set[str]) -> str:
+    parent, _, leaf = name.rpartition(".")
+    for group in SHARED_INPUTS:
+        if leaf in group and all(f"{parent}.{g}" in present for g in group):
+            return f"{parent}.{'+'.join(group)}"
+    return name
+
+
+@torch.no_grad()
+def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping[str, nn.Module] | None = None,
+                    batch_size: int = 8, progress: Progress | None = None) -> Moments:
+    """XᵀX / n of the input of every named linear (default: the decoder-block projections).
+
+    One forward pass over the calibration rows (input_ids, [T] or [1, T] each); q/k/v (and gate/up)
+    share one moment when the model really feeds them the same tensor (checked on every
+    call; a module that sees another input gets its own). Accumulated in float64."""
+    rows = normalise_calibration(rows)
+    if not rows:
+        raise UsageError("calibration data is empty")
+    modules = dict(target_linears(model) if modules is None else modules)
+    if not modules:
+        raise UsageError("the model has no linear layers to compensate")
+    present = set(modules)
+    groups = {name: _group_key(name, present) for name in modules}
+    members: dict[str, set[str]] = {}
+    for name, g in groups.items():
+        members.setdefault(g, set()).add(name)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}                 # group → the module that accumulates it
+    live: dict[str, tuple[torch.Tensor, set]] = {}  # group → (input of this forward, members seen)
+
+    def accumulate(key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        xtx = (x.T @ x).double()
+        if key in sums:
+            sums[key] += xtx
+        else:
+            sums[key] = xtx
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    def make_hook(name: str):
+        def hook(_mod, args):
+            x = args[0]  # the very object: q/k/v of one block receive the same tensor
+            g = groups[name]
+            if g not in owner:
+                owner[g] = name
+            if owner[g] == name:
+                accumulate(g, x)
+                live[g] = (x, {name})
+            elif g in live and live[g][0] is x:
+                live[g][1].add(name)
+            else:  # this model gives it an input of its own
+                groups[name] = name
+                members[g].discard(name)
+                members[name] = {name}
+                accumulate(name, x)
+            if g in live and live[g][1] >= members[g]:
+                del live[g]
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules.items()]
+    try:
+        batches = list(_batches(rows, batch_size))
+        for i, batch in enumerate(batches):
+            model(input_ids=batch.to(device), use_cache=False)
+            live.clear()
+            if progress:
+                progress("calibration moments", i + 1, len(batches))
+    finally:
+        for handle in handles:
+            handle.remove()
+    moments, total = {}, len(sums)
+    for i, key in enumerate(list(sums)):
+        # Q in float32, as the cache stores it: a fresh and a cached conversion give the same adapter
+        moments[key] = Moment.from_matrix(sums.pop(key) / counts[key], counts[key], q_dtype=torch.float32)
+        if progress:
+            progress("eigendecomposition", i + 1, total)
+    return Moments(groups=groups, moments=moments)
+
+
+# ---------------------------------------------------------------------------------------
+# effective weights
+
+
+def effective_weight(module: nn.Module, name: str = "") -> torch.Tensor:
+    """The float32 [out, in] weight a linear layer computes with: bitsandbytes layers
+    dequantized, plain ``nn.Linear`` as stored (pruned ones hold their zeros).
+
+    Anything else (an unknown quantizer's layer) is refused: its weight cannot be read."""
+    _check_kind(module, name)
+    w = dequantize_linear(module) if is_bnb_linear(module) else module.weight.detach().float()
+    if w.dim() != 2 or tuple(w.shape) != (module.out_features, module.in_features) or not torch.isfinite(w).all():
+        raise UsageError(f"cannot read the effective weight of {name or 'a layer'}: got shape "
+                         f"{tuple(w.shape)} for a {module.out_features}×{module.in_features} layer")
+    return w
+
+
+def check_readable(model: nn.Module, names: Iterable[str]) -> None:
+    """UsageError naming the first layer whose effective weight ``effective_weight`` cannot read."""
+    mods = dict(model.named_modules())
+    for name in names:
+        module = mods.get(name)
+        if module is None:
+            raise UsageError(f"the variant has no layer {name}")
+        _check_kind(module, name)
+
+
+def _check_kind(module: nn.Module, name: str) -> None:
+    if not (is_bnb_linear(module) or type(module) is nn.Linear):
+        kind = type(module)
+        raise UsageError(f"cannot read the effective weight of {name or 'a layer'} ({kind.__module__}."
+                         f"{kind.__name__}): not a plain or bitsandbytes linear (unknown quantizer)")
+
+
+def slice_to_variant(weight: torch.Tensor, name: str, kept_indices: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """A base-shaped [out, in] tensor of ``name`` sliced to an ffn-channels variant's kept channels."""
+    parent, _, leaf = name.rpartition(".")
+    kept = (kept_indices or {}).get(parent)
+    if kept is None:
+        return weight
+    kept = torch.as_tensor(kept, dtype=torch.long, device=weight.device)
+    if leaf in FFN_ROWS:
+        return weight.index_select(0, kept)
+    if leaf in FFN_COLS:
+        return weight.index_select(1, kept)
+    return weight
+
+
+# ---------------------------------------------------------------------------------------
+# the weighted low-rank solve
+
+
+@dataclass
+class Factors:
+    """ΔW' = B·A of one layer and how much of the weighted target it captures."""
+
+    B: torch.Tensor     # [out, k] float64
+    A: torch.Tensor     # [k, in] float64
+    energy: float       # ||D||_C²
+    residual: float     # ||D − B·A||_C² (the discarded singular values)
+
+    @property
+    def captured(self) -> float:
+        return 1.0 - self.residual / self.energy if self.energy > 0 else 1.0
+
+
+@torch.no_grad()
+def weighted_lowrank(D: torch.Tensor, moment: Moment | None, rank: int, reg: float = REG_LAMBDA) -> Factors:
+    """Best rank-``rank`` approximation of ``D`` in the norm ||E·C^{1/2}||_F (C regularised).
+
+    ``moment=None``: C = I (plain truncated SVD). Float64 throughout."""
+    D = D.double()
+    out_f, in_f = D.shape
+    if rank < 1 or rank > min(out_f, in_f):
+        raise UsageError(f"rank {rank} is outside 1..{min(out_f, in_f)} for a {out_f}×{in_f} layer")
+    if moment is None:
+        M = D
+    else:
+        if moment.dim != in_f:
+            raise UsageError(f"the calibration moment has {moment.dim} features, the layer {in_f} inputs")
+        Q, root, _ = moment.factors(reg)
+        M = (D @ Q) * root          # D·S, S = Q·diag(√e)
+    U, sigma, Vh = torch.linalg.svd(M, full_matrices=False)
+    B = U[:, :rank] * sigma[:rank]
+    A = Vh[:rank]
+    if moment is not None:
+        A = (A / root) @ Q.T        # V_kᵀ·S⁻¹ = V_kᵀ·diag(1/√e)·Qᵀ
+    sq = sigma.pow(2)
+    return Factors(B=B, A=A, energy=float(sq.sum()), residual=float(sq[rank:].sum()))
+
+
+# ---------------------------------------------------------------------------------------
+# the whole adapter
+
+
+@dataclass
+class Compensation:
+    """The compensated adapter (PEFT LoRA on the variant) and a per-layer account."""
+
+    adapter: LoraAdapter
+    layers: dict[str, dict] = field(default_factory=dict)   # module → {rank, source_rank, captured}
+    clamped: list[str] = field(default_factory=list)
+    rank_deficient: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)        # nothing to compensate (D = 0)
+    warnings: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict:
+        caps = [v["captured"] for v in self.layers.values() if v.get("captured") is not None]
+        return {"layers": len(self.layers), "ranks": sorted({v["rank"] for v in self.layers.values()}),
+                "captured_mean": sum(caps) / len(caps) if caps else None,
+                "captured_min": min(caps) if caps else None,
+                "clamped": list(self.clamped), "rank_deficient": list(self.rank_deficient),
+                "skipped": list(self.skipped), "reg_lambda": REG_LAMBDA, "wall_s": round(self.wall_s, 2)}
+
+
+def compensation_targets(model: nn.Module, targets: str | Iterable[str] = "all") -> list[str]:
+    """Names of the variant's decoder-block linears selected by ``targets`` ("attn", "all" or leaf names)."""
+    leaves = TARGET_SETS.get(targets) if isinstance(targets, str) else tuple(targets)
+    if not leaves:
+        raise UsageError(f"--targets must be one of {', '.join(TARGET_SETS)} (got {targets!r})")
+    names = [n for n in target_linears(model) if n.rpartition(".")[2] in leaves]
+    if not names:
+        raise UsageError(f"the model has no {'/'.join(leaves)} layers to compensate")
+    return names
+
+
+def _names(names: Iterable[str]) -> str:
+    names = list(names)
+    return ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
+
+
+@torch.no_grad()
+def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdapter | None,
+               moments: Moments | None, extra_rank: int, targets: str | Iterable[str] = "all",
+               kept_indices: Mapping[str, torch.Tensor] | None = None, reg: float = REG_LAMBDA,
+               progress: Progress | None = None) -> Compensation:
+    """The compensated LoRA of ``source`` (None: the compensation of the variant alone) on the variant.
+
+    ``base_model`` / ``variant_model``: unwrapped transformers models (module names as in
+    the source's PEFT keys without ``base_model.model.``); ``moments``: from
+    ``collect_moments`` on the variant (None: C = I). The source's modules outside the
+    compensated ``targets`` are carried as they are (sliced for ffn-channels). Warns
+    (``AdaptWarning``) naming the layers whose rank was clamped and those whose moment
+    was rank-deficient. Returns the adapter with its scaling folded in (alpha = rank)."""
+    if extra_rank < 1:
+        raise UsageError(f"--recover-rank must be >= 1 (got {extra_rank})")
+    t0 = time.perf_counter()
+    base_mods, var_mods = dict(base_model.named_modules()), dict(variant_model.named_modules())
+    wanted = compensation_targets(variant_model, targets)
+    src_layers = source.layers() if source is not None else {}
+    unknown = [m for m in src_layers if m not in var_mods or m not in base_mods]
+    if unknown:
+        raise UsageError(f"the adapter targets modules the variant does not have: {_names(unknown)}")
+    check_readable(variant_model, wanted)
+    result = Compensation(adapter=None)  # type: ignore[arg-type]
+    layers: dict[str, LoraLayer] = {}
+    todo = list(dict.fromkeys(wanted + sorted(src_layers)))
+    for i, name in enumerate(todo):
+        src = src_layers.get(name)
+        if name not in wanted:  # a source layer outside the compensated set: carried over (sliced)
+            layers[name] = _carried(src, name, kept_indices)
+            result.layers[name] = {"rank": src.rank, "source_rank": src.rank, "captured": None}
+            continue
+        W = slice_to_variant(effective_weight(base_mods[name], name).double(), name, kept_indices)
+        W_hat = effective_weight(var_mods[name], name).double()
+        if W.shape != W_hat.shape:
+            raise UsageError(f"{name}: the variant's weight is {tuple(W_hat.shape)} but the base's "
+                             f"{tuple(W.shape)} (an ffn-channels variant needs its kept indices)")
+        D = W - W_hat
+        if src is not None:
+            D = D + slice_to_variant(src.delta(torch.float64), name, kept_indices)
+        if not torch.any(D != 0):
+            result.skipped.append(name)
+            continue
+        r = src.rank if src is not None else 0
+        k = r + extra_rank
+        if k > min(D.shape):
+            result.clamped.append(name)
+            k = min(D.shape)
+        moment = None
+        if moments is not None:
+            if name not in moments:
+                raise UsageError(f"no calibration moment for {name}")
+            moment = moments[name]
+            if moment.tokens < moment.dim:
+                result.rank_deficient.append(name)
+        f = weighted_lowrank(D, moment, k, reg)
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+            raise UsageError(f"{name}: the compensation is not finite (degenerate calibration moment)")
+        bias = _carried(src, name, kept_indices).bias if src is not None else None
+        layers[name] = LoraLayer(A=f.A.float().contiguous(), B=f.B.float().contiguous(), scale=1.0, bias=bias)
+        result.layers[name] = {"rank": k, "source_rank": r, "captured": f.captured}
+        if progress:
+            progress("compensation", i + 1, len(todo))
+    if not layers:
+        raise UsageError("nothing to compensate: the variant computes exactly the base's weights "
+                         "and there is no source adapter")
+    if result.clamped:
+        result.warnings.append(f"--recover-rank: rank clamped to min(out, in) on {len(result.clamped)} layer(s): "
+                               f"{_names(result.clamped)}")
+    if result.rank_deficient:
+        tokens = min(moments[n].tokens for n in result.rank_deficient)
+        dims = max(moments[n].dim for n in result.rank_deficient)
+        result.warnings.append(
+            f"calibration too short for a full-rank activation moment ({tokens} tokens < {dims} input features) "
+            f"on {len(result.rank_deficient)} layer(s): {_names(result.rank_deficient)}; solved with "
+            f"C + {reg:g}·mean(diag C)·I (give more --calib-samples)")
+    for message in result.warnings:
+        warnings.warn(message, AdaptWarning, stacklevel=2)
+    config = {k: v for k, v in (source.config if source is not None else DEFAULT_LORA).items()
+              if k not in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")}
+    adapter = LoraAdapter.from_layers(layers, config)
+    adapter.config["target_modules"] = exact_targets(adapter.config["target_modules"], list(layers), variant_model)
+    if source is not None:  # modules_to_save copies and the like travel unchanged
+        adapter.tensors.update({k: v for k, v in source.tensors.items()
+                                if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias"))})
+    result.adapter = adapter
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _carried(src: LoraLayer, name: str, kept_indices) -> LoraLayer:
+    """The source's own factors of ``name``, sliced to an ffn-channels variant's kept channels."""
+    parent, _, leaf = name.rpartition(".")
+    kept = (kept_indices or {}).get(parent)
+    A, B, bias = src.A, src.B, src.bias
+    if kept is not None:
+        kept = torch.as_tensor(kept, dtype=torch.long)
+        if leaf in FFN_ROWS:
+            B = B.index_select(0, kept)
+            bias = None if bias is None else bias.index_select(0, kept)
+        elif leaf in FFN_COLS:
+            A = A.index_select(1, kept)
+    return LoraLayer(A=A, B=B, scale=src.scale, bias=bias)
+
+
+def exact_targets(leaves: list[str], modules: list[str], model: nn.Module) -> list[str]:
+    """``leaves`` when they select exactly ``modules`` among the model's linears, else the full names
+    (so plain PEFT attaches no extra, empty LoRA)."""
+    chosen = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in leaves}
+    return sorted(leaves) if chosen == set(modules) else sorted(modules)
+
+
+__all__ = ["REG_LAMBDA", "TARGET_SETS", "Moment", "Moments", "collect_moments", "effective_weight",
+           "slice_to_variant", "weighted_lowrank", "Factors", "Compensation", "compensate",
+           "compensation_targets", "exact_targets", "check_readable"]
