@@ -1,0 +1,163 @@
+"""Variants stored as what differs from the base (issue 15): keep-masks, kept channels, shared base blobs."""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from adapterhub_c.errors import AdaptError, IntegrityError
+from adapterhub_c.models.tiny import build_tiny_llama
+from adapterhub_c.variants import Recipe, apply_recipe, load_variant_model
+from adapterhub_c.variants.build import check_delta
+from adapterhub_c.variants.masks import masks_from_bytes, masks_to_bytes, pack_mask, unpack_mask
+
+warnings.filterwarnings("ignore", message="MatMul8bitLt")
+
+
+def calib(n: int = 4, length: int = 24) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 259, (length,), generator=g) for _ in range(n)]
+
+
+RECIPES = [
+    Recipe(prune="magnitude", sparsity=0.5),
+    Recipe(prune="magnitude", sparsity=0.3, prune_granularity="layer"),
+    Recipe(quant="nf4", prune="wanda", sparsity=0.5, calib="c"),
+    Recipe(quant="int8", prune="2:4"),
+    Recipe(quant="fp4", double_quant=True, prune="2:4", calib="c"),
+    Recipe(quant="nf4", prune="ffn-channels", sparsity=0.25),
+    Recipe(prune="ffn-channels", sparsity=0.5, calib="c"),
+    Recipe(prune="magnitude", sparsity=0.4, include_embeddings=True, include_lm_head=True),
+]
+
+
+# ---- keep-masks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (63,), (64,), (65,), (3, 5), (13, 17), (2, 3, 11), (0,),
+                                   (1000003,)])
+def test_mask_round_trip_is_bit_exact_for_any_length(shape):
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    for density in (0.0, 0.3, 0.5, 1.0):
+        mask = torch.rand(shape, generator=g) < density
+        packed = pack_mask(mask)
+        n = mask.numel()
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)  # 1 bit per weight, last byte padded
+        back = unpack_mask(packed, shape)
+        assert back.dtype == torch.bool and back.shape == mask.shape and torch.equal(back, mask)
+    masks = {"a.weight": torch.rand(shape, generator=g) < 0.5, "b.weight": torch.rand((5, 3), generator=g) < 0.5}
+    again = masks_from_bytes(masks_to_bytes(masks))
+    assert set(again) == set(masks) and all(torch.equal(again[k], masks[k]) for k in masks)
+
+
+def test_corrupt_mask_files_raise_integrity_error():
+    data = masks_to_bytes({"w": torch.tensor([True, False, True])})
+    for bad in (b"", data[:5], b"\xff" * 8 + data[8:], data.replace(b"adapterhub_c.keep-mask", b"something-else-entirely")):
+        with pytest.raises(IntegrityError):
+            masks_from_bytes(bad)
+    with pytest.raises(IntegrityError):
+        unpack_mask(torch.zeros(2, dtype=torch.uint8), (3, 8))  # 24 bits need 3 bytes
+
+
+# ---- delta folders load bit for bit what a whole-model copy loads ---------------------------
+
+
+def _delta_folder(build, base_dir, dest):
+    folder = build.save_delta(dest)
+    (folder / "base").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(base_dir / name, folder / "base" / name)
+    return folder
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.describe() + ("+emb+head" if r.include_embeddings else ""))
+def test_delta_variant_logits_identical_to_the_full_copy_variant(recipe, tmp_path):
+    base, _ = build_tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model, _ = build_tiny_llama()
+    build = apply_recipe(model, recipe, calib() if recipe.uses_calibration else None)
+    check_delta(build, tmp_path / "base")
+    full = build.save(tmp_path / "full")  # the pre-issue-15 storage: the whole pruned model
+    delta = _delta_folder(build, tmp_path / "base", tmp_path / "delta")
+    own = sum(p.stat().st_size for p in delta.iterdir() if p.is_file())  # masks / indices + config + recipe
+    masks = delta / "masks.safetensors"
+    if recipe.prune == "ffn-channels":
+        assert not masks.exists() and (delta / "kept_indices.safetensors").stat().st_size < 2048 + 8 * 2 * 128
+    else:  # 1 bit per pruned weight + a header (name, offsets, shape: under 200 bytes a tensor)
+        header = 200 * len(build.masks) + 512
+        assert build.stats.target_params_base / 8 < masks.stat().st_size < build.stats.target_params_base / 8 + header
+    assert own < (full / "model.safetensors").stat().st_size / 20
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(5))
+    old, new = load_variant_model(full), load_variant_model(delta)
+    assert type(old.model.layers[0].mlp.up_proj) is type(new.model.layers[0].mlp.up_proj)
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, new(ids).logits)
+    for (name, a), (name_b, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_bf16_base_delta_equals_the_full_copy_made_from_the_upcast_base(tmp_path):
+    """A base stored in bf16, pruned in float32 (as create_variant does), loaded in float32."""
+    base, _ = build_tiny_llama()
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    recipe = Recipe(quant="nf4", prune="wanda", sparsity=0.5, calib="c")
+    build = apply_recipe(model, recipe, calib(), storage_dtype=torch.bfloat16)
+    check_delta(build, tmp_path / "base")
+    full = build.save(tmp_path / "full")
+    delta = _delta_folder(build, tmp_path / "base", tmp_path / "delta")
+    ids = torch.randint(3, 259, (1, 12))
+    with torch.no_grad():
+        a = load_variant_model(full, compute_dtype=torch.float32)(ids).logits
+        b = load_variant_model(delta, compute_dtype=torch.float32)(ids).logits
+    assert torch.equal(a, b)
+    assert build.stats.export_bytes < build.stats.quantized_bytes  # embeddings exported in bf16, held in fp32
+
+
+def test_check_delta_refuses_a_build_whose_kept_values_differ_from_the_base(tmp_path):
+    base, _ = build_tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model, _ = build_tiny_llama()
+    build = apply_recipe(model, Recipe(prune="magnitude", sparsity=0.5))
+    w = build.state_dict["model.layers.0.self_attn.q_proj.weight"]
+    kept = w.nonzero()[0].tolist()
+    w[kept[0], kept[1]] += 1.0  # a method that changes a kept value
+    with pytest.raises(AdaptError, match="changes kept values"):
+        check_delta(build, tmp_path / "base")
+
+
+# ---- in the registry ------------------------------------------------------------------------
+
+REGISTRY_RECIPES = [dict(quant="nf4", prune="wanda", sparsity=0.5), dict(quant="int8", prune="2:4", calib=None),
+                    dict(prune="ffn-channels", sparsity=0.25), dict(prune="magnitude", sparsity=0.5)]
+
+
+@pytest.mark.parametrize("kwargs", REGISTRY_RECIPES, ids=lambda k: "-".join(str(v) for v in k.values()))
+def test_registered_variant_is_a_delta_with_the_full_copy_logits(reg, tiny_base, kwargs, tmp_path):
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.runtime.variants import load_variant
+    from adapterhub_c.workflows.variants import calibration_ids, create_variant, list_variants, make_recipe
+
+    fast = dict(calib_samples=4, calib_seq_len=64, eval_tokens=0)
+    before = set(reg.blobs.all_digests())
+    row, _ = create_variant(reg, tiny_base.name, **kwargs, **fast)
+    new_blobs = set(reg.blobs.all_digests()) - before
+    assert row.files["base/model.safetensors"] == tiny_base.files["model.safetensors"]  # shared, not copied
+    assert new_blobs == {d for d in row.files.values() if d not in set(tiny_base.files.values())}
+    assert {r for r in row.files if not r.startswith("base/")} <= {"config.json", "variant.json", "masks.safetensors",
+                                                                    "kept_indices.safetensors"}
+    own = sum(reg.blobs.path_for(d).stat().st_size for d in new_blobs)
+    summary = next(v for v in list_variants(reg) if v["id"] == row.id)
+    assert summary["stored_bytes"] == own == row.stats["own_bytes"]
+
+    # the pre-issue-15 variant: the whole pruned model, built the same way and loaded from its folder
+    model, tokenizer = load_base_model(reg, tiny_base)
+    recipe = make_recipe(**kwargs, **{k: v for k, v in fast.items() if k != "eval_tokens"})
+    old = load_variant_model(apply_recipe(model, recipe, calibration_ids(tokenizer, recipe)).save(tmp_path / "old"))
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(load_variant(reg, row.name)(ids).logits, old(ids).logits)
