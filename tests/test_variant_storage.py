@@ -161,3 +161,77 @@ def test_registered_variant_is_a_delta_with_the_full_copy_logits(reg, tiny_base,
     ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.equal(load_variant(reg, row.name)(ids).logits, old(ids).logits)
+
+
+# ---- registries written before issue 15 -------------------------------------------------------
+
+
+def _old_full_copy_variant(reg, base, tmp_path, recipe_kwargs, name):
+    """A variant row + blobs exactly as create_variant wrote them before issue 15 (a whole-model copy)."""
+    import json
+
+    from adapterhub_c.registry.models import Variant
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.workflows.variants import calibration_ids, make_recipe
+
+    model, tokenizer = load_base_model(reg, base)
+    recipe = make_recipe(**recipe_kwargs)
+    build = apply_recipe(model, recipe, calibration_ids(tokenizer, recipe))
+    folder = build.save(tmp_path / name)  # config.json, model.safetensors, variant.json (+ kept_indices)
+    stats = build.stats.to_dict()
+    stats["stored_bytes"] = stats.pop("full_copy_bytes")  # the old stats: the blob's tensor bytes
+    for key in ("export_bytes",):
+        stats.pop(key)
+    stats.update(perplexity=None, base_perplexity=None, eval_tokens=0, eval_data="builtin:pydoc:test")
+    (folder / "variant.json").write_text(json.dumps({"recipe": recipe.to_dict(), "stats": stats}, indent=2,
+                                                    sort_keys=True))
+    files = reg.blobs.put_folder(folder)
+    size = sum(reg.blobs.path_for(d).stat().st_size for d in set(files.values()))
+    stats.update(own_bytes=size, stored_file_bytes=size, shares_base_weights=False)
+    with reg.session() as s:
+        row = Variant(base_id=base.id, name=name, recipe=recipe.canonical_json(), recipe_digest=recipe.digest(),
+                      files=files, stats=stats, size_bytes=size, sparsity=stats["sparsity"])
+        s.add(row)
+        s.flush()
+        reg.add_lineage(s, base, row, "variant-of")
+    return row, load_variant_model(folder)
+
+
+def test_a_registry_with_pre_issue_15_full_copy_variants_keeps_working(reg, tiny_base, tmp_path, cli):
+    from adapterhub_c.registry import Registry
+    from adapterhub_c.runtime.variants import load_variant, storage_form, variant_kept_indices
+    from adapterhub_c.workflows.variants import create_variant, list_variants
+
+    fast = dict(calib_samples=4, calib_seq_len=64)
+    old_w, ref_w = _old_full_copy_variant(reg, tiny_base, tmp_path, dict(quant="nf4", prune="wanda", sparsity=0.5,
+                                                                        **fast), "old-wanda")
+    old_f, ref_f = _old_full_copy_variant(reg, tiny_base, tmp_path, dict(prune="ffn-channels", sparsity=0.25, **fast),
+                                          "old-ffn")
+    assert "model.safetensors" in old_w.files and old_w.files["model.safetensors"] != tiny_base.files[
+        "model.safetensors"]
+    reg.close()
+    reopened = Registry(home=reg.home)  # opened as a user upgrading would: migrations run, rows untouched
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(2))
+    for row, ref in ((old_w, ref_w), (old_f, ref_f)):
+        row = reopened.get(row.name, "variant")
+        assert storage_form(row) == "full-copy"
+        with torch.no_grad():
+            assert torch.equal(load_variant(reopened, row.name)(ids).logits, ref(ids).logits)
+    kept = variant_kept_indices(reopened, "old-ffn")
+    assert set(kept) == {"model.layers.0.mlp", "model.layers.1.mlp"} and all(len(v) == 96 for v in kept.values())
+    # the same recipe is the same variant: create returns the old row, it does not build a second one
+    again, created = create_variant(reopened, tiny_base.name, quant="nf4", prune="wanda", sparsity=0.5,
+                                    eval_tokens=0, **fast)
+    assert not created and again.id == old_w.id
+    rows = {r["name"]: r for r in list_variants(reopened)}
+    assert rows["old-wanda"]["storage"] == "full-copy" and rows["old-wanda"]["stored_bytes"] == old_w.size_bytes
+    r = cli("variant", "ls")
+    assert r.code == 0 and "old-wanda" in r.out, r.err
+    # a new variant beside the old ones is a delta; gc keeps every blob somebody needs
+    new, _ = create_variant(reopened, tiny_base.name, prune="magnitude", sparsity=0.5, eval_tokens=0)
+    assert storage_form(new) == "delta"
+    reopened.blobs.gc(reopened.referenced_digests())
+    with torch.no_grad():
+        assert torch.equal(load_variant(reopened, "old-wanda")(ids).logits, ref_w(ids).logits)
+        load_variant(reopened, new.name)(ids)
+    reopened.close()
