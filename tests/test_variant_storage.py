@@ -235,3 +235,68 @@ def test_a_registry_with_pre_issue_15_full_copy_variants_keeps_working(reg, tiny
         assert torch.equal(load_variant(reopened, "old-wanda")(ids).logits, ref_w(ids).logits)
         load_variant(reopened, new.name)(ids)
     reopened.close()
+
+
+# ---- bad input: what the store needs stays, broken blobs are named --------------------------------
+
+
+def test_rm_base_refused_while_variants_need_its_blob_and_gc_keeps_it(cli, reg, tiny_base):
+    from adapterhub_c.workflows.variants import create_variant
+
+    row, _ = create_variant(reg, tiny_base.name, prune="magnitude", sparsity=0.5, eval_tokens=0)
+    weights = tiny_base.files["model.safetensors"]
+    r = cli("rm", tiny_base.name, "--yes")
+    assert r.code == 2 and "needed by 1 variant" in r.err and row.name in r.err
+    assert len(r.err.strip().splitlines()) == 1, r.err
+    assert reg.get(tiny_base.name, "base") is not None
+    # even with the base row gone (a registry edited by hand), gc keeps what the variant points at
+    with reg.session() as s:
+        from adapterhub_c.registry.models import BaseModel
+
+        s.get(BaseModel, tiny_base.id).files = {}
+    r = cli("gc", "--json")
+    assert r.code == 0, r.err
+    assert reg.blobs.exists(weights) and all(reg.blobs.exists(d) for d in row.files.values())
+    ids = torch.randint(3, 259, (1, 8))
+    from adapterhub_c.runtime.variants import load_variant
+
+    with torch.no_grad():
+        load_variant(reg, row.name)(ids)
+    with reg.session() as s:
+        s.get(BaseModel, tiny_base.id).files = dict(tiny_base.files)
+    assert cli("rm", tiny_base.name, "--yes", "--cascade").code == 0
+    cli("gc")
+    assert not reg.blobs.exists(weights) and not reg.blobs.exists(row.files["masks.safetensors"])
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "garbage"])
+def test_missing_or_corrupt_mask_blob_is_one_line_integrity_error_naming_the_variant(cli, reg, tiny_base, damage,
+                                                                                    tmp_path):
+    from adapterhub_c.workflows.variants import create_variant
+
+    row, _ = create_variant(reg, tiny_base.name, quant="nf4", prune="wanda", sparsity=0.5, calib_samples=4,
+                            calib_seq_len=64, eval_tokens=0)
+    path = reg.blobs.path_for(row.files["masks.safetensors"])
+    before = {r.name: r.files for r in [reg.get(row.name, "variant")]}
+    if damage == "corrupt":
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "missing":
+        path.unlink()
+    else:  # a blob whose digest matches but is not a mask file (written by something else)
+        from adapterhub_c.registry.models import Variant
+
+        digest = reg.blobs.put_bytes(b"not a safetensors file at all")
+        with reg.session() as s:
+            v = s.get(Variant, row.id)
+            v.files = {**v.files, "masks.safetensors": digest}
+    for args in (["eval", tiny_base.name, "--variant", row.name, "--data", "builtin:pydoc", "--max-tokens", "64"],
+                 ["export", row.name, "--out", str(tmp_path / "out")]):
+        r = cli(*args)
+        assert r.code == 1, (args, r.out, r.err)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and row.name in lines[0] and "keep-mask" in lines[0], r.err
+    assert not (tmp_path / "out").exists()
+    if damage != "garbage":
+        assert {r.name: r.files for r in [reg.get(row.name, "variant")]} == before  # nothing changed

@@ -371,6 +371,13 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
     }
 
 
+def show_variant(reg: Registry, name: str) -> dict[str, Any]:
+    """One variant's summary (as a row of `list_variants`) by name or id prefix."""
+    with reg.session() as s:
+        row = reg.resolve(s, name, "variant")
+        return variant_summary(row, s.get(BaseModel, row.base_id))
+
+
 def list_variants(reg: Registry, base: str | None = None) -> list[dict[str, Any]]:
     """All variants (optionally of one base) as dicts, oldest first."""
     with reg.session() as s:
