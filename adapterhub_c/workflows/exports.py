@@ -14,10 +14,14 @@ Formats:
   (values + bitmask + row offsets per pruned linear, `sparsity_config` in config.json),
   written with the library. Refused for quantized variants (bitsandbytes formats are not
   compressed-tensors formats; converting would re-quantize, i.e. approximate) and for
-  ffn-channels (a dense, smaller model: nothing sparse to store). The library dropped its
-  sparse compressors after 0.14, and 0.14 requires transformers < 5; where the installed
-  versions cannot write or load the format, the export is refused with that reason
-  rather than written in some other way.
+  ffn-channels (a dense, smaller model: nothing sparse to store). The written folder is
+  loaded back with transformers before it is renamed into place; where the installed
+  versions cannot write or load the format, the export is refused (exit 2) with that
+  reason rather than written in some other way. Measured: compressed-tensors 0.20.1 (and
+  every release since 0.15) has no sparse compressors and transformers 5.24 reads no
+  sparsity config; compressed-tensors 0.12.2 and 0.14.0.1 write sparse-bitmask, but
+  transformers 4.57.1 fails to load it ("Cannot copy out of meta tensor": its
+  compressed-tensors quantizer compresses the meta-device model before loading).
 Writes go to a temp folder beside `out`, renamed into place when complete. The measured
 size is recorded in the variant's stats (`exports`), for `adapt variant ls`.
 """
@@ -126,6 +130,8 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
             progress(f"exporting {row.name} ({fmt})", 0, 2)
         with atomic_dir(out) as tmp:
             write_export(reg, row, base, tmp, fmt)
+            if fmt == "compressed-tensors":
+                _check_transformers_loads(reg, row, tmp)
             files = [{"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size}
                      for p in sorted(tmp.rglob("*")) if p.is_file()]
         if progress:
@@ -199,6 +205,27 @@ def _save_compressed_tensors(model, recipe: Recipe, row: Variant, dest: Path) ->
     state = compressor.compress(model)
     model.save_pretrained(dest, state_dict=state)
     compressor.update_config(str(dest))
+
+
+def _check_transformers_loads(reg: Registry, row: Variant, folder: Path) -> None:
+    """Refuse (UsageError, nothing written) unless transformers loads `folder` with the variant's logits."""
+    import importlib.metadata as md
+
+    from transformers import AutoModelForCausalLM
+
+    versions = f"transformers {md.version('transformers')} with compressed-tensors {md.version('compressed-tensors')}"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the folder is not loadable
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"cannot export {row.name!r} as compressed-tensors: {versions} cannot load the "
+                         f"sparse-bitmask folder it writes ({type(e).__name__}: {first}); use --format hf") from None
+    ids = torch.arange(3, 19).view(1, 16) % model.config.vocab_size
+    with torch.no_grad():
+        same = torch.equal(model(ids).logits, load_variant(reg, row, "cpu")(ids).logits)
+    if not same:
+        raise UsageError(f"cannot export {row.name!r} as compressed-tensors: {versions} loads the folder with "
+                         "other logits than the variant's; use --format hf")
 
 
 def _copy_base_extras(reg: Registry, base: BaseModel, dest: Path) -> None:
