@@ -89,7 +89,8 @@ def _compressed_tensors_unavailable() -> str | None:
     try:
         ct_version = md.version("compressed-tensors")
     except md.PackageNotFoundError:
-        return "the compressed-tensors library is not installed (pip install 'compressed-tensors<0.15')"
+        return ("the compressed-tensors library is not installed (and the releases that still write sparse-bitmask, "
+                "<= 0.14, do not load in transformers 4.57 / 5.x): use --format hf")
     tf_version = md.version("transformers")
     try:
         from compressed_tensors.compressors import BaseCompressor
