@@ -36,6 +36,7 @@ from adapterhub_c.training.convert import DISTILL_ON
 from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
 from adapterhub_c.workflows import bases as _bases
 from adapterhub_c.workflows import evals as _evals
+from adapterhub_c.workflows import exports as _exports
 from adapterhub_c.workflows import merges as _merges
 from adapterhub_c.workflows import packs as _packs
 from adapterhub_c.workflows import prompts as _prompts
@@ -65,7 +66,7 @@ LISTABLE = views.LISTABLE
 DEFAULT_DEMO_BASE = SMOLLM2
 
 __all__ = [
-    "Result", "open_registry", "add_base", "create_variant", "list_variants", "pull", "search", "train", "convert",
+    "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull", "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
     "serve_hub", "serve", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
@@ -166,6 +167,24 @@ def create_variant(base: str, *, quant: str = "none", prune: str = "none", spars
     return _result(reg, row, {**summary, "created": created}, created)
 
 
+def show_variant(name: str, *, registry: Registry | None = None) -> dict[str, Any]:
+    """One variant: recipe, storage form, sizes next to the fp16 base, perplexity."""
+    return _variants.show_variant(_reg(registry), name)
+
+
+EXPORT_FORMATS = _exports.EXPORT_FORMATS
+
+
+def export(variant: str, out: str | Path, fmt: str = "hf", *, force: bool = False, registry: Registry | None = None,
+           progress: Progress | None = None) -> Result:
+    """Write ``variant`` as a standalone folder (``hf`` or ``compressed-tensors``) that plain transformers loads."""
+    reg = _reg(registry)
+    res = _exports.export_variant(reg, variant, out, fmt, force=force, progress=progress)
+    row = reg.get(variant, "variant")
+    paths = {f["path"]: str(Path(res.out) / f["path"]) for f in res.files}
+    return Result(name=row.name, id=row.id, kind="folder", paths=paths, report=res.to_dict())
+
+
 def list_variants(base: str | None = None, *, registry: Registry | None = None) -> list[dict[str, Any]]:
     """Every variant (of ``base``): recipe, parameters kept, sizes, perplexity."""
     return _variants.list_variants(_reg(registry), base=base)
@@ -193,11 +212,11 @@ def search(base: str, *, limit: int = 50, token: str | None = None,
 
 def push(name: str, repo_id: str, *, registry: Registry | None = None, progress: Progress | None = None,
          **options: Any) -> Result:
-    """Push artefact ``name`` to Hub repo ``repo_id`` (options: private, fmt, commit_message, dry_run, token)."""
+    """Push artefact or variant ``name`` to Hub repo ``repo_id`` (options: private, fmt, commit_message, dry_run, token)."""
     reg = _reg(registry)
-    out = _hub.push_artifact(reg, name, repo_id, progress=progress, **options)
-    art = reg.get(name, "artifact")
-    return Result(name=art.name, id=art.id, kind="push", report=out, created=bool(out.get("uploaded")))
+    out = _hub.push_artifact(reg, name, repo_id, progress=progress, **options)  # an artefact or a variant
+    row = reg.get(name)
+    return Result(name=row.name, id=row.id, kind="push", report=out, created=bool(out.get("uploaded")))
 
 
 def serve_hub(root: str | Path, **options: Any) -> None:

@@ -34,7 +34,7 @@ from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts
 from adapterhub_c.workflows.packs import pack_artifact
 from adapterhub_c.workflows.prompts import learn_prompt_artifact
 from adapterhub_c.workflows.training import ROW_CONVERTED, convert_adapter, train_adapter
-from adapterhub_c.workflows.variants import create_variant
+from adapterhub_c.workflows.variants import create_variant, variant_summary
 
 DEMO_DATA = "builtin:pydoc"
 DEMO_MAX_TOKENS = 2048
@@ -129,10 +129,16 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
                                    calib_samples=z.calib_samples, eval_tokens=0, progress=progress)
     var_ppl = run_eval(reg, variant.name, DEMO_DATA, "test", max_tokens=z.eval_tokens,
                        progress=progress)["perplexity"]
-    yield f"perplexity on {DEMO_DATA} test (first {z.eval_tokens} tokens)", [
-        {"model": b.name, "perplexity": _fmt(base_ppl, 2), "stored_MB": None, "vs_base": 1.0},
-        {"model": variant.name, "perplexity": _fmt(var_ppl, 2),
-         "stored_MB": _fmt(variant.size_bytes / 1e6, 1), "vs_base": _fmt(var_ppl / base_ppl)}]
+    vs = variant_summary(variant, b)
+    fp16 = vs["base_fp16_bytes"]
+    yield f"perplexity on {DEMO_DATA} test (first {z.eval_tokens} tokens); sizes against the fp16 base", [
+        {"model": b.name, "perplexity": _fmt(base_ppl, 2), "stored_MB": _fmt(b.size_bytes / 1e6, 1),
+         "stored_vs_fp16": _fmt(b.size_bytes / fp16, 3) if fp16 else None, "loaded_MB": None, "export_MB": None,
+         "vs_base": 1.0},
+        {"model": variant.name, "perplexity": _fmt(var_ppl, 2), "stored_MB": _fmt(vs["stored_bytes"] / 1e6, 1),
+         "stored_vs_fp16": _fmt(vs["stored_ratio"], 3), "loaded_MB": _fmt(vs["loaded_bytes"] / 1e6, 1),
+         "export_MB": _fmt(vs["export_bytes"] / 1e6, 1) if vs["export_bytes"] else None,
+         "vs_base": _fmt(var_ppl / base_ppl)}]
 
     # 3. task LoRAs on the base
     # no "before" evaluation: the base scores 0 exact match on every built-in task

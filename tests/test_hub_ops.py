@@ -500,7 +500,7 @@ def test_push_every_adapter_kind(cli, reg, tiny_base, hf, lora_dir, tmp_path):
     snap = download_repo(json.loads(r.out)["repo_id"], endpoint=hf.endpoint).path
     assert (snap / "merge.yaml").read_bytes() == b"method: ties\ninputs: [a, b]\n"
     _one_line_error(cli("push", "rec", _repo("x"), "--format", "pack"), 2, "needs a pack artefact")
-    _one_line_error(cli("push", "nope", _repo("x")), 2, "unknown artifact 'nope'")
+    _one_line_error(cli("push", "nope", _repo("x")), 2, "unknown adapter or variant 'nope'")
     _one_line_error(cli("push", "rec", "not-a-repo-id"), 2, "invalid repo id")
 
 

@@ -144,7 +144,10 @@ def test_pruned_variant_blob_and_kept_indices_round_trip(reg, tiny_base):
     from adapterhub_c.runtime.bases import load_base_model
 
     row, _ = create_variant(reg, tiny_base.name, prune="ffn-channels", sparsity=0.25, **FAST)
-    assert row.files["model.safetensors"] != tiny_base.files["model.safetensors"]
+    # a delta over the base's own weight blob: no copy of the weights, only indices + config + recipe
+    assert row.files["base/model.safetensors"] == tiny_base.files["model.safetensors"]
+    assert "model.safetensors" not in row.files and "masks.safetensors" not in row.files
+    assert row.stats["storage"] == "delta" and row.stats["own_bytes"] < 16384
     kept = variant_kept_indices(reg, row.name)
     assert set(kept) == {"model.layers.0.mlp", "model.layers.1.mlp"}
     base, _ = load_base_model(reg, tiny_base)

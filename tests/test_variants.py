@@ -133,7 +133,12 @@ def test_apply_recipe_reports_exact_sparsity_and_bits(recipe, use_calib, sparsit
     if recipe.quant == "fp4":
         assert 4.12 < s.bits_per_weight < 4.15
     assert s.base_params == TARGETS + OTHERS
-    assert s.stored_bytes == 4 * s.params_total  # float32 blob
+    assert s.full_copy_bytes == 4 * s.params_total  # what a whole float32 copy would take
+    if recipe.prune == "ffn-channels":  # 96 kept channels (int64) per block, no masks
+        assert s.stored_bytes == 2 * 96 * 8 and not build.masks
+    else:  # one bit per weight of every pruned tensor: 1/32 of the float32 copy of those tensors
+        assert s.stored_bytes == TARGETS // 8 and set(build.masks) == {f"{n}.weight" for n in target_linears(model)}
+    assert s.stored_bytes < 0.07 * s.base_fp16_bytes
     assert s.ideal_bytes < s.base_fp16_bytes
 
 

@@ -1,4 +1,4 @@
-"""adapt variant create / ls."""
+"""adapt variant create / ls / show."""
 from __future__ import annotations
 
 import click
@@ -8,25 +8,35 @@ from adapterhub_c.cli.render import human_bytes, print_json, print_table, progre
 
 DEFAULTS = api.VARIANT_DEFAULTS
 
-LS_COLUMNS = ["name", "base", "recipe", "params kept", "sparsity", "bits/weight", "stored", "ideal", "perplexity",
+# sizes: bytes and their share of the base at 16 bits; the base column only when several bases are listed
+LS_COLUMNS = ["name", "recipe", "params kept", "sparsity", "bits", "stored", "loaded", "export", "perplexity",
               "base ppl"]
+SIZES_NOTE = ("sizes (% of the fp16 base): stored = what the variant adds to the store, loaded = in memory, "
+              "export = hf folder (~ estimated until exported)")
+
+
+def _size(v: dict, key: str) -> str:
+    """'12.9 MB (5%)': bytes and their share of the fp16 base."""
+    n, ratio = v.get(f"{key}_bytes"), v.get(f"{key}_ratio")
+    if n is None:
+        return "-"
+    share = "" if ratio is None else " (<1%)" if ratio < 0.005 else f" ({ratio:.0%})"
+    return human_bytes(n) + share
 
 
 def _table_row(v: dict) -> dict:
     kept = v["params_kept"]
     frac = v["params_kept_frac"]
-    stored = human_bytes(v["stored_bytes"])
-    if v.get("shares_base_weights"):
-        stored = f"{human_bytes(v['own_bytes'])} + base"  # quantization-only: the base's weight blobs are reused
     return {
         "name": v["name"],
         "base": v["base"],
         "recipe": v["recipe"],
         "params kept": "-" if kept is None else f"{kept / 1e6:.2f}M ({frac:.0%})" if frac is not None else f"{kept:,}",
         "sparsity": v["sparsity"],
-        "bits/weight": v["bits_per_weight"],
-        "stored": stored,
-        "ideal": human_bytes(v["ideal_bytes"]),
+        "bits": v["bits_per_weight"],
+        "stored": _size(v, "stored"),  # what the variant adds to the store (the base's blobs are shared)
+        "loaded": _size(v, "loaded"),
+        "export": ("" if v.get("export_measured") or v.get("export_bytes") is None else "~") + _size(v, "export"),
         "perplexity": v["perplexity"],
         "base ppl": v["base_perplexity"],
     }
@@ -87,7 +97,29 @@ def variant_ls(obj, base, as_json) -> None:
     if as_json:
         print_json(rows)
         return
-    print_table([_table_row(v) for v in rows], LS_COLUMNS, title="variants")
+    bases = sorted({v["base"] for v in rows})
+    columns = LS_COLUMNS if len(bases) <= 1 else LS_COLUMNS[:1] + ["base"] + LS_COLUMNS[1:]
+    title = f"variants of {bases[0]}" if len(bases) == 1 else "variants"
+    print_table([_table_row(v) for v in rows], columns, title=title)
+    if rows:
+        click.echo(SIZES_NOTE)
+
+
+@variant_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def variant_show(obj, name, as_json) -> None:
+    """One variant: recipe, storage, sizes next to the fp16 base, perplexity."""
+    v = api.show_variant(name, registry=obj.registry)
+    if as_json:
+        print_json(v)
+        return
+    rows = [{"field": k, "value": val} for k, val in _table_row(v).items()]
+    rows += [{"field": "ideal", "value": _size(v, "ideal")}, {"field": "fp16 base", "value": human_bytes(
+        v["base_fp16_bytes"])}, {"field": "storage", "value": v["storage"]}, {"field": "id", "value": v["id"]}]
+    print_table(rows, ["field", "value"], title=v["name"])
+    click.echo(SIZES_NOTE)
 
 
 def register(cli) -> None:

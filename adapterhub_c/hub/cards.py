@@ -115,3 +115,48 @@ def model_card(base_model: str, name: str, recipe: dict | None = None,
     else:
         lines.append("No metrics recorded.\n")
     return "\n".join(lines)
+
+
+def variant_card(base_model: str, name: str, recipe: dict, quantized: bool, sizes: dict | None = None,
+                 metrics: dict | None = None, extra_tags: Iterable[str] = ()) -> str:
+    """A README.md for a compressed variant of ``base_model`` (an `adapt export --format hf` folder).
+
+    Front matter: ``library_name: transformers``, ``base_model`` and, for quantized
+    variants, ``base_model_relation: quantized`` (the Hub's model tree then lists it under
+    the base's quantizations); pruned-only variants leave the relation to the Hub.
+    """
+    from huggingface_hub import ModelCardData
+
+    tags = ["adapterhub-c", "compressed-variant", *extra_tags]
+    data = ModelCardData(library_name="transformers", base_model=base_model, tags=list(dict.fromkeys(tags)))
+    if quantized:
+        data.base_model_relation = "quantized"
+    lines = [f"---\n{data.to_yaml()}\n---\n", f"# {name}\n",
+             f"A compressed variant of [`{base_model}`](https://huggingface.co/{base_model}), made with "
+             "adapterhub-c. It loads with plain transformers (bitsandbytes installed for quantized variants):\n",
+             "```python\nimport torch\nfrom transformers import AutoModelForCausalLM\n\n"
+             f"model = AutoModelForCausalLM.from_pretrained({name!r}, dtype=torch.float32)\n```\n",
+             "## Recipe\n", _json_block(recipe), "## Sizes\n"]
+    if sizes:
+        lines.append("| what | bytes | / fp16 base |\n|---|---|---|\n")
+        fp16 = sizes.get("base_fp16_bytes")
+        for key in ("stored_bytes", "loaded_bytes", "export_bytes", "base_fp16_bytes"):
+            value = sizes.get(key)
+            if value is None:
+                continue
+            ratio = f"{value / fp16:.3f}" if fp16 else "-"
+            lines.append(f"| {key.replace('_bytes', '')} | {value:,} | {ratio} |\n")
+        lines.append("\nstored = what the variant adds to an adapterhub-c registry beside its base; loaded = "
+                     "memory of the loaded weights (unquantized tensors in float32); export = the weight files "
+                     "of this repo.\n")
+    else:
+        lines.append("No sizes recorded.\n")
+    lines.append("\n## Measured metrics\n")
+    if metrics:
+        lines.append("| metric | value |\n|---|---|\n")
+        for key, value in sorted(metrics.items()):
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |\n")
+    else:
+        lines.append("No metrics recorded.\n")
+    return "\n".join(lines)

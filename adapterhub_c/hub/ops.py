@@ -32,7 +32,7 @@ from adapterhub_c.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
 from adapterhub_c.hub import client
-from adapterhub_c.hub.cards import model_card
+from adapterhub_c.hub.cards import model_card, variant_card
 from adapterhub_c.hub.store import StoreError, check_repo_id
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, validate_lora_folder
 from adapterhub_c.models.builtin import builtin_for
@@ -45,6 +45,8 @@ from adapterhub_c.registry.views import lineage_tree
 from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
 from adapterhub_c.workflows.bases import add_builtin_base, register_base_folder
+from adapterhub_c.workflows.exports import write_export
+from adapterhub_c.workflows.variants import variant_summary
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -557,14 +559,20 @@ def build_push_folder(reg: Registry, art: Artifact, dest: str | Path, fmt: str =
 def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = False, fmt: str = "peft",
                   commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
                   progress: Progress | None = None, endpoint: str | None = None) -> dict:
-    """Push an adapter artefact to ``repo_id`` (created if needed); returns what happened.
+    """Push an adapter artefact (or a variant: see `push_variant`) to ``repo_id``; returns what happened.
 
     The result has ``repo_id``, ``files`` ([{path, size, sha256}]) and, unless ``dry_run``,
     ``commit_sha``, ``url`` and ``uploaded`` (False when the repo already held this content:
     no commit is made then). The pushed repo and commit are recorded in the artefact's
     config under ``pushes``.
     """
-    art = reg.get(name, "artifact")
+    art = _artifact_or_variant(reg, name)
+    if isinstance(art, Variant):
+        if fmt not in ("peft", "hf"):
+            raise UsageError(f"{art.name!r} is a variant: it is pushed as its hf export (--format {fmt} is for "
+                             "adapters)")
+        return push_variant(reg, art, repo_id, private=private, commit_message=commit_message, dry_run=dry_run,
+                            token=token, progress=progress, endpoint=endpoint)
     repo_id = (repo_id or "").strip()
     try:
         check_repo_id(repo_id)
@@ -595,6 +603,92 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
                    "files": files}
             run.output = {k: v for k, v in out.items() if k != "files"} | {
                 "files": [f["path"] for f in files]}
+            return out
+
+
+def _artifact_or_variant(reg: Registry, name: str):
+    """The artefact named ``name``, else the variant (artefacts first: names are unique per kind)."""
+    from adapterhub_c.errors import NotFoundError
+
+    try:
+        return reg.get(name, "artifact")
+    except NotFoundError:
+        try:
+            return reg.get(name, "variant")
+        except NotFoundError:
+            pass
+    with reg.session() as s:
+        known = [n for cls in (Artifact, Variant) for n in s.scalars(select(cls.name))]
+    raise NotFoundError("adapter or variant", name, known)
+
+
+def build_variant_push_folder(reg: Registry, row: Variant, dest: str | Path) -> list[dict]:
+    """Write what ``push`` uploads for a variant into the empty folder ``dest``: its hf export + README.md.
+
+    Returns [{path, size, sha256}] sorted by path.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with reg.session() as s:
+        base = s.get(BaseModel, row.base_id)
+    write_export(reg, row, base, dest, "hf")
+    summary = variant_summary(row, base)
+    weights = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    sizes = {"stored_bytes": summary["stored_bytes"], "loaded_bytes": summary["loaded_bytes"],
+             "export_bytes": weights, "base_fp16_bytes": summary["base_fp16_bytes"]}
+    st = row.stats or {}
+    metrics = {}
+    if st.get("perplexity") is not None:
+        label = f"perplexity ({st.get('eval_data', 'builtin:pydoc:test')}, {st.get('eval_tokens')} tokens)"
+        metrics[label] = st["perplexity"]
+        if st.get("base_perplexity") is not None:
+            metrics[label.replace("perplexity", "base perplexity", 1)] = st["base_perplexity"]
+    recipe = summary["recipe_json"]
+    tags = [f"quant:{recipe['quant']}"] if recipe["quant"] != "none" else []
+    tags += [f"prune:{recipe['prune']}"] if recipe["prune"] != "none" else []
+    card = variant_card(hub_label(base), row.name, recipe, quantized=recipe["quant"] != "none", sizes=sizes,
+                        metrics=metrics, extra_tags=tags)
+    (dest / CARD_NAME).write_text(card)
+    return [{"path": p.relative_to(dest).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(dest.rglob("*")) if p.is_file()]
+
+
+def push_variant(reg: Registry, variant: str | Variant, repo_id: str, *, private: bool = False,
+                 commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
+                 progress: Progress | None = None, endpoint: str | None = None) -> dict:
+    """Push a variant's `hf` export with a model card to ``repo_id`` (created if needed).
+
+    Same result shape as `push_artifact` (``variant`` instead of ``artifact``); the push is
+    recorded in the variant's stats under ``pushes``.
+    """
+    row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
+    repo_id = (repo_id or "").strip()
+    try:
+        check_repo_id(repo_id)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+    params = dict(variant=row.name, repo_id=repo_id, private=private, format="hf", commit_message=commit_message,
+                  endpoint=client.resolve_endpoint(endpoint))
+    with tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="push-") as tmp:
+        stage = Path(tmp) / "repo"
+        if dry_run:
+            files = build_variant_push_folder(reg, row, stage)
+            return {"variant": row.name, "repo_id": repo_id, "format": "hf", "dry_run": True, "files": files}
+        with record_run(reg, "push", params) as run:
+            files = build_variant_push_folder(reg, row, stage)
+            res = client.push_folder(stage, repo_id, private=private, commit_message=commit_message,
+                                     token=token, endpoint=endpoint, progress=progress)
+            record = {"repo_id": repo_id, "commit_sha": res.commit_sha, "url": res.url, "format": "hf",
+                      "endpoint": client.resolve_endpoint(endpoint)}
+            with reg.session() as s:
+                r = s.get(Variant, row.id)
+                pushes = [p for p in (r.stats or {}).get("pushes", [])
+                          if (p.get("repo_id"), p.get("commit_sha"), p.get("endpoint"))
+                          != (repo_id, res.commit_sha, record["endpoint"])]
+                r.stats = {**(r.stats or {}), "pushes": pushes + [record]}
+            out = {"variant": row.name, "repo_id": repo_id, "format": "hf", "dry_run": False,
+                   "commit_sha": res.commit_sha, "url": res.url, "uploaded": res.uploaded, "files": files}
+            run.output = {k: v for k, v in out.items() if k != "files"} | {"files": [f["path"] for f in files]}
             return out
 
 

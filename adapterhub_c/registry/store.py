@@ -132,7 +132,7 @@ class Registry:
 
     # ---- blobs -------------------------------------------------------------------------
     def referenced_digests(self) -> set[str]:
-        """Every digest some row points at."""
+        """Every digest some row points at (a variant's rows list the base weight blobs it needs)."""
         refs: set[str] = set()
         with self.session() as s:
             for cls in KINDS.values():
@@ -154,6 +154,10 @@ def delete_object(reg: Registry, s: Session, obj, cascade: bool = False) -> list
     children = reg.children(s, obj)
     if children and not cascade:
         names = ", ".join(sorted({c.name for _, c in children})[:5])
+        variants = [c for _, c in children if isinstance(c, Variant)]
+        if isinstance(obj, BaseModel) and variants:
+            raise UsageError(f"base {obj.name!r} is needed by {len(variants)} variant(s) stored over its weight blobs "
+                             f"({names}); remove them first or use --cascade")
         raise UsageError(f"{obj.name!r} has {len(children)} derived object(s) ({names}); use --cascade")
     removed = []
     for _, child in children:

@@ -1,18 +1,35 @@
-"""Registry variant rows → loaded (pruned, quantized) models and their kept channels."""
+"""Loading registered variants: both storage forms.
+
+- delta (issue 15): the row's files are the base's config and weight blobs under
+  `base/` (shared with the base row, content-addressed) plus the variant's own
+  `config.json`, `masks.safetensors` (bit-packed keep-masks) and / or
+  `kept_indices.safetensors`, and `variant.json`;
+- base (quantization only): the base's own `config.json` / weight blobs at the top level;
+- full copy (registries written before issue 15): the variant's own whole-model
+  `model.safetensors` (+ `config.json`, `kept_indices.safetensors`). Still read as is.
+A missing or corrupt blob of a variant is an IntegrityError naming the variant.
+"""
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
 
-from adapterhub_c.errors import UsageError
+from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.registry.models import Variant
 from adapterhub_c.registry.store import Registry
-from adapterhub_c.variants.build import KEPT_FILE, WEIGHTS_FILE, load_variant_model
+from adapterhub_c.variants.build import (
+    BASE_DIR,
+    KEPT_FILE,
+    MASKS_FILE,
+    WEIGHTS_FILE,
+    load_variant_model,
+    read_kept_indices,
+)
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
 
 COMPUTE_DTYPE = torch.float32  # as load_base_model: variant and base perplexities are comparable
+OWN_FILES = (MASKS_FILE, KEPT_FILE)
 
 
 def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
@@ -23,24 +40,62 @@ def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
     return reg.get(variant, "variant")
 
 
+def storage_form(row: Variant) -> str:
+    """'delta', 'base' (quantization only, the base's blobs) or 'full-copy' (before issue 15)."""
+    files = row.files or {}
+    if any(rel.startswith(f"{BASE_DIR}/") for rel in files):
+        return "delta"
+    if WEIGHTS_FILE in files and (row.stats or {}).get("shares_base_weights"):
+        return "base"
+    if any(rel.endswith(".safetensors") and rel not in OWN_FILES for rel in files) \
+            and (row.stats or {}).get("shares_base_weights"):
+        return "base"  # sharded base weights
+    return "full-copy"
+
+
+def materialize_variant(reg: Registry, row: Variant):
+    """The row's files laid out in a folder (verified); IntegrityError naming the variant if one is bad."""
+    try:
+        return reg.materialize(row)
+    except IntegrityError as e:
+        raise IntegrityError(f"variant {row.name!r}: {_blob_role(row, str(e))} {e}") from None
+    except AdaptError as e:
+        if "missing blob" not in str(e):
+            raise
+        raise IntegrityError(f"variant {row.name!r}: {_blob_role(row, str(e))} {e}") from None
+
+
+def _blob_role(row: Variant, message: str) -> str:
+    for rel, digest in (row.files or {}).items():
+        if digest[:12] in message:
+            what = {MASKS_FILE: "keep-mask", KEPT_FILE: "kept-indices"}.get(rel)
+            if what is None and rel.startswith(f"{BASE_DIR}/"):
+                what = "base weight"
+            return f"{what or rel} blob"
+    return "blob"
+
+
 def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cpu",
                  compute_dtype: torch.dtype = COMPUTE_DTYPE):
     """The variant as a transformers model (bnb layers where quantized) on `device`, eval mode.
 
     `variant`: a Variant row or a name / id prefix. Unquantized tensors and the bnb
-    matmuls run in `compute_dtype` (float32 by default, like `load_base_model`). bnb's
-    CPU bf16 repacking is kept off, so the model can be trained (LoRA) after an eval
-    forward.
+    matmuls run in `compute_dtype` (float32 by default, like `load_base_model`), whatever
+    dtype the base is stored in. bnb's CPU bf16 repacking is kept off, so the model can be
+    trained (LoRA) after an eval forward.
     """
     row = _variant_row(reg, variant)
     recipe = Recipe.from_json(row.recipe)
     dev = str(resolve_device(device))
-    folder = reg.materialize(row)
-    if (folder / WEIGHTS_FILE).exists():
+    folder = materialize_variant(reg, row)
+    form = storage_form(row)
+    if form == "base":  # from_pretrained reads the base's (possibly sharded) weights
+        return load_quantized(folder, recipe.quant, recipe.double_quant, compute_dtype, dev,
+                              include_lm_head=recipe.include_lm_head, dtype=compute_dtype)
+    try:
         return load_variant_model(folder, recipe=recipe, device=dev, compute_dtype=compute_dtype)
-    # an unpruned variant of a base with sharded weights: from_pretrained reads the shards
-    return load_quantized(folder, recipe.quant, recipe.double_quant, compute_dtype, dev,
-                          include_lm_head=recipe.include_lm_head, dtype=compute_dtype)
+    except IntegrityError as e:
+        raise IntegrityError(f"variant {row.name!r}: {e}") from None
 
 
 def variant_kept_indices(reg: Registry, variant: Variant | str) -> dict[str, torch.Tensor] | None:
@@ -49,4 +104,12 @@ def variant_kept_indices(reg: Registry, variant: Variant | str) -> dict[str, tor
     digest = (row.files or {}).get(KEPT_FILE)
     if digest is None:
         return None
-    return {k: v.long() for k, v in load_file(str(reg.blobs.verified_path(digest))).items()}
+    try:
+        return read_kept_indices(reg.blobs.verified_path(digest))
+    except AdaptError as e:
+        raise IntegrityError(f"variant {row.name!r}: kept-indices blob: {e}") from None
+
+
+def variant_recipe(row: Variant) -> Recipe:
+    """The row's recipe as a `Recipe`."""
+    return Recipe.from_json(row.recipe)

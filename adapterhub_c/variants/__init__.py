@@ -1,9 +1,11 @@
 """Compressed variants of a base model: recipes, pruning, bitsandbytes quantization, sizes.
 
 Build: `apply_recipe(model, recipe, calib_input_ids)` prunes in place and returns a
-`VariantBuild` (whole-model state dict, config, kept channel indices, stats).
-Load: `load_variant_model(folder_or_state, config, recipe, device)` quantizes with
-bitsandbytes at load time and returns an eval-mode model ready for PEFT.
+`VariantBuild` (keep-masks, kept channel indices, config, stats, and the pruned state);
+`save_delta` writes what a variant stores over its base (masks.py: 1 bit per pruned weight).
+Load: `load_variant_model(folder_or_state, config, recipe, device)` applies the delta to the
+base's weights, quantizes with bitsandbytes at load time and returns an eval-mode model
+ready for PEFT.
 """
 from adapterhub_c.variants.build import VariantBuild, VariantStats, apply_recipe, compute_stats, load_variant_model
 from adapterhub_c.variants.pruning import (

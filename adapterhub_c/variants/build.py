@@ -1,14 +1,25 @@
 """Build a variant from a base model and a recipe, and load a stored variant back.
 
-Storage decision: a variant is stored as the WHOLE pruned model in one safetensors blob
-(in the dtype the base was loaded in; tied weights stored once), plus its config (with
-the shrunk `intermediate_size` after ffn-channels pruning) and the recipe. Quantization
-is not baked into the blob: `load_variant_model` lets transformers quantize through
-bitsandbytes at load time (see quantize.py for why). A whole-model blob loads with a
-plain `from_pretrained`, needs no base to be present, and de-duplicates in a
-content-addressed store only per variant — the price is a blob the size of the base.
-Kept channel indices of ffn-channels pruning are stored beside it (they are not needed
-to run the variant, only to map base-shaped tensors such as LoRA factors onto it).
+Storage decision (issue 15): a variant stores only what differs from its base.
+- Unstructured / semi-structured pruning (magnitude, wanda, 2:4) keeps the base's own
+  values, so a pruned variant is a bit-packed keep-mask per pruned tensor
+  (`masks.safetensors`, 1 bit per weight, see masks.py) over the base's weight blob,
+  which the registry shares (content-addressed) instead of copying.
+- ffn-channels keeps whole channels of the base: the kept channel indices per MLP
+  (`kept_indices.safetensors`, int64) and the shrunk `intermediate_size` in the
+  variant's `config.json`.
+- Quantization is not stored at all: bitsandbytes quantizes when the variant is loaded
+  (see quantize.py for why), so a quantization-only variant is its recipe.
+- A method that changed kept values (none does today) would have to store its sparse
+  values, in bf16; `check_delta` refuses to store a build the delta cannot reproduce.
+The recipe and the build's stats go to `variant.json`. A delta folder (`save_delta`)
+holds those own files and, under `base/`, the base's config and weight files; loading
+reads the base's weights, applies the masks (`weight.mul_(mask)`, what pruning did) and
+the channel selection, then quantizes through transformers + bitsandbytes as before.
+The result is bit for bit the model a whole-model copy would load.
+
+`VariantBuild.save` still writes a standalone whole-model folder (the pre-issue-15
+storage form, which `load_variant_model` keeps reading, and the start of `adapt export`).
 """
 from __future__ import annotations
 
@@ -22,16 +33,26 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from adapterhub_c.errors import UsageError
+from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.variants import sizes
+from adapterhub_c.variants.masks import (
+    apply_masks,
+    load_masks,
+    masks_to_bytes,
+    select_channels,
+    select_tensor_channels,
+)
 from adapterhub_c.variants.pruning import prune_ffn_channels, prune_unstructured, target_linears
-from adapterhub_c.variants.quantize import load_quantized, resolve_dtype
+from adapterhub_c.variants.quantize import load_quantized, load_quantized_state, resolve_dtype
 from adapterhub_c.variants.recipe import UNSTRUCTURED, Recipe
 
 Progress = Callable[[str, int, "int | None"], None]
 WEIGHTS_FILE = "model.safetensors"
 KEPT_FILE = "kept_indices.safetensors"
+MASKS_FILE = "masks.safetensors"
 VARIANT_FILE = "variant.json"
+BASE_DIR = "base"  # in a delta folder: the base's config and weight files
+STORAGE_DELTA = "delta"  # variant.json "storage" of a variant stored as masks / indices over its base
 
 
 @dataclass
@@ -46,11 +67,13 @@ class VariantStats:
     sparsity: float  # 1 - target_params_nonzero / target_params_base
     model_sparsity: float  # 1 - params_nonzero / base_params
     bits_per_weight: float  # effective bits per weight of the decoder linears (+ a quantized LM head), scales included
-    stored_bytes: int  # tensor bytes of the stored blob (safetensors adds a small header)
-    quantized_bytes: int  # what the loaded variant holds: bnb formats + unquantized tensors in the stored dtype
+    stored_bytes: int  # what the variant adds to the store: packed masks + kept indices (headers, recipe excluded)
+    quantized_bytes: int  # what the loaded variant holds: bnb formats + unquantized tensors in the compute dtype
     ideal_bytes: int  # values + scales + positions, unquantized tensors at 16 bits
     base_fp16_bytes: int  # the base at 16 bits, for compression ratios
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    full_copy_bytes: int = 0  # tensor bytes of the whole pruned model in the compute dtype (the pre-issue-15 blob)
+    export_bytes: int = 0  # tensor bytes of an `hf` export: bnb formats + the rest in the base's stored dtype
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -59,16 +82,17 @@ class VariantStats:
 
 @dataclass
 class VariantBuild:
-    """What `apply_recipe` produced: everything to store for a variant."""
+    """What `apply_recipe` produced: the delta to store for a variant, and the pruned model's state."""
 
     recipe: Recipe
     state_dict: dict[str, torch.Tensor]  # whole pruned model; shares memory with the model
     kept_indices: dict[str, torch.Tensor]  # ffn-channels: MLP module name → kept channels (int64)
     config: Any  # the updated transformers config
     stats: VariantStats
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weight name → keep-mask (bool)
 
     def weights_bytes(self) -> bytes:
-        """The weights as one safetensors blob (recipe in the metadata)."""
+        """The whole pruned model as one safetensors blob (recipe in the metadata)."""
         from safetensors.torch import save
 
         return save(self.state_dict, metadata={"format": "pt", "adapterhub_c.recipe": self.recipe.canonical_json()})
@@ -79,8 +103,18 @@ class VariantBuild:
 
         return save(self.kept_indices) if self.kept_indices else None
 
+    def masks_bytes(self) -> bytes | None:
+        """The keep-masks as a bit-packed safetensors blob (masks.py), or None without masks."""
+        return masks_to_bytes(self.masks) if self.masks else None
+
+    def _meta(self, storage: str | None = None) -> dict[str, Any]:
+        meta = {"recipe": self.recipe.to_dict(), "stats": self.stats.to_dict()}
+        if storage:
+            meta["storage"] = storage
+        return meta
+
     def save(self, folder: str | Path) -> Path:
-        """Write config.json, model.safetensors, variant.json (+ kept_indices.safetensors)."""
+        """A standalone whole-model folder: config.json, model.safetensors, variant.json (+ kept indices)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
@@ -88,8 +122,21 @@ class VariantBuild:
         kept = self.kept_indices_bytes()
         if kept is not None:
             (folder / KEPT_FILE).write_bytes(kept)
-        meta = {"recipe": self.recipe.to_dict(), "stats": self.stats.to_dict()}
-        (folder / VARIANT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (folder / VARIANT_FILE).write_text(json.dumps(self._meta(), indent=2, sort_keys=True))
+        return folder
+
+    def save_delta(self, folder: str | Path) -> Path:
+        """The variant's own files: config.json, variant.json, masks / kept indices (no weights).
+
+        Put the base's config and weight files under `folder/base/` to make it loadable.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder)
+        for name, data in ((MASKS_FILE, self.masks_bytes()), (KEPT_FILE, self.kept_indices_bytes())):
+            if data is not None:
+                (folder / name).write_bytes(data)
+        (folder / VARIANT_FILE).write_text(json.dumps(self._meta(STORAGE_DELTA), indent=2, sort_keys=True))
         return folder
 
 
@@ -98,8 +145,12 @@ def apply_recipe(
     recipe: Recipe,
     calib_input_ids: Sequence[torch.Tensor] | torch.Tensor | None = None,
     progress: Progress | None = None,
+    storage_dtype: torch.dtype | None = None,
 ) -> VariantBuild:
     """Prune `model` in place by the recipe and return what to store (quantization comes at load).
+
+    `storage_dtype`: the dtype the base is stored in (default: the model's), for the
+    estimated size of an `hf` export (unquantized tensors are exported in it).
 
     `calib_input_ids`: tokenized calibration samples (list of [T] or [1, T] tensors, or
     [N, T]); required when the recipe names `calib`, refused when it does not (the recipe
@@ -125,9 +176,15 @@ def apply_recipe(
     elif recipe.prune == "ffn-channels":
         kept = prune_ffn_channels(model, recipe.sparsity, calib_input_ids, progress=progress)
 
-    stats = compute_stats(model, recipe, base_params, target_base, layer_sparsity)
+    masks: dict[str, torch.Tensor] = {}
+    if recipe.prune in UNSTRUCTURED:
+        # every kept value is the base's own, so what was removed is exactly where the weight is 0 now
+        # (a weight that was 0 already is 0 either way: base × mask reproduces it bit for bit)
+        masks = {name: (p.detach() != 0).cpu() for name, p in _pruned_tensors(model, recipe).items()}
+    stats = compute_stats(model, recipe, base_params, target_base, layer_sparsity, storage_dtype)
+    stats.stored_bytes = sum(-(-m.numel() // 8) for m in masks.values()) + sum(8 * t.numel() for t in kept.values())
     state = {name: t.detach().cpu().contiguous() for name, t in _unique_state(model).items()}
-    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats)
+    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks)
 
 
 def load_variant_model(
@@ -140,7 +197,8 @@ def load_variant_model(
 ) -> nn.Module:
     """A transformers model of the variant, quantized with bitsandbytes where the recipe says, eval mode.
 
-    `source`: a folder written by `VariantBuild.save`, a safetensors file, a state dict,
+    `source`: a delta folder (`VariantBuild.save_delta` + the base's files under `base/`),
+    a whole-model folder written by `VariantBuild.save`, a safetensors file, a state dict,
     the safetensors bytes, or a `VariantBuild`. `config` (a transformers config or its
     dict) and `recipe` default to the folder's config.json / variant.json.
     `compute_dtype`: dtype of the bnb matmuls and unquantized tensors (default: the
@@ -163,6 +221,13 @@ def load_variant_model(
         raise UsageError("loading a variant needs its recipe")
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_json(recipe)
 
+    if folder is not None and is_delta_folder(folder):
+        cfg = _config_object(config) if config is not None else _folder_config(folder)
+        state = delta_state(folder)
+        dtype = resolve_dtype(compute_dtype, _config_dtype(folder))
+        return load_quantized_state(cfg, state, recipe.quant, recipe.double_quant, dtype, device,
+                                    include_lm_head=recipe.include_lm_head, dtype=dtype,
+                                    cpu_bf16_kernel=cpu_bf16_kernel)
     with tempfile.TemporaryDirectory(prefix="adapterhub-variant-") as tmp:
         model_dir = _model_folder(source, folder, config, Path(tmp))
         cfg_dtype = _config_dtype(model_dir)
@@ -173,14 +238,98 @@ def load_variant_model(
     return model
 
 
+# ---- delta folders -----------------------------------------------------------------------
+
+
+def is_delta_folder(folder: str | Path) -> bool:
+    """True for a folder laid out by `save_delta` + the base's files under `base/`."""
+    return (Path(folder) / BASE_DIR).is_dir() and not (Path(folder) / WEIGHTS_FILE).exists()
+
+
+def read_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's `*.safetensors` files (all shards), in their stored dtype."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise IntegrityError(f"{folder} holds no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def read_kept_indices(path: str | Path) -> dict[str, torch.Tensor]:
+    """The kept channel indices of a `kept_indices.safetensors` file (int64)."""
+    from safetensors.torch import load_file
+
+    try:
+        return {k: v.long() for k, v in load_file(str(path)).items()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad file
+        raise IntegrityError(f"kept-indices file {Path(path).name} is unreadable ({e})") from None
+
+
+def delta_state(folder: str | Path, base_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The variant's state dict from a delta folder: base weights × keep-masks, kept channels selected.
+
+    Tensors keep the base's stored dtype. `base_state` (consumed, modified in place)
+    saves reading `folder/base` again.
+    """
+    folder = Path(folder)
+    state = read_state(folder / BASE_DIR) if base_state is None else base_state
+    if (folder / MASKS_FILE).exists():
+        apply_masks(state, load_masks(folder / MASKS_FILE))
+    if (folder / KEPT_FILE).exists():
+        select_channels(state, read_kept_indices(folder / KEPT_FILE))
+    return state
+
+
+def check_delta(build: VariantBuild, base_folder: str | Path) -> None:
+    """Refuse (AdaptError) unless base × masks (+ kept channels) is bit for bit the pruned model.
+
+    Reads the base tensor by tensor. This is the guarantee that storing the delta loses
+    nothing; a pruning method that changed kept values would fail here (and would have to
+    store its sparse values instead).
+    """
+    from safetensors import safe_open
+
+    seen: set[str] = set()
+    for f in sorted(Path(base_folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if name not in build.state_dict:
+                    continue  # a tied duplicate the build stores once
+                t = {name: st.get_tensor(name)}
+                if name in build.masks:
+                    apply_masks(t, {name: build.masks[name]})
+                if build.kept_indices:
+                    t[name] = select_tensor_channels(name, t[name], build.kept_indices)
+                want = build.state_dict[name]
+                got = t[name].to(want.dtype)
+                if got.shape != want.shape or not torch.equal(got, want):
+                    raise AdaptError(f"the variant's {name} is not the base's values under its keep-mask: "
+                                     "this pruning method changes kept values and cannot be stored as a mask")
+                seen.add(name)
+    missing = sorted(set(build.state_dict) - seen)
+    if missing:
+        raise AdaptError(f"the base's weight files lack {missing[0]!r} (and {len(missing) - 1} more): "
+                         "the variant cannot be stored as a delta over them")
+
+
 def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_base: int,
-                  layer_sparsity: dict[str, float] | None = None) -> VariantStats:
-    """Count parameters, nonzeros, bits and bytes of a pruned model under the recipe."""
+                  layer_sparsity: dict[str, float] | None = None,
+                  storage_dtype: torch.dtype | None = None) -> VariantStats:
+    """Count parameters, nonzeros, bits and bytes of a pruned model under the recipe.
+
+    `stored_bytes` is left 0 here (apply_recipe counts the masks); `export_bytes` counts
+    quantized tensors as bitsandbytes holds them and the others in `storage_dtype`
+    (default: the model's dtype), i.e. the tensors of an `hf` export without headers.
+    """
     pruned = _pruned_tensors(model, recipe)
     quantized = _quantized_tensors(model, recipe)
     pruned_ids = {id(p) for p in pruned.values()}
     weight_names = set(_weight_names(model, target_linears(model))) | quantized
-    total = nonzero = target_nnz = stored_bits = held_bits = ideal_bits = 0
+    total = nonzero = target_nnz = stored_bits = held_bits = ideal_bits = export_bits = 0
     q_bits = q_numel = 0
     for name, p in _unique_params(model).items():
         numel, nnz = p.numel(), int(torch.count_nonzero(p.detach()))
@@ -194,6 +343,8 @@ def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_bas
         if id(p) in pruned_ids:
             target_nnz += nnz
         held_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits)
+        store_bits = torch.finfo(storage_dtype).bits if storage_dtype is not None else dtype_bits
+        export_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, store_bits)
         ideal_bits += sizes.ideal_tensor_bits(numel, nnz, in_f, quant, recipe.double_quant, pattern)
         if name in weight_names:
             q_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits)
@@ -207,7 +358,9 @@ def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_bas
         sparsity=1.0 - target_nnz / target_base if target_base else 0.0,
         model_sparsity=1.0 - nonzero / base_params if base_params else 0.0,
         bits_per_weight=q_bits / q_numel if q_numel else 0.0,
-        stored_bytes=stored_bits // 8,
+        stored_bytes=0,
+        full_copy_bytes=stored_bits // 8,
+        export_bytes=-(-export_bits // 8),
         quantized_bytes=-(-held_bits // 8),
         ideal_bytes=-(-ideal_bits // 8),
         base_fp16_bytes=base_params * 2,
@@ -290,6 +443,26 @@ def _config_dtype(folder: Path) -> torch.dtype:
     data = json.loads((folder / "config.json").read_text())
     name = data.get("dtype") or data.get("torch_dtype") or "float32"
     return resolve_dtype(name) if name in ("float32", "float16", "bfloat16") else torch.float32
+
+
+def storage_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype of the floating-point weights in a folder's safetensors files (None if none)."""
+    from safetensors import safe_open
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                dtype = names.get(st.get_slice(k).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
+def _folder_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
 
 
 def _model_folder(source: Any, folder: Path | None, config: Any, tmp: Path) -> Path:

@@ -111,6 +111,33 @@ def load_quantized(folder: str | Path, quant: str, double_quant: bool = False,
     return model.eval()
 
 
+def load_quantized_state(config, state_dict: dict[str, torch.Tensor], quant: str, double_quant: bool = False,
+                         compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
+                         include_lm_head: bool = False, dtype: torch.dtype | None = None,
+                         cpu_bf16_kernel: bool = False):
+    """`load_quantized` from an in-memory state dict and a transformers config (no files written).
+
+    The state dict may be in any float dtype (a bf16 base is upcast to `dtype`); it is
+    consumed: transformers moves its tensors into the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise UsageError(f"{type(config).__name__} is not a causal language model configuration") from None
+    qconfig = bnb_config(quant, double_quant, compute_dtype, include_lm_head)
+    kwargs = {"dtype": dtype or compute_dtype}
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map=device_map_for(device))
+    model = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    if qconfig is None:
+        model.to(device)
+    elif not cpu_bf16_kernel:
+        disable_cpu_repack(model)
+    return model.eval()
+
+
 def disable_cpu_repack(model: nn.Module) -> int:
     """Turn off bnb's in-place CPU repacking of 4-bit weights (see the module docstring); returns the count."""
     import bitsandbytes as bnb

@@ -1,15 +1,16 @@
 """Registry operations on variants: create (build, measure, register), load, list.
 
-What a variant row stores (its `files`, digests into the blob store):
-- pruned variants: `config.json` + `model.safetensors` (the whole pruned model, in the
-  dtype the base is stored in, with the shrunk `intermediate_size` after ffn-channels),
-  `variant.json` (recipe + stats) and, for ffn-channels, `kept_indices.safetensors`.
-  Storing plain pruned weights (and not bnb's packed tensors) keeps the blob
-  device-independent: the quantization config in the recipe is applied by bitsandbytes
-  each time the variant is loaded (see quantize.py for why).
-- unpruned variants (quantization only): NO copy of the weights. The row points at the
-  base's own `config.json` / `*.safetensors` blobs (content-addressed, so nothing is
-  duplicated) plus its own `variant.json`; quantization happens at load.
+What a variant row stores (its `files`, digests into the blob store; see variants/build.py):
+- pruned variants (delta): the base's `config.json` / `*.safetensors` blobs under `base/`
+  (the same digests as the base row's, so nothing is copied and `gc` keeps them), the
+  variant's own `config.json` (shrunk `intermediate_size` after ffn-channels),
+  `masks.safetensors` (bit-packed keep-masks; magnitude / wanda / 2:4) or
+  `kept_indices.safetensors` (ffn-channels), and `variant.json` (recipe + stats).
+  Before storing, `check_delta` verifies that base × masks is bit for bit the pruned model.
+- unpruned variants (quantization only): the base's own `config.json` / `*.safetensors`
+  blobs at the top level plus `variant.json`; quantization happens at load.
+- variants made before issue 15 hold a whole-model `model.safetensors` of their own; they
+  are read as they are (runtime/variants.py tells the three forms apart).
 The recipe (canonical JSON) and its digest identify a variant: creating the same recipe
 on the same base again returns the existing row.
 """
@@ -33,8 +34,17 @@ from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import load_base_model
-from adapterhub_c.runtime.variants import COMPUTE_DTYPE
-from adapterhub_c.variants.build import KEPT_FILE, VARIANT_FILE, WEIGHTS_FILE, apply_recipe, load_variant_model
+from adapterhub_c.runtime.variants import COMPUTE_DTYPE, storage_form
+from adapterhub_c.variants.build import (
+    BASE_DIR,
+    KEPT_FILE,
+    STORAGE_DELTA,
+    VARIANT_FILE,
+    apply_recipe,
+    check_delta,
+    load_variant_model,
+    storage_dtype,
+)
 from adapterhub_c.variants.calibration import calibration_rows
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
@@ -212,8 +222,7 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
         if name is not None and s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
             raise UsageError(f"a variant named {name!r} already exists; pick another --name")
         final_name = name or _unique_variant_name(s, default_variant_name(base, recipe))
-    if recipe.prune == "none":
-        base_files = _base_weight_files(base)
+    base_files = _base_weight_files(base)
 
     params = dict(base=base.name, recipe=recipe.to_dict(), name=final_name, eval_tokens=eval_tokens,
                   device=str(device))
@@ -227,42 +236,48 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
                 base_eval = _perplexity(model, tokenizer, eval_tokens, progress)
                 base_ppl = base_eval["perplexity"]
         calib_ids = calibration_ids(tokenizer, recipe)
-        build = apply_recipe(model, recipe, calib_ids, progress=progress)
+        base_folder = reg.materialize(base)
+        build = apply_recipe(model, recipe, calib_ids, progress=progress, storage_dtype=storage_dtype(base_folder))
         stats = build.stats.to_dict()
         meta = {"recipe": recipe.to_dict(), "stats": stats}
         with tempfile.TemporaryDirectory(prefix="variant-", dir=reg.cache_dir) as tmp:
             if recipe.prune == "none":
                 del build, model
                 files = dict(base_files)
-                load_from = reg.materialize(base)
+                load_from = base_folder
             else:
-                load_from = build.save(Path(tmp) / "variant")
+                # store the delta only: keep-masks / kept channels + config, over the base's shared weight blobs
+                check_delta(build, base_folder)
+                delta_dir = build.save_delta(Path(tmp) / "variant")
                 del build, model
+                (delta_dir / VARIANT_FILE).unlink()  # written below, with the measured perplexity
+                own = reg.blobs.put_folder(delta_dir)
+                meta["storage"] = STORAGE_DELTA
+                files = {**{f"{BASE_DIR}/{rel}": d for rel, d in base_files.items()}, **own}
+                load_from = reg.blobs.materialize(files, Path(tmp) / "view")  # what load_variant will read
             variant_ppl = None
             if eval_tokens:
-                vmodel = load_variant_model(load_from, recipe=recipe, device=str(resolve_device(device)),
-                                            compute_dtype=COMPUTE_DTYPE) \
-                    if (Path(load_from) / WEIGHTS_FILE).exists() else None
-                if vmodel is None:
+                if recipe.prune == "none":
                     vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE,
                                             str(resolve_device(device)), include_lm_head=recipe.include_lm_head,
                                             dtype=COMPUTE_DTYPE)
+                else:
+                    vmodel = load_variant_model(load_from, recipe=recipe, device=str(resolve_device(device)),
+                                                compute_dtype=COMPUTE_DTYPE)
                 variant_eval = _perplexity(vmodel, tokenizer, eval_tokens, progress)
                 variant_ppl = variant_eval["perplexity"]
                 del vmodel
             stats.update(perplexity=variant_ppl, base_perplexity=base_ppl, eval_tokens=eval_tokens,
                          eval_data=f"{EVAL_DATA}:{EVAL_SPLIT}")
             meta["stats"] = stats
-            if recipe.prune == "none":
-                files[VARIANT_FILE] = reg.blobs.put_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
-            else:
-                (Path(load_from) / VARIANT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-                files = reg.blobs.put_folder(load_from)
-        own = {d for r, d in files.items() if d not in set((base.files or {}).values())}
+            files[VARIANT_FILE] = reg.blobs.put_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
+        shared = set((base.files or {}).values())
+        own = {d for r, d in files.items() if d not in shared}
         size = sum(reg.blobs.path_for(d).stat().st_size for d in set(files.values()))
-        stats["own_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
+        stats["own_bytes"] = stats["stored_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
         stats["stored_file_bytes"] = size
-        stats["shares_base_weights"] = recipe.prune == "none"
+        stats["shares_base_weights"] = True
+        stats["storage"] = STORAGE_DELTA if recipe.prune != "none" else "base"
         with reg.session() as s:
             if s.scalar(select(Variant.id).where(Variant.base_id == base.id, Variant.recipe_digest == digest)):
                 # built concurrently by another process: keep theirs
@@ -291,12 +306,29 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
 # ---- listing ---------------------------------------------------------------------------
 
 
+def _ratio(n, d):
+    return n / d if n is not None and d else None
+
+
 def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
-    """One variant as a flat dict (the columns of `adapt variant ls`)."""
+    """One variant as a flat dict (the columns of `adapt variant ls`).
+
+    Sizes, each also as a fraction of the base at 16 bits (`*_ratio`):
+    - stored_bytes: what the variant adds to the store (its blobs not shared with the base:
+      masks / kept indices, config, recipe; the whole copy for pre-issue-15 variants);
+    - loaded_bytes: what the loaded variant holds in memory (bnb formats + the unquantized
+      tensors in the float32 compute dtype);
+    - export_bytes: the size of an `hf` export, measured by the last `adapt export` if any
+      (`export_measured`), else the tensor bytes estimated at build time.
+    """
     recipe = Recipe.from_json(row.recipe)
     st = row.stats or {}
     base_params = st.get("base_params") or 0
     ppl, base_ppl = st.get("perplexity"), st.get("base_perplexity")
+    fp16 = st.get("base_fp16_bytes")
+    exported = (st.get("exports") or {}).get("hf")
+    export_bytes = exported["bytes"] if exported else st.get("export_bytes")
+    stored = st.get("own_bytes", row.size_bytes)
     return {
         "name": row.name,
         "id": row.id,
@@ -307,13 +339,20 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "params_kept_frac": (st.get("params_nonzero") or 0) / base_params if base_params else None,
         "sparsity": row.sparsity,
         "bits_per_weight": st.get("bits_per_weight"),
-        "stored_bytes": row.size_bytes,
+        "storage": storage_form(row),
+        "stored_bytes": stored,
+        "stored_ratio": _ratio(stored, fp16),
         "own_bytes": st.get("own_bytes"),
-        "shares_base_weights": bool(st.get("shares_base_weights")),
+        "referenced_bytes": row.size_bytes,
+        "shares_base_weights": storage_form(row) != "full-copy",
         "loaded_bytes": st.get("quantized_bytes"),
+        "loaded_ratio": _ratio(st.get("quantized_bytes"), fp16),
+        "export_bytes": export_bytes,
+        "export_ratio": _ratio(export_bytes, fp16),
+        "export_measured": bool(exported),
         "ideal_bytes": st.get("ideal_bytes"),
-        "base_fp16_bytes": st.get("base_fp16_bytes"),
-        "ideal_ratio": (st["ideal_bytes"] / st["base_fp16_bytes"]) if st.get("ideal_bytes") and st.get("base_fp16_bytes") else None,
+        "base_fp16_bytes": fp16,
+        "ideal_ratio": _ratio(st.get("ideal_bytes"), fp16),
         "perplexity": ppl,
         "base_perplexity": base_ppl,
         "ppl_ratio": ppl / base_ppl if ppl and base_ppl else None,
@@ -321,6 +360,13 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "kept_indices": KEPT_FILE in (row.files or {}),
         "created_at": row.created_at.isoformat() if row.created_at else None,
     }
+
+
+def show_variant(reg: Registry, name: str) -> dict[str, Any]:
+    """One variant's summary (as a row of `list_variants`) by name or id prefix."""
+    with reg.session() as s:
+        row = reg.resolve(s, name, "variant")
+        return variant_summary(row, s.get(BaseModel, row.base_id))
 
 
 def list_variants(reg: Registry, base: str | None = None) -> list[dict[str, Any]]:

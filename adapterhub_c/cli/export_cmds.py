@@ -1,0 +1,33 @@
+"""adapt export."""
+from __future__ import annotations
+
+import click
+
+from adapterhub_c import api
+from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+
+
+@click.command("export")
+@click.argument("variant")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write (created).")
+@click.option("--format", "fmt", type=click.Choice(api.EXPORT_FORMATS), default="hf", show_default=True,
+              help="hf: transformers folder (bitsandbytes-serialized when quantized); compressed-tensors: "
+                   "sparse-bitmask.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def export_cmd(obj, variant, out, fmt, force, as_json) -> None:
+    """Write VARIANT as a standalone folder that plain transformers loads."""
+    with progress_callback() as progress:
+        res = api.export(variant, out, fmt, force=force, registry=obj.registry, progress=progress).report
+    if as_json:
+        print_json(res)
+        return
+    ratio = f" ({res['weights_bytes'] / res['base_fp16_bytes']:.3f}x the fp16 base)" if res["base_fp16_bytes"] else ""
+    click.echo(f"exported {res['variant']} as {res['format']} to {res['out']}: weights "
+               f"{human_bytes(res['weights_bytes'])}{ratio}")
+    print_table([{"file": f["path"], "size": human_bytes(f["size"])} for f in res["files"]], ["file", "size"])
+
+
+def register(cli) -> None:
+    cli.add_command(export_cmd)

@@ -1,0 +1,126 @@
+"""Bit-packed keep-masks: how a pruned variant stores what it removed from its base.
+
+A keep-mask holds one bit per weight of a pruned tensor (1 = kept), packed with
+`numpy.packbits` (little bit order) over the flattened tensor; the last byte is padded
+with zeros when the length is not a multiple of 8, and the shape is stored beside it, so
+the round trip is bit-exact for any shape. A mask file is a safetensors file with one
+uint8 tensor per pruned weight (named like the weight) and the shapes in its metadata.
+
+`apply_masks` zeroes the removed weights of the base's tensors with the same operation
+the pruning code uses (`weight.mul_(mask)`), so base × mask is bit for bit the pruned
+tensor (signed zeros included).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from adapterhub_c.errors import IntegrityError
+
+MASK_FORMAT = "adapterhub_c.keep-mask"
+MASK_VERSION = "1"
+BITORDER = "little"
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8 bytes, 8 positions per byte (flattened, little bit order)."""
+    flat = mask.detach().reshape(-1).to(torch.bool).cpu().numpy()
+    return torch.from_numpy(np.packbits(flat, bitorder=BITORDER))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The boolean tensor of `shape` that `pack_mask` packed."""
+    shape = tuple(int(d) for d in shape)
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    data = packed.detach().cpu().numpy()
+    if data.dtype != np.uint8 or data.ndim != 1 or data.size != -(-numel // 8):
+        raise IntegrityError(f"a keep-mask of {data.size} bytes cannot hold shape {list(shape)}")
+    bits = np.unpackbits(data, count=numel, bitorder=BITORDER)
+    return torch.from_numpy(bits.astype(np.bool_)).reshape(shape)
+
+
+def masks_to_bytes(masks: Mapping[str, torch.Tensor]) -> bytes:
+    """Keep-masks {weight name: bool tensor} as one safetensors blob."""
+    from safetensors.torch import save
+
+    packed = {name: pack_mask(m) for name, m in sorted(masks.items())}
+    shapes = {name: list(m.shape) for name, m in sorted(masks.items())}
+    return save(packed, metadata={"format": MASK_FORMAT, "version": MASK_VERSION, "bitorder": BITORDER,
+                                  "shapes": json.dumps(shapes, sort_keys=True)})
+
+
+def masks_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """The {weight name: bool tensor} of a mask blob (IntegrityError when it is not one)."""
+    from safetensors.torch import load
+
+    meta = _metadata(data)
+    if meta.get("format") != MASK_FORMAT:
+        raise IntegrityError("not a keep-mask file (format metadata missing)")
+    if meta.get("version") != MASK_VERSION:
+        raise IntegrityError(f"keep-mask format version {meta.get('version')!r} is not supported")
+    shapes = json.loads(meta.get("shapes") or "{}")
+    packed = load(data)
+    if set(packed) != set(shapes):
+        raise IntegrityError("keep-mask file: tensors and shapes do not match")
+    return {name: unpack_mask(packed[name], shapes[name]) for name in sorted(packed)}
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """`masks_from_bytes` of a file."""
+    return masks_from_bytes(Path(path).read_bytes())
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise IntegrityError("keep-mask file is truncated")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise IntegrityError("keep-mask file is truncated")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise IntegrityError(f"keep-mask file has a corrupt header ({e})") from None
+    return header.get("__metadata__") or {}
+
+
+@torch.no_grad()
+def apply_masks(state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the removed weights of `state` in place (`weight.mul_(mask)`, as pruning does)."""
+    for name, mask in masks.items():
+        if name not in state:
+            raise IntegrityError(f"keep-mask for {name!r}, which the base does not have")
+        t = state[name]
+        if tuple(t.shape) != tuple(mask.shape):
+            raise IntegrityError(f"keep-mask for {name!r} has shape {list(mask.shape)}, the base {list(t.shape)}")
+        t.mul_(mask.to(t.dtype))
+
+
+CHANNEL_DIMS = {("gate_proj", "weight"): 0, ("up_proj", "weight"): 0, ("down_proj", "weight"): 1,
+                ("gate_proj", "bias"): 0, ("up_proj", "bias"): 0}
+
+
+@torch.no_grad()
+def select_channels(state: dict[str, torch.Tensor], kept: Mapping[str, torch.Tensor]) -> None:
+    """ffn-channels: keep only the listed intermediate channels of each MLP, in place.
+
+    `kept`: {MLP module name: sorted int64 channel indices}; rows of gate_proj / up_proj
+    (and their biases), columns of down_proj — what `pruning.shrink_mlp` does to modules.
+    """
+    for mlp in kept:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            if f"{mlp}.{proj}.weight" not in state:
+                raise IntegrityError(f"kept channels for {mlp!r}, but the base has no {mlp}.{proj}.weight")
+    for name in list(state):
+        state[name] = select_tensor_channels(name, state[name], kept)
+
+
+def select_tensor_channels(name: str, tensor: torch.Tensor, kept: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One tensor of `select_channels`: sliced if it is a gate/up/down projection of a listed MLP."""
+    parts = name.rsplit(".", 2)
+    if len(parts) != 3 or parts[0] not in kept or (parts[1], parts[2]) not in CHANNEL_DIMS:
+        return tensor
+    return tensor.index_select(CHANNEL_DIMS[(parts[1], parts[2])], kept[parts[0]].to(torch.int64)).contiguous()

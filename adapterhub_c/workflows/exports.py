@@ -1,0 +1,241 @@
+"""adapt export: a variant as a standalone folder that plain transformers loads.
+
+Formats:
+- `hf`: `save_pretrained` of the loaded variant. Quantized variants are written in
+  bitsandbytes' serialization (int8: `weight` + `SCB`; nf4 / fp4: packed `weight` +
+  `absmax` / `quant_map` / nested state, with the `quantization_config` in config.json),
+  which `AutoModelForCausalLM.from_pretrained(DIR)` loads with bitsandbytes installed and
+  no adapterhub_c (verified on CPU with bitsandbytes 0.50.2 for int8, nf4, fp4, double
+  quantization). Pruned weights are materialised as zeros (quantized: zeros are exact in
+  int8, nf4 and fp4). Unquantized tensors are written in the base's stored dtype (bf16 for
+  the built-in SmolLM2), so `from_pretrained(DIR, dtype=torch.float32)` gives the logits
+  of `adapt eval` bit for bit. Tokenizer and generation files are the base's.
+- `compressed-tensors`: the pruned model in that library's `sparse-bitmask` format
+  (values + bitmask + row offsets per pruned linear, `sparsity_config` in config.json),
+  written with the library. Refused for quantized variants (bitsandbytes formats are not
+  compressed-tensors formats; converting would re-quantize, i.e. approximate) and for
+  ffn-channels (a dense, smaller model: nothing sparse to store). The written folder is
+  loaded back with transformers before it is renamed into place; where the installed
+  versions cannot write or load the format, the export is refused (exit 2) with that
+  reason rather than written in some other way. Measured: compressed-tensors 0.20.1 (and
+  every release since 0.15) has no sparse compressors and transformers 5.24 reads no
+  sparsity config; compressed-tensors 0.12.2 and 0.14.0.1 write sparse-bitmask, but
+  transformers 4.57.1 fails to load it ("Cannot copy out of meta tensor": its
+  compressed-tensors quantizer compresses the meta-device model before loading).
+Writes go to a temp folder beside `out`, renamed into place when complete. The measured
+size is recorded in the variant's stats (`exports`), for `adapt variant ls`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from adapterhub_c.errors import UsageError
+from adapterhub_c.fsutil import atomic_dir
+from adapterhub_c.registry.models import BaseModel, Variant
+from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.variants import load_variant, materialize_variant, storage_form
+from adapterhub_c.variants.build import BASE_DIR, storage_dtype
+from adapterhub_c.variants.recipe import Recipe
+
+Progress = Callable[[str, int, "int | None"], None]
+EXPORT_FORMATS = ("hf", "compressed-tensors")
+META_NAME = "adapterhub_c.json"
+_NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")
+_SKIPPED_NAMES = ("config.json", "README.md", ".gitattributes", "variant.json")
+
+
+@dataclass
+class ExportResult:
+    """What `export_variant` wrote."""
+
+    variant: str
+    format: str
+    out: str
+    files: list[dict]  # [{path, size}] sorted by path
+    weights_bytes: int  # bytes of the *.safetensors files
+    folder_bytes: int  # bytes of every file written
+    base_fp16_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def refusal(recipe: Recipe, fmt: str) -> str | None:
+    """Why `fmt` cannot hold a variant of this recipe (one line), or None when it can."""
+    if fmt not in EXPORT_FORMATS:
+        return f"unknown export format {fmt!r}; pick one of {', '.join(EXPORT_FORMATS)}"
+    if fmt == "hf":
+        return None
+    if recipe.quant != "none":
+        return (f"compressed-tensors cannot hold a bitsandbytes {recipe.quant} variant (its quantized formats are "
+                "its own; converting would re-quantize the weights): use --format hf")
+    if recipe.prune == "ffn-channels":
+        return ("an ffn-channels variant is dense (smaller layers, no zeros): compressed-tensors' sparse-bitmask "
+                "has nothing to compress; use --format hf")
+    return _compressed_tensors_unavailable()
+
+
+def _compressed_tensors_unavailable() -> str | None:
+    """Why the installed compressed-tensors + transformers cannot write / load sparse-bitmask, or None."""
+    import importlib.metadata as md
+
+    try:
+        ct_version = md.version("compressed-tensors")
+    except md.PackageNotFoundError:
+        return ("the compressed-tensors library is not installed (and the releases that still write sparse-bitmask, "
+                "<= 0.14, do not load in transformers 4.57 / 5.x): use --format hf")
+    tf_version = md.version("transformers")
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+
+        BaseCompressor.get_value_from_registry("sparse-bitmask")
+    except Exception:  # noqa: BLE001 - any failure means the compressor is not there
+        return (f"compressed-tensors {ct_version} has no sparse-bitmask compressor (removed after 0.14, and 0.14 "
+                f"needs transformers<5; transformers {tf_version} is installed): use --format hf")
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    if "sparsity_config" not in CompressedTensorsConfig.__init__.__code__.co_varnames:
+        return (f"transformers {tf_version} no longer loads compressed-tensors sparsity formats: "
+                "use --format hf")
+    return None
+
+
+def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: str = "hf", *,
+                   force: bool = False, progress: Progress | None = None) -> ExportResult:
+    """Write the variant as a standalone folder `out` in `fmt` (see the module docstring).
+
+    Refused with a UsageError (exit 2, nothing written) when the format cannot hold the
+    variant, or when `out` exists and is not empty (unless `force`: then it is replaced
+    whole once the new folder is complete).
+    """
+    row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
+    recipe = Recipe.from_json(row.recipe)
+    reason = refusal(recipe, fmt)
+    if reason is not None:
+        raise UsageError(f"cannot export {row.name!r} as {fmt}: {reason}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; pick another --out or pass --force")
+    with reg.session() as s:
+        base = s.get(BaseModel, row.base_id)
+    params = dict(variant=row.name, format=fmt, out=str(out.resolve()), force=force)
+    with record_run(reg, "export", params) as run:
+        if progress:
+            progress(f"exporting {row.name} ({fmt})", 0, 2)
+        with atomic_dir(out) as tmp:
+            write_export(reg, row, base, tmp, fmt)
+            if fmt == "compressed-tensors":
+                _check_transformers_loads(reg, row, tmp)
+            files = [{"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()]
+        if progress:
+            progress(f"exporting {row.name} ({fmt})", 2, 2)
+        weights = sum(f["size"] for f in files if f["path"].endswith(".safetensors"))
+        result = ExportResult(variant=row.name, format=fmt, out=str(out), files=files, weights_bytes=weights,
+                              folder_bytes=sum(f["size"] for f in files),
+                              base_fp16_bytes=(row.stats or {}).get("base_fp16_bytes"))
+        with reg.session() as s:
+            r = s.get(Variant, row.id)
+            exports = dict((r.stats or {}).get("exports") or {})
+            exports[fmt] = {"bytes": weights, "folder_bytes": result.folder_bytes}
+            r.stats = {**(r.stats or {}), "exports": exports}
+        run.output = {k: v for k, v in result.to_dict().items() if k != "files"}
+        return result
+
+
+def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: str = "hf") -> None:
+    """Write the export of `row` into the existing empty folder `dest` (no checks, no run row)."""
+    recipe = Recipe.from_json(row.recipe)
+    stored = _stored_dtype(reg, row, base)
+    model = load_variant(reg, row, "cpu")
+    _cast_unquantized(model, stored)
+    if fmt == "hf":
+        model.save_pretrained(dest)
+    else:
+        _save_compressed_tensors(model, recipe, row, dest)
+    del model
+    _copy_base_extras(reg, base, dest)
+    meta = {"format": fmt, "variant": row.name, "base": base.hub_id or base.name, "recipe": recipe.to_dict(),
+            "storage_dtype": str(stored).replace("torch.", ""),
+            "perplexity": (row.stats or {}).get("perplexity"),
+            "eval_tokens": (row.stats or {}).get("eval_tokens"),
+            "load": "AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32) gives adapt's logits"}
+    (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _stored_dtype(reg: Registry, row: Variant, base: BaseModel) -> torch.dtype:
+    folder = materialize_variant(reg, row)
+    weights = folder / BASE_DIR if storage_form(row) == "delta" else folder
+    return storage_dtype(weights) or torch.float32
+
+
+@torch.no_grad()
+def _cast_unquantized(model, dtype: torch.dtype) -> None:
+    """Floating parameters / buffers outside bnb layers to the base's stored dtype (exact: they came from it)."""
+    from adapterhub_c.variants.quantize import is_bnb_linear
+
+    bnb_params = {id(p) for m in model.modules() if is_bnb_linear(m) for p in m.parameters(recurse=False)}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in bnb_params and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for m in model.modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and not is_bnb_linear(m) \
+                    and "inv_freq" not in name:
+                m._buffers[name] = b.to(dtype)
+    model.config.dtype = dtype
+
+
+def _save_compressed_tensors(model, recipe: Recipe, row: Variant, dest: Path) -> None:
+    """compressed-tensors' sparse-bitmask through the library (the API of compressed-tensors <= 0.14)."""
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.config import BitmaskConfig
+
+    ignore = [] if recipe.include_lm_head else ["lm_head"]
+    config = BitmaskConfig(global_sparsity=float((row.stats or {}).get("model_sparsity") or 0.0),
+                           sparsity_structure="2:4" if recipe.prune == "2:4" else "unstructured",
+                           targets=["Linear"], ignore=ignore)
+    compressor = ModelCompressor(sparsity_config=config)
+    state = compressor.compress(model)
+    model.save_pretrained(dest, state_dict=state)
+    compressor.update_config(str(dest))
+
+
+def _check_transformers_loads(reg: Registry, row: Variant, folder: Path) -> None:
+    """Refuse (UsageError, nothing written) unless transformers loads `folder` with the variant's logits."""
+    import importlib.metadata as md
+
+    from transformers import AutoModelForCausalLM
+
+    versions = f"transformers {md.version('transformers')} with compressed-tensors {md.version('compressed-tensors')}"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the folder is not loadable
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UsageError(f"cannot export {row.name!r} as compressed-tensors: {versions} cannot load the "
+                         f"sparse-bitmask folder it writes ({type(e).__name__}: {first}); use --format hf") from None
+    ids = torch.arange(3, 19).view(1, 16) % model.config.vocab_size
+    with torch.no_grad():
+        same = torch.equal(model(ids).logits, load_variant(reg, row, "cpu")(ids).logits)
+    if not same:
+        raise UsageError(f"cannot export {row.name!r} as compressed-tensors: {versions} loads the folder with "
+                         "other logits than the variant's; use --format hf")
+
+
+def _copy_base_extras(reg: Registry, base: BaseModel, dest: Path) -> None:
+    """The base's tokenizer / generation files (everything but weights, config and card)."""
+    for rel, digest in sorted((base.files or {}).items()):
+        if rel.endswith(_NOT_COPIED) or Path(rel).name in _SKIPPED_NAMES:
+            continue
+        if (dest / rel).exists() and rel != "generation_config.json":  # the base's generation settings win
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(reg.blobs.verified_path(digest), target)
