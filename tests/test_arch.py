@@ -123,3 +123,84 @@ def test_peft_wrapped_model_keeps_bare_names(tiny_models):
     arch = A.describe(peft_model)
     info = arch.linear("base_model.model.transformer.h.0.attn.c_attn")
     assert info is not None and info.kind == "conv1d" and info.name == "transformer.h.0.attn.c_attn"
+
+
+# ---- pruning along the right axes (variants/pruning.py through the description) -------------
+def _calib(n: int = 4, length: int = 16):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 259, (length,), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("model_type", SIX)
+def test_wanda_and_2_4_prune_each_output_row_along_its_inputs(model_type):
+    from adapterhub_c.variants.pruning import prune_2_4, prune_wanda
+
+    model, _ = build_tiny(model_type)
+    arch = A.describe(model)
+    first = next(iter(arch.blocks[0].linears.values()))
+    w0 = A.weight_out_in(first.module).detach().clone()
+    sq = torch.zeros(first.in_features)
+
+    def accumulate(_module, args):
+        sq.add_((args[0].reshape(-1, sq.numel()) ** 2).sum(0))
+
+    hook = first.module.register_forward_pre_hook(accumulate)
+    with torch.no_grad():
+        for row in _calib():
+            model(row[None])
+    hook.remove()
+    expected = torch.ones_like(w0, dtype=torch.bool)
+    expected.scatter_(1, torch.argsort(w0.abs() * sq.sqrt()[None, :], dim=1, stable=True)[:, :w0.shape[1] // 2], False)
+    prune_wanda(model, 0.5, _calib())
+    assert torch.equal(A.weight_out_in(first.module) != 0, expected)  # block 0 sees the unpruned inputs
+    for info in A.describe(model).linears().values():
+        w = A.weight_out_in(info.module)
+        assert ((w != 0).sum(dim=1) == info.in_features // 2).all(), info.name
+    model, _ = build_tiny(model_type)
+    prune_2_4(model)
+    for info in A.describe(model).linears().values():
+        w = A.weight_out_in(info.module)
+        assert ((w.reshape(info.out_features, -1, 4) != 0).sum(dim=2) == 2).all(), info.name
+
+
+def test_layer_granularity_ranks_each_fused_part_alone():
+    from adapterhub_c.variants.pruning import keep_count, prune_magnitude
+
+    model, _ = build_tiny("phi3")
+    prune_magnitude(model, 0.5, granularity="layer")
+    info = A.describe(model).blocks[0].linears["self_attn.qkv_proj"]
+    w = info.module.weight
+    for label, n in zip(info.fused.labels, info.fused.sizes, strict=True):
+        assert int((w[info.fused.rows(label)] != 0).sum()) == keep_count(n * 64, 0.5), label
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt2", "gpt_neox", "gemma2"])
+def test_ffn_channels_equals_zeroing_the_removed_channels(model_type, tmp_path):
+    """Removing channels is the same model as zeroing their output columns; the result reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_c.variants.pruning import prune_ffn_channels
+
+    model, _ = build_tiny(model_type)
+    ref, _ = build_tiny(model_type)
+    kept = prune_ffn_channels(model, 0.25, _calib())
+    arch = A.describe(model)
+    assert getattr(model.config, arch.intermediate_key) == 96
+    for b in A.describe(ref).blocks:
+        idx = kept[b.mlp.name]
+        assert idx.numel() == 96
+        out = getattr(b.mlp.module, b.mlp.output)
+        drop = torch.ones(128, dtype=torch.bool)
+        drop[idx] = False
+        with torch.no_grad():
+            w = A.weight_out_in(out)
+            w[:, drop] = 0
+    for b in arch.blocks:
+        for attr in b.mlp.inputs:
+            assert A.features(getattr(b.mlp.module, attr))[1] == 96 * b.mlp.halves[attr]
+    ids = torch.randint(3, 259, (2, 12))
+    model.save_pretrained(tmp_path / "pruned")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
