@@ -34,6 +34,7 @@ from adapterhub_c.hub import client
 from adapterhub_c.hub.cards import model_card
 from adapterhub_c.hub.store import StoreError, check_repo_id
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, check_safetensors_header, validate_lora_folder
+from adapterhub_c.models.arch import stored_layout_is_in_out
 from adapterhub_c.models.builtin import builtin_for
 from adapterhub_c.registry.artifacts import name_taken, unique_name
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
@@ -134,12 +135,17 @@ def _base_weight_shapes(reg: Registry, base: BaseModel) -> dict[str, list[int]]:
 
 
 def check_adapter_against_base(reg: Registry, base: BaseModel, adapter, label: str) -> None:
-    """Every adapted module exists in the base with matching in/out features (stored bases only)."""
+    """Every adapted module exists in the base with matching in/out features (stored bases only).
+
+    A base whose block linears are Conv1D (GPT-2; ``models.arch``) stores them ``[in, out]``.
+    """
     if base.is_reference:
         return
     shapes = _base_weight_shapes(reg, base)
     if not shapes:
         return
+    in_out = stored_layout_is_in_out((base.config or {}).get("model_type"),
+                                     bool(adapter.config.get("fan_in_fan_out")))
     for module, layer in sorted(adapter.layers().items()):
         key = f"{module}.weight"
         if key not in shapes:
@@ -149,9 +155,11 @@ def check_adapter_against_base(reg: Registry, base: BaseModel, adapter, label: s
                                  "does not have (an adapter for another architecture?)")
         shape = shapes[key]
         want = [int(layer.B.shape[0]), int(layer.A.shape[-1])]
-        if len(shape) != 2 or list(shape) != want:
-            raise IntegrityError(f"{label}: module {module!r} is {want[0]}x{want[1]} in the adapter "
-                                 f"but {shape} in base {base.name!r}")
+        stored = want[::-1] if in_out and not module.endswith("lm_head") else want
+        if len(shape) != 2 or list(shape) != stored:
+            raise IntegrityError(f"{label}: module {module!r} is {want[0]}x{want[1]} (out x in) in the adapter "
+                                 f"but {shape} in base {base.name!r}"
+                                 + (" (stored [in, out], Conv1D)" if in_out else ""))
 
 
 def _find_or_reference_base(s, reg: Registry, base_name: str, revision: str | None,

@@ -183,6 +183,7 @@ class Family:
     fused: dict[str, Layout] = field(default_factory=dict)
     gated: bool = True
     intermediate_key: str | None = "intermediate_size"
+    conv1d: bool = False  # block linears are transformers Conv1D: checkpoints store weights [in, out]
 
 
 def _llama(**over) -> Family:
@@ -210,7 +211,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(roles={"attn.c_attn": ATTN_IN, "attn.c_proj": ATTN_OUT, "mlp.c_fc": MLP_IN,
                           "mlp.c_proj": MLP_OUT},
                    fused={"attn.c_attn": lambda cfg, out: Fused(("q", "k", "v"), (out // 3,) * 3)},
-                   gated=False, intermediate_key="n_inner"),
+                   gated=False, intermediate_key="n_inner", conv1d=True),
     "gptj": Family(roles={"attn.q_proj": ATTN_IN, "attn.k_proj": ATTN_IN, "attn.v_proj": ATTN_IN,
                           "attn.out_proj": ATTN_OUT, "mlp.fc_in": MLP_IN, "mlp.fc_out": MLP_OUT},
                    gated=False, intermediate_key="n_inner"),
@@ -226,6 +227,16 @@ FAMILIES: dict[str, Family] = {
                          "self_attn.out_proj": ATTN_OUT, "fc1": MLP_IN, "fc2": MLP_OUT},
                   gated=False, intermediate_key="ffn_dim"),
 }
+
+
+def stored_layout_is_in_out(model_type: str | None, fan_in_fan_out: bool = False) -> bool:
+    """Whether a checkpoint of ``model_type`` stores block linear weights as ``[in, out]``.
+
+    From the table (GPT-2's Conv1D); for a type not in the table, the adapter's own
+    ``fan_in_fan_out`` flag is believed.
+    """
+    family = FAMILIES.get(model_type or "")
+    return family.conv1d if family is not None else bool(fan_in_fan_out)
 
 
 # ---- the description -----------------------------------------------------------------------
@@ -553,4 +564,5 @@ def set_intermediate_size(model: nn.Module, arch: Architecture, size: int) -> No
 
 __all__ = ["describe", "Architecture", "BlockInfo", "LinearInfo", "MlpInfo", "Fused", "Family", "FAMILIES",
            "ROLES", "ATTN_IN", "ATTN_OUT", "MLP_IN", "MLP_OUT", "linear_kind", "is_linear", "features",
-           "fan_in_fan_out", "weight_out_in", "to_weight_layout", "set_intermediate_size"]
+           "fan_in_fan_out", "weight_out_in", "to_weight_layout", "set_intermediate_size",
+           "stored_layout_is_in_out"]

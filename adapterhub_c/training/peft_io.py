@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import UsageError
+from adapterhub_c.models.arch import is_linear
 from adapterhub_c.training.recovery import CHILD, bare_name
 
 ADAPTER = "default"
@@ -36,8 +37,8 @@ def place(model: nn.Module, device: str) -> nn.Module:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Bare names of every ``nn.Linear`` (bnb layers included) of an unwrapped model."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Bare names of every linear layer (``nn.Linear``, bnb layers, Conv1D) of an unwrapped model."""
+    return [n for n, m in model.named_modules() if is_linear(m)]
 
 
 def json_config(config) -> dict:
