@@ -133,6 +133,8 @@ class LoraAdapter:
         The effective scale of each layer is kept exactly: the config gets ``r`` and
         ``lora_alpha`` per module through ``rank_pattern`` / ``alpha_pattern`` when the
         layers differ, and rsLoRA is switched off (alpha is chosen so alpha/r = scale).
+        ``target_modules`` lists the full module names (exactly these modules, on any
+        architecture).
         """
         config = {k: v for k, v in base_config.items()
                   if k not in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora")}
@@ -145,7 +147,9 @@ class LoraAdapter:
         # patterns are anchored at the full module name so they match exactly one module
         config["rank_pattern"] = {f"^{re.escape(m)}": r for m, r in ranks.items() if r != r0}
         config["alpha_pattern"] = {f"^{re.escape(m)}": a for m, a in alphas.items() if a != a0}
-        config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in layers})
+        # full module names: a leaf such as GPT-2's "c_proj" names attention and MLP linears alike,
+        # and which modules of the model share a leaf is not known here
+        config["target_modules"] = sorted(layers)
         tensors = {}
         for module, layer in layers.items():
             tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.A.contiguous()
