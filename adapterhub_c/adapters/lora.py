@@ -8,6 +8,16 @@ the effective scale, so that packing, merging and conversion agree on one ΔW:
     ΔW(module) = scale(module) · B @ A,  scale = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
 where ``r`` and ``alpha`` honour ``rank_pattern`` / ``alpha_pattern`` as PEFT does.
+
+DoRA (``use_dora``): each module also has a magnitude vector m
+(``…lora_magnitude_vector``, one entry per output unit). Its update is defined in weight
+space, as PEFT computes it, with W the base weight as ``[out, in]`` (a Conv1D's
+``[in, out]`` weight transposed):
+
+    ΔW = m / ‖W + s·B·A‖_c · (W + s·B·A) − W,   ‖·‖_c the L2 norm of each output row
+
+(the paper's column norm: its W is ``[in, out]``). It needs W, so :meth:`LoraLayer.delta`
+refuses DoRA layers and :meth:`LoraLayer.dora_delta` takes the base weight.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -47,20 +58,46 @@ def lora_scale(config: dict, module: str) -> float:
 
 @dataclass
 class LoraLayer:
-    """One adapted linear layer: A is [r, in], B is [out, r]."""
+    """One adapted linear layer: A is [r, in], B is [out, r] (DoRA: magnitude is [out])."""
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
     bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense update scale · B @ A, shape [out, in]."""
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scale · B @ A, shape [out, in] (for DoRA only the direction's update, not ΔW)."""
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update scale · B @ A, shape [out, in]; DoRA layers need :meth:`dora_delta`."""
+        if self.is_dora:
+            raise UsageError("a DoRA layer's update depends on the base weight: use dora_delta(weight)")
+        return self.lora_delta(dtype)
+
+    def dora_delta(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW in weight space for base weight ``weight`` ([out, in]): DoRA's formula, or s·B·A."""
+        if not self.is_dora:
+            return self.lora_delta(dtype)
+        return dora_delta(weight, self.A, self.B, self.scale, self.magnitude, dtype)
+
+
+def dora_delta(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """m / ‖W + s·B·A‖_row · (W + s·B·A) − W for an [out, in] base weight W (PEFT's DoRA merge)."""
+    w = weight.to(dtype)
+    merged = w + scale * (B.to(dtype) @ A.to(dtype))
+    norm = torch.linalg.norm(merged, dim=1)
+    return (magnitude.to(dtype) / norm)[:, None] * merged - w
 
 
 @dataclass
@@ -73,7 +110,7 @@ class LoraAdapter:
     # ---- reading and writing -------------------------------------------------
     @classmethod
     def from_folder(cls, path: str | Path) -> "LoraAdapter":
-        """Read a PEFT LoRA folder; refuses non-LoRA and DoRA adapters."""
+        """Read a PEFT LoRA (or DoRA) folder; refuses other PEFT types."""
         path = Path(path)
         cfg_path = path / CONFIG_NAME
         if not cfg_path.is_file():
@@ -123,6 +160,7 @@ class LoraAdapter:
                 B=self.tensors[f"{key}.lora_B.weight"],
                 scale=lora_scale(self.config, module),
                 bias=self.tensors.get(f"{key}.lora_B.bias"),
+                magnitude=self.tensors.get(f"{key}.{MAGNITUDE}"),
             )
         return out
 
@@ -159,6 +197,10 @@ class LoraAdapter:
         return cls(config=config, tensors=tensors)
 
     @property
+    def is_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    @property
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
@@ -171,11 +213,9 @@ def _strip(module: str) -> str:
 
 
 def check_lora_config(config: dict, where: str) -> None:
-    """Refuse configs we cannot carry faithfully (non-LoRA PEFT types, DoRA)."""
+    """Refuse configs we cannot carry faithfully (non-LoRA PEFT types)."""
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UsageError(f"{where}: PEFT type {peft_type or 'missing'!s} is not supported (only LoRA)")
-    if config.get("use_dora"):
-        raise UsageError(f"{where}: DoRA adapters are not supported yet")
     if "r" not in config:
         raise UsageError(f"{where}: adapter_config.json has no rank 'r'")

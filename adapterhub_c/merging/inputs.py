@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -15,6 +15,35 @@ from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer, check_lora_config
 from adapterhub_c.errors import UsageError
 
 _FACTOR_KEY = re.compile(r"\.lora_[AB]\.weight$")
+
+
+def dora_as_lora(adapter: LoraAdapter, weights: Mapping[str, torch.Tensor]) -> LoraAdapter:
+    """A DoRA adapter as the plain LoRA of its weight-space update, exactly.
+
+    Per module ΔW = m / ‖W + s·B·A‖_c · (W + s·B·A) − W (``adapters.lora.dora_delta``; W
+    from ``weights``, [out, in], the model the adapter is attached to), factored exactly
+    as ΔW · I (rank = min(out, in)); merging then acts on the true ΔW and truncates it to
+    the output rank. A plain LoRA is returned unchanged.
+    """
+    if not adapter.is_dora:
+        return adapter
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in adapter.tensors.values()) else torch.float32
+    layers = {}
+    for module, layer in adapter.layers().items():
+        if module not in weights:
+            raise UsageError(f"DoRA module {module}: no base weight given")
+        if layer.bias is not None:
+            raise UsageError(f"DoRA module {module} has a LoRA bias: no merge rule")
+        w = weights[module].to(device=layer.A.device)
+        delta = layer.dora_delta(w, dtype)
+        out_f, in_f = delta.shape
+        eye = torch.eye(min(out_f, in_f), dtype=dtype, device=delta.device)
+        A, B = (eye, delta) if in_f <= out_f else (delta, eye)
+        layers[module] = LoraLayer(A=A.contiguous(), B=B.contiguous(), scale=1.0)
+    config = {k: v for k, v in adapter.config.items() if k != "use_dora"}
+    out = LoraAdapter.from_layers(layers, config)
+    out.config["base_model_name_or_path"] = adapter.config.get("base_model_name_or_path")
+    return out
 
 
 @dataclass
@@ -50,7 +79,8 @@ def check_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
         check_lora_config(adapter.config, name)
         extra = [k for k in adapter.tensors if not _FACTOR_KEY.search(k)]
         if extra:
-            # biases (lora_bias), modules_to_save copies, embedding LoRAs: no merge rule
+            # biases (lora_bias), modules_to_save copies, embedding LoRAs, DoRA magnitudes not
+            # turned into weight space first (dora_as_lora): no merge rule
             raise UsageError(f"{name}: cannot merge non-LoRA-factor tensor {extra[0]!r}"
                              f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}")
         if not adapter.modules():

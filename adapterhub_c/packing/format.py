@@ -110,10 +110,18 @@ def pack_adapter(adapter: LoraAdapter, *, density: float, base: str, source_dige
                  recovery_config: dict | None = None, **kw) -> Pack:
     """Pack a LoRA adapter: factors and LoRA biases are compressed, other keys kept raw.
 
+    DoRA: A and B are compressed, the magnitude vector kept raw, so the pack's update is
+    DoRA's in weight space with the decoded factors, m·(W+s·B̂Â)/‖W+s·B̂Â‖_c − W (PEFT
+    loads it as DoRA); ``encoding="bitmask"`` is refused for DoRA (see the message).
+
     ``recovery_state`` ({``<module>.recovery_D``/``_U``: tensor}, a converted adapter's
     recovery modules) is compressed with the factors under :data:`RECOVERY_PREFIX`;
     ``recovery_config`` (a dict, ``RecoveryConfig.to_dict()``) is stored with it.
     """
+    if adapter.is_dora and kw.get("encoding") == "bitmask":
+        raise UsageError("a DoRA adapter cannot be packed with encoding bitmask: bitmask packs feed the popcount "
+                         "TIES merge of A/B sign planes, which cannot hold its magnitude vector (a DoRA update "
+                         "lives in weight space); use encoding golomb (A, B compressed, the magnitude verbatim)")
     packed = {k: v for k, v in adapter.tensors.items() if _LORA_DELTA_RE.search(k)}
     raw = {k: v for k, v in adapter.tensors.items() if k not in packed}
     if recovery_state:

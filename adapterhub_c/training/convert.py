@@ -100,7 +100,7 @@ def _source_tensors(source: LoraAdapter, mapping: dict[str, str], kept_indices: 
         if src not in mapping:
             continue
         name = mapping[src]
-        A, B, bias = layer.A, layer.B, layer.bias
+        A, B, bias, magnitude = layer.A, layer.B, layer.bias, layer.magnitude
         parent, leaf = name.rsplit(".", 1)
         kept = (kept_indices or {}).get(parent)
         mlp = arch.mlp_of(parent) if kept is not None and arch is not None else None
@@ -112,9 +112,11 @@ def _source_tensors(source: LoraAdapter, mapping: dict[str, str], kept_indices: 
                 rows = mlp.channel_rows_for_size(leaf, kept, B.shape[0])
                 B = B.index_select(0, rows)
                 bias = None if bias is None else bias.index_select(0, rows)
+                magnitude = None if magnitude is None else magnitude.index_select(0, rows)
             elif leaf == mlp.output:
                 A = A.index_select(1, kept)
-        out[name] = {"A": A, "B": B, **({"bias": bias} if bias is not None else {})}
+        out[name] = {"A": A, "B": B, **({"bias": bias} if bias is not None else {}),
+                     **({"magnitude": magnitude} if magnitude is not None else {})}
     return out
 
 
@@ -138,7 +140,7 @@ def _attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None, kep
 def _copy_extra_tensors(peft_model: nn.Module, source: LoraAdapter) -> None:
     """Load the source's non-LoRA tensors (``modules_to_save`` copies) when it has any."""
     extra = {k: v for k, v in source.tensors.items()
-             if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias"))}
+             if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector"))}
     if not extra:
         return
     from peft import set_peft_model_state_dict

@@ -124,11 +124,13 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 
 
 def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
-    """{PEFT parameter name: parameter} of the default adapter's lora_A / lora_B (and lora bias)."""
+    """{PEFT parameter name: parameter} of the default adapter's lora_A / lora_B (lora bias, DoRA magnitude)."""
     wanted = set()
     for layer in lora_layers(peft_model).values():
         wanted.update(id(p) for p in layer.lora_A[ADAPTER].parameters())
         wanted.update(id(p) for p in layer.lora_B[ADAPTER].parameters())
+        if ADAPTER in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: the magnitude trains too
+            wanted.update(id(p) for p in layer.lora_magnitude_vector[ADAPTER].parameters())
     return {n: p for n, p in peft_model.named_parameters() if id(p) in wanted}
 
 
@@ -152,12 +154,16 @@ def set_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> list[tup
 
 @torch.no_grad()
 def copy_lora(peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``{bare module: {"A", "B", "bias"?}}`` into the default adapter, checking shapes."""
+    """Copy ``{bare module: {"A", "B", "bias"?, "magnitude"?}}`` into the default adapter, checking shapes."""
     layers = lora_layers(peft_model)
     for module, parts in tensors.items():
         layer = layers[module]
+        mags = getattr(layer, "lora_magnitude_vector", {})
+        if parts.get("magnitude") is not None and ADAPTER not in mags:
+            raise UsageError(f"{module}: a DoRA magnitude vector but the attached layer is plain LoRA")
+        magnitude = mags[ADAPTER].weight if ADAPTER in mags else None
         for key, target in (("A", layer.lora_A[ADAPTER].weight), ("B", layer.lora_B[ADAPTER].weight),
-                            ("bias", getattr(layer.lora_B[ADAPTER], "bias", None))):
+                            ("bias", getattr(layer.lora_B[ADAPTER], "bias", None)), ("magnitude", magnitude)):
             value = parts.get(key)
             if value is None:
                 continue
