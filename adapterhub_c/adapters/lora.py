@@ -38,7 +38,45 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+_EMBEDDING_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_A$")
 MAGNITUDE = "lora_magnitude_vector"
+_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE)
+_ANY_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
+ADAPTER_NAME = "default"
+
+
+def canonical_key(key: str) -> str:
+    """A tensor key as PEFT saves it: ``base_model.model.`` in front, no adapter name.
+
+    Hub files also come with ``….lora_A.default.weight`` (an adapter name inside), without
+    the ``base_model.model.`` prefix, or with ``modules_to_save.default`` inside a
+    ``modules_to_save`` copy; all of them name the same tensor.
+    """
+    m = _ANY_KEY_RE.match(key)
+    if m is None:  # a full tensor (modules_to_save copy): drop PEFT's wrapper names
+        key = key.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
+    else:
+        rest = [p for p in m["rest"].split(".") if p]
+        suffix = [p for p in rest if p in ("weight", "bias")]
+        if m["part"] in ("lora_A", "lora_B"):
+            tail = "." + (suffix[-1] if suffix else "weight")
+        else:
+            tail = ""  # lora_embedding_A/B and the magnitude vector are saved bare
+        key = f"{m['module']}.{m['part']}{tail}"
+    return key if key.startswith(PREFIX) else PREFIX + key
+
+
+def canonical_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """(tensors under :func:`canonical_key` names, how many keys changed); UsageError on a collision."""
+    out: dict[str, torch.Tensor] = {}
+    changed = 0
+    for key, value in tensors.items():
+        new = canonical_key(key)
+        changed += new != key
+        if new in out:
+            raise UsageError(f"tensors {key!r} and another both stand for {new!r}")
+        out[new] = value
+    return out, changed
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -127,7 +165,7 @@ class LoraAdapter:
             tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise IntegrityError(f"{weights}: corrupt safetensors file ({e})") from None
-        return cls(config=config, tensors=tensors)
+        return cls(config=config, tensors=canonical_tensors(tensors)[0])
 
     def to_folder(self, path: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
         """Write a PEFT folder atomically (plain ``PeftModel.from_pretrained`` loads it)."""
@@ -149,6 +187,21 @@ class LoraAdapter:
             if m and m["factor"] == "lora_A":
                 names.append(_strip(m["module"]))
         return sorted(names)
+
+    def embedding_modules(self) -> list[str]:
+        """Names of the embeddings with an embedding LoRA (``lora_embedding_A`` [r, vocab],
+        ``lora_embedding_B`` [hidden, r]; ΔW of the [vocab, hidden] table = scale · (B @ A)ᵀ)."""
+        return sorted(_strip(m["module"]) for k in self.tensors if (m := _EMBEDDING_RE.match(k)))
+
+    def embedding_layers(self) -> dict[str, LoraLayer]:
+        """Per embedding (A [r, vocab], B [hidden, r], scale): ``delta()`` is ΔWᵀ, [hidden, vocab]."""
+        return {m: LoraLayer(A=self.tensors[f"{PREFIX}{m}.lora_embedding_A"],
+                             B=self.tensors[f"{PREFIX}{m}.lora_embedding_B"], scale=lora_scale(self.config, m))
+                for m in self.embedding_modules()}
+
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that are not LoRA parts: ``modules_to_save`` copies (lm_head, embed_tokens, …)."""
+        return {k: v for k, v in self.tensors.items() if _ANY_KEY_RE.match(k) is None}
 
     def layers(self) -> dict[str, LoraLayer]:
         """Per-module (A, B, scale, bias) views of the adapter."""

@@ -5,6 +5,9 @@ config present, valid JSON and LoRA (DoRA included, not another PEFT type); the 
 header parses and every tensor lies inside the file; every ``lora_A`` has its ``lora_B``;
 shapes agree with ``r`` / ``rank_pattern`` (A is [r, in], B is [out, r]); a DoRA adapter
 (``use_dora``) has a magnitude vector [out] per module, and only a DoRA adapter has one;
+embedding LoRAs pair ``lora_embedding_A`` [r, vocab] with ``lora_embedding_B`` [hidden, r];
+keys with an adapter name inside (``.default.``) or without ``base_model.model.`` are read
+under their canonical names; Kohya-style ``lora_down``/``lora_up`` files are refused;
 module names are matched by ``target_modules`` (a list of name suffixes, a regex string, or
 ``all-linear``). rsLoRA, ``alpha_pattern``, ``rank_pattern``, LoRA biases and
 ``modules_to_save`` are carried.
@@ -16,7 +19,15 @@ import re
 import struct
 from pathlib import Path
 
-from adapterhub_c.adapters.lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter, _pattern_value, check_lora_config
+from adapterhub_c.adapters.lora import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    _pattern_value,
+    canonical_key,
+    check_lora_config,
+)
 from adapterhub_c.errors import IntegrityError, UsageError
 
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(\.[^.]+)?\.weight$"
@@ -105,8 +116,37 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
                              f"adapterhub-c reads {WEIGHTS_NAME} only and never unpickles")
         raise UsageError(f"{path}: no {WEIGHTS_NAME}")
     header = check_safetensors_header(weights)
+    _refuse_kohya(header, weights)
+    header = {canonical_key(k) if k != "__metadata__" else k: v for k, v in header.items()}
     _check_shapes(config, header, weights)
     return LoraAdapter.from_folder(path)
+
+
+def _refuse_kohya(header: dict, weights: Path) -> None:
+    """Kohya-style files (``lora_down`` / ``lora_up`` / ``alpha``) are refused, with the reason."""
+    kohya = [k for k in header if k.endswith((".lora_down.weight", ".lora_up.weight"))]
+    if kohya:
+        raise UsageError(kohya_message(f"{weights}: tensor {kohya[0]}"))
+
+
+def kohya_message(where: str) -> str:
+    """Why a Kohya-style LoRA is refused (one line)."""
+    return (f"{where} is a Kohya-style LoRA (lora_down / lora_up / alpha), not a PEFT adapter; refused: its "
+            "module names are flattened with underscores and cannot be mapped to a model's modules without "
+            "guessing. Convert it to a PEFT folder first (adapter_config.json + lora_A/lora_B keys)")
+
+
+def _check_embedding_factors(header: dict, weights: Path) -> None:
+    """Embedding LoRA: every lora_embedding_A [r, vocab] has its lora_embedding_B [hidden, r]."""
+    for key, info in header.items():
+        if not key.endswith(".lora_embedding_A"):
+            continue
+        other = key[: -len("A")] + "B"
+        if other not in header:
+            raise IntegrityError(f"{weights}: tensor {key} has no matching lora_embedding_B tensor")
+        a, b = info["shape"], header[other]["shape"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise IntegrityError(f"{weights}: embedding LoRA {key} {a} and {other} {b} disagree on the rank")
 
 
 def _check_shapes(config: dict, header: dict, weights: Path) -> None:
@@ -121,7 +161,8 @@ def _check_shapes(config: dict, header: dict, weights: Path) -> None:
             continue
         module, factor = parsed
         factors.setdefault(module, {})[factor] = (key, info["shape"])
-    if not factors:
+    _check_embedding_factors(header, weights)
+    if not factors and not any(k.endswith(".lora_embedding_A") for k in header):
         raise IntegrityError(f"{weights}: no lora_A / lora_B tensors")
     target = config.get("target_modules")
     dora = bool(config.get("use_dora"))

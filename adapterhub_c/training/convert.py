@@ -123,7 +123,7 @@ def _source_tensors(source: LoraAdapter, mapping: dict[str, str], kept_indices: 
 def _attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None, kept_indices=None,
                         copy: bool = True):
     """PEFT LoRA with the source's config on ``model``; returns (peft_model, module names)."""
-    modules = source.modules()
+    modules = source.modules() + source.embedding_modules()
     if targets:
         modules = [m for m in modules if any(m == t or m.endswith("." + t) for t in targets)]
         if not modules:

@@ -41,6 +41,11 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_linear(m)]
 
 
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Linear layers and embeddings (an embedding LoRA adapts ``nn.Embedding``), bare names."""
+    return [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, nn.Embedding)]
+
+
 def json_config(config) -> dict:
     """A PEFT config (object or dict) as plain JSON data (sets → sorted lists, enums → values)."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -73,7 +78,7 @@ def lora_config(config: dict, target_modules=None):
 def retarget(source_modules: list[str], model: nn.Module) -> dict[str, str]:
     """{source module: model module}: same name, else the one model linear whose name
     ends with the source's (or vice versa). UsageError naming every module not found."""
-    names = linear_names(model)
+    names = adaptable_names(model)
     present = set(names)
     mapping, missing = {}, []
     for src in source_modules:
@@ -97,7 +102,7 @@ def peft_targets(config: dict, wanted: list[str], model: nn.Module):
     from peft.tuners.tuners_utils import check_target_module_exists
 
     cfg = lora_config(config)
-    selected = {n for n in linear_names(model) if check_target_module_exists(cfg, n)}
+    selected = {n for n in adaptable_names(model) if check_target_module_exists(cfg, n)}
     if selected == set(wanted):
         return cfg.target_modules
     return sorted(wanted)
@@ -120,13 +125,16 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return {bare_name(n): m for n, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+            if isinstance(m, LoraLayer) and (ADAPTER in m.lora_A or ADAPTER in getattr(m, "lora_embedding_A", {}))}
 
 
 def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
     """{PEFT parameter name: parameter} of the default adapter's lora_A / lora_B (lora bias, DoRA magnitude)."""
     wanted = set()
     for layer in lora_layers(peft_model).values():
+        if ADAPTER in getattr(layer, "lora_embedding_A", {}):  # an embedding LoRA: bare parameters
+            wanted.update({id(layer.lora_embedding_A[ADAPTER]), id(layer.lora_embedding_B[ADAPTER])})
+            continue
         wanted.update(id(p) for p in layer.lora_A[ADAPTER].parameters())
         wanted.update(id(p) for p in layer.lora_B[ADAPTER].parameters())
         if ADAPTER in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: the magnitude trains too

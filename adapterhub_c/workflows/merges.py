@@ -397,6 +397,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     params = dict(inputs=[a.name for a in arts], **spec_dict(spec), name=name, device=str(dev), election=election)
     with record_run(reg, "merge", params) as run:
         result, el = run_merge(inputs, spec, election=election, progress=progress)
+        merge_warnings = merge_warnings + result.warnings
         out_name = name or _default_merge_name(reg, spec.method, arts)
         with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
             folder = Path(tmp) / "merged"
