@@ -298,6 +298,8 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     """
     repo_id, revision = split_repo(repo, revision)
     include, exclude = _as_list(include), _as_list(exclude)
+    if base is not None:
+        _explicit_base(reg, base)  # before any download
     if name is not None:
         if not name.strip():
             raise UsageError("--name must not be empty")
