@@ -195,7 +195,8 @@ def list_variants(base: str | None = None, *, registry: Registry | None = None) 
 
 def pull(repo: str, *, revision: str | None = None, name: str | None = None, registry: Registry | None = None,
          progress: Progress | None = None, **options: Any) -> Result:
-    """Pull a LoRA ``REPO[@REV]`` from the Hub (options: include, exclude, allow_pickle, with_base, token)."""
+    """Pull a LoRA ``REPO[@REV]`` from the Hub (options: include, exclude, allow_pickle, with_base, token,
+    base: attach to this registered base whatever the adapter's config names; the shape check decides)."""
     reg = _reg(registry)
     art, created = _hub.pull_adapter(reg, repo, revision=revision, name=name, progress=progress, **options)
     base = reg.get(art.base_id, "base")

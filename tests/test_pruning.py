@@ -213,21 +213,24 @@ def test_ffn_channels_calibration_changes_the_choice():
     assert any(not torch.equal(kept_w[k], kept_a[k]) for k in kept_w)
 
 
-def test_ffn_channels_refuses_non_gated_mlp():
+def test_ffn_channels_prunes_a_plain_mlp_too():
     from transformers import OPTConfig, OPTForCausalLM
 
     opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                    num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
-    with pytest.raises(UsageError, match="gated MLP"):
-        prune_ffn_channels(opt, 0.25)
+    kept = prune_ffn_channels(opt, 0.25)
+    assert opt.config.ffn_dim == 24 and opt.model.decoder.layers[0].fc2.in_features == 24
+    assert set(kept) == {"model.decoder.layers.0"}
 
 
-def test_unsupported_architecture_is_a_usage_error():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_model_without_decoder_blocks_is_a_usage_error():
+    class NoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    with pytest.raises(UsageError):
-        prune_magnitude(gpt2, 0.5)
+    with pytest.raises(UsageError, match="no recognisable decoder blocks"):
+        prune_magnitude(NoBlocks(), 0.5)
 
 
 def test_blockwise_calibration_matches_full_forward_statistics():

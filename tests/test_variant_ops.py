@@ -116,11 +116,13 @@ def _register_opt_base(reg, tmp_path):
     return register_base_folder(reg, "tiny-opt", folder, None, None, None, None)[0]
 
 
-def test_ffn_channels_without_gated_mlp_refused(cli, reg, tmp_path):
-    _register_opt_base(reg, tmp_path)
-    r = cli("variant", "create", "tiny-opt", "--prune", "ffn-channels", "--sparsity", "0.25", "--eval-tokens", "0")
-    assert r.code == 2 and "gated MLP" in r.err, r.err
-    assert _variants(reg) == []
+def test_ffn_channels_on_a_plain_mlp(cli, reg, tmp_path):
+    _register_opt_base(reg, tmp_path)  # OPT: fc1 → fc2, not gated (models/arch.py pairs them)
+    r = cli("variant", "create", "tiny-opt", "--prune", "ffn-channels", "--sparsity", "0.25", "--eval-tokens", "0",
+            "--json")
+    assert r.code == 0, r.err
+    model = load_variant(reg, r.json()["name"])
+    assert model.config.ffn_dim == 48 and model.model.decoder.layers[0].fc1.out_features == 48
 
 
 def test_unpruned_variant_reuses_base_blobs_and_loads_bnb(reg, tiny_base):

@@ -8,6 +8,16 @@ the effective scale, so that packing, merging and conversion agree on one ΔW:
     ΔW(module) = scale(module) · B @ A,  scale = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
 where ``r`` and ``alpha`` honour ``rank_pattern`` / ``alpha_pattern`` as PEFT does.
+
+DoRA (``use_dora``): each module also has a magnitude vector m
+(``…lora_magnitude_vector``, one entry per output unit). Its update is defined in weight
+space, as PEFT computes it, with W the base weight as ``[out, in]`` (a Conv1D's
+``[in, out]`` weight transposed):
+
+    ΔW = m / ‖W + s·B·A‖_c · (W + s·B·A) − W,   ‖·‖_c the L2 norm of each output row
+
+(the paper's column norm: its W is ``[in, out]``). It needs W, so :meth:`LoraLayer.delta`
+refuses DoRA layers and :meth:`LoraLayer.dora_delta` takes the base weight.
 """
 from __future__ import annotations
 
@@ -28,6 +38,45 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+_EMBEDDING_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_A$")
+MAGNITUDE = "lora_magnitude_vector"
+_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE)
+_ANY_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
+ADAPTER_NAME = "default"
+
+
+def canonical_key(key: str) -> str:
+    """A tensor key as PEFT saves it: ``base_model.model.`` in front, no adapter name.
+
+    Hub files also come with ``….lora_A.default.weight`` (an adapter name inside), without
+    the ``base_model.model.`` prefix, or with ``modules_to_save.default`` inside a
+    ``modules_to_save`` copy; all of them name the same tensor.
+    """
+    m = _ANY_KEY_RE.match(key)
+    if m is None:  # a full tensor (modules_to_save copy): drop PEFT's wrapper names
+        key = key.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")
+    else:
+        rest = [p for p in m["rest"].split(".") if p]
+        suffix = [p for p in rest if p in ("weight", "bias")]
+        if m["part"] in ("lora_A", "lora_B"):
+            tail = "." + (suffix[-1] if suffix else "weight")
+        else:
+            tail = ""  # lora_embedding_A/B and the magnitude vector are saved bare
+        key = f"{m['module']}.{m['part']}{tail}"
+    return key if key.startswith(PREFIX) else PREFIX + key
+
+
+def canonical_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """(tensors under :func:`canonical_key` names, how many keys changed); UsageError on a collision."""
+    out: dict[str, torch.Tensor] = {}
+    changed = 0
+    for key, value in tensors.items():
+        new = canonical_key(key)
+        changed += new != key
+        if new in out:
+            raise UsageError(f"tensors {key!r} and another both stand for {new!r}")
+        out[new] = value
+    return out, changed
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -47,20 +96,46 @@ def lora_scale(config: dict, module: str) -> float:
 
 @dataclass
 class LoraLayer:
-    """One adapted linear layer: A is [r, in], B is [out, r]."""
+    """One adapted linear layer: A is [r, in], B is [out, r] (DoRA: magnitude is [out])."""
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
     bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense update scale · B @ A, shape [out, in]."""
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def lora_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scale · B @ A, shape [out, in] (for DoRA only the direction's update, not ΔW)."""
         return self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update scale · B @ A, shape [out, in]; DoRA layers need :meth:`dora_delta`."""
+        if self.is_dora:
+            raise UsageError("a DoRA layer's update depends on the base weight: use dora_delta(weight)")
+        return self.lora_delta(dtype)
+
+    def dora_delta(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW in weight space for base weight ``weight`` ([out, in]): DoRA's formula, or s·B·A."""
+        if not self.is_dora:
+            return self.lora_delta(dtype)
+        return dora_delta(weight, self.A, self.B, self.scale, self.magnitude, dtype)
+
+
+def dora_delta(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """m / ‖W + s·B·A‖_row · (W + s·B·A) − W for an [out, in] base weight W (PEFT's DoRA merge)."""
+    w = weight.to(dtype)
+    merged = w + scale * (B.to(dtype) @ A.to(dtype))
+    norm = torch.linalg.norm(merged, dim=1)
+    return (magnitude.to(dtype) / norm)[:, None] * merged - w
 
 
 @dataclass
@@ -73,7 +148,7 @@ class LoraAdapter:
     # ---- reading and writing -------------------------------------------------
     @classmethod
     def from_folder(cls, path: str | Path) -> "LoraAdapter":
-        """Read a PEFT LoRA folder; refuses non-LoRA and DoRA adapters."""
+        """Read a PEFT LoRA (or DoRA) folder; refuses other PEFT types."""
         path = Path(path)
         cfg_path = path / CONFIG_NAME
         if not cfg_path.is_file():
@@ -90,7 +165,7 @@ class LoraAdapter:
             tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise IntegrityError(f"{weights}: corrupt safetensors file ({e})") from None
-        return cls(config=config, tensors=tensors)
+        return cls(config=config, tensors=canonical_tensors(tensors)[0])
 
     def to_folder(self, path: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
         """Write a PEFT folder atomically (plain ``PeftModel.from_pretrained`` loads it)."""
@@ -113,6 +188,21 @@ class LoraAdapter:
                 names.append(_strip(m["module"]))
         return sorted(names)
 
+    def embedding_modules(self) -> list[str]:
+        """Names of the embeddings with an embedding LoRA (``lora_embedding_A`` [r, vocab],
+        ``lora_embedding_B`` [hidden, r]; ΔW of the [vocab, hidden] table = scale · (B @ A)ᵀ)."""
+        return sorted(_strip(m["module"]) for k in self.tensors if (m := _EMBEDDING_RE.match(k)))
+
+    def embedding_layers(self) -> dict[str, LoraLayer]:
+        """Per embedding (A [r, vocab], B [hidden, r], scale): ``delta()`` is ΔWᵀ, [hidden, vocab]."""
+        return {m: LoraLayer(A=self.tensors[f"{PREFIX}{m}.lora_embedding_A"],
+                             B=self.tensors[f"{PREFIX}{m}.lora_embedding_B"], scale=lora_scale(self.config, m))
+                for m in self.embedding_modules()}
+
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that are not LoRA parts: ``modules_to_save`` copies (lm_head, embed_tokens, …)."""
+        return {k: v for k, v in self.tensors.items() if _ANY_KEY_RE.match(k) is None}
+
     def layers(self) -> dict[str, LoraLayer]:
         """Per-module (A, B, scale, bias) views of the adapter."""
         out = {}
@@ -123,6 +213,7 @@ class LoraAdapter:
                 B=self.tensors[f"{key}.lora_B.weight"],
                 scale=lora_scale(self.config, module),
                 bias=self.tensors.get(f"{key}.lora_B.bias"),
+                magnitude=self.tensors.get(f"{key}.{MAGNITUDE}"),
             )
         return out
 
@@ -133,6 +224,8 @@ class LoraAdapter:
         The effective scale of each layer is kept exactly: the config gets ``r`` and
         ``lora_alpha`` per module through ``rank_pattern`` / ``alpha_pattern`` when the
         layers differ, and rsLoRA is switched off (alpha is chosen so alpha/r = scale).
+        ``target_modules`` lists the full module names (exactly these modules, on any
+        architecture).
         """
         config = {k: v for k, v in base_config.items()
                   if k not in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora")}
@@ -145,7 +238,9 @@ class LoraAdapter:
         # patterns are anchored at the full module name so they match exactly one module
         config["rank_pattern"] = {f"^{re.escape(m)}": r for m, r in ranks.items() if r != r0}
         config["alpha_pattern"] = {f"^{re.escape(m)}": a for m, a in alphas.items() if a != a0}
-        config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in layers})
+        # full module names: a leaf such as GPT-2's "c_proj" names attention and MLP linears alike,
+        # and which modules of the model share a leaf is not known here
+        config["target_modules"] = sorted(layers)
         tensors = {}
         for module, layer in layers.items():
             tensors[f"{PREFIX}{module}.lora_A.weight"] = layer.A.contiguous()
@@ -153,6 +248,10 @@ class LoraAdapter:
             if layer.bias is not None:
                 tensors[f"{PREFIX}{module}.lora_B.bias"] = layer.bias.contiguous()
         return cls(config=config, tensors=tensors)
+
+    @property
+    def is_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
 
     @property
     def base_model(self) -> str | None:
@@ -167,11 +266,9 @@ def _strip(module: str) -> str:
 
 
 def check_lora_config(config: dict, where: str) -> None:
-    """Refuse configs we cannot carry faithfully (non-LoRA PEFT types, DoRA)."""
+    """Refuse configs we cannot carry faithfully (non-LoRA PEFT types)."""
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise UsageError(f"{where}: PEFT type {peft_type or 'missing'!s} is not supported (only LoRA)")
-    if config.get("use_dora"):
-        raise UsageError(f"{where}: DoRA adapters are not supported yet")
     if "r" not in config:
         raise UsageError(f"{where}: adapter_config.json has no rank 'r'")

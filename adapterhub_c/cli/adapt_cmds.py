@@ -25,7 +25,8 @@ def _metric_columns(rows: list[dict]) -> list[str]:
 @click.option("--variant", default=None, help="Train on this compressed variant of the base (QLoRA when quantized).")
 @click.option("--rank", type=int, default=TRAIN["rank"], show_default=True)
 @click.option("--alpha", type=float, default=TRAIN["alpha"], show_default=True)
-@click.option("--targets", default=None, help="Comma-separated module names [default: q_proj,k_proj,v_proj,o_proj].")
+@click.option("--targets", default=None, help="Comma-separated module names [default: the attention linears, "
+              "e.g. q_proj,k_proj,v_proj,o_proj; c_attn,attn.c_proj on GPT-2].")
 @click.option("--steps", type=int, default=TRAIN["steps"], show_default=True)
 @click.option("--lr", type=float, default=TRAIN["lr"], show_default=True)
 @click.option("--batch-size", type=int, default=TRAIN["batch_size"], show_default=True)

@@ -19,15 +19,18 @@ TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or
 @click.option("--name", default=None, help="Registry name (default: the repo id).")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin weights (read with torch's safe loader, stored as safetensors).")
 @click.option("--with-base", is_flag=True, help="Also fetch the base model's weights.")
+@click.option("--base", "base", default=None,
+              help="Attach to this registered base (config naming none, a -bnb-4bit/GPTQ/AWQ copy, …); "
+                   "the shape check decides.")
 @click.option("--token", default=None, help=TOKEN_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_base, token, as_json):
+def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_base, base, token, as_json):
     """Pull a LoRA adapter REPO[@REV] from the Hub into the registry (HF_ENDPOINT, HF_HUB_OFFLINE honoured)."""
     with progress_callback() as progress:
         art = api.pull(repo, revision=revision, name=name, registry=obj.registry, progress=progress,
                        include=include or None, exclude=exclude or None, allow_pickle=allow_pickle, token=token,
-                       with_base=with_base)
+                       with_base=with_base, base=base)
     row = art.report
     if as_json:
         print_json(row)

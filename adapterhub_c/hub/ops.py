@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,13 +29,14 @@ from typing import Any, Callable, Iterable
 
 from sqlalchemy import select
 
-from adapterhub_c.adapters.lora import CONFIG_NAME, WEIGHTS_NAME
+from adapterhub_c.adapters.lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, canonical_tensors
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
 from adapterhub_c.hub import client
 from adapterhub_c.hub.cards import model_card, variant_card
 from adapterhub_c.hub.store import StoreError, check_repo_id
-from adapterhub_c.hub.validate import PICKLE_WEIGHTS, validate_lora_folder
+from adapterhub_c.hub.validate import PICKLE_WEIGHTS, kohya_message, validate_lora_folder
+from adapterhub_c.models.arch import stored_layout_is_in_out
 from adapterhub_c.models.builtin import builtin_for
 from adapterhub_c.registry.artifacts import check_new_name, name_taken, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
@@ -136,25 +138,79 @@ def _base_weight_shapes(reg: Registry, base: BaseModel) -> dict[str, list[int]]:
     return shapes
 
 
-def check_adapter_against_base(reg: Registry, base: BaseModel, adapter, label: str) -> None:
-    """Every adapted module exists in the base with matching in/out features (stored bases only)."""
-    if base.is_reference:
-        return
-    shapes = _base_weight_shapes(reg, base)
+def _shape_problems(shapes: dict[str, list[int]], model_type: str | None, adapter) -> tuple[list[str], int]:
+    """(what does not fit, how many adapter modules / tensors were checked) against base shapes."""
     if not shapes:
-        return
+        return [], 0
+    in_out = stored_layout_is_in_out(model_type, bool(adapter.config.get("fan_in_fan_out")))
+    problems, checked = [], 0
     for module, layer in sorted(adapter.layers().items()):
+        checked += 1
         key = f"{module}.weight"
         if key not in shapes:
-            if module.endswith("lm_head") and base.config.get("tie_word_embeddings", False):
-                continue
-            raise IntegrityError(f"{label}: adapts module {module!r}, which base {base.name!r} "
-                                 "does not have (an adapter for another architecture?)")
+            if module.endswith("lm_head") and "lm_head.weight" not in shapes:
+                continue  # tied to the embeddings
+            problems.append(f"adapts module {module!r}, which is not in base")
+            continue
         shape = shapes[key]
         want = [int(layer.B.shape[0]), int(layer.A.shape[-1])]
-        if len(shape) != 2 or list(shape) != want:
-            raise IntegrityError(f"{label}: module {module!r} is {want[0]}x{want[1]} in the adapter "
-                                 f"but {shape} in base {base.name!r}")
+        stored = want[::-1] if in_out and not module.endswith("lm_head") else want
+        if len(shape) != 2 or list(shape) != stored:
+            problems.append(f"module {module!r} is {want[0]}x{want[1]} (out x in) in the adapter but {shape} "
+                            "in base" + (" (stored [in, out], Conv1D)" if in_out else ""))
+    for module, layer in sorted(adapter.embedding_layers().items()):
+        checked += 1
+        want = [int(layer.A.shape[1]), int(layer.B.shape[0])]
+        if shapes.get(f"{module}.weight") != want:
+            problems.append(f"embedding LoRA {module!r} is {want[0]}x{want[1]} (vocab x hidden) but "
+                            f"{shapes.get(f'{module}.weight')} in base")
+    for key, tensor in sorted(adapter.full_tensors().items()):
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = name.replace(".base_layer.", ".")
+        if name not in shapes:
+            continue  # e.g. a tied lm_head
+        checked += 1
+        if list(tensor.shape) != list(shapes[name]):
+            problems.append(f"full tensor {name!r} (modules_to_save) is {list(tensor.shape)} but "
+                            f"{shapes[name]} in base")
+    return problems, checked
+
+
+def check_adapter_against_base(reg: Registry, base: BaseModel, adapter, label: str) -> None:
+    """Every adapted module exists in the base with matching in/out features (stored bases only).
+
+    A base whose block linears are Conv1D (GPT-2; ``models.arch``) stores them ``[in, out]``.
+    Embedding LoRAs and ``modules_to_save`` tensors are checked against the base's tensors too.
+    IntegrityError names the first problem and the nearest registered base by shape.
+    """
+    if base.is_reference:
+        return
+    problems, _ = _shape_problems(_base_weight_shapes(reg, base), (base.config or {}).get("model_type"), adapter)
+    if problems:
+        raise IntegrityError(f"{label}: {problems[0]} {base.name!r}" + _nearest_hint(reg, adapter, base.name))
+
+
+def nearest_bases(reg: Registry, adapter) -> list[tuple[str, int, int]]:
+    """Stored bases ranked by how much of the adapter fits their shapes: [(name, fitting, checked)]."""
+    with reg.session() as s:
+        bases = [b for b in s.scalars(select(BaseModel)) if not b.is_reference]
+    ranked = []
+    for b in bases:
+        shapes = _base_weight_shapes(reg, b)
+        problems, checked = _shape_problems(shapes, (b.config or {}).get("model_type"), adapter)
+        total = len(adapter.layers()) + len(adapter.embedding_layers())
+        ranked.append((b.name, max(0, (checked or total) - len(problems)), checked or total))
+    return sorted(ranked, key=lambda t: (-t[1] / max(t[2], 1), t[0]))
+
+
+def _nearest_hint(reg: Registry, adapter, exclude: str | None = None) -> str:
+    ranked = [r for r in nearest_bases(reg, adapter) if r[0] != exclude]
+    if not ranked:
+        return "; no other registered base to compare with"
+    name, fit, total = ranked[0]
+    if fit == total:
+        return f"; base {name!r} fits every module: pull with --base {name}"
+    return f"; nearest registered base by shape: {name!r} ({fit}/{total} modules fit)"
 
 
 def _find_or_reference_base(s, reg: Registry, base_name: str, revision: str | None,
@@ -230,16 +286,23 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
                  include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
                  name: str | None = None, allow_pickle: bool = False, token: str | None = None,
                  with_base: bool = False, progress: Progress | None = None,
-                 endpoint: str | None = None) -> tuple[Artifact, bool]:
+                 endpoint: str | None = None, base: str | None = None) -> tuple[Artifact, bool]:
     """Pull a LoRA from the Hub into the registry; returns (artefact, created now).
 
     ``repo`` is ``owner/name[@revision]``. Nothing is registered unless the adapter passes
-    validation; DoRA and non-LoRA PEFT types are refused (UsageError). Its base (from
+    validation; non-LoRA PEFT types and Kohya-style files are refused (UsageError). Its base (from
     ``base_model_name_or_path``) is registered as a reference row, with weights only when
-    ``with_base``. Pulling a repo@sha already in the registry returns that artefact.
+    ``with_base``. ``base``: attach to this registered base (with weights) instead,
+    whatever the config names (null, a ``…-bnb-4bit`` / GPTQ / AWQ copy, another id);
+    the shape check decides. A config naming no base, or a quantized copy that is not
+    registered, needs ``base``. Keys with an adapter name inside (``.default.``) or without
+    ``base_model.model.`` are stored renamed as PEFT saves them. Pulling a repo@sha
+    already in the registry returns that artefact.
     """
     repo_id, revision = split_repo(repo, revision)
     include, exclude = _as_list(include), _as_list(exclude)
+    if base is not None:
+        _explicit_base(reg, base)  # before any download
     if name is not None:
         if not name.strip():
             raise UsageError("--name must not be empty")
@@ -256,12 +319,13 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     check_new_name(reg, name)
     label = f"{repo_id}@{got.commit_sha[:12]}"
     params = dict(repo=repo_id, revision=revision, include=include, exclude=exclude, name=name,
-                  allow_pickle=allow_pickle, with_base=with_base,
+                  allow_pickle=allow_pickle, with_base=with_base, base=base,
                   endpoint=client.resolve_endpoint(endpoint))
     with record_run(reg, "pull", params) as run, \
             tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="pull-") as tmp:
         staging = Path(tmp)
         if CONFIG_NAME not in got.files:
+            _refuse_kohya_repo(got, label)
             raise UsageError(f"{label}: no {CONFIG_NAME}; not a PEFT adapter"
                              + (" (or --include/--exclude left it out)" if include or exclude else ""))
         staged, converted = _prepare_pulled_folder(got, staging, allow_pickle, label)
@@ -271,18 +335,27 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
             raise UsageError(f"{label} is not a valid LoRA: {_relabel(str(e), staging, label)}") from None
         except UsageError as e:
             raise UsageError(_relabel(str(e), staging, label)) from None
-        base_name = adapter.config.get("base_model_name_or_path")
-        if not isinstance(base_name, str) or not base_name.strip():
-            raise UsageError(f"{label}: adapter_config.json does not name its base "
-                             "(base_model_name_or_path)")
-        base_rev = adapter.config.get("revision") or None
-        if with_base:
-            _with_base_weights(reg, base_name, base_rev, allow_pickle, token, endpoint, progress)
-        with reg.session() as s:
-            base = reg.find_base(s, base_name)
+        renamed = _canonical_weights(staging)
+        declared = adapter.config.get("base_model_name_or_path")
         if base is not None:
+            base_row = _explicit_base(reg, base)
+            base_name, base_rev = base_row.name, base_row.revision
+        else:
+            if not isinstance(declared, str) or not declared.strip():
+                raise UsageError(f"{label}: adapter_config.json does not name its base "
+                                 "(base_model_name_or_path); pass --base NAME to attach it to a registered base"
+                                 + _nearest_hint(reg, adapter))
+            base_name, base_rev = declared, adapter.config.get("revision") or None
+            if with_base:
+                _with_base_weights(reg, base_name, base_rev, allow_pickle, token, endpoint, progress)
+            with reg.session() as s:
+                base_row = reg.find_base(s, base_name)
+            if base_row is None and QUANTIZED_COPY.search(base_name):
+                raise UsageError(f"{label}: its base {base_name!r} is a quantized copy; pass --base NAME to "
+                                 "attach it to the registered full-precision base" + _nearest_hint(reg, adapter))
+        if base_row is not None:
             try:
-                check_adapter_against_base(reg, base, adapter, label)
+                check_adapter_against_base(reg, base_row, adapter, label)
             except IntegrityError as e:
                 raise UsageError(str(e)) from None
         if progress is not None:
@@ -295,6 +368,10 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
                   "peft": {k: adapter.config[k] for k in _CONFIG_KEYS if k in adapter.config}}
         if converted:
             config["converted_from_pickle"] = converted
+        if renamed:
+            config["renamed_keys"] = renamed
+        if base is not None:
+            config["attached_to"] = {"base": base_name, "declared_base": declared}
         metrics = {"parameters": adapter.num_parameters(), "modules": len(adapter.layers())}
         art_name = name or _default_pull_name(reg, repo_id, revision)
         with reg.session() as s:
@@ -314,6 +391,41 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
         if progress is not None:
             progress("storing blobs", len(staged), len(staged))
         return art, True
+
+
+QUANTIZED_COPY = re.compile(r"(?i)[-_.](bnb[-_]?(4|8)bit|(4|8)bit|gptq|awq|int[48]|nf4|gguf)([-_.]|$)")
+
+
+def _explicit_base(reg: Registry, name: str) -> BaseModel:
+    """The registered base ``--base`` names; it must have its weights (the shape check needs them)."""
+    row = reg.get(name, "base")
+    if row.is_reference:
+        raise UsageError(f"--base {row.name}: only a reference; fetch its weights first with "
+                         f"`adapt base add {row.name}`")
+    return row
+
+
+def _canonical_weights(folder: Path) -> int:
+    """Rewrite ``adapter_model.safetensors`` under PEFT's key names if needed; returns keys renamed."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / WEIGHTS_NAME
+    tensors, renamed = canonical_tensors(load_file(str(path)))
+    if renamed:
+        path.unlink()  # a link into the download cache: replace, never write through
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return renamed
+
+
+def _refuse_kohya_repo(got: client.DownloadedRepo, label: str) -> None:
+    for name in got.files:
+        if name.endswith(".safetensors"):
+            try:
+                header = read_safetensors_header(got.path / name)
+            except IntegrityError:
+                continue
+            if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in header):
+                raise UsageError(kohya_message(f"{label}: {name}"))
 
 
 # ---- base add ---------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
 """Checking a downloaded (or about to be pushed) PEFT LoRA folder before anyone uses it.
 
 What is checked, in order, with messages that name the file or tensor at fault:
-config present, valid JSON and LoRA (not DoRA, not another PEFT type); the safetensors
+config present, valid JSON and LoRA (DoRA included, not another PEFT type); the safetensors
 header parses and every tensor lies inside the file; every ``lora_A`` has its ``lora_B``;
-shapes agree with ``r`` / ``rank_pattern`` (A is [r, in], B is [out, r]); module names are
-matched by ``target_modules`` (a list of name suffixes, a regex string, or ``all-linear``).
-rsLoRA, ``alpha_pattern``, ``rank_pattern``, LoRA biases and ``modules_to_save`` are carried.
+shapes agree with ``r`` / ``rank_pattern`` (A is [r, in], B is [out, r]); a DoRA adapter
+(``use_dora``) has a magnitude vector [out] per module, and only a DoRA adapter has one;
+embedding LoRAs pair ``lora_embedding_A`` [r, vocab] with ``lora_embedding_B`` [hidden, r];
+keys with an adapter name inside (``.default.``) or without ``base_model.model.`` are read
+under their canonical names; Kohya-style ``lora_down``/``lora_up`` files are refused;
+module names are matched by ``target_modules`` (a list of name suffixes, a regex string, or
+``all-linear``). rsLoRA, ``alpha_pattern``, ``rank_pattern``, LoRA biases and
+``modules_to_save`` are carried.
 """
 from __future__ import annotations
 
@@ -13,11 +18,20 @@ import json
 import re
 from pathlib import Path
 
-from adapterhub_c.adapters.lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraAdapter, _pattern_value, check_lora_config
+from adapterhub_c.adapters.lora import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    _pattern_value,
+    canonical_key,
+    check_lora_config,
+)
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
 
-_FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(\.[^.]+)?\.weight$")
+_FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(\.[^.]+)?\.weight$"
+                        r"|^(?P<mmodule>.+)\.(?P<mfactor>lora_magnitude_vector)(\.[^.]+)?(\.weight)?$")
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 
 
@@ -34,8 +48,8 @@ def _module_of(key: str) -> tuple[str, str] | None:
     m = _FACTOR_RE.match(key)
     if not m:
         return None
-    module = m["module"]
-    return (module[len(PREFIX):] if module.startswith(PREFIX) else module), m["factor"]
+    module, factor = (m["module"], m["factor"]) if m["module"] else (m["mmodule"], m["mfactor"])
+    return (module[len(PREFIX):] if module.startswith(PREFIX) else module), factor
 
 
 def validate_lora_folder(path: str | Path) -> LoraAdapter:
@@ -65,8 +79,37 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
                              f"adapterhub-c reads {WEIGHTS_NAME} only and never unpickles")
         raise UsageError(f"{path}: no {WEIGHTS_NAME}")
     header = read_safetensors_header(weights)
+    _refuse_kohya(header, weights)
+    header = {canonical_key(k) if k != "__metadata__" else k: v for k, v in header.items()}
     _check_shapes(config, header, weights)
     return LoraAdapter.from_folder(path)
+
+
+def _refuse_kohya(header: dict, weights: Path) -> None:
+    """Kohya-style files (``lora_down`` / ``lora_up`` / ``alpha``) are refused, with the reason."""
+    kohya = [k for k in header if k.endswith((".lora_down.weight", ".lora_up.weight"))]
+    if kohya:
+        raise UsageError(kohya_message(f"{weights}: tensor {kohya[0]}"))
+
+
+def kohya_message(where: str) -> str:
+    """Why a Kohya-style LoRA is refused (one line)."""
+    return (f"{where} is a Kohya-style LoRA (lora_down / lora_up / alpha), not a PEFT adapter; refused: its "
+            "module names are flattened with underscores and cannot be mapped to a model's modules without "
+            "guessing. Convert it to a PEFT folder first (adapter_config.json + lora_A/lora_B keys)")
+
+
+def _check_embedding_factors(header: dict, weights: Path) -> None:
+    """Embedding LoRA: every lora_embedding_A [r, vocab] has its lora_embedding_B [hidden, r]."""
+    for key, info in header.items():
+        if not key.endswith(".lora_embedding_A"):
+            continue
+        other = key[: -len("A")] + "B"
+        if other not in header:
+            raise IntegrityError(f"{weights}: tensor {key} has no matching lora_embedding_B tensor")
+        a, b = info["shape"], header[other]["shape"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise IntegrityError(f"{weights}: embedding LoRA {key} {a} and {other} {b} disagree on the rank")
 
 
 def _check_shapes(config: dict, header: dict, weights: Path) -> None:
@@ -81,10 +124,21 @@ def _check_shapes(config: dict, header: dict, weights: Path) -> None:
             continue
         module, factor = parsed
         factors.setdefault(module, {})[factor] = (key, info["shape"])
-    if not factors:
+    _check_embedding_factors(header, weights)
+    if not factors and not any(k.endswith(".lora_embedding_A") for k in header):
         raise IntegrityError(f"{weights}: no lora_A / lora_B tensors")
     target = config.get("target_modules")
+    dora = bool(config.get("use_dora"))
     for module, pair in sorted(factors.items()):
+        mag = pair.pop("lora_magnitude_vector", None)
+        if mag is not None and not dora:
+            raise IntegrityError(f"{weights}: tensor {mag[0]} is a DoRA magnitude vector but "
+                                 "adapter_config.json does not set use_dora")
+        if mag is None and dora:
+            raise UsageError(f"{weights}: a DoRA adapter (use_dora) but module {module!r} has no "
+                             "lora_magnitude_vector tensor")
+        if not pair:
+            raise IntegrityError(f"{weights}: tensor {mag[0]} has no matching lora_A / lora_B tensors")
         for need in ("lora_A", "lora_B"):
             if need not in pair:
                 other = next(iter(pair.values()))[0]
@@ -97,6 +151,9 @@ def _check_shapes(config: dict, header: dict, weights: Path) -> None:
         if len(b_shape) < 2 or b_shape[1] != r:
             raise IntegrityError(f"{weights}: tensor {b_key} has shape {b_shape}; expected "
                                  f"[out_features, r={r}] for rank {r}")
+        if mag is not None and (len(mag[1]) != 1 or mag[1][0] != b_shape[0]):
+            raise IntegrityError(f"{weights}: tensor {mag[0]} has shape {mag[1]}; expected "
+                                 f"[out_features={b_shape[0]}] like {b_key}")
         if not _target_matches(target, module):
             raise IntegrityError(f"{weights}: tensor {a_key} adapts module {module!r}, which "
                                  f"target_modules {target!r} does not match")

@@ -13,6 +13,7 @@ from adapterhub_c.merging.factors import merge_factors
 from adapterhub_c.merging.inputs import (
     check_inputs,
     compute_dtype,
+    full_tensor_average,
     input_device,
     input_names,
     module_inputs,
@@ -31,6 +32,7 @@ class MergeResult:
     config_yaml: str
     seconds: float = 0.0
     modules: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. modules_to_save tensors averaged
 
 
 def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmetic", *,
@@ -73,8 +75,13 @@ def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmet
     else:
         layers = merge_factors(modules, spec, names, device, dtype, out_dtype, progress, chunk_bytes, elections)
     adapter = LoraAdapter.from_layers(layers, output_base_config(adapters))
+    full, merge_warnings = full_tensor_average(adapters, spec.weights)
+    if full:
+        adapter.tensors.update(full)
+        adapter.config["modules_to_save"] = sorted({m for a in adapters for m in (a.config.get("modules_to_save") or [])})
     if digests is None:
         digests = [None] * len(adapters)
     refs = [MergeInputRef(name=n, digest=d) for n, d in zip(names, digests, strict=False)]
     return MergeResult(adapter=adapter, spec=spec, config_yaml=merge_config_yaml(spec, refs),
-                       seconds=time.perf_counter() - started, modules=[m.name for m in modules])
+                       seconds=time.perf_counter() - started, modules=[m.name for m in modules],
+                       warnings=merge_warnings)

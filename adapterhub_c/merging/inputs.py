@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -15,6 +15,37 @@ from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer, check_lora_config
 from adapterhub_c.errors import UsageError
 
 _FACTOR_KEY = re.compile(r"\.lora_[AB]\.weight$")
+
+
+def dora_as_lora(adapter: LoraAdapter, weights: Mapping[str, torch.Tensor]) -> LoraAdapter:
+    """A DoRA adapter as the plain LoRA of its weight-space update, exactly.
+
+    Per module ΔW = m / ‖W + s·B·A‖_c · (W + s·B·A) − W (``adapters.lora.dora_delta``; W
+    from ``weights``, [out, in], the model the adapter is attached to), factored exactly
+    as ΔW · I (rank = min(out, in)); merging then acts on the true ΔW and truncates it to
+    the output rank. A plain LoRA is returned unchanged.
+    """
+    if not adapter.is_dora:
+        return adapter
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in adapter.tensors.values()) else torch.float32
+    layers = {}
+    for module, layer in adapter.layers().items():
+        if module not in weights:
+            raise UsageError(f"DoRA module {module}: no base weight given")
+        if layer.bias is not None:
+            raise UsageError(f"DoRA module {module} has a LoRA bias: no merge rule")
+        w = weights[module].to(device=layer.A.device)
+        delta = layer.dora_delta(w, dtype)
+        out_f, in_f = delta.shape
+        eye = torch.eye(min(out_f, in_f), dtype=dtype, device=delta.device)
+        A, B = (eye, delta) if in_f <= out_f else (delta, eye)
+        layers[module] = LoraLayer(A=A.contiguous(), B=B.contiguous(), scale=1.0)
+    config = {k: v for k, v in adapter.config.items() if k != "use_dora"}
+    out = LoraAdapter.from_layers(layers, config)
+    out.config["base_model_name_or_path"] = adapter.config.get("base_model_name_or_path")
+    out.config["modules_to_save"] = adapter.config.get("modules_to_save")
+    out.tensors.update(adapter.full_tensors())
+    return out
 
 
 @dataclass
@@ -48,9 +79,11 @@ def check_inputs(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> None:
         if not isinstance(adapter, LoraAdapter):
             raise UsageError(f"{name}: not a LoraAdapter ({type(adapter).__name__})")
         check_lora_config(adapter.config, name)
-        extra = [k for k in adapter.tensors if not _FACTOR_KEY.search(k)]
+        full = adapter.full_tensors()  # modules_to_save copies: averaged (full_tensor_average)
+        extra = [k for k in adapter.tensors if not _FACTOR_KEY.search(k) and k not in full]
         if extra:
-            # biases (lora_bias), modules_to_save copies, embedding LoRAs: no merge rule
+            # biases (lora_bias), embedding LoRAs, DoRA magnitudes not turned into weight
+            # space first (dora_as_lora): no merge rule
             raise UsageError(f"{name}: cannot merge non-LoRA-factor tensor {extra[0]!r}"
                              f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}")
         if not adapter.modules():
@@ -91,7 +124,8 @@ def compute_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
 def output_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
     """The dtype the result is stored in: that of the first input's factors."""
     first = adapters[0]
-    return next(iter(first.tensors.values())).dtype
+    factors = [t for k, t in first.tensors.items() if _FACTOR_KEY.search(k)]
+    return (factors or list(first.tensors.values()))[0].dtype
 
 
 def input_device(adapters: Sequence[LoraAdapter]) -> torch.device:
@@ -124,3 +158,29 @@ def stack_padded(layers: list[LoraLayer | None], factor: str, rank: int, shape_o
             if layer is not None:
                 out[i, :, :layer.rank] = layer.B.to(device=device, dtype=dtype)
     return out
+
+
+def full_tensor_average(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> tuple[dict, list[str]]:
+    """``modules_to_save`` copies merged by weighted average: (tensors, warnings).
+
+    Each full tensor (e.g. a retrained ``lm_head``) is Σ w_i·T_i / Σ w_i over the inputs that
+    carry it (a plain mean when those weights sum to zero): full weights have no task vector
+    to merge, so this is a heuristic, and the report says so.
+    """
+    keys = sorted({k for a in adapters for k in a.full_tensors()})
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        have = [(w, a.tensors[key]) for a, w in zip(adapters, weights, strict=False) if key in a.tensors]
+        shapes = {tuple(t.shape) for _, t in have}
+        if len(shapes) != 1:
+            raise UsageError(f"full tensor {key}: inputs disagree on its shape {sorted(shapes)}")
+        total = sum(w for w, _ in have)
+        ws = [w / total for w, _ in have] if total else [1.0 / len(have)] * len(have)
+        acc = sum(wi * t.double() for wi, (_, t) in zip(ws, have, strict=True))
+        out[key] = acc.to(have[0][1].dtype).contiguous()
+    warnings = []
+    if keys:
+        names = sorted({k[len("base_model.model."):].rsplit(".", 1)[0] for k in keys})
+        warnings.append(f"modules_to_save tensors ({', '.join(names)}) merged by weighted average of the inputs "
+                        "that carry them (full weights, not updates: a heuristic)")
+    return out, warnings

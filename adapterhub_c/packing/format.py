@@ -10,8 +10,9 @@ than four safetensors entries each:
   ``scales`` float32 [T]
   ``bits``   uint8, the golomb streams of all tensors back to back (see :mod:`.encoding`)
   ``pos``, ``neg`` int32, the bitmask planes of all tensors back to back
-  ``raw::<name>`` tensors stored verbatim (``modules_to_save`` copies and any key that is
-             not a LoRA factor or LoRA bias: full weights, not deltas from zero)
+  ``raw::<name>`` tensors stored as they are (``modules_to_save`` copies, in fp16, and any key
+             that is not a LoRA factor or LoRA bias: full weights, not deltas from zero; DoRA
+             magnitude vectors in their own dtype)
 
 Converted adapters (CA-LoRA) also carry recovery modules: their D/U tensors are packed like
 LoRA factors under the names ``recovery::<module>.recovery_D`` / ``…recovery_U`` (in the
@@ -61,7 +62,8 @@ from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name, scale_f
 
 FORMAT_VERSION = "1"
 KIND = "adapterhub_c.pack"
-_LORA_DELTA_RE = re.compile(r"\.lora_(A|B)\.weight$|\.lora_B\.bias$")
+_LORA_DELTA_RE = re.compile(r"\.lora_(A|B)\.weight$|\.lora_B\.bias$|\.lora_embedding_(A|B)$")
+_KEEP_DTYPE_RE = re.compile(r"\.lora_magnitude_vector$")  # DoRA magnitudes: small, verbatim
 RECOVERY_PREFIX = "recovery::"
 
 
@@ -120,14 +122,26 @@ def build_pack(tensors: Mapping[str, torch.Tensor], *, density: float, base: str
 def pack_adapter(adapter: LoraAdapter, *, density: float, base: str, source_digest: str,
                  recovery_state: Mapping[str, torch.Tensor] | None = None,
                  recovery_config: dict | None = None, **kw) -> Pack:
-    """Pack a LoRA adapter: factors and LoRA biases are compressed, other keys kept raw.
+    """Pack a LoRA adapter: factors, LoRA biases and embedding-LoRA factors are compressed;
+    other keys are kept raw: ``modules_to_save`` copies as fp16 side tensors, DoRA magnitude
+    vectors verbatim.
+
+    DoRA: A and B are compressed, the magnitude vector kept raw, so the pack's update is
+    DoRA's in weight space with the decoded factors, m·(W+s·B̂Â)/‖W+s·B̂Â‖_c − W (PEFT
+    loads it as DoRA); ``encoding="bitmask"`` is refused for DoRA (see the message).
 
     ``recovery_state`` ({``<module>.recovery_D``/``_U``: tensor}, a converted adapter's
     recovery modules) is compressed with the factors under :data:`RECOVERY_PREFIX`;
     ``recovery_config`` (a dict, ``RecoveryConfig.to_dict()``) is stored with it.
     """
+    if adapter.is_dora and kw.get("encoding") == "bitmask":
+        raise UsageError("a DoRA adapter cannot be packed with encoding bitmask: bitmask packs feed the popcount "
+                         "TIES merge of A/B sign planes, which cannot hold its magnitude vector (a DoRA update "
+                         "lives in weight space); use encoding golomb (A, B compressed, the magnitude verbatim)")
     packed = {k: v for k, v in adapter.tensors.items() if _LORA_DELTA_RE.search(k)}
-    raw = {k: v for k, v in adapter.tensors.items() if k not in packed}
+    # modules_to_save copies (full lm_head / embed_tokens tensors) travel as fp16 side tensors
+    raw = {k: (v.to(torch.float16) if v.is_floating_point() and not _KEEP_DTYPE_RE.search(k) else v)
+           for k, v in adapter.tensors.items() if k not in packed}
     if recovery_state:
         if recovery_config is None:
             raise UsageError("recovery tensors need their recovery config")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import UsageError
+from adapterhub_c.models import arch as archmod
 from adapterhub_c.training import peft_io
 from adapterhub_c.training.batches import make_batches
 from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult, train
@@ -44,8 +45,6 @@ from adapterhub_c.training.recovery import (
     recovery_state,
 )
 
-FFN_ROWS = ("gate_proj", "up_proj")   # LoRA B rows follow the intermediate channels
-FFN_COLS = ("down_proj",)             # LoRA A columns follow the intermediate channels
 DISTILL_ON = ("hidden", "logits")
 
 
@@ -88,40 +87,52 @@ class ConvertResult:
 # the student
 
 
-def _source_tensors(source: LoraAdapter, mapping: dict[str, str],
-                    kept_indices: dict[str, torch.Tensor] | None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per target module {"A", "B", "bias"?} of the source, renamed and ffn-sliced."""
+def _source_tensors(source: LoraAdapter, mapping: dict[str, str], kept_indices: dict[str, torch.Tensor] | None,
+                    arch: archmod.Architecture | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per target module {"A", "B", "bias"?} of the source, renamed and ffn-sliced.
+
+    ffn-channels (``models.arch`` MLP pairing of the variant): the LoRA B rows of an MLP
+    input linear follow its kept channels (both halves of a fused gate/up linear), the
+    LoRA A columns of the MLP output linear too.
+    """
     out = {}
     for src, layer in source.layers().items():
         if src not in mapping:
             continue
         name = mapping[src]
-        A, B, bias = layer.A, layer.B, layer.bias
+        A, B, bias, magnitude = layer.A, layer.B, layer.bias, layer.magnitude
         parent, leaf = name.rsplit(".", 1)
         kept = (kept_indices or {}).get(parent)
-        if kept is not None:
+        mlp = arch.mlp_of(parent) if kept is not None and arch is not None else None
+        if kept is not None and mlp is None:
+            raise UsageError(f"{name}: the variant has no MLP at {parent} to slice to its kept channels")
+        if mlp is not None:
             kept = torch.as_tensor(kept, dtype=torch.long)
-            if leaf in FFN_ROWS:
-                B = B.index_select(0, kept)
-                bias = None if bias is None else bias.index_select(0, kept)
-            elif leaf in FFN_COLS:
+            if leaf in mlp.inputs:
+                rows = mlp.channel_rows_for_size(leaf, kept, B.shape[0])
+                B = B.index_select(0, rows)
+                bias = None if bias is None else bias.index_select(0, rows)
+                magnitude = None if magnitude is None else magnitude.index_select(0, rows)
+            elif leaf == mlp.output:
                 A = A.index_select(1, kept)
-        out[name] = {"A": A, "B": B, **({"bias": bias} if bias is not None else {})}
+        out[name] = {"A": A, "B": B, **({"bias": bias} if bias is not None else {}),
+                     **({"magnitude": magnitude} if magnitude is not None else {})}
     return out
 
 
 def _attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None, kept_indices=None,
                         copy: bool = True):
     """PEFT LoRA with the source's config on ``model``; returns (peft_model, module names)."""
-    modules = source.modules()
+    modules = source.modules() + source.embedding_modules()
     if targets:
         modules = [m for m in modules if any(m == t or m.endswith("." + t) for t in targets)]
         if not modules:
             raise UsageError(f"the adapter has no modules matching {', '.join(targets)}")
     mapping = peft_io.retarget(modules, model)
+    arch = archmod.describe(model, warn=False) if kept_indices else None
     peft_model = peft_io.attach_lora(model, source.config, sorted(mapping.values()))
     if copy:
-        peft_io.copy_lora(peft_model, _source_tensors(source, mapping, kept_indices))
+        peft_io.copy_lora(peft_model, _source_tensors(source, mapping, kept_indices, arch))
         _copy_extra_tensors(peft_model, source)
     return peft_model, sorted(mapping.values())
 
@@ -129,7 +140,7 @@ def _attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None, kep
 def _copy_extra_tensors(peft_model: nn.Module, source: LoraAdapter) -> None:
     """Load the source's non-LoRA tensors (``modules_to_save`` copies) when it has any."""
     extra = {k: v for k, v in source.tensors.items()
-             if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias"))}
+             if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector"))}
     if not extra:
         return
     from peft import set_peft_model_state_dict
@@ -147,9 +158,10 @@ def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool =
     """Attach (in place) the source's LoRA, inherited or fresh, and recovery modules to a variant.
 
     - ``kept_indices``: for ``ffn-channels`` variants, {"model.layers.0.mlp": kept channel
-      indices}; gate/up LoRA B rows and down LoRA A columns are sliced to them.
+      indices}; LoRA B rows of the MLP input linears (gate/up, fused gate_up, c_fc, …) and
+      LoRA A columns of the MLP output linear are sliced to them.
     - ``targets``: only the source's modules ending in these names (default: all).
-    - ``recover_targets``: which linears get recovery (default: every linear but the head).
+    - ``recover_targets``: which linears get recovery (default: every decoder-block linear).
     - ``seed``: seeds the fresh parts (LoRA A without inherit, recovery D); the caller's
       RNG state is left untouched.
     """

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import UsageError
+from adapterhub_c.models.arch import is_linear
 from adapterhub_c.training.recovery import CHILD, bare_name
 
 ADAPTER = "default"
@@ -36,8 +37,13 @@ def place(model: nn.Module, device: str) -> nn.Module:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Bare names of every ``nn.Linear`` (bnb layers included) of an unwrapped model."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Bare names of every linear layer (``nn.Linear``, bnb layers, Conv1D) of an unwrapped model."""
+    return [n for n, m in model.named_modules() if is_linear(m)]
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Linear layers and embeddings (an embedding LoRA adapts ``nn.Embedding``), bare names."""
+    return [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, nn.Embedding)]
 
 
 def json_config(config) -> dict:
@@ -72,7 +78,7 @@ def lora_config(config: dict, target_modules=None):
 def retarget(source_modules: list[str], model: nn.Module) -> dict[str, str]:
     """{source module: model module}: same name, else the one model linear whose name
     ends with the source's (or vice versa). UsageError naming every module not found."""
-    names = linear_names(model)
+    names = adaptable_names(model)
     present = set(names)
     mapping, missing = {}, []
     for src in source_modules:
@@ -96,7 +102,7 @@ def peft_targets(config: dict, wanted: list[str], model: nn.Module):
     from peft.tuners.tuners_utils import check_target_module_exists
 
     cfg = lora_config(config)
-    selected = {n for n in linear_names(model) if check_target_module_exists(cfg, n)}
+    selected = {n for n in adaptable_names(model) if check_target_module_exists(cfg, n)}
     if selected == set(wanted):
         return cfg.target_modules
     return sorted(wanted)
@@ -119,15 +125,20 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
     return {bare_name(n): m for n, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+            if isinstance(m, LoraLayer) and (ADAPTER in m.lora_A or ADAPTER in getattr(m, "lora_embedding_A", {}))}
 
 
 def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
-    """{PEFT parameter name: parameter} of the default adapter's lora_A / lora_B (and lora bias)."""
+    """{PEFT parameter name: parameter} of the default adapter's lora_A / lora_B (lora bias, DoRA magnitude)."""
     wanted = set()
     for layer in lora_layers(peft_model).values():
+        if ADAPTER in getattr(layer, "lora_embedding_A", {}):  # an embedding LoRA: bare parameters
+            wanted.update({id(layer.lora_embedding_A[ADAPTER]), id(layer.lora_embedding_B[ADAPTER])})
+            continue
         wanted.update(id(p) for p in layer.lora_A[ADAPTER].parameters())
         wanted.update(id(p) for p in layer.lora_B[ADAPTER].parameters())
+        if ADAPTER in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: the magnitude trains too
+            wanted.update(id(p) for p in layer.lora_magnitude_vector[ADAPTER].parameters())
     return {n: p for n, p in peft_model.named_parameters() if id(p) in wanted}
 
 
@@ -151,12 +162,16 @@ def set_trainable(model: nn.Module, params: dict[str, nn.Parameter]) -> list[tup
 
 @torch.no_grad()
 def copy_lora(peft_model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``{bare module: {"A", "B", "bias"?}}`` into the default adapter, checking shapes."""
+    """Copy ``{bare module: {"A", "B", "bias"?, "magnitude"?}}`` into the default adapter, checking shapes."""
     layers = lora_layers(peft_model)
     for module, parts in tensors.items():
         layer = layers[module]
+        mags = getattr(layer, "lora_magnitude_vector", {})
+        if parts.get("magnitude") is not None and ADAPTER not in mags:
+            raise UsageError(f"{module}: a DoRA magnitude vector but the attached layer is plain LoRA")
+        magnitude = mags[ADAPTER].weight if ADAPTER in mags else None
         for key, target in (("A", layer.lora_A[ADAPTER].weight), ("B", layer.lora_B[ADAPTER].weight),
-                            ("bias", getattr(layer.lora_B[ADAPTER], "bias", None))):
+                            ("bias", getattr(layer.lora_B[ADAPTER], "bias", None)), ("magnitude", magnitude)):
             value = parts.get(key)
             if value is None:
                 continue

@@ -1,7 +1,8 @@
 """CA-LoRA recovery modules: R(x) = U · act(D · dropout(x)) · scale beside a linear layer.
 
 Each recovery module lives as a child ``recovery`` of the layer it sits beside (a plain
-``nn.Linear``, a bitsandbytes ``Linear8bitLt`` / ``Linear4bit``, or a PEFT LoRA layer)
+``nn.Linear``, transformers' ``Conv1D``, a bitsandbytes ``Linear8bitLt`` / ``Linear4bit``,
+or a PEFT LoRA layer)
 and a forward hook adds R(x) to that layer's output, so ``forward(x) = original(x) +
 R(x)``. A hook rather than a wrapper module keeps every module name unchanged: PEFT
 keys (``…q_proj.lora_A.weight``) and recovery keys both name the variant's own modules.
@@ -37,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.models import arch as archmod
 
 FILE_NAME = "recovery.safetensors"
 META_KEY = "adapterhub_c.recovery"
@@ -120,8 +122,9 @@ def _is_lora_layer(module: nn.Module) -> bool:
 
 
 def linear_layers(model: nn.Module, targets: tuple[str, ...] | list[str] | None = None) -> dict[str, nn.Module]:
-    """The outermost linear layers by bare name: ``nn.Linear`` (bnb layers included) or
-    PEFT LoRA layers, never their inner parts; the output head (``lm_head``) is left out.
+    """The outermost linear layers by bare name: ``nn.Linear`` (bnb layers included),
+    ``Conv1D`` or PEFT LoRA layers, never their inner parts; the output head (``lm_head``)
+    is left out.
 
     ``targets``: keep only names equal to or ending in ``.<target>``.
     """
@@ -131,7 +134,7 @@ def linear_layers(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
     for name, module in model.named_modules():
         if any(name.startswith(t + ".") for t in taken):
             continue
-        if not (_is_lora_layer(module) or isinstance(module, nn.Linear)):
+        if not (_is_lora_layer(module) or archmod.is_linear(module)):
             continue
         taken.append(name)
         bare = bare_name(name)
@@ -145,8 +148,7 @@ def linear_layers(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return int(base.in_features), int(base.out_features)
+    return archmod.features(module)  # (in, out) of a Linear, a Conv1D ([in, out] weight) or a PEFT layer
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -168,13 +170,18 @@ def _attach_one(layer: nn.Module, rec: Recovery) -> Recovery:
 
 def attach_recovery(model: nn.Module, config: RecoveryConfig | None = None,
                     targets: tuple[str, ...] | list[str] | None = None) -> dict[str, Recovery]:
-    """Put a fresh recovery module beside every linear layer (see ``linear_layers``).
+    """Put a fresh recovery module beside every linear layer of the decoder blocks
+    (``models.arch``: attention and MLP, fused or not; not the head, not projections
+    outside the blocks), or beside those named by ``targets`` (see ``linear_layers``).
 
     Returns {bare module name: Recovery}. The new parameters require grad; D is drawn
     from the global torch RNG (seed it for reproducible initialisation).
     """
     config = config or RecoveryConfig()
     layers = linear_layers(model, targets)
+    if not targets:
+        blocks = archmod.describe(model, warn=False).linears()
+        layers = {name: layer for name, layer in layers.items() if name in blocks}
     if not layers:
         raise UsageError("no linear layers to put recovery modules beside"
                          + (f" (targets: {', '.join(targets)})" if targets else ""))

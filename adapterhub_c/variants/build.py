@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
+from adapterhub_c.models.arch import MLP_IN, MLP_OUT, describe
 from adapterhub_c.variants import sizes
 from adapterhub_c.variants.masks import (
     apply_masks,
@@ -329,11 +330,12 @@ def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_bas
     quantized = _quantized_tensors(model, recipe)
     pruned_ids = {id(p) for p in pruned.values()}
     weight_names = set(_weight_names(model, target_linears(model))) | quantized
+    conv_in = {f"{n}.weight": i.in_features for n, i in describe(model).linears().items() if i.fan_in_fan_out}
     total = nonzero = target_nnz = stored_bits = held_bits = ideal_bits = export_bits = 0
     q_bits = q_numel = 0
     for name, p in _unique_params(model).items():
         numel, nnz = p.numel(), int(torch.count_nonzero(p.detach()))
-        in_f = p.shape[-1] if p.dim() >= 2 else numel
+        in_f = conv_in.get(name, p.shape[-1] if p.dim() >= 2 else numel)  # a Conv1D weight is [in, out]
         dtype_bits = p.element_size() * 8
         total += numel
         nonzero += nnz
@@ -403,7 +405,8 @@ def _pruned_tensors(model: nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]
         return {}
     out = _weight_names(model, target_linears(model))
     if recipe.prune == "ffn-channels":
-        return {n: p for n, p in out.items() if n.rsplit(".", 2)[-2] in ("gate_proj", "up_proj", "down_proj")}
+        mlp = describe(model).linears((MLP_IN, MLP_OUT))
+        return {n: p for n, p in out.items() if n.rsplit(".", 1)[0] in mlp}
     names = {id(m): n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if recipe.include_embeddings and emb is not None:

@@ -14,6 +14,7 @@ from torch import nn
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import token_stream
+from adapterhub_c.models.arch import features
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -70,7 +71,7 @@ def _batches(rows: list[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor
 def input_sq_norms(
     model: nn.Module,
     rows: list[torch.Tensor],
-    modules: dict[str, nn.Linear],
+    modules: dict[str, nn.Module],
     stop_after: nn.Module | None = None,
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
@@ -82,7 +83,7 @@ def input_sq_norms(
     if not rows:
         raise UsageError("calibration data is empty")
     device = next(model.parameters()).device
-    sums = {name: torch.zeros(mod.in_features, dtype=torch.float32, device=device) for name, mod in modules.items()}
+    sums = {name: torch.zeros(features(mod)[0], dtype=torch.float32, device=device) for name, mod in modules.items()}
 
     def make_hook(name: str):
         def hook(_mod, args):
@@ -149,9 +150,9 @@ class BlockwiseCalibrator:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()
-    def stats(self, i: int, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    def stats(self, i: int, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """Sum over tokens of x_j**2 at the input of each named linear inside block i."""
-        sums = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+        sums = {name: torch.zeros(features(m)[0], dtype=torch.float32, device=m.weight.device)
                 for name, m in modules.items()}
 
         def make_hook(name: str):

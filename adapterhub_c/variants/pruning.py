@@ -1,17 +1,23 @@
 """Pruning of a Hugging Face causal LM, in place, on torch.
 
-Targets are the linear layers of the decoder blocks (q/k/v/o/gate/up/down
-projections); embeddings and the LM head only when asked. Methods:
+Targets are the linear layers of the decoder blocks as :mod:`adapterhub_c.models.arch`
+finds them (Llama's q/k/v/o/gate/up/down, Phi-3's fused qkv_proj/gate_up_proj, GPT-2's
+Conv1D c_attn/c_proj/c_fc, NeoX's query_key_value/dense_h_to_4h/…); embeddings and the
+LM head only when asked. Every score and mask is formed on the weight as [out, in]
+(a Conv1D's [in, out] weight is transposed for it), so "row" means one output unit and
+2:4 groups run along the inputs whatever the storage layout. Methods:
 
-- magnitude: zero the smallest |W|, per output row ("row") or per matrix ("layer").
+- magnitude: zero the smallest |W|, per output row ("row") or per matrix ("layer"; for
+  a fused linear, per part: q, k and v of a qkv projection are pruned as if separate).
 - wanda: zero the smallest |W_ij| * ||X_j||_2, X the layer's calibration inputs.
   Like the Wanda reference code, blocks are processed in order and the statistics of
   block i are taken with blocks < i already pruned; all linears of one block are scored
   from the same (unpruned-block) pass.
 - 2:4: in every group of 4 consecutive inputs of a row, zero the 2 smallest by |W|
   (or by the Wanda score when calibration data is given).
-- ffn-channels: remove whole MLP intermediate channels of a gated MLP (rows of
-  gate_proj / up_proj, columns of down_proj), shrinking the layers.
+- ffn-channels: remove whole MLP intermediate channels (rows of the MLP input linears —
+  both halves of a fused gate/up — and columns of the MLP output linear), shrinking the
+  layers; gated or not.
 
 Exact counts: a group of n weights keeps round_half_up((1 - sparsity) * n) of them;
 ties are broken by position (stable sort), so results are deterministic.
@@ -25,9 +31,9 @@ import torch
 from torch import nn
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.models import arch as archmod
 from adapterhub_c.variants.calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Progress = Callable[[str, int, "int | None"], None]
 
 
@@ -37,31 +43,13 @@ def kept_at_sparsity(n: int, *, sparsity: float) -> int:
 
 
 def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, block) of the decoder blocks: the first ModuleList holding projection linears."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and block_linears(module[0]):
-            return [(f"{name}.{i}", block) for i, block in enumerate(module)]
-    raise UsageError(
-        f"{type(model).__name__} has no decoder blocks with {'/'.join(PROJECTIONS)} linear layers; "
-        "pruning supports Llama-style architectures"
-    )
+    """(name, block) of the decoder blocks (see ``models.arch``; UsageError when there are none)."""
+    return [(b.name, b.module) for b in archmod.describe(model).blocks]
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """The projection linears of one block, by their name inside the block."""
-    return {
-        name: mod
-        for name, mod in block.named_modules()
-        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS
-    }
-
-
-def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """All decoder-block projection linears of the model, by full module name."""
-    out = {}
-    for prefix, block in decoder_blocks(model):
-        out.update({f"{prefix}.{name}": mod for name, mod in block_linears(block).items()})
-    return out
+def target_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """All decoder-block linear layers of the model (nn.Linear, Conv1D, bnb), by full module name."""
+    return {name: info.module for name, info in archmod.describe(model).linears().items()}
 
 
 # ---- masks ---------------------------------------------------------------------------
@@ -99,6 +87,7 @@ def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 
 
 def _score(weight: torch.Tensor, sq_norm: torch.Tensor | None) -> torch.Tensor:
+    """|W| (· ||X_j||_2 with calibration statistics) of an [out, in] weight."""
     score = weight.detach().abs().float()
     if sq_norm is not None:
         score = score * sq_norm.sqrt().to(score.device)[None, :]
@@ -106,8 +95,23 @@ def _score(weight: torch.Tensor, sq_norm: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
-    weight.mul_(mask.to(weight.dtype))
+def _apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Zero a layer's weight where the [out, in] keep-mask is False (any storage layout)."""
+    module.weight.mul_(archmod.to_weight_layout(mask, module).to(module.weight.dtype))
+
+
+def _linear_mask(info: archmod.LinearInfo, score: torch.Tensor, method: str, sparsity: float,
+                 granularity: str) -> torch.Tensor:
+    """The keep-mask of one block linear; "layer" granularity ranks each fused part on its own."""
+    if method == "2:4":
+        return n_m_mask(score)
+    if granularity != "layer" or info.fused is None:
+        return unstructured_mask(score, sparsity, granularity)
+    mask = torch.ones_like(score, dtype=torch.bool)
+    for label in info.fused.labels:
+        rows = info.fused.rows(label).to(score.device)
+        mask[rows] = unstructured_mask(score[rows], sparsity, "layer")
+    return mask
 
 
 # ---- unstructured / semi-structured ---------------------------------------------------
@@ -141,30 +145,32 @@ def prune_unstructured(
         return n_m_mask(score) if method == "2:4" else unstructured_mask(score, sparsity, granularity)
 
     extras = _extra_targets(model, include_embeddings, include_lm_head)
-    blocks = decoder_blocks(model)
+    arch = archmod.describe(model)
+    blocks = arch.blocks
     total = len(blocks) + len(extras)
     result: dict[str, float] = {}
     was_training = model.training
     model.eval()
     try:
-        calibrator = BlockwiseCalibrator(model, rows, [b for _, b in blocks]) if rows else None
-        for i, (prefix, block) in enumerate(blocks):
-            linears = {f"{prefix}.{n}": m for n, m in block_linears(block).items()}
-            norms = calibrator.stats(i, linears) if calibrator else {}
-            for name, lin in linears.items():
-                mask = mask_for(lin.weight, norms.get(name))
-                _apply_mask(lin.weight, mask)
+        calibrator = BlockwiseCalibrator(model, rows, [b.module for b in blocks]) if rows else None
+        for i, block in enumerate(blocks):
+            infos = {info.name: info for info in block.linears.values()}
+            norms = calibrator.stats(i, {n: info.module for n, info in infos.items()}) if calibrator else {}
+            for name, info in infos.items():
+                score = _score(archmod.weight_out_in(info.module), norms.get(name))
+                mask = _linear_mask(info, score, method, sparsity, granularity)
+                _apply_mask(info.module, mask)
                 result[name] = 1.0 - mask.float().mean().item()
             if calibrator:
                 calibrator.advance(i)
             if progress:
-                progress(f"pruning {prefix} ({method})", i + 1, total)
+                progress(f"pruning {block.name} ({method})", i + 1, total)
         for j, (name, module) in enumerate(extras.items()):
             sq = None
             if rows and isinstance(module, nn.Linear):
                 sq = input_sq_norms(model, rows, {name: module})[name]
             mask = mask_for(module.weight, sq)
-            _apply_mask(module.weight, mask)
+            _apply_mask(module, mask)
             result[name] = 1.0 - mask.float().mean().item()
             if progress:
                 progress(f"pruning {name} ({method})", len(blocks) + j + 1, total)
@@ -211,36 +217,54 @@ def _extra_targets(model: nn.Module, include_embeddings: bool, include_lm_head: 
 # ---- structured: MLP intermediate channels -------------------------------------------
 
 
-def gated_mlp(block: nn.Module) -> tuple[str, nn.Module]:
-    """(name, module) of the block's gated MLP (with gate_proj, up_proj, down_proj linears)."""
-    for name, mod in block.named_modules():
-        parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-        if all(isinstance(p, nn.Linear) for p in parts):
-            return name, mod
-    raise UsageError("ffn-channels pruning needs a gated MLP (gate_proj, up_proj, down_proj); this model has none")
+def block_mlp(model: nn.Module, block_index: int = 0) -> archmod.MlpInfo:
+    """The MLP pairing of one decoder block (UsageError when the block has no recognisable MLP)."""
+    arch = archmod.describe(model)
+    mlp = arch.blocks[block_index].mlp
+    if mlp is None:
+        raise UsageError(_no_mlp_message(arch, arch.blocks[block_index]))
+    return mlp
 
 
-def channel_scores(mlp: nn.Module, down_sq_norm: torch.Tensor | None) -> torch.Tensor:
+def _no_mlp_message(arch: archmod.Architecture, block: archmod.BlockInfo) -> str:
+    roles = ", ".join(f"{i.local} ({i.role})" for i in block.linears.values())
+    return (f"ffn-channels pruning needs an MLP with input linears and one output linear in one module; "
+            f"model type {arch.model_type!r} block {block.name} has {roles}")
+
+
+def channel_scores(mlp: archmod.MlpInfo, down_sq_norm: torch.Tensor | None) -> torch.Tensor:
     """Importance of each intermediate channel.
 
-    With calibration statistics: ||h_c||_2 · ||W_down[:, c]||_2, h the input of
-    down_proj (the channel's activation) — the channel's contribution to the output.
-    Without: ||W_gate[c]||_2 · ||W_up[c]||_2 · ||W_down[:, c]||_2, a weight-only proxy.
+    With calibration statistics: ||h_c||_2 · ||W_out[:, c]||_2, h the input of the MLP
+    output linear (the channel's activation) — the channel's contribution to the output.
+    Without: the product of ||W_in[c]||_2 over the input linears (each half of a fused
+    gate/up linear counts as one) and ||W_out[:, c]||_2, a weight-only proxy.
     """
-    down = mlp.down_proj.weight.detach().float().norm(dim=0)
+    n = mlp.intermediate
+    down = archmod.weight_out_in(getattr(mlp.module, mlp.output)).detach().float().norm(dim=0)
     if down_sq_norm is not None:
         return down_sq_norm.sqrt().to(down.device) * down
-    gate = mlp.gate_proj.weight.detach().float().norm(dim=1)
-    up = mlp.up_proj.weight.detach().float().norm(dim=1)
-    return gate * up * down
+    score = down
+    for attr in mlp.inputs:
+        rows = archmod.weight_out_in(getattr(mlp.module, attr)).detach().float().norm(dim=1)
+        for j in range(mlp.halves.get(attr, 1)):
+            score = score * rows[j * n:(j + 1) * n].to(score.device)
+    return score
 
 
-def _sliced_linear(lin: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    w = lin.weight.detach().index_select(dim, index.to(lin.weight.device))
+def _sliced_linear(lin: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
+    """A copy of ``lin`` keeping ``index`` along ``dim`` of its [out, in] weight (0: outputs, 1: inputs)."""
+    w = archmod.weight_out_in(lin).detach().index_select(dim, index.to(lin.weight.device))
     out_f, in_f = w.shape
-    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    if archmod.fan_in_fan_out(lin):
+        new = type(lin)(out_f, in_f)  # transformers' Conv1D(nf=out, nx=in), weight [in, out]
+        new.to(device=w.device, dtype=w.dtype)
+        if lin.bias is None:
+            new.bias = None
+    else:
+        new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        new.weight.copy_(w)
+        new.weight.copy_(archmod.to_weight_layout(w, lin))
         if lin.bias is not None:
             bias = lin.bias.detach()
             new.bias.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
@@ -249,13 +273,19 @@ def _sliced_linear(lin: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
 
 
 @torch.no_grad()
-def shrink_mlp(mlp: nn.Module, kept: torch.Tensor) -> None:
-    """Keep only the intermediate channels `kept` (sorted indices) of a gated MLP, in place."""
-    mlp.gate_proj = _sliced_linear(mlp.gate_proj, kept, 0)
-    mlp.up_proj = _sliced_linear(mlp.up_proj, kept, 0)
-    mlp.down_proj = _sliced_linear(mlp.down_proj, kept, 1)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = int(kept.numel())
+def shrink_mlp(mlp: archmod.MlpInfo, kept: torch.Tensor) -> None:
+    """Keep only the intermediate channels ``kept`` (sorted indices) of an MLP, in place.
+
+    Input linears keep those rows (every half of a fused gate/up linear), the output
+    linear those columns.
+    """
+    kept = torch.as_tensor(kept, dtype=torch.int64)
+    rows = {attr: mlp.channel_rows(attr, kept) for attr in mlp.inputs}
+    for attr in mlp.inputs:
+        setattr(mlp.module, attr, _sliced_linear(getattr(mlp.module, attr), rows[attr], 0))
+    setattr(mlp.module, mlp.output, _sliced_linear(getattr(mlp.module, mlp.output), kept, 1))
+    if hasattr(mlp.module, "intermediate_size"):
+        mlp.module.intermediate_size = int(kept.numel())
 
 
 def prune_ffn_channels(
@@ -267,13 +297,20 @@ def prune_ffn_channels(
     """Remove the least important MLP channels of every block, in place.
 
     Every block keeps the same number of channels, round((1 - sparsity) * intermediate),
-    so `model.config.intermediate_size` stays uniform and is updated. Returns the kept
-    channel indices (sorted int64) per MLP module name, e.g. 'model.layers.0.mlp'.
+    so the config's MLP width (``intermediate_size``, GPT-2's ``n_inner``, …) stays
+    uniform and is updated. Returns the kept channel indices (sorted int64) per MLP
+    module name, e.g. 'model.layers.0.mlp'.
     """
     rows = normalise_calibration(calib_input_ids)
-    blocks = decoder_blocks(model)
-    mlps = [(f"{prefix}.{gated_mlp(block)[0]}", gated_mlp(block)[1], block) for prefix, block in blocks]
-    sizes = {mlp.down_proj.in_features for _, mlp, _ in mlps}
+    arch = archmod.describe(model)
+    for block in arch.blocks:
+        if block.mlp is None:
+            raise UsageError(_no_mlp_message(arch, block))
+    if arch.intermediate_key is None:
+        raise UsageError(f"ffn-channels pruning of model type {arch.model_type!r}: no config key holds the "
+                         "MLP width, so the pruned model could not be loaded again")
+    mlps = [(b.mlp, b) for b in arch.blocks]
+    sizes = {mlp.intermediate for mlp, _ in mlps}
     if len(sizes) != 1:
         raise UsageError("ffn-channels pruning needs the same intermediate size in every block")
     size = sizes.pop()
@@ -284,20 +321,20 @@ def prune_ffn_channels(
     was_training = model.training
     model.eval()
     try:
-        calibrator = BlockwiseCalibrator(model, rows, [b for _, _, b in mlps]) if rows else None
-        for i, (name, mlp, _block) in enumerate(mlps):
-            sq = calibrator.stats(i, {name: mlp.down_proj})[name] if calibrator else None
+        calibrator = BlockwiseCalibrator(model, rows, [b.module for _, b in mlps]) if rows else None
+        for i, (mlp, _block) in enumerate(mlps):
+            out = getattr(mlp.module, mlp.output)
+            sq = calibrator.stats(i, {mlp.name: out})[mlp.name] if calibrator else None
             scores = channel_scores(mlp, sq)
             order = torch.argsort(scores, descending=True, stable=True)[:keep]
             kept = torch.sort(order).values.to(torch.int64).cpu()
             shrink_mlp(mlp, kept)
-            kept_all[name] = kept
+            kept_all[mlp.name] = kept
             if calibrator:
                 calibrator.advance(i)
             if progress:
-                progress(f"pruning channels of {name}", i + 1, len(mlps))
+                progress(f"pruning channels of {mlp.name}", i + 1, len(mlps))
     finally:
         model.train(was_training)
-    if hasattr(model, "config") and hasattr(model.config, "intermediate_size"):
-        model.config.intermediate_size = keep
+    archmod.set_intermediate_size(model, arch, keep)
     return kept_all

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.models.arch import linear_kind
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -159,7 +160,7 @@ def is_bnb_linear(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def dequantize_linear(module: nn.Module) -> torch.Tensor:
-    """The float32 weight that a bitsandbytes linear stands for (its reference twin)."""
+    """The float32 [out, in] weight that a bitsandbytes linear (or a plain / Conv1D layer) stands for."""
     import bitsandbytes as bnb
 
     if isinstance(module, bnb.nn.Linear4bit):
@@ -177,6 +178,8 @@ def dequantize_linear(module: nn.Module) -> torch.Tensor:
         return cb.float() * scb.float()[:, None] / 127.0
     if isinstance(module, nn.Linear):
         return module.weight.detach().float()
+    if linear_kind(module) == "conv1d":
+        return module.weight.detach().float().t()  # [out, in], like every other layer
     raise UsageError(f"not a linear layer: {type(module).__name__}")
 
 

@@ -29,9 +29,11 @@ the merged tensors are bit-identical (tests/test_merge_ops.py checks it). Elsewh
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,14 +42,14 @@ import numpy as np
 import torch
 
 from adapterhub_c.adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter, check_lora_config
-from adapterhub_c.errors import UsageError
+from adapterhub_c.errors import AdaptWarning, UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
 from adapterhub_c.merging.api import merge_adapters
 from adapterhub_c.merging.compose import _check_options, compose_adapters
 from adapterhub_c.merging.factors import check_equal_ranks, factor_weights
-from adapterhub_c.merging.inputs import check_inputs, compute_dtype, input_names, module_inputs
+from adapterhub_c.merging.inputs import check_inputs, compute_dtype, dora_as_lora, input_names, module_inputs
 from adapterhub_c.merging.spec import (
     MergeInputRef,
     MergeSpec,
@@ -66,7 +68,7 @@ from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.adapters import load_adapter_artifact
-from adapterhub_c.runtime.bases import load_base_tokenizer
+from adapterhub_c.runtime.bases import linear_weights, load_base_tokenizer
 from adapterhub_c.runtime.packs import PACK_FILE, read_pack_artifact
 from adapterhub_c.runtime.stack import StackSpec, load_stack
 
@@ -100,6 +102,7 @@ class MergeInput:
     digest: str | None
     planes: dict[str, PackPlanes] | None = None
     seconds: float = 0.0
+    dora_rank: int | None = None  # a DoRA input, turned into its weight-space ΔW: its largest rank
 
 
 @dataclass
@@ -190,7 +193,37 @@ def load_inputs(reg: Registry, arts: Sequence[Artifact], device: torch.device,
         out.append(cache[art.id])
         if progress:
             progress("reading inputs", i + 1, len(arts))
+    for x in cache.values():
+        if x.adapter.is_dora:
+            _dora_to_weight_space(reg, x, device)
     return out
+
+
+def _dora_to_weight_space(reg: Registry, x: MergeInput, device: torch.device) -> None:
+    """Replace a DoRA input by the exact LoRA of its weight-space ΔW (the base's or variant's W)."""
+    with reg.session() as s:
+        base = s.get(BaseModel, x.art.base_id)
+        variant = s.get(Variant, x.art.variant_id) if x.art.variant_id else None
+    weights = linear_weights(reg, base, variant, x.adapter.modules())
+    x.dora_rank = max(layer.rank for layer in x.adapter.layers().values())
+    x.adapter = dora_as_lora(x.adapter, {k: v.to(device) for k, v in weights.items()})
+    x.planes = None  # bit planes of A and B say nothing about ΔW in weight space
+
+
+def _dora_rank(inputs: Sequence[MergeInput], spec: MergeSpec) -> tuple[MergeSpec, list[str]]:
+    """With DoRA inputs and no --rank: the output rank the inputs' own ranks give, and a warning."""
+    if not any(x.dora_rank for x in inputs):
+        return spec, []
+    if spec.space == "factors":
+        raise UsageError("a DoRA adapter's update lives in weight space (it depends on W): merge it with "
+                         "space=delta, not space=factors")
+    ranks = [x.dora_rank or max(layer.rank for layer in x.adapter.layers().values()) for x in inputs]
+    if spec.rank is None:
+        rank = sum(ranks) if spec.method == "task-arithmetic" else max(ranks)
+        spec = dataclasses.replace(spec, rank=rank)
+    note = (f"DoRA inputs merged in weight space (ΔW = m·(W+sBA)/‖W+sBA‖_c − W on the base weights), "
+            f"result truncated to rank {spec.rank}: not exact, and a plain LoRA")
+    return spec, [note]
 
 
 # ---- popcount sign election ----------------------------------------------------------------
@@ -207,6 +240,8 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
                         else "dare-ties drops entries at random before the vote")
     if spec.space != "factors":
         return Election("dense", "in delta space ΔW = B·A is not ternary")
+    if any(x.dora_rank for x in inputs):
+        return Election("dense", "DoRA inputs merge in weight space, not on A/B sign planes")
     if any(x.planes is None for x in inputs):
         return Election("dense", "not every input is a pack")
     adapters = [x.adapter for x in inputs]
@@ -326,6 +361,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     dev = resolve_device(device)
     t0 = time.perf_counter()
     inputs = load_inputs(reg, arts, dev, progress)
+    spec, merge_warnings = _dora_rank(inputs, spec)
     read_s = time.perf_counter() - t0
     # checks that need the tensors (ranks, shapes, configs) run before the run row is opened
     adapters = [x.adapter for x in inputs]
@@ -339,6 +375,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
     params = dict(inputs=[a.name for a in arts], **spec_dict(spec), name=name, device=str(dev), election=election)
     with record_run(reg, "merge", params) as run:
         result, el = run_merge(inputs, spec, election=election, progress=progress)
+        merge_warnings = merge_warnings + result.warnings
         out_name = name or _default_merge_name(reg, spec.method, arts)
         with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
             folder = Path(tmp) / "merged"
@@ -368,7 +405,10 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
                   "convention": spec.convention if spec.uses_sign_election else None,
                   "rescale": spec.rescale, "election": el.method, "election_reason": el.reason, "ranks": ranks,
                   "parameters": metrics["parameters"], "size_bytes": art.size_bytes, "device": str(dev),
-                  "read_seconds": read_s, "merge_seconds": result.seconds, "run_id": run.id}
+                  "read_seconds": read_s, "merge_seconds": result.seconds, "run_id": run.id,
+                  "warnings": merge_warnings}
+        for message in merge_warnings:
+            warnings.warn(message, AdaptWarning, stacklevel=2)
         run.output = report
         return art, report
 
@@ -453,6 +493,10 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     n_tokens = encode_completions(tokenizer, pairs, batch_size).tokens  # UsageError if none is usable
     dev = resolve_device(device)
     inputs = load_inputs(reg, arts, dev, progress)
+    dora = [x.art.name for x in inputs if x.dora_rank]
+    if dora:
+        raise UsageError(f"{dora[0]!r} is a DoRA adapter: composition mixes the inputs' A and B factors, "
+                         "which says nothing about a DoRA update (it lives in weight space); merge it instead")
     adapters = [x.adapter for x in inputs]
     names = [a.name for a in arts]
     check_inputs(adapters, names)

@@ -58,7 +58,7 @@ from adapterhub_c.training.convert import (
 )
 from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult
 from adapterhub_c.training.recovery import RecoveryConfig
-from adapterhub_c.training.train import DEFAULT_TARGETS, train_lora
+from adapterhub_c.training.train import train_lora
 
 # the training loop's own defaults (one place: TrainConfig)
 DEFAULT_STEPS = TrainConfig.steps
@@ -157,16 +157,20 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
 
     Returns (the registered ``lora`` artefact, a report dict with the training summary and
     the evaluation on ``eval_data`` (default: ``data``), split ``eval_split``, of the
-    model before (``baseline``) and after training). ``targets``: module names (default
-    q/k/v/o). Bad input raises UsageError before anything is loaded or registered.
+    model before (``baseline``) and after training). ``targets``: module names (default:
+    the attention linears, e.g. q/k/v/o on Llama, c_attn/attn.c_proj on GPT-2). Bad input
+    raises UsageError before anything is loaded or registered.
     """
     if rank < 1:
         raise UsageError(f"rank must be >= 1 (got {rank})")
     if not alpha > 0:
         raise UsageError(f"alpha must be > 0 (got {alpha})")
-    targets = sorted({t.strip() for t in (targets or DEFAULT_TARGETS) if t and t.strip()})
-    if not targets:
-        raise UsageError("--targets is empty")
+    if targets:  # None or empty: the attention linears of the model (models/arch.py)
+        targets = sorted({t.strip() for t in targets if t and t.strip()})
+        if not targets:
+            raise UsageError("--targets is empty")
+    else:
+        targets = None
     device = str(resolve_device(device))
     config = _train_config(steps, lr, batch_size, seq_len, grad_accum, seed, device, checkpoint_every)
     spec = resolve_stack(reg, target, variant)
@@ -210,7 +214,8 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
         metrics = {"train": summary, "eval": {"data": eval_data, "split": eval_split,
                                               "before": _public(before) if before else None,
                                               "after": _public(after)}}
-        cfg = {"data": data, "rank": rank, "alpha": alpha, "targets": targets, "train": config.hparams(),
+        cfg = {"data": data, "rank": rank, "alpha": alpha, "targets": sorted(adapter.config["target_modules"]),
+               "train": config.hparams(),
                "trained_on": spec.variant.name if spec.variant else spec.base.name}
         art_name = name or unique_name(reg, stem)
         parent = spec.variant if spec.variant is not None else spec.base
