@@ -46,12 +46,13 @@ from torch import nn
 
 from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
 from adapterhub_c.errors import AdaptWarning, UsageError
+from adapterhub_c.models.arch import ATTN_IN, ATTN_OUT, ROLES, describe
 from adapterhub_c.variants.calibration import _batches, normalise_calibration
-from adapterhub_c.variants.pruning import PROJECTIONS, target_linears
+from adapterhub_c.variants.pruning import target_linears
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
 
 REG_LAMBDA = 0.01
-TARGET_SETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": PROJECTIONS}
+TARGET_SETS = {"attn": (ATTN_IN, ATTN_OUT), "all": ROLES}  # roles of models/arch.py
 FFN_ROWS = ("gate_proj", "up_proj")   # output rows follow the intermediate channels
 FFN_COLS = ("down_proj",)             # input columns follow the intermediate channels
 # linears of one block that read the very same input tensor (verified while collecting)
@@ -321,12 +322,16 @@ class Compensation:
 
 def compensation_targets(model: nn.Module, targets: str | Iterable[str] = "all") -> list[str]:
     """Names of the variant's decoder-block linears selected by ``targets`` ("attn", "all" or leaf names)."""
-    leaves = TARGET_SETS.get(targets) if isinstance(targets, str) else tuple(targets)
-    if not leaves:
-        raise UsageError(f"--targets must be one of {', '.join(TARGET_SETS)} (got {targets!r})")
-    names = [n for n in target_linears(model) if n.rpartition(".")[2] in leaves]
+    if isinstance(targets, str):
+        if targets not in TARGET_SETS:
+            raise UsageError(f"--targets must be one of {', '.join(TARGET_SETS)} (got {targets!r})")
+        wanted = TARGET_SETS[targets]
+        names = list(describe(model).linears(wanted))
+    else:
+        wanted = tuple(targets)
+        names = [n for n in target_linears(model) if n.rpartition(".")[2] in wanted]
     if not names:
-        raise UsageError(f"the model has no {'/'.join(leaves)} layers to compensate")
+        raise UsageError(f"the model has no {'/'.join(wanted)} layers to compensate")
     return names
 
 
