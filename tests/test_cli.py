@@ -109,7 +109,7 @@ def test_eval_records_evaluations(cli, reg, tiny_base):
     # and the recorded values are the printed ones, on the base alone
     recorded = {(e["dataset"], e["metric"]): e["value"] for e in evs}
     assert recorded == pytest.approx({("builtin:pydoc", "perplexity"): row["perplexity"],
-                                      ("builtin:task/add-numbers", "perplexity"): task["perplexity"],
+                                      ("builtin:task/add-numbers", "completion_ppl"): task["completion_ppl"],
                                       ("builtin:task/add-numbers", "exact_match"): task["exact_match"]})
     assert all(e["split"] == "test" and e["variant"] is None and e["with_adapter"] is None for e in evs)
 
