@@ -36,7 +36,7 @@ from adapterhub_c.hub.cards import model_card
 from adapterhub_c.hub.store import StoreError, check_repo_id
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, validate_lora_folder
 from adapterhub_c.models.builtin import builtin_for
-from adapterhub_c.registry.artifacts import check_new_name, name_taken, unique_name
+from adapterhub_c.registry.artifacts import check_name_syntax, check_new_name, name_taken, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
@@ -239,8 +239,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     repo_id, revision = split_repo(repo, revision)
     include, exclude = _as_list(include), _as_list(exclude)
     if name is not None:
-        if not name.strip():
-            raise UsageError("--name must not be empty")
+        check_name_syntax(name)
         if name_taken(reg, name):
             existing = reg.get(name, "artifact")
             if existing.source_sha is None or not (existing.source or "").startswith(f"{repo_id}@"):
