@@ -127,3 +127,36 @@ def test_compose_default_l1_gives_lorahubs_objective_at_five_examples():
         w = np.asarray(step["weights"])
         assert step["objective"] == pytest.approx(n_examples * lorahub(w), rel=1e-12)
     assert res.objective == pytest.approx(n_examples * min(lorahub(np.asarray(s["weights"])) for s in res.curve))
+
+
+# ---- item 8: bad CLI input is one line, exit 2 --------------------------------------------
+def _one_line_usage(r):
+    assert r.code == 2, (r.code, r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    assert "Error:" not in lines[0] and "Traceback" not in r.err
+
+
+@pytest.mark.parametrize("device", ["quantum", "cuda:x", "cpu0", ""])
+def test_bad_device_is_a_usage_error(device):
+    from adapterhub_c.models.device import resolve_device
+
+    with pytest.raises(UsageError, match="--device"):
+        resolve_device(device)
+    assert str(resolve_device("cpu")) == "cpu"
+
+
+def test_cli_bad_values_are_one_line_exit_2(reg, tiny_base, tmp_path, cli):
+    _lora(reg, tiny_base, tmp_path)
+    assert cli("pack", "lora1", "--density", "10%", "--name", "p1").code == 0
+    _one_line_usage(cli("train", BASE, "--data", "builtin:pydoc", "--device", "quantum"))
+    _one_line_usage(cli("train", BASE, "--data", "builtin:pydoc", "--steps", "0"))
+    _one_line_usage(cli("eval", BASE, "--data", "builtin:pydoc", "--max-tokens", "-1"))
+    _one_line_usage(cli("ls", "runs", "--limit", "-1"))
+    _one_line_usage(cli("merge", "lora1", "lora1"))
+    _one_line_usage(cli("unpack", "p1", "--out", "/proc/self/x"))
+
+
+def test_bad_db_and_home_are_one_line_exit_2(cli, tmp_path):
+    _one_line_usage(cli("--db", "bogus://x", "ls"))
+    _one_line_usage(cli("--home", "/proc/1/nope", "ls"))
