@@ -160,3 +160,44 @@ def test_cli_bad_values_are_one_line_exit_2(reg, tiny_base, tmp_path, cli):
 def test_bad_db_and_home_are_one_line_exit_2(cli, tmp_path):
     _one_line_usage(cli("--db", "bogus://x", "ls"))
     _one_line_usage(cli("--home", "/proc/1/nope", "ls"))
+
+
+# ---- item 6: secrets in URLs and on the command line --------------------------------------
+def test_redact_url_strips_userinfo():
+    from adapterhub_c.fsutil import redact_url
+
+    assert redact_url("http://user:TOKEN@host:8080/x") == "http://host:8080/x"
+    assert redact_url("failed at https://:hf_abc@hub.example/api and http://u@h") == \
+        "failed at https://hub.example/api and http://h"
+    assert redact_url("http://host/a@b") == "http://host/a@b"
+
+
+def test_endpoint_credentials_never_stored_or_printed(monkeypatch):
+    """What is stored (public_endpoint, used for runs.parameters and artefact config) and the
+    error from an endpoint with credentials that cannot be reached name it without them."""
+    from adapterhub_c.errors import AdaptError
+    from adapterhub_c.hub import client
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://user:SECRET123@127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert client.public_endpoint() == "http://127.0.0.1:9"
+    with pytest.raises(AdaptError) as e:
+        client.download_repo("org/x", tries=1, base_delay=0.0, cache_dir=None)
+    assert "SECRET123" not in str(e.value) and "user:" not in str(e.value), str(e.value)
+
+
+def test_token_file_and_token_warning(reg, cli, tmp_path, monkeypatch):
+    import adapterhub_c.api as api
+
+    seen = []
+    monkeypatch.setattr(api, "search", lambda base, **kw: seen.append(kw["token"]) or [])
+    tok = tmp_path / "tok"
+    tok.write_text("hf_filetoken\n")
+    r = cli("search", "--base", "x/y", "--token-file", str(tok), "--json")
+    assert r.code == 0, r.err
+    assert seen[-1] == "hf_filetoken" and "warning" not in r.err
+    r = cli("search", "--base", "x/y", "--token", "hf_cli", "--json")
+    assert r.code == 0 and seen[-1] == "hf_cli"
+    assert "visible in ps; prefer HF_TOKEN or --token-file" in r.err
+    _one_line_usage(cli("search", "--base", "x/y", "--token-file", str(tmp_path / "missing")))
+    _one_line_usage(cli("search", "--base", "x/y", "--token", "a", "--token-file", str(tok)))

@@ -254,7 +254,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     label = f"{repo_id}@{got.commit_sha[:12]}"
     params = dict(repo=repo_id, revision=revision, include=include, exclude=exclude, name=name,
                   allow_pickle=allow_pickle, with_base=with_base,
-                  endpoint=client.resolve_endpoint(endpoint))
+                  endpoint=client.public_endpoint(endpoint))
     with record_run(reg, "pull", params) as run, \
             tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="pull-") as tmp:
         staging = Path(tmp)
@@ -287,7 +287,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
         files = {rel: reg.blobs.put_file(staging / rel) for rel in staged}
         size = sum(reg.blobs.path_for(d).stat().st_size for d in files.values())
         config = {"hub": {"repo": repo_id, "revision": revision, "commit": got.commit_sha,
-                          "endpoint": client.resolve_endpoint(endpoint), "include": include,
+                          "endpoint": client.public_endpoint(endpoint), "include": include,
                           "exclude": exclude},
                   "peft": {k: adapter.config[k] for k in _CONFIG_KEYS if k in adapter.config}}
         if converted:
@@ -369,7 +369,7 @@ def add_hub_base(reg: Registry, repo: str, revision: str | None = None, allow_pi
         raise UsageError(f"a base named {repo_id!r} already exists with other weights")
     label = f"{repo_id}@{got.commit_sha[:12]}"
     params = dict(name=repo_id, revision=revision, allow_pickle=allow_pickle,
-                  endpoint=client.resolve_endpoint(endpoint))
+                  endpoint=client.public_endpoint(endpoint))
     with record_run(reg, "base add", params) as run, \
             tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="base-") as tmp:
         converted = _prepare_base_folder(got, Path(tmp), allow_pickle, label)
@@ -570,7 +570,7 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
     except StoreError as e:
         raise UsageError(str(e)) from None
     params = dict(artifact=art.name, repo_id=repo_id, private=private, format=fmt,
-                  commit_message=commit_message, endpoint=client.resolve_endpoint(endpoint))
+                  commit_message=commit_message, endpoint=client.public_endpoint(endpoint))
     with tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="push-") as tmp:
         stage = Path(tmp) / "repo"
         if dry_run:
@@ -582,7 +582,7 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
             res = client.push_folder(stage, repo_id, private=private, commit_message=commit_message,
                                      token=token, endpoint=endpoint, progress=progress)
             record = {"repo_id": repo_id, "commit_sha": res.commit_sha, "url": res.url,
-                      "format": fmt, "endpoint": client.resolve_endpoint(endpoint)}
+                      "format": fmt, "endpoint": client.public_endpoint(endpoint)}
             with reg.session() as s:
                 row = s.get(Artifact, art.id)
                 pushes = [p for p in (row.config or {}).get("pushes", [])
