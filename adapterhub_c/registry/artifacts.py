@@ -31,7 +31,7 @@ def check_name_syntax(name: object, what: str = "--name", *, namespace: bool = T
     ``..``, no leading or trailing ``/``. UsageError otherwise. Only new names are checked:
     rows already stored under other names still load.
     """
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name.strip():
         raise UsageError(f"{what} must not be empty")
     parts = name.split("/") if namespace else [name]
     if len(parts) > 2 or any(
