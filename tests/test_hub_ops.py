@@ -531,11 +531,15 @@ def test_push_pack_artefact(cli, reg, tiny_base, hf, lora_dir, tmp_path):
             PeftModel.from_pretrained(load_base_model(reg, tiny_base)[0], str(snap))
 
 
-def test_wrong_token_on_push_is_one_line_without_the_token(cli, reg, tiny_base, hf, lora_dir):
+def test_wrong_token_on_push_is_one_line_without_the_token(cli, reg, tiny_base, hf, lora_dir, tmp_path):
     _register_lora(reg, tiny_base, lora_dir, "tok-lora")
     bad = "hf_wrong_token_zyxwvu987654"
-    r = cli("push", "tok-lora", _repo("badtok"), "--token", bad)
+    (tmp_path / "bad-token").write_text(bad + "\n")
+    r = cli("push", "tok-lora", _repo("badtok"), "--token-file", str(tmp_path / "bad-token"))
     _one_line_error(r, 1, "refused the token")
+    r = cli("push", "tok-lora", _repo("badtok"), "--token", bad)  # the same, after the ps warning
+    assert r.code == 1 and r.err.splitlines()[0].startswith("warning: --token is visible in ps")
+    assert len(r.err.strip().splitlines()) == 2 and "refused the token" in r.err.splitlines()[1]
     assert bad not in r.err + r.out and hf.token not in r.err + r.out
     r = cli("push", "tok-lora", _repo("notok"))  # no token at all: writes are refused too
     _one_line_error(r, 1, "refused the token")

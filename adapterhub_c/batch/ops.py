@@ -19,6 +19,7 @@ from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_execu
 from adapterhub_c.errors import UsageError
 from adapterhub_c.hub.ops import search_adapters_for
 from adapterhub_c.packing.params import parse_alpha, parse_density
+from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -79,6 +80,8 @@ def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[st
     if from_file is not None:
         given += read_sources(from_file)
     existing = _find_batch(reg, name) if name else None
+    if name is not None and existing is None:  # a new batch: the name rule (old ones still resume)
+        check_name_syntax(name, "batch name", namespace=False)
     if variant is None and existing is None:
         raise UsageError("give --variant (or --name of an existing batch to resume it)")
     if existing is not None and variant is None:

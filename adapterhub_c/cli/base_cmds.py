@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import progress_callback
+from adapterhub_c.cli.render import progress_callback, token_options
 
 
 @click.group("base")
@@ -16,7 +16,7 @@ def base_group() -> None:
 @click.argument("name")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--allow-pickle", is_flag=True, help="Hub repos: accept .bin weights (converted to safetensors).")
-@click.option("--token", default=None, help="Hub token (default: HF_TOKEN); never stored or printed.")
+@token_options("Hub token (default: HF_TOKEN); never stored or printed.")
 @click.pass_obj
 def base_add(obj, name: str, revision: str | None, allow_pickle: bool, token: str | None) -> None:
     """Register a base model: builtin:smollm2-135m, builtin:tiny-llama, or a Hub repo REPO[@REV]."""

@@ -6,7 +6,7 @@ import sys
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback, token_options
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or printed."
 
@@ -22,7 +22,7 @@ TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or
 @click.option("--base", "base", default=None,
               help="Attach to this registered base (config naming none, a -bnb-4bit/GPTQ/AWQ copy, …); "
                    "the shape check decides.")
-@click.option("--token", default=None, help=TOKEN_HELP)
+@token_options(TOKEN_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_base, base, token, as_json):
@@ -43,7 +43,7 @@ def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_bas
 @click.command("search")
 @click.option("--base", required=True, help="Base model (hub id or registered base).")
 @click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--token", default=None, help=TOKEN_HELP)
+@token_options(TOKEN_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def search_cmd(obj, base, limit, token, as_json):
@@ -66,7 +66,7 @@ def search_cmd(obj, base, limit, token, as_json):
               help="PEFT folder, the pack file (packs only), or both.")
 @click.option("--commit-message", default=None)
 @click.option("--dry-run", is_flag=True, help="List the files that would be pushed; upload nothing.")
-@click.option("--token", default=None, help=TOKEN_HELP)
+@token_options(TOKEN_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def push_cmd(obj, name, repo_id, private, fmt, commit_message, dry_run, token, as_json):
@@ -93,8 +93,8 @@ def hub_group() -> None:
 @click.option("--root", required=True, type=click.Path(file_okay=False), help="Folder holding the repos.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
-@click.option("--token", envvar="ADAPTERHUB_HUB_TOKEN", default=None,
-              help="Writes (and private repos) need this token (env ADAPTERHUB_HUB_TOKEN).")
+@token_options("Writes (and private repos) need this token (env ADAPTERHUB_HUB_TOKEN).",
+               envvar="ADAPTERHUB_HUB_TOKEN")
 @click.pass_obj
 def hub_serve(obj, root, host, port, token) -> None:
     """Serve Hub repos from ROOT until interrupted; point clients at it with HF_ENDPOINT."""

@@ -69,6 +69,11 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _one_line(message: str) -> str:
+    """click's messages (e.g. a missing Choice option lists its choices one per line) on one line."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit 2 / 1."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -82,10 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.UsageError as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from typing import Any, Iterable, Iterator
@@ -10,6 +11,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from adapterhub_c.errors import UsageError
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
@@ -74,3 +77,34 @@ def progress_callback() -> Iterator[Any]:
 
     with bars:
         yield update
+
+
+TOKEN_WARNING = "warning: --token is visible in ps; prefer HF_TOKEN or --token-file"
+
+
+def token_options(help_text: str, envvar: str | None = None):
+    """``--token`` and ``--token-file PATH|-`` (read the token from a file or stdin) for a
+    command taking ``token``; a ``--token`` given on the command line warns on stderr."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, token=None, token_file=None, **kwargs):
+            ctx = click.get_current_context()
+            from_cli = ctx.get_parameter_source("token") == click.core.ParameterSource.COMMANDLINE
+            if token_file is not None:
+                if from_cli:
+                    raise UsageError("give --token or --token-file, not both")
+                try:
+                    text = sys.stdin.read() if token_file == "-" else open(token_file, encoding="utf-8").read()
+                except OSError as e:
+                    raise UsageError(f"--token-file {token_file}: {e.strerror or e}") from None
+                token = text.strip()
+                if not token or any(c.isspace() for c in token):
+                    raise UsageError(f"--token-file {token_file}: expected one token on one line")
+            elif from_cli:
+                click.echo(TOKEN_WARNING, err=True)
+            return fn(*args, token=token, **kwargs)
+
+        wrapper = click.option("--token-file", default=None, metavar="PATH|-",
+                               help="Read the token from this file ('-': stdin).")(wrapper)
+        return click.option("--token", envvar=envvar, default=None, help=help_text)(wrapper)
+    return deco

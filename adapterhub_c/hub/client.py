@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from adapterhub_c.errors import AdaptError, UsageError
-from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.fsutil import atomic_write_bytes, redact_url
 from adapterhub_c.hub.cards import model_card  # noqa: F401  (re-exported: part of the client API)
 from adapterhub_c.hub.store import git_blob_oid
 from adapterhub_c.hub.validate import validate_lora_folder  # noqa: F401  (re-exported)
@@ -53,6 +53,11 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def public_endpoint(endpoint: str | None = None) -> str:
+    """:func:`resolve_endpoint` without any ``user:password@``: the form to store or print."""
+    return redact_url(resolve_endpoint(endpoint))
+
+
 def resolve_endpoint(endpoint: str | None = None) -> str:
     """``endpoint``, else HF_ENDPOINT, else huggingface_hub's default (no trailing slash)."""
     from huggingface_hub import constants
@@ -86,7 +91,7 @@ def _api(endpoint: str, token: str | None):
 
 # ---- errors and retries -------------------------------------------------------------------------
 def _scrub(text: str, token: str | None) -> str:
-    text = text.splitlines()[0] if text else text
+    text = redact_url(text.splitlines()[0]) if text else text
     if token:
         text = text.replace(token, "***")
     return text
@@ -129,7 +134,7 @@ def _with_retries(fn: Callable[[], object], what: str, endpoint: str, tries: int
             if reason is None:
                 raise
             if attempt == tries:
-                raise AdaptError(f"{what} failed: {reason} from {endpoint} "
+                raise AdaptError(f"{what} failed: {reason} from {redact_url(endpoint)} "
                                  f"after {tries} tries") from None
             if progress is not None:
                 progress(f"retrying ({reason})", attempt, tries)
@@ -145,14 +150,14 @@ def _translate(e: Exception, repo_id: str, revision: str | None, endpoint: str,
     if isinstance(e, RevisionNotFoundError):
         return UsageError(f"revision {revision!r} not found in hub repo {repo_id!r}")
     if isinstance(e, RepositoryNotFoundError):
-        return UsageError(f"hub repo {repo_id!r} not found at {endpoint} "
+        return UsageError(f"hub repo {repo_id!r} not found at {redact_url(endpoint)} "
                           "(or it is private and no valid token was given)")
     if isinstance(e, HFValidationError):
         return UsageError(f"invalid hub repo id {repo_id!r}: {_scrub(str(e), token)}")
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         status = e.response.status_code
         if status in (401, 403):
-            return AdaptError(f"the hub at {endpoint} refused the token (HTTP {status}) "
+            return AdaptError(f"the hub at {redact_url(endpoint)} refused the token (HTTP {status}) "
                               f"for {repo_id!r}; check HF_TOKEN / --token")
         return AdaptError(f"hub request for {repo_id!r} failed (HTTP {status}): "
                           f"{_scrub(e.server_message or '', token)}".rstrip(": "))
@@ -375,14 +380,14 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False,
         if progress is not None:
             progress(f"comparing with {repo_id}", len(local) - len(changed), len(local))
         if not changed:
-            return PushResult(head, head != first_sha[0], url)
+            return PushResult(head, head != first_sha[0], redact_url(url))
         ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(local[p])) for p in changed]
         info = api.create_commit(repo_id, operations=ops, parent_commit=head,
                                  commit_message=commit_message
                                  or f"Upload {len(changed)} file(s) with adapterhub-c")
         if progress is not None:
             progress(f"pushed {repo_id}", len(local), len(local))
-        return PushResult(info.oid, info.oid != first_sha[0], url)
+        return PushResult(info.oid, info.oid != first_sha[0], redact_url(url))
 
     try:
         return _with_retries(attempt, f"push to {repo_id!r}", endpoint, tries, base_delay,

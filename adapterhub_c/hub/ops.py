@@ -38,7 +38,7 @@ from adapterhub_c.hub.store import StoreError, check_repo_id
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, kohya_message, validate_lora_folder
 from adapterhub_c.models.arch import stored_layout_is_in_out
 from adapterhub_c.models.builtin import builtin_for
-from adapterhub_c.registry.artifacts import check_new_name, name_taken, unique_name
+from adapterhub_c.registry.artifacts import check_name_syntax, check_new_name, name_taken, unique_name
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
@@ -304,8 +304,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     if base is not None:
         _explicit_base(reg, base)  # before any download
     if name is not None:
-        if not name.strip():
-            raise UsageError("--name must not be empty")
+        check_name_syntax(name)
         if name_taken(reg, name):
             existing = reg.get(name, "artifact")
             if existing.source_sha is None or not (existing.source or "").startswith(f"{repo_id}@"):
@@ -320,7 +319,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
     label = f"{repo_id}@{got.commit_sha[:12]}"
     params = dict(repo=repo_id, revision=revision, include=include, exclude=exclude, name=name,
                   allow_pickle=allow_pickle, with_base=with_base, base=base,
-                  endpoint=client.resolve_endpoint(endpoint))
+                  endpoint=client.public_endpoint(endpoint))
     with record_run(reg, "pull", params) as run, \
             tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="pull-") as tmp:
         staging = Path(tmp)
@@ -363,7 +362,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
         files = {rel: reg.blobs.put_file(staging / rel) for rel in staged}
         size = sum(reg.blobs.path_for(d).stat().st_size for d in files.values())
         config = {"hub": {"repo": repo_id, "revision": revision, "commit": got.commit_sha,
-                          "endpoint": client.resolve_endpoint(endpoint), "include": include,
+                          "endpoint": client.public_endpoint(endpoint), "include": include,
                           "exclude": exclude},
                   "peft": {k: adapter.config[k] for k in _CONFIG_KEYS if k in adapter.config}}
         if converted:
@@ -484,7 +483,7 @@ def add_hub_base(reg: Registry, repo: str, revision: str | None = None, allow_pi
         raise UsageError(f"a base named {repo_id!r} already exists with other weights")
     label = f"{repo_id}@{got.commit_sha[:12]}"
     params = dict(name=repo_id, revision=revision, allow_pickle=allow_pickle,
-                  endpoint=client.resolve_endpoint(endpoint))
+                  endpoint=client.public_endpoint(endpoint))
     with record_run(reg, "base add", params) as run, \
             tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="base-") as tmp:
         converted = _prepare_base_folder(got, Path(tmp), allow_pickle, label)
@@ -691,7 +690,7 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
     except StoreError as e:
         raise UsageError(str(e)) from None
     params = dict(artifact=art.name, repo_id=repo_id, private=private, format=fmt,
-                  commit_message=commit_message, endpoint=client.resolve_endpoint(endpoint))
+                  commit_message=commit_message, endpoint=client.public_endpoint(endpoint))
     with tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="push-") as tmp:
         stage = Path(tmp) / "repo"
         if dry_run:
@@ -703,7 +702,7 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
             res = client.push_folder(stage, repo_id, private=private, commit_message=commit_message,
                                      token=token, endpoint=endpoint, progress=progress)
             record = {"repo_id": repo_id, "commit_sha": res.commit_sha, "url": res.url,
-                      "format": fmt, "endpoint": client.resolve_endpoint(endpoint)}
+                      "format": fmt, "endpoint": client.public_endpoint(endpoint)}
             with reg.session() as s:
                 row = s.get(Artifact, art.id)
                 pushes = [p for p in (row.config or {}).get("pushes", [])

@@ -8,6 +8,12 @@ callable. Search: a nevergrad optimizer by name (default NGOpt, budget 40, weigh
 start at 0 within [-1.5, 1.5], as LoraHub). The result uses the best *evaluated*
 weights, and records which optimizer NGOpt actually delegated to (with nevergrad
 1.0.12 and bounded weights that is Cobyla).
+
+The default penalty, LORAHUB_L1 = 0.25, makes the objective LoraHub's at its default
+setting: LoraHub's is (sum of per-batch mean losses) / (number of examples) + 0.05 · mean|w|;
+with its 5 examples in one batch that is loss/5 + 0.05 · mean|w|, i.e. exactly ours with
+l1 = 0.25 divided by 5, so both searches rank every candidate alike and land on the same
+weights. Other example counts keep our batch-size-independent weighting.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
 from adapterhub_c.merging.delta import Progress
 from adapterhub_c.merging.inputs import input_names
+
+LORAHUB_EXAMPLES = 5   # LoraHub's default number of examples (one batch)
+LORAHUB_L1 = 0.05 * LORAHUB_EXAMPLES  # its 0.05 penalty, on our per-example (not /examples) loss scale
 
 
 @dataclass
@@ -44,7 +53,7 @@ class ComposeResult:
 def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.ndarray], float] | None = None,
                      model=None, tokenizer=None, examples: Sequence[tuple[str, str]] | None = None,
                      optimizer: str = "NGOpt", budget: int = 40, bounds: tuple[float, float] = (-1.5, 1.5),
-                     l1: float = 0.05, seed: int = 0, init: Sequence[float] | None = None,
+                     l1: float = LORAHUB_L1, seed: int = 0, init: Sequence[float] | None = None,
                      batch_size: int = 8, max_length: int | None = 512, names: Sequence[str] | None = None,
                      progress: Progress | None = None) -> ComposeResult:
     """Find weights w for A = Σ w_i A_i, B = Σ w_i B_i (equal ranks; LoraHub's rule).

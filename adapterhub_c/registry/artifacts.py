@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Iterable
 
 from sqlalchemy import select
@@ -18,16 +19,40 @@ def name_taken(reg: Registry, name: str) -> bool:
         return s.scalar(select(Artifact.id).where(Artifact.name == name)) is not None
 
 
+NAME_PART_MAX = 96
+_NAME_PART = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name_syntax(name: object, what: str = "--name", *, namespace: bool = True) -> str:
+    """The one rule for a new name of any kind (artefact, variant, batch); returns it.
+
+    Hub-like: parts of ``[A-Za-z0-9._-]``, at most NAME_PART_MAX characters each, joined by
+    ``/`` only where it means a namespace (``namespace=True``); never empty, never ``.`` or
+    ``..``, no leading or trailing ``/``. UsageError otherwise. Only new names are checked:
+    rows already stored under other names still load.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(f"{what} must not be empty")
+    parts = name.split("/") if namespace else [name]
+    if len(parts) > 2 or any(
+            not _NAME_PART.fullmatch(p) or p in (".", "..") or len(p) > NAME_PART_MAX for p in parts):
+        shown = ascii(name[:NAME_PART_MAX]) + ("..." if len(name) > NAME_PART_MAX else "")
+        raise UsageError(f"invalid {what} {shown}: use letters, digits, '.', '_', '-' (at most "
+                         f"{NAME_PART_MAX} each){', one / for a namespace' if namespace else ''}, "
+                         "and no '..'")
+    return name
+
+
 def check_new_name(reg: Registry, name: str | None) -> None:
-    """Refuse a user-given name for a new artefact: empty, or taken (UsageError). ``None`` passes.
+    """Refuse a user-given name for a new artefact: against the name rule
+    (:func:`check_name_syntax`), or taken (UsageError). ``None`` passes.
 
     ``None`` means "make one up" (see :func:`unique_name`); the check runs before any
     work so a bad ``--name`` fails fast. ``register_artifact`` checks again, atomically.
     """
     if name is None:
         return
-    if not name.strip():
-        raise UsageError("--name must not be empty")
+    check_name_syntax(name)
     if name_taken(reg, name):
         raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
 

@@ -133,11 +133,18 @@ def _known_revision(rev: str) -> bool:
         return False
 
 
-def _describe(url: str) -> str:
-    """A URL safe to print: the password, if any, is hidden."""
+def describe_url(url: str) -> str:
+    """A database URL safe to print: the password, if any, is hidden (the text before '://'
+    only, when sqlalchemy cannot parse it)."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL we cannot parse: show its scheme only
+        return url.split("://", 1)[0] + "://…" if "://" in url else "<unparsable URL>"
+
+
+_describe = describe_url
 
 
 @contextlib.contextmanager

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import or_, select
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapterhub_c.errors import NotFoundError, UsageError
 from adapterhub_c.registry.blobs import BlobStore
 from adapterhub_c.registry.db import default_home, default_url, make_engine, upgrade
+from adapterhub_c.registry.db import describe_url as _safe_url
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Lineage, Run, Variant
 
 KINDS = {"base": BaseModel, "variant": Variant, "artifact": Artifact}
@@ -31,9 +33,16 @@ class Registry:
 
     def __init__(self, url: str | None = None, home: str | os.PathLike | None = None):
         self.home = Path(home) if home else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot use --home {self.home}: {e.strerror or e}") from None
         self.url = url or default_url(self.home)
-        self.engine = make_engine(self.url)
+        try:
+            self.engine = make_engine(self.url)
+        except (ArgumentError, NoSuchModuleError, ValueError) as e:
+            raise UsageError(f"--db {_safe_url(self.url)}: not a database URL sqlalchemy can open "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         upgrade(self.engine, self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.blobs = BlobStore(self.home)

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
+from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Run, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import KINDS, Registry, delete_object, kind_of
@@ -43,6 +44,8 @@ def run_row(r: Run) -> dict[str, Any]:
 
 def list_objects(reg: Registry, what: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Rows of one table: bases, variants, artifacts or runs (newest runs first)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"limit must be a positive integer (got {limit!r})")
     with reg.session() as s:
         names = {b.id: b.name for b in s.scalars(select(BaseModel))}
         if what == "bases":

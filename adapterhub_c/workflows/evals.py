@@ -15,6 +15,9 @@ def run_eval(reg: Registry, target: str, data: str, split: str = "test", variant
              adapter: str | None = None, prompt: str | None = None, max_tokens: int | None = None,
              max_examples: int | None = None, device: str | None = "cpu", progress=None) -> dict:
     """Evaluate TARGET (+ variant/adapter/prompt) on DATA and record the results."""
+    for opt, value in (("max_tokens", max_tokens), ("max_examples", max_examples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{opt} must be a positive integer (got {value!r})")
     spec = resolve_stack(reg, target, variant, adapter, prompt)
     load_dataset(data, split)  # fail fast on bad data before loading a model
     params = dict(target=target, data=data, split=split, variant=variant, adapter=adapter, prompt=prompt,

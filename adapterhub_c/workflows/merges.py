@@ -47,7 +47,7 @@ from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
 from adapterhub_c.merging.api import merge_adapters
-from adapterhub_c.merging.compose import _check_options, compose_adapters
+from adapterhub_c.merging.compose import LORAHUB_L1, _check_options, compose_adapters
 from adapterhub_c.merging.factors import check_equal_ranks, factor_weights
 from adapterhub_c.merging.inputs import check_inputs, compute_dtype, dora_as_lora, input_names, module_inputs
 from adapterhub_c.merging.spec import (
@@ -473,7 +473,7 @@ def _parse_bounds(bounds) -> tuple[float, float]:
 
 
 def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shots: int | None = None,
-                      budget: int = 40, bounds=(-1.5, 1.5), l1: float = 0.05, optimizer: str = "NGOpt",
+                      budget: int = 40, bounds=(-1.5, 1.5), l1: float = LORAHUB_L1, optimizer: str = "NGOpt",
                       seed: int = 0, name: str | None = None, device: str | None = None, batch_size: int = 8,
                       progress: Progress | None = None) -> tuple[Artifact, dict]:
     """LoraHub-style composition of registered adapters on a few examples → ``composed`` artefact.

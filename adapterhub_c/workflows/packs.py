@@ -255,9 +255,12 @@ def unpack_artifact(reg: Registry, pack_ref: str, out: str | Path | None = None)
     ``adapterhub_c.json`` with the provenance). Default ``out``: ``./<pack name>``; an
     existing non-empty folder is refused."""
     art = _pack_row(reg, pack_ref)
-    out = Path(out) if out is not None else Path.cwd() / art.name
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists and is not an empty folder")
+    out = Path(out) if out is not None else _default_unpack_dir(art.name)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"{out} already exists and is not an empty folder")
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror or e}") from None
     loaded = load_adapter_artifact(reg, art)
     cfg = art.config or {}
     info = {"unpacked_from": art.name, "pack_id": art.id, "pack_digest": cfg.get("pack_digest"),
@@ -266,7 +269,21 @@ def unpack_artifact(reg: Registry, pack_ref: str, out: str | Path | None = None)
     extra = {INFO_FILE: (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()}
     if loaded.recovery_state:
         extra[FILE_NAME] = recovery_file_bytes(loaded.recovery_state, loaded.recovery_config)
-    return loaded.lora.to_folder(out, extra_files=extra)
+    try:
+        return loaded.lora.to_folder(out, extra_files=extra)
+    except OSError as e:
+        raise UsageError(f"cannot write --out {out}: {e.strerror or e}") from None
+
+
+def _default_unpack_dir(name: str) -> Path:
+    """``./<name>``, kept inside the working directory: a namespaced name (``owner/x``) uses
+    its last part; a name that would still leave cwd (old rows, before the name rule) is refused."""
+    last = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cwd = Path.cwd()
+    out = cwd / last
+    if not last or last in (".", "..") or any(ord(c) < 32 for c in last) or out.resolve().parent != cwd.resolve():
+        raise UsageError(f"pack name {ascii(name)} is not a safe folder name; give --out")
+    return out
 
 
 def inspect_pack_ref(reg: Registry | None, pack_ref_or_path: str | Path) -> dict:

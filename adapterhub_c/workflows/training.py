@@ -165,6 +165,8 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
         raise UsageError(f"rank must be >= 1 (got {rank})")
     if not alpha > 0:
         raise UsageError(f"alpha must be > 0 (got {alpha})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be >= 1 (got {steps!r}); nothing would be trained")
     if targets:  # None or empty: the attention linears of the model (models/arch.py)
         targets = sorted({t.strip() for t in targets if t and t.strip()})
         if not targets:

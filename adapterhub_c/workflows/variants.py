@@ -30,6 +30,7 @@ from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -208,8 +209,8 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
         raise UsageError(f"eval_tokens must be a non-negative integer (0 skips the evaluation), got {eval_tokens!r}")
     if eval_tokens == 1:
         raise UsageError("eval_tokens must be 0 (skip) or at least 2")
-    if name is not None and (not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name)):
-        raise UsageError(f"invalid variant name {name!r} (no spaces)")
+    if name is not None:
+        check_name_syntax(name, "variant name", namespace=False)
     digest = recipe.digest()
     with reg.session() as s:
         base = base_ref if isinstance(base_ref, BaseModel) else reg.resolve(s, base_ref, "base")
