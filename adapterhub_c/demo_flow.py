@@ -10,7 +10,8 @@ while the next step runs. The flow is the one a user runs by hand:
 5. convert the pulled LoRA to the variant with inherit + recover + distill (``adapt convert``);
 6. ComPEFT-pack the converted adapter at k = 10% with auto alpha (``adapt pack``);
 7. merge two task LoRAs (task arithmetic, TIES) and compose LoraHub-style on a third task;
-8. learn a short soft prompt on the variant (``adapt prompt learn``).
+8. learn a short soft prompt on the variant (``adapt prompt learn``);
+9. serve the variant with those adapters behind the OpenAI API (``adapt serve``), one request each.
 
 Every step goes through the same library calls as the commands and leaves its artefacts in
 the registry; artefacts already made by an earlier demo run (same names) are reused, so a
@@ -24,10 +25,12 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.hub.ops import pull_adapter, push_artifact
 from adapterhub_c.models.builtin import SMOLLM2, TINY
 from adapterhub_c.registry.models import Artifact
 from adapterhub_c.registry.store import Registry
+from adapterhub_c.serve.demo import demo_round
 from adapterhub_c.workflows.bases import add_builtin_base
 from adapterhub_c.workflows.evals import run_eval
 from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts
@@ -245,3 +248,14 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
         {"model": b.name, "perplexity": _fmt(base_ppl, 2)},
         {"model": variant.name, "perplexity": _fmt(before, 2)},
         {"model": f"{variant.name} + {prompt.name}", "perplexity": _fmt(after, 2)}]
+
+    # 9. serve the variant and every adapter made on it behind the OpenAI API, one request each
+    task_prompt = load_dataset(f"builtin:task/{CONVERT_TASK}", "test").pairs[0][0]
+    served = [conv.name, pack.name, prompt.name, f"{conv.name}+{prompt.name}"]
+    prompts = {name: task_prompt for name in served[:2]}
+    rows = demo_round(reg, variant.name, served, prompts={**prompts, **{n: "Python lists are" for n in served[2:]}},
+                      max_tokens=16)
+    yield f"adapt serve {variant.name}: one request per adapter (OpenAI API on loopback)", [
+        {"model": r["model"], "kind": r["kind"], "answer": r["answer"].strip()[:40],
+         "first_switch_ms": _fmt(r["first_switch_ms"], 3), "resident_switch_ms": _fmt(r["resident_switch_ms"], 3)}
+        for r in rows]

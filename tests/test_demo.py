@@ -6,7 +6,8 @@ from collections import Counter
 SECTIONS = ("base", "perplexity on builtin:pydoc test", "task LoRAs on builtin:tiny-llama",
             "push to a local hub and pull back", "to tiny-llama-nf4-wanda50 (CA-LoRA", "ComPEFT pack at k = 10%",
             "merge demo-tiny-llama-uppercase + demo-tiny-llama-reverse-words", "compose on 3 examples of sort-numbers",
-            "soft prompt (4 tokens, 2 steps) on tiny-llama-nf4-wanda50")
+            "soft prompt (4 tokens, 2 steps) on tiny-llama-nf4-wanda50",
+            "adapt serve tiny-llama-nf4-wanda50: one request per adapter")
 
 
 def _kinds(cli) -> Counter:
@@ -31,6 +32,9 @@ def test_demo_runs_every_step_and_reruns_by_reusing(cli, reg):
     pulled = reg.get("demo-tiny-llama-uppercase-pulled", "artifact")
     assert pulled.source.startswith("demo/tiny-llama-uppercase-lora@")
     assert _weights(pushed) and _weights(pulled) == _weights(pushed)
+    serve_table = flat[flat.index(SECTIONS[-1]):]
+    for kind in ("recovered-lora", "pack", "prompt", "recovered-lora+prompt"):
+        assert f" {kind} " in serve_table, (kind, serve_table)
     kinds = _kinds(cli)
     assert kinds == Counter({"lora": 4, "recovered-lora": 1, "pack": 1, "merged": 2, "composed": 1, "prompt": 1})
     assert [v["name"] for v in cli("variant", "ls", "--json").json()] == ["tiny-llama-nf4-wanda50"]
