@@ -18,7 +18,7 @@ _API = (
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull", "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "serve", "demo",
+    "serve_hub", "demo",
 )
 __all__ = ["__version__", *_API]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from sqlalchemy import select
 
-from adapterhub_c.errors import UsageError
+from adapterhub_c.errors import AdaptError, AdaptWarning, UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
@@ -179,6 +179,18 @@ def _base_weight_files(base: BaseModel) -> dict[str, str]:
     return keep
 
 
+STORAGE_FULL = "full-copy"
+
+
+def _delta_refusal(build, base_folder) -> str | None:
+    """Why this build cannot be stored as masks over the base (None when it can)."""
+    try:
+        check_delta(build, base_folder)
+    except AdaptError as e:
+        return str(e)
+    return None
+
+
 def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "none", double_quant: bool = False,
                    prune: str = "none", sparsity: float | None = None, granularity: str | None = None,
                    calib: str | None = DEFAULT_CALIB, calib_samples: int = 32, calib_seq_len: int = 128,
@@ -246,9 +258,19 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
                 del build, model
                 files = dict(base_files)
                 load_from = base_folder
+            elif (why_not := _delta_refusal(build, base_folder)) is not None:
+                # base x masks is not the pruned model here: keep the whole pruned copy (the old form)
+                message = f"{why_not}; variant stored as a whole pruned copy instead"
+                warnings.warn(message, AdaptWarning, stacklevel=2)
+                meta["warnings"] = [message]
+                full_dir = build.save(Path(tmp) / "variant")
+                del build, model
+                (full_dir / VARIANT_FILE).unlink()  # written below, with the measured perplexity
+                files = reg.blobs.put_folder(full_dir)
+                meta["storage"] = STORAGE_FULL
+                load_from = full_dir
             else:
                 # store the delta only: keep-masks / kept channels + config, over the base's shared weight blobs
-                check_delta(build, base_folder)
                 delta_dir = build.save_delta(Path(tmp) / "variant")
                 del build, model
                 (delta_dir / VARIANT_FILE).unlink()  # written below, with the measured perplexity
@@ -277,8 +299,8 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
         size = sum(reg.blobs.path_for(d).stat().st_size for d in set(files.values()))
         stats["own_bytes"] = stats["stored_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
         stats["stored_file_bytes"] = size
-        stats["shares_base_weights"] = True
-        stats["storage"] = STORAGE_DELTA if recipe.prune != "none" else "base"
+        stats["storage"] = meta.get("storage") or "base"
+        stats["shares_base_weights"] = stats["storage"] != STORAGE_FULL
         with reg.session() as s:
             if s.scalar(select(Variant.id).where(Variant.base_id == base.id, Variant.recipe_digest == digest)):
                 # built concurrently by another process: keep theirs
