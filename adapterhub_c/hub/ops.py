@@ -32,6 +32,7 @@ from sqlalchemy import select
 from adapterhub_c.adapters.lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, canonical_tensors
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
+from adapterhub_c.httpserve import is_loopback
 from adapterhub_c.hub import client
 from adapterhub_c.hub.cards import model_card, variant_card
 from adapterhub_c.hub.store import StoreError, check_repo_id
@@ -804,17 +805,6 @@ def push_variant(reg: Registry, variant: str | Variant, repo_id: str, *, private
 
 
 # ---- serve ------------------------------------------------------------------------------------
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
               ready: Callable[[str], None] | None = None,
               warn: Callable[[str], None] | None = None) -> None:
@@ -830,7 +820,7 @@ def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: s
         raise UsageError(f"--root {root}: not a folder")
     if not 0 <= int(port) <= 65535:
         raise UsageError(f"--port {port}: out of range")
-    if not _is_loopback(host) and not token and warn is not None:
+    if not is_loopback(host) and not token and warn is not None:
         warn(f"serving on {host} without a token: anyone who can reach it can create and push repos")
     root.mkdir(parents=True, exist_ok=True)
     try:

@@ -20,7 +20,6 @@ import binascii
 import hmac
 import json
 import re
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapterhub_c.httpserve import ThreadedServer, bind, endpoint_of, serve_forever
 from adapterhub_c.hub.cards import card_tags, parse_front_matter
 from adapterhub_c.hub.faults import FaultInjector
 from adapterhub_c.hub.store import (
@@ -729,22 +729,7 @@ def _stream(blob: Path, start: int, length: int, fault):
 
 
 # ---- running -----------------------------------------------------------------------------
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
-
-
-def _uvicorn_server(app, log_level: str):
-    import uvicorn
-
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=1)
-    return uvicorn.Server(config)
+GRACEFUL_SHUTDOWN_S = 1
 
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
@@ -759,17 +744,14 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str |
     ``configure(app)`` runs before serving (in-process set-up such as test fault injection).
     ``max_body_bytes`` / ``max_upload_bytes``: see :func:`create_app`.
     """
-    sock = _bind(host, port)
-    bound_host, bound_port = sock.getsockname()[:2]
-    endpoint = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+    sock = bind(host, port, backlog=128)
     app = create_app(root, token, user=user, max_body_bytes=max_body_bytes,
                      max_upload_bytes=max_upload_bytes)
     if configure is not None:
         configure(app)
-    server = _uvicorn_server(app, log_level)
     if ready is not None:
-        ready(endpoint)
-    server.run(sockets=[sock])
+        ready(endpoint_of(sock))
+    serve_forever(app, sock, log_level, GRACEFUL_SHUTDOWN_S)
 
 
 class BackgroundServer:
@@ -784,12 +766,9 @@ class BackgroundServer:
                  max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.app = create_app(root, token, max_body_bytes=max_body_bytes,
                               max_upload_bytes=max_upload_bytes)
-        self._sock = _bind(host, port)
-        h, p = self._sock.getsockname()[:2]
-        self.endpoint = f"http://{h}:{p}"
-        self._server = _uvicorn_server(self.app, log_level)
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._sock]}, daemon=True)
+        self._http = ThreadedServer(self.app, host, port, log_level, GRACEFUL_SHUTDOWN_S, backlog=128,
+                                    name="local hub server")
+        self.endpoint = self._http.endpoint
 
     @property
     def faults(self) -> FaultInjector:
@@ -800,24 +779,11 @@ class BackgroundServer:
         return self.app.state.hub.store
 
     def start(self) -> "BackgroundServer":
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("local hub server failed to start")
-            time.sleep(0.01)
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        self._http.stop()
 
     def __enter__(self) -> "BackgroundServer":
         return self.start()

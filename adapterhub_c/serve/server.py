@@ -8,13 +8,12 @@ runs it on a loopback port in a thread of this process (tests, benchmarks, the d
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from adapterhub_c.errors import AdaptError, UsageError
+from adapterhub_c.errors import UsageError
+from adapterhub_c.httpserve import ThreadedServer, bind, endpoint_of, is_loopback, serve_forever
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
@@ -26,6 +25,7 @@ from adapterhub_c.serve.metrics import Metrics
 from adapterhub_c.training.prompt import context_length
 
 TOKEN_ENV = "ADAPTERHUB_SERVE_TOKEN"
+GRACEFUL_SHUTDOWN_S = 2
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -108,44 +108,6 @@ class AdapterServer:
         self.engine.stop()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise AdaptError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(256)
-    sock.setblocking(False)
-    return sock
-
-
-def _endpoint(sock: socket.socket) -> str:
-    h, p = sock.getsockname()[:2]
-    return f"http://{'[' + h + ']' if ':' in h else h}:{p}"
-
-
-def _uvicorn(app, log_level: str):
-    import uvicorn
-
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2)
-    return uvicorn.Server(config)
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(reg: Registry, target: str, options: ServeOptions | None = None, host: str = DEFAULT_HOST,
           port: int = 8000, ready: Callable[[str, AdapterServer], None] | None = None,
           warn: Callable[[str], None] | None = None, log_level: str = "warning") -> None:
@@ -155,13 +117,12 @@ def serve(reg: Registry, target: str, options: ServeOptions | None = None, host:
     options = options or ServeOptions()
     if not is_loopback(host) and not resolve_token(options.token) and warn is not None:
         warn(f"serving on {host} without a token: anyone who can reach it can use the model")
-    sock = _bind(host, int(port))
+    sock = bind(host, int(port))
     server = AdapterServer(reg, target, options)
     try:
-        uv = _uvicorn(server.app, log_level)
         if ready is not None:
-            ready(_endpoint(sock), server)
-        uv.run(sockets=[sock])
+            ready(endpoint_of(sock), server)
+        serve_forever(server.app, sock, log_level, GRACEFUL_SHUTDOWN_S)
     finally:
         server.close()
         sock.close()
@@ -173,35 +134,21 @@ class BackgroundServer:
     def __init__(self, reg: Registry, target: str, options: ServeOptions | None = None,
                  host: str = DEFAULT_HOST, port: int = 0, log_level: str = "critical"):
         self.server = AdapterServer(reg, target, options)
-        self._sock = _bind(host, port)
-        self.endpoint = _endpoint(self._sock)
-        self._uv = _uvicorn(self.server.app, log_level)
-        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._http = ThreadedServer(self.server.app, host, port, log_level, GRACEFUL_SHUTDOWN_S,
+                                    start_timeout_s=20, stop_timeout_s=10, name="adapter server")
+        self.endpoint = self._http.endpoint
 
     @property
     def base_url(self) -> str:
         return self.endpoint + "/v1"
 
     def start(self) -> "BackgroundServer":
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._uv.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise AdaptError("the adapter server failed to start")
-            time.sleep(0.01)
+        self._http.start()
         return self
 
     def stop(self) -> None:
-        self._uv.should_exit = True
-        self._thread.join(timeout=10)
-        if self._thread.is_alive():
-            self._uv.force_exit = True
-            self._thread.join(timeout=5)
+        self._http.stop()
         self.server.close()
-        try:
-            self._sock.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> "BackgroundServer":
         return self.start()
