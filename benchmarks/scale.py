@@ -268,8 +268,7 @@ def worker_export(args) -> dict:
 
 
 def worker_convert(args) -> dict:
-    from safetensors import safe_open
-
+    from adapterhub_c.workflows.bases import count_params
     from adapterhub_c.workflows.training import convert_adapter
 
     reg = _registry(args.home)
@@ -280,15 +279,7 @@ def worker_convert(args) -> dict:
                                   batch_size=BATCH, seq_len=SEQ, max_eval_tokens=SEQ + 1, max_eval_examples=1,
                                   reference_rows=False, name=name)
     wall = time.perf_counter() - t0
-    trainable = 0
-    folder = reg.materialize(art)
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                trainable += n
+    trainable = count_params(reg.materialize(art))
     train = report["train"] or {}
     return {"convert_wall_s": wall, "train_wall_s": train.get("wall_s"), "steps": train.get("steps"),
             "s_per_step": (train.get("wall_s") or 0) / max(1, train.get("steps") or 1),

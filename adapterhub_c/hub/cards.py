@@ -106,15 +106,20 @@ def model_card(base_model: str, name: str, recipe: dict | None = None,
                 lines.append(f"- `{item}`\n")
     else:
         lines.append("No recorded parents.\n")
-    lines.append("\n## Measured metrics\n")
-    if metrics:
-        lines.append("| metric | value |\n|---|---|\n")
-        for key, value in sorted(metrics.items()):
-            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
-            lines.append(f"| {key} | {shown} |\n")
-    else:
-        lines.append("No metrics recorded.\n")
+    lines += _metrics_section(metrics)
     return "\n".join(lines)
+
+
+def _metrics_section(metrics: dict | None) -> list[str]:
+    """The card's "Measured metrics" lines: a table, or a line saying there are none."""
+    lines = ["\n## Measured metrics\n"]
+    if not metrics:
+        return lines + ["No metrics recorded.\n"]
+    lines.append("| metric | value |\n|---|---|\n")
+    for key, value in sorted(metrics.items()):
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} |\n")
+    return lines
 
 
 def variant_card(base_model: str, name: str, recipe: dict, quantized: bool, sizes: dict | None = None,
@@ -151,12 +156,5 @@ def variant_card(base_model: str, name: str, recipe: dict, quantized: bool, size
                      "of this repo.\n")
     else:
         lines.append("No sizes recorded.\n")
-    lines.append("\n## Measured metrics\n")
-    if metrics:
-        lines.append("| metric | value |\n|---|---|\n")
-        for key, value in sorted(metrics.items()):
-            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
-            lines.append(f"| {key} | {shown} |\n")
-    else:
-        lines.append("No metrics recorded.\n")
+    lines += _metrics_section(metrics)
     return "\n".join(lines)

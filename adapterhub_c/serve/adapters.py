@@ -29,6 +29,7 @@ from adapterhub_c.serve.errors import bad_request, model_not_found
 from adapterhub_c.serve.layers import AdapterWeights, LoraPart, PromptWeights, RecoveryPart
 from adapterhub_c.serve.metrics import Metrics
 from adapterhub_c.training.convert import _source_tensors
+from adapterhub_c.training.peft_io import retarget_names
 from adapterhub_c.training.recovery import RecoveryConfig
 
 PROMPT_KIND = "prompt"
@@ -69,24 +70,6 @@ class Target:
     device: torch.device
 
 
-def _retarget(modules: list[str], names: list[str]) -> dict[str, str]:
-    """{adapter module: model module}: same name, else the one whose name ends with it (as peft_io)."""
-    present = set(names)
-    mapping, missing = {}, []
-    for src in modules:
-        if src in present:
-            mapping[src] = src
-            continue
-        hits = [n for n in names if n.endswith("." + src) or src.endswith("." + n)]
-        if len(hits) == 1:
-            mapping[src] = hits[0]
-        else:
-            missing.append(src)
-    if missing:
-        raise UsageError(f"the adapter targets modules the served model does not have: {', '.join(missing[:8])}")
-    return mapping
-
-
 def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> AdapterWeights:
     """The resident form of a loaded adapter on ``target``: factors on its device, float32.
 
@@ -99,7 +82,7 @@ def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> Ada
         raise UsageError(f"adapter {art.name!r} carries non-LoRA tensors ({', '.join(extra[:3])}); "
                          "adapt serve attaches LoRA factors and recovery modules only")
     names = sorted(target.linears)
-    mapping = _retarget(lora.modules(), names)
+    mapping = retarget_names(lora.modules(), names)
     target_variant = target.variant.id if target.variant else None
     kept = target.kept_indices if (target.kept_indices and art.variant_id != target_variant) else None
     parts = _source_tensors(lora, mapping, kept)

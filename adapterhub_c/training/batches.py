@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkabl
 import torch
 
 from adapterhub_c.errors import AdaptError, UsageError
+from adapterhub_c.evals.metrics import token_stream
 
 IGNORE_INDEX = -100
 Batch = dict  # {"input_ids": LongTensor[B, T], "labels": …, "attention_mask": …}
@@ -40,18 +41,13 @@ class BatchSource(Protocol):
 
 def lm_chunks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
     """The texts joined by EOS and cut into ``seq_len``-token rows: LongTensor [N, seq_len]."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-    if len(ids) < 2:
+    ids = token_stream(tokenizer, list(texts))
+    if ids.numel() < 2:
         raise UsageError("the dataset has no text to train on (fewer than 2 tokens)")
-    n = len(ids) // seq_len
+    n = ids.numel() // seq_len
     if n == 0:
-        return torch.tensor([ids], dtype=torch.long)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        return ids.view(1, -1)
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def task_example(tokenizer, prompt: str, completion: str, seq_len: int) -> tuple[list[int], list[int]]:

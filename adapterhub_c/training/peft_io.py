@@ -76,9 +76,13 @@ def lora_config(config: dict, target_modules=None):
 
 
 def retarget(source_modules: list[str], model: nn.Module) -> dict[str, str]:
-    """{source module: model module}: same name, else the one model linear whose name
-    ends with the source's (or vice versa). UsageError naming every module not found."""
-    names = adaptable_names(model)
+    """{source module: model module} for the adaptable linears of ``model`` (see :func:`retarget_names`)."""
+    return retarget_names(source_modules, adaptable_names(model))
+
+
+def retarget_names(source_modules: list[str], names: list[str]) -> dict[str, str]:
+    """{source module: module of ``names``}: same name, else the one name that ends with the
+    source's (or vice versa). UsageError naming every module not found."""
     present = set(names)
     mapping, missing = {}, []
     for src in source_modules:

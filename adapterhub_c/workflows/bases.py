@@ -18,7 +18,8 @@ def _describe_folder(folder: Path) -> dict:
     return {"architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0], "config": cfg}
 
 
-def _count_params(folder: Path) -> int:
+def count_params(folder: Path) -> int:
+    """Parameters in the safetensors files of ``folder`` (read from their headers)."""
     from safetensors import safe_open
 
     total = 0
@@ -37,7 +38,7 @@ def register_base_folder(reg: Registry, name: str, folder: Path, hub_id: str | N
     """Store a folder of HF files as blobs, then register (or complete) the base row."""
     files = reg.blobs.put_folder(folder)
     info = _describe_folder(folder)
-    params = _count_params(folder)
+    params = count_params(folder)
     size = sum((folder / p).stat().st_size for p in files)
     with reg.session() as s:
         base = s.query(BaseModel).filter_by(name=name).one_or_none()
