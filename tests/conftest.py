@@ -64,3 +64,22 @@ def cli(home, capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A local Hub-compatible server for the module (tests/hubutil.py); modules with seeded repos override it."""
+    from hubutil import running_hub
+
+    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
+        yield h
+
+
+@pytest.fixture
+def hf(hub, tmp_path, monkeypatch):
+    """Point huggingface_hub at the local server with a fresh cache and no ambient token."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return hub

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubutil import running_hub
 
 import adapterhub_c
 from adapterhub_c import api
@@ -31,8 +30,8 @@ def _readme_python_example() -> str:
 
 
 @pytest.fixture
-def tiny_lora_repo(tmp_path, monkeypatch, home):
-    """``demo/tiny-lora`` on a local Hub server that HF_ENDPOINT points at."""
+def tiny_lora_repo(hf, tmp_path, home):
+    """``demo/tiny-lora`` on the local Hub server that HF_ENDPOINT points at."""
     from peft import LoraConfig, get_peft_model
 
     from adapterhub_c.models.tiny import build_tiny_llama
@@ -45,13 +44,8 @@ def tiny_lora_repo(tmp_path, monkeypatch, home):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": TINY}))
     (folder / "README.md").write_text(model_card(TINY, "tiny-lora"))
-    with running_hub(tmp_path / "hub") as hub:
-        push_folder(folder, "demo/tiny-lora", token=hub.token, endpoint=hub.endpoint)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        yield hub
+    push_folder(folder, "demo/tiny-lora", token=hf.token, endpoint=hf.endpoint)
+    return hf
 
 
 def test_readme_example_pulls_converts_and_packs(tiny_lora_repo, capsys):

@@ -18,26 +18,10 @@ import torch
 from adapterhub_c.hub.client import push_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubutil import running_hub  # noqa: E402
 
 SIX = ("llama", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox")
 EVAL = ("--max-eval-examples", "1", "--max-eval-tokens", "32")
 DATA = "builtin:task/uppercase"
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
-        yield h
-
-
-@pytest.fixture
-def hf(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return hub
 
 
 def publish_tiny_base(hub, model_type: str, folder: Path, repo: str) -> str:
@@ -86,14 +70,7 @@ def peft_on(model, folder):
     return PeftModel.from_pretrained(model, str(folder)).eval()
 
 
-# phi3 (fused gate_up), gpt2 (plain MLP with biases) and gpt_neox (untied embed_out) did not survive the
-# merge with issue 15's delta storage (its channel selection is Llama-only); variants now fall back to a
-# whole pruned copy there, not yet re-run on these three
-KNOWN = pytest.mark.xfail(strict=False, reason="delta-storage interaction after the issue 15 merge, see comment")
-
-
-@pytest.mark.parametrize("model_type", [pytest.param(m, marks=KNOWN) if m in ("phi3", "gpt2", "gpt_neox") else m
-                                        for m in SIX])
+@pytest.mark.parametrize("model_type", SIX)
 def test_whole_flow_from_the_cli(model_type, cli, reg, hf, tmp_path):
     from adapterhub_c.adapters.lora import LoraAdapter
     from adapterhub_c.runtime.bases import load_base_model

@@ -15,7 +15,6 @@ from adapterhub_c.models import arch as A
 from adapterhub_c.models.tiny import build_tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubutil import running_hub  # noqa: E402
 
 TINY = "builtin:tiny-llama"
 IDS = torch.tensor([[1, 5, 9, 12, 40, 77, 3, 200]])
@@ -89,21 +88,6 @@ def test_dora_delta_equals_peft_merge(model_type, tmp_path):
 
 
 # ---- through the registry and the CLI ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
-        yield h
-
-
-@pytest.fixture
-def hf(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return hub
-
-
 def ok(r):
     assert r.code == 0, (r.code, r.out, r.err[-3000:])
     return r.json()

@@ -19,26 +19,10 @@ from adapterhub_c.hub.client import push_folder
 from adapterhub_c.models.tiny import build_tiny
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubutil import running_hub  # noqa: E402
 
 TINY = "builtin:tiny-llama"
 IDS = torch.tensor([[1, 5, 9, 12, 40, 77, 3, 200]])
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
-        yield h
-
-
-@pytest.fixture
-def hf(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return hub
 
 
 _n = iter(range(10**6))

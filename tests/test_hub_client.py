@@ -41,12 +41,6 @@ def lora_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
-        yield h
-
-
 @pytest.fixture
 def cache(tmp_path) -> Path:
     return tmp_path / "hf-cache"

@@ -21,7 +21,7 @@ from adapterhub_c.hub.cards import model_card, parse_front_matter
 from adapterhub_c.hub.client import download_repo, push_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubutil import TOKEN, running_hub  # noqa: E402
+from hubutil import TOKEN  # noqa: E402
 
 TINY = "builtin:tiny-llama"
 WEIGHTS = "adapter_model.safetensors"
@@ -45,22 +45,6 @@ def lora_dir(tmp_path_factory) -> Path:
     _edit_config(out, base_model_name_or_path=TINY)
     (out / "README.md").write_text(model_card(TINY, "tiny-lora"))
     return out
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
-        yield h
-
-
-@pytest.fixture
-def hf(hub, tmp_path, monkeypatch):
-    """Point huggingface_hub at the local server with a fresh cache and no ambient token."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return hub
 
 
 _counter = iter(range(10**6))

@@ -13,16 +13,9 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubutil import running_hub  # noqa: E402
 
 CARD = ("---\nlibrary_name: peft\nbase_model: org/base\nbase_model_relation: adapter\n"
         "tags:\n- lora\n---\n# an adapter\n")
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    with running_hub(tmp_path_factory.mktemp("hubroot")) as h:
-        yield h
 
 
 @pytest.fixture

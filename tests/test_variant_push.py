@@ -6,27 +6,15 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 from adapterhub_c.hub.cards import parse_front_matter
 from adapterhub_c.workflows.variants import create_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hubutil import running_hub
 from test_export import adapt_logits, plain_load
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
-
-
-@pytest.fixture
-def hf(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    with running_hub(tmp_path / "hubroot") as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-        yield h
 
 
 def test_push_variant_then_snapshot_download_loads_in_plain_transformers(cli, reg, tiny_base, hf, tmp_path):
