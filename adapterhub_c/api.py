@@ -66,7 +66,8 @@ LISTABLE = views.LISTABLE
 DEFAULT_DEMO_BASE = SMOLLM2
 
 __all__ = [
-    "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull", "search", "train", "convert",
+    "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
+    "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
     "serve_hub", "serve", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
@@ -163,8 +164,7 @@ def create_variant(base: str, *, quant: str = "none", prune: str = "none", spars
         calib = None
     row, created = _variants.create_variant(reg, base, quant=quant, prune=prune, sparsity=sparsity, calib=calib,
                                             progress=progress, **options)
-    summary = next(v for v in _variants.list_variants(reg) if v["id"] == row.id)
-    return _result(reg, row, {**summary, "created": created}, created)
+    return _result(reg, row, {**_variants.show_variant(reg, row.id), "created": created}, created)
 
 
 def show_variant(name: str, *, registry: Registry | None = None) -> dict[str, Any]:
