@@ -63,13 +63,24 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+# bits per element of every dtype the safetensors format defines (F4 / F6 are packed sub-byte)
+SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4,
+                          "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32,
+                          "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_safetensors_header(path: str | os.PathLike) -> dict:
     """The parsed JSON header of a safetensors file, without loading any tensor.
 
     Checked: the length field fits the file, the header is a JSON object, every tensor
-    entry has ``data_offsets`` and ``shape`` (returned as a list of ints) and its data lies
-    inside the file. ``__metadata__`` (if any) is returned as stored. IntegrityError when
-    any check fails or the file cannot be read.
+    entry has a known ``dtype``, ``data_offsets`` (two integers) and ``shape`` (non-negative
+    integers) whose byte size is its data's, and its data lies inside the file.
+    ``__metadata__`` (if any) is returned as stored. IntegrityError when any check fails or
+    the file cannot be read.
     """
     path = Path(path)
     try:
@@ -89,19 +100,28 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path}: corrupt safetensors header ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise IntegrityError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:80]})") from None
     data_len = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, end = info["data_offsets"]
-            shape = [int(d) for d in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError(f"{path}: tensor {name}: malformed header entry") from None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+                or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
+                or not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS):
+            raise IntegrityError(f"{path}: tensor {name[:80]}: malformed header entry") from None
+        start, end = offsets
         if not 0 <= start <= end <= data_len:
-            raise IntegrityError(f"{path}: tensor {name}: data [{start}, {end}) lies outside the "
+            raise IntegrityError(f"{path}: tensor {name[:80]}: data [{start}, {end}) lies outside the "
                                  f"{data_len} data bytes (file truncated?)")
-        info["shape"] = shape
+        numel = 1
+        for d in shape:
+            numel *= d
+        need = -(-numel * SAFETENSORS_DTYPE_BITS[dtype] // 8)
+        if need != end - start:
+            raise IntegrityError(f"{path}: tensor {name[:80]}: shape {shape[:8]} of {dtype} needs "
+                                 f"{need} bytes, its data has {end - start}")
     return header

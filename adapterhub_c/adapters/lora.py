@@ -43,6 +43,22 @@ MAGNITUDE = "lora_magnitude_vector"
 _PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE)
 _ANY_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(_PARTS) + r")(?P<rest>(\.[^.]+)*)$")
 ADAPTER_NAME = "default"
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha's default: a config without the key means 8, not r
+MAX_PATTERN_CHARS = 1000
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config(path: Path) -> dict:
+    """``adapter_config.json`` parsed: UsageError if it is too large, not JSON, or not an object."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not an adapter config")
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: JSON, huge ints
+        raise UsageError(f"{path}: invalid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return config
 
 
 def canonical_key(key: str) -> str:
@@ -90,7 +106,7 @@ def _pattern_value(patterns: dict, module: str, default):
 def lora_scale(config: dict, module: str) -> float:
     """The factor PEFT multiplies B @ A by for ``module`` (rank/alpha patterns, rsLoRA)."""
     r = _pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -153,10 +169,7 @@ class LoraAdapter:
         cfg_path = path / CONFIG_NAME
         if not cfg_path.is_file():
             raise UsageError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter folder")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{cfg_path}: invalid JSON ({e})") from None
+        config = read_config(cfg_path)
         check_lora_config(config, str(path))
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
@@ -266,9 +279,86 @@ def _strip(module: str) -> str:
 
 
 def check_lora_config(config: dict, where: str) -> None:
-    """Refuse configs we cannot carry faithfully (non-LoRA PEFT types)."""
-    peft_type = str(config.get("peft_type", "")).upper()
+    """Refuse configs we cannot carry faithfully: non-LoRA PEFT types and fields of the wrong type.
+
+    Checked as PEFT's ``LoraConfig`` would use them: ``r`` a positive integer, ``lora_alpha`` a
+    positive finite number, ``rank_pattern`` / ``alpha_pattern`` objects of valid regexes to
+    positive values, ``target_modules`` a regex string or a list of names, the boolean
+    switches booleans. UsageError naming the field.
+    """
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: adapter_config.json is not a JSON object")
+    peft_type = config.get("peft_type")
+    peft_type = peft_type.upper() if isinstance(peft_type, str) else ""
     if peft_type != "LORA":
-        raise UsageError(f"{where}: PEFT type {peft_type or 'missing'!s} is not supported (only LoRA)")
+        shown = _short(config.get("peft_type")) if peft_type or "peft_type" in config else "missing"
+        raise UsageError(f"{where}: PEFT type {shown} is not supported (only LoRA)")
     if "r" not in config:
         raise UsageError(f"{where}: adapter_config.json has no rank 'r'")
+    bad = _config_fault(config)
+    if bad is not None:
+        raise UsageError(f"{where}: not a valid LoRA: adapter_config.json: {bad}")
+
+
+def _config_fault(config: dict) -> str | None:
+    """What is wrong with a LoRA config's typed fields, or None."""
+    if not _positive_int(config["r"]):
+        return f"r must be a positive integer, not {_short(config['r'])}"
+    if "lora_alpha" in config and not _positive_number(config["lora_alpha"]):
+        return f"lora_alpha must be a positive number, not {_short(config['lora_alpha'])}"
+    for key, check, what in (("rank_pattern", _positive_int, "positive integers"),
+                             ("alpha_pattern", _positive_number, "positive numbers")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            return f"{key} must be an object of module patterns, not {_short(patterns)}"
+        for pattern, value in patterns.items():
+            fault = _regex_fault(pattern)
+            if fault:
+                return f"{key} key {_short(pattern)}: {fault}"
+            if not check(value):
+                return f"{key} values must be {what}; {_short(pattern)} has {_short(value)}"
+    target = config.get("target_modules")
+    if isinstance(target, str):
+        fault = None if target == "all-linear" else _regex_fault(target)
+        if fault:
+            return f"target_modules {_short(target)}: {fault}"
+    elif isinstance(target, list):
+        if not all(isinstance(t, str) and t for t in target):
+            return f"target_modules must list module names (non-empty strings), not {_short(target)}"
+    elif target is not None:
+        return f"target_modules must be a regex string or a list of names, not {_short(target)}"
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            return f"{key} must be true or false, not {_short(config[key])}"
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        return f"modules_to_save must list module names, not {_short(saved)}"
+    return None
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _regex_fault(pattern) -> str | None:
+    if not isinstance(pattern, str) or not pattern:
+        return "not a non-empty string"
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"longer than {MAX_PATTERN_CHARS} characters"
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"not a valid regex ({e})"
+    return None
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a config value, cut to ``limit`` characters (hostile configs hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -35,7 +35,7 @@ from adapterhub_c.fsutil import read_safetensors_header
 from adapterhub_c.httpserve import is_loopback
 from adapterhub_c.hub import client
 from adapterhub_c.hub.cards import model_card, variant_card
-from adapterhub_c.hub.store import StoreError, check_repo_id
+from adapterhub_c.hub.store import StoreError, check_repo_id, valid_name_part
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, kohya_message, validate_lora_folder
 from adapterhub_c.models.arch import stored_layout_is_in_out
 from adapterhub_c.models.builtin import builtin_for
@@ -345,6 +345,10 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
                 raise UsageError(f"{label}: adapter_config.json does not name its base "
                                  "(base_model_name_or_path); pass --base NAME to attach it to a registered base"
                                  + _nearest_hint(reg, adapter))
+            if not is_model_id(declared):
+                raise UsageError(f"{label}: its base_model_name_or_path {_shown_name(declared)} is not a Hub model "
+                                 "id (a local path, or characters the Hub refuses); pass --base NAME to attach it "
+                                 "to a registered base" + _nearest_hint(reg, adapter))
             base_name, base_rev = declared, adapter.config.get("revision") or None
             if with_base:
                 _with_base_weights(reg, base_name, base_rev, allow_pickle, token, endpoint, progress)
@@ -391,6 +395,20 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
         if progress is not None:
             progress("storing blobs", len(staged), len(staged))
         return art, True
+
+
+def is_model_id(name: str) -> bool:
+    """A base name an adapter may declare: a Hub model id (``name`` or ``namespace/name``, the Hub's
+    character and length rules) or a built-in's name; never a path, control or bidi characters."""
+    if builtin_for(name) is not None:
+        return True
+    parts = name.split("/")
+    return len(parts) <= 2 and all(valid_name_part(p) for p in parts)
+
+
+def _shown_name(name: str, limit: int = 60) -> str:
+    text = ascii(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 QUANTIZED_COPY = re.compile(r"(?i)[-_.](bnb[-_]?(4|8)bit|(4|8)bit|gptq|awq|int[48]|nf4|gguf)([-_.]|$)")

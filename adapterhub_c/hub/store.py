@@ -118,7 +118,7 @@ def check_repo_path(path: str) -> str:
     return path
 
 
-def _valid_name(part: str) -> bool:
+def valid_name_part(part: str) -> bool:
     # the Hub's rules (huggingface_hub.utils.validate_repo_id): 1-96 characters, no "--" or
     # "..", not ending in "-", "." or ".git"
     return (bool(_NAME_RE.match(part)) and "--" not in part and ".." not in part
@@ -128,7 +128,7 @@ def _valid_name(part: str) -> bool:
 def check_repo_id(repo_id: str) -> tuple[str, str]:
     """Split ``namespace/name`` and validate both parts."""
     parts = repo_id.split("/") if isinstance(repo_id, str) else []
-    if len(parts) != 2 or not all(_valid_name(p) for p in parts):
+    if len(parts) != 2 or not all(valid_name_part(p) for p in parts):
         raise BadPath(f"invalid repo id {_shown(repo_id)} (expected namespace/name)")
     return parts[0], parts[1]
 

@@ -14,9 +14,10 @@ module names are matched by ``target_modules`` (a list of name suffixes, a regex
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+import torch
 
 from adapterhub_c.adapters.lora import (
     CONFIG_NAME,
@@ -26,6 +27,7 @@ from adapterhub_c.adapters.lora import (
     _pattern_value,
     canonical_key,
     check_lora_config,
+    read_config,
 )
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
@@ -64,12 +66,7 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise UsageError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter folder")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{cfg_path}: expected a JSON object")
+    config = read_config(cfg_path)
     check_lora_config(config, str(path))
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -82,7 +79,19 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
     _refuse_kohya(header, weights)
     header = {canonical_key(k) if k != "__metadata__" else k: v for k, v in header.items()}
     _check_shapes(config, header, weights)
-    return LoraAdapter.from_folder(path)
+    adapter = LoraAdapter.from_folder(path)
+    _check_values(adapter, weights)
+    return adapter
+
+
+def _check_values(adapter: LoraAdapter, weights: Path) -> None:
+    """Every tensor is floating point and finite: integer or NaN weights load but cannot be used."""
+    for key, tensor in adapter.tensors.items():
+        if not tensor.is_floating_point():
+            raise IntegrityError(f"{weights}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                 "adapter weights must be floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise IntegrityError(f"{weights}: tensor {key} holds NaN or infinite values")
 
 
 def _refuse_kohya(header: dict, weights: Path) -> None:
