@@ -125,8 +125,10 @@ def _kind(row) -> str:
     return row.kind if isinstance(row, Artifact) else type(row).__name__.lower()
 
 
-def _result(reg: Registry, row, report: dict | None = None, created: bool = True) -> Result:
+def _result(reg: Registry, row, report: dict | None = None, created: bool | None = None) -> Result:
     report = dict(report or {})
+    if created is None:  # a rerun of a finished (or killed after registering) command: nothing new
+        created = not report.get("already_done")
     paths = {f: str(reg.blobs.path_for(d)) for f, d in sorted((row.files or {}).items())}
     return Result(name=row.name, id=row.id, kind=_kind(row), paths=paths, report=report, created=created,
                   warnings=tuple(report.get("warnings") or ()))

@@ -4,7 +4,14 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import echo_warnings, human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import (
+    echo_already_done,
+    echo_warnings,
+    human_bytes,
+    print_json,
+    print_table,
+    progress_callback,
+)
 
 TRAIN, CONVERT = api.TRAIN_DEFAULTS, api.CONVERT_DEFAULTS
 
@@ -56,6 +63,8 @@ def train_cmd(obj, target, data, variant, rank, alpha, targets, steps, lr, batch
     report = art.report
     if as_json:
         print_json(report)
+        return
+    if echo_already_done(report):
         return
     t = report["train"] or {}
     print_table([{"adapter": art.name, "on": report["variant"] or report["base"], "steps": t.get("steps"),
@@ -131,6 +140,8 @@ def convert_cmd(obj, adapter, variant, data, eval_data, no_inherit, no_recover, 
     echo_warnings(art)
     if as_json:
         print_json(report)
+        return
+    if echo_already_done(report):
         return
     rows = [{**r, "size": human_bytes(r.get("size_bytes"))} for r in report["rows"]]
     mode = "+".join(("recover lowrank" if k == "recover" and report["recover_method"] == "lowrank" else k)

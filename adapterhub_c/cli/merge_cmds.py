@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import print_json, print_table, progress_callback
+from adapterhub_c.cli.render import echo_already_done, print_json, print_table, progress_callback
 
 COMPOSE = api.COMPOSE_DEFAULTS
 
@@ -47,6 +47,8 @@ def merge_cmd(obj, adapters, method, weights, density, majority, convention, res
     if as_json:
         print_json(report)
         return
+    if echo_already_done(report):
+        return
     print_table(report["inputs"], ["name", "kind", "weight"], title=f"merged {report['artifact']}")
     keys = ["method", "space", "svd", "density", "majority", "convention", "rescale", "election", "ranks", "parameters",
             "read_seconds", "merge_seconds", "device"]
@@ -77,6 +79,8 @@ def compose_cmd(obj, adapters, examples, shots, budget, bounds, l1, optimizer, s
                              device=device).report
     if as_json:
         print_json(report)
+        return
+    if echo_already_done(report):
         return
     print_table(report["inputs"], ["name", "kind", "weight"], title=f"composed {report['artifact']}")
     print_table(report["curve_summary"], ["step", "loss", "objective", "best"], title="loss curve")

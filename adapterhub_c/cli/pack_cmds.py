@@ -6,7 +6,14 @@ from pathlib import Path
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import echo_warnings, human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import (
+    echo_already_done,
+    echo_warnings,
+    human_bytes,
+    print_json,
+    print_table,
+    progress_callback,
+)
 
 DEFAULTS = api.PACK_DEFAULTS
 
@@ -60,6 +67,8 @@ def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_token
     if as_json:
         print_json(report)
         echo_warnings(result)
+        return
+    if echo_already_done(report):
         return
     row = dict(report)
     row["pack"] = human_bytes(report["pack_bytes"])

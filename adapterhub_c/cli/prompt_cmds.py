@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import print_json, print_table, progress_callback
+from adapterhub_c.cli.render import echo_already_done, print_json, print_table, progress_callback
 
 DEFAULTS = api.PROMPT_DEFAULTS
 
@@ -50,7 +50,7 @@ def prompt_learn(obj, target, data, tokens, init, steps, lr, batch_size, seq_len
                                   device=device, resume=resume).report
     if as_json:
         print_json(report)
-    else:
+    elif not echo_already_done(report):
         print_table([report], ["name", "learned_on", "tokens", "steps", "perplexity_before",
                                "perplexity_after", "final_loss", "train_wall_s"], title="prompt learned")
 

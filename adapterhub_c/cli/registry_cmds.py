@@ -104,14 +104,17 @@ def rm_cmd(obj, name: str, yes: bool, cascade: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def gc_cmd(obj, dry_run: bool, as_json: bool) -> None:
-    """Delete blobs no row references and temp files left by dead writers."""
+    """Close runs whose process died, delete staging folders and temp files of dead writers and
+    blobs no row references."""
     result = api.gc(dry_run=dry_run, registry=obj.registry)
     if as_json:
         print_json(result)
     else:
         verb = "would remove" if dry_run else "removed"
         click.echo(f"{verb} {result['blobs_removed']} blob(s), {result['temp_removed']} temp file(s), "
-                   f"{human_bytes(result['bytes_freed'])}")
+                   f"{len(result['staging_removed'])} staging folder(s), {human_bytes(result['bytes_freed'])}; "
+                   f"{'would mark' if dry_run else 'marked'} {len(result['runs_interrupted'])} dead run(s) "
+                   "interrupted")
 
 
 def register(cli) -> None:

@@ -43,6 +43,15 @@ def human_bytes(n: int | None) -> str:
     return str(n)
 
 
+def echo_already_done(report: dict[str, Any]) -> bool:
+    """For a rerun whose artefact an identical earlier run registered: say so; True if it did."""
+    if not report.get("already_done"):
+        return False
+    click.echo(f"already done: {report['name']} (id {report['id'][:8]}, {report['kind']}, registered by an "
+               "identical earlier run); nothing was recomputed")
+    return True
+
+
 def echo_warnings(result: Any) -> None:
     """Print a result's warnings as ``warning: …`` lines on stderr."""
     for message in getattr(result, "warnings", ()) or ():

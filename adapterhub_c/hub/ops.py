@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -39,7 +38,7 @@ from adapterhub_c.hub.store import StoreError, check_repo_id, valid_name_part
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, kohya_message, validate_lora_folder
 from adapterhub_c.models.arch import stored_layout_is_in_out
 from adapterhub_c.models.builtin import builtin_for
-from adapterhub_c.registry.artifacts import check_name_syntax, check_new_name, name_taken, unique_name
+from adapterhub_c.registry.artifacts import check_name_syntax, check_new_name, insert_named, name_taken
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
@@ -253,9 +252,8 @@ def _existing_pull(reg: Registry, repo_id: str, sha: str) -> Artifact | None:
                                                Artifact.source_sha == sha).order_by(Artifact.created_at))
 
 
-def _default_pull_name(reg: Registry, repo_id: str, revision: str | None) -> str:
-    stem = repo_id if not revision or revision == "main" else f"{repo_id}@{revision}"
-    return unique_name(reg, stem)
+def _default_pull_stem(repo_id: str, revision: str | None) -> str:
+    return repo_id if not revision or revision == "main" else f"{repo_id}@{revision}"
 
 
 def _prepare_pulled_folder(got: client.DownloadedRepo, dest: Path, allow_pickle: bool,
@@ -322,7 +320,7 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
                   allow_pickle=allow_pickle, with_base=with_base, base=base,
                   endpoint=client.public_endpoint(endpoint))
     with record_run(reg, "pull", params) as run, \
-            tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="pull-") as tmp:
+            reg.staging("pull") as tmp:
         staging = Path(tmp)
         if CONFIG_NAME not in got.files:
             _refuse_kohya_repo(got, label)
@@ -377,18 +375,19 @@ def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
         if base is not None:
             config["attached_to"] = {"base": base_name, "declared_base": declared}
         metrics = {"parameters": adapter.num_parameters(), "modules": len(adapter.layers())}
-        art_name = name or _default_pull_name(reg, repo_id, revision)
-        with reg.session() as s:
+
+        def insert(s, art_name: str):
             base, base_created = _find_or_reference_base(s, reg, base_name, base_rev, run.id)
-            if s.scalar(select(Artifact.id).where(Artifact.name == art_name)) is not None:
-                raise UsageError(f"an artefact named {art_name!r} already exists; pick another --name")
             art = Artifact(kind="lora", name=art_name, base_id=base.id, source=f"{repo_id}@{got.commit_sha}",
                            source_sha=got.commit_sha, files=files, config=config, metrics=metrics,
                            size_bytes=size, run_id=run.id)
             s.add(art)
             s.flush()
             reg.add_lineage(s, base, art, PULL_ROLE)
-            base_label = base.name
+            return art, base.name, base_created
+
+        art, base_label, base_created = insert_named(reg, name, None if name else _default_pull_stem(repo_id, revision),
+                                                     insert)
         run.output = {"artifact": art.name, "id": art.id, "base": base_label,
                       "base_reference_created": base_created, "commit": got.commit_sha,
                       "files": sorted(files)}
@@ -504,7 +503,7 @@ def add_hub_base(reg: Registry, repo: str, revision: str | None = None, allow_pi
     params = dict(name=repo_id, revision=revision, allow_pickle=allow_pickle,
                   endpoint=client.public_endpoint(endpoint))
     with record_run(reg, "base add", params) as run, \
-            tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="base-") as tmp:
+            reg.staging("base") as tmp:
         converted = _prepare_base_folder(got, Path(tmp), allow_pickle, label)
         if progress is not None:
             progress(f"storing {repo_id}", 0, 1)
@@ -710,7 +709,7 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
         raise UsageError(str(e)) from None
     params = dict(artifact=art.name, repo_id=repo_id, private=private, format=fmt,
                   commit_message=commit_message, endpoint=client.public_endpoint(endpoint))
-    with tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="push-") as tmp:
+    with reg.staging("push") as tmp:
         stage = Path(tmp) / "repo"
         if dry_run:
             files = build_push_folder(reg, art, stage, fmt)
@@ -799,7 +798,7 @@ def push_variant(reg: Registry, variant: str | Variant, repo_id: str, *, private
         raise UsageError(str(e)) from None
     params = dict(variant=row.name, repo_id=repo_id, private=private, format="hf", commit_message=commit_message,
                   endpoint=client.resolve_endpoint(endpoint))
-    with tempfile.TemporaryDirectory(dir=reg.cache_dir, prefix="push-") as tmp:
+    with reg.staging("push") as tmp:
         stage = Path(tmp) / "repo"
         if dry_run:
             files = build_variant_push_folder(reg, row, stage)

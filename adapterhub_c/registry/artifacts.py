@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.kinds import ARTIFACT_KINDS
-from adapterhub_c.registry.models import Artifact
+from adapterhub_c.registry.models import Artifact, Run
+from adapterhub_c.registry.runs import sanitize
 from adapterhub_c.registry.store import Registry
 
 
@@ -43,18 +46,51 @@ def check_name_syntax(name: object, what: str = "--name", *, namespace: bool = T
     return name
 
 
-def check_new_name(reg: Registry, name: str | None) -> None:
+def check_new_name(reg: Registry, name: str | None, *, command: str | None = None) -> None:
     """Refuse a user-given name for a new artefact: against the name rule
     (:func:`check_name_syntax`), or taken (UsageError). ``None`` passes.
 
-    ``None`` means "make one up" (see :func:`unique_name`); the check runs before any
-    work so a bad ``--name`` fails fast. ``register_artifact`` checks again, atomically.
+    ``None`` means "make one up" (a stem :func:`register_artifact` allocates); the check runs
+    before any work so a bad ``--name`` fails fast. With ``command``, a name taken by an
+    artefact that the same command made passes here: :func:`earlier_result` decides once the
+    parameters are known whether this is a rerun of it. ``register_artifact`` checks again,
+    atomically.
     """
     if name is None:
         return
     check_name_syntax(name)
-    if name_taken(reg, name):
+    if name_taken(reg, name) and (command is None or _maker(reg, name)[0] != command):
         raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
+
+
+def _maker(reg: Registry, name: str) -> tuple[str | None, dict | None]:
+    """(command, parameters) of the run that registered artefact ``name``."""
+    with reg.session() as s:
+        art = s.scalar(select(Artifact).where(Artifact.name == name))
+        run = s.get(Run, art.run_id) if art is not None and art.run_id else None
+        return (run.command, run.parameters) if run is not None else (None, None)
+
+
+def earlier_result(reg: Registry, name: str | None, command: str, params: dict[str, Any]) -> Artifact | None:
+    """The artefact ``name`` if the same command with the same parameters registered it.
+
+    A rerun of a command that was killed after registering its artefact (or that simply
+    finished) is "already done", like ``adapt base add``: the caller returns this artefact
+    instead of doing the work again. None if ``name`` is free (or None); UsageError if it is
+    taken by anything else.
+    """
+    if name is None or not name_taken(reg, name):
+        return None
+    made_by, made_with = _maker(reg, name)
+    if made_by == command and made_with == sanitize(params):
+        return reg.get(name, "artifact")
+    raise UsageError(f"an artefact named {name!r} already exists (made by other options); pick another --name")
+
+
+def already_done_report(art: Artifact) -> dict[str, Any]:
+    """The report of a command that found its artefact registered by an identical earlier run."""
+    return {"name": art.name, "id": art.id, "kind": art.kind, "already_done": True,
+            "created_at": str(art.created_at), "run_id": art.run_id}
 
 
 def unique_name(reg: Registry, stem: str) -> str:
@@ -66,15 +102,19 @@ def unique_name(reg: Registry, stem: str) -> str:
     return name
 
 
-def register_artifact(reg: Registry, *, kind: str, name: str, base_id: str, folder: str | os.PathLike | None = None,
-                      files: dict[str, str] | None = None, variant_id: str | None = None, source: str | None = None,
-                      source_sha: str | None = None, config: dict[str, Any] | None = None,
-                      metrics: dict[str, Any] | None = None, parents: Iterable[tuple[Any, str]] = (),
-                      run_id: str | None = None) -> Artifact:
+def register_artifact(reg: Registry, *, kind: str, name: str | None = None, stem: str | None = None, base_id: str,
+                      folder: str | os.PathLike | None = None, files: dict[str, str] | None = None,
+                      variant_id: str | None = None, source: str | None = None, source_sha: str | None = None,
+                      config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                      parents: Iterable[tuple[Any, str]] = (), run_id: str | None = None) -> Artifact:
     """Store ``folder`` as blobs (complete before anything points at them), then add the row.
 
-    ``parents`` is a list of (registry object, role) lineage edges. Raises UsageError if the
-    name is taken; nothing is registered then (the blobs stay until ``gc``).
+    ``name``: the user's name; UsageError if it is taken, and nothing is registered then (the
+    blobs stay until ``gc``). Or ``stem`` (``name`` None): the first free one of ``stem``,
+    ``stem-2``, … is taken in the same transaction as the insert, and a name another process
+    took in between (the unique constraint) moves on to the next, so concurrent commands with
+    the same default name all succeed. ``parents`` is a list of (registry object, role)
+    lineage edges.
     """
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"unknown artefact kind {kind}")
@@ -82,10 +122,9 @@ def register_artifact(reg: Registry, *, kind: str, name: str, base_id: str, fold
     if folder is not None:
         stored.update(reg.blobs.put_folder(folder))
     size = sum(reg.blobs.path_for(d).stat().st_size for d in stored.values())
-    with reg.session() as s:
-        if s.scalar(select(Artifact.id).where(Artifact.name == name)) is not None:
-            raise UsageError(f"an artefact named {name!r} already exists; pick another --name")
-        art = Artifact(kind=kind, name=name, base_id=base_id, variant_id=variant_id, source=source,
+
+    def insert(s: Session, candidate: str) -> Artifact:
+        art = Artifact(kind=kind, name=candidate, base_id=base_id, variant_id=variant_id, source=source,
                        source_sha=source_sha, files=stored, config=config or {}, metrics=metrics or {},
                        size_bytes=size, run_id=run_id)
         s.add(art)
@@ -93,3 +132,36 @@ def register_artifact(reg: Registry, *, kind: str, name: str, base_id: str, fold
         for parent, role in parents:
             reg.add_lineage(s, parent, art, role)
         return art
+
+    return insert_named(reg, name, stem, insert)
+
+
+def insert_named(reg: Registry, name: str | None, stem: str | None, insert: Callable[[Session, str], Any]):
+    """Run ``insert(session, name)`` in one transaction under ``name``, or under the first free
+    one of ``stem``, ``stem-2``, … (see :func:`register_artifact`); returns what it returns."""
+    if (name is None) == (stem is None):
+        raise ValueError("give exactly one of name and stem")
+    taken = f"an artefact named {name!r} already exists; pick another --name"
+    for candidate in ([name] if name is not None else _candidates(stem)):
+        try:
+            with reg.session() as s:
+                if s.scalar(select(Artifact.id).where(Artifact.name == candidate)) is not None:
+                    if name is not None:
+                        raise UsageError(taken)
+                    continue
+                return insert(s, candidate)
+        except sa_exc.IntegrityError:
+            if not name_taken(reg, candidate):
+                raise  # another constraint: a real failure
+            if name is not None:
+                raise UsageError(taken) from None
+    raise UsageError(f"no free name left after {stem!r}-{MAX_NAME_SUFFIX}; pick a --name")
+
+
+MAX_NAME_SUFFIX = 10_000
+
+
+def _candidates(stem: str) -> Iterator[str]:
+    yield stem
+    for i in range(2, MAX_NAME_SUFFIX + 1):
+        yield f"{stem}-{i}"

@@ -30,7 +30,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,7 +163,7 @@ class BlobStore:
             now = time.time()
             for p in self.tmp_dir.iterdir():
                 pid_part = p.name.split("-", 1)[0]
-                dead = pid_part.isdigit() and not _pid_alive(int(pid_part))
+                dead = pid_part.isdigit() and not pid_alive(int(pid_part))
                 stale = now - p.stat().st_mtime > STALE_AFTER_S
                 if dead or stale:
                     freed += p.stat().st_size if p.is_file() else 0

@@ -3,16 +3,25 @@
 The row is written with status ``running`` first (in its own transaction), and closed as
 ``succeeded``, ``failed`` (with the error) or ``interrupted`` (Ctrl-C). The work itself
 registers its objects in separate transactions, only once their blobs are complete.
+A process killed outright (``kill -9``, power loss) cannot close its row: the row keeps the
+host and pid, and :func:`mark_dead_runs` (``adapt gc``) closes it as ``interrupted`` once
+that process is gone.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from typing import Any, Iterator
 
+from sqlalchemy import select
+
+from adapterhub_c.registry.blobs import pid_alive
 from adapterhub_c.registry.models import Run, utcnow
 from adapterhub_c.registry.store import Registry
+
+HOST = socket.gethostname()
 
 SECRET_KEYS = {"token", "hf_token", "auth_token", "password", "secret", "api_key"}
 
@@ -46,7 +55,8 @@ class RunHandle:
 def record_run(reg: Registry, command: str, params: dict[str, Any]) -> Iterator[RunHandle]:
     """Context manager that opens and closes a ``runs`` row around some work."""
     with reg.session() as s:
-        run = Run(command=command, parameters=sanitize(params), status="running", pid=os.getpid())
+        run = Run(command=command, parameters=sanitize(params), status="running", pid=os.getpid(),
+                  host=HOST)
         s.add(run)
         s.flush()
         run_id = run.id
@@ -69,3 +79,22 @@ def record_run(reg: Registry, command: str, params: dict[str, Any]) -> Iterator[
             run.finished_at = utcnow()
             run.duration_s = time.monotonic() - t0
             run.output = sanitize(handle.output)
+
+
+def mark_dead_runs(reg: Registry, dry_run: bool = False) -> list[str]:
+    """Close as ``interrupted`` every ``running`` row whose process, on this host, is gone.
+
+    Rows of other hosts are left alone (their pids mean nothing here); rows written before
+    runs had a host are taken as this host's. Returns the ids of the rows (to be) closed.
+    """
+    closed = []
+    with reg.session() as s:
+        for run in s.scalars(select(Run).where(Run.status == "running")):
+            if run.pid is None or (run.host or HOST) != HOST or pid_alive(run.pid):
+                continue
+            closed.append(run.id)
+            if not dry_run:
+                run.status = "interrupted"
+                run.error = f"process {run.pid} on {HOST} ended without closing its run (killed?); closed by gc"
+                run.finished_at = utcnow()
+    return closed

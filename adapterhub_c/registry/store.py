@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
+import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -11,13 +16,16 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapterhub_c.errors import NotFoundError, UsageError
-from adapterhub_c.registry.blobs import BlobStore
+from adapterhub_c.registry.blobs import STALE_AFTER_S, BlobStore, pid_alive
 from adapterhub_c.registry.db import default_home, default_url, make_engine, upgrade
 from adapterhub_c.registry.db import describe_url as _safe_url
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Lineage, Run, Variant
 
 KINDS = {"base": BaseModel, "variant": Variant, "artifact": Artifact}
 MIN_ID_PREFIX = 4
+_STAGING_RE = re.compile(r"^[a-z]+-(?P<pid>\d+)@(?P<host>[^/]+?)-[^-]+$")
+# folders of earlier versions (tempfile's tmpXXXX, pull-/push-/base-/variant-XXXX): no pid, so by age
+_LEGACY_STAGING_RE = re.compile(r"^(tmp|pull-|push-|base-|variant-)[A-Za-z0-9_]+$")
 
 
 def kind_of(obj) -> str:
@@ -53,6 +61,32 @@ class Registry:
         path = self.home / "cache"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @contextlib.contextmanager
+    def staging(self, purpose: str) -> Iterator[Path]:
+        """A scratch folder in the cache for one command's files, removed when the block ends.
+
+        Its name carries the writer's pid and host (``push-1234@host-…``), so that ``adapt gc``
+        can remove the folders of processes that were killed before they could clean up."""
+        with tempfile.TemporaryDirectory(dir=self.cache_dir,
+                                         prefix=f"{purpose}-{os.getpid()}@{socket.gethostname()}-") as tmp:
+            yield Path(tmp)
+
+    def stale_staging(self) -> list[Path]:
+        """Staging folders of dead writers on this host, and unnamed ones older than a day."""
+        host, now, out = socket.gethostname(), time.time(), []
+        for p in self.cache_dir.iterdir():
+            m = _STAGING_RE.match(p.name)
+            if m is not None:
+                if m["host"] == host and not pid_alive(int(m["pid"])):
+                    out.append(p)
+            elif _LEGACY_STAGING_RE.match(p.name) and now - p.stat().st_mtime > STALE_AFTER_S:
+                out.append(p)
+        return sorted(out)
+
+    def remove_staging(self, paths: list[Path]) -> None:
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Run, Variant
-from adapterhub_c.registry.runs import record_run
+from adapterhub_c.registry.runs import mark_dead_runs, record_run
 from adapterhub_c.registry.store import KINDS, Registry, delete_object, kind_of
 
 LISTABLE = ("bases", "variants", "artifacts", "runs")
@@ -126,9 +126,18 @@ def remove(reg: Registry, ref: str, cascade: bool = False) -> list[str]:
 
 
 def collect_garbage(reg: Registry, dry_run: bool = False) -> dict[str, Any]:
-    """Remove blobs no row references and temp files of dead writers."""
+    """Clean up after dead writers, then remove blobs no row references.
+
+    Runs left ``running`` by a process of this host that is gone (``kill -9``) are closed
+    as ``interrupted``; staging folders of such processes (``cache/push-<pid>@<host>-…``)
+    are removed; then unreferenced blobs and dead writers' temp files."""
+    dead = mark_dead_runs(reg, dry_run=dry_run)
+    staging = reg.stale_staging()
+    if not dry_run:
+        reg.remove_staging(staging)
     with record_run(reg, "gc", {"dry_run": dry_run}) as run:
         result = reg.blobs.gc(reg.referenced_digests(), dry_run=dry_run)
+        result.update(runs_interrupted=dead, staging_removed=[p.name for p in staging])
         run.output = result
         return result
 

@@ -1,7 +1,6 @@
 """Registry operations on bases: add a built-in base (Hub bases: see ``hub``)."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from adapterhub_c.errors import NotFoundError
@@ -65,7 +64,7 @@ def add_builtin_base(reg: Registry, name: str, progress=None) -> tuple[BaseModel
     with record_run(reg, "base add", {"name": builtin.name}) as run:
         if progress:
             progress(f"building {builtin.name}", 0, 1)
-        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        with reg.staging("base") as tmp:
             builtin.export(Path(tmp))
             base, created = register_base_folder(reg, builtin.name, Path(tmp), builtin.hub_id, None, None, run.id)
         run.output = {"base": base.name, "id": base.id, "params": base.params}

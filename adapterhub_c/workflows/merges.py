@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ from adapterhub_c.models.device import resolve_device
 from adapterhub_c.packing.encoding import encode
 from adapterhub_c.packing.format import Pack
 from adapterhub_c.packing.ternary import dtype_from_name
-from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
@@ -298,9 +297,9 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
 
 
 # ---- merge -----------------------------------------------------------------------------------
-def _default_merge_name(reg: Registry, method: str, arts: Sequence[Artifact]) -> str:
+def _default_merge_stem(method: str, arts: Sequence[Artifact]) -> str:
     stem = f"merge-{method}-" + "+".join(dict.fromkeys(a.name for a in arts))
-    return unique_name(reg, stem[:120])
+    return stem[:120]
 
 
 def _parse_weights(weights) -> list[float] | None:
@@ -357,7 +356,7 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
                      rescale=rescale)
     if election not in ELECTIONS:
         raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
-    check_new_name(reg, name)
+    check_new_name(reg, name, command="merge")
     dev = resolve_device(device)
     t0 = time.perf_counter()
     inputs = load_inputs(reg, arts, dev, progress)
@@ -373,11 +372,12 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
         if spec.rank is not None and spec.rank != r:
             raise UsageError(f"space=factors keeps the input rank {r}; rank={spec.rank} needs space=delta")
     params = dict(inputs=[a.name for a in arts], **spec_dict(spec), name=name, device=str(dev), election=election)
+    if (earlier := earlier_result(reg, name, "merge", params)) is not None:
+        return earlier, already_done_report(earlier)
     with record_run(reg, "merge", params) as run:
         result, el = run_merge(inputs, spec, election=election, progress=progress)
         merge_warnings = merge_warnings + result.warnings
-        out_name = name or _default_merge_name(reg, spec.method, arts)
-        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        with reg.staging("merge") as tmp:
             folder = Path(tmp) / "merged"
             cpu = LoraAdapter(result.adapter.config, {k: v.detach().cpu() for k, v in result.adapter.tensors.items()})
             cpu.to_folder(folder, extra_files={MERGE_CONFIG_FILE: result.config_yaml.encode()})
@@ -394,7 +394,8 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
                 if a.id not in seen:
                     parents.append((a, "merge-input"))
                     seen.add(a.id)
-            art = register_artifact(reg, kind="merged", name=out_name, base_id=base.id, folder=folder,
+            art = register_artifact(reg, kind="merged", name=name,
+                                    stem=None if name else _default_merge_stem(spec.method, arts), base_id=base.id, folder=folder,
                                     variant_id=variant.id if variant else None, source=f"merge:{spec.method}",
                                     config=config, metrics=metrics, parents=parents, run_id=run.id)
         report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": base.name,
@@ -487,7 +488,7 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     arts, base, variant = resolve_inputs(reg, refs)
     lo, hi = _parse_bounds(bounds)
     _check_options(optimizer, budget, (lo, hi), l1)
-    check_new_name(reg, name)
+    check_new_name(reg, name, command="compose")
     pairs = load_examples(examples, shots)
     tokenizer = load_base_tokenizer(reg, base)
     n_tokens = encode_completions(tokenizer, pairs, batch_size).tokens  # UsageError if none is usable
@@ -503,6 +504,8 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     check_equal_ranks(module_inputs(adapters, names), names, what="composition")
     params = dict(inputs=names, examples=examples, shots=shots, n_examples=len(pairs), budget=budget,
                   bounds=[lo, hi], l1=l1, optimizer=optimizer, seed=seed, name=name, device=str(dev))
+    if (earlier := earlier_result(reg, name, "compose", params)) is not None:
+        return earlier, already_done_report(earlier)
     with record_run(reg, "compose", params) as run:
         t0 = time.perf_counter()
         model, tokenizer = load_stack(reg, StackSpec(base=base, variant=variant), str(dev))
@@ -517,8 +520,7 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
                    "optimizer": res.optimizer, "optimizer_used": res.optimizer_used, "budget": budget,
                    "bounds": [lo, hi], "l1": l1, "seed": seed, "examples": examples, "shots": shots,
                    "n_examples": len(pairs), "completion_tokens": n_tokens, "curve": curve}
-        out_name = name or unique_name(reg, ("compose-" + "+".join(dict.fromkeys(names)))[:120])
-        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        with reg.staging("merge") as tmp:
             folder = Path(tmp) / "composed"
             cpu = LoraAdapter(res.adapter.config, {k: v.detach().cpu() for k, v in res.adapter.tensors.items()})
             cpu.to_folder(folder, extra_files={COMPOSE_CONFIG_FILE: (json.dumps(summary, indent=2) + "\n").encode()})
@@ -530,7 +532,8 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
             seconds = res.seconds
             metrics = {"loss": res.loss, "objective": res.objective, "compose_seconds": seconds,
                        "load_seconds": load_s, "seconds_per_step": seconds / max(1, len(res.curve))}
-            art = register_artifact(reg, kind="composed", name=out_name, base_id=base.id, folder=folder,
+            art = register_artifact(reg, kind="composed", name=name,
+                                    stem=None if name else ("compose-" + "+".join(dict.fromkeys(names)))[:120], base_id=base.id, folder=folder,
                                     variant_id=variant.id if variant else None, source="compose:lorahub",
                                     config={**summary, "config_file": COMPOSE_CONFIG_FILE}, metrics=metrics,
                                     parents=parents, run_id=run.id)

@@ -14,7 +14,6 @@ fp16 safetensors of the same tensors, source files) and the alpha search curve.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ from adapterhub_c.packing.compeft import check_params
 from adapterhub_c.packing.encoding import ENCODINGS
 from adapterhub_c.packing.format import Pack, inspect_pack, pack_adapter, write_pack
 from adapterhub_c.packing.params import parse_alpha, parse_density
-from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, LORA_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
@@ -79,9 +78,9 @@ def _pack_warnings(null_modules: list[str], scope: str) -> list[str]:
     return [f"the pack zeroes the whole update of {len(null_modules)} module(s) (no kept entry in A or in B){hint}"]
 
 
-def _default_name(reg: Registry, source: str, density: float) -> str:
+def _default_stem(source: str, density: float) -> str:
     pct = f"{density * 100:.4g}".replace(".", "p")
-    return unique_name(reg, f"{source}-k{pct}")
+    return f"{source}-k{pct}"
 
 
 def _pack_loaded(loaded: LoadedAdapter, *, density, alpha, scope, method, encoding, base, source_digest) -> Pack:
@@ -150,7 +149,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             raise UsageError(f"{src.name!r} is already a pack; pack its source instead")
         base = s.get(BaseModel, src.base_id)
         variant = s.get(Variant, src.variant_id) if src.variant_id else None
-    check_new_name(reg, name)
+    check_new_name(reg, name, command="pack")
     source_digest = (src.files or {}).get(WEIGHTS_NAME)
     if not source_digest:
         raise UsageError(f"{src.name!r} has no {WEIGHTS_NAME}")
@@ -159,6 +158,8 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
                   encoding=encoding, method=method, name=name, alpha_metric=alpha_metric,
                   max_tokens=max_tokens, max_examples=max_examples, device=device)
     t0 = time.monotonic()
+    if (earlier := earlier_result(reg, name, "pack", params)) is not None:
+        return earlier, already_done_report(earlier)
     with record_run(reg, "pack", params) as run:
         loaded = load_adapter_artifact(reg, src)
         kw = dict(density=density, scope=scope, method=method, encoding=encoding, base=label,
@@ -173,7 +174,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             if progress:
                 progress("loading model", 1, 1)
             reference = evaluator(loaded)
-        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        with reg.staging("pack") as tmp:
             folder = Path(tmp) / "pack"
             folder.mkdir()
             if alpha == "auto":
@@ -219,8 +220,8 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             if quality:
                 metrics = {f"validation_{k}": v for k, v in quality["pack"].items()}
                 metrics.update({f"unpacked_validation_{k}": v for k, v in quality["unpacked"].items()})
-            final_name = name or _default_name(reg, src.name, density)
-            art = register_artifact(reg, kind="pack", name=final_name, base_id=src.base_id, folder=folder,
+            art = register_artifact(reg, kind="pack", name=name,
+                                    stem=None if name else _default_stem(src.name, density), base_id=src.base_id, folder=folder,
                                     variant_id=src.variant_id, source=f"packed from {src.name}",
                                     source_sha=source_digest, config=config, metrics=metrics,
                                     parents=[(src, "packed-from")], run_id=run.id)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +26,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.models.device import resolve_device
-from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -135,7 +134,7 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
         raise UsageError("--eval-tokens must be at least 2")
     train_set = load_dataset(data, "train")
     test_set = load_dataset(data, "test")
-    check_new_name(reg, name)
+    check_new_name(reg, name, command="prompt learn")
     target = variant or base
     ckpt_dir = _checkpoint_dir(reg, target.id, data, name)
     config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, batch_size=batch_size, seq_len=seq_len,
@@ -146,7 +145,8 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
     params = dict(variant=variant_ref, data=data, tokens=tokens, init=init, steps=steps, lr=lr,
                   batch_size=batch_size, seq_len=seq_len, eval_tokens=eval_tokens,
                   checkpoint_every=checkpoint_every, seed=seed, name=name, device=device, resume=resume)
-
+    if (earlier := earlier_result(reg, name, "prompt learn", params)) is not None:
+        return earlier, already_done_report(earlier)
     with record_run(reg, "prompt learn", params) as run:
         model, tokenizer = _load_target(reg, base, variant, device)
         test_texts = test_set.as_texts()
@@ -177,13 +177,13 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "built
                    "final_loss": result.final_loss, "first_loss": result.losses[0] if result.losses else None,
                    "train_tokens_per_s": result.tokens_per_s, "train_wall_s": result.wall_s,
                    "resumed_from": result.resumed_from}
-        art_name = name or unique_name(reg, f"prompt-{target.name.replace(':', '-')}-k{tokens}")
-        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        with reg.staging("prompt") as tmp:
             folder = Path(tmp) / "prompt"
             folder.mkdir()
             save_prompt(prompt, folder / PROMPT_FILE)
             (folder / CONFIG_FILE).write_text(json.dumps(art_config, indent=2, sort_keys=True))
-            art = register_artifact(reg, kind="prompt", name=art_name, base_id=base.id, folder=folder,
+            art = register_artifact(reg, kind="prompt", name=name,
+                                    stem=None if name else f"prompt-{target.name.replace(':', '-')}-k{tokens}", base_id=base.id, folder=folder,
                                     variant_id=variant.id if variant else None, source=f"learned:{data}",
                                     config=art_config, metrics=metrics, parents=[(target, "learned-on")],
                                     run_id=run.id)

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,7 +35,7 @@ from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import QUALITY_METRICS
 from adapterhub_c.models.device import resolve_device
-from adapterhub_c.registry.artifacts import check_new_name, register_artifact, unique_name
+from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.kinds import ADAPTER_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
@@ -184,13 +183,15 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
     dataset = load_dataset(data, "train")
     eval_data = eval_data or data
     load_dataset(eval_data, eval_split)
-    check_new_name(reg, name)
+    check_new_name(reg, name, command="adapt train")
     stem = f"{_dataset_label(data)}-lora" + (f"-{spec.variant.name}" if spec.variant else "")
     key = run_key(command="adapt train", base=spec.base.id, variant=spec.variant.id if spec.variant else None,
                   data=data, name=name)
     params = dict(target=target, data=data, variant=variant, rank=rank, alpha=alpha, targets=targets,
                   steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed,
                   name=name, eval_data=eval_data, eval_split=eval_split, device=device, resume=resume)
+    if (earlier := earlier_result(reg, name, "adapt train", params)) is not None:
+        return earlier, already_done_report(earlier)
     with record_run(reg, "adapt train", params) as run:
         config.checkpoint_dir = str(checkpoint_dir(reg, key))
         run.output = {"checkpoint": config.checkpoint_dir}
@@ -219,11 +220,10 @@ def train_adapter(reg: Registry, target: str, data: str, *, variant: str | None 
         cfg = {"data": data, "rank": rank, "alpha": alpha, "targets": sorted(adapter.config["target_modules"]),
                "train": config.hparams(),
                "trained_on": spec.variant.name if spec.variant else spec.base.name}
-        art_name = name or unique_name(reg, stem)
         parent = spec.variant if spec.variant is not None else spec.base
-        with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+        with reg.staging("train") as tmp:
             folder = adapter.to_folder(Path(tmp) / "adapter")
-            art = register_artifact(reg, kind="lora", name=art_name, base_id=spec.base.id, folder=folder,
+            art = register_artifact(reg, kind="lora", name=name, stem=None if name else stem, base_id=spec.base.id, folder=folder,
                                     variant_id=spec.variant.id if spec.variant else None, source="adapt train",
                                     config=cfg, metrics=metrics, parents=[(parent, "trained-on")], run_id=run.id)
         if before is not None:
@@ -321,7 +321,7 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
                          "give --data")
     eval_data = eval_data or data or (art.config or {}).get("data") or "builtin:pydoc"
     load_dataset(eval_data, eval_split)
-    check_new_name(reg, name)
+    check_new_name(reg, name, command="adapt convert")
     recover_used, distill_used = method == "modules" and trains, distill and trains
     key = run_key(command="adapt convert", adapter=art.id, variant=var.id, data=data, name=name)
     params = dict(adapter=adapter_ref, variant=variant_ref, data=data, eval_data=eval_data, eval_split=eval_split,
@@ -332,6 +332,8 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
                   distill_alpha=distill_alpha, distill_on=distill_on, steps=steps, lr=lr,
                   batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, seed=seed, name=name,
                   device=device, resume=resume)
+    if (earlier := earlier_result(reg, name, "adapt convert", params)) is not None:
+        return earlier, already_done_report(earlier)
     with record_run(reg, "adapt convert", params) as run:
         if trains:
             config.checkpoint_dir = str(checkpoint_dir(reg, key))
@@ -468,10 +470,10 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
            "distill_alpha": distill_alpha if distill else None, "distill_on": distill_on if distill else None,
            "ffn_sliced": bool(kept), "train": config.hparams() if result.train else None}
     stem = f"{art.name}-{var.name}"
-    with tempfile.TemporaryDirectory(dir=reg.cache_dir) as tmp:
+    with reg.staging("train") as tmp:
         folder = result.save(Path(tmp) / "adapter")
         kind = "lora" if comp is not None else "recovered-lora"  # compensated: one plain PEFT LoRA
-        art_new = register_artifact(reg, kind=kind, name=name or unique_name(reg, stem),
+        art_new = register_artifact(reg, kind=kind, name=name, stem=None if name else stem,
                                     base_id=base.id, folder=folder, variant_id=var.id, source="adapt convert",
                                     config=cfg, metrics=metrics,
                                     parents=[(art, "inherited-from" if inherit else "converted-from"),

@@ -17,7 +17,6 @@ on the same base again returns the existing row.
 from __future__ import annotations
 
 import json
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -253,7 +252,7 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
         build = apply_recipe(model, recipe, calib_ids, progress=progress, storage_dtype=storage_dtype(base_folder))
         stats = build.stats.to_dict()
         meta = {"recipe": recipe.to_dict(), "stats": stats}
-        with tempfile.TemporaryDirectory(prefix="variant-", dir=reg.cache_dir) as tmp:
+        with reg.staging("variant") as tmp:
             if recipe.prune == "none":
                 del build, model
                 files = dict(base_files)
