@@ -5,10 +5,8 @@ answering. Traffic goes only to a loopback server started by the test; seeded an
 """
 from __future__ import annotations
 
-import base64
 import json
 import random
-import socket
 import sys
 import threading
 import time
@@ -20,13 +18,13 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fuzzing import AUTH, CARD, HEADER, hostile_request, raw_request, request_bytes
+from fuzzing import file_op as _file_op
+from fuzzing import ndjson as _ndjson
 from hubutil import TOKEN, running_hub
 
 from adapterhub_c.hub import server as server_mod
 from adapterhub_c.hub.server import BackgroundServer
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CARD = "---\nlibrary_name: peft\ntags:\n- lora\n---\n# target\n"
 
 
 @pytest.fixture(scope="module")
@@ -39,44 +37,6 @@ def hub(tmp_path_factory):
         yield h
 
 
-def _raw(endpoint: str, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str]]:
-    """Send raw bytes, return (status, headers); fails the test if the server drops us."""
-    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    assert data, f"connection dropped without an answer: {request[:120]!r}"
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    status = int(head[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:])}
-    return status, headers
-
-
-def _request(method: str, target: str, headers: dict | None = None, body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    if body or method in ("POST", "PUT", "DELETE"):
-        lines.append(f"Content-Length: {len(body)}")
-    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
-
-
-def _ndjson(*items) -> bytes:
-    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
-
-
-def _file_op(path: str, data: bytes = b"x") -> dict:
-    return {"key": "file", "value": {"path": path, "encoding": "base64",
-                                     "content": base64.b64encode(data).decode()}}
-
-
-HEADER = {"key": "header", "value": {"summary": "hostile"}}
-
-
 def _commit(endpoint: str, repo_id: str, body: bytes) -> httpx2.Response:
     return httpx2.post(f"{endpoint}/api/models/{repo_id}/commit/main", content=body, timeout=30,
                        headers={**AUTH, "Content-Type": "application/x-ndjson"})
@@ -87,6 +47,17 @@ def _alias_bomb(depth: int) -> str:
     for i in range(1, depth + 1):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
     return "\n".join(lines) + "\n---\n# bomb\n"
+
+
+def _raw(endpoint: str, request: bytes, timeout: float = 10) -> tuple[int, dict[str, str]]:
+    """Send raw bytes, return (status, headers); fails the test if the server drops us."""
+    status, headers = raw_request(endpoint, request, timeout)
+    assert status is not None, f"connection dropped without an answer: {request[:120]!r}"
+    return status, headers
+
+
+_request = request_bytes
+_hostile = hostile_request
 
 
 # ---- hole 1: denial of service --------------------------------------------------------------
@@ -327,79 +298,6 @@ def test_overlong_names_refused_at_upload(hub):
 
 
 # ---- the campaign, seeded and bounded ---------------------------------------------------------
-ODD = ["%00", "%0D", "%0A", "%0D%0A", "..", "%2e%2e", "%E6%97%A5%E6%9C%AC", "%FF", "%25",
-       "%20", "~", "@%7B", "*", "a:b", ".git", "%5C", "main", "README.md", "config.json"]
-
-
-def _odd(rng: random.Random) -> str:
-    if rng.random() < 0.15:
-        return "a" * rng.choice([97, 256, 1000, 5000])
-    return "".join(rng.choice(ODD) for _ in range(rng.randint(1, 3)))
-
-
-def _odd_target(rng: random.Random) -> str:
-    ns, name, rev, path = (rng.choice(["alice", "target", _odd(rng)]) for _ in range(4))
-    name = rng.choice(["target", name])
-    return rng.choice([
-        f"/{ns}/{name}/resolve/{rev}/{path}",
-        f"/alice/target/resolve/{rev}/{path}",
-        f"/api/models/{ns}/{name}",
-        f"/api/models/alice/target/revision/{rev}",
-        f"/api/models/alice/target/tree/{rev}/{path}",
-        f"/api/models/alice/target/commits/{rev}",
-        f"/api/models?limit={_odd(rng)}&search={_odd(rng)}",
-    ])
-
-
-def _mutated_json(rng: random.Random) -> bytes:
-    valid = rng.choice([
-        {"name": "fuzz", "organization": "alice", "private": False},
-        {"files": [{"path": "a.txt", "sample": "", "size": 1}]},
-        {"paths": ["README.md", "config.json"]},
-        {"content": CARD},
-    ])
-    raw = json.dumps(valid).encode()
-    kind = rng.randrange(5)
-    if kind == 0:
-        return raw[:rng.randrange(len(raw))]
-    if kind == 1:
-        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
-    if kind == 2:
-        return b"[" * rng.randint(1000, 50_000)
-    if kind == 3:
-        key = rng.choice(list(valid))
-        return json.dumps({key: rng.choice([None, 5, "x", [1], {"a": {}}, [[]]])}).encode()
-    return json.dumps(rng.choice([[], "x", 5, None, [valid]])).encode()
-
-
-def _hostile(rng: random.Random) -> bytes:
-    kind = rng.randrange(6)
-    if kind == 0:
-        return _request(rng.choice(["GET", "HEAD"]), _odd_target(rng))
-    if kind == 1:
-        path = rng.choice(["/api/repos/create", "/api/models/alice/target/preupload/main",
-                           "/api/models/alice/target/paths-info/main", "/api/validate-yaml"])
-        return _request("POST", path, {**AUTH, "Content-Type": "application/json"},
-                        _mutated_json(rng))
-    if kind == 2:
-        ops = [HEADER, _file_op(_odd(rng).replace("%", "")), rng.choice(COMMITS)]
-        body = b"".join(json.dumps(o).encode() + b"\n" if isinstance(o, dict) else o
-                        for o in rng.sample(ops, rng.randint(1, 3)))
-        return _request("POST", "/api/models/alice/target/commit/main",
-                        {**AUTH, "Content-Type": "application/x-ndjson"}, body)
-    if kind == 3:
-        value = rng.choice(["x" * rng.choice([1000, 20_000, 100_000]), "%0D", "\x7f\xff"])
-        return _request("GET", "/api/models/alice/target", {"X-Junk": value})
-    if kind == 4:
-        rng_value = rng.choice(["bytes=", "bytes=-0", "bytes=5-1", "bytes=1-2,3-4", "bits=0-1",
-                                "bytes=" + "9" * rng.randint(18, 6000) + "-", "bytes=-" + "9" * 30,
-                                "bytes=0x10-", "bytes= 1 - 2 "])
-        return _request("GET", "/alice/target/resolve/main/weights.safetensors",
-                        {"Range": rng_value})
-    return rng.choice([b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
-                       b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"])
-
-
 def test_seeded_hostile_requests_never_5xx(tmp_path):
     rng = random.Random(20)
     with running_hub(tmp_path / "campaign") as hub:

@@ -592,6 +592,26 @@ def test_adapt_hub_serve_end_to_end(cli, reg, tiny_base, lora_dir, tmp_path, mon
     assert TOKEN not in out + err
 
 
+def test_hub_serve_body_limits_are_options(cli, tmp_path):
+    """`--max-body-bytes` reaches the server: a larger JSON body is answered 413."""
+    import httpx2
+
+    proc = subprocess.Popen([sys.executable, "-c", "from adapterhub_c.cli.main import main; main()",
+                             "hub", "serve", "--root", str(tmp_path / "served"), "--max-body-bytes", "4096"],
+                            env=dict(os.environ, ADAPTERHUB_HUB_TOKEN=TOKEN, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoint = proc.stdout.readline().split(" at ", 1)[1].split()[0]
+        small = httpx2.post(f"{endpoint}/api/validate-yaml", json={"content": "a: 1"}, timeout=10)
+        big = httpx2.post(f"{endpoint}/api/validate-yaml", json={"content": "a" * 10_000}, timeout=10)
+        assert small.status_code == 200 and big.status_code == 413, (small.status_code, big.status_code)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    r = cli("hub", "serve", "--root", str(tmp_path / "x"), "--max-body-bytes", "10")
+    assert r.code == 2 and "at least 1024" in r.err
+
+
 def test_hub_serve_bad_root(cli, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")

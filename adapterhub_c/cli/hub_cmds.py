@@ -95,8 +95,13 @@ def hub_group() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
 @token_options("Writes (and private repos) need this token (env ADAPTERHUB_HUB_TOKEN).",
                envvar="ADAPTERHUB_HUB_TOKEN")
+@click.option("--max-body-bytes", type=int, default=None,
+              help="Largest JSON request body (create, preupload, paths-info, validate-yaml); 413 above. "
+                   "Default 8 MiB.")
+@click.option("--max-upload-bytes", type=int, default=None,
+              help="Largest commit body (files inline or LFS); 413 above. Default: the server's.")
 @click.pass_obj
-def hub_serve(obj, root, host, port, token) -> None:
+def hub_serve(obj, root, host, port, token, max_body_bytes, max_upload_bytes) -> None:
     """Serve Hub repos from ROOT until interrupted; point clients at it with HF_ENDPOINT."""
     def ready(endpoint: str) -> None:
         click.echo(f"serving {root} at {endpoint} "
@@ -107,7 +112,8 @@ def hub_serve(obj, root, host, port, token) -> None:
     def warn(message: str) -> None:
         click.echo(f"warning: {message}", err=True)
 
-    api.serve_hub(root, host=host, port=port, token=token, ready=ready, warn=warn)
+    api.serve_hub(root, host=host, port=port, token=token, ready=ready, warn=warn,
+                  max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
 
 
 def register(cli) -> None:

@@ -824,13 +824,22 @@ def push_variant(reg: Registry, variant: str | Variant, repo_id: str, *, private
 # ---- serve ------------------------------------------------------------------------------------
 def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
               ready: Callable[[str], None] | None = None,
-              warn: Callable[[str], None] | None = None) -> None:
+              warn: Callable[[str], None] | None = None, max_body_bytes: int | None = None,
+              max_upload_bytes: int | None = None) -> None:
     """Run the local Hub-compatible server on ``root`` until interrupted (blocking).
 
     ``ready(endpoint)`` is called once listening. Binding a non-loopback interface without a
     token is allowed but reported through ``warn``: anyone who can connect could write.
+    ``max_body_bytes`` (JSON bodies) / ``max_upload_bytes`` (commits): request size limits,
+    answered with 413 (defaults: the server's).
     """
-    from adapterhub_c.hub.server import serve
+    from adapterhub_c.hub.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, serve
+
+    limits = {"max_body_bytes": DEFAULT_MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes,
+              "max_upload_bytes": DEFAULT_MAX_UPLOAD_BYTES if max_upload_bytes is None else max_upload_bytes}
+    for flag, value in limits.items():
+        if not isinstance(value, int) or value < 1024:
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: must be at least 1024 bytes")
 
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -841,7 +850,7 @@ def serve_hub(root: str | Path, host: str = "127.0.0.1", port: int = 0, token: s
         warn(f"serving on {host} without a token: anyone who can reach it can create and push repos")
     root.mkdir(parents=True, exist_ok=True)
     try:
-        serve(root, host=host, port=int(port), token=token or None, ready=ready)
+        serve(root, host=host, port=int(port), token=token or None, ready=ready, **limits)
     except OSError as e:
         raise AdaptError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
 

@@ -34,6 +34,7 @@ from adapterhub_c.fsutil import read_safetensors_header
 
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B)(\.[^.]+)?\.weight$"
                         r"|^(?P<mmodule>.+)\.(?P<mfactor>lora_magnitude_vector)(\.[^.]+)?(\.weight)?$")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 
 
@@ -84,6 +85,10 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
     return adapter
 
 
+def _max_abs(t: torch.Tensor) -> float:
+    return float(t.abs().max().double()) if t.numel() else 0.0
+
+
 def _check_values(adapter: LoraAdapter, weights: Path) -> None:
     """Every tensor is floating point and finite: integer or NaN weights load but cannot be used."""
     for key, tensor in adapter.tensors.items():
@@ -92,6 +97,12 @@ def _check_values(adapter: LoraAdapter, weights: Path) -> None:
                                  "adapter weights must be floating point")
         if not bool(torch.isfinite(tensor).all()):
             raise IntegrityError(f"{weights}: tensor {key} holds NaN or infinite values")
+    # each entry of s·B·A is at most r·s·max|A|·max|B|: when that bound is finite, so is ΔW
+    for module, layer in adapter.layers().items():
+        bound = layer.rank * abs(layer.scale) * _max_abs(layer.A) * _max_abs(layer.B)
+        if not bound < FLOAT32_MAX:
+            raise IntegrityError(f"{weights}: module {module}: its factors' values are so large that "
+                                 "scale · B @ A overflows float32")
 
 
 def _refuse_kohya(header: dict, weights: Path) -> None:

@@ -1,0 +1,122 @@
+"""The full hostile-input campaign (issue 20): ≥ 10,000 seeded mutations, one counts table.
+
+Usage:
+  python benchmarks/fuzz.py [--packs 4000] [--adapters 4000] [--http 1500] [--names 1000]
+                            [--secrets 500] [--seed 0] [--out benchmarks/results/fuzz.md]
+
+The generators and the outcome rules are ``tests/fuzzing.py`` (the suite's
+``tests/test_hostile.py`` runs a few hundred of the same cases). Families: pack files
+(fixtures flipped, cut, or a header field / index cell / scale / stream changed and
+re-signed), adapter folders (config fields, JSON text, safetensors header entries, weight
+bytes, key names), raw HTTP requests to a loopback Hub server, hostile artefact names, URLs
+with credentials. The baseline row of each file family is the unmutated seed, which must be
+accepted: a campaign whose reader refused everything would also "pass".
+
+Must be zero: ``unexpected:*`` (an exception other than IntegrityError / UsageError),
+``accepted_invalid`` (accepted, but the result is non-finite, out of range or not Hub-like;
+a secret that survived redaction), ``http_5xx``, ``dropped`` (connection closed without an
+answer), ``over_cap`` (a case after which the process's peak RSS had grown by more than the cap).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT))
+
+import fuzzing  # noqa: E402
+from hubutil import running_hub  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "fuzz.md"
+COLUMNS = ["cases", "refused", "accepted", "accepted_invalid", "unexpected", "http_5xx", "dropped", "over_cap"]
+
+
+def _seed_baseline(tmp: Path) -> dict[str, str]:
+    """Whether the unmutated seeds are accepted by the same checks (they must be)."""
+    out = {}
+    for enc in ("golomb", "bitmask"):
+        path = tmp / f"seed-{enc}.pack"
+        path.write_bytes(fuzzing.load_fixture(enc)[0])
+        out[f"pack ({enc} fixture)"] = fuzzing._measured(lambda path=path: fuzzing._check_pack(path))[0]
+    folder = fuzzing.seed_adapter().to_folder(tmp / "seed-adapter")
+    out["adapter (seed folder)"] = fuzzing._measured(lambda: fuzzing._check_adapter(folder))[0]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--packs", type=int, default=4000)
+    ap.add_argument("--adapters", type=int, default=4000)
+    ap.add_argument("--http", type=int, default=1500)
+    ap.add_argument("--names", type=int, default=1000)
+    ap.add_argument("--secrets", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    tally = fuzzing.Tally()
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        baseline = _seed_baseline(tmp)
+        steps = [("pack", lambda: fuzzing.run_pack_cases(tally, tmp, args.seed + 1, args.packs)),
+                 ("adapter", lambda: fuzzing.run_adapter_cases(tally, tmp, args.seed + 2, args.adapters)),
+                 ("name", lambda: fuzzing.run_name_cases(tally, args.seed + 4, args.names)),
+                 ("secret", lambda: fuzzing.run_secret_cases(tally, args.seed + 5, args.secrets))]
+        for family, step in steps:
+            t0 = time.perf_counter()
+            step()
+            seconds[family] = time.perf_counter() - t0
+            print(f"{family}: {dict(tally.counts[family])}", flush=True)
+        with running_hub(tmp / "hub") as hub:
+            fuzzing.seed_hub(hub.store)
+            t0 = time.perf_counter()
+            fuzzing.run_http_cases(tally, hub.endpoint, args.seed + 3, args.http)
+            seconds["http"] = time.perf_counter() - t0
+            alive = fuzzing.raw_request(hub.endpoint, fuzzing.request_bytes("GET", "/api/models"))[0]
+        print(f"http: {dict(tally.counts['http'])}", flush=True)
+    text = render(args, tally, seconds, baseline, alive)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(f"written {args.out}")
+    return 0 if not tally.bad() and alive == 200 and set(baseline.values()) == {"accepted"} else 1
+
+
+def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive) -> str:
+    total = sum(c["cases"] for c in tally.counts.values())
+    lines = ["# Hostile-input campaign (issue 20)", "",
+             f"Command: `python benchmarks/fuzz.py {' '.join(sys.argv[1:])}`".replace("`python benchmarks/fuzz.py `",
+                                                                                     "`python benchmarks/fuzz.py`"),
+             "", f"{total:,} cases, seed {args.seed}; generators and outcome rules in `tests/fuzzing.py`. "
+             f"Allocation cap {fuzzing.ALLOC_CAP / 2**20:.0f} MiB of peak-RSS growth over the campaign's start "
+             "(`ru_maxrss`, read after every case).", "",
+             "| family | " + " | ".join(COLUMNS) + " | peak RSS growth | ms / case |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
+    for family in ("pack", "adapter", "http", "name", "secret"):
+        c = tally.counts.get(family)
+        if not c:
+            continue
+        unexpected = sum(v for k, v in c.items() if k.startswith("unexpected"))
+        cells = [c["cases"], c["refused"], c["accepted"], c["accepted_invalid"], unexpected, c["http_5xx"],
+                 c["dropped"], c["over_cap"]]
+        peak = tally.peak.get(family, 0)
+        lines.append(f"| {family} | " + " | ".join(f"{v:,}" for v in cells)
+                     + f" | {peak / 2**20:.1f} MiB | {1000 * seconds[family] / c['cases']:.2f} |")
+    lines += ["", "Baseline (unmutated seeds through the same checks): "
+              + ", ".join(f"{k}: {v}" for k, v in baseline.items())
+              + f"; server answering after the HTTP run: {'yes (200)' if alive == 200 else alive}.", ""]
+    bad = tally.bad()
+    lines.append("Must-be-zero counts: " + ("all zero." if not bad else ", ".join(f"{k} = {v}" for k, v in bad.items())))
+    if tally.examples:
+        lines += ["", "First example of each non-zero bad outcome:", ""]
+        lines += [f"- `{k}`: {v}" for k, v in sorted(tally.examples.items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

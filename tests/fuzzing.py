@@ -1,0 +1,498 @@
+"""The hostile-input campaign (issue 20), shared by ``tests/test_hostile.py`` (a few hundred
+seeded cases, in the suite) and ``benchmarks/fuzz.py`` (the full campaign, ≥ 10,000).
+
+Four families, each a seeded generator of cases and a runner that classifies every outcome:
+
+- **pack files**: the version-1 fixtures with bytes flipped, cut short, or a header field,
+  index cell, scale or stream changed and the digest re-signed (anyone can recompute it, so
+  the change reaches the parser and the decoder);
+- **adapter folders**: a PEFT LoRA with a config field set to a hostile value, its JSON
+  garbled, a safetensors header entry changed, weight bytes flipped or keys renamed;
+- **HTTP requests** to a loopback Hub server: odd targets (control characters, non-Latin-1
+  names, 5,000-character names), malformed JSON / ndjson bodies, huge headers and ranges;
+- **names and secrets**: hostile artefact names against the one name rule, URLs with
+  credentials against ``redact_url``.
+
+Outcomes: ``refused`` (only IntegrityError / UsageError), ``accepted`` (the result is checked:
+finite, in range, shapes as claimed), ``accepted_invalid`` (accepted, but the check failed),
+``unexpected:<Type>`` (any other exception), ``http_5xx`` and ``dropped`` for requests. Memory:
+the process's peak resident size (``ru_maxrss``, which sees torch's allocations too) is read
+after every case; growth above the campaign's start by more than ``ALLOC_CAP`` counts as
+``over_cap`` for the case that caused it (the peak only grows, so no over-cap case is missed).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import resource
+import socket
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.packing import read_pack, unpack_to_adapter
+from adapterhub_c.packing.digest import tensors_digest
+from adapterhub_c.packing.format import MIN_NUMEL_ALLOWANCE
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ALLOWED = (IntegrityError, UsageError)
+# what a reader may legitimately allocate for a tiny pack (MIN_NUMEL_ALLOWANCE elements at ~9
+# bytes each, see packing/format.py) plus headroom for the interpreter
+ALLOC_CAP = 9 * MIN_NUMEL_ALLOWANCE + (32 << 20)
+
+HOSTILE_VALUES = [None, True, False, 0, -1, 1, 7, 2**31, 2**63 - 1, 2**64, -2**63, 1.5, 1e308, -1e308,
+                  float("nan"), float("inf"), float("-inf"), "", "x", "0", "-1", "nan", "inf", "1e12", "7",
+                  "(", "[a-", "*", "a" * 5000, "\x00", "\u202e", "日本", [], {}, [1], [-1, 4], ["x"], [None],
+                  {"a": 1}, {"(": 4}, [[[]]], [10**12], [1e12], [2**62, 2**62]]
+
+
+class Tally:
+    """Outcome counts per family, with an example of each unexpected kind and the peak memory."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Counter] = {}
+        self.examples: dict[str, str] = {}
+        self.peak: dict[str, int] = {}
+        self.start_rss = _max_rss()  # in a test process, earlier tests' peak hides growth below it
+
+    def add(self, family: str, outcome: str, detail: str = "", rss: int = 0) -> None:
+        """Count one case; ``rss``: the peak resident size after it (0: not measured)."""
+        peak = max(0, rss - self.start_rss)
+        self.counts.setdefault(family, Counter())[outcome] += 1
+        self.counts[family]["cases"] += 1
+        if peak > ALLOC_CAP:
+            self.counts[family]["over_cap"] += 1
+        self.peak[family] = max(self.peak.get(family, 0), peak)
+        if outcome not in ("refused", "accepted") and outcome not in self.examples:
+            self.examples[f"{family}/{outcome}"] = detail[:300]
+
+    def bad(self) -> dict[str, int]:
+        """Counts that must be zero: unexpected exceptions, invalid acceptances, 5xx, drops, over cap."""
+        out: Counter = Counter()
+        for family, c in self.counts.items():
+            for k, v in c.items():
+                if k.startswith(("unexpected", "accepted_invalid", "http_5xx", "dropped", "over_cap")):
+                    out[f"{family}/{k}"] += v
+        return dict(out)
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _measured(fn: Callable[[], str]) -> tuple[str, str, int]:
+    """(outcome, detail, the process's peak resident size after it) of one case."""
+    try:
+        outcome, detail = fn(), ""
+    except ALLOWED as e:
+        outcome, detail = "refused", str(e)
+    except Exception as e:  # noqa: BLE001 - the campaign's point: classify, never crash
+        outcome, detail = f"unexpected:{type(e).__name__}", f"{type(e).__name__}: {e}"
+    return outcome, detail, _max_rss()
+
+
+# ---- pack files -----------------------------------------------------------------------------
+def load_fixture(encoding: str) -> tuple[bytes, dict[str, torch.Tensor], dict[str, str]]:
+    data = (FIXTURES / f"v1-{encoding}.pack").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return data, dict(st_load(data)), dict(json.loads(data[8:8 + n])["__metadata__"])
+
+
+def _signed(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    meta = {k: v for k, v in meta.items() if k != "pack_digest"}
+    meta["pack_digest"] = tensors_digest(tensors, meta)
+    return st_save(tensors, metadata=meta)
+
+
+def _hostile_text(rng: random.Random) -> str:
+    v = rng.choice(HOSTILE_VALUES)
+    return v if isinstance(v, str) and rng.random() < 0.5 else json.dumps(v)
+
+
+def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
+    """``n`` (kind, file bytes) mutations of the two fixtures."""
+    fixtures = {enc: load_fixture(enc) for enc in ("golomb", "bitmask")}
+    kinds = ["flip", "truncate", "meta", "tensor_info", "index", "scales", "stream", "drop_tensor"]
+    for _ in range(n):
+        data, tensors, meta = fixtures[rng.choice(list(fixtures))]
+        kind = rng.choice(kinds)
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        meta = dict(meta)
+        if kind == "flip":
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            yield kind, bytes(b)
+            continue
+        if kind == "truncate":
+            yield kind, data[:rng.randrange(len(data))]
+            continue
+        if kind == "meta":
+            meta[rng.choice(sorted(meta))] = _hostile_text(rng)
+        elif kind == "tensor_info":
+            info = json.loads(meta["tensors"])
+            row = rng.choice(info)
+            row[rng.randrange(len(row))] = rng.choice(HOSTILE_VALUES)
+            meta["tensors"] = json.dumps(info)
+        elif kind == "index":
+            index = tensors["index"]
+            r, c = rng.randrange(index.shape[0]), rng.randrange(index.shape[1])
+            index[r, c] = rng.choice([0, -1, 1, 2**31, 2**62, 2**63 - 1, -2**63, int(index[r, c]) + rng.randint(-3, 3)])
+        elif kind == "scales":
+            scales = tensors["scales"]
+            scales[rng.randrange(scales.numel())] = rng.choice([0.0, -1.0, 1e38, float("nan"), float("inf"), 1e-45])
+        elif kind == "stream":
+            key = rng.choice([k for k in ("bits", "pos", "neg") if k in tensors])
+            t = tensors[key].view(torch.uint8) if tensors[key].dtype != torch.uint8 else tensors[key]
+            if t.numel():
+                for _ in range(rng.randint(1, 4)):
+                    t[rng.randrange(t.numel())] = rng.randrange(256)
+        else:
+            del tensors[rng.choice(sorted(tensors))]
+        yield kind, _signed(tensors, meta)
+
+
+def _check_pack(path: Path) -> str:
+    pack = read_pack(path)
+    adapter = unpack_to_adapter(pack)
+    if not (0 < pack.density <= 1) or not math.isfinite(pack.alpha) or pack.alpha <= 0:
+        return "accepted_invalid"
+    for t in adapter.tensors.values():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return "accepted_invalid"
+    return "accepted"
+
+
+def run_pack_cases(tally: Tally, tmp: Path, seed: int, n: int) -> None:
+    rng = random.Random(seed)
+    path = tmp / "case.pack"
+    for kind, data in pack_cases(rng, n):
+        path.write_bytes(data)
+        outcome, detail, peak = _measured(lambda: _check_pack(path))
+        tally.add("pack", outcome, f"{kind}: {detail}", peak)
+
+
+# ---- adapter folders ------------------------------------------------------------------------
+CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+               "peft_type", "modules_to_save", "fan_in_fan_out", "base_model_name_or_path"]
+
+
+def seed_adapter() -> LoraAdapter:
+    """A valid q/v LoRA (r = 4) of the tiny Llama's shapes, seeded."""
+    g = torch.Generator().manual_seed(20)
+    tensors = {}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{p}.lora_A.weight"] = torch.randn(4, 64, generator=g)
+            tensors[f"{p}.lora_B.weight"] = torch.randn(64, 4, generator=g)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+              "base_model_name_or_path": "builtin:tiny-llama", "task_type": "CAUSAL_LM"}
+    return LoraAdapter(config, tensors)
+
+
+def _rewrite_header(data: bytes, edit: Callable[[dict], None]) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+
+
+def adapter_cases(rng: random.Random, n: int, folder_bytes: tuple[bytes, bytes]) -> Iterator[tuple[str, bytes, bytes]]:
+    """``n`` (kind, config bytes, weights bytes) mutations of the seed adapter folder."""
+    cfg_bytes, weights = folder_bytes
+    for _ in range(n):
+        kind = rng.choice(["config_field", "config_field", "config_text", "header", "data", "keys"])
+        cfg, w = cfg_bytes, weights
+        if kind == "config_field":
+            config = json.loads(cfg)
+            for _ in range(rng.randint(1, 2)):
+                key = rng.choice(CONFIG_KEYS)
+                if key in ("rank_pattern", "alpha_pattern") and rng.random() < 0.5:
+                    config[key] = {rng.choice(["v_proj", "(", "q_proj", "*", ""]): rng.choice(HOSTILE_VALUES)}
+                else:
+                    config[key] = rng.choice(HOSTILE_VALUES)
+            cfg = json.dumps(config).encode()
+        elif kind == "config_text":
+            choice = rng.randrange(4)
+            if choice == 0:
+                cfg = cfg[:rng.randrange(len(cfg))]
+            elif choice == 1:
+                cfg = b"[" * rng.randint(100, 200_000)
+            elif choice == 2:
+                b = bytearray(cfg)
+                b[rng.randrange(len(b))] = rng.randrange(256)
+                cfg = bytes(b)
+            else:
+                cfg = json.dumps(rng.choice(HOSTILE_VALUES)).encode()
+        elif kind == "header":
+            def edit(h: dict) -> None:
+                key = rng.choice([k for k in h if k != "__metadata__"])
+                if rng.random() < 0.2:
+                    h[key] = rng.choice(HOSTILE_VALUES)
+                else:
+                    h[key][rng.choice(["dtype", "shape", "data_offsets"])] = rng.choice(
+                        HOSTILE_VALUES + ["F32", "I32", "BF16", "F99", [4, 64], [64, 4], [0, 1024]])
+            w = _rewrite_header(w, edit)
+        elif kind == "data":
+            b = bytearray(w)
+            (hn,) = struct.unpack("<Q", w[:8])
+            for _ in range(rng.randint(1, 16)):
+                b[rng.randrange(8 + hn, len(b))] = rng.choice([0xFF, 0x7F, 0x80, rng.randrange(256)])
+            w = bytes(b)
+        else:
+            tensors = st_load(w)
+            key = rng.choice(sorted(tensors))
+            op = rng.randrange(5)
+            if op == 0:
+                tensors[key.replace(".weight", ".default.weight")] = tensors.pop(key)
+            elif op == 1:
+                tensors[key.replace("lora_A", "lora_down").replace("lora_B", "lora_up")] = tensors.pop(key)
+            elif op == 2:
+                del tensors[key]
+            elif op == 3:
+                tensors[key.replace("base_model.model.", "")] = tensors.pop(key)
+            else:
+                tensors[key] = tensors[key].to(rng.choice([torch.int32, torch.float16, torch.bfloat16, torch.int8]))
+            w = st_save(tensors)
+        yield kind, cfg, w
+
+
+def _check_adapter(folder: Path) -> str:
+    from adapterhub_c.hub.validate import validate_lora_folder
+
+    adapter = validate_lora_folder(folder)
+    for t in adapter.tensors.values():
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            return "accepted_invalid"
+    layers = adapter.layers()
+    if not layers:
+        return "accepted_invalid"
+    for layer in layers.values():
+        if layer.A.shape[0] != layer.B.shape[1] or not math.isfinite(layer.scale) or layer.scale <= 0:
+            return "accepted_invalid"
+        if not bool(torch.isfinite(layer.delta()).all()):
+            return "accepted_invalid"
+    return "accepted"
+
+
+def run_adapter_cases(tally: Tally, tmp: Path, seed: int, n: int) -> None:
+    rng = random.Random(seed)
+    src = seed_adapter().to_folder(tmp / "seed")
+    base = ((src / "adapter_config.json").read_bytes(), (src / "adapter_model.safetensors").read_bytes())
+    folder = tmp / "case"
+    folder.mkdir(exist_ok=True)
+    for kind, cfg, weights in adapter_cases(rng, n, base):
+        (folder / "adapter_config.json").write_bytes(cfg)
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        outcome, detail, peak = _measured(lambda: _check_adapter(folder))
+        tally.add("adapter", outcome, f"{kind}: {detail}", peak)
+
+
+# ---- HTTP requests to a loopback Hub server ---------------------------------------------------
+from hubutil import TOKEN  # noqa: E402  (tests/ is on sys.path for the suite and for benchmarks/fuzz.py)
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CARD = "---\nlibrary_name: peft\ntags:\n- lora\n---\n# target\n"
+HEADER = {"key": "header", "value": {"summary": "hostile"}}
+
+
+def raw_request(endpoint: str, request: bytes, timeout: float = 10) -> tuple[int | None, dict[str, str]]:
+    """Send raw bytes; (status, headers), or (None, {}) when the server dropped the connection."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        return None, {}
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    status = int(head[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:] if ":" in h)}
+    return status, headers
+
+
+def request_bytes(method: str, target: str, headers: dict | None = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body or method in ("POST", "PUT", "DELETE"):
+        lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+
+
+def ndjson(*items) -> bytes:
+    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
+
+
+def file_op(path: str, data: bytes = b"x") -> dict:
+    return {"key": "file", "value": {"path": path, "encoding": "base64", "content": base64.b64encode(data).decode()}}
+
+
+COMMITS = [
+    ndjson({"key": "header", "value": [1]}),
+    ndjson({"key": "header", "value": None}, file_op("a.txt")),
+    ndjson(HEADER, {"key": "file", "value": "a.txt"}),
+    ndjson(HEADER, {"key": "file", "value": {"path": "a.txt", "content": 5}}),
+    ndjson(HEADER, {"key": "file", "value": {"content": "eA=="}}),
+    ndjson(HEADER, {"key": "lfsFile", "value": {"path": "a.bin", "oid": 5}}),
+    ndjson(HEADER, {"key": "deletedFolder", "value": {"path": 5}}),
+    ndjson(HEADER, {"key": "deletedFile", "value": ["README.md"]}),
+    ndjson({"key": "header", "value": {"summary": 5}}, file_op("a.txt")),
+    ndjson({"key": "header", "value": {"summary": "x", "parentCommit": 5}}, file_op("a.txt")),
+    ndjson({"key": "header", "value": {"summary": "x", "description": []}}, file_op("a.txt")),
+    ndjson(HEADER) + b"\xff\xfe\n",
+]
+ODD = ["%00", "%0D", "%0A", "%0D%0A", "..", "%2e%2e", "%E6%97%A5%E6%9C%AC", "%FF", "%25",
+       "%20", "~", "@%7B", "*", "a:b", ".git", "%5C", "main", "README.md", "config.json"]
+
+
+def _odd(rng: random.Random) -> str:
+    if rng.random() < 0.15:
+        return "a" * rng.choice([97, 256, 1000, 5000])
+    return "".join(rng.choice(ODD) for _ in range(rng.randint(1, 3)))
+
+
+def _odd_target(rng: random.Random) -> str:
+    ns, name, rev, path = (rng.choice(["alice", "target", _odd(rng)]) for _ in range(4))
+    name = rng.choice(["target", name])
+    return rng.choice([
+        f"/{ns}/{name}/resolve/{rev}/{path}",
+        f"/alice/target/resolve/{rev}/{path}",
+        f"/api/models/{ns}/{name}",
+        f"/api/models/alice/target/revision/{rev}",
+        f"/api/models/alice/target/tree/{rev}/{path}",
+        f"/api/models/alice/target/commits/{rev}",
+        f"/api/models?limit={_odd(rng)}&search={_odd(rng)}",
+    ])
+
+
+def _mutated_json(rng: random.Random) -> bytes:
+    valid = rng.choice([
+        {"name": "fuzz", "organization": "alice", "private": False},
+        {"files": [{"path": "a.txt", "sample": "", "size": 1}]},
+        {"paths": ["README.md", "config.json"]},
+        {"content": CARD},
+    ])
+    raw = json.dumps(valid).encode()
+    kind = rng.randrange(5)
+    if kind == 0:
+        return raw[:rng.randrange(len(raw))]
+    if kind == 1:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    if kind == 2:
+        return b"[" * rng.randint(1000, 50_000)
+    if kind == 3:
+        key = rng.choice(list(valid))
+        return json.dumps({key: rng.choice([None, 5, "x", [1], {"a": {}}, [[]]])}).encode()
+    return json.dumps(rng.choice([[], "x", 5, None, [valid]])).encode()
+
+
+def hostile_request(rng: random.Random) -> bytes:
+    """One seeded hostile request (raw HTTP/1.1 bytes)."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return request_bytes(rng.choice(["GET", "HEAD"]), _odd_target(rng))
+    if kind == 1:
+        path = rng.choice(["/api/repos/create", "/api/models/alice/target/preupload/main",
+                           "/api/models/alice/target/paths-info/main", "/api/validate-yaml"])
+        return request_bytes("POST", path, {**AUTH, "Content-Type": "application/json"}, _mutated_json(rng))
+    if kind == 2:
+        ops = [HEADER, file_op(_odd(rng).replace("%", "")), rng.choice(COMMITS)]
+        body = b"".join(json.dumps(o).encode() + b"\n" if isinstance(o, dict) else o
+                        for o in rng.sample(ops, rng.randint(1, 3)))
+        return request_bytes("POST", "/api/models/alice/target/commit/main",
+                             {**AUTH, "Content-Type": "application/x-ndjson"}, body)
+    if kind == 3:
+        value = rng.choice(["x" * rng.choice([1000, 20_000, 100_000]), "%0D", "\x7f\xff"])
+        return request_bytes("GET", "/api/models/alice/target", {"X-Junk": value})
+    if kind == 4:
+        rng_value = rng.choice(["bytes=", "bytes=-0", "bytes=5-1", "bytes=1-2,3-4", "bits=0-1",
+                                "bytes=" + "9" * rng.randint(18, 6000) + "-", "bytes=-" + "9" * 30,
+                                "bytes=0x10-", "bytes= 1 - 2 "])
+        return request_bytes("GET", "/alice/target/resolve/main/weights.safetensors", {"Range": rng_value})
+    return rng.choice([b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
+                       b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"])
+
+
+def seed_hub(store) -> None:
+    """The repo the requests aim at."""
+    store.create_repo("alice/target")
+    store.commit("alice/target", message="seed", add={
+        "README.md": CARD.encode(), "config.json": b'{"a": 1}', "weights.safetensors": bytes(range(256)) * 16})
+
+
+def run_http_cases(tally: Tally, endpoint: str, seed: int, n: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(n):
+        request = hostile_request(rng)
+        try:
+            status, _ = raw_request(endpoint, request, timeout=10)
+        except OSError as e:  # reset or timeout: the server did not answer
+            tally.add("http", "dropped", f"{type(e).__name__}: {request[:120]!r}")
+            continue
+        rss = _max_rss()  # the server runs in this process (a thread)
+        if status is None:
+            tally.add("http", "dropped", repr(request[:120]), rss)
+        elif status >= 500:
+            tally.add("http", "http_5xx", f"{status}: {request[:120]!r}", rss)
+        else:
+            tally.add("http", "refused" if status >= 400 else "accepted", rss=rss)
+
+
+# ---- names and secrets ------------------------------------------------------------------------
+NAME_PIECES = ["..", ".", "/", "\\", " ", "\x00", "\n", "\r", "\u202e", "日本", "a", "b", "-", "_", "~", "%2e",
+               "con", ":", "@", "*", "$(id)", "`", "'", "\""]
+
+
+def run_name_cases(tally: Tally, seed: int, n: int) -> None:
+    """Random names against the name rule; a name that passes must be Hub-like (no escape)."""
+    import re
+
+    from adapterhub_c.registry.artifacts import check_name_syntax
+
+    good = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?$")
+    rng = random.Random(seed)
+    for _ in range(n):
+        name = "".join(rng.choice(NAME_PIECES) for _ in range(rng.randint(0, 6)))
+        if rng.random() < 0.05:
+            name = "a" * rng.choice([96, 97, 1000])
+
+        def check(name=name) -> str:
+            check_name_syntax(name)
+            parts = name.split("/")
+            ok = good.match(name) and not any(p in (".", "..") for p in parts) and all(len(p) <= 96 for p in parts)
+            return "accepted" if ok else "accepted_invalid"
+
+        outcome, detail, rss = _measured(check)
+        tally.add("name", outcome, f"{name!r}: {detail}", rss)
+
+
+def run_secret_cases(tally: Tally, seed: int, n: int) -> None:
+    """URLs (and messages holding them) with credentials: the secret never survives redact_url."""
+    from adapterhub_c.fsutil import redact_url
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        secret = "hf_" + "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789") for _ in range(20))
+        user = rng.choice(["", "user", "u.s-e_r", "x%40y"])
+        scheme = rng.choice(["http", "https", "HTTP", "git+https"])
+        host = rng.choice(["hub.example", "127.0.0.1:8080", "[::1]:9", "h"])
+        url = f"{scheme}://{user}{':' if user else ''}{secret}@{host}/{rng.choice(['', 'api/models', 'a@b'])}"
+        text = rng.choice(["{}", "error talking to {}: timeout", "{} and {}", "see <{}>"]).replace("{}", url)
+        shown = redact_url(text)
+        tally.add("secret", "accepted" if secret not in shown else "accepted_invalid", shown)
