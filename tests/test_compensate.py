@@ -331,13 +331,12 @@ def test_ffn_channels_variant_compensation_is_sliced(world):
 
 PLAIN_PEFT = r"""
 import sys, json, torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 from peft import PeftModel
 import bitsandbytes as bnb
 variant_dir, adapter_dir, out = sys.argv[1:4]
-qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-model = AutoModelForCausalLM.from_pretrained(variant_dir, dtype=torch.float32, device_map={"": "cpu"},
-                                             quantization_config=qc)
+# an `adapt export --format hf` folder: bitsandbytes-serialized NF4 weights and their quantization_config
+model = AutoModelForCausalLM.from_pretrained(variant_dir, dtype=torch.float32, device_map={"": "cpu"})
 for m in model.modules():
     if isinstance(m, bnb.nn.Linear4bit):
         m.support_avx512bf16_for_cpu = False
@@ -348,10 +347,10 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.xfail(strict=True, reason="known bug after merging issue 15: a variant stored as a delta materialises "
-                   "as base/ + masks, which plain from_pretrained cannot read; the test must load an `adapt export` "
-                   "folder instead")
 def test_the_folder_loads_in_plain_peft_on_the_bnb_variant_with_our_logits(world, tmp_path):
+    """The variant as `adapt export --format hf` writes it, the adapter folder as stored: plain
+    transformers + bitsandbytes + PEFT in a subprocess give our loader's logits."""
+    from adapterhub_c import api
     from adapterhub_c.runtime.stack import load_stack, resolve_stack
 
     reg, nf4 = world["reg"], world["nf4"]
@@ -359,8 +358,10 @@ def test_the_folder_loads_in_plain_peft_on_the_bnb_variant_with_our_logits(world
     ours, _ = load_stack(reg, resolve_stack(reg, nf4.name, adapter="lr-1"))
     expected = logits(ours)
     out = tmp_path / "logits.pt"
-    subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(reg.materialize(nf4)), str(reg.materialize(art)), str(out)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    exported = api.export(nf4.name, tmp_path / "variant", "hf", registry=reg).report["out"]
+    proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(exported), str(reg.materialize(art)), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(torch.load(out), expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected, logits(load_stack(reg, resolve_stack(reg, nf4.name))[0]), atol=1e-3)
 
