@@ -98,6 +98,29 @@ def test_delta_variant_logits_identical_to_the_full_copy_variant(recipe, tmp_pat
         assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("model_type", ["phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("prune", ["wanda", "ffn-channels"])
+def test_other_architectures_store_deltas_with_the_full_copy_logits(model_type, prune, tmp_path):
+    """Fused gate/up (phi3), Conv1D with biases (gpt2) and a head saved under a legacy name
+    (gpt_neox: lm_head as embed_out) are stored as masks / a channel plan over the base."""
+    from adapterhub_c.models.tiny import build_tiny
+
+    base, _ = build_tiny(model_type)
+    base.save_pretrained(tmp_path / "base")
+    model, _ = build_tiny(model_type)
+    build = apply_recipe(model, Recipe(prune=prune, sparsity=0.5, calib="builtin:pydoc", calib_samples=4,
+                                       calib_seq_len=24), calib())
+    check_delta(build, tmp_path / "base")  # refused before: ffn-channels on all three, wanda on gpt_neox
+    if prune == "ffn-channels":
+        assert build.channel_plan and all(entry[0] in build.kept_indices for entry in build.channel_plan.values())
+    full = build.save(tmp_path / "full")
+    delta = _delta_folder(build, tmp_path / "base", tmp_path / "delta")
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    old, new = load_variant_model(full), load_variant_model(delta)
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, new(ids).logits)
+
+
 def test_bf16_base_delta_equals_the_full_copy_made_from_the_upcast_base(tmp_path):
     """A base stored in bf16, pruned in float32 (as create_variant does), loaded in float32."""
     base, _ = build_tiny_llama()

@@ -37,7 +37,9 @@ from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.models.arch import MLP_IN, MLP_OUT, describe
 from adapterhub_c.variants import sizes
 from adapterhub_c.variants.masks import (
+    CHANNEL_PLAN_KEY,
     apply_masks,
+    channel_plan,
     load_masks,
     masks_to_bytes,
     select_channels,
@@ -91,6 +93,7 @@ class VariantBuild:
     config: Any  # the updated transformers config
     stats: VariantStats
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weight name → keep-mask (bool)
+    channel_plan: dict[str, list] | None = None  # ffn-channels: what each sliced tensor loses (masks.channel_plan)
 
     def weights_bytes(self) -> bytes:
         """The whole pruned model as one safetensors blob (recipe in the metadata)."""
@@ -102,7 +105,10 @@ class VariantBuild:
         """The kept channel indices as a safetensors blob, or None without ffn-channels."""
         from safetensors.torch import save
 
-        return save(self.kept_indices) if self.kept_indices else None
+        if not self.kept_indices:
+            return None
+        meta = {CHANNEL_PLAN_KEY: json.dumps(self.channel_plan, sort_keys=True)} if self.channel_plan else None
+        return save(self.kept_indices, metadata=meta)
 
     def masks_bytes(self) -> bytes | None:
         """The keep-masks as a bit-packed safetensors blob (masks.py), or None without masks."""
@@ -174,7 +180,9 @@ def apply_recipe(
             calib_input_ids=calib_input_ids, include_embeddings=recipe.include_embeddings,
             include_lm_head=recipe.include_lm_head, progress=progress,
         )
-    elif recipe.prune == "ffn-channels":
+    plan = None
+    if recipe.prune == "ffn-channels":
+        plan = channel_plan(describe(model, warn=False))  # before the MLPs are shrunk
         kept = prune_ffn_channels(model, recipe.sparsity, calib_input_ids, progress=progress)
 
     masks: dict[str, torch.Tensor] = {}
@@ -185,7 +193,7 @@ def apply_recipe(
     stats = compute_stats(model, recipe, base_params, target_base, layer_sparsity, storage_dtype)
     stats.stored_bytes = sum(-(-m.numel() // 8) for m in masks.values()) + sum(8 * t.numel() for t in kept.values())
     state = {name: t.detach().cpu().contiguous() for name, t in _unique_state(model).items()}
-    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks)
+    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks, plan)
 
 
 def load_variant_model(
@@ -270,6 +278,18 @@ def read_kept_indices(path: str | Path) -> dict[str, torch.Tensor]:
         raise IntegrityError(f"kept-indices file {Path(path).name} is unreadable ({e})") from None
 
 
+def read_channel_plan(path: str | Path) -> dict[str, list] | None:
+    """The channel plan stored with the kept indices (None in files written before it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(CHANNEL_PLAN_KEY)
+        return json.loads(raw) if raw else None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a bad file
+        raise IntegrityError(f"kept-indices file {Path(path).name} is unreadable ({e})") from None
+
+
 def delta_state(folder: str | Path, base_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The variant's state dict from a delta folder: base weights × keep-masks, kept channels selected.
 
@@ -281,7 +301,7 @@ def delta_state(folder: str | Path, base_state: dict[str, torch.Tensor] | None =
     if (folder / MASKS_FILE).exists():
         apply_masks(state, load_masks(folder / MASKS_FILE))
     if (folder / KEPT_FILE).exists():
-        select_channels(state, read_kept_indices(folder / KEPT_FILE))
+        select_channels(state, read_kept_indices(folder / KEPT_FILE), read_channel_plan(folder / KEPT_FILE))
     return state
 
 
@@ -295,26 +315,44 @@ def check_delta(build: VariantBuild, base_folder: str | Path) -> None:
     from safetensors import safe_open
 
     seen: set[str] = set()
+    others: dict[str, Path] = {}  # file tensors under names the model does not use
     for f in sorted(Path(base_folder).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for name in st.keys():
                 if name not in build.state_dict:
-                    continue  # a tied duplicate the build stores once
+                    others[name] = f  # a tied duplicate the build stores once, or a legacy checkpoint name
+                    continue
                 t = {name: st.get_tensor(name)}
                 if name in build.masks:
                     apply_masks(t, {name: build.masks[name]})
                 if build.kept_indices:
-                    t[name] = select_tensor_channels(name, t[name], build.kept_indices)
+                    t[name] = select_tensor_channels(name, t[name], build.kept_indices, build.channel_plan)
                 want = build.state_dict[name]
                 got = t[name].to(want.dtype)
                 if got.shape != want.shape or not torch.equal(got, want):
                     raise AdaptError(f"the variant's {name} is not the base's values under its keep-mask: "
                                      "this pruning method changes kept values and cannot be stored as a mask")
                 seen.add(name)
-    missing = sorted(set(build.state_dict) - seen)
+    missing = [name for name in sorted(set(build.state_dict) - seen)
+               if not _stored_under_another_name(name, build.state_dict[name], others)]
     if missing:
         raise AdaptError(f"the base's weight files lack {missing[0]!r} (and {len(missing) - 1} more): "
                          "the variant cannot be stored as a delta over them")
+
+
+def _stored_under_another_name(name: str, want: torch.Tensor, others: Mapping[str, Path]) -> bool:
+    """Whether exactly one base tensor stored under a name the model does not use (transformers
+    saves some under legacy names: GPT-NeoX's ``lm_head`` as ``embed_out``) holds ``name``'s values;
+    loading goes through ``from_pretrained``, which maps the names back."""
+    from safetensors import safe_open
+
+    matches = 0
+    for other, f in others.items():
+        with safe_open(str(f), "pt") as st:
+            if list(st.get_slice(other).get_shape()) != list(want.shape):
+                continue
+            matches += torch.equal(st.get_tensor(other).to(want.dtype), want)
+    return matches == 1
 
 
 def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_base: int,

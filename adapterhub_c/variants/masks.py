@@ -99,27 +99,72 @@ def apply_masks(state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor
         t.mul_(mask.to(t.dtype))
 
 
+# The Llama names' slicing rule: how variants written before the channel plan existed are read.
 CHANNEL_DIMS = {("gate_proj", "weight"): 0, ("up_proj", "weight"): 0, ("down_proj", "weight"): 1,
                 ("gate_proj", "bias"): 0, ("up_proj", "bias"): 0}
+CHANNEL_PLAN_KEY = "channel_plan"
+
+
+def channel_plan(arch) -> dict[str, list]:
+    """{tensor name: [MLP name, dim, halves]} for every tensor that ffn-channels slices.
+
+    From the architecture description (models/arch.py), before the model is shrunk: the MLP's
+    input linears lose output rows (dim 0 of an ``nn.Linear`` weight, dim 1 of a ``Conv1D``'s
+    ``[in, out]`` weight; their biases too), in every half of a fused gate/up linear; the
+    output linear loses input columns (dim 1, or dim 0 for a ``Conv1D``)."""
+    from adapterhub_c.models.arch import fan_in_fan_out
+
+    plan: dict[str, list] = {}
+    for block in arch.blocks:
+        mlp = block.mlp
+        if mlp is None:
+            continue
+        for attr in mlp.inputs:
+            lin = getattr(mlp.module, attr)
+            halves = mlp.halves.get(attr, 1)
+            plan[f"{mlp.name}.{attr}.weight"] = [mlp.name, 1 if fan_in_fan_out(lin) else 0, halves]
+            if getattr(lin, "bias", None) is not None:
+                plan[f"{mlp.name}.{attr}.bias"] = [mlp.name, 0, halves]
+        out = getattr(mlp.module, mlp.output)
+        plan[f"{mlp.name}.{mlp.output}.weight"] = [mlp.name, 0 if fan_in_fan_out(out) else 1, 1]
+    return plan
 
 
 @torch.no_grad()
-def select_channels(state: dict[str, torch.Tensor], kept: Mapping[str, torch.Tensor]) -> None:
+def select_channels(state: dict[str, torch.Tensor], kept: Mapping[str, torch.Tensor],
+                    plan: Mapping[str, list] | None = None) -> None:
     """ffn-channels: keep only the listed intermediate channels of each MLP, in place.
 
-    `kept`: {MLP module name: sorted int64 channel indices}; rows of gate_proj / up_proj
-    (and their biases), columns of down_proj — what `pruning.shrink_mlp` does to modules.
+    `kept`: {MLP module name: sorted int64 channel indices}; `plan`: the variant's
+    :func:`channel_plan` (None for variants written before it: Llama names, rows of
+    gate_proj / up_proj and their biases, columns of down_proj) — what
+    `pruning.shrink_mlp` does to modules.
     """
-    for mlp in kept:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            if f"{mlp}.{proj}.weight" not in state:
-                raise IntegrityError(f"kept channels for {mlp!r}, but the base has no {mlp}.{proj}.weight")
+    if plan is not None:
+        for name, (mlp, _dim, _halves) in plan.items():
+            if mlp in kept and name not in state:
+                raise IntegrityError(f"kept channels for {mlp!r}, but the base has no {name}")
+    else:
+        for mlp in kept:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                if f"{mlp}.{proj}.weight" not in state:
+                    raise IntegrityError(f"kept channels for {mlp!r}, but the base has no {mlp}.{proj}.weight")
     for name in list(state):
-        state[name] = select_tensor_channels(name, state[name], kept)
+        state[name] = select_tensor_channels(name, state[name], kept, plan)
 
 
-def select_tensor_channels(name: str, tensor: torch.Tensor, kept: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One tensor of `select_channels`: sliced if it is a gate/up/down projection of a listed MLP."""
+def select_tensor_channels(name: str, tensor: torch.Tensor, kept: Mapping[str, torch.Tensor],
+                           plan: Mapping[str, list] | None = None) -> torch.Tensor:
+    """One tensor of `select_channels`: sliced if the plan (or the Llama rule) lists it."""
+    if plan is not None:
+        entry = plan.get(name)
+        if entry is None or entry[0] not in kept:
+            return tensor
+        mlp, dim, halves = entry
+        size = tensor.shape[dim] // halves
+        index = kept[mlp].to(torch.int64)
+        index = torch.cat([index + j * size for j in range(halves)])
+        return tensor.index_select(dim, index).contiguous()
     parts = name.rsplit(".", 2)
     if len(parts) != 3 or parts[0] not in kept or (parts[1], parts[2]) not in CHANNEL_DIMS:
         return tensor
