@@ -438,3 +438,39 @@ def test_moment_cache_round_trips_exactly(tmp_path):
         assert back.moments[key].tokens == m.tokens == 32
     path.write_bytes(path.read_bytes()[:100])  # a broken file is recomputed, never trusted
     assert _read(path) is None
+
+
+@pytest.mark.parametrize("model_type,mlp_in,mlp_out", [("phi3", "gate_up_proj", "down_proj"),
+                                                       ("gpt2", "c_fc", "mlp.c_proj")])
+def test_ffn_channels_compensation_slices_fused_and_conv1d_mlps(model_type, mlp_in, mlp_out):
+    """On a fused gate/up (phi3) and a Conv1D MLP (gpt2), the ffn-channels compensation is the
+    source's update sliced by the MLP pairing of models/arch: both halves of gate_up, the
+    output linear's columns (unquantized ffn-channels keeps the base's own weights)."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapterhub_c.models.arch import describe
+    from adapterhub_c.models.tiny import build_tiny
+    from adapterhub_c.variants import Recipe, apply_recipe
+
+    base = build_tiny(model_type)[0]
+    pm = get_peft_model(build_tiny(model_type)[0], LoraConfig(r=2, lora_alpha=4, target_modules=[mlp_in, mlp_out],
+                                                              fan_in_fan_out=model_type == "gpt2"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    src = peft_io.extract_lora(pm)
+    variant = build_tiny(model_type)[0]
+    build = apply_recipe(variant, Recipe(prune="ffn-channels", sparsity=0.5), None)
+    comp = compensate(base, variant, src, None, extra_rank=1, targets="all", kept_indices=build.kept_indices)
+    mlp = describe(variant, warn=False).blocks[0].mlp
+    kept = build.kept_indices[mlp.name]
+    got, want = comp.adapter.layers(), src.layers()
+    inp, out = f"{mlp.name}.{mlp.inputs[0]}", f"{mlp.name}.{mlp.output}"
+    full = want[inp].delta(torch.float64)
+    halves = mlp.halves.get(mlp.inputs[0], 1)
+    rows = torch.cat([kept + j * (full.shape[0] // halves) for j in range(halves)])
+    torch.testing.assert_close(got[inp].delta(torch.float64), full[rows], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[out].delta(torch.float64), want[out].delta(torch.float64)[:, kept],
+                               atol=1e-6, rtol=0)

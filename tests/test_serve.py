@@ -331,8 +331,6 @@ def test_memory_budget_in_mib(world):
         assert srv.server.metrics.get("cache_evictions_total") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="known bug after merging issue 16: the server's ffn-channels slicing looks "
-                   "the MLP up in the sliced variant, where models/arch finds none")
 def test_ffn_channels_variant_slices_a_base_lora(world):
     from adapterhub_c.workflows.variants import create_variant
 

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.errors import NotFoundError, UsageError
+from adapterhub_c.models.arch import Architecture
 from adapterhub_c.registry.kinds import ADAPTER_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.store import Registry
@@ -68,6 +69,7 @@ class Target:
     hidden: int
     kept_indices: dict[str, torch.Tensor] | None
     device: torch.device
+    arch: Architecture | None = None  # the served model's description (MLP pairing for ffn-channels slicing)
 
 
 def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> AdapterWeights:
@@ -85,7 +87,7 @@ def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> Ada
     mapping = retarget_names(lora.modules(), names)
     target_variant = target.variant.id if target.variant else None
     kept = target.kept_indices if (target.kept_indices and art.variant_id != target_variant) else None
-    parts = _source_tensors(lora, mapping, kept)
+    parts = _source_tensors(lora, mapping, kept, target.arch)
     scales = {mapping[m]: layer.scale for m, layer in lora.layers().items() if m in mapping}
     out = AdapterWeights(key=art.id, name=art.name)
     pending: list[tuple[torch.Tensor, object, str]] = []  # (source tensor, part, attribute)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.httpserve import ThreadedServer, bind, endpoint_of, is_loopback, serve_forever
+from adapterhub_c.models.arch import describe
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
@@ -79,13 +80,16 @@ class AdapterServer:
         self.load_seconds = time.perf_counter() - t0
         self.metrics = Metrics()
         self.router = Router()
+        # described before the linears are wrapped: the MLP pairing slices base LoRAs on ffn-channels variants
+        arch = describe(self.model, warn=False)
         wrapped = wrap_linears(self.model, self.router)
         embed = self.model.get_input_embeddings()
         self.target = Target(
             name=spec.variant.name if spec.variant else spec.base.name, base=spec.base, variant=spec.variant,
             linears={n: (int(w.in_features), int(w.out_features)) for n, w in wrapped.items()},
             context=context_length(self.model.config), hidden=int(embed.weight.shape[1]),
-            kept_indices=variant_kept_indices(reg, spec.variant) if spec.variant else None, device=self.device)
+            kept_indices=variant_kept_indices(reg, spec.variant) if spec.variant else None, device=self.device,
+            arch=arch)
         max_bytes = int(opts.max_resident_mb * 2 ** 20) if opts.max_resident_mb is not None else None
         self.cache = AdapterCache(reg, self.target, self.metrics, opts.max_resident, max_bytes)
         if opts.all:

@@ -46,15 +46,22 @@ from torch import nn
 
 from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
 from adapterhub_c.errors import AdaptWarning, UsageError
-from adapterhub_c.models.arch import ATTN_IN, ATTN_OUT, ROLES, describe
+from adapterhub_c.models.arch import (
+    ATTN_IN,
+    ATTN_OUT,
+    ROLES,
+    Architecture,
+    describe,
+    features,
+    linear_kind,
+    weight_out_in,
+)
 from adapterhub_c.variants.calibration import _batches, normalise_calibration
 from adapterhub_c.variants.pruning import target_linears
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
 
 REG_LAMBDA = 0.01
 TARGET_SETS = {"attn": (ATTN_IN, ATTN_OUT), "all": ROLES}  # roles of models/arch.py
-FFN_ROWS = ("gate_proj", "up_proj")   # output rows follow the intermediate channels
-FFN_COLS = ("down_proj",)             # input columns follow the intermediate channels
 # linears of one block that read the very same input tensor (verified while collecting)
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DEFAULT_LORA = {"peft_type": "LORA", "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM"}
@@ -210,14 +217,16 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
 
 def effective_weight(module: nn.Module, name: str = "") -> torch.Tensor:
     """The float32 [out, in] weight a linear layer computes with: bitsandbytes layers
-    dequantized, plain ``nn.Linear`` as stored (pruned ones hold their zeros).
+    dequantized, plain ``nn.Linear`` as stored (pruned ones hold their zeros), a ``Conv1D``'s
+    ``[in, out]`` weight transposed.
 
     Anything else (an unknown quantizer's layer) is refused: its weight cannot be read."""
     _check_kind(module, name)
-    w = dequantize_linear(module) if is_bnb_linear(module) else module.weight.detach().float()
-    if w.dim() != 2 or tuple(w.shape) != (module.out_features, module.in_features) or not torch.isfinite(w).all():
+    w = dequantize_linear(module) if is_bnb_linear(module) else weight_out_in(module).detach().float()
+    d_in, d_out = features(module)
+    if w.dim() != 2 or tuple(w.shape) != (d_out, d_in) or not torch.isfinite(w).all():
         raise UsageError(f"cannot read the effective weight of {name or 'a layer'}: got shape "
-                         f"{tuple(w.shape)} for a {module.out_features}×{module.in_features} layer")
+                         f"{tuple(w.shape)} for a {d_out}×{d_in} layer")
     return w
 
 
@@ -232,24 +241,48 @@ def check_readable(model: nn.Module, names: Iterable[str]) -> None:
 
 
 def _check_kind(module: nn.Module, name: str) -> None:
-    if not (is_bnb_linear(module) or type(module) is nn.Linear):
+    if not (is_bnb_linear(module) or type(module) is nn.Linear or linear_kind(module) == "conv1d"):
         kind = type(module)
         raise UsageError(f"cannot read the effective weight of {name or 'a layer'} ({kind.__module__}."
                          f"{kind.__name__}): not a plain or bitsandbytes linear (unknown quantizer)")
 
 
-def slice_to_variant(weight: torch.Tensor, name: str, kept_indices: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-    """A base-shaped [out, in] tensor of ``name`` sliced to an ffn-channels variant's kept channels."""
+def ffn_slice(name: str, kept_indices: Mapping[str, torch.Tensor] | None, arch: Architecture | None
+              ) -> tuple[str, torch.Tensor, int] | None:
+    """How an ffn-channels variant slices the base's [out, in] layer ``name``: ("rows", kept, halves)
+    for an MLP input linear (the kept channels in every half of a fused gate/up), ("cols", kept, 1)
+    for the MLP output linear, or None. The MLP pairing is ``models.arch``'s (of the variant), so
+    any architecture it describes works."""
     parent, _, leaf = name.rpartition(".")
     kept = (kept_indices or {}).get(parent)
     if kept is None:
+        return None
+    mlp = arch.mlp_of(parent) if arch is not None else None
+    if mlp is None:
+        raise UsageError(f"{name}: the variant has no MLP at {parent} to slice to its kept channels")
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    if leaf in mlp.inputs:
+        return "rows", kept, mlp.halves.get(leaf, 1)
+    if leaf == mlp.output:
+        return "cols", kept, 1
+    return None
+
+
+def _rows(kept: torch.Tensor, halves: int, size: int) -> torch.Tensor:
+    """Rows of a base-sized input linear of ``size`` rows that hold channels ``kept``, every half."""
+    return torch.cat([kept + j * (size // halves) for j in range(halves)])
+
+
+def slice_to_variant(weight: torch.Tensor, name: str, kept_indices: Mapping[str, torch.Tensor] | None,
+                     arch: Architecture | None = None) -> torch.Tensor:
+    """A base-shaped [out, in] tensor of ``name`` sliced to an ffn-channels variant's kept channels."""
+    how = ffn_slice(name, kept_indices, arch)
+    if how is None:
         return weight
-    kept = torch.as_tensor(kept, dtype=torch.long, device=weight.device)
-    if leaf in FFN_ROWS:
-        return weight.index_select(0, kept)
-    if leaf in FFN_COLS:
-        return weight.index_select(1, kept)
-    return weight
+    axis, kept, halves = how
+    if axis == "rows":
+        return weight.index_select(0, _rows(kept, halves, weight.shape[0]).to(weight.device))
+    return weight.index_select(1, kept.to(weight.device))
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,6 +390,7 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
         raise UsageError(f"--recover-rank must be >= 1 (got {extra_rank})")
     t0 = time.perf_counter()
     base_mods, var_mods = dict(base_model.named_modules()), dict(variant_model.named_modules())
+    arch = describe(variant_model, warn=False) if kept_indices else None
     wanted = compensation_targets(variant_model, targets)
     src_layers = source.layers() if source is not None else {}
     unknown = [m for m in src_layers if m not in var_mods or m not in base_mods]
@@ -369,17 +403,17 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
     for i, name in enumerate(todo):
         src = src_layers.get(name)
         if name not in wanted:  # a source layer outside the compensated set: carried over (sliced)
-            layers[name] = _carried(src, name, kept_indices)
+            layers[name] = _carried(src, name, kept_indices, arch)
             result.layers[name] = {"rank": src.rank, "source_rank": src.rank, "captured": None}
             continue
-        W = slice_to_variant(effective_weight(base_mods[name], name).double(), name, kept_indices)
+        W = slice_to_variant(effective_weight(base_mods[name], name).double(), name, kept_indices, arch)
         W_hat = effective_weight(var_mods[name], name).double()
         if W.shape != W_hat.shape:
             raise UsageError(f"{name}: the variant's weight is {tuple(W_hat.shape)} but the base's "
                              f"{tuple(W.shape)} (an ffn-channels variant needs its kept indices)")
         D = W - W_hat
         if src is not None:
-            D = D + slice_to_variant(src.delta(torch.float64), name, kept_indices)
+            D = D + slice_to_variant(src.delta(torch.float64), name, kept_indices, arch)
         if not torch.any(D != 0):
             result.skipped.append(name)
             continue
@@ -398,7 +432,7 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
         f = weighted_lowrank(D, moment, k, reg)
         if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
             raise UsageError(f"{name}: the compensation is not finite (degenerate calibration moment)")
-        bias = _carried(src, name, kept_indices).bias if src is not None else None
+        bias = _carried(src, name, kept_indices, arch).bias if src is not None else None
         layers[name] = LoraLayer(A=f.A.float().contiguous(), B=f.B.float().contiguous(), scale=1.0, bias=bias)
         result.layers[name] = {"rank": k, "source_rank": r, "captured": f.captured}
         if progress:
@@ -430,18 +464,16 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
     return result
 
 
-def _carried(src: LoraLayer, name: str, kept_indices) -> LoraLayer:
+def _carried(src: LoraLayer, name: str, kept_indices, arch: Architecture | None) -> LoraLayer:
     """The source's own factors of ``name``, sliced to an ffn-channels variant's kept channels."""
-    parent, _, leaf = name.rpartition(".")
-    kept = (kept_indices or {}).get(parent)
     A, B, bias = src.A, src.B, src.bias
-    if kept is not None:
-        kept = torch.as_tensor(kept, dtype=torch.long)
-        if leaf in FFN_ROWS:
-            B = B.index_select(0, kept)
-            bias = None if bias is None else bias.index_select(0, kept)
-        elif leaf in FFN_COLS:
-            A = A.index_select(1, kept)
+    how = ffn_slice(name, kept_indices, arch)
+    if how is not None and how[0] == "rows":
+        rows = _rows(how[1], how[2], B.shape[0])
+        B = B.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+    elif how is not None:
+        A = A.index_select(1, how[1])
     return LoraLayer(A=A, B=B, scale=src.scale, bias=bias)
 
 
