@@ -49,6 +49,7 @@ from adapterhub_c.errors import AdaptWarning, UsageError
 from adapterhub_c.models.arch import (
     ATTN_IN,
     ATTN_OUT,
+    MLP_IN,
     ROLES,
     Architecture,
     describe,
@@ -62,8 +63,8 @@ from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
 
 REG_LAMBDA = 0.01
 TARGET_SETS = {"attn": (ATTN_IN, ATTN_OUT), "all": ROLES}  # roles of models/arch.py
-# linears of one block that read the very same input tensor (verified while collecting)
-SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# roles whose linears in one block read the very same input tensor (q/k/v, gate/up; verified while collecting)
+SHARED_INPUT_ROLES = (ATTN_IN, MLP_IN)
 DEFAULT_LORA = {"peft_type": "LORA", "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM"}
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -129,12 +130,18 @@ class Moments:
         return self.moments[self.groups[module]]
 
 
-def _group_key(name: str, present: set[str]) -> str:
-    parent, _, leaf = name.rpartition(".")
-    for group in SHARED_INPUTS:
-        if leaf in group and all(f"{parent}.{g}" in present for g in group):
-            return f"{parent}.{'+'.join(group)}"
-    return name
+def _input_groups(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """Module name → the key of the input it shares: the attention (or MLP) input linears of one
+    block by models/arch.py's roles (Llama's q/k/v, Phi-3's fused qkv alone, GPT-2's c_attn, …);
+    every other linear its own name. Only a guess: ``collect_moments`` checks it on every call."""
+    groups = {name: name for name in names}
+    for info in describe(model, warn=False).linears(SHARED_INPUT_ROLES).values():
+        if info.name in names:
+            groups[info.name] = f"block{info.block}:{info.role}"
+    members: dict[str, int] = {}
+    for g in groups.values():
+        members[g] = members.get(g, 0) + 1
+    return {name: (g if members[g] > 1 else name) for name, g in groups.items()}
 
 
 @torch.no_grad()
@@ -151,8 +158,7 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
     modules = dict(target_linears(model) if modules is None else modules)
     if not modules:
         raise UsageError("the model has no linear layers to compensate")
-    present = set(modules)
-    groups = {name: _group_key(name, present) for name in modules}
+    groups = _input_groups(model, set(modules))
     members: dict[str, set[str]] = {}
     for name, g in groups.items():
         members.setdefault(g, set()).add(name)
