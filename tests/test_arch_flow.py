@@ -90,6 +90,8 @@ def test_whole_flow_from_the_cli(model_type, cli, reg, hf, tmp_path):
                 "s24": ["--prune", "2:4"], "ffn": ["--prune", "ffn-channels", "--sparsity", "0.25"]}
     for name, args in variants.items():
         ok(cli("variant", "create", base, *args, "--eval-tokens", "0", "--name", name, "--json"))
+        # stored as what differs from the base (masks / kept channels), on every architecture
+        assert ok(cli("variant", "show", name, "--json"))["storage"] == "delta", name
     # convert: inheritance only onto nf4 + wanda, the full CA-LoRA onto ffn-channels
     ok(cli("convert", "lora", "--variant", "q", "--name", "conv-q", *EVAL, "--json"))
     conv = ok(cli("convert", "lora", "--variant", "ffn", "--data", DATA, "--steps", "1", "--batch-size", "2",
