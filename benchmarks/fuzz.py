@@ -39,10 +39,10 @@ COLUMNS = ["cases", "refused", "accepted", "accepted_invalid", "unexpected", "ht
 def _seed_baseline(tmp: Path) -> dict[str, str]:
     """Whether the unmutated seeds are accepted by the same checks (they must be)."""
     out = {}
-    for enc in ("golomb", "bitmask"):
-        path = tmp / f"seed-{enc}.pack"
-        path.write_bytes(fuzzing.load_fixture(enc)[0])
-        out[f"pack ({enc} fixture)"] = fuzzing._measured(lambda path=path: fuzzing._check_pack(path))[0]
+    for name in fuzzing.FIXTURE_NAMES:
+        path = tmp / f"seed-{name}.pack"
+        path.write_bytes(fuzzing.load_fixture(name)[0])
+        out[f"pack ({name} fixture)"] = fuzzing._measured(lambda path=path: fuzzing._check_pack(path))[0]
     folder = fuzzing.seed_adapter().to_folder(tmp / "seed-adapter")
     out["adapter (seed folder)"] = fuzzing._measured(lambda: fuzzing._check_adapter(folder))[0]
     return out

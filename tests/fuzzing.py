@@ -29,6 +29,7 @@ import random
 import resource
 import socket
 import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
@@ -101,8 +102,9 @@ def _measured(fn: Callable[[], str]) -> tuple[str, str, int]:
 
 
 # ---- pack files -----------------------------------------------------------------------------
-def load_fixture(encoding: str) -> tuple[bytes, dict[str, torch.Tensor], dict[str, str]]:
-    data = (FIXTURES / f"v1-{encoding}.pack").read_bytes()
+def load_fixture(name: str) -> tuple[bytes, dict[str, torch.Tensor], dict[str, str]]:
+    """(bytes, tensors, metadata) of ``tests/fixtures/<name>.pack`` (e.g. ``v2-golomb``)."""
+    data = (FIXTURES / f"{name}.pack").read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     return data, dict(st_load(data)), dict(json.loads(data[8:8 + n])["__metadata__"])
 
@@ -118,13 +120,18 @@ def _hostile_text(rng: random.Random) -> str:
     return v if isinstance(v, str) and rng.random() < 0.5 else json.dumps(v)
 
 
+FIXTURE_NAMES = ("v1-golomb", "v1-bitmask", "v2-golomb", "v2-bitmask")
+
+
 def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
-    """``n`` (kind, file bytes) mutations of the two fixtures."""
-    fixtures = {enc: load_fixture(enc) for enc in ("golomb", "bitmask")}
-    kinds = ["flip", "truncate", "meta", "tensor_info", "index", "scales", "stream", "drop_tensor"]
+    """``n`` (kind, file bytes) mutations of the fixtures of both format versions."""
+    fixtures = {name: load_fixture(name) for name in FIXTURE_NAMES if (FIXTURES / f"{name}.pack").is_file()}
+    v1 = ["flip", "truncate", "meta", "tensor_info", "index", "scales", "stream", "drop_tensor"]
+    v2 = ["flip", "truncate", "meta", "table", "table", "stream", "drop_tensor"]
     for _ in range(n):
-        data, tensors, meta = fixtures[rng.choice(list(fixtures))]
-        kind = rng.choice(kinds)
+        fixture = rng.choice(sorted(fixtures))
+        data, tensors, meta = fixtures[fixture]
+        kind = rng.choice(v1 if fixture.startswith("v1") else v2)
         tensors = {k: v.clone() for k, v in tensors.items()}
         meta = dict(meta)
         if kind == "flip":
@@ -143,6 +150,13 @@ def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
             row = rng.choice(info)
             row[rng.randrange(len(row))] = rng.choice(HOSTILE_VALUES)
             meta["tensors"] = json.dumps(info)
+        elif kind == "table":  # version 2: the deflated table, changed inside and re-deflated
+            raw = bytearray(zlib.decompress(tensors["table"].numpy().tobytes()))
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+            if rng.random() < 0.2:
+                raw = raw[:rng.randrange(len(raw))]
+            tensors["table"] = torch.frombuffer(bytearray(zlib.compress(bytes(raw))), dtype=torch.uint8)
         elif kind == "index":
             index = tensors["index"]
             r, c = rng.randrange(index.shape[0]), rng.randrange(index.shape[1])
