@@ -186,7 +186,7 @@ def _popcount(x):  # pragma: no cover - compiled
 def _select_word(out, o, n_el, p, n, pv, nv):  # pragma: no cover - compiled
     """out[o + k] = +scale / -scale / 0 for bit k of the planes ``p`` / ``n`` (k < n_el), branch-free."""
     for k in range(n_el):
-        out[o + k] = (pv & -((p >> k) & 1)) | (nv & -((n >> k) & 1))
+        out[np.uint64(o + k)] = (pv & -((p >> k) & 1)) | (nv & -((n >> k) & 1))
 
 
 @numba.njit(cache=True, nogil=True)
