@@ -12,10 +12,13 @@ caller slices. The kernels write integer bit patterns (uint16 for fp16/bf16, uin
 fp32, uint64 for fp64): ``vals[t]`` = (bits of +0, of +scale, of -scale) in the output dtype,
 rounded by the caller exactly as the twin rounds, so no float arithmetic happens here.
 
-Golomb: each non-zero costs one trailing-zero count on a 56-bit window of the unary
-stream, two fixed-position bit reads (prefix, sign) and one sequential read (the extra
-bit); the output is zeroed in L1-sized chunks just ahead of the write position, so the
-dense tensor is written once. Bitmask: a branch-free select per element, 32 per word.
+Golomb: the unary stream is read 64 bits at a time and its ones taken lowest first
+(trailing-zero count, clear lowest bit: no loop-carried shift chain); each non-zero then
+costs a fixed-position read of its prefix and of its sign bit and a sequential read of
+its extra bit, all branch-free; the output is zeroed in L1-sized chunks just ahead of the
+write position, so the dense tensor is written once. Bitmask: a branch-free select per
+element, 32 per word, which LLVM vectorises (the output index is unsigned: numba's
+negative-index wraparound would stop it). Numbers: ``benchmarks/results/pack_speed.md``.
 
 Every check of the twin happens in the kernel (counts, parameter range, stream lengths,
 padding, positions past the end); the caller must only pass index rows whose numel and
@@ -106,49 +109,44 @@ def _golomb_one(words, numel, nnz, m, ub, off, length, out, base, zero, pv, nv):
     if extra0 > end_bits:
         return TRUNCATED
     last_bit = 8 * (words.size - 1) * 8 - 1  # reads past the stream (hostile extras) are clamped here
-    j = bit0  # the unary reader: acc holds stream bits [j, j + avail)
-    acc = _bits_at(words, j)
-    avail = 64
     e = extra0
     pos = -1
     z = 0  # out[base:base + z] is written
-    for i in range(nnz):
-        q = 0
-        while acc == 0:  # the next `avail` bits are zero: a long gap (or a refill)
-            q += avail
-            j += avail
-            if j >= ub_end:
-                return UNARY
-            acc = _bits_at(words, j)
-            avail = 64
-        tz = np.int64(trailing_zeros(acc))
-        q += tz
-        j += tz + 1
-        avail -= tz + 1
-        acc = (acc >> np.uint64(tz)) >> _U1
-        if j > ub_end:
+    i = 0
+    last = bit0 - 1  # stream position of the previous unary one
+    wpos = bit0  # the unary stream is scanned a word at a time, its ones taken lowest first
+    while i < nnz:
+        if wpos >= ub_end:
             return UNARY
-        p = np.int64(_bits_at(words, ub_end + i * w) & mask)
-        # branch-free truncated binary: a "big" prefix takes the next extra bit
-        big = has_extra & np.int64(p >= u)
-        ebit = _bit(words, min(e, last_bit))
-        r = p + big * (p - u + ebit)
-        e += big
-        if r >= m:
-            return REMAINDER
-        pos += q * m + r + 1
-        if pos >= numel:
-            return PAST_END
-        while pos >= z:
-            hi = min(z + _CHUNK, numel)
-            out[base + z:base + hi] = 0  # +0.0 is all zero bits in every dtype: a memset
-            z = hi
-        neg = _bit(words, sign0 + i)
-        out[np.uint64(base + pos)] = pv ^ ((pv ^ nv) & -neg)  # a select: a branch on the sign mispredicts half the time
+        x = _bits_at(words, wpos)
+        while x != 0 and i < nnz:
+            end = wpos + np.int64(trailing_zeros(x))
+            x &= x - _U1
+            if end >= ub_end:
+                return UNARY
+            q = end - last - 1
+            last = end
+            p = np.int64(_bits_at(words, ub_end + i * w) & mask)
+            # branch-free truncated binary: a "big" prefix takes the next extra bit
+            big = has_extra & np.int64(p >= u)
+            ebit = _bit(words, min(e, last_bit))
+            r = p + big * (p - u + ebit)
+            e += big
+            pos += q * m + r + 1
+            if (r >= m) | (pos >= numel):  # one rarely taken branch for both
+                return REMAINDER if r >= m else PAST_END
+            while pos >= z:
+                hi = min(z + _CHUNK, numel)
+                out[base + z:base + hi] = 0  # +0.0 is all zero bits in every dtype: a memset
+                z = hi
+            neg = _bit(words, sign0 + i)
+            out[np.uint64(base + pos)] = pv ^ ((pv ^ nv) & -neg)  # a select: a sign branch mispredicts
+            i += 1
+        wpos += 64
     if nnz == 0:
         if not _zero_bits(words, bit0, ub_end):  # no one may appear in the unary stream at all
             return UNARY
-    elif j != ub_end:
+    elif last != ub_end - 1:
         return UNARY
     out[base + z:base + numel] = 0
     if e > end_bits or length != (e - bit0 + 7) // 8 or not _zero_bits(words, e, end_bits):
