@@ -90,19 +90,36 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
             if len(head) < 8:
                 raise IntegrityError(f"{path}: corrupt safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > size - 8 or n > MAX_HEADER_BYTES:
-                raise IntegrityError(f"{path}: corrupt safetensors file (header length {n} "
-                                     f"does not fit in {size} bytes)")
+            _check_header_length(path, n, size)
             raw = f.read(n)
     except OSError as e:
         raise IntegrityError(f"{path}: cannot read ({e.strerror})") from None
+    return _checked_header(path, raw, size - 8 - n)
+
+
+def parse_safetensors_header(data: bytes, label: str) -> dict:
+    """:func:`read_safetensors_header` of a whole file already in memory (``label`` names it in errors)."""
+    if len(data) < 8:
+        raise IntegrityError(f"{label}: corrupt safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack_from("<Q", data)
+    _check_header_length(label, n, len(data))
+    return _checked_header(label, data[8:8 + n], len(data) - 8 - n)
+
+
+def _check_header_length(path, n: int, size: int) -> None:
+    if n == 0 or n > size - 8 or n > MAX_HEADER_BYTES:
+        raise IntegrityError(f"{path}: corrupt safetensors file (header length {n} "
+                             f"does not fit in {size} bytes)")
+
+
+def _checked_header(path, raw: bytes, data_len: int) -> dict:
+    """The header JSON ``raw``, parsed and checked against ``data_len`` bytes of tensor data."""
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise IntegrityError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:80]})") from None
-    data_len = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue

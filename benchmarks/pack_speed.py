@@ -3,16 +3,19 @@
 Usage: python benchmarks/pack_speed.py [--numel 10000000] [--repeat 5] [--zoo TASK | --random]
 
 CPU: M params/s for encode (sign pattern → streams), decode (streams → positions and
-signs) and decode to a dense fp16 tensor, for golomb and bitmask at k = 5, 10, 20%; the
-baseline is numpy copying an fp16 array of the same number of elements (the "ratio"
-column is decode-to-dense time / copy time). CUDA (when available): Triton bitmask
+signs) and decode to a dense fp16 tensor with the numpy decoder, and G params/s of the
+compiled decoder (numba, one core) straight to a dense fp16 tensor, for golomb and bitmask
+at k = 5, 10, 20%; the baseline is numpy copying an fp16 array of the same number of
+elements (the "ratio" columns are copy time / decode time). CUDA (when available): Triton bitmask
 decode to fp16 against ``torch`` copying an fp16 tensor of the same size: the fraction
 of copy bandwidth reached, counting the bytes each moves.
 
 Pack file → ready adapter (``--zoo TASK``: a real zoo LoRA; ``--random``: SmolLM2-135M
 shapes): the local CPU time to read + verify + decode the pack file (k = 5/10/20%,
-golomb and bitmask) into dense LoRA tensors, against reading the fp16 safetensors file of
-the same tensors into fp16 tensors (files in the page cache; best of ``--repeat``). Then
+golomb and bitmask) into dense LoRA tensors (``read_pack_dense``: the compiled decoder; the
+numpy decoder of ``read_pack`` alongside), against reading the fp16 safetensors file of
+the same tensors into fp16 tensors (files in the page cache; best of ``--repeat``), and
+each file's size in bits per parameter against the entropy bound of its tensors. Then
 the time to get a ready adapter when the file first has to travel over a link of a given
 bandwidth: bytes / bandwidth (SIMULATED, not a measured network transfer) + the measured
 local time. Writes ``benchmarks/results/pack_speed.md``.
@@ -52,6 +55,21 @@ def to_dense(idx: np.ndarray, neg: np.ndarray, n: int, scale: float) -> np.ndarr
     return out
 
 
+def compiled_to_fp16(enc, scale: float):
+    """A no-argument call decoding ``enc`` into a dense fp16 array with the compiled kernel."""
+    from adapterhub_c.kernels import unpack_cpu
+
+    stream = enc.data["bits" if enc.encoding == "golomb" else "pos"]
+    index = np.array([[enc.numel, enc.nnz, enc.param, enc.unary_bits, 0, stream.size]], dtype=np.int64)
+    start = np.zeros(1, dtype=np.int64)
+    vals = torch.tensor([[0.0, scale, -scale]]).to(torch.float16).view(torch.int16).numpy()
+    if enc.encoding == "golomb":
+        words = unpack_cpu.padded_words(stream)
+        return lambda: unpack_cpu.golomb_dense(words, index, start, vals, np.empty(enc.numel, np.int16))
+    return lambda: unpack_cpu.bitmask_dense(enc.data["pos"], enc.data["neg"], index, start, vals,
+                                            np.empty(enc.numel, np.int16))
+
+
 def cpu_table(n: int, repeat: int, out: list[str]) -> None:
     rng = np.random.default_rng(0)
     src = np.zeros(n, dtype=np.float16)
@@ -66,16 +84,22 @@ def cpu_table(n: int, repeat: int, out: list[str]) -> None:
             e = best(lambda idx=idx, neg=neg, encoding=encoding: encode(idx, neg, n, encoding), repeat)
             d = best(lambda enc=enc: decode(enc), repeat)
             dd = best(lambda enc=enc: to_dense(*decode(enc), n, 0.01), repeat)
+            fn = compiled_to_fp16(enc, 0.01)
+            assert fn()[1] == 0
+            cd = best(fn, repeat)
             rows.append({"encoding": encoding, "k": k, "encode M/s": n / e / 1e6, "decode M/s": n / d / 1e6,
                          "decode→fp16 M/s": n / dd / 1e6, "fp16 copy M/s": n / copy_s / 1e6,
-                         "decode→fp16 / copy": copy_s / dd})
+                         "decode→fp16 / copy": copy_s / dd, "compiled →fp16 G/s": n / cd / 1e9,
+                         "compiled / copy": copy_s / cd})
     out += [f"## CPU encode / decode, {n:,} parameters (random ternary at density k), best of {repeat}", "",
-            "decode = bit streams → positions and signs; decode→fp16 = to a dense fp16 array (scale applied); "
-            "baseline: numpy copying an fp16 array of the same size (same run); last column = "
-            "throughput of decode→fp16 relative to that copy.", "",
+            "decode = bit streams → positions and signs (numpy decoder); decode→fp16 = numpy decoder to a "
+            "dense fp16 array (scale applied); compiled →fp16 = the numba kernel of `read_pack_dense`, streams "
+            "straight to the dense fp16 array, one core; baseline: numpy copying an fp16 array of the same "
+            "size (same run); the / copy columns = throughput relative to that copy.", "",
             bench_zoo.md_table(rows, list(rows[0]), {"k": "{:.2f}", "encode M/s": "{:,.0f}", "decode M/s": "{:,.0f}",
                                                     "decode→fp16 M/s": "{:,.0f}", "fp16 copy M/s": "{:,.0f}",
-                                                    "decode→fp16 / copy": "{:.3f}"}), ""]
+                                                    "decode→fp16 / copy": "{:.3f}", "compiled →fp16 G/s": "{:.2f}",
+                                                    "compiled / copy": "{:.3f}"}), ""]
 
 
 def cuda_table(n: int, repeat: int, out: list[str]) -> None:
@@ -122,7 +146,15 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from adapterhub_c.packing import pack_adapter, read_pack, tensors_digest, unpack_to_adapter, write_pack
+    from adapterhub_c.packing import (
+        inspect_pack,
+        pack_adapter,
+        read_pack,
+        read_pack_dense,
+        tensors_digest,
+        unpack_to_adapter,
+        write_pack,
+    )
 
     tensors16 = {k: v.to(torch.float16).contiguous() for k, v in adapter.tensors.items()}
     n = adapter.num_parameters()
@@ -139,32 +171,49 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
         t16, _ = best(load_fp16, repeat), None
         size16 = os.path.getsize(f16)
         digest = tensors_digest(adapter.tensors)
-        cases = [("fp16 safetensors", size16, t16)]
+        cases = [("fp16 safetensors", size16, t16, None, {})]
         for k in (0.05, 0.10, 0.20):
             for encoding in ("golomb", "bitmask"):
                 path = os.path.join(tmp, f"p{k}{encoding}.pack")
                 write_pack(pack_adapter(adapter, density=k, encoding=encoding, base="benchmark",
                                         source_digest=digest), path)
-                t = best(lambda path=path: unpack_to_adapter(read_pack(path)), repeat)
-                cases.append((f"pack k={k:.2f} {encoding}", os.path.getsize(path), t))
-    for label, size, local in cases:
-        row = {"file": label, "bytes": size, "local s": local}
+                read_pack_dense(path)  # compiles the kernels (cached on disk after the first run)
+                t = best(lambda path=path: read_pack_dense(path).to_adapter(), repeat)
+                t_np = best(lambda path=path: unpack_to_adapter(read_pack(path)), repeat)
+                cases.append((f"pack k={k:.2f} {encoding}", os.path.getsize(path), t, t_np,
+                              inspect_pack(path)["totals"]))
+    for label, size, local, local_np, totals in cases:
+        row = {"file": label, "bytes": size, "local s": local, "local x": t16 / local,
+               "numpy decoder s": local_np, "file bits/param": totals.get("file_bits_per_param"),
+               "bound bits/param": totals.get("entropy_bits_per_param"),
+               "file / bound": (totals["file_bits_per_param"] / totals["entropy_bits_per_param"]
+                                if totals else None)}
         for bw_name, bw in BANDWIDTHS:
             total = size / bw + local
             base_total = size16 / bw + t16
             row[f"@{bw_name} s"] = total
             row[f"@{bw_name} x"] = base_total / total
         rows.append(row)
-    cols = ["file", "bytes", "local s"] + [c for bw, _ in BANDWIDTHS for c in (f"@{bw} s", f"@{bw} x")]
-    fmt = {"bytes": "{:,d}", "local s": "{:.4f}", **{f"@{bw} s": "{:.3f}" for bw, _ in BANDWIDTHS},
-           **{f"@{bw} x": "{:.2f}" for bw, _ in BANDWIDTHS}}
+    size_cols = ["file", "bytes", "file bits/param", "bound bits/param", "file / bound"]
+    cols = ["file", "local s", "local x", "numpy decoder s"] + [c for bw, _ in BANDWIDTHS
+                                                                for c in (f"@{bw} s", f"@{bw} x")]
+    fmt = {"bytes": "{:,d}", "local s": "{:.4f}", "local x": "{:.2f}", "numpy decoder s": "{:.4f}",
+           "file bits/param": "{:.4f}", "bound bits/param": "{:.4f}", "file / bound": "{:.3f}",
+           **{f"@{bw} s": "{:.3f}" for bw, _ in BANDWIDTHS}, **{f"@{bw} x": "{:.2f}" for bw, _ in BANDWIDTHS}}
     out += [f"## Pack file → ready adapter vs the fp16 safetensors file ({what}; {n:,} parameters)", "",
             "local s: MEASURED on this CPU (files in the page cache, best of "
             f"{repeat}): fp16 = read the file + safetensors load into fp16 tensors; pack = read + verify the "
-            "digest + decode into dense tensors of the source dtype. @link s: bytes / link bandwidth "
+            "digest + check every field + decode into dense tensors of the source dtype "
+            "(`read_pack_dense(path).to_adapter()`, the compiled decoder); local x = fp16 local / pack local "
+            "(>= 1: the pack is ready no later than the fp16 file); numpy decoder s = the same through "
+            "`unpack_to_adapter(read_pack(path))`. @link s: bytes / link bandwidth "
             "(SIMULATED transfer time, no network involved) + the measured local time; x = fp16 total / this "
             "total (> 1: the pack gives a ready adapter sooner).", "",
-            bench_zoo.md_table(rows, cols, fmt), ""]
+            bench_zoo.md_table(rows, cols, fmt), "",
+            "File size: the whole pack file (safetensors header, tensor table, padding) in bits per "
+            "parameter, against the entropy bound H(k) of its tensors at their own densities (sign bit "
+            "included); goal file / bound <= 1.05 at k = 10%.", "",
+            bench_zoo.md_table(rows[1:], size_cols, fmt), ""]
 
 
 def main() -> None:

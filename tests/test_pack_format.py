@@ -14,6 +14,7 @@ from adapterhub_c.packing import (
     inspect_pack,
     pack_adapter,
     read_pack,
+    read_pack_dense,
     tensors_digest,
     unpack_to_adapter,
     write_pack,
@@ -89,11 +90,12 @@ def test_truncated_file_is_detected(adapter, tmp_path):
 
 def test_unknown_version_and_wrong_base_are_usage_errors(adapter, tmp_path):
     tensors, meta = _file_content(_pack(adapter))
-    meta["format_version"] = "2"
+    meta["format_version"] = "3"
     meta["pack_digest"] = digest_fn(tensors, meta)
-    (tmp_path / "v2.pack").write_bytes(st_save(tensors, metadata=meta))
-    with pytest.raises(UsageError, match="version"):
-        read_pack(tmp_path / "v2.pack")
+    (tmp_path / "v3.pack").write_bytes(st_save(tensors, metadata=meta))
+    for reader in (read_pack, read_pack_dense):
+        with pytest.raises(UsageError, match="version"):
+            reader(tmp_path / "v3.pack")
     write_pack(_pack(adapter), tmp_path / "p.pack")
     with pytest.raises(UsageError, match="base"):
         read_pack(tmp_path / "p.pack", expected_base="other/model")

@@ -1,38 +1,45 @@
 """The pack file: ComPEFT-compressed adapter tensors in a safetensors container.
 
-Per-tensor overhead matters (a 5% pack of a 1.8M-parameter LoRA is ~70 KB of payload
-over 240 tensors), so the per-source-tensor records are rows of shared tensors rather
-than four safetensors entries each:
+Per-tensor overhead matters (a 10% pack of a 1.8M-parameter LoRA is ~115 KB of payload
+over 240 tensors), so the per-source-tensor records are not safetensors entries of their
+own but rows of one table, and the streams of all tensors lie back to back:
 
-  ``index``  int64 [T, 6]: numel, nnz, param, unary_bits, offset, length per tensor, in
-             the order of the ``tensors`` metadata list (sorted names); offset/length in
-             bytes of ``bits`` (golomb) or in words of ``pos``/``neg`` (bitmask)
-  ``scales`` float32 [T]
+  ``table``  uint8 (format version 2): the deflated per-tensor records, names, shapes,
+             dtype codes, scales, counts and stream lengths (see :mod:`.table`); about 6
+             bytes a tensor
   ``bits``   uint8, the golomb streams of all tensors back to back (see :mod:`.encoding`)
   ``pos``, ``neg`` int32, the bitmask planes of all tensors back to back
   ``raw::<name>`` tensors stored as they are (``modules_to_save`` copies, in fp16, and any key
              that is not a LoRA factor or LoRA bias: full weights, not deltas from zero; DoRA
              magnitude vectors in their own dtype)
 
+Format version 1 (still read) held the same records as ``index`` int64 [T, 6] (numel,
+nnz, param, unary_bits, offset, length), ``scales`` float32 [T] and the metadata key
+``tensors`` (JSON list of [name, shape, dtype, scale]): ~160 bytes a tensor.
+
 Converted adapters (CA-LoRA) also carry recovery modules: their D/U tensors are packed like
 LoRA factors under the names ``recovery::<module>.recovery_D`` / ``…recovery_U`` (in the
 same top-k and std as the LoRA factors with ``scope="global"``), and the recovery config
-(rank, alpha, act, dropout) is kept as JSON in the metadata key ``recovery_config``. The
-key is written only when there is recovery, so version-1 readers of plain packs are
-unaffected.
+(rank, alpha, act, dropout) is kept as JSON in the metadata key ``recovery_config`` (only
+when there is recovery).
 
-Metadata (str → str): ``format_version`` ("1"), ``kind``, ``density``, ``alpha``,
-``scope``, ``method``, ``encoding``, ``tensors`` (JSON list of [name, shape, dtype,
-scale]), ``raw`` (JSON list), ``source_digest``, ``base``, ``adapter_config`` (JSON),
-``recovery_config`` (JSON, optional) and ``pack_digest``.
+Metadata (str → str): ``format_version`` ("2"), ``kind``, ``density``, ``alpha``,
+``scope``, ``method``, ``encoding``, ``raw`` (JSON list), ``source_digest``, ``base``,
+``adapter_config`` (JSON), ``recovery_config`` (JSON, optional), ``tensors`` (version 1
+only) and ``pack_digest``.
 
 ``pack_digest`` = :func:`.digest.tensors_digest` over all tensors plus all metadata
 except ``pack_digest`` itself. This rule is the same for every format version, so a
 file is checked before its version is looked at: a flipped byte is an IntegrityError,
 an intact file from a newer version is a UsageError.
+
+Two readers share the checks: :func:`read_pack` decodes with the numpy decoder into
+ternary tensors (inspection, merges); :func:`read_pack_dense` decodes straight into
+dense tensors with the compiled decoder (loading an adapter).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -47,20 +54,30 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.fsutil import atomic_write_bytes, read_safetensors_header
+from adapterhub_c.fsutil import atomic_write_bytes, parse_safetensors_header
 from adapterhub_c.packing.compeft import (
     KEPT_COUNT_RULE,
     METHODS,
     SCOPES,
     check_params,
     compress_tensors,
-    kept_at_density,
 )
 from adapterhub_c.packing.digest import tensors_digest
 from adapterhub_c.packing.encoding import ENCODINGS, EncodedSigns, decode, encode, entropy_bound
+from adapterhub_c.packing.table import (
+    MAX_PACK_NUMEL,
+    PackTable,
+    check_claims,
+    check_scales,
+    check_streams,
+    decode_table,
+    encode_table,
+    rows_to_table,
+)
 from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name, scale_fits
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READ_VERSIONS = ("1", "2")
 KIND = "adapterhub_c.pack"
 _LORA_DELTA_RE = re.compile(r"\.lora_(A|B)\.weight$|\.lora_B\.bias$|\.lora_embedding_(A|B)$")
 _KEEP_DTYPE_RE = re.compile(r"\.lora_magnitude_vector$")  # DoRA magnitudes: small, verbatim
@@ -156,8 +173,8 @@ def pack_adapter(adapter: LoraAdapter, *, density: float, base: str, source_dige
 _STREAMS = {"golomb": ("bits",), "bitmask": ("pos", "neg")}
 
 
-def _file_content(pack: Pack) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    names = sorted(pack.tensors)
+def _index_table(pack: Pack, names: list[str]) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """The int64 index rows (see :class:`.table.PackTable`) and the concatenated streams."""
     streams = _STREAMS[pack.encoding]
     index, chunks, offset = [], {s: [] for s in streams}, 0
     for name in names:
@@ -167,24 +184,35 @@ def _file_content(pack: Pack) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         for st in streams:
             chunks[st].append(np.ascontiguousarray(e.data[st]))
         offset += length
-    out: dict[str, torch.Tensor] = {
-        "index": torch.tensor(index, dtype=torch.int64).reshape(len(names), 6),
-        "scales": torch.tensor([pack.tensors[n].scale for n in names], dtype=torch.float32),
-    }
+    out = {}
     for st in streams:
         dtype = np.uint8 if st == "bits" else np.int32
         out[st] = torch.from_numpy(np.concatenate(chunks[st]).astype(dtype) if names else np.zeros(0, dtype))
-    for name, t in pack.raw.items():
-        out[f"raw::{name}"] = t
-    info = [[n, list(pack.tensors[n].shape), pack.tensors[n].dtype, pack.tensors[n].scale] for n in names]
+    return np.array(index, dtype=np.int64).reshape(len(names), 6), out
+
+
+def _file_content(pack: Pack, version: str = FORMAT_VERSION) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the file; ``version`` "1" writes the legacy layout (for tests)."""
+    names = sorted(pack.tensors)
+    index, out = _index_table(pack, names)
+    ts = [pack.tensors[n] for n in names]
     meta = {
-        "format_version": FORMAT_VERSION, "kind": KIND,
+        "format_version": version, "kind": KIND,
         "density": repr(pack.density), "alpha": repr(pack.alpha), "scope": pack.scope,
-        "method": pack.method, "encoding": pack.encoding,
-        "tensors": json.dumps(info, separators=(",", ":")), "raw": json.dumps(sorted(pack.raw)),
+        "method": pack.method, "encoding": pack.encoding, "raw": json.dumps(sorted(pack.raw)),
         "source_digest": pack.source_digest, "base": pack.base,
         "adapter_config": json.dumps(pack.adapter_config, sort_keys=True),
     }
+    if version == "1":
+        out["index"] = torch.from_numpy(index)
+        out["scales"] = torch.tensor([t.scale for t in ts], dtype=torch.float32)
+        info = [[n, list(t.shape), t.dtype, t.scale] for n, t in zip(names, ts, strict=True)]
+        meta["tensors"] = json.dumps(info, separators=(",", ":"))
+    else:
+        blob = encode_table(names, [t.shape for t in ts], [t.dtype for t in ts], [t.scale for t in ts], index)
+        out["table"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    for name, t in pack.raw.items():
+        out[f"raw::{name}"] = t
     if pack.recovery_config is not None:
         meta["recovery_config"] = json.dumps(pack.recovery_config, sort_keys=True)
     return out, meta
@@ -209,7 +237,7 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
         tensors = st_load(data)
     except Exception as e:  # the container itself is unreadable: truncated or garbled
         raise IntegrityError(f"{path}: corrupt or truncated pack file ({e})") from None
-    meta = read_safetensors_header(path).get("__metadata__") or {}
+    meta = parse_safetensors_header(data, str(path)).get("__metadata__") or {}
     stored = meta.get("pack_digest")
     if not stored or tensors_digest(tensors, {k: v for k, v in meta.items() if k != "pack_digest"}) != stored:
         raise IntegrityError(f"{path}: pack digest mismatch (the file is corrupt)")
@@ -228,9 +256,9 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
 # caps a pack whose claimed density is tiny.
 NUMEL_SLACK = 4
 MIN_NUMEL_ALLOWANCE = 1 << 24
-MAX_PACK_NUMEL = 1 << 32
 _TENSOR_KEYS = {"index": (torch.int64, 2), "scales": (torch.float32, 1), "bits": (torch.uint8, 1),
-                "pos": (torch.int32, 1), "neg": (torch.int32, 1)}
+                "pos": (torch.int32, 1), "neg": (torch.int32, 1), "table": (torch.uint8, 1)}
+_TABLE_KEYS = {"1": ("index", "scales"), "2": ("table",)}
 
 
 def numel_cap(file_bytes: int, density: float) -> int:
@@ -303,7 +331,7 @@ def _shape(name: str, shape) -> tuple[int, ...]:
 
 
 def _tensor_list(meta: dict[str, str]) -> list[tuple[str, tuple[int, ...], str, float]]:
-    """The ``tensors`` metadata: [name, shape, dtype, scale] rows, names unique and sorted."""
+    """Version 1's ``tensors`` metadata: [name, shape, dtype, scale] rows, names unique and sorted."""
     rows = []
     for entry in _json(meta, "tensors", list):
         if not isinstance(entry, list) or len(entry) != 4:
@@ -323,18 +351,16 @@ def _tensor_list(meta: dict[str, str]) -> list[tuple[str, tuple[int, ...], str, 
     return rows
 
 
-def _raw_names(meta: dict[str, str], packed: list[str]) -> list[str]:
+def _raw_names(meta: dict[str, str]) -> list[str]:
     names = _json(meta, "raw", list)
     if not all(isinstance(n, str) and n for n in names) or names != sorted(set(names)):
         raise IntegrityError("raw tensor names must be unique, sorted, non-empty strings")
-    if set(names) & set(packed):
-        raise IntegrityError("a tensor is both packed and raw")
     return names
 
 
-def _check_tensor_keys(tensors: dict[str, torch.Tensor], encoding: str, raw: list[str]) -> None:
-    """Exactly the tables, the streams of ``encoding`` and the raw tensors, with their dtypes."""
-    expected = {"index", "scales", *_STREAMS[encoding], *(f"raw::{n}" for n in raw)}
+def _check_tensor_keys(tensors: dict[str, torch.Tensor], version: str, encoding: str, raw: list[str]) -> None:
+    """Exactly the tables of ``version``, the streams of ``encoding`` and the raw tensors, with their dtypes."""
+    expected = {*_TABLE_KEYS[version], *_STREAMS[encoding], *(f"raw::{n}" for n in raw)}
     if set(tensors) != expected:
         diff = sorted(set(tensors) ^ expected)
         raise IntegrityError(f"unexpected or missing tensors: {diff[:5]}")
@@ -348,85 +374,167 @@ def _check_tensor_keys(tensors: dict[str, torch.Tensor], encoding: str, raw: lis
             raise IntegrityError(f"raw tensor {name!r} has NaN or infinite values")
 
 
-def _index_rows(tensors: dict[str, torch.Tensor], rows, streams: dict[str, np.ndarray]) -> list[list[int]]:
-    """The ``index`` table, checked against the tensor list and laid back to back on the streams."""
-    index, scales = tensors["index"], tensors["scales"]
-    if index.shape != (len(rows), 6) or scales.shape != (len(rows),):
-        raise IntegrityError("index and tensor list disagree")
-    table, offset = index.tolist(), 0
-    stream_size = next(iter(streams.values())).size
-    for (name, shape, _, scale), row, stored_scale in zip(rows, table, scales.tolist(), strict=True):
-        numel, nnz, _, _, start, length = row
-        if numel != math.prod(shape) or not 0 <= nnz <= numel or scale != stored_scale:
-            raise IntegrityError(f"inconsistent index entry for {name!r}")
-        if start != offset or length < 0 or start + length > stream_size:
-            raise IntegrityError(f"data of {name!r} overlaps another tensor's or runs past the end")
-        offset += length
-    if offset != stream_size or any(a.size != stream_size for a in streams.values()):
-        raise IntegrityError("the streams hold data that no tensor owns")
-    return table
+def _table(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str) -> PackTable:
+    if version == "1":
+        return rows_to_table(_tensor_list(meta), tensors["index"].numpy(), tensors["scales"].numpy())
+    return decode_table(tensors["table"].numpy().tobytes())
 
 
-def _check_claims(rows, table, header: _Header, file_bytes: int) -> None:
-    """The claimed sizes against the file's size and the density (see :func:`numel_cap`)."""
-    total = sum(row[0] for row in table)
-    cap = numel_cap(file_bytes, header.density)
-    if total > cap:
-        raise IntegrityError(f"claims {total} packed elements; a {file_bytes}-byte pack at density "
-                             f"{header.density:g} holds at most {cap}")
-    # the writer keeps at most kept_at_density entries of each top-k group (fewer where they are 0)
-    groups = [table] if header.scope == "global" else [[row] for row in table]
-    for group in groups:
-        numel, nnz = sum(r[0] for r in group), sum(r[1] for r in group)
-        if nnz > kept_at_density(numel, density=header.density):
-            raise IntegrityError(f"{nnz} non-zeros of {numel} entries exceed density {header.density:g}")
+def _recovery_names(names: list[str]) -> list[str]:
+    """The names in the sorted ``names`` that start with :data:`RECOVERY_PREFIX` (they sort together)."""
+    a = bisect.bisect_left(names, RECOVERY_PREFIX)
+    b = a
+    while b < len(names) and names[b].startswith(RECOVERY_PREFIX):
+        b += 1
+    return names[a:b]
 
 
-def _parse(tensors: dict[str, torch.Tensor], meta: dict[str, str], file_bytes: int) -> Pack:
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """A verified pack file, every field checked, not decoded yet."""
+
+    header: _Header
+    table: PackTable
+    streams: dict[str, np.ndarray]
+    raw: dict[str, torch.Tensor]
+    pack_digest: str
+
+
+def _layout(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str, file_bytes: int) -> _Layout:
     header = _header(meta)
-    rows = _tensor_list(meta)
-    raw_names = _raw_names(meta, [r[0] for r in rows])
-    _check_tensor_keys(tensors, header.encoding, raw_names)
+    raw_names = _raw_names(meta)
+    _check_tensor_keys(tensors, version, header.encoding, raw_names)
+    table = _table(tensors, meta, version)
+    if set(raw_names) & set(table.names):
+        raise IntegrityError("a tensor is both packed and raw")
     streams = {st: tensors[st].numpy() for st in _STREAMS[header.encoding]}
-    table = _index_rows(tensors, rows, streams)
-    _check_claims(rows, table, header, file_bytes)
-    ternary, encoded = {}, {}
-    for (name, shape, dtype, scale), row in zip(rows, table, strict=True):
-        numel, nnz, param, unary_bits, offset, length = row
-        data = {st: arr[offset:offset + length] for st, arr in streams.items()}
-        enc = EncodedSigns(header.encoding, numel, nnz, param, unary_bits, data)
-        idx, neg = decode(enc)
-        ternary[name] = TernaryTensor(idx, neg, scale, shape, dtype)
-        encoded[name] = enc
-    raw = {name: tensors[f"raw::{name}"] for name in raw_names}
-    pack = Pack(ternary, encoded, raw, header.density, header.alpha, header.scope, header.method,
-                header.encoding, header.base, header.source_digest, header.adapter_config,
-                meta["pack_digest"], header.recovery_config)
-    if pack.has_recovery and header.recovery_config is None:
+    check_scales(table)
+    check_streams(table, header.encoding, next(iter(streams.values())).size)
+    if any(a.size != next(iter(streams.values())).size for a in streams.values()):
+        raise IntegrityError("the streams hold data that no tensor owns")
+    check_claims(table, header.density, header.scope, numel_cap(file_bytes, header.density), file_bytes)
+    if header.recovery_config is None and _recovery_names(table.names):
         raise IntegrityError("recovery tensors without a recovery config")
-    return pack
+    raw = {name: tensors[f"raw::{name}"] for name in raw_names}
+    return _Layout(header, table, streams, raw, meta["pack_digest"])
+
+
+def _open(path: str | Path, expected_base: str | None) -> _Layout:
+    """Load, verify the digest, check the version and the base, check every field."""
+    path = Path(path)
+    tensors, meta, file_bytes = _load(path)
+    version = meta.get("format_version")
+    if version not in READ_VERSIONS or meta.get("kind") != KIND:
+        raise UsageError(f"{path}: pack format version {version!r} is not supported "
+                         f"(this adapterhub-c reads versions {', '.join(READ_VERSIONS)})")
+    if expected_base is not None and meta.get("base") != expected_base:
+        raise UsageError(f"{path}: pack was made for base {meta.get('base')!r}, not {expected_base!r}")
+    try:
+        return _layout(tensors, meta, version, file_bytes)
+    except IntegrityError as e:
+        raise IntegrityError(f"{path}: {e}") from None
+
+
+def _encoded(layout: _Layout, t: int) -> EncodedSigns:
+    numel, nnz, param, unary_bits, offset, length = layout.table.index[t].tolist()
+    data = {st: arr[offset:offset + length] for st, arr in layout.streams.items()}
+    return EncodedSigns(layout.header.encoding, numel, nnz, param, unary_bits, data)
 
 
 def read_pack(path: str | Path, expected_base: str | None = None) -> Pack:
-    """Read and verify a pack file.
+    """Read and verify a pack file (format version 1 or 2), decoded with the numpy decoder
+    into ternary tensors (what inspection and the merges need; :func:`read_pack_dense`
+    gives dense tensors faster).
 
     IntegrityError: unreadable, truncated, digest mismatch (any flipped byte), or a
     header or stream that the writer cannot have produced (a digest anyone can recompute
     proves nothing against a deliberate writer: every field is checked).
     UsageError: an unknown ``format_version``, or ``expected_base`` given and different.
     """
-    path = Path(path)
-    tensors, meta, file_bytes = _load(path)
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION or meta.get("kind") != KIND:
-        raise UsageError(f"{path}: pack format version {version!r} is not supported "
-                         f"(this adapterhub-c reads version {FORMAT_VERSION})")
-    if expected_base is not None and meta.get("base") != expected_base:
-        raise UsageError(f"{path}: pack was made for base {meta.get('base')!r}, not {expected_base!r}")
+    layout = _open(path, expected_base)
+    h, table = layout.header, layout.table
+    ternary, encoded = {}, {}
     try:
-        return _parse(tensors, meta, file_bytes)
+        for t, name in enumerate(table.names):
+            enc = _encoded(layout, t)
+            idx, neg = decode(enc)
+            ternary[name] = TernaryTensor(idx, neg, float(table.scales[t]), table.shapes[t], table.dtype_name(t))
+            encoded[name] = enc
     except IntegrityError as e:
         raise IntegrityError(f"{path}: {e}") from None
+    return Pack(ternary, encoded, layout.raw, h.density, h.alpha, h.scope, h.method, h.encoding, h.base,
+                h.source_digest, h.adapter_config, layout.pack_digest, h.recovery_config)
+
+
+@dataclass(eq=False)
+class DecodedPack:
+    """A verified pack decoded into dense tensors of their source dtypes (:func:`read_pack_dense`)."""
+
+    tensors: dict[str, torch.Tensor]
+    raw: dict[str, torch.Tensor]
+    density: float
+    alpha: float
+    scope: str
+    method: str
+    encoding: str
+    base: str
+    source_digest: str
+    adapter_config: dict
+    pack_digest: str
+    recovery_config: dict | None
+
+    def to_adapter(self) -> LoraAdapter:
+        """What :func:`unpack_to_adapter` gives for the same file (recovery tensors left out)."""
+        config = dict(self.adapter_config)
+        check_lora_config(config, "pack")
+        tensors = dict(self.tensors)
+        for name in self._recovery_keys():
+            del tensors[name]
+        tensors.update({name: t.clone() for name, t in self.raw.items()})
+        return LoraAdapter(config=config, tensors=tensors)
+
+    def recovery(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """What :func:`unpack_recovery` gives: (recovery state without the prefix, config), or None."""
+        n = len(RECOVERY_PREFIX)
+        state = {k[n:]: self.tensors[k] for k in self._recovery_keys()}
+        return (state, dict(self.recovery_config or {})) if state else None
+
+    def _recovery_keys(self) -> list[str]:
+        return _recovery_names(list(self.tensors))  # the keys are in name order, as decoded
+
+
+def _dense_ref(layout: _Layout) -> dict[str, torch.Tensor]:
+    """The reference twin: the numpy decoder, then :meth:`TernaryTensor.to_dense`, per tensor."""
+    table, out = layout.table, {}
+    for t, name in enumerate(table.names):
+        idx, neg = decode(_encoded(layout, t))
+        out[name] = TernaryTensor(idx, neg, float(table.scales[t]), table.shapes[t],
+                                  table.dtype_name(t)).to_dense()
+    return out
+
+
+def read_pack_dense(path: str | Path, expected_base: str | None = None, *, impl: str = "numba") -> DecodedPack:
+    """Read, verify and decode a pack file straight into dense tensors of their source dtypes.
+
+    ``impl="numba"``: one compiled pass over the streams per dtype (:mod:`.dense`), writing
+    one flat buffer that the tensors are views of; ``impl="ref"``: the numpy decoder per
+    tensor. Both give the same bits and refuse the same files (errors as :func:`read_pack`).
+    """
+    from adapterhub_c.packing.dense import decode_dense
+
+    if impl not in ("numba", "ref"):
+        raise UsageError(f"impl must be numba or ref, got {impl!r}")
+    layout = _open(path, expected_base)
+    try:
+        if impl == "ref":
+            dense = _dense_ref(layout)
+        else:
+            dense = decode_dense(layout.table, layout.header.encoding, layout.streams)
+    except IntegrityError as e:
+        raise IntegrityError(f"{path}: {e}") from None
+    h = layout.header
+    return DecodedPack(dense, layout.raw, h.density, h.alpha, h.scope, h.method, h.encoding, h.base,
+                       h.source_digest, h.adapter_config, layout.pack_digest, h.recovery_config)
 
 
 def unpack_to_adapter(pack: Pack) -> LoraAdapter:

@@ -1,0 +1,81 @@
+"""A checked pack table + streams → dense tensors, through the compiled decoders.
+
+:func:`decode_dense` makes one flat buffer per output dtype (one for most adapters) and
+decodes every tensor of that dtype into it in one compiled call
+(:mod:`adapterhub_c.kernels.unpack_cpu`). The tensors are views of the buffer: laid out
+grouped by shape, each group is one ``view(count, *shape).unbind(0)``, so the Python cost
+is per distinct shape (a handful), not per tensor. The numpy decoder of :mod:`.encoding`
+followed by :meth:`.ternary.TernaryTensor.to_dense` is the reference twin
+(``read_pack_dense(..., impl="ref")``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from adapterhub_c.errors import IntegrityError
+from adapterhub_c.packing.table import PackTable, torch_dtype
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _values(scales: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """[T, 3] bit patterns of (+0, +scale, -scale) in ``dtype``: float32 scale, rounded once,
+    as ``TernaryTensor.to_dense`` computes float32(±1)·float32(scale)."""
+    s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
+    vals = torch.stack([torch.zeros_like(s), s, -s], dim=1).to(dtype)
+    return vals.view(_WORDS[vals.element_size()]).numpy()
+
+
+def _layout_by_shape(dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, first of each shape group in ``order``): tensors grouped by shape (the rows of
+    :attr:`.table.PackTable.dims`), name order inside a group (lexsort is stable)."""
+    order = np.lexsort(dims.T[::-1])
+    ordered = dims[order]
+    new_group = np.ones(len(order), dtype=bool)
+    new_group[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    return order, np.flatnonzero(new_group)
+
+
+def _decode_group(table: PackTable, sel: np.ndarray, encoding: str,
+                  streams: dict[str, np.ndarray]) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """(tensor numbers, their dense views) for the tensors ``sel``, all of one dtype."""
+    from adapterhub_c.kernels import unpack_cpu
+
+    order, firsts = _layout_by_shape(table.dims[sel])
+    tensors = sel[order]
+    index = np.ascontiguousarray(table.index[tensors])
+    numel = index[:, 0]
+    start = np.cumsum(numel) - numel
+    dtype = torch_dtype(int(table.dtypes[tensors[0]]))
+    flat = torch.empty(int(numel.sum()), dtype=dtype)
+    words = flat.view(_WORDS[flat.element_size()]).numpy()
+    vals = _values(table.scales[tensors], dtype)
+    if encoding == "golomb":
+        bad, status = unpack_cpu.golomb_dense(unpack_cpu.padded_words(streams["bits"]), index, start, vals, words)
+    else:
+        bad, status = unpack_cpu.bitmask_dense(streams["pos"], streams["neg"], index, start, vals, words)
+    if status:
+        raise IntegrityError(f"{table.names[tensors[bad]]!r}: {unpack_cpu.STATUS_MESSAGES[status]}")
+    views: list[torch.Tensor] = []
+    ends = np.append(firsts[1:], len(tensors)).tolist()
+    for first, end, row in zip(firsts.tolist(), ends, table.dims[tensors[firsts]].tolist(), strict=True):
+        shape = row[1:1 + row[0]]
+        a = int(start[first])
+        views += flat[a:a + (end - first) * int(numel[first])].view(end - first, *shape).unbind(0)
+    return tensors, views
+
+
+def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``table`` (checked by the reader) as a dense tensor of its dtype, by name."""
+    codes = table.dtypes
+    if not codes.size:
+        return {}
+    groups = [np.arange(codes.size)] if (codes == codes[0]).all() else \
+        [np.flatnonzero(codes == c) for c in np.unique(codes)]
+    placed: list = [None] * codes.size
+    for sel in groups:
+        tensors, views = _decode_group(table, sel, encoding, streams)
+        for t, view in zip(tensors.tolist(), views, strict=True):
+            placed[t] = view
+    return dict(zip(table.names, placed, strict=True))

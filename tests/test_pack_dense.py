@@ -1,0 +1,335 @@
+"""The compiled decoder (read_pack_dense) against its numpy twin, and pack format version 2.
+
+Bit for bit on random packs of every encoding, density and dtype (empty tensors, nnz = 0,
+numel not a multiple of 8 or 32); on hostile files both readers refuse the same inputs;
+the version-2 table is compact (file ≤ 1.05 × the entropy bound on LoRA shapes) and its
+own hostile cases are refused with IntegrityError.
+"""
+from __future__ import annotations
+
+import json
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.kernels import unpack_cpu
+from adapterhub_c.packing import (
+    ENCODINGS,
+    inspect_pack,
+    pack_adapter,
+    read_pack,
+    read_pack_dense,
+    unpack_recovery,
+    unpack_to_adapter,
+    write_pack,
+)
+from adapterhub_c.packing.digest import tensors_digest
+from adapterhub_c.packing.encoding import encode
+from adapterhub_c.packing.table import MAX_NDIM
+from adapterhub_c.packing.ternary import TernaryTensor
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ALLOWED = (IntegrityError, UsageError)
+CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# 1x1, 3x7 and 5x13 are not multiples of 8 or 32; 0x5 is empty; the zeros tensor keeps nnz = 0
+SHAPES = [(4, 32), (24, 4), (1, 1), (3, 7), (5, 13), (0, 5), (2, 3, 5), (70,)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _adapter(dtypes, seed=0) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, shape in enumerate(SHAPES):
+        dtype = dtypes[i % len(dtypes)]
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_A.weight"] = torch.randn(*shape, generator=g).to(dtype)
+    tensors["base_model.model.layers.9.q_proj.lora_B.weight"] = torch.zeros(6, 4, dtype=dtypes[0])
+    return LoraAdapter(dict(CONFIG), tensors)
+
+
+def _assert_same(path: Path) -> None:
+    """Compiled decoder == numpy twin == unpack_to_adapter(read_pack), bit for bit."""
+    ref = unpack_to_adapter(read_pack(path)).tensors
+    for impl in ("numba", "ref"):
+        got = read_pack_dense(path, impl=impl).to_adapter().tensors
+        assert list(got) == list(ref)
+        for name, t in ref.items():
+            assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+            assert torch.equal(_bits(got[name]), _bits(t)), (impl, name)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 1.0])
+def test_compiled_decoder_equals_the_numpy_twin(tmp_path, encoding, dtype, density):
+    adapter = _adapter([dtype])
+    for scope in ("global", "tensor"):
+        pack = pack_adapter(adapter, density=density, alpha=1.5, base="b", scope=scope, encoding=encoding,
+                            source_digest="x")
+        write_pack(pack, tmp_path / "p.pack")
+        _assert_same(tmp_path / "p.pack")
+    assert any(t.nnz == 0 for t in pack.tensors.values())
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_mixed_dtypes_decode_into_one_buffer_each(tmp_path, encoding):
+    pack = pack_adapter(_adapter(DTYPES, seed=1), density=0.2, base="b", encoding=encoding, source_digest="x")
+    write_pack(pack, tmp_path / "p.pack")
+    _assert_same(tmp_path / "p.pack")
+
+
+def _kernel_dense(enc, scale: float, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+    """One tensor through the compiled kernel: (status, dense flat tensor)."""
+    words = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    out = torch.full((enc.numel,), 7.0, dtype=dtype)  # garbage the kernel must overwrite
+    s = torch.tensor([0.0, scale, -scale], dtype=torch.float32).to(dtype)
+    vals = s.view(words[s.element_size()]).numpy().reshape(1, 3)
+    stream = enc.data["bits" if enc.encoding == "golomb" else "pos"]
+    index = np.array([[enc.numel, enc.nnz, enc.param, enc.unary_bits, 0, stream.size]], dtype=np.int64)
+    start = np.zeros(1, dtype=np.int64)
+    target = out.view(words[out.element_size()]).numpy()
+    if enc.encoding == "golomb":
+        _, status = unpack_cpu.golomb_dense(unpack_cpu.padded_words(stream), index, start, vals, target)
+    else:
+        _, status = unpack_cpu.bitmask_dense(enc.data["pos"], enc.data["neg"], index, start, vals, target)
+    return status, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_any_golomb_parameter_and_size(dtype):
+    """m = 1 (no remainder bits), powers of two (no truncation), large m (long unary runs)."""
+    rng = np.random.default_rng(3)
+    for n in (1, 31, 33, 1000, 20011):
+        for k in (0.0, 0.002, 0.1, 0.7, 1.0):
+            t = np.where(rng.random(n) < k, np.where(rng.random(n) < 0.5, -1, 1), 0)
+            idx = np.flatnonzero(t)
+            for m in (None, 1, 2, 3, 8, 100, 5000):
+                for encoding in ENCODINGS:
+                    enc = encode(idx, t[idx] < 0, n, encoding, m=m if encoding == "golomb" else None)
+                    status, got = _kernel_dense(enc, 0.37, dtype)
+                    want = TernaryTensor(idx.astype(np.int64), t[idx] < 0, 0.37, (n,), str(dtype)[6:]).to_dense()
+                    assert status == 0 and torch.equal(_bits(got), _bits(want)), (n, k, m, encoding)
+
+
+# ---- hostile streams: both decoders refuse the same inputs -----------------------------------
+def _outcome(fn):
+    try:
+        return fn()
+    except ALLOWED:
+        return "refused"
+
+
+def _same_verdict(path: Path) -> str:
+    """Both readers refuse, or both give the same bits; returns which."""
+    ref = _outcome(lambda: read_pack_dense(path, impl="ref").tensors)
+    got = _outcome(lambda: read_pack_dense(path).tensors)
+    if isinstance(ref, str) or isinstance(got, str):
+        assert ref == got, (ref if isinstance(ref, str) else "accepted", got if isinstance(got, str) else "accepted")
+        return "refused"
+    assert list(ref) == list(got)
+    assert all(torch.equal(_bits(ref[n]), _bits(got[n])) for n in ref)
+    return "accepted"
+
+
+def _load(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    data = (FIXTURES / name).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return dict(st_load(data)), dict(json.loads(data[8:8 + n])["__metadata__"])
+
+
+def _signed(path: Path, tensors: dict, meta: dict) -> Path:
+    meta = {k: v for k, v in meta.items() if k != "pack_digest"}
+    meta["pack_digest"] = tensors_digest(tensors, meta)
+    path.write_bytes(st_save(tensors, metadata=meta))
+    return path
+
+
+@pytest.mark.parametrize("fixture", ["v1-golomb.pack", "v1-bitmask.pack", "v2-golomb.pack", "v2-bitmask.pack"])
+def test_stream_mutations_get_the_same_verdict_from_both_decoders(tmp_path, fixture):
+    rng = random.Random(17)
+    tensors, meta = _load(fixture)
+    streams = [k for k in ("bits", "pos", "neg") if k in tensors]
+    verdicts = set()
+    for i in range(150):
+        mutated = dict(tensors)
+        key = rng.choice(streams)
+        raw = mutated[key].clone()
+        b = raw.view(torch.uint8)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(b.numel())] ^= 1 << rng.randrange(8)
+        mutated[key] = raw
+        verdicts.add(_same_verdict(_signed(tmp_path / f"m{i}.pack", mutated, meta)))
+    assert verdicts == {"refused", "accepted"}  # the campaign reaches both outcomes
+
+
+def _table_body(tensors) -> bytes:
+    return zlib.decompress(tensors["table"].numpy().tobytes())
+
+
+def _with_table(tensors: dict, body: bytes) -> dict:
+    return {**tensors, "table": torch.frombuffer(bytearray(zlib.compress(body)), dtype=torch.uint8)}
+
+
+def _refused(path: Path, match: str | None = None) -> None:
+    for reader in (read_pack, read_pack_dense, inspect_pack):
+        with pytest.raises(IntegrityError, match=match):
+            reader(path)
+
+
+def _ints(body: bytes) -> tuple[int, int, np.ndarray]:
+    n, d = struct.unpack_from("<QQ", body)
+    planes = np.frombuffer(body, np.uint8, count=8 * (6 * n + d), offset=16).reshape(8, -1)
+    return n, d, np.ascontiguousarray(planes.T).view("<i8").reshape(-1).copy()
+
+
+def _put_ints(body: bytes, ints: np.ndarray) -> bytes:
+    shuffled = np.ascontiguousarray(ints.astype("<i8").view(np.uint8).reshape(-1, 8).T).tobytes()
+    return body[:16] + shuffled + body[16 + len(shuffled):]
+
+
+def test_table_inflating_past_its_cap_is_refused(tmp_path):
+    tensors, meta = _load("v2-golomb.pack")
+    bomb = {**tensors, "table": torch.frombuffer(bytearray(zlib.compress(b"\0" * (64 << 20))), dtype=torch.uint8)}
+    _refused(_signed(tmp_path / "bomb.pack", bomb, meta), match="cap")
+
+
+@pytest.mark.parametrize("case", ["not deflate", "truncated", "trailing", "count", "names", "unsorted", "ndim",
+                                  "negative dim", "dtype", "huge shape", "scale"])
+def test_hostile_tables_are_refused(tmp_path, case):
+    tensors, meta = _load("v2-golomb.pack")
+    body = _table_body(tensors)
+    n, d, ints = _ints(body)
+    names_at = 16 + 8 * (6 * n + d) + 4 * n
+    if case == "not deflate":
+        tensors = {**tensors, "table": torch.tensor(list(b"not deflate data"), dtype=torch.uint8)}
+    elif case == "truncated":
+        blob = zlib.compress(body)[:-4]
+        tensors = {**tensors, "table": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+    elif case == "trailing":
+        tensors = {**tensors, "table": torch.frombuffer(bytearray(zlib.compress(body) + b"x"), dtype=torch.uint8)}
+    elif case == "count":
+        tensors = _with_table(tensors, struct.pack("<QQ", 10 ** 15, d) + body[16:])
+    elif case == "names":
+        tensors = _with_table(tensors, body[:names_at] + json.dumps(["a", 5, "c", "d"]).encode())
+    elif case == "unsorted":
+        names = json.loads(body[names_at:])
+        tensors = _with_table(tensors, body[:names_at] + json.dumps(names[::-1]).encode())
+    else:
+        column = {"ndim": 0, "dtype": 1}.get(case)
+        if column is not None:
+            ints[column * n] = MAX_NDIM + 1 if case == "ndim" else 9
+        elif case == "negative dim":
+            ints[6 * n] = -4
+        elif case == "huge shape":
+            ints[6 * n:6 * n + 2] = 1 << 31
+        else:  # scale: +inf in float32 (byte planes: 0x7f800000 little-endian)
+            at = 16 + 8 * (6 * n + d)
+            planes = bytearray(body[at:at + 4 * n])
+            for j, byte in enumerate((0x00, 0x00, 0x80, 0x7F)):
+                planes[j * n] = byte
+            body = body[:at] + bytes(planes) + body[at + 4 * n:]
+        tensors = _with_table(tensors, _put_ints(body, ints) if case != "scale" else body)
+    _refused(_signed(tmp_path / "t.pack", tensors, meta))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_version_2_fixture_still_reads(encoding):
+    """Written by tests/fixtures/make_pack_fixtures.py at version 2; must read in later versions."""
+    path = FIXTURES / f"v2-{encoding}.pack"
+    pack = read_pack(path, expected_base="builtin:tiny-llama")
+    assert (pack.density, pack.alpha, pack.scope, pack.encoding) == (0.2, 1.5, "tensor", encoding)
+    assert [t.nnz for _, t in sorted(pack.tensors.items())] == [26, 19, 26, 19]
+    assert [t.dtype for _, t in sorted(pack.tensors.items())] == ["float32", "float32", "bfloat16", "bfloat16"]
+    _assert_same(path)
+    assert unpack_recovery(pack) is None and read_pack_dense(path).recovery() is None
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_version_1_and_2_fixtures_decode_to_the_same_adapter(encoding):
+    """The fixtures pack the same seeded factors: the format changed, the tensors did not (the raw
+    lm_head copy is left out: the torch that wrote version 1 drew other numbers for it)."""
+    v1 = read_pack_dense(FIXTURES / f"v1-{encoding}.pack").tensors
+    v2 = read_pack_dense(FIXTURES / f"v2-{encoding}.pack").tensors
+    assert list(v1) == list(v2) and all(torch.equal(_bits(v1[n]), _bits(v2[n])) for n in v1)
+    _assert_same(FIXTURES / f"v1-{encoding}.pack")
+
+
+def test_writer_refuses_tensors_of_too_many_dimensions(tmp_path):
+    adapter = LoraAdapter(dict(CONFIG), {"a.lora_A.weight": torch.randn(*[2] * (MAX_NDIM + 1))})
+    with pytest.raises(UsageError, match="dimensions"):
+        write_pack(pack_adapter(adapter, density=0.5, base="b", source_digest="x"), tmp_path / "p.pack")
+
+
+# ---- size ------------------------------------------------------------------------------------
+def _smollm2_shaped_lora() -> LoraAdapter:
+    """r = 16 on q/k/v/o of 30 blocks with SmolLM2-135M's shapes (1.84 M parameters, 240 tensors)."""
+    g = torch.Generator().manual_seed(17)
+    tensors = {}
+    for layer in range(30):
+        for proj, out in (("q", 576), ("k", 192), ("v", 192), ("o", 576)):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}_proj"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(16, 576, generator=g)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, 16, generator=g) * (0.5 + layer / 30)
+    return LoraAdapter(dict(CONFIG, r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), tensors)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_pack_file_within_5_percent_of_the_entropy_bound(tmp_path, scope):
+    """Header, table and padding included, at k = 10% on LoRA shapes (version 1: 1.31-1.37)."""
+    adapter = _smollm2_shaped_lora()
+    pack = pack_adapter(adapter, density=0.1, base="builtin:smollm2-135m", scope=scope,
+                        source_digest=tensors_digest(adapter.tensors))
+    write_pack(pack, tmp_path / "p.pack")
+    totals = inspect_pack(tmp_path / "p.pack")["totals"]
+    assert totals["file_bits_per_param"] <= 1.05 * totals["entropy_bits_per_param"]
+
+
+def _mutate_v2(rng: random.Random, tensors: dict, meta: dict) -> tuple[dict, dict]:
+    """One change: table bytes (inflated, changed, deflated again), a stream, a key or a metadata value."""
+    tensors, meta = dict(tensors), dict(meta)
+    roll = rng.random()
+    if roll < 0.5:
+        body = bytearray(_table_body(tensors))
+        for _ in range(rng.randint(1, 3)):
+            body[rng.randrange(len(body))] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        tensors = _with_table(tensors, bytes(body))
+    elif roll < 0.8:
+        key = rng.choice([k for k in tensors if k != "table"])
+        flat = tensors[key].reshape(-1)
+        tensors[key] = flat[:rng.randrange(flat.numel() + 1)] if rng.random() < 0.5 else torch.cat([flat, flat[:2]])
+    elif roll < 0.9:
+        del tensors[rng.choice(sorted(tensors))]
+    else:
+        key = rng.choice(sorted(k for k in meta if k != "pack_digest"))
+        meta[key] = rng.choice(["", "1", "nan", "[]", "{}", "golomb", "bitmask", "tensor", "0.5", "7"])
+    return tensors, meta
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_version_2_mutation_campaign_raises_only_project_errors(tmp_path, encoding):
+    import tracemalloc
+
+    rng = random.Random(170 + len(encoding))
+    base = _load(f"v2-{encoding}.pack")
+    tracemalloc.start()
+    try:
+        for i in range(200):
+            path = _signed(tmp_path / f"m{i}.pack", *_mutate_v2(rng, *base))
+            tracemalloc.reset_peak()
+            verdict = _same_verdict(path)
+            assert (_outcome(lambda p=path: read_pack(p)) == "refused") == (verdict == "refused")
+            assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
