@@ -40,7 +40,7 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.packing import read_pack, unpack_to_adapter
+from adapterhub_c.packing import read_pack, read_pack_dense, unpack_to_adapter
 from adapterhub_c.packing.digest import tensors_digest
 from adapterhub_c.packing.format import MIN_NUMEL_ALLOWANCE
 
@@ -176,8 +176,23 @@ def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
 
 
 def _check_pack(path: Path) -> str:
-    pack = read_pack(path)
-    adapter = unpack_to_adapter(pack)
+    """Both readers: the numpy reference (``read_pack``) and the compiled one the runtime uses
+    (``read_pack_dense``) must refuse the same files and, when they accept, agree bit for bit."""
+    results = []
+    for read in (lambda: unpack_to_adapter(read_pack(path)), lambda: read_pack_dense(path)):
+        try:
+            results.append(read())
+        except ALLOWED as e:
+            results.append(e)
+    adapter, dense = results
+    if isinstance(adapter, Exception) and isinstance(dense, Exception):
+        raise adapter  # refused by both
+    if isinstance(adapter, Exception) or isinstance(dense, Exception):
+        return "accepted_invalid"  # one reader accepts what the other refuses
+    for name, t in dense.tensors.items():
+        if not torch.equal(t, adapter.tensors[name]):
+            return "accepted_invalid"
+    pack = dense
     if not (0 < pack.density <= 1) or not math.isfinite(pack.alpha) or pack.alpha <= 0:
         return "accepted_invalid"
     for t in adapter.tensors.values():

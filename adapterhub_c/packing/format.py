@@ -533,6 +533,7 @@ def read_pack_dense(path: str | Path, expected_base: str | None = None, *, impl:
     except IntegrityError as e:
         raise IntegrityError(f"{path}: {e}") from None
     h = layout.header
+    check_lora_config(dict(h.adapter_config), "pack")  # as unpack_to_adapter does: both readers refuse alike
     return DecodedPack(dense, layout.raw, h.density, h.alpha, h.scope, h.method, h.encoding, h.base,
                        h.source_digest, h.adapter_config, layout.pack_digest, h.recovery_config)
 
