@@ -58,11 +58,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    tally = fuzzing.Tally()
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        baseline = _seed_baseline(tmp)
+        baseline = _seed_baseline(tmp)  # also compiles the decoder: the tally's memory starts after it
+        tally = fuzzing.Tally()
         steps = [("pack", lambda: fuzzing.run_pack_cases(tally, tmp, args.seed + 1, args.packs)),
                  ("adapter", lambda: fuzzing.run_adapter_cases(tally, tmp, args.seed + 2, args.adapters)),
                  ("name", lambda: fuzzing.run_name_cases(tally, args.seed + 4, args.names)),

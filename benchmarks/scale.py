@@ -103,6 +103,11 @@ def _registry(home: str):
     return Registry(home=home)
 
 
+def _slug(base: str) -> str:
+    """A base name as the start of an artefact name (the name rule has no ':')."""
+    return base.replace(":", "-")
+
+
 def _variant_name(base: str, label: str) -> str:
     return f"{base.split(':', 1)[-1]}-{label.replace('+', '-').replace(':', 'of')}"
 
@@ -273,7 +278,7 @@ def worker_convert(args) -> dict:
 
     reg = _registry(args.home)
     variant = _variant_name(args.base, CONVERT_VARIANT)
-    name = f"{args.base}-converted-{int(time.time())}"
+    name = f"{_slug(args.base)}-converted-{int(time.time())}"
     t0 = time.perf_counter()
     art, report = convert_adapter(reg, f"{args.base}-lora-qkvo", variant, data="builtin:pydoc", steps=2,
                                   batch_size=BATCH, seq_len=SEQ, max_eval_tokens=SEQ + 1, max_eval_examples=1,
@@ -293,11 +298,11 @@ def worker_merge(args) -> dict:
     reg = _registry(args.home)
     stamp = int(time.time())
     t0 = time.perf_counter()
-    pack_artifact(reg, f"{args.base}-lora-all-a", density=0.1, alpha=1.0, name=f"{args.base}-pack-{stamp}")
+    pack_artifact(reg, f"{args.base}-lora-all-a", density=0.1, alpha=1.0, name=f"{_slug(args.base)}-pack-{stamp}")
     pack_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     merge_artifacts(reg, [f"{args.base}-lora-all-a", f"{args.base}-lora-all-b"], method="ties", density=0.5,
-                    rank=RANK, name=f"{args.base}-ties-{stamp}")
+                    rank=RANK, name=f"{_slug(args.base)}-ties-{stamp}")
     return {"pack_s": pack_s, "ties_s": time.perf_counter() - t0}
 
 

@@ -201,6 +201,15 @@ def _check_pack(path: Path) -> str:
     return "accepted"
 
 
+def warm_up(tmp: Path) -> None:
+    """Read every seed fixture once through both readers: the compiled decoder's JIT (numba,
+    LLVM: ~150 MB) must not count as a case's allocation. Call before creating the Tally."""
+    for name in FIXTURE_NAMES:
+        path = tmp / f"warm-{name}.pack"
+        path.write_bytes(load_fixture(name)[0])
+        _check_pack(path)
+
+
 def run_pack_cases(tally: Tally, tmp: Path, seed: int, n: int) -> None:
     rng = random.Random(seed)
     path = tmp / "case.pack"

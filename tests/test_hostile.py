@@ -21,6 +21,7 @@ from fuzzing import (  # noqa: E402
     run_pack_cases,
     run_secret_cases,
     seed_hub,
+    warm_up,
 )
 from hubutil import running_hub  # noqa: E402
 
@@ -30,6 +31,7 @@ def _clean(tally: Tally) -> None:
 
 
 def test_pack_mutations(tmp_path):
+    warm_up(tmp_path)
     tally = Tally()
     run_pack_cases(tally, tmp_path, seed=1, n=300)
     _clean(tally)
