@@ -171,6 +171,33 @@ def test_body_size_limits(tmp_path, hub):
         assert set(srv.store.resolve("alice/small", None).files) == {"ok.bin"}
 
 
+def test_oversized_body_still_being_sent_gets_its_413_not_a_reset(hub):
+    # A client that keeps uploading after the server has decided (as httpx does) must still
+    # read the 413: a server that answers and closes with unread bytes in its socket sends a
+    # TCP reset, and the reset destroys the answer the client has not read yet. The pauses
+    # make that order certain instead of a race (it failed 1 in ~3 full-suite runs).
+    import socket
+
+    host, port = hub.endpoint.removeprefix("http://").rsplit(":", 1)
+    size = server_mod.DEFAULT_MAX_BODY_BYTES + (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /api/validate-yaml HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {size}\r\n\r\n".encode())
+        time.sleep(0.3)  # the server has seen the declared length by now
+        piece, sent = b" " * (1 << 20), 0
+        while sent < size:
+            s.sendall(piece[:size - sent])
+            sent += min(len(piece), size - sent)
+            time.sleep(0.02)
+        time.sleep(0.3)  # a reset, had there been one, has arrived by now
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed without an answer: {answer[:200]!r}"
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in answer
+
+
 # ---- hole 2: 500s and dropped connections -----------------------------------------------------
 def test_non_latin1_file_names_download(hub, tmp_path):
     api = HfApi(endpoint=hub.endpoint, token=hub.token)

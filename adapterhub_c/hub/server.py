@@ -57,6 +57,11 @@ _CHUNK = 1 << 16
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
 CARD_MAX_BYTES = 1 << 20            # README bytes read for card metadata / validate-yaml
+# An oversized body is read on and dropped (up to these bounds) before the 413 goes out: a
+# server that closes with unread bytes in its socket sends a TCP reset, which can destroy
+# the 413 before the client (still uploading) reads it. Past the bounds: answer and close.
+DRAIN_MAX_BYTES = 64 << 20
+DRAIN_MAX_S = 5.0
 _CARD_CACHE_SIZE = 1024
 _COMMIT_ROUTE_RE = re.compile(r"^/api/models/[^/]+/[^/]+/commit/")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -76,10 +81,21 @@ def _bad_request(message: str) -> HubError:
     return HubError(400, message, "BadRequest")
 
 
-def _too_large(limit: int) -> HubError:
-    # Connection: close, so that the unread rest of the body is not parsed as a next request
+def _too_large(limit: int, drained: bool) -> HubError:
+    # without the whole body read, Connection: close (the unread rest is not a next request)
     return HubError(413, f"request body larger than {limit} bytes", "PayloadTooLarge",
-                    {"Connection": "close"})
+                    None if drained else {"Connection": "close"})
+
+
+async def _drain(chunks, already: int = 0) -> bool:
+    """Read and drop the rest of a request body within DRAIN_MAX_BYTES / DRAIN_MAX_S; True if it ended."""
+    deadline = time.monotonic() + DRAIN_MAX_S
+    size = already
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > DRAIN_MAX_BYTES or time.monotonic() > deadline:
+            return False
+    return True
 
 
 def _header_safe(text: str, limit: int = 500) -> str:
@@ -249,7 +265,8 @@ def create_app(root: str | Path, token: str | None = None, user: str = DEFAULT_U
         declared = request.headers.get("content-length", "")
         limit = hub.body_limit(request.method, request.scope["path"])
         if declared.isdigit() and (len(declared) > 19 or int(declared) > limit):
-            exc = _too_large(limit)
+            drained = int(declared) <= DRAIN_MAX_BYTES and await _drain(request.stream())
+            exc = _too_large(limit, drained)
             return _error_response(exc.status, exc.message, exc.code, exc.headers)
         return await call_next(request)
 
@@ -501,10 +518,11 @@ def _checked(ns: str, name: str, revision: str | None = None, path: str | None =
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise _too_large(limit, await _drain(stream, size))
         chunks.append(chunk)
     return b"".join(chunks)
 
