@@ -109,7 +109,9 @@ def _slug(base: str) -> str:
 
 
 def _variant_name(base: str, label: str) -> str:
-    return f"{base.split(':', 1)[-1]}-{label.replace('+', '-').replace(':', 'of')}"
+    # the real base's variants get a prefix: the random 135M shape's would have the same names
+    prefix = "real-" if base.startswith("builtin:") else ""
+    return f"{prefix}{base.split(':', 1)[-1]}-{label.replace('+', '-').replace(':', 'of')}"
 
 
 def _lora_folder(model, targets: list[str], dest: Path, base_name: str, seed: int) -> Path:
