@@ -5,12 +5,14 @@ that transformers dequantizes when given ``gguf_file=``. We locate the file with
 ``importlib.util.find_spec`` without importing the package (it imports ``llm``), convert
 it once to a safetensors folder, and the registry stores that folder as blobs.
 
-Stored dtype: fp16 (269 MB for 135M parameters; float32 until issue 15, 538 MB). The GGUF
-holds Q4_1 decoder linears (fp16 scale and minimum per block of 32), a Q8_0 embedding
-(fp16 scale per block of 32) and float32 norms: their dequantized values are products of
-fp16 numbers, so fp16 — the GGUF's own precision — keeps 52% of them exactly and the rest to
-within 4.9e-4 relative, where bf16 keeps 18% and rounds the rest by up to 3.9e-3 (enough to
-move the NF4 + Wanda 50% variant's perplexity from 44.76 to 45.24 on the demo's 2048 tokens).
+Stored dtype: float32 (538 MB for 135M parameters), the only standard dtype that holds the
+GGUF's values exactly. The GGUF holds Q4_1 decoder linears (fp16 scale and minimum per block
+of 32: value = d·q + m), a Q8_0 embedding (fp16 scale per block of 32) and float32 norms:
+d·q + m needs more mantissa bits than any 16-bit type has, so fp16 keeps 52% of the values
+exactly and bf16 18%, and either moves the NF4 + Wanda 50% variant's perplexity on the demo's
+2048 tokens (44.76 from float32, 44.50 from fp16, 45.24 from bf16; the base's own 16.77 in
+all three). A stored base must be the model it names, so we keep float32 here; Hub bases keep
+the dtype of their safetensors, which is exact by construction.
 Loading computes in the dtype the caller asks for (float32 by default).
 """
 from __future__ import annotations
@@ -51,7 +53,7 @@ def smollm2_gguf_path() -> Path:
 def _export_smollm2(dest: Path) -> None:
     import torch
 
-    stored_dtype = torch.float16  # the GGUF's scales are fp16: see the module docstring
+    stored_dtype = torch.float32  # exact for the GGUF's dequantized values: see the module docstring
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -60,7 +62,7 @@ def _export_smollm2(dest: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the
-    # weights are already dequantized to float32, so we write them ourselves, in fp16.
+    # weights are already dequantized to float32, so we write them ourselves.
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
