@@ -29,6 +29,7 @@ again with today's metrics (same examples and tokens as recorded) and rewrites t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             f"LoRA r={args.rank}, alpha={args.alpha}, q/k/v/o, lr {args.lr}, batch {args.batch_size}, "
             f"seq_len {args.seq_len} (pydoc: {args.pydoc_steps} steps, batch {args.pydoc_batch_size}), "
-            f"CPU (2 cores shared with other jobs, load ~8). Test split: exact match and completion perplexity "
+            f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end). Test split: exact match and completion perplexity "
             f"(ppl columns: exp of the mean NLL of the completion tokens given the prompt) on the first "
             f"{args.eval_examples} prompts; pydoc: perplexity on the first {args.eval_tokens} tokens.\n\n{table}\n")
     print(f"manifest: {manifest_path(zoo_dir)}")

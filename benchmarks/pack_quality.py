@@ -1,4 +1,4 @@
-"""Quality of packed task LoRAs across densities: ComPEFT (auto alpha) vs STC vs pruned-only.
+"""Quality of packed task LoRAs across densities: ComPEFT (auto alpha) vs delta-fit vs STC vs pruned-only.
 
 Usage:
   python benchmarks/pack_quality.py --zoo reverse-words,uppercase,sort-numbers
@@ -14,11 +14,14 @@ library's greedy rule, batched with a KV cache: :func:`bench_zoo.batched_exact_m
 the pydoc test split only. Rows, as in ComPEFT's Figure 5:
 
 - ``base``: no adapter; ``original``: the LoRA as trained (the baseline of the ratios);
-- ``compeft``: top-k, signs kept, magnitude alpha·std (global), alpha chosen on the
-  validation split from the paper's grid (0.5 … 10) — criterion: completion NLL on the
+- ``compeft``: the paper's method, top-k, signs kept, magnitude alpha·std, alpha chosen on
+  the validation split from the paper's grid (0.5 … 10) — criterion: completion NLL on the
   first ``--val-examples`` validation pairs (pydoc: perplexity on ``--val-tokens``), one
   teacher-forced pass per alpha (the library's ``--alpha auto`` uses greedy exact match,
-  which costs ~20x more on CPU);
+  which costs more on CPU);
+- ``delta-fit`` (:mod:`adapterhub_c.packing.deltafit`): the same top-k and bits, taken on
+  the SVD-balanced factors of each module, one scale per module matching the norm of B·A;
+  no data (gain 1); ``delta-fit auto``: the gain chosen on validation data like alpha;
 - ``stc``: the same top-k and signs, magnitude = mean |kept| (no alpha);
 - ``pruned``: the same top-k, kept values unchanged (no ternarisation).
 
@@ -84,8 +87,12 @@ class Scorer:
     def test(self, model) -> dict:
         if self.is_text:
             return {"EM": None, "ppl": self._ppl_text(model, self.test_texts, self.ppl_tokens)}
+        from adapterhub_c.evals.metrics import wilson_interval
+
         em = bench_zoo.batched_exact_match(model, self.tok, self.test_pairs)
-        return {"EM": em, "ppl": self._completion(model, self.test_pairs)["completion_ppl"]}
+        lo, hi = wilson_interval(round(em * len(self.test_pairs)), len(self.test_pairs))
+        return {"EM": em, "EM 95%": f"{lo:.2f}–{hi:.2f}",
+                "ppl": self._completion(model, self.test_pairs)["completion_ppl"]}
 
 
 def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int]:
@@ -101,6 +108,7 @@ def through_pack(lora: LoraAdapter, tmp: Path, **kw) -> tuple[LoadedAdapter, int
 def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[list[dict], list[dict]]:
     from adapterhub_c.packing import prune_tensors
     from adapterhub_c.packing.alpha import ALPHA_GRID, AdapterSlot
+    from adapterhub_c.packing.deltafit import GAIN_GRID
     from adapterhub_c.runtime.bases import load_base_model
 
     art = reg.get(name, "artifact")
@@ -124,8 +132,9 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
         null = None
         if adapter is not None:  # modules whose ΔW = B·A is zero: all of A or all of B dropped
             null = sum(1 for layer in adapter.lora.layers().values() if not (layer.A.any() and layer.B.any()))
-        rows.append({"task": task, "method": method, "k": k, "alpha": alpha, "EM": res["EM"], "ppl": res["ppl"],
-                     "bytes": nbytes, "null modules": null, "s": seconds})
+        rows.append({"task": task, "method": method, "k": k, "alpha": alpha, "EM": res["EM"],
+                     "EM 95%": res.get("EM 95%"), "ppl": res["ppl"], "bytes": nbytes,
+                     "bits / param": 8 * nbytes / params if nbytes else None, "null modules": null, "s": seconds})
         log(f"{task:14s} {method:9s} k={k} alpha={alpha} EM={res['EM']} ppl={res['ppl']:.4g}")
 
     if state["slot"] is None:
@@ -143,26 +152,33 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
     from safetensors.torch import save as st_save
 
     fp16 = len(st_save({k: v.half().contiguous() for k, v in loaded.lora.tensors.items()}))
+    params = loaded.lora.num_parameters()
     slot.set(loaded)
     t0 = time.perf_counter()
     add("original", None, scorer.test(model), nbytes=fp16, seconds=time.perf_counter() - t0)
-    for k in args.ks:
-        t0 = time.perf_counter()
+    def searched(method, k, grid):
+        """Pack at every point of ``grid`` (alpha or gain), keep the best by the validation criterion."""
         curve = []
-        for a in ALPHA_GRID:
-            dec, _ = through_pack(loaded.lora, tmp, density=k, alpha=a, scope=args.scope)
+        for a in grid:
+            dec, _ = through_pack(loaded.lora, tmp, density=k, alpha=a, scope=args.scope, method=method)
             slot.set(dec)
             curve.append({"alpha": a, "val": scorer.validation(model)})
         best = min(curve, key=lambda p: p["val"] if math.isfinite(p["val"]) else math.inf)
-        curves.append({"task": task, "k": k, "curve": curve, "best": best["alpha"]})
-        dec, nbytes = through_pack(loaded.lora, tmp, density=k, alpha=best["alpha"], scope=args.scope)
-        slot.set(dec)
-        add("compeft", k, scorer.test(model), alpha=best["alpha"], nbytes=nbytes, seconds=time.perf_counter() - t0,
-            adapter=dec)
-        t0 = time.perf_counter()
-        dec, nbytes = through_pack(loaded.lora, tmp, density=k, method="stc", scope=args.scope)
-        slot.set(dec)
-        add("stc", k, scorer.test(model), nbytes=nbytes, seconds=time.perf_counter() - t0, adapter=dec)
+        curves.append({"task": task, "method": method, "k": k, "curve": curve, "best": best["alpha"]})
+        return best["alpha"]
+
+    for k in args.ks:
+        for method, label, alpha in (("compeft", "compeft", "auto"), ("delta-fit", "delta-fit", 1.0),
+                                     ("delta-fit", "delta-fit auto", "auto"), ("stc", "stc", 1.0)):
+            if method == "delta-fit" and args.scope != "tensor":
+                continue
+            t0 = time.perf_counter()
+            if alpha == "auto":
+                alpha = searched(method, k, ALPHA_GRID if method == "compeft" else GAIN_GRID)
+            dec, nbytes = through_pack(loaded.lora, tmp, density=k, alpha=alpha, method=method, scope=args.scope)
+            slot.set(dec)
+            add(label, k, scorer.test(model), alpha=None if method == "stc" else alpha, nbytes=nbytes,
+                seconds=time.perf_counter() - t0, adapter=dec)
         t0 = time.perf_counter()
         pruned = LoadedAdapter(LoraAdapter(loaded.lora.config, prune_tensors(loaded.lora.tensors, k, scope=args.scope)))
         slot.set(pruned)
@@ -173,6 +189,28 @@ def run_task(task: str, name: str, reg, state: dict, args, tmp: Path) -> tuple[l
         r["ppl / orig"] = r["ppl"] / orig["ppl"]
         r["fp16 / bytes"] = fp16 / r["bytes"] if r["bytes"] else None
     return rows, curves
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (k, method): means over the tasks of EM / orig, ppl / orig and bits / param, and the pooled EM ratio."""
+    out = []
+    for k in sorted({r["k"] for r in rows if r["k"]}):
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["k"] == k))
+        for method in methods:
+            group = [r for r in rows if r["k"] == k and r["method"] == method]
+            em = [r["EM / orig"] for r in group if r["EM / orig"] is not None]
+            pooled_src = [(r["EM"], r["EM"] / r["EM / orig"]) for r in group if r["EM / orig"]]
+            bits = [r["bits / param"] for r in group if r["bits / param"]]
+            out.append({"k": k, "method": method, "EM / orig": sum(em) / len(em) if em else None,
+                        "EM pooled / orig": (sum(a for a, _ in pooled_src) / sum(b for _, b in pooled_src)
+                                             if pooled_src else None),
+                        "ppl / orig": sum(r["ppl / orig"] for r in group) / len(group),
+                        "bits / param": sum(bits) / len(bits) if bits else None})
+        ref = next((r["bits / param"] for r in out if r["k"] == k and r["method"] == "compeft"), None)
+        for r in out:
+            if r["k"] == k:
+                r["bits vs compeft"] = r["bits / param"] / ref if ref and r["bits / param"] else None
+    return out
 
 
 def null_table(reg, pairs, ks) -> list[dict]:
@@ -208,7 +246,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks, strict=False):
         tr = [r for r in rows if r["task"] == task]
         metric = "EM" if tr[0]["EM"] is not None else "ppl"
-        for method, style in (("compeft", "o-"), ("stc", "s--"), ("pruned", "^:")):
+        for method, style in (("compeft", "o-"), ("delta-fit", "D-"), ("delta-fit auto", "D--"), ("stc", "s--"),
+                              ("pruned", "^:")):
             pts = [(r["k"], r[metric]) for r in tr if r["method"] == method]
             ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], style, label=method)
         for method, color in (("original", "black"), ("base", "gray")):
@@ -255,11 +294,13 @@ def main() -> None:
             rows += r
             curves += c
     cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
-    cols = ["task", "method", "k", "alpha", "EM", "EM / orig", "ppl", "ppl / orig", "bytes", "fp16 / bytes", "null modules", "s"]
-    fmt = {"k": "{:.2f}", "alpha": "{:g}", "EM": "{:.3f}", "EM / orig": "{:.3f}", "ppl": "{:.4f}",
+    cols = ["task", "method", "k", "alpha", "EM", "EM 95%", "EM / orig", "ppl", "ppl / orig", "bytes", "bits / param",
+            "fp16 / bytes", "null modules", "s"]
+    fmt = {"k": "{:.2f}", "alpha": "{:g}", "EM": "{:.3f}", "EM / orig": "{:.3f}", "ppl": "{:.4f}", "bits / param": "{:.3f}",
            "ppl / orig": "{:.4f}", "bytes": "{:,d}", "fp16 / bytes": "{:.1f}", "s": "{:.1f}"}
-    curve_rows = [{"task": c["task"], "k": c["k"], "best alpha": c["best"],
-                   **{f"α={p['alpha']:g}": p["val"] for p in c["curve"]}} for c in curves]
+    curve_rows = [{"task": c["task"], "method": c["method"], "k": c["k"], "best": c["best"],
+                   **{f"{p['alpha']:g}": p["val"] for p in c["curve"]}} for c in curves]
+    summary = summarize(rows)
     out_md = Path(args.out) if args.out else bench_zoo.ROOT / "benchmarks" / "results" / "pack_quality.md"
     png = out_md.with_suffix(".png")
     text = "\n".join([
@@ -275,6 +316,15 @@ def main() -> None:
         f"perplexity on {args.val_tokens} validation tokens). bytes = pack file (golomb) or, for original, the fp16 "
         "safetensors of the same tensors; fp16 / bytes = compression vs that file. EM / orig and ppl / orig: "
         "ratio to the uncompressed LoRA in this run. s = seconds for the row (compeft: incl. the alpha search).", "",
+        "## Mean over the tasks", "",
+        "EM / orig: mean over the tasks of each task's exact match over its unpacked LoRA's; pooled: all tasks' "
+        "exact matches summed over the unpacked ones'; bits / param: pack file bits over the LoRA's parameters "
+        "(header and tensor table included), mean over the tasks; ppl / orig likewise.", "",
+        bench_zoo.md_table(summary, ["k", "method", "EM / orig", "EM pooled / orig", "ppl / orig", "bits / param",
+                                     "bits vs compeft"],
+                           {"k": "{:.2f}", "EM / orig": "{:.3f}", "EM pooled / orig": "{:.3f}", "ppl / orig": "{:.3f}",
+                            "bits / param": "{:.3f}", "bits vs compeft": "{:.3f}"}), "",
+        "## Per task", "",
         bench_zoo.md_table(rows, cols, fmt), "",
         f"![quality vs density]({png.name})", "",
         "## Modules wiped out by the top-k, per scope (no model involved)", "",
@@ -283,7 +333,8 @@ def main() -> None:
         "the other's, as in a LoRA trained briefly from B = 0 (std A vs std B below).", "",
         bench_zoo.md_table(null_rows, ["task", "k", "modules", "std A", "std B", "null (global)", "null (tensor)"],
                            {"k": "{:.2f}", "std A": "{:.3g}", "std B": "{:.3g}"}), "",
-        "## Alpha search curves (validation completion NLL; pydoc: perplexity)", "",
+        "## Alpha (compeft) and gain (delta-fit) search curves (validation completion perplexity; pydoc: "
+        "perplexity)", "",
         bench_zoo.md_table(curve_rows, list(curve_rows[0]) if curve_rows else [], {"k": "{:.2f}"}), "",
         f"Total wall time {time.time() - started:.0f} s.",
     ])

@@ -19,6 +19,7 @@ from adapterhub_c.evals.metrics import (
     perplexity,
     prompt_ids,
     token_stream,
+    wilson_interval,
 )
 from adapterhub_c.models.tiny import build_tiny_llama
 
@@ -66,7 +67,18 @@ def test_exact_match_counts_correct_answers():
     script = tok("Q: yes", add_special_tokens=False)["input_ids"]
     model = ScriptedModel(script, tok.eos_token_id, len(tok))
     res = exact_match(model, tok, [("Q:", " yes"), ("Q:", " no"), ("Q:", "yes ")])
+    lo, hi = res.pop("exact_match_ci95")
     assert res == {"exact_match": 2 / 3, "examples": 3}
+    assert (lo, hi) == pytest.approx((0.2077, 0.9385), abs=1e-4)
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # statsmodels proportion_confint(k, n, method="wilson") gives these
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 50) == pytest.approx((0.0, 0.0713), abs=1e-4)
+    assert wilson_interval(50, 50) == pytest.approx((0.9287, 1.0), abs=1e-4)
+    with pytest.raises(UsageError):
+        wilson_interval(0, 0)
 
 
 def _hand_nll(model, tok, examples) -> tuple[float, int]:

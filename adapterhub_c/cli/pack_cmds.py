@@ -37,7 +37,8 @@ def pack_group():
 @click.option("--density", "-k", required=True,
               help="Kept fraction k in (0, 1], e.g. 0.1 or 10%.")
 @click.option("--alpha", default=f"{DEFAULTS['alpha']:g}", show_default=True,
-              help="Magnitude multiplier (values become alpha·std·sign), or 'auto' with --eval-data.")
+              help="compeft: magnitude multiplier (values become alpha·std·sign); delta-fit: gain on the fitted "
+                   "update (1 = the fit); or 'auto' with --eval-data.")
 @click.option("--eval-data", default=None,
               help="Validation data for --alpha auto (and to measure pack vs unpacked quality).")
 @click.option("--alpha-metric", type=click.Choice(["auto", "perplexity", "completion_ppl", "exact_match"]), default="auto",
@@ -50,8 +51,9 @@ def pack_group():
               help="Top-k and std per tensor, or one over all tensors (the paper's code; it can zero whole "
                    "modules of LoRAs whose B is much smaller than A).")
 @click.option("--encoding", type=click.Choice(["golomb", "bitmask"]), default="golomb", show_default=True)
-@click.option("--method", type=click.Choice(["compeft", "stc"]), default="compeft", show_default=True,
-              help="stc: magnitude = mean |kept values| (alpha ignored).")
+@click.option("--method", type=click.Choice(api.PACK_METHODS), default=DEFAULTS["method"], show_default=True,
+              help="delta-fit: top-k signs of each module's re-balanced factors, scaled to fit B·A (ours); "
+                   "compeft: the paper's alpha·std per factor; stc: magnitude = mean |kept values| (alpha ignored).")
 @click.option("--name", default=None, help="Name of the pack (default: <adapter>-k<percent>).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (for evaluation).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -128,7 +128,18 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]], max_examples: in
         if progress:
             progress("exact match", i + 1, len(pairs))
     model.train(was_training)
-    return {"exact_match": correct / len(pairs), "examples": len(pairs)}
+    return {"exact_match": correct / len(pairs), "examples": len(pairs),
+            "exact_match_ci95": list(wilson_interval(correct, len(pairs)))}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of ``successes`` in ``trials`` (95% with the default z)."""
+    if trials <= 0:
+        raise UsageError("an interval needs at least one trial")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass

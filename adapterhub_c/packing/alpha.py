@@ -1,7 +1,9 @@
 """Choosing ComPEFT's alpha on validation data, with the model built once.
 
 The paper sweeps alpha by hand over ``ALPHA_GRID`` (``../shared/ANCHORS.md``); we
-evaluate every grid point and keep the best. The model (base or variant) is loaded once
+evaluate every grid point and keep the best. For ``delta-fit`` packs, whose scale is
+already fitted to each module in closed form, the search is over a gain around that fit
+(:data:`.deltafit.GAIN_GRID`). The model (base or variant) is loaded once
 and the adapter is attached once; each grid point only copies new LoRA factors (and
 recovery D/U) into the attached layers (:class:`AdapterSlot`), so a grid costs one model
 load plus one evaluation per alpha.
@@ -33,11 +35,13 @@ import torch
 from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.metrics import completion_perplexity, exact_match, perplexity
+from adapterhub_c.packing.deltafit import GAIN_GRID
 from adapterhub_c.training import peft_io
 from adapterhub_c.training.convert import load_adapted
 from adapterhub_c.training.recovery import recovery_modules
 
 ALPHA_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+GRIDS = {"compeft": ALPHA_GRID, "delta-fit": GAIN_GRID}  # stc has no alpha
 METRICS = ("auto", "perplexity", "completion_ppl", "exact_match")
 SEARCH_WINDOW = 512
 
@@ -73,6 +77,14 @@ class AdapterSlot:
         for name, rec in self._recovery.items():
             rec.D.copy_(state[f"{name}.recovery_D"].to(rec.D.device, rec.D.dtype))
             rec.U.copy_(state[f"{name}.recovery_U"].to(rec.U.device, rec.U.dtype))
+
+
+def search_grid(method: str) -> tuple[float, ...]:
+    """The values ``--alpha auto`` tries for a pack method: ComPEFT's alpha grid, delta-fit's gains."""
+    try:
+        return GRIDS[method]
+    except KeyError:
+        raise UsageError(f"--alpha auto needs method {' or '.join(GRIDS)} ({method} ignores alpha)") from None
 
 
 def resolve_metric(metric: str, is_task: bool) -> str:

@@ -18,6 +18,9 @@ Our choices, where the reference code is loose:
 * ``method="compeft"``: magnitude ``alpha · std`` (std of the dense values, unbiased;
   0 for fewer than two values). ``method="stc"`` (sparse ternary compression): magnitude
   = mean |kept values| over the scope, ``alpha`` is ignored.
+* ``method="delta-fit"`` (ours, :mod:`.deltafit`): the factors of each LoRA module are
+  re-balanced and their ternary patterns scaled by a least-squares fit to B·A; ``alpha``
+  is then a gain on that fit (1 = the fit). Per tensor only.
 * Scales are rounded to float32 once, here, so a pack file round-trips exactly.
 """
 from __future__ import annotations
@@ -29,10 +32,11 @@ import numpy as np
 import torch
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.packing import deltafit
 from adapterhub_c.packing.ternary import TernaryTensor, dtype_name
 
 SCOPES = ("global", "tensor")
-METHODS = ("compeft", "stc")
+METHODS = ("compeft", "stc", "delta-fit")
 KEPT_COUNT_RULE = ("round(k·n) entries per top-k group, ties to the lowest index (the ComPEFT reference "
                    "keeps int(k·n)+1 plus ties)")
 
@@ -47,6 +51,8 @@ def check_params(density: float, alpha: float = 1.0, scope: str = "global", meth
         raise UsageError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "delta-fit" and scope != "tensor":
+        raise UsageError("method delta-fit fits each module on its own: it needs scope tensor")
 
 
 def kept_at_density(n: int, *, density: float) -> int:
@@ -114,6 +120,11 @@ def compress_tensors(tensors: Mapping[str, torch.Tensor], density: float, *, alp
     """
     check_params(density, alpha, scope, method)
     names, arrays = _flat_arrays(tensors)
+    if method == "delta-fit":
+        return deltafit.fit(dict(zip(names, arrays, strict=True)),
+                            {n: tuple(tensors[n].shape) for n in names},
+                            {n: dtype_name(tensors[n].dtype) for n in names},
+                            alpha, lambda flat: _select([flat], density)[0])
     out: dict[str, TernaryTensor] = {}
     for group_names, group in _groups(names, arrays, scope):
         kept = _select(group, density)

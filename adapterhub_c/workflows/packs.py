@@ -25,13 +25,13 @@ from adapterhub_c.adapters.lora import WEIGHTS_NAME
 from adapterhub_c.errors import AdaptWarning, IntegrityError, UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.packing.alpha import (
-    ALPHA_GRID,
     SEARCH_WINDOW,
     AdapterSlot,
     evaluate_for_search,
     plot_alpha_curve,
     resolve_metric,
     search_alpha,
+    search_grid,
 )
 from adapterhub_c.packing.compeft import check_params
 from adapterhub_c.packing.encoding import ENCODINGS
@@ -132,8 +132,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
     check_params(density, 1.0, scope, method)
     if encoding not in ENCODINGS:
         raise UsageError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
-    if alpha == "auto" and method != "compeft":
-        raise UsageError(f"--alpha auto needs method compeft ({method} ignores alpha)")
+    grid = search_grid(method) if alpha == "auto" else None
     if alpha == "auto" and not eval_data:
         raise UsageError("--alpha auto needs --eval-data to choose alpha on")
     for label, v in (("max tokens", max_tokens), ("max examples", max_examples)):
@@ -180,10 +179,10 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
             if alpha == "auto":
                 best, curve = search_alpha(
                     lambda a: evaluator(loaded_from_pack(_pack_loaded(loaded, alpha=a, **kw))),
-                    evaluator.metric, ALPHA_GRID, progress)
+                    evaluator.metric, grid, progress)
                 alpha = best
                 search = {"data": eval_data, "split": "validation", "metric": evaluator.metric,
-                          "grid": list(ALPHA_GRID), "best": best, "curve": curve, "unpacked": reference,
+                          "grid": list(grid), "best": best, "curve": curve, "unpacked": reference,
                           **_search_budget(evaluator.dataset.is_task, max_tokens, max_examples)}
                 plot_alpha_curve(curve, folder / CURVE_FILE, evaluator.metric, best, reference,
                                  title=f"{src.name} packed at k = {density:g} ({eval_data}, validation)")
