@@ -83,10 +83,13 @@ def test_the_update_along_the_original_is_the_original_and_counts_are_compefts()
 
 def test_delta_fit_is_closer_to_the_update_than_compeft_at_any_alpha():
     ts = _tensors(3)
+    want = ts[f"{P}.q_proj.lora_B.weight"].double() @ ts[f"{P}.q_proj.lora_A.weight"].double()
+
+    def cosine(x):
+        return torch.dot(x.flatten(), want.flatten()).item() / (x.norm() * want.norm()).item()
+
     for k in (0.05, 0.1, 0.2):
         ours = _update(decode_tensors(compress_tensors(ts, k, scope="tensor", method="delta-fit")), "q_proj")
-        want = ts[f"{P}.q_proj.lora_B.weight"].double() @ ts[f"{P}.q_proj.lora_A.weight"].double()
-        cosine = lambda x: torch.dot(x.flatten(), want.flatten()).item() / (x.norm() * want.norm()).item()  # noqa: E731
         theirs = [cosine(_update(decode_tensors(compress_tensors(ts, k, alpha=a, scope="tensor")), "q_proj"))
                   for a in ALPHA_GRID]
         # alpha only scales ComPEFT's update, so its best direction is the same for every alpha

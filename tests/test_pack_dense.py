@@ -32,6 +32,7 @@ from adapterhub_c.packing import (
     unpack_to_adapter,
     write_pack,
 )
+from adapterhub_c.packing import dense as dense_mod
 from adapterhub_c.packing.digest import tensors_digest
 from adapterhub_c.packing.encoding import encode
 from adapterhub_c.packing.table import MAX_NDIM
@@ -90,6 +91,39 @@ def test_mixed_dtypes_decode_into_one_buffer_each(tmp_path, encoding):
     _assert_same(tmp_path / "p.pack")
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
+def test_decoding_split_over_threads_gives_the_same_bits(tmp_path, monkeypatch, encoding, threads):
+    monkeypatch.setattr(dense_mod, "PARALLEL_MIN_NUMEL", 0)  # split even these small packs
+    monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", str(threads))
+    assert dense_mod.decode_threads() == threads
+    pack = pack_adapter(_adapter([torch.float32, torch.bfloat16], seed=2), density=0.3, base="b",
+                        encoding=encoding, source_digest="x")
+    write_pack(pack, tmp_path / "p.pack")
+    _assert_same(tmp_path / "p.pack")
+
+
+def test_a_large_pack_is_split_and_a_bad_tensor_is_named_whatever_its_thread(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"base_model.model.layers.{i}.q_proj.lora_A.weight": torch.randn(64, 1024, generator=g)
+               for i in range(8)}  # 512K elements: over PARALLEL_MIN_NUMEL
+    pack = pack_adapter(LoraAdapter(dict(CONFIG), tensors), density=0.1, base="b", source_digest="x")
+    path = tmp_path / "p.pack"
+    write_pack(pack, path)
+    calls = []
+    real = dense_mod._run_split
+    monkeypatch.setattr(dense_mod, "_run_split", lambda k, ix, st, n: calls.append(n) or real(k, ix, st, n))
+    monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", "2")
+    _assert_same(path)
+    assert calls and set(calls) == {2}
+    # a stream broken in the last tensor (the second thread's) is reported under that tensor's name
+    t, meta = _load_path(path)
+    bits = t["bits"].clone()
+    bits[-3:] = 255
+    with pytest.raises(IntegrityError, match="layers.7.q_proj"):
+        read_pack_dense(_signed(tmp_path / "bad.pack", {**t, "bits": bits}, meta))
+
+
 def _kernel_dense(enc, scale: float, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
     """One tensor through the compiled kernel: (status, dense flat tensor)."""
     words = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -144,7 +178,11 @@ def _same_verdict(path: Path) -> str:
 
 
 def _load(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    data = (FIXTURES / name).read_bytes()
+    return _load_path(FIXTURES / name)
+
+
+def _load_path(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     return dict(st_load(data)), dict(json.loads(data[8:8 + n])["__metadata__"])
 
@@ -156,8 +194,11 @@ def _signed(path: Path, tensors: dict, meta: dict) -> Path:
     return path
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("fixture", ["v1-golomb.pack", "v1-bitmask.pack", "v2-golomb.pack", "v2-bitmask.pack"])
-def test_stream_mutations_get_the_same_verdict_from_both_decoders(tmp_path, fixture):
+def test_stream_mutations_get_the_same_verdict_from_both_decoders(tmp_path, monkeypatch, fixture, threads):
+    monkeypatch.setattr(dense_mod, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", str(threads))
     rng = random.Random(17)
     tensors, meta = _load(fixture)
     streams = [k for k in ("bits", "pos", "neg") if k in tensors]

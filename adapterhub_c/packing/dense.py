@@ -2,13 +2,17 @@
 
 :func:`decode_dense` makes one flat buffer per output dtype (one for most adapters) and
 decodes every tensor of that dtype into it in one compiled call
-(:mod:`adapterhub_c.kernels.unpack_cpu`). The tensors are views of the buffer: laid out
+(:mod:`adapterhub_c.kernels.unpack_cpu`), split over a few threads for large packs (the
+kernels release the GIL; each thread writes its own tensors). The tensors are views of the buffer: laid out
 grouped by shape, each group is one ``view(count, *shape).unbind(0)``, so the Python cost
 is per distinct shape (a handful), not per tensor. The numpy decoder of :mod:`.encoding`
 followed by :meth:`.ternary.TernaryTensor.to_dense` is the reference twin
 (``read_pack_dense(..., impl="ref")``).
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,6 +21,40 @@ from adapterhub_c.errors import IntegrityError
 from adapterhub_c.packing.table import PackTable, torch_dtype
 
 _WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Below this many output elements one thread decodes: handing work to a second thread costs
+# ~30 µs, what the kernel needs for ~100K elements.
+PARALLEL_MIN_NUMEL = 1 << 18
+MAX_THREADS = 4
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its size), grown on demand, kept for the process
+
+
+def decode_threads() -> int:
+    """Threads a large pack is decoded with: ``ADAPTERHUB_DECODE_THREADS``, else the CPUs this
+    process may use, at most :data:`MAX_THREADS`."""
+    env = os.environ.get("ADAPTERHUB_DECODE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_THREADS, cpus))
+
+
+def _run_split(kernel, index: np.ndarray, start: np.ndarray, threads: int) -> tuple[int, int]:
+    """``kernel(index, start)`` over ``threads`` contiguous runs of tensors of about equal
+    numel, in parallel (the kernels release the GIL); the first failure by tensor number."""
+    global _pool
+    if threads <= 1 or index.shape[0] < 2 or int(index[:, 0].sum()) < PARALLEL_MIN_NUMEL:
+        return kernel(index, start)
+    cum = np.cumsum(index[:, 0])
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, threads) / threads)
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < index.shape[0])), index.shape[0]]
+    if _pool is None or _pool[1] < threads:
+        _pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pack-decode"), threads)
+    jobs = [_pool[0].submit(kernel, index[a:b], start[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for a, job in zip(bounds[:-1], jobs, strict=True):
+        bad, status = job.result()
+        if status:
+            return a + bad, status
+    return -1, 0
 
 
 def _values(scales: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -37,8 +75,8 @@ def _layout_by_shape(dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.flatnonzero(new_group)
 
 
-def _decode_group(table: PackTable, sel: np.ndarray, encoding: str,
-                  streams: dict[str, np.ndarray]) -> tuple[np.ndarray, list[torch.Tensor]]:
+def _decode_group(table: PackTable, sel: np.ndarray, encoding: str, streams: dict[str, np.ndarray],
+                  threads: int) -> tuple[np.ndarray, list[torch.Tensor]]:
     """(tensor numbers, their dense views) for the tensors ``sel``, all of one dtype."""
     from adapterhub_c.kernels import unpack_cpu
 
@@ -52,9 +90,11 @@ def _decode_group(table: PackTable, sel: np.ndarray, encoding: str,
     words = flat.view(_WORDS[flat.element_size()]).numpy()
     vals = _values(table.scales[tensors], dtype)
     if encoding == "golomb":
-        bad, status = unpack_cpu.golomb_dense(unpack_cpu.padded_words(streams["bits"]), index, start, vals, words)
+        padded = unpack_cpu.padded_words(streams["bits"])
+        kernel = lambda ix, st: unpack_cpu.golomb_dense(padded, ix, st, vals, words)  # noqa: E731
     else:
-        bad, status = unpack_cpu.bitmask_dense(streams["pos"], streams["neg"], index, start, vals, words)
+        kernel = lambda ix, st: unpack_cpu.bitmask_dense(streams["pos"], streams["neg"], ix, st, vals, words)  # noqa: E731
+    bad, status = _run_split(kernel, index, start, threads)
     if status:
         raise IntegrityError(f"{table.names[tensors[bad]]!r}: {unpack_cpu.STATUS_MESSAGES[status]}")
     views: list[torch.Tensor] = []
@@ -66,8 +106,13 @@ def _decode_group(table: PackTable, sel: np.ndarray, encoding: str,
     return tensors, views
 
 
-def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``table`` (checked by the reader) as a dense tensor of its dtype, by name."""
+def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray],
+                 threads: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``table`` (checked by the reader) as a dense tensor of its dtype, by name.
+
+    ``threads``: decoding threads for a large pack (default :func:`decode_threads`); the
+    output is the same bits for any number."""
+    threads = decode_threads() if threads is None else threads
     codes = table.dtypes
     if not codes.size:
         return {}
@@ -75,7 +120,7 @@ def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray]
         [np.flatnonzero(codes == c) for c in np.unique(codes)]
     placed: list = [None] * codes.size
     for sel in groups:
-        tensors, views = _decode_group(table, sel, encoding, streams)
+        tensors, views = _decode_group(table, sel, encoding, streams, threads)
         for t, view in zip(tensors.tolist(), views, strict=True):
             placed[t] = view
     return dict(zip(table.names, placed, strict=True))
