@@ -27,7 +27,7 @@ from adapterhub_c.batch import ops as _batch
 from adapterhub_c.hub import ops as _hub
 from adapterhub_c.merging.spec import RESCALES
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
-from adapterhub_c.packing.compeft import METHODS as PACK_METHODS  # adapt pack --method
+from adapterhub_c.packing.compeft import METHODS as _PACK_METHODS
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
@@ -64,6 +64,7 @@ DEFAULT_CALIB = _variants.DEFAULT_CALIB  # builtin:pydoc, and silently unused by
 RECOVER_METHODS = _training.RECOVER_METHODS  # adapt convert --recover
 COMPENSATE_TARGETS = tuple(TARGET_SETS)      # --recover lowrank --targets
 LISTABLE = views.LISTABLE
+PACK_METHODS = _PACK_METHODS  # adapt pack --method
 DEFAULT_DEMO_BASE = SMOLLM2
 
 __all__ = [
