@@ -267,48 +267,15 @@ R_COMP0, R_COMPD = "compensated, 0 steps (no task data)", "compensated + {n} ste
 R_CALORA, R_ALONE = "CA-LoRA recovery modules + {n} steps", "compensation alone (no source LoRA)"
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def completion_nll(model, tokenizer, pairs) -> float:
-    """Mean NLL (nats) of the completion tokens given the prompt, fed as exact match feeds it.
-
-    A small stand-in: the project's ``completion_perplexity`` (being added to evals/metrics.py
-    in parallel) is not in this tree yet. Prompt and completion are tokenized separately and
-    joined; only the completion tokens are scored."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for prompt, completion in pairs:
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([p + c], device=device)
-            logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float()
-            total += F.cross_entropy(logits, torch.tensor(c, device=device), reduction="sum").item()
-            count += len(c)
-    return total / count
-
-
 def measure_task(model, tokenizer, data: str, n: int) -> dict:
     """Exact match (with its 95 % interval) and completion NLL on the first ``n`` test prompts."""
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.evals.metrics import exact_match
+    from adapterhub_c.evals.metrics import completion_perplexity, exact_match
 
     pairs = load_dataset(data, "test").pairs[:n]
     em = exact_match(model, tokenizer, pairs)
-    k = round(em["exact_match"] * len(pairs))
-    return {"em": em["exact_match"], "em_ci": wilson(k, len(pairs)), "n": len(pairs),
-            "nll": completion_nll(model, tokenizer, pairs)}
+    return {"em": em["exact_match"], "em_ci": tuple(em["exact_match_ci95"]), "n": len(pairs),
+            "nll": completion_perplexity(model, tokenizer, pairs)["completion_nll"]}
 
 
 def lowrank_main(args) -> int:
@@ -448,8 +415,7 @@ def render_lowrank(args, base_name, tasks, variants, measured, pydoc, total_s) -
              f"alpha {args.distill_alpha} on the last hidden state, the task's train split; CA-LoRA recovery rank "
              f"{args.recover_rank}. Exact match (EM) on the first {args.eval_examples} prompts of each task's test "
              f"split, 95 % Wilson interval; completion NLL (nats per completion token, prompt as exact match "
-             f"feeds it; a stand-in helper in this script until evals' completion_perplexity lands) on the same "
-             f"prompts. 'convert s' is the whole `convert_adapter` call (model loading included, with a cheap "
+             f"feeds it: evals.metrics.completion_perplexity) on the same prompts. 'convert s' is the whole `convert_adapter` call (model loading included, with a cheap "
              f"one-prompt evaluation; – when the artefact was reused). Device {args.device}; total "
              f"{total_s / 60:.1f} min.", ""]
     lines += ["## Gap closed, (row − naive) / (teacher − naive), mean over tasks", "",

@@ -115,13 +115,15 @@ def _search_budget(is_task: bool, max_tokens: int | None, max_examples: int | No
 
 def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alpha: float | str = 1.0,
                   eval_data: str | None = None, scope: str = "tensor", encoding: str = "golomb",
-                  method: str = "compeft", name: str | None = None, alpha_metric: str = "auto",
+                  method: str = "delta-fit", name: str | None = None, alpha_metric: str = "auto",
                   max_tokens: int | None = DEFAULT_SEARCH_TOKENS,
                   max_examples: int | None = DEFAULT_SEARCH_EXAMPLES, device: str = "cpu",
                   progress=None) -> tuple[Artifact, dict]:
-    """ComPEFT-pack an adapter artefact (lora, recovered-lora, merged, composed) and register it.
+    """Pack an adapter artefact (lora, recovered-lora, merged, composed) and register it.
 
-    ``alpha="auto"`` evaluates ``alpha.ALPHA_GRID`` on the validation split of
+    ``method``: ``delta-fit`` (default, :mod:`adapterhub_c.packing.deltafit`; ``alpha`` is a
+    gain on the fitted update), ``compeft`` (the paper's alpha·std) or ``stc``.
+    ``alpha="auto"`` evaluates the method's grid (:func:`.alpha.search_grid`) on the validation split of
     ``eval_data`` (see :mod:`.alpha` for the criterion), keeps the best, stores the curve in
     the artefact config and the run output and draws it as ``alpha_curve.png``. With a
     number and ``eval_data``, the pack and its source are both evaluated. The model is
