@@ -97,8 +97,10 @@ def test_decoding_split_over_threads_gives_the_same_bits(tmp_path, monkeypatch, 
     monkeypatch.setattr(dense_mod, "PARALLEL_MIN_NUMEL", 0)  # split even these small packs
     monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", str(threads))
     assert dense_mod.decode_threads() == threads
+    # per-tensor scope: every tensor has its own scale, which each thread must take with its rows
     pack = pack_adapter(_adapter([torch.float32, torch.bfloat16], seed=2), density=0.3, base="b",
-                        encoding=encoding, source_digest="x")
+                        scope="tensor", encoding=encoding, source_digest="x")
+    assert len({t.scale for t in pack.tensors.values()}) > 3
     write_pack(pack, tmp_path / "p.pack")
     _assert_same(tmp_path / "p.pack")
 
@@ -107,19 +109,21 @@ def test_a_large_pack_is_split_and_a_bad_tensor_is_named_whatever_its_thread(tmp
     g = torch.Generator().manual_seed(5)
     tensors = {f"base_model.model.layers.{i}.q_proj.lora_A.weight": torch.randn(64, 1024, generator=g)
                for i in range(8)}  # 512K elements: over PARALLEL_MIN_NUMEL
-    pack = pack_adapter(LoraAdapter(dict(CONFIG), tensors), density=0.1, base="b", source_digest="x")
+    pack = pack_adapter(LoraAdapter(dict(CONFIG), tensors), density=0.1, base="b", scope="tensor", source_digest="x")
     path = tmp_path / "p.pack"
     write_pack(pack, path)
     calls = []
     real = dense_mod._run_split
-    monkeypatch.setattr(dense_mod, "_run_split", lambda k, ix, st, n: calls.append(n) or real(k, ix, st, n))
+    monkeypatch.setattr(dense_mod, "_run_split", lambda k, ix, st, vs, n: calls.append(n) or real(k, ix, st, vs, n))
     monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", "2")
     _assert_same(path)
     assert calls and set(calls) == {2}
     # a stream broken in the last tensor (the second thread's) is reported under that tensor's name
     t, meta = _load_path(path)
     bits = t["bits"].clone()
-    bits[-3:] = 255
+    last = sorted(pack.encoded)[-1]
+    start = bits.numel() - pack.encoded[last].data["bits"].size
+    bits[start + 1:start + 4] = 255  # ones added to its unary stream: more non-zeros than it holds
     with pytest.raises(IntegrityError, match="layers.7.q_proj"):
         read_pack_dense(_signed(tmp_path / "bad.pack", {**t, "bits": bits}, meta))
 

@@ -38,18 +38,20 @@ def decode_threads() -> int:
     return max(1, min(MAX_THREADS, cpus))
 
 
-def _run_split(kernel, index: np.ndarray, start: np.ndarray, threads: int) -> tuple[int, int]:
-    """``kernel(index, start)`` over ``threads`` contiguous runs of tensors of about equal
-    numel, in parallel (the kernels release the GIL); the first failure by tensor number."""
+def _run_split(kernel, index: np.ndarray, start: np.ndarray, vals: np.ndarray, threads: int) -> tuple[int, int]:
+    """``kernel(index, start, vals)`` (rows of the same tensors) over ``threads`` contiguous runs
+    of tensors of about equal numel, in parallel (the kernels release the GIL); the first
+    failure by tensor number."""
     global _pool
     if threads <= 1 or index.shape[0] < 2 or int(index[:, 0].sum()) < PARALLEL_MIN_NUMEL:
-        return kernel(index, start)
+        return kernel(index, start, vals)
     cum = np.cumsum(index[:, 0])
     cuts = np.searchsorted(cum, cum[-1] * np.arange(1, threads) / threads)
     bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < index.shape[0])), index.shape[0]]
     if _pool is None or _pool[1] < threads:
         _pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pack-decode"), threads)
-    jobs = [_pool[0].submit(kernel, index[a:b], start[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    jobs = [_pool[0].submit(kernel, index[a:b], start[a:b], vals[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     for a, job in zip(bounds[:-1], jobs, strict=True):
         bad, status = job.result()
         if status:
@@ -91,10 +93,10 @@ def _decode_group(table: PackTable, sel: np.ndarray, encoding: str, streams: dic
     vals = _values(table.scales[tensors], dtype)
     if encoding == "golomb":
         padded = unpack_cpu.padded_words(streams["bits"])
-        kernel = lambda ix, st: unpack_cpu.golomb_dense(padded, ix, st, vals, words)  # noqa: E731
+        kernel = lambda ix, st, vs: unpack_cpu.golomb_dense(padded, ix, st, vs, words)  # noqa: E731
     else:
-        kernel = lambda ix, st: unpack_cpu.bitmask_dense(streams["pos"], streams["neg"], ix, st, vals, words)  # noqa: E731
-    bad, status = _run_split(kernel, index, start, threads)
+        kernel = lambda ix, st, vs: unpack_cpu.bitmask_dense(streams["pos"], streams["neg"], ix, st, vs, words)  # noqa: E731
+    bad, status = _run_split(kernel, index, start, vals, threads)
     if status:
         raise IntegrityError(f"{table.names[tensors[bad]]!r}: {unpack_cpu.STATUS_MESSAGES[status]}")
     views: list[torch.Tensor] = []
