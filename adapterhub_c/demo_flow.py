@@ -8,7 +8,7 @@ while the next step runs. The flow is the one a user runs by hand:
 3. train short task LoRAs on the base (``adapt train``);
 4. push one to a local Hub-compatible server (in this process) and pull it back;
 5. convert the pulled LoRA to the variant with inherit + recover + distill (``adapt convert``);
-6. ComPEFT-pack the converted adapter at k = 10% with auto alpha (``adapt pack``);
+6. pack the converted adapter at k = 10% (``adapt pack``, delta-fit: no data needed);
 7. merge two task LoRAs (task arithmetic, TIES) and compose LoraHub-style on a third task;
 8. learn a short soft prompt on the variant (``adapt prompt learn``);
 9. serve the variant with those adapters behind the OpenAI API (``adapt serve``), one request each.
@@ -57,8 +57,6 @@ class DemoSizes:
     batch_size: int = 4
     seq_len: int = 96
     lr: float = 1e-3  # train and convert (the zoo's rate; the commands' 2e-4 learns little in 30 steps)
-    search_tokens: int = 512
-    search_examples: int = 6
     compose_shots: int = 5
     compose_budget: int = 10
     prompt_tokens: int = 16
@@ -67,7 +65,7 @@ class DemoSizes:
 
 # the tiny random Llama learns nothing in a few steps; its sizes only exercise the flow quickly
 TINY_SIZES = DemoSizes(eval_tokens=300, eval_examples=4, calib_samples=4, lora_steps=3, convert_steps=2,
-                       batch_size=2, seq_len=32, search_tokens=256, search_examples=3, compose_shots=3,
+                       batch_size=2, seq_len=32, compose_shots=3,
                        compose_budget=3, prompt_tokens=4, prompt_steps=2)
 
 
@@ -194,15 +192,13 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
 
     # 6. pack the converted adapter
     pack, pack_report = _reuse_or(reg, f"demo-{short}-{CONVERT_TASK}-pack", lambda: pack_artifact(
-        reg, conv.name, density=PACK_DENSITY, alpha="auto", eval_data=f"builtin:task/{CONVERT_TASK}",
-        max_tokens=z.search_tokens, max_examples=z.search_examples, name=f"demo-{short}-{CONVERT_TASK}-pack",
-        progress=progress))
+        reg, conv.name, density=PACK_DENSITY, name=f"demo-{short}-{CONVERT_TASK}-pack", progress=progress))
     packed_q = run_eval(reg, variant.name, f"builtin:task/{CONVERT_TASK}", "test", adapter=pack.name,
                         max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
     conv_row = next((r for r in (conv_report or {}).get("rows", []) if r["row"] == ROW_CONVERTED), None)
     conv_q = conv_row or run_eval(reg, variant.name, f"builtin:task/{CONVERT_TASK}", "test", adapter=conv.name,
                                   max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
-    yield f"ComPEFT pack at k = {PACK_DENSITY:.0%} (alpha {(pack.config or {}).get('alpha')})", [
+    yield f"pack at k = {PACK_DENSITY:.0%} ({(pack.config or {}).get('method')}, no data)", [
         {"adapter": conv.name, "bytes": conv.size_bytes, "exact_match": _fmt(conv_q.get("exact_match")),
          "completion_ppl": _fmt(conv_q.get("completion_ppl"), 3), "vs_unpacked_size": 1.0},
         {"adapter": pack.name, "bytes": pack.size_bytes, "exact_match": _fmt(packed_q.get("exact_match")),

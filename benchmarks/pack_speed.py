@@ -175,8 +175,8 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
         for k in (0.05, 0.10, 0.20):
             for encoding in ("golomb", "bitmask"):
                 path = os.path.join(tmp, f"p{k}{encoding}.pack")
-                write_pack(pack_adapter(adapter, density=k, encoding=encoding, base="benchmark",
-                                        source_digest=digest), path)
+                write_pack(pack_adapter(adapter, density=k, encoding=encoding, base="benchmark", scope="tensor",
+                                        method="delta-fit", source_digest=digest), path)
                 read_pack_dense(path)  # compiles the kernels (cached on disk after the first run)
                 t = best(lambda path=path: read_pack_dense(path).to_adapter(), repeat)
                 t_np = best(lambda path=path: unpack_to_adapter(read_pack(path)), repeat)
@@ -200,7 +200,11 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
     fmt = {"bytes": "{:,d}", "local s": "{:.4f}", "local x": "{:.2f}", "numpy decoder s": "{:.4f}",
            "file bits/param": "{:.4f}", "bound bits/param": "{:.4f}", "file / bound": "{:.3f}",
            **{f"@{bw} s": "{:.3f}" for bw, _ in BANDWIDTHS}, **{f"@{bw} x": "{:.2f}" for bw, _ in BANDWIDTHS}}
+    from adapterhub_c.packing.dense import decode_threads
+
     out += [f"## Pack file → ready adapter vs the fp16 safetensors file ({what}; {n:,} parameters)", "",
+            f"Packs: the default method (delta-fit, per-tensor top-k). Decoder threads: {decode_threads()} "
+            "(`ADAPTERHUB_DECODE_THREADS`; the fp16 load is one thread). "
             "local s: MEASURED on this CPU (files in the page cache, best of "
             f"{repeat}): fp16 = read the file + safetensors load into fp16 tensors; pack = read + verify the "
             "digest + check every field + decode into dense tensors of the source dtype "

@@ -110,7 +110,7 @@ def test_pack_warning_reaches_library_users(reg, tiny_base, tmp_path):
     _register_lopsided_lora(reg, tiny_base, tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = api.pack("lopsided", 0.2, scope="global", registry=reg)
+        res = api.pack("lopsided", 0.2, scope="global", method="compeft", registry=reg)
     ours = [str(w.message) for w in caught if issubclass(w.category, AdaptWarning)]
     assert ours and "zeroes the whole update of 1 module" in ours[0]
     assert res.warnings == tuple(ours)
@@ -118,7 +118,7 @@ def test_pack_warning_reaches_library_users(reg, tiny_base, tmp_path):
 
 def test_cli_prints_the_api_warning_once(cli, reg, tiny_base, tmp_path):
     _register_lopsided_lora(reg, tiny_base, tmp_path)
-    r = cli("pack", "lopsided", "--density", "0.2", "--scope", "global")
+    r = cli("pack", "lopsided", "--density", "0.2", "--scope", "global", "--method", "compeft")
     assert r.code == 0, r.err
     assert r.err.count("warning: the pack zeroes the whole update of 1 module(s)") == 1
     assert "--scope tensor keeps every module" in r.err

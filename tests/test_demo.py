@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 SECTIONS = ("base", "perplexity on builtin:pydoc test", "task LoRAs on builtin:tiny-llama",
-            "push to a local hub and pull back", "to tiny-llama-nf4-wanda50 (CA-LoRA", "ComPEFT pack at k = 10%",
+            "push to a local hub and pull back", "to tiny-llama-nf4-wanda50 (CA-LoRA", "pack at k = 10% (delta-fit, no data)",
             "merge demo-tiny-llama-uppercase + demo-tiny-llama-reverse-words", "compose on 3 examples of sort-numbers",
             "soft prompt (4 tokens, 2 steps) on tiny-llama-nf4-wanda50",
             "adapt serve tiny-llama-nf4-wanda50: one request per adapter")

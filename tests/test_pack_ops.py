@@ -90,8 +90,11 @@ def test_default_tensor_scope_keeps_every_module_global_scope_warns(reg, tiny_ba
     _make_lora(reg, tiny_base, tmp_path, name="smallb", b_scale=0.01)
     r = cli("pack", "smallb", "--density", "10%", "--json")
     assert r.code == 0, r.err
-    assert r.json()["scope"] == "tensor" and r.json()["null_modules"] == []
-    r = cli("pack", "smallb", "--density", "10%", "--scope", "global", "--name", "smallb-global")
+    assert r.json()["scope"] == "tensor" and r.json()["null_modules"] == [] and r.json()["method"] == "delta-fit"
+    r = cli("pack", "smallb", "--density", "10%", "--method", "compeft", "--json", "--name", "smallb-compeft")
+    assert r.code == 0 and r.json()["null_modules"] == [], r.err
+    r = cli("pack", "smallb", "--density", "10%", "--method", "compeft", "--scope", "global", "--name",
+            "smallb-global")
     assert r.code == 0, r.err
     assert "warning: the pack zeroes the whole update of 4 module(s)" in r.err and "--scope tensor" in r.err
     assert len(reg.get("smallb-global", "artifact").config["null_modules"]) == 4
@@ -103,7 +106,7 @@ def test_pack_registers_and_unpacks_to_plain_peft(reg, tiny_base, lora, cli, tmp
     from adapterhub_c.runtime.adapters import load_adapter_artifact
     from adapterhub_c.workflows.packs import PACK_FILE
 
-    r = cli("pack", "lora1", "--density", "10%", "--alpha", "2", "--scope", "global", "--json")
+    r = cli("pack", "lora1", "--density", "10%", "--alpha", "2", "--method", "compeft", "--scope", "global", "--json")
     assert r.code == 0, r.err
     rep = r.json()
     assert rep["name"] == "lora1-k10" and rep["density"] == 0.1 and rep["alpha"] == 2.0
@@ -172,7 +175,7 @@ def test_recovered_lora_pack_keeps_recovery(reg, tiny_base, cli, tmp_path):
     from adapterhub_c.workflows.packs import PACK_FILE
 
     src_art = _make_lora(reg, tiny_base, tmp_path, name="conv", recovery=True)
-    r = cli("pack", "conv", "--density", "0.1", "--alpha", "3", "--scope", "global", "--json")
+    r = cli("pack", "conv", "--density", "0.1", "--alpha", "3", "--method", "compeft", "--scope", "global", "--json")
     assert r.code == 0, r.err
     rep = r.json()
     assert rep["recovery"] and rep["source_kind"] == "recovered-lora"
@@ -215,7 +218,7 @@ def test_alpha_auto_picks_the_grid_argmin_and_draws_the_curve(reg, tiny_base, lo
     from adapterhub_c.workflows.packs import CURVE_FILE, PACK_FILE
 
     r = cli("pack", "lora1", "--density", "0.2", "--alpha", "auto", "--eval-data", "builtin:pydoc",
-            "--max-tokens", "300", "--json")
+            "--max-tokens", "300", "--method", "compeft", "--json")
     assert r.code == 0, r.err
     rep = r.json()
     search = rep["alpha_search"]
@@ -242,10 +245,22 @@ def test_alpha_auto_picks_the_grid_argmin_and_draws_the_curve(reg, tiny_base, lo
 
     # swapping weights into one model gives what a fresh model with that alpha gives
     r2 = cli("pack", "lora1", "--density", "0.2", "--alpha", "2", "--eval-data", "builtin:pydoc",
-             "--max-tokens", "300", "--json")
+             "--max-tokens", "300", "--method", "compeft", "--json")
     assert r2.code == 0, r2.err
     assert r2.json()["quality"]["pack"]["perplexity"] == curve[ALPHA_GRID.index(2.0)]["perplexity"]
     assert r2.json()["quality"]["unpacked"] == search["unpacked"]
+
+
+def test_alpha_auto_with_delta_fit_searches_its_gains(reg, tiny_base, lora, cli):
+    from adapterhub_c.packing.deltafit import GAIN_GRID
+
+    r = cli("pack", "lora1", "--density", "0.2", "--alpha", "auto", "--eval-data", "builtin:pydoc",
+            "--max-tokens", "300", "--json")
+    assert r.code == 0, r.err
+    rep = r.json()
+    curve = rep["alpha_search"]["curve"]
+    assert rep["method"] == "delta-fit" and [p["alpha"] for p in curve] == list(GAIN_GRID)
+    assert rep["alpha"] == min(curve, key=lambda p: p["perplexity"])["alpha"]
 
 
 def test_alpha_auto_on_a_task_uses_exact_match_then_completion_perplexity(reg, tiny_base, lora, cli):
@@ -272,7 +287,8 @@ def test_alpha_metric_perplexity_on_a_task_is_completion_perplexity():
 def test_inspect_by_name_and_by_path(reg, tiny_base, lora, cli):
     from adapterhub_c.packing import entropy_bound
 
-    assert cli("pack", "lora1", "--density", "0.05", "--alpha", "5", "--scope", "tensor", "--name", "p5").code == 0
+    assert cli("pack", "lora1", "--density", "0.05", "--alpha", "5", "--method", "compeft", "--scope", "tensor",
+               "--name", "p5").code == 0
     r = cli("pack", "inspect", "p5", "--json")
     assert r.code == 0, r.err
     st = r.json()
@@ -311,6 +327,8 @@ def test_bad_density_is_refused_and_nothing_registered(reg, tiny_base, lora, cli
     (("--name", ""), "must not be empty"),
     (("--alpha", "auto", "--eval-data", "builtin:nope"), "unknown dataset"),
     (("--alpha", "auto", "--eval-data", "builtin:pydoc", "--alpha-metric", "exact_match"), "task"),
+    (("--alpha", "auto", "--eval-data", "builtin:pydoc", "--method", "stc"), "ignores alpha"),
+    (("--scope", "global"), "needs scope tensor"),  # the default method, delta-fit, fits per module
 ])
 def test_bad_options_are_refused(reg, tiny_base, lora, cli, args, message):
     r = cli("pack", "lora1", "--density", "0.1", *args)

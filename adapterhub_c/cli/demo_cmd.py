@@ -18,7 +18,7 @@ def demo_cmd(obj, base: str, max_tokens: int | None) -> None:
     """Run the whole flow on the built-in base and print each step's table.
 
     Base and perplexity, the NF4 + 50% Wanda variant, short task LoRAs, push/pull through a
-    local hub, CA-LoRA conversion, a ComPEFT pack, merge and compose, a soft prompt.
+    local hub, CA-LoRA conversion, a pack, merge and compose, a soft prompt.
     """
     t0 = last = time.monotonic()
     with progress_callback() as progress:

@@ -162,7 +162,8 @@ def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool =
       LoRA A columns of the MLP output linear are sliced to them.
     - ``targets``: only the source's modules ending in these names (default: all).
     - ``recover_targets``: which linears get recovery (default: every decoder-block linear).
-    - ``seed``: seeds the fresh parts (LoRA A without inherit, recovery D); the caller's
+    - ``seed``: seeds the fresh parts (LoRA A without inherit; recovery D through
+      ``RecoveryConfig.init_seed``, so a pack can store D's change from it); the caller's
       RNG state is left untouched.
     """
     with torch.random.fork_rng(devices=[]):
@@ -171,7 +172,7 @@ def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool =
         rec_config = None
         if recover:
             rec_config = RecoveryConfig(rank=recover_rank, alpha=recover_alpha, act=recover_act,
-                                        dropout=recover_dropout)
+                                        dropout=recover_dropout, init_seed=seed)
             attach_recovery(peft_model, rec_config, recover_targets)
     params = peft_io.lora_parameters(peft_model)
     if recover:

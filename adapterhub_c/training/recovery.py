@@ -8,7 +8,11 @@ R(x)``. A hook rather than a wrapper module keeps every module name unchanged: P
 keys (``…q_proj.lora_A.weight``) and recovery keys both name the variant's own modules.
 
 - D [r, in] is kaiming-uniform (a = sqrt(5), like ``nn.Linear``/LoRA A); U [out, r] is
-  zero, so at step 0 the layer's output is exactly the original one.
+  zero, so at step 0 the layer's output is exactly the original one. With
+  ``RecoveryConfig.init_seed`` set (``adapt convert`` sets it), D starts from
+  :func:`seeded_d_init`, which anyone can draw again from the seed and the module name: a
+  pack then stores what training changed, D − D₀, like ComPEFT's task vectors (a random
+  D₀ is what a sparse ternary code cannot hold).
 - scale = alpha / r with alpha = 2 · r by default (scale 2.0: the usual LoRA r=16,
   alpha=32 setting the reference uses for Llama); ``act`` in gelu (the reference's),
   relu, silu, identity; dropout 0.05 on the input, active only while the host layer is
@@ -28,9 +32,11 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,6 +62,7 @@ class RecoveryConfig:
     alpha: float | None = None  # None → 2 · rank (scale 2.0)
     act: str = "gelu"
     dropout: float = 0.05
+    init_seed: int | None = None  # D starts from seeded_d_init(name, …, init_seed); None: torch's RNG
 
     def __post_init__(self):
         if self.alpha is None:
@@ -66,6 +73,9 @@ class RecoveryConfig:
             raise UsageError(f"unknown recovery activation {self.act!r} (choose from {', '.join(ACTIVATIONS)})")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"recovery dropout must be in [0, 1), got {self.dropout}")
+        if self.init_seed is not None and not (isinstance(self.init_seed, int) and not isinstance(self.init_seed, bool)
+                                               and 0 <= self.init_seed < 2 ** 63):
+            raise UsageError(f"recovery init seed must be an integer in [0, 2^63), got {self.init_seed!r}")
 
     @property
     def scale(self) -> float:
@@ -76,7 +86,22 @@ class RecoveryConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecoveryConfig":
-        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), act=d["act"], dropout=float(d["dropout"]))
+        return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), act=d["act"], dropout=float(d["dropout"]),
+                   init_seed=d.get("init_seed"))
+
+
+def seeded_d_init(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
+    """The initial D [rank, in] of the recovery module beside ``name`` (a bare module name).
+
+    Uniform in ±1/√in, the bound of ``kaiming_uniform_(a=√5)``, from the raw 64-bit stream of
+    numpy's PCG64 seeded with (``seed``, crc32 of ``name``) through ``SeedSequence``: both are
+    specified bit for bit, so the same seed gives the same float32 D₀ on any machine and
+    numpy version, which is what lets a pack store D − D₀ (float64 arithmetic, rounded once).
+    """
+    raw = np.random.PCG64([seed, zlib.crc32(name.encode())]).random_raw(rank * in_features)
+    unit = (raw >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # [0, 1), 53 random bits
+    d0 = (2.0 * unit - 1.0) / math.sqrt(in_features)
+    return torch.from_numpy(d0.astype(np.float32).reshape(rank, in_features))
 
 
 class Recovery(nn.Module):
@@ -174,8 +199,9 @@ def attach_recovery(model: nn.Module, config: RecoveryConfig | None = None,
     (``models.arch``: attention and MLP, fused or not; not the head, not projections
     outside the blocks), or beside those named by ``targets`` (see ``linear_layers``).
 
-    Returns {bare module name: Recovery}. The new parameters require grad; D is drawn
-    from the global torch RNG (seed it for reproducible initialisation).
+    Returns {bare module name: Recovery}. The new parameters require grad; D is
+    :func:`seeded_d_init` with ``config.init_seed``, or (without one) drawn from the global
+    torch RNG.
     """
     config = config or RecoveryConfig()
     layers = linear_layers(model, targets)
@@ -190,7 +216,11 @@ def attach_recovery(model: nn.Module, config: RecoveryConfig | None = None,
         if CHILD in layer._modules:
             raise UsageError(f"{name} already has a recovery module")
         in_f, out_f = _features(layer)
-        added[name] = _attach_one(layer, Recovery(in_f, out_f, config, device=_device(layer)))
+        rec = Recovery(in_f, out_f, config, device=_device(layer))
+        if config.init_seed is not None:
+            with torch.no_grad():
+                rec.D.copy_(seeded_d_init(name, config.rank, in_f, config.init_seed))
+        added[name] = _attach_one(layer, rec)
     return added
 
 
@@ -253,7 +283,7 @@ def load_recovery(model: nn.Module, state: dict[str, torch.Tensor], config: Reco
             raise UsageError(f"recovery tensors of {name} ({tuple(D.shape)}, {tuple(U.shape)}) "
                              f"do not fit a {in_f}→{out_f} layer")
         cfg = RecoveryConfig(rank=D.shape[0], alpha=config.scale * D.shape[0], act=config.act,
-                             dropout=config.dropout)
+                             dropout=config.dropout, init_seed=config.init_seed)
         rec = Recovery(in_f, out_f, cfg, device=_device(layer))
         with torch.no_grad():
             rec.D.copy_(D)
