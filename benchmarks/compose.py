@@ -21,6 +21,7 @@ Writes ``benchmarks/results/compose.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -120,7 +121,7 @@ def main() -> None:
     text = "\n".join([
         f"# LoraHub-style composition on the held-out task {args.held_out}", "",
         f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPU, torch threads "
-        f"{torch.get_num_threads()} (2 CPUs shared with other jobs), base {base.name}", "",
+        f"{torch.get_num_threads()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}), base {base.name}", "",
         f"Inputs ({n}): " + ", ".join(f"{nm} ({t})" for t, nm in inputs)
         + f"; their ComPEFT packs (k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope): "
         + ", ".join(packs) + ". Sizes: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + ".",

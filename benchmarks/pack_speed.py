@@ -232,7 +232,7 @@ def main() -> None:
     cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
     out = ["# Pack encode / decode speed and time to a ready adapter", "",
            f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads "
-           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs (shared with other jobs)", ""]
+           f"{torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start", ""]
     cpu_table(args.numel, args.repeat, out)
     if args.random or args.zoo or args.loras:
         if args.random:
@@ -246,7 +246,13 @@ def main() -> None:
             task, name = pairs[0]
             adapter = load_adapter_artifact(reg, reg.get(name, "artifact")).lora
             what = f"LoRA {name}, task {task}"
-        ready_table(adapter, what, args.repeat, out)
+        dtype = next(iter(adapter.tensors.values())).dtype
+        ready_table(adapter, f"{what}, {str(dtype)[6:]} as trained", args.repeat, out)
+        if dtype != torch.bfloat16:  # bf16 is what most Hub LoRAs of bf16 bases are saved in
+            from adapterhub_c.adapters.lora import LoraAdapter
+
+            half = LoraAdapter(adapter.config, {k: v.to(torch.bfloat16) for k, v in adapter.tensors.items()})
+            ready_table(half, f"{what}, cast to bfloat16", args.repeat, out)
     if torch.cuda.is_available():
         cuda_table(max(args.numel, 100_000_000), args.repeat, out)
     else:

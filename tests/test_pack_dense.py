@@ -105,6 +105,16 @@ def test_decoding_split_over_threads_gives_the_same_bits(tmp_path, monkeypatch, 
     _assert_same(tmp_path / "p.pack")
 
 
+def test_a_pack_dominated_by_one_tensor_is_not_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(dense_mod, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", "4")
+    tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(256, 256),
+               "base_model.model.layers.1.q_proj.lora_A.weight": torch.randn(300, 1)}  # sorts after the big one
+    pack = pack_adapter(LoraAdapter(dict(CONFIG), tensors), density=0.2, base="b", scope="tensor", source_digest="x")
+    write_pack(pack, tmp_path / "p.pack")
+    _assert_same(tmp_path / "p.pack")
+
+
 def test_a_large_pack_is_split_and_a_bad_tensor_is_named_whatever_its_thread(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(5)
     tensors = {f"base_model.model.layers.{i}.q_proj.lora_A.weight": torch.randn(64, 1024, generator=g)

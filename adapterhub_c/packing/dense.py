@@ -48,12 +48,16 @@ def _run_split(kernel, index: np.ndarray, start: np.ndarray, vals: np.ndarray, t
     cum = np.cumsum(index[:, 0])
     cuts = np.searchsorted(cum, cum[-1] * np.arange(1, threads) / threads)
     bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < index.shape[0])), index.shape[0]]
-    if _pool is None or _pool[1] < threads:
-        _pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pack-decode"), threads)
-    jobs = [_pool[0].submit(kernel, index[a:b], start[a:b], vals[a:b])
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    for a, job in zip(bounds[:-1], jobs, strict=True):
-        bad, status = job.result()
+    runs = list(zip(bounds[:-1], bounds[1:], strict=True))
+    if len(runs) == 1:  # one tensor holds nearly everything
+        return kernel(index, start, vals)
+    if _pool is None or _pool[1] < len(runs) - 1:
+        _pool = (ThreadPoolExecutor(max_workers=len(runs) - 1, thread_name_prefix="pack-decode"), len(runs) - 1)
+    jobs = [_pool[0].submit(kernel, index[a:b], start[a:b], vals[a:b]) for a, b in runs[1:]]
+    a, b = runs[0]
+    results = [kernel(index[a:b], start[a:b], vals[a:b])]  # the first run in this thread
+    results += [job.result() for job in jobs]
+    for (a, _), (bad, status) in zip(runs, results, strict=True):
         if status:
             return a + bad, status
     return -1, 0
