@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--examples", type=int, default=16, help="test pairs scored")
     ap.add_argument("--pack-density", type=float, default=0.2)
-    ap.add_argument("--pack-alpha", type=parse_alpha, default="auto", help="a number or 'auto'")
+    ap.add_argument("--pack-alpha", type=parse_alpha, default=1.0, help="a number or 'auto'")
+    ap.add_argument("--pack-method", default="delta-fit", choices=["delta-fit", "compeft"])
     ap.add_argument("--pack-scope", default="tensor", choices=["tensor", "global"])
     ap.add_argument("--out", default=None)
     bench_zoo.add_arguments(ap, default_zoo="all")
@@ -58,7 +59,7 @@ def main() -> None:
 
     from adapterhub_c.adapters.lora import LoraAdapter
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.evals.metrics import completion_perplexity
+    from adapterhub_c.evals.metrics import completion_perplexity, wilson_interval
     from adapterhub_c.merging import ComposeStack
     from adapterhub_c.runtime.adapters import load_adapter_artifact
     from adapterhub_c.runtime.bases import load_base_model
@@ -70,7 +71,8 @@ def main() -> None:
     if len(inputs) < 2:
         raise SystemExit(f"need at least 2 LoRAs of other tasks than {args.held_out} (have {inputs})")
     names = [n for _, n in inputs]
-    packs = [ensure_pack(reg, n, args.pack_density, args.pack_alpha, args.pack_scope, task=t) for t, n in inputs]
+    packs = [ensure_pack(reg, n, args.pack_density, args.pack_alpha, args.pack_scope, task=t, method=args.pack_method)
+             for t, n in inputs]
     sizes = {n: reg.get(n, "artifact").size_bytes for n in names + packs}
     examples = f"builtin:task/{args.held_out}"
 
@@ -105,8 +107,10 @@ def main() -> None:
         for i, (label, adapter, extra) in enumerate(candidates):
             m = model if adapter is None else \
                 PeftModel.from_pretrained(model, str(adapter.to_folder(Path(tmp) / f"c{i}"))).eval()
+            em = bench_zoo.batched_exact_match(m, tok, test)
+            lo, hi = wilson_interval(round(em * len(test)), len(test))
             row = {"adapter": label, "shots loss": completion_perplexity(m, tok, shots, batch_size=16)["completion_nll"],
-                   "test EM": bench_zoo.batched_exact_match(m, tok, test),
+                   "test EM": em, "EM 95%": f"{lo:.2f}–{hi:.2f}",
                    "test ppl": completion_perplexity(m, tok, test, batch_size=16)["completion_ppl"], **extra}
             rows.append(row)
             log(str(row))
@@ -115,7 +119,7 @@ def main() -> None:
     lo = next(r for r in rows if r["adapter"] == "composed from LoRAs")
     pk = next(r for r in rows if r["adapter"] == "composed from packs")
     cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
-    cols = ["adapter", "shots loss", "test EM", "test ppl", "s/step", "search s", "command s", "optimizer", "weights"]
+    cols = ["adapter", "shots loss", "test EM", "EM 95%", "test ppl", "s/step", "search s", "command s", "optimizer", "weights"]
     fmt = {"shots loss": "{:.4f}", "test EM": "{:.3f}", "test ppl": "{:.3f}", "s/step": "{:.2f}",
            "search s": "{:.1f}", "command s": "{:.1f}"}
     text = "\n".join([
@@ -123,10 +127,11 @@ def main() -> None:
         f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, CPU, torch threads "
         f"{torch.get_num_threads()} ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}), base {base.name}", "",
         f"Inputs ({n}): " + ", ".join(f"{nm} ({t})" for t, nm in inputs)
-        + f"; their ComPEFT packs (k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope): "
+        + f"; their packs ({args.pack_method}, k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} "
+        f"scope): "
         + ", ".join(packs) + ". Sizes: " + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + ".",
         f"Composition: `adapt compose` registry op, {args.shots} shots (train split), budget {args.budget}, "
-        f"seed {args.seed}, NGOpt, bounds [-1.5, 1.5], l1 0.05. Scores: shots loss = completion NLL "
+        f"seed {args.seed}, NGOpt, bounds [-1.5, 1.5], l1 {results['LoRAs'][1]['l1']:g}. Scores: shots loss = completion NLL "
         f"on the {args.shots} shots (what the search minimises, without the penalty); test = first "
         f"{args.examples} test pairs: greedy exact match (batched, KV cache) and completion perplexity. "
         "s/step = search wall time / budget; search s = the search; command s = the whole registry "

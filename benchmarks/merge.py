@@ -308,26 +308,26 @@ def parse_alpha(text: str) -> float | str:
 
 
 def ensure_pack(reg, lora_name: str, density: float, alpha: float | str, scope: str = "tensor",
-                task: str | None = None) -> str:
-    """A ComPEFT pack of ``lora_name`` registered in ``reg`` (reused when already there).
+                task: str | None = None, method: str = "delta-fit") -> str:
+    """A pack of ``lora_name`` registered in ``reg`` (reused when already there).
 
-    ``alpha="auto"`` searches alpha on the validation split of ``task`` (the LoRA's own task,
-    as ``adapt pack --alpha auto --eval-data`` would)."""
+    ``alpha="auto"`` searches alpha (delta-fit: the gain) on the validation split of ``task``
+    (the LoRA's own task, as ``adapt pack --alpha auto --eval-data`` would)."""
     from adapterhub_c.errors import NotFoundError
     from adapterhub_c.workflows.packs import pack_artifact
 
     a = "auto" if alpha == "auto" else f"{alpha:g}"
-    name = f"{lora_name}-k{density:g}-a{a}" + ("-tensor" if scope == "tensor" else "")
+    name = f"{lora_name}-k{density:g}-a{a}-{method}" + ("-tensor" if scope == "tensor" else "")
     try:
         reg.get(name, "artifact")
     except NotFoundError:
         extra = dict(eval_data=task_data(task)) if alpha == "auto" else {}
-        pack_artifact(reg, lora_name, density=density, alpha=alpha, scope=scope, name=name, **extra)
+        pack_artifact(reg, lora_name, density=density, alpha=alpha, scope=scope, method=method, name=name, **extra)
     return name
 
 
 def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density: float, pack_alpha: float,
-                 max_examples: int, log, pack_scope: str = "tensor"):
+                 max_examples: int, log, pack_scope: str = "tensor", pack_method: str = "delta-fit"):
     """Per-task loss / exact match of singles, TA and TIES merges (delta space), from the
     LoRAs and from their ComPEFT packs, all read through the merge command's input path."""
     import tempfile
@@ -335,14 +335,14 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
     from peft import PeftModel
 
     from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.evals.metrics import completion_perplexity
+    from adapterhub_c.evals.metrics import completion_perplexity, wilson_interval
     from adapterhub_c.runtime.bases import load_base_model
     from adapterhub_c.workflows.merges import load_inputs, resolve_inputs
 
     tasks = [t for t, _ in pairs]
     arts, base, _ = resolve_inputs(reg, [n for _, n in pairs])
     loras = [x.adapter for x in load_inputs(reg, arts, torch.device("cpu"))]
-    packs = [ensure_pack(reg, n, pack_density, pack_alpha, pack_scope, task=t) for t, n in pairs]
+    packs = [ensure_pack(reg, n, pack_density, pack_alpha, pack_scope, task=t, method=pack_method) for t, n in pairs]
     p_arts, _, _ = resolve_inputs(reg, packs)
     plist = [x.adapter for x in load_inputs(reg, p_arts, torch.device("cpu"))]
     sizes = {a.name: a.size_bytes for a in arts + p_arts}
@@ -367,6 +367,8 @@ def quality_rows(reg, pairs: list[tuple[str, str]], density: float, pack_density
             row = {"adapter": label, "merge s": merge_s}
             for t in tasks:
                 row[f"{t} EM"] = bench_zoo.batched_exact_match(m, tok, data[t])
+                lo, hi = wilson_interval(round(row[f"{t} EM"] * len(data[t])), len(data[t]))
+                row[f"{t} EM 95%"] = f"{lo:.2f}–{hi:.2f}"
                 row[f"{t} ppl"] = completion_perplexity(m, tok, data[t], batch_size=16)["completion_ppl"]
             rows.append(row)
             log(f"{label}: {row} ({time.perf_counter() - t0:.0f}s)")
@@ -395,7 +397,8 @@ def main() -> None:
     ap.add_argument("--random-timing", action="store_true", help="time on random LoRAs even with --zoo")
     ap.add_argument("--quality-tasks", type=int, default=2, help="quality: merge the first Q zoo LoRAs")
     ap.add_argument("--pack-density", type=float, default=0.2)
-    ap.add_argument("--pack-alpha", type=parse_alpha, default="auto", help="a number or 'auto'")
+    ap.add_argument("--pack-alpha", type=parse_alpha, default=1.0, help="a number or 'auto'")
+    ap.add_argument("--pack-method", default="delta-fit", choices=["delta-fit", "compeft"])
     ap.add_argument("--pack-scope", default="tensor", choices=["tensor", "global"])
     ap.add_argument("--max-examples", type=int, default=16)
     ap.add_argument("--out", default=None)
@@ -448,16 +451,18 @@ def main() -> None:
     if reg is not None and not args.no_quality:
         qpairs = [p for p in pairs if p[0] != "pydoc"][:args.quality_tasks]
         q, sizes, packs = quality_rows(reg, qpairs, args.density, args.pack_density, args.pack_alpha,
-                                       args.max_examples, log, args.pack_scope)
+                                       args.max_examples, log, args.pack_scope, args.pack_method)
         cols = ["adapter"] + [c for c in q[0] if c != "adapter"]
         tasks = [t for t, _ in qpairs]
         out += ["\n## Quality of merged task LoRAs: from the LoRAs vs from their packs (ComPEFT Table 6 shape)\n",
-                f"Inputs: {', '.join(f'{n} ({t})' for t, n in qpairs)} and their ComPEFT packs "
-                f"(k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope: {', '.join(packs)}; sizes "
+                f"Inputs: {', '.join(f'{n} ({t})' for t, n in qpairs)} and their packs "
+                f"({args.pack_method}, k={args.pack_density:g}, alpha={args.pack_alpha}, {args.pack_scope} scope: "
+                f"{', '.join(packs)}; sizes "
                 + ", ".join(f"{k} {v:,} B" for k, v in sizes.items()) + "). "
                 f"Merges in ΔW space: task arithmetic (exact rank Σr) and TIES (density {args.density}, majority "
                 f"total, PEFT convention, rank 16), weights 1. Scores on the first {args.max_examples} test pairs of "
-                f"each task: EM = greedy exact match (batched with a KV cache), ppl = completion perplexity. "
+                f"each task: EM = greedy exact match (batched with a KV cache) with its 95% Wilson interval, ppl = completion "
+                f"perplexity. "
                 f"The merged adapter should keep each task's score close to its single LoRA.\n",
                 md_table(q, cols, {"merge s": "{:.2f}", **{f"{t} EM": "{:.3f}" for t in tasks},
                                    **{f"{t} ppl": "{:.3f}" for t in tasks}})]
