@@ -38,9 +38,9 @@ from adapterhub_c.models.arch import MLP_IN, MLP_OUT, describe
 from adapterhub_c.variants import sizes
 from adapterhub_c.variants.masks import (
     CHANNEL_PLAN_KEY,
+    apply_mask_file,
     apply_masks,
     channel_plan,
-    load_masks,
     masks_to_bytes,
     select_channels,
     select_tensor_channels,
@@ -299,7 +299,7 @@ def delta_state(folder: str | Path, base_state: dict[str, torch.Tensor] | None =
     folder = Path(folder)
     state = read_state(folder / BASE_DIR) if base_state is None else base_state
     if (folder / MASKS_FILE).exists():
-        apply_masks(state, load_masks(folder / MASKS_FILE))
+        apply_mask_file(state, folder / MASKS_FILE)
     if (folder / KEPT_FILE).exists():
         select_channels(state, read_kept_indices(folder / KEPT_FILE), read_channel_plan(folder / KEPT_FILE))
     return state

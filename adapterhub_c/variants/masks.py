@@ -8,7 +8,8 @@ uint8 tensor per pruned weight (named like the weight) and the shapes in its met
 
 `apply_masks` zeroes the removed weights of the base's tensors with the same operation
 the pruning code uses (`weight.mul_(mask)`), so base × mask is bit for bit the pruned
-tensor (signed zeros included).
+tensor (signed zeros included). Loading a variant uses `apply_mask_file`, which applies the
+packed bits directly with a compiled kernel (`kernels.masks_cpu`) and gives the same bits.
 """
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def masks_to_bytes(masks: Mapping[str, torch.Tensor]) -> bytes:
 
 def masks_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     """The {weight name: bool tensor} of a mask blob (IntegrityError when it is not one)."""
+    packed, shapes = _packed_masks(data)
+    return {name: unpack_mask(packed[name], shapes[name]) for name in sorted(packed)}
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """`masks_from_bytes` of a file."""
+    return masks_from_bytes(Path(path).read_bytes())
+
+
+def _packed_masks(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """({weight name: packed uint8 tensor}, {weight name: shape}) of a mask blob, checked."""
     from safetensors.torch import load
 
     meta = _metadata(data)
@@ -66,12 +78,29 @@ def masks_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     packed = load(data)
     if set(packed) != set(shapes):
         raise IntegrityError("keep-mask file: tensors and shapes do not match")
-    return {name: unpack_mask(packed[name], shapes[name]) for name in sorted(packed)}
+    return packed, shapes
 
 
-def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """`masks_from_bytes` of a file."""
-    return masks_from_bytes(Path(path).read_bytes())
+@torch.no_grad()
+def apply_mask_file(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """`apply_masks(state, load_masks(path))` without unpacking the bits: the same result, bit for
+    bit, for finite weights, from the packed masks (see :mod:`adapterhub_c.kernels.masks_cpu`)."""
+    from adapterhub_c.kernels.masks_cpu import apply_packed_mask
+
+    packed, shapes = _packed_masks(Path(path).read_bytes())
+    for name in sorted(packed):
+        if name not in state:
+            raise IntegrityError(f"keep-mask for {name!r}, which the base does not have")
+        t, shape = state[name], tuple(int(d) for d in shapes[name])
+        if tuple(t.shape) != shape:
+            raise IntegrityError(f"keep-mask for {name!r} has shape {list(shape)}, the base {list(t.shape)}")
+        data = packed[name].numpy()
+        if data.dtype != np.uint8 or data.ndim != 1 or data.size != -(-t.numel() // 8):
+            raise IntegrityError(f"a keep-mask of {data.size} bytes cannot hold shape {list(shape)}")
+        if not t.is_contiguous():
+            state[name] = t = t.contiguous()
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        apply_packed_mask(t.view(-1).view(ints).numpy(), data)
 
 
 def _metadata(data: bytes) -> dict[str, str]:
