@@ -5,7 +5,7 @@ Usage:
                              [--out benchmarks/results/scale.md] [--skip-convert]
 
 Models: random-initialised Llamas with the shapes of SmolLM2-135M, -360M and -1.7B (configs
-built in-process from the published shapes, seeded, stored as bf16 like the built-in base,
+built in-process from the published shapes, seeded, stored as bf16 as their Hub checkpoints are,
 the real SmolLM2 tokenizer; no download), and with `--real` the real SmolLM2-135M
 (`builtin:smollm2-135m`). Every measurement runs in a fresh subprocess (this script with
 `--worker`) so that its peak RSS (`ru_maxrss`) is its own; `runtime RSS` is what a worker
@@ -369,8 +369,9 @@ def render(results: dict, order: list[str], cmdline: str) -> str:
     present = [b for b in order if b in results]
     lines = ["# Scale: SmolLM2 shapes 135M → 1.7B\n", f"Command: `{cmdline}`\n",
              "Random-initialised models with the published SmolLM2 shapes (bf16 storage, the real tokenizer) "
-             "and, where listed, the real SmolLM2-135M; 2 shared CPU cores, timings under the load of other "
-             "jobs (compare within a column of one run). Sizes in MB (10^6 bytes); ratios against the fp16 "
+             "and, where listed, the real SmolLM2-135M (its base stored in float32, see models/builtin.py); "
+             f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} when written; compare within a "
+             "column of one run). Sizes in MB (10^6 bytes); ratios against the fp16 "
              "base. Every figure is one measurement in its own process (load times: best of "
              f"{results[present[0]].get('repeat', 1) if present else 1}).\n"]
     for b in present:
