@@ -229,6 +229,14 @@ def render(args, base_name, var, source, rows, ref_rows, gap, total_s) -> str:
     def f(v, nd=3):
         return "–" if v is None else f"{v:.{nd}f}"
 
+    def ci(em):
+        from adapterhub_c.evals.metrics import wilson_interval
+
+        if em is None:
+            return "–"
+        lo, hi = wilson_interval(round(em * args.eval_examples), args.eval_examples)
+        return f"{lo:.2f}–{hi:.2f}"
+
     fresh_tps = next(r for r in rows if not (r["inherit"] or r["recover"] or r["distill"]))["tokens_per_s"]
     lines = [f"# CA-LoRA ablation on {base_name} → {var.name} (NF4 + 50 % Wanda)", "",
              f"Command: `python benchmarks/ca_lora.py {' '.join(sys.argv[1:])}`", "",
@@ -237,19 +245,20 @@ def render(args, base_name, var, source, rows, ref_rows, gap, total_s) -> str:
              f"{args.recover_rank} (gelu), distillation alpha {args.distill_alpha} on the last hidden state. "
              f"Exact match (EM) and completion ppl (exp of the mean NLL of the completion tokens given the prompt, "
              f"formatted as for EM) on the first {args.eval_examples} prompts of the task's test split; pydoc ppl "
-             f"on the first {args.ppl_tokens} tokens of builtin:pydoc test. "
+             f"on the first {args.ppl_tokens} tokens of builtin:pydoc test; EM 95% = Wilson interval. "
              f"Device {args.device}; total run time {total_s / 60:.1f} min.", "",
-             "| inherit | recover | distill | row | EM | completion ppl | pydoc ppl | train tok/s | × fresh tok/s | "
-             "loss first→last |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| inherit | recover | distill | row | EM | EM 95% | completion ppl | pydoc ppl | train tok/s | "
+             "× fresh tok/s | loss first→last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ls, le = r["loss"]
         ratio = (r["tokens_per_s"] / fresh_tps) if r["tokens_per_s"] and fresh_tps else None
         lines.append(f"| {'✓' if r['inherit'] else ''} | {'✓' if r['recover'] else ''} | "
-                     f"{'✓' if r['distill'] else ''} | {r['row']} | {f(r['exact_match'], 2)} | "
+                     f"{'✓' if r['distill'] else ''} | {r['row']} | {f(r['exact_match'], 2)} | {ci(r['exact_match'])} | "
                      f"{f(r['completion_ppl'], 3)} | {f(r['pydoc_ppl'], 2)} | {f(r['tokens_per_s'], 1)} | "
                      f"{f(ratio, 2)} | {f(ls)}→{f(le)} |")
     for r in ref_rows:
-        lines.append(f"|  |  |  | {r['row']} | {f(r['exact_match'], 2)} | {f(r['completion_ppl'], 3)} | "
+        lines.append(f"|  |  |  | {r['row']} | {f(r['exact_match'], 2)} | {ci(r['exact_match'])} | "
+                     f"{f(r['completion_ppl'], 3)} | "
                      f"{f(r['pydoc_ppl'], 2)} | – | – | – |")
     lines += ["", "Gap closed by full CA-LoRA, (full − fresh) / (base+LoRA − fresh; completion ppl in NLL): "
               + ", ".join(f"{k} {v:.0%}" for k, v in gap.items()) + " (target ≥ 80 %)."]
