@@ -8,7 +8,9 @@ need ``TRITON_INTERPRET=1`` set before triton is imported), ``impl="ref"`` the t
 
 :mod:`.ties_cpu` (not imported here: numba loads on first use) holds the fused CPU
 kernels of TIES over dense task vectors; their twins are the torch rules of
-:mod:`adapterhub_c.merging.rules`.
+:mod:`adapterhub_c.merging.rules`. Also numba, also loaded on first use: :mod:`.unpack_cpu`
+(pack streams → dense tensors; twin: the numpy decoder of ``packing.encoding``) and
+:mod:`.masks_cpu` (packed keep-masks applied in place; twin: ``weight.mul_(mask)``).
 """
 from adapterhub_c.kernels.add import bitmask_add_, bitmask_add_ref
 from adapterhub_c.kernels.agree import ternary_agreement, ternary_agreement_ref

@@ -19,8 +19,8 @@ Our choices, where the reference code is loose:
   0 for fewer than two values). ``method="stc"`` (sparse ternary compression): magnitude
   = mean |kept values| over the scope, ``alpha`` is ignored.
 * ``method="delta-fit"`` (ours, :mod:`.deltafit`): the factors of each LoRA module are
-  re-balanced and their ternary patterns scaled by a least-squares fit to B·A; ``alpha``
-  is then a gain on that fit (1 = the fit). Per tensor only.
+  re-balanced and their ternary patterns scaled so that the packed update keeps all of B·A
+  along B·A; ``alpha`` is then a gain on that fit (1 = the fit). Per tensor only.
 * Scales are rounded to float32 once, here, so a pack file round-trips exactly.
 """
 from __future__ import annotations
