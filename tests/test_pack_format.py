@@ -90,12 +90,12 @@ def test_truncated_file_is_detected(adapter, tmp_path):
 
 def test_unknown_version_and_wrong_base_are_usage_errors(adapter, tmp_path):
     tensors, meta = _file_content(_pack(adapter))
-    meta["format_version"] = "3"
+    meta["format_version"] = "4"
     meta["pack_digest"] = digest_fn(tensors, meta)
-    (tmp_path / "v3.pack").write_bytes(st_save(tensors, metadata=meta))
+    (tmp_path / "v4.pack").write_bytes(st_save(tensors, metadata=meta))
     for reader in (read_pack, read_pack_dense):
         with pytest.raises(UsageError, match="version"):
-            reader(tmp_path / "v3.pack")
+            reader(tmp_path / "v4.pack")
     write_pack(_pack(adapter), tmp_path / "p.pack")
     with pytest.raises(UsageError, match="base"):
         read_pack(tmp_path / "p.pack", expected_base="other/model")

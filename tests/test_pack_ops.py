@@ -401,9 +401,9 @@ def test_bad_pack_files_through_inspect(reg, tiny_base, lora, cli, tmp_path):
     r = cli("pack", "inspect", str(truncated))
     assert r.code == 1 and "truncated" in r.err
 
-    future = _rewrite(good, tmp_path / "v3.pack", format_version="3")
+    future = _rewrite(good, tmp_path / "v4.pack", format_version="4")
     r = cli("pack", "inspect", str(future))
-    assert r.code == 2 and "format version '3' is not supported" in r.err
+    assert r.code == 2 and "format version '4' is not supported" in r.err
 
     r = cli("pack", "inspect", str(tmp_path / "missing.pack"))
     assert r.code == 2

@@ -76,6 +76,7 @@ def test_a_pack_stores_d_minus_its_seeded_start_and_decodes_d(tmp_path, method):
     assert pack.recovery_config["d_from_init"] is True
     path = tmp_path / "p.pack"
     write_pack(pack, path)
+    assert _meta(path)["format_version"] == "3"  # readers of versions 1-2 refuse it, not decode a wrong D
     for decoded in (unpack_recovery(read_pack(path)), read_pack_dense(path).recovery()):
         got, cfg = decoded
         assert "d_from_init" not in cfg and cfg["init_seed"] == 5
@@ -90,26 +91,37 @@ def test_a_pack_stores_d_minus_its_seeded_start_and_decodes_d(tmp_path, method):
                         alpha=1.0 if method == "delta-fit" else 4.0, recovery_state=state,
                         recovery_config=config.to_dict())
     assert "d_from_init" not in pack.recovery_config
+    write_pack(pack, tmp_path / "old.pack")
+    assert _meta(tmp_path / "old.pack")["format_version"] == "2"
     got, _ = unpack_recovery(pack)
     key = next(k for k in state if k.endswith("recovery_D"))
     assert (got[key] - state[key]).norm() / state[key].norm() > 0.5
 
 
-@pytest.mark.parametrize("bad", [{"d_from_init": True}, {"d_from_init": True, "init_seed": -1},
-                                 {"d_from_init": True, "init_seed": "7"}, {"d_from_init": 1, "init_seed": 7},
-                                 {"d_from_init": True, "init_seed": True}])
-def test_a_pack_claiming_d_from_init_without_a_seed_is_corrupt(tmp_path, bad):
+def _meta(path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))["__metadata__"]
+
+
+@pytest.mark.parametrize("bad, version", [
+    ({"d_from_init": True}, "3"), ({"d_from_init": True, "init_seed": -1}, "3"),
+    ({"d_from_init": True, "init_seed": "7"}, "3"), ({"d_from_init": 1, "init_seed": 7}, "3"),
+    ({"d_from_init": True, "init_seed": True}, "3"),
+    ({"d_from_init": True, "init_seed": 5}, "2"),  # an older version cannot hold D − D₀
+    ({"init_seed": 5}, "3"),  # version 3 without it
+])
+def test_a_pack_claiming_d_from_init_without_a_seed_is_corrupt(tmp_path, bad, version):
     lora, state, config = _converted(seed=5)
     pack = pack_adapter(lora, density=0.1, base="b", source_digest="x", scope="tensor",
                         recovery_state=state, recovery_config=config.to_dict())
     path = tmp_path / "p.pack"
     write_pack(pack, path)
     tensors = load_file(str(path))
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n))["__metadata__"]
+    meta = _meta(path)
     rc = {k: v for k, v in json.loads(meta["recovery_config"]).items() if k not in ("d_from_init", "init_seed")}
     meta["recovery_config"] = json.dumps({**rc, **bad})
+    meta["format_version"] = version
     meta = {k: v for k, v in meta.items() if k != "pack_digest"}
     meta["pack_digest"] = tensors_digest(tensors, meta)
     save_file(tensors, str(tmp_path / "bad.pack"), metadata=meta)

@@ -28,7 +28,10 @@ ternary code cannot keep, while what training changed is small and compresses li
 vector (measured on the demo's converted adapter: packing D itself cost 18 of 98 points of
 exact match).
 
-Metadata (str → str): ``format_version`` ("2"), ``kind``, ``density``, ``alpha``,
+Version 3 is version 2 whose recovery D is stored as D − D₀ (below); it is written only for
+such packs, so readers of versions 1–2 refuse them rather than decode a wrong D.
+
+Metadata (str → str): ``format_version`` ("2", or "3"), ``kind``, ``density``, ``alpha``,
 ``scope``, ``method``, ``encoding``, ``raw`` (JSON list), ``source_digest``, ``base``,
 ``adapter_config`` (JSON), ``recovery_config`` (JSON, optional), ``tensors`` (version 1
 only) and ``pack_digest``.
@@ -82,7 +85,10 @@ from adapterhub_c.packing.table import (
 from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name, scale_fits
 
 FORMAT_VERSION = "2"
-READ_VERSIONS = ("1", "2")
+# version 3 = version 2 whose recovery D is stored as D − D₀ (d_from_init): written only then,
+# so that a reader that cannot add D₀ back refuses the file instead of decoding a wrong D
+FORMAT_VERSION_D_FROM_INIT = "3"
+READ_VERSIONS = ("1", "2", "3")
 KIND = "adapterhub_c.pack"
 _LORA_DELTA_RE = re.compile(r"\.lora_(A|B)\.weight$|\.lora_B\.bias$|\.lora_embedding_(A|B)$")
 _KEEP_DTYPE_RE = re.compile(r"\.lora_magnitude_vector$")  # DoRA magnitudes: small, verbatim
@@ -221,8 +227,12 @@ def _index_table(pack: Pack, names: list[str]) -> tuple[np.ndarray, dict[str, to
     return np.array(index, dtype=np.int64).reshape(len(names), 6), out
 
 
-def _file_content(pack: Pack, version: str = FORMAT_VERSION) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of the file; ``version`` "1" writes the legacy layout (for tests)."""
+def _file_content(pack: Pack, version: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the file; ``version`` "1" writes the legacy layout (for tests).
+
+    By default version 2, or 3 when the pack holds recovery D as D − D₀."""
+    if version is None:
+        version = FORMAT_VERSION_D_FROM_INIT if (pack.recovery_config or {}).get(D_FROM_INIT) else FORMAT_VERSION
     names = sorted(pack.tensors)
     index, out = _index_table(pack, names)
     ts = [pack.tensors[n] for n in names]
@@ -288,7 +298,7 @@ NUMEL_SLACK = 4
 MIN_NUMEL_ALLOWANCE = 1 << 24
 _TENSOR_KEYS = {"index": (torch.int64, 2), "scales": (torch.float32, 1), "bits": (torch.uint8, 1),
                 "pos": (torch.int32, 1), "neg": (torch.int32, 1), "table": (torch.uint8, 1)}
-_TABLE_KEYS = {"1": ("index", "scales"), "2": ("table",)}
+_TABLE_KEYS = {"1": ("index", "scales"), "2": ("table",), "3": ("table",)}
 
 
 def numel_cap(file_bytes: int, density: float) -> int:
@@ -419,9 +429,13 @@ def _recovery_names(names: list[str]) -> list[str]:
     return names[a:b]
 
 
-def _check_recovery_init(config: dict | None, table: PackTable) -> None:
-    """A pack holding D − D₀ must name D₀'s seed, and every D must be a 2-D [rank, in] tensor."""
-    if not config or D_FROM_INIT not in config:
+def _check_recovery_init(config: dict | None, table: PackTable, version: str) -> None:
+    """Version 3 and only it holds D − D₀; it must name D₀'s seed, and every D must be a 2-D [rank, in] tensor."""
+    flagged = bool(config) and D_FROM_INIT in config
+    if flagged != (version == FORMAT_VERSION_D_FROM_INIT):
+        raise IntegrityError(f"format version {version} with{'' if flagged else 'out'} d_from_init "
+                             "(recovery D stored as D − D₀ is version 3 and only that)")
+    if not flagged:
         return
     seed = config.get("init_seed")
     if config[D_FROM_INIT] is not True or isinstance(seed, bool) or not isinstance(seed, int) \
@@ -458,7 +472,7 @@ def _layout(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str
     check_claims(table, header.density, header.scope, numel_cap(file_bytes, header.density), file_bytes)
     if header.recovery_config is None and _recovery_names(table.names):
         raise IntegrityError("recovery tensors without a recovery config")
-    _check_recovery_init(header.recovery_config, table)
+    _check_recovery_init(header.recovery_config, table, version)
     raw = {name: tensors[f"raw::{name}"] for name in raw_names}
     return _Layout(header, table, streams, raw, meta["pack_digest"])
 
