@@ -311,6 +311,25 @@ def test_version_2_fixture_still_reads(encoding):
     assert unpack_recovery(pack) is None and read_pack_dense(path).recovery() is None
 
 
+def test_version_3_fixture_reads_and_adds_the_seeded_d_back():
+    """Written by tests/fixtures/make_pack_fixtures.py at version 3 (recovery D stored as D − D₀)."""
+    from adapterhub_c.training.recovery import seeded_d_init
+
+    path = FIXTURES / "v3-golomb.pack"
+    pack = read_pack(path, expected_base="builtin:tiny-llama")
+    assert (pack.method, pack.recovery_config["init_seed"], pack.recovery_config["d_from_init"]) == ("delta-fit", 9, True)
+    assert [t.nnz for _, t in sorted(pack.tensors.items())] == [26, 19, 26, 19, 13, 10, 13, 10]
+    _assert_same(path)
+    for state, config in (unpack_recovery(pack), read_pack_dense(path).recovery()):
+        assert "d_from_init" not in config and config["init_seed"] == 9
+        for layer in (0, 1):
+            name = f"model.layers.{layer}.self_attn.q_proj"
+            change = state[f"{name}.recovery_D"] - seeded_d_init(name, 2, 32, 9)
+            # what is left after taking D₀ away is the packed ternary change: 13 entries of one size
+            nz = change[change.abs() > 1e-6]
+            assert nz.numel() == 13 and torch.allclose(nz.abs(), nz.abs()[0].expand(13), rtol=1e-5)
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_version_1_and_2_fixtures_decode_to_the_same_adapter(encoding):
     """The fixtures pack the same seeded factors: the format changed, the tensors did not (the raw
