@@ -413,14 +413,11 @@ def _convert(reg, art, var, base, source_variant, dataset, eval_data, eval_split
                          "its shapes do not fit the base")
     lora = loaded.lora
     kept = variant_kept_indices(reg, var)
-    # the variant first: loading it holds the base's weights for a moment before quantizing them,
-    # and that moment must not come on top of a resident float32 teacher (the peak RSS of a
-    # conversion is then about teacher + student, not teacher + a second copy of the base)
-    variant_model = load_variant(reg, var, device)
     if distill or reference_rows or lowrank:
         base_model, tokenizer = load_base_model(reg, base, device)
     else:
         base_model, tokenizer = None, load_base_tokenizer(reg, base)
+    variant_model = load_variant(reg, var, device)
     comp, cached = None, None
     if lowrank:
         comp, cached = _compensate(reg, var, base_model, variant_model, tokenizer, lora if inherit else None,
