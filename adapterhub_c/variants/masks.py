@@ -89,11 +89,7 @@ def apply_mask_file(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
     packed, shapes = _packed_masks(Path(path).read_bytes())
     for name in sorted(packed):
-        if name not in state:
-            raise IntegrityError(f"keep-mask for {name!r}, which the base does not have")
-        t, shape = state[name], tuple(int(d) for d in shapes[name])
-        if tuple(t.shape) != shape:
-            raise IntegrityError(f"keep-mask for {name!r} has shape {list(shape)}, the base {list(t.shape)}")
+        t, shape = _mask_target(state, name, shapes[name]), tuple(int(d) for d in shapes[name])
         data = packed[name].numpy()
         if data.dtype != np.uint8 or data.ndim != 1 or data.size != -(-t.numel() // 8):
             raise IntegrityError(f"a keep-mask of {data.size} bytes cannot hold shape {list(shape)}")
@@ -120,12 +116,18 @@ def _metadata(data: bytes) -> dict[str, str]:
 def apply_masks(state: dict[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the removed weights of `state` in place (`weight.mul_(mask)`, as pruning does)."""
     for name, mask in masks.items():
-        if name not in state:
-            raise IntegrityError(f"keep-mask for {name!r}, which the base does not have")
-        t = state[name]
-        if tuple(t.shape) != tuple(mask.shape):
-            raise IntegrityError(f"keep-mask for {name!r} has shape {list(mask.shape)}, the base {list(t.shape)}")
+        t = _mask_target(state, name, mask.shape)
         t.mul_(mask.to(t.dtype))
+
+
+def _mask_target(state: dict[str, torch.Tensor], name: str, shape) -> torch.Tensor:
+    """The base tensor a keep-mask of ``shape`` applies to; IntegrityError when it is missing or another shape."""
+    if name not in state:
+        raise IntegrityError(f"keep-mask for {name!r}, which the base does not have")
+    t = state[name]
+    if tuple(t.shape) != tuple(int(d) for d in shape):
+        raise IntegrityError(f"keep-mask for {name!r} has shape {list(shape)}, the base {list(t.shape)}")
+    return t
 
 
 # The Llama names' slicing rule: how variants written before the channel plan existed are read.
