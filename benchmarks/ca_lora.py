@@ -345,7 +345,9 @@ def lowrank_main(args) -> int:
         print(f"variant {var.name} ({'created' if created else 'reused'})", flush=True)
         vtag = vkey.replace(":", "")
         # the compensation alone first: it pays for the calibration moments, cached for the others
-        alone, alone_info, alone_s = converted(f"lr-alone-{vtag}", sources[tasks[0]], var, inherit=False, **comp)
+        rtag = f"R{args.compensate_rank}{args.compensate_targets}"
+        alone, alone_info, alone_s = converted(f"lr-alone-{vtag}-{rtag}", sources[tasks[0]], var, inherit=False,
+                                               **comp)
         pydoc[vkey] = {
             "variant": run_eval(reg, base_name, "builtin:pydoc", "test", variant=var.name,
                                 max_tokens=args.ppl_tokens, device=args.device)["perplexity"],

@@ -18,6 +18,7 @@ from adapterhub_c.training.compensate import (
     REG_LAMBDA,
     Moment,
     Moments,
+    balanced,
     collect_moments,
     compensate,
     effective_weight,
@@ -102,6 +103,18 @@ def test_weighted_svd_equals_a_direct_dense_float64_computation():
     assert f.residual == pytest.approx(float(s[5:].pow(2).sum()), rel=1e-9)
 
 
+def test_balanced_factors_keep_the_product_and_split_the_singular_values():
+    gen = torch.Generator().manual_seed(5)
+    B = torch.randn(24, 6, generator=gen, dtype=torch.float64) * 30
+    A = torch.randn(6, 40, generator=gen, dtype=torch.float64) / 50
+    A2, B2 = balanced(A, B)
+    assert A2.shape == A.shape and B2.shape == B.shape
+    torch.testing.assert_close(B2 @ A2, B @ A, atol=1e-10, rtol=0)
+    sigma = torch.linalg.svdvals(B @ A)[:6]
+    torch.testing.assert_close(A2 @ A2.T, torch.diag(sigma), atol=1e-10, rtol=0)
+    torch.testing.assert_close(B2.T @ B2, torch.diag(sigma), atol=1e-10, rtol=0)
+
+
 def test_short_calibration_is_regularised_never_nan():
     X = torch.randn(3, 40, dtype=torch.float64)  # 3 tokens, 40 features: rank 3
     m = Moment.from_matrix(X.T @ X / 3, 3)
@@ -160,6 +173,13 @@ def test_layers_ranks_and_the_peft_config(source):
     name = "model.layers.1.self_attn.v_proj"
     direct = weighted_lowrank(dense_target(base, variant, source, name), moments[name], 7)
     torch.testing.assert_close(adapter_delta(comp.adapter, name), direct.B @ direct.A, atol=1e-5, rtol=0)
+    # stored balanced (distillation starts from these factors): the i-th row of A and the i-th
+    # column of B both have norm √σ_i, where the solve's own B = U·Σ, A = Vᵀ·S⁻¹ do not
+    layer = layers[name]
+    torch.testing.assert_close(layer.A.norm(dim=1), layer.B.norm(dim=0), rtol=1e-4, atol=1e-7)
+    sigma = torch.linalg.svdvals(direct.B @ direct.A)[:7].float()
+    torch.testing.assert_close(layer.A.norm(dim=1).pow(2), sigma, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(direct.A.norm(dim=1).float(), direct.B.norm(dim=0).float(), rtol=0.1)
     # compensation alone (no source): rank R everywhere, the variant's own error
     alone = compensate(base, variant, None, moments, extra_rank=2, targets="all")
     assert {layer.rank for layer in alone.adapter.layers().values()} == {2}

@@ -39,7 +39,8 @@ def _complete(client, base_url: str, token: str, model: str, prompt: str, max_to
 
 def demo_round(reg: Registry, target: str, adapters: Sequence[str], prompts: dict[str, str] | str = DEMO_PROMPT,
                max_tokens: int = 24, warm: bool = True, device: str | None = "cpu") -> list[dict]:
-    """Rows ``{model, kind, answer, finish_reason, first_switch_ms, resident_switch_ms, latency_ms}``.
+    """Rows ``{model, kind, answer, finish_reason, first_switch_ms, resident_switch_ms, latency_ms,
+    first_cache, resident_cache}`` (the caches: the server's "miss" / "hit" for each request).
 
     ``prompts``: one prompt for all, or {adapter name: prompt}. Names may be ``adapter+prompt``.
     Switch times are the server's (``x_adapterhub.switch_ms``): the first request loads the
@@ -61,13 +62,15 @@ def demo_round(reg: Registry, target: str, adapters: Sequence[str], prompts: dic
             row = {"model": name, "kind": "+".join(kinds.get(p, "?") for p in name.split("+")),
                    "answer": choice["text"], "finish_reason": choice["finish_reason"],
                    "first_switch_ms": out["x_adapterhub"]["switch_ms"], "resident_switch_ms": None,
-                   "latency_ms": round(latency * 1000, 1)}
+                   "latency_ms": round(latency * 1000, 1), "first_cache": out["x_adapterhub"]["cache"],
+                   "resident_cache": None}
             rows.append(row)
         if warm:
             for row in rows:
                 prompt = prompts if isinstance(prompts, str) else prompts.get(row["model"], DEMO_PROMPT)
                 out = _complete(client, srv.base_url, "unused", row["model"], prompt, 1)
                 row["resident_switch_ms"] = out["x_adapterhub"]["switch_ms"]
+                row["resident_cache"] = out["x_adapterhub"]["cache"]
     return rows
 
 

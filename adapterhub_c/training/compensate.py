@@ -18,7 +18,10 @@ tokens, i.e. the error of the layer's output. Solution (Eckart–Young in the we
 space): with the eigendecomposition C = Q·diag(e)·Qᵀ and S = Q·diag(√e) (S·Sᵀ = C),
 M = D·S, truncated SVD M ≈ U_k·Σ_k·V_kᵀ, then
 
-    B' = U_k·Σ_k,   A' = V_kᵀ·S⁻¹ = V_kᵀ·diag(1/√e)·Qᵀ,   ΔW' = B'·A'.
+    B' = U_k·Σ_k,   A' = V_kᵀ·S⁻¹ = V_kᵀ·diag(1/√e)·Qᵀ,   ΔW' = B'·A',
+
+stored re-balanced (``balanced``: the same ΔW', both factors √Σ-scaled) so that distillation
+can start from them.
 
 The PEFT scaling is folded into the factors: every layer gets lora_alpha = its rank
 (scale 1), ``rank_pattern`` / ``alpha_pattern`` where the ranks differ.
@@ -334,6 +337,21 @@ def weighted_lowrank(D: torch.Tensor, moment: Moment | None, rank: int, reg: flo
     return Factors(B=B, A=A, energy=float(sq.sum()), residual=float(sq[rank:].sum()))
 
 
+@torch.no_grad()
+def balanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') with B'·A' = B·A, both √Σ-scaled factors of its thin SVD (U·√Σ, √Σ·Vᵀ; float64).
+
+    Why: the weighted solve's own factors (B = U·Σ, A = Vᵀ·S⁻¹) are far apart in size, and
+    Adam moves every entry by about the learning rate whatever its size; distilling from them
+    wrecked the compensation (SmolLM2 NF4 + Wanda, reverse-words, R = 64, 20 steps at 1e-3:
+    exact match 0.40 before training, 0.00 after; from the balanced pair 0.56)."""
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    root = s.sqrt()
+    return (root[:, None] * vh) @ qa.T, (qb @ u) * root
+
+
 # ---------------------------------------------------------------------------------------
 # the whole adapter
 
@@ -439,7 +457,8 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
         if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
             raise UsageError(f"{name}: the compensation is not finite (degenerate calibration moment)")
         bias = _carried(src, name, kept_indices, arch).bias if src is not None else None
-        layers[name] = LoraLayer(A=f.A.float().contiguous(), B=f.B.float().contiguous(), scale=1.0, bias=bias)
+        A, B = balanced(f.A, f.B)
+        layers[name] = LoraLayer(A=A.float().contiguous(), B=B.float().contiguous(), scale=1.0, bias=bias)
         result.layers[name] = {"rank": k, "source_rank": r, "captured": f.captured}
         if progress:
             progress("compensation", i + 1, len(todo))
@@ -491,5 +510,5 @@ def exact_targets(leaves: list[str], modules: list[str], model: nn.Module) -> li
 
 
 __all__ = ["REG_LAMBDA", "TARGET_SETS", "Moment", "Moments", "collect_moments", "effective_weight",
-           "slice_to_variant", "weighted_lowrank", "Factors", "Compensation", "compensate",
+           "slice_to_variant", "weighted_lowrank", "balanced", "Factors", "Compensation", "compensate",
            "compensation_targets", "exact_targets", "check_readable"]
