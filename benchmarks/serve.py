@@ -238,8 +238,8 @@ def switch_table(srv: Server, reg, variant: str, n_switch: int, repeat: int, log
                                       for d in reg.get(n, "artifact").files.values()) for n in group)
              for fmt, group in names.items()}
     pack_cfg = reg.get(names["pack"][0], "artifact").config or {}
-    label = {"pack": f"pack ({pack_cfg.get('method', '?')}, {pack_cfg.get('encoding', '?')}) → decode", "f16": "fp16 safetensors PEFT folder",
-             "lora": "fp32 safetensors PEFT folder"}
+    label = {"pack": f"pack ({pack_cfg.get('method', '?')}, {pack_cfg.get('encoding', '?')}) → decode",
+             "f16": "fp16 safetensors PEFT folder", "lora": "fp32 safetensors PEFT folder"}
     rows = [{"adapter format": label[fmt], "file bytes": int(sizes[fmt]),
              "median ms": statistics.median(times[fmt]), "p90 ms": pct(times[fmt], 0.9)} for fmt in names]
     rows.append({"adapter format": "PEFT load_adapter + set_adapter (fp32 folder)", "file bytes": int(sizes["lora"]),
@@ -379,8 +379,9 @@ def main() -> None:
     out = ["# adapt serve: switch time, throughput, memory", "",
            f"`{cmd}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; target {variant.name} "
            f"(NF4 + Wanda 50% of {base.name}), device {args.device}, {os.cpu_count()} CPUs, load average "
-           f"{os.getloadavg()[0]:.1f} at the start. Adapters: {source_line}; cycled into 64 with seeds; packs k = {args.density}, golomb. The "
-           "server runs in its own process; clients: the `openai` package over HTTP on loopback.", ""]
+           f"{os.getloadavg()[0]:.1f} at the start. Adapters: {source_line}; cycled into 64 with seeds; "
+           f"packs k = {args.density}, golomb. The server runs in its own process; clients: the `openai` "
+           "package over HTTP on loopback.", ""]
 
     if not args.memory_only:
         log("switch times")

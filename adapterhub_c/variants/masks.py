@@ -89,7 +89,8 @@ def apply_mask_file(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
     packed, shapes = _packed_masks(Path(path).read_bytes())
     for name in sorted(packed):
-        t, shape = _mask_target(state, name, shapes[name]), tuple(int(d) for d in shapes[name])
+        t = _mask_target(state, name, shapes[name])
+        shape = tuple(t.shape)  # the mask's own, checked equal
         data = packed[name].numpy()
         if data.dtype != np.uint8 or data.ndim != 1 or data.size != -(-t.numel() // 8):
             raise IntegrityError(f"a keep-mask of {data.size} bytes cannot hold shape {list(shape)}")
