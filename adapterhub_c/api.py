@@ -43,8 +43,8 @@ from adapterhub_c.workflows import packs as _packs
 from adapterhub_c.workflows import prompts as _prompts
 from adapterhub_c.workflows import training as _training
 from adapterhub_c.workflows import variants as _variants
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 
 
 

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.hub.ops import pull_adapter, push_artifact
 from adapterhub_c.models.builtin import SMOLLM2, TINY
 from adapterhub_c.registry.models import Artifact
@@ -39,7 +39,7 @@ from adapterhub_c.workflows.prompts import learn_prompt_artifact
 from adapterhub_c.workflows.training import ROW_CONVERTED, convert_adapter, train_adapter
 from adapterhub_c.workflows.variants import create_variant, variant_summary
 
-DEMO_DATA = "builtin:pydoc"
+DEMO_DATA = DEFAULT_CORPUS
 DEMO_MAX_TOKENS = 2048
 CONVERT_TASK, MERGE_TASK, COMPOSE_TASK = "uppercase", "reverse-words", "sort-numbers"
 PACK_DENSITY = 0.10

@@ -23,8 +23,8 @@ from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, int | None], None]
 POLL_S = 0.5
 
 # Options of adapt.ops.convert_adapter that a batch passes through (None = its default).

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from adapterhub_c.batch import queue
 from adapterhub_c.errors import AdaptError, UsageError
+from adapterhub_c.evals.data import DEFAULT_CORPUS
 from adapterhub_c.evals.metrics import QUALITY_METRICS
 from adapterhub_c.hub.ops import pull_adapter, push_artifact
 from adapterhub_c.registry import Registry
@@ -313,7 +314,7 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
         else:
             c = p.get("convert", {})
             data = (p["evaluate"].get("data") or conv_out.get("eval_data")
-                    or ((conv.metrics or {}).get("eval") or {}).get("data") or "builtin:pydoc")
+                    or ((conv.metrics or {}).get("eval") or {}).get("data") or DEFAULT_CORPUS)
             split = ((conv.metrics or {}).get("eval") or {}).get("split") or "test"
             with ctx.step("evaluate"):
                 res = run_eval(reg, variant.id, data, split, adapter=final.id,

@@ -97,16 +97,20 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return texts, pairs
 
 
+# The corpus every command falls back to (training, evaluation, calibration): one name, here.
+DEFAULT_CORPUS = "builtin:pydoc"
+
+
 def load_dataset(spec: str, split: str = "test") -> Dataset:
     """Load a dataset by name (see module docstring) and split."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
-    if spec == "builtin:pydoc":
+    if spec == DEFAULT_CORPUS:
         return Dataset(spec, split, texts=pydoc_chunks()[split])
     if spec.startswith("builtin:task/"):
         return Dataset(spec, split, pairs=tasks.task_pairs(spec.split("/", 1)[1], split))
     if spec.startswith("builtin:"):
-        known = ["builtin:pydoc"] + [f"builtin:task/{t}" for t in tasks.TASKS]
+        known = [DEFAULT_CORPUS] + [f"builtin:task/{t}" for t in tasks.TASKS]
 
         raise NotFoundError("dataset", spec, known)
     path = Path(spec)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_STRIDE = 256
 DEFAULT_BATCH_SIZE = 8

@@ -21,8 +21,8 @@ from adapterhub_c.fsutil import atomic_write_bytes, redact_url
 from adapterhub_c.hub.cards import model_card  # noqa: F401  (re-exported: part of the client API)
 from adapterhub_c.hub.store import git_blob_oid
 from adapterhub_c.hub.validate import validate_lora_folder  # noqa: F401  (re-exported)
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 
 SAFE_WEIGHTS = (".safetensors",)
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

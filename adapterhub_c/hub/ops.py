@@ -49,8 +49,8 @@ from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
 from adapterhub_c.workflows.bases import add_builtin_base, register_base_folder
 from adapterhub_c.workflows.exports import write_export
 from adapterhub_c.workflows.variants import variant_summary
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 
 META_NAME = "adapterhub_c.json"
 CARD_NAME = "README.md"

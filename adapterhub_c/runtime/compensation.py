@@ -26,9 +26,9 @@ from adapterhub_c.registry.models import Variant
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.training.compensate import Moment, Moments, collect_moments
 from adapterhub_c.variants.calibration import calibration_rows
+from adapterhub_c.progress import Progress
 
 FORMAT = 1
-Progress = Callable[[str, int, "int | None"], None]
 
 
 def moments_key(variant: Variant, calib: str, samples: int, seq_len: int) -> str:

@@ -63,6 +63,7 @@ from adapterhub_c.models.arch import (
 from adapterhub_c.variants.calibration import _batches, normalise_calibration
 from adapterhub_c.variants.pruning import target_linears
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
+from adapterhub_c.progress import Progress
 
 REG_LAMBDA = 0.01
 TARGET_SETS = {"attn": (ATTN_IN, ATTN_OUT), "all": ROLES}  # roles of models/arch.py
@@ -70,7 +71,6 @@ TARGET_SETS = {"attn": (ATTN_IN, ATTN_OUT), "all": ROLES}  # roles of models/arc
 SHARED_INPUT_ROLES = (ATTN_IN, MLP_IN)
 DEFAULT_LORA = {"peft_type": "LORA", "lora_dropout": 0.05, "bias": "none", "task_type": "CAUSAL_LM"}
 
-Progress = Callable[[str, int, "int | None"], None]
 
 
 # ---------------------------------------------------------------------------------------

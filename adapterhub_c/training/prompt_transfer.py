@@ -15,9 +15,9 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.fsutil import atomic_write_bytes
 from adapterhub_c.training.prompt import PromptedModel, SoftPrompt, context_length
+from adapterhub_c.progress import Progress
 
 NO_PROMPT = "no prompt"
-Progress = Callable[[str, int, "int | None"], None]
 
 
 def transfer_matrix(prompts: dict[str, SoftPrompt], models: dict[str, object], tokenizer,

@@ -48,8 +48,8 @@ from adapterhub_c.variants.masks import (
 from adapterhub_c.variants.pruning import prune_ffn_channels, prune_unstructured, target_linears
 from adapterhub_c.variants.quantize import load_quantized, load_quantized_state, resolve_dtype
 from adapterhub_c.variants.recipe import UNSTRUCTURED, Recipe
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 WEIGHTS_FILE = "model.safetensors"
 KEPT_FILE = "kept_indices.safetensors"
 MASKS_FILE = "masks.safetensors"

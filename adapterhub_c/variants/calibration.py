@@ -15,8 +15,8 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import token_stream
 from adapterhub_c.models.arch import features
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 
 
 class _StopForward(Exception):

@@ -33,8 +33,8 @@ from torch import nn
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models import arch as archmod
 from adapterhub_c.variants.calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 
 
 def kept_at_sparsity(n: int, *, sparsity: float) -> int:

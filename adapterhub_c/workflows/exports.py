@@ -43,8 +43,8 @@ from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.variants import load_variant, materialize_variant, storage_form
 from adapterhub_c.variants.build import BASE_DIR, storage_dtype
 from adapterhub_c.variants.recipe import Recipe
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 EXPORT_FORMATS = ("hf", "compressed-tensors")
 META_NAME = "adapterhub_c.json"
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")

@@ -70,8 +70,8 @@ from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.runtime.bases import linear_weights, load_base_tokenizer
 from adapterhub_c.runtime.packs import PACK_FILE, read_pack_artifact
 from adapterhub_c.runtime.stack import StackSpec, load_stack
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 MERGE_CONFIG_FILE = "merge_config.yaml"
 COMPOSE_CONFIG_FILE = "compose_config.json"
 ELECTIONS = ("auto", "popcount", "dense")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
@@ -37,8 +37,8 @@ from adapterhub_c.runtime.stack import StackSpec, load_stack
 from adapterhub_c.training.loop import TrainConfig, train
 from adapterhub_c.training.prompt import PromptedModel, learn_prompt, save_prompt
 from adapterhub_c.training.prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 CONFIG_FILE = "prompt_config.json"
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-2  # 30 steps, 16 tokens on NF4+Wanda50: ppl -10% at 1e-2 vs -2% at 1e-3 (adapt demo sizes)
@@ -108,7 +108,7 @@ def _load_target(reg: Registry, base: BaseModel, variant: Variant | None, device
 # learn
 
 
-def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = "builtin:pydoc",
+def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = DEFAULT_CORPUS,
                           tokens: int = DEFAULT_TOKENS, init: str = "vocab-sample",
                           steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
                           batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,

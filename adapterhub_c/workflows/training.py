@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import QUALITY_METRICS
 from adapterhub_c.models.device import resolve_device
@@ -68,7 +68,7 @@ EVAL_SPLIT = "test"
 DEFAULT_EVAL_TOKENS = 8192     # perplexity: first tokens of the eval split
 DEFAULT_EVAL_EXAMPLES = 50     # exact match: first examples of a task's eval split
 RECOVER_METHODS = ("modules", "lowrank")
-DEFAULT_CALIB = "builtin:pydoc"  # lowrank: when the variant's recipe names no calibration set
+DEFAULT_CALIB = DEFAULT_CORPUS  # lowrank: when the variant's recipe names no calibration set
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, *, data: 
     if not inherit and not trains and lowrank is None:
         raise UsageError("--no-inherit without training data (or with --steps 0) leaves an empty adapter; "
                          "give --data")
-    eval_data = eval_data or data or (art.config or {}).get("data") or "builtin:pydoc"
+    eval_data = eval_data or data or (art.config or {}).get("data") or DEFAULT_CORPUS
     load_dataset(eval_data, eval_split)
     check_new_name(reg, name, command="adapt convert")
     recover_used, distill_used = method == "modules" and trains, distill and trains

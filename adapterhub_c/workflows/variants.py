@@ -25,7 +25,7 @@ import torch
 from sqlalchemy import select
 
 from adapterhub_c.errors import AdaptError, AdaptWarning, UsageError
-from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
 from adapterhub_c.models.device import resolve_device
@@ -48,10 +48,10 @@ from adapterhub_c.variants.build import (
 from adapterhub_c.variants.calibration import calibration_rows
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
+from adapterhub_c.progress import Progress
 
-Progress = Callable[[str, int, "int | None"], None]
 
-EVAL_DATA = "builtin:pydoc"
+EVAL_DATA = DEFAULT_CORPUS
 EVAL_SPLIT = "test"
 DEFAULT_EVAL_TOKENS = 8192
 CALIB_USERS = ("wanda", "2:4", "ffn-channels")
@@ -63,7 +63,7 @@ class _DefaultCalib(str):
     """The default calibration set: used by wanda, 2:4 and ffn-channels, silently unused otherwise."""
 
 
-DEFAULT_CALIB = _DefaultCalib("builtin:pydoc")
+DEFAULT_CALIB = _DefaultCalib(DEFAULT_CORPUS)
 
 
 # ---- loading ---------------------------------------------------------------------------

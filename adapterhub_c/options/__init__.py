@@ -1,0 +1,112 @@
+"""Typed options of the command families: one frozen dataclass per family.
+
+Each options class is the single statement of a command's knobs: its fields carry their
+default, their help text and their command-line spelling (``option(...)``), the CLI builds
+its click options from them (``adapterhub_c.cli.options``), the batch queue stores them,
+a workflow records ``params()`` as the run's parameters and idempotency key, and the domain
+function receives the object itself. Constructing one validates it (``UsageError`` naming
+the flag), so a bad value is refused before anything is loaded.
+
+This package imports nothing heavy (no torch, no transformers): the CLI reads it at start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import MISSING, field
+from typing import Any, ClassVar, TypeVar
+
+from adapterhub_c.errors import UsageError
+
+T = TypeVar("T", bound="Options")
+
+
+def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, choices: tuple | None = None,
+           cli: bool = True, default_factory: Any = MISSING, show_default: bool = True,
+           type: Any = None) -> Any:  # noqa: A002 - mirrors click's own keyword
+    """A dataclass field with what the command line needs to offer it.
+
+    ``flag``: the spelling (default ``--field-name``; a boolean whose default is True is
+    offered as ``--no-field-name``). ``choices``: the allowed values (checked on
+    construction too). ``cli=False``: a library-only knob, not offered by the commands.
+    ``type``: the click type when the annotation does not say it (e.g. a comma list).
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "show_default": show_default,
+            "type": type}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line spelling of field ``f``."""
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    return f"--no-{name}" if f.default is True else f"--{name}"
+
+
+class Options:
+    """Base of the options dataclasses (subclasses are ``@dataclass(frozen=True)``)."""
+
+    family: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise UsageError(f"{flag_of(f)} must be one of {', '.join(map(str, choices))} (got {value!r})")
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ``UsageError`` naming the flag. Subclasses extend it."""
+
+    def params(self) -> dict[str, Any]:
+        """The options as plain JSON-able data (run parameters, batch queue rows)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_params(cls: type[T], params: dict[str, Any] | None = None, **overrides: Any) -> T:
+        """Rebuild from ``params()`` output (unknown names are a ``UsageError``)."""
+        values = {**(params or {}), **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown {cls.family or cls.__name__} option(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in values and isinstance(values[f.name], list) and _is_tuple(hints.get(f.name)):
+                values[f.name] = tuple(values[f.name])
+        return cls(**values)
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Field name → default (what ``--help`` shows)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+
+def _is_tuple(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return True
+    return any(typing.get_origin(a) is tuple or a is tuple for a in typing.get_args(hint))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+__all__ = ["Options", "option", "flag_of"]
