@@ -28,6 +28,7 @@ from adapterhub_c.hub import ops as _hub
 from adapterhub_c.merging.spec import RESCALES
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
 from adapterhub_c.packing.compeft import METHODS as _PACK_METHODS
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
@@ -43,9 +44,6 @@ from adapterhub_c.workflows import packs as _packs
 from adapterhub_c.workflows import prompts as _prompts
 from adapterhub_c.workflows import training as _training
 from adapterhub_c.workflows import variants as _variants
-from adapterhub_c.progress import Progress
-
-
 
 
 def _defaults(fn: Callable) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from sqlalchemy import select
 
@@ -19,11 +19,11 @@ from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_execu
 from adapterhub_c.errors import UsageError
 from adapterhub_c.hub.ops import search_adapters_for
 from adapterhub_c.packing.params import parse_alpha, parse_density
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
-from adapterhub_c.progress import Progress
 
 POLL_S = 0.5
 

@@ -23,7 +23,6 @@ from adapterhub_c.hub.store import git_blob_oid
 from adapterhub_c.hub.validate import validate_lora_folder  # noqa: F401  (re-exported)
 from adapterhub_c.progress import Progress
 
-
 SAFE_WEIGHTS = (".safetensors",)
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _SKIP_DIRS = (".git", ".cache")

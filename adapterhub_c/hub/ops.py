@@ -38,6 +38,7 @@ from adapterhub_c.hub.store import StoreError, check_repo_id, valid_name_part
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, kohya_message, validate_lora_folder
 from adapterhub_c.models.arch import stored_layout_is_in_out
 from adapterhub_c.models.builtin import builtin_for
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax, check_new_name, insert_named, name_taken
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Variant
@@ -49,8 +50,6 @@ from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
 from adapterhub_c.workflows.bases import add_builtin_base, register_base_folder
 from adapterhub_c.workflows.exports import write_export
 from adapterhub_c.workflows.variants import variant_summary
-from adapterhub_c.progress import Progress
-
 
 META_NAME = "adapterhub_c.json"
 CARD_NAME = "README.md"

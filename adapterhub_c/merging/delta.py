@@ -15,8 +15,6 @@ module otherwise. Output layers have scale 1.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from adapterhub_c.adapters.lora import LoraLayer
@@ -26,7 +24,6 @@ from adapterhub_c.merging.lowrank import truncate_dense, truncate_lowrank_sum
 from adapterhub_c.merging.rules import dare, dare_keep_mask, merge_dense, module_seed
 from adapterhub_c.merging.spec import MergeSpec
 from adapterhub_c.progress import Progress
-
 
 # On CPU, modules are truncated together in groups of about this size (the subspace
 # iteration's products then run from cache; 8–16 MB measured fastest between 1 and 256 MB); TIES and

@@ -18,15 +18,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 from safetensors import SafetensorError
 
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.models import Variant
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.training.compensate import Moment, Moments, collect_moments
 from adapterhub_c.variants.calibration import calibration_rows
-from adapterhub_c.progress import Progress
 
 FORMAT = 1
 

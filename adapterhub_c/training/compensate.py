@@ -42,7 +42,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -60,10 +60,10 @@ from adapterhub_c.models.arch import (
     linear_kind,
     weight_out_in,
 )
+from adapterhub_c.progress import Progress
 from adapterhub_c.variants.calibration import _batches, normalise_calibration
 from adapterhub_c.variants.pruning import target_linears
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
-from adapterhub_c.progress import Progress
 
 REG_LAMBDA = 0.01
 TARGET_SETS = {"attn": (ATTN_IN, ATTN_OUT), "all": ROLES}  # roles of models/arch.py

@@ -48,8 +48,8 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes
-from adapterhub_c.training.batches import as_batch_source
 from adapterhub_c.progress import Progress
+from adapterhub_c.training.batches import as_batch_source
 
 LossFn = Callable[[dict], Any]  # -> loss tensor, or (loss tensor, {name: float})
 CHECKPOINT_NAME = "checkpoint.safetensors"

@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Callable
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.fsutil import atomic_write_bytes
-from adapterhub_c.training.prompt import PromptedModel, SoftPrompt, context_length
 from adapterhub_c.progress import Progress
+from adapterhub_c.training.prompt import PromptedModel, SoftPrompt, context_length
 
 NO_PROMPT = "no prompt"
 

@@ -28,13 +28,14 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.models.arch import MLP_IN, MLP_OUT, describe
+from adapterhub_c.progress import Progress
 from adapterhub_c.variants import sizes
 from adapterhub_c.variants.masks import (
     CHANNEL_PLAN_KEY,
@@ -48,7 +49,6 @@ from adapterhub_c.variants.masks import (
 from adapterhub_c.variants.pruning import prune_ffn_channels, prune_unstructured, target_linears
 from adapterhub_c.variants.quantize import load_quantized, load_quantized_state, resolve_dtype
 from adapterhub_c.variants.recipe import UNSTRUCTURED, Recipe
-from adapterhub_c.progress import Progress
 
 WEIGHTS_FILE = "model.safetensors"
 KEPT_FILE = "kept_indices.safetensors"

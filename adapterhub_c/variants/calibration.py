@@ -6,7 +6,7 @@ calibration tokens of x_j**2; the Wanda score uses sqrt of it, ||X_j||_2.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -15,8 +15,6 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import token_stream
 from adapterhub_c.models.arch import features
-from adapterhub_c.progress import Progress
-
 
 
 class _StopForward(Exception):

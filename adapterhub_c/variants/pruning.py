@@ -25,16 +25,15 @@ ties are broken by position (stable sort), so results are deterministic.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models import arch as archmod
-from adapterhub_c.variants.calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
 from adapterhub_c.progress import Progress
-
+from adapterhub_c.variants.calibration import BlockwiseCalibrator, input_sq_norms, normalise_calibration
 
 
 def kept_at_sparsity(n: int, *, sparsity: float) -> int:

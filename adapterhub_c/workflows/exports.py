@@ -31,19 +31,19 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.fsutil import atomic_dir
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.models import BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.variants import load_variant, materialize_variant, storage_form
 from adapterhub_c.variants.build import BASE_DIR, storage_dtype
 from adapterhub_c.variants.recipe import Recipe
-from adapterhub_c.progress import Progress
 
 EXPORT_FORMATS = ("hf", "compressed-tensors")
 META_NAME = "adapterhub_c.json"

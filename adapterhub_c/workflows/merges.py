@@ -35,7 +35,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ from adapterhub_c.models.device import resolve_device
 from adapterhub_c.packing.encoding import encode
 from adapterhub_c.packing.format import Pack
 from adapterhub_c.packing.ternary import dtype_from_name
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -70,7 +71,6 @@ from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.runtime.bases import linear_weights, load_base_tokenizer
 from adapterhub_c.runtime.packs import PACK_FILE, read_pack_artifact
 from adapterhub_c.runtime.stack import StackSpec, load_stack
-from adapterhub_c.progress import Progress
 
 MERGE_CONFIG_FILE = "merge_config.yaml"
 COMPOSE_CONFIG_FILE = "compose_config.json"

@@ -20,12 +20,13 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
@@ -37,7 +38,6 @@ from adapterhub_c.runtime.stack import StackSpec, load_stack
 from adapterhub_c.training.loop import TrainConfig, train
 from adapterhub_c.training.prompt import PromptedModel, learn_prompt, save_prompt
 from adapterhub_c.training.prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
-from adapterhub_c.progress import Progress
 
 CONFIG_FILE = "prompt_config.json"
 DEFAULT_STEPS = 200

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from sqlalchemy import select
@@ -29,6 +29,7 @@ from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
@@ -48,8 +49,6 @@ from adapterhub_c.variants.build import (
 from adapterhub_c.variants.calibration import calibration_rows
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
-from adapterhub_c.progress import Progress
-
 
 EVAL_DATA = DEFAULT_CORPUS
 EVAL_SPLIT = "test"
