@@ -16,63 +16,69 @@ the same names as the command's flags (``--batch-size`` → ``batch_size``).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from adapterhub_c import demo_flow as _demo
-from adapterhub_c.batch import ops as _batch
-from adapterhub_c.hub import ops as _hub
-from adapterhub_c.merging.spec import RESCALES
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
-from adapterhub_c.packing.compeft import METHODS as _PACK_METHODS
+from adapterhub_c.options.serve import DEFAULT_HOST as SERVE_HOST
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
-from adapterhub_c.runtime.stack import load_stack, resolve_stack
-from adapterhub_c.serve import server as _serve
-from adapterhub_c.training.compensate import TARGET_SETS
-from adapterhub_c.training.convert import DISTILL_ON
-from adapterhub_c.variants.recipe import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
-from adapterhub_c.workflows import bases as _bases
-from adapterhub_c.workflows import evals as _evals
-from adapterhub_c.workflows import exports as _exports
-from adapterhub_c.workflows import merges as _merges
-from adapterhub_c.workflows import packs as _packs
-from adapterhub_c.workflows import prompts as _prompts
-from adapterhub_c.workflows import training as _training
-from adapterhub_c.workflows import variants as _variants
 
 
 def _defaults(fn: Callable) -> dict[str, Any]:
     return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
 
-# Defaults the CLI shows in its help: read off the workflow functions, never restated.
-TRAIN_DEFAULTS = _defaults(_training.train_adapter)
-CONVERT_DEFAULTS = _defaults(_training.convert_adapter)
-PROMPT_DEFAULTS = _defaults(_prompts.learn_prompt_artifact)
-VARIANT_DEFAULTS = _defaults(_variants.create_variant)
-PACK_DEFAULTS = _defaults(_packs.pack_artifact)
-MERGE_DEFAULTS = _defaults(_merges.merge_artifacts)
-COMPOSE_DEFAULTS = _defaults(_merges.compose_artifacts)
-DEFAULT_CALIB = _variants.DEFAULT_CALIB  # builtin:pydoc, and silently unused by recipes needing none
-RECOVER_METHODS = _training.RECOVER_METHODS  # adapt convert --recover
-COMPENSATE_TARGETS = tuple(TARGET_SETS)      # --recover lowrank --targets
 LISTABLE = views.LISTABLE
-PACK_METHODS = _PACK_METHODS  # adapt pack --method
 DEFAULT_DEMO_BASE = SMOLLM2
+
+# Names that live in modules importing torch: resolved on first access (PEP 562), so that
+# `import adapterhub_c.api` (and with it `adapt ls`, `adapt --help`) loads none of them.
+_LAZY_NAMES: dict[str, Callable[[], Any]] = {
+    "DEFAULT_CALIB": lambda: _module("workflows.variants").DEFAULT_CALIB,  # silently unused by recipes needing none
+    "RECOVER_METHODS": lambda: _module("workflows.training").RECOVER_METHODS,  # adapt convert --recover
+    "COMPENSATE_TARGETS": lambda: tuple(_module("training.compensate").TARGET_SETS),  # --recover lowrank --targets
+    "PACK_METHODS": lambda: _module("packing.compeft").METHODS,  # adapt pack --method
+    "RESCALES": lambda: _module("merging.spec").RESCALES,
+    "DISTILL_ON": lambda: _module("training.convert").DISTILL_ON,
+    "GRANULARITIES": lambda: _module("variants.recipe").GRANULARITIES,
+    "PRUNE_METHODS": lambda: _module("variants.recipe").PRUNE_METHODS,
+    "QUANT_METHODS": lambda: _module("variants.recipe").QUANT_METHODS,
+    # Defaults the CLI shows in its help: read off the workflow functions, never restated.
+    "TRAIN_DEFAULTS": lambda: _defaults(_module("workflows.training").train_adapter),
+    "CONVERT_DEFAULTS": lambda: _defaults(_module("workflows.training").convert_adapter),
+    "PROMPT_DEFAULTS": lambda: _defaults(_module("workflows.prompts").learn_prompt_artifact),
+    "VARIANT_DEFAULTS": lambda: _defaults(_module("workflows.variants").create_variant),
+    "PACK_DEFAULTS": lambda: _defaults(_module("workflows.packs").pack_artifact),
+    "MERGE_DEFAULTS": lambda: _defaults(_module("workflows.merges").merge_artifacts),
+    "COMPOSE_DEFAULTS": lambda: _defaults(_module("workflows.merges").compose_artifacts),
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"adapterhub_c.{name}")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = _LAZY_NAMES[name]()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'adapterhub_c.api' has no attribute {name!r}")
 
 __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
     "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "serve", "demo", "GRANULARITIES", "PRUNE_METHODS", "QUANT_METHODS", "DISTILL_ON", "RESCALES",
-    "RECOVER_METHODS", "COMPENSATE_TARGETS",
+    "serve_hub", "serve", "demo",
 ]
+__all__.extend(_LAZY_NAMES)  # the choice lists and defaults the commands offer
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class Result:
     created: bool = True
     warnings: tuple[str, ...] = ()
 
+
+_DEFAULT = object()  # an argument left out: the workflow's own default
 
 _default_registries: dict[tuple[str | None, str | None], Registry] = {}
 
@@ -144,6 +152,8 @@ def add_base(name: str, *, revision: str | None = None, allow_pickle: bool = Fal
     A Hub id that names a built-in (e.g. the SmolLM2 repo) without a revision is served by the
     built-in copy, offline. Idempotent: ``created`` is False when it was registered already.
     """
+    from adapterhub_c.hub import ops as _hub
+    from adapterhub_c.workflows import bases as _bases
     reg = _reg(registry)
     if name.startswith("builtin:") or (builtin_for(name) is not None and not revision and "@" not in name):
         row, created = _bases.add_builtin_base(reg, name, progress=progress)
@@ -154,14 +164,17 @@ def add_base(name: str, *, revision: str | None = None, allow_pickle: bool = Fal
 
 
 def create_variant(base: str, *, quant: str = "none", prune: str = "none", sparsity: float | None = None,
-                   calib: str | None = DEFAULT_CALIB, registry: Registry | None = None,
+                   calib: str | None | object = _DEFAULT, registry: Registry | None = None,
                    progress: Progress | None = None, **options: Any) -> Result:
     """A compressed variant of ``base`` (see ``workflows.variants.create_variant`` for the options).
 
     ``calib``: calibration data for wanda, 2:4 and ffn-channels (``"none"`` or None: magnitude
     scores). The same recipe on the same base returns the existing variant (``created`` False).
     """
+    from adapterhub_c.workflows import variants as _variants
     reg = _reg(registry)
+    if calib is _DEFAULT:
+        calib = _variants.DEFAULT_CALIB
     if calib is not None and calib.lower() == "none":
         calib = None
     row, created = _variants.create_variant(reg, base, quant=quant, prune=prune, sparsity=sparsity, calib=calib,
@@ -171,15 +184,16 @@ def create_variant(base: str, *, quant: str = "none", prune: str = "none", spars
 
 def show_variant(name: str, *, registry: Registry | None = None) -> dict[str, Any]:
     """One variant: recipe, storage form, sizes next to the fp16 base, perplexity."""
+    from adapterhub_c.workflows import variants as _variants
     return _variants.show_variant(_reg(registry), name)
 
 
-EXPORT_FORMATS = _exports.EXPORT_FORMATS
 
 
 def export(variant: str, out: str | Path, fmt: str = "hf", *, force: bool = False, registry: Registry | None = None,
            progress: Progress | None = None) -> Result:
     """Write ``variant`` as a standalone folder (``hf`` or ``compressed-tensors``) that plain transformers loads."""
+    from adapterhub_c.workflows import exports as _exports
     reg = _reg(registry)
     res = _exports.export_variant(reg, variant, out, fmt, force=force, progress=progress)
     row = reg.get(variant, "variant")
@@ -189,6 +203,7 @@ def export(variant: str, out: str | Path, fmt: str = "hf", *, force: bool = Fals
 
 def list_variants(base: str | None = None, *, registry: Registry | None = None) -> list[dict[str, Any]]:
     """Every variant (of ``base``): recipe, parameters kept, sizes, perplexity."""
+    from adapterhub_c.workflows import variants as _variants
     return _variants.list_variants(_reg(registry), base=base)
 
 
@@ -199,6 +214,7 @@ def pull(repo: str, *, revision: str | None = None, name: str | None = None, reg
          progress: Progress | None = None, **options: Any) -> Result:
     """Pull a LoRA ``REPO[@REV]`` from the Hub (options: include, exclude, allow_pickle, with_base, token,
     base: attach to this registered base whatever the adapter's config names; the shape check decides)."""
+    from adapterhub_c.hub import ops as _hub
     reg = _reg(registry)
     art, created = _hub.pull_adapter(reg, repo, revision=revision, name=name, progress=progress, **options)
     base = reg.get(art.base_id, "base")
@@ -210,12 +226,14 @@ def pull(repo: str, *, revision: str | None = None, name: str | None = None, reg
 def search(base: str, *, limit: int = 50, token: str | None = None,
            registry: Registry | None = None) -> list[dict[str, Any]]:
     """LoRA adapters of ``base`` on the Hub, with what is already pulled."""
+    from adapterhub_c.hub import ops as _hub
     return _hub.search_adapters_for(_reg(registry), base, limit=limit, token=token)
 
 
 def push(name: str, repo_id: str, *, registry: Registry | None = None, progress: Progress | None = None,
          **options: Any) -> Result:
     """Push artefact or variant ``name`` to Hub repo ``repo_id`` (options: private, fmt, commit_message, dry_run, token)."""
+    from adapterhub_c.hub import ops as _hub
     reg = _reg(registry)
     out = _hub.push_artifact(reg, name, repo_id, progress=progress, **options)  # an artefact or a variant
     row = reg.get(name)
@@ -224,6 +242,7 @@ def push(name: str, repo_id: str, *, registry: Registry | None = None, progress:
 
 def serve_hub(root: str | Path, **options: Any) -> None:
     """Serve Hub repos from ``root`` until interrupted (options: host, port, token, ready, warn)."""
+    from adapterhub_c.hub import ops as _hub
     _hub.serve_hub(root, **options)
 
 
@@ -233,6 +252,7 @@ def serve_hub(root: str | Path, **options: Any) -> None:
 def train(target: str, data: str, *, registry: Registry | None = None, progress: Progress | None = None,
           **options: Any) -> Result:
     """Train a LoRA on ``target`` (a base or variant) with ``data`` (see ``workflows.training.train_adapter``)."""
+    from adapterhub_c.workflows import training as _training
     reg = _reg(registry)
     art, report = _training.train_adapter(reg, target, data, progress=progress, **options)
     return _result(reg, art, report)
@@ -241,6 +261,7 @@ def train(target: str, data: str, *, registry: Registry | None = None, progress:
 def convert(adapter: str, variant: str, *, registry: Registry | None = None, progress: Progress | None = None,
             **options: Any) -> Result:
     """Carry ``adapter`` to compressed ``variant`` (CA-LoRA; see ``workflows.training.convert_adapter``)."""
+    from adapterhub_c.workflows import training as _training
     reg = _reg(registry)
     art, report = _training.convert_adapter(reg, adapter, variant, progress=progress, **options)
     return _result(reg, art, report)
@@ -249,6 +270,7 @@ def convert(adapter: str, variant: str, *, registry: Registry | None = None, pro
 def learn_prompt(variant: str, *, registry: Registry | None = None, progress: Progress | None = None,
                  **options: Any) -> Result:
     """Learn a soft prompt on ``variant`` (see ``workflows.prompts.learn_prompt_artifact``)."""
+    from adapterhub_c.workflows import prompts as _prompts
     reg = _reg(registry)
     art, report = _prompts.learn_prompt_artifact(reg, variant, progress=progress, **options)
     return _result(reg, art, report)
@@ -258,6 +280,7 @@ def transfer_prompts(prompts: Sequence[str], variants: Sequence[str], data: str,
                      registry: Registry | None = None, progress: Progress | None = None,
                      **options: Any) -> dict[str, Any]:
     """Perplexity of every prompt on every variant (see ``workflows.prompts.prompt_transfer``)."""
+    from adapterhub_c.workflows import prompts as _prompts
     return _prompts.prompt_transfer(_reg(registry), list(prompts), list(variants), data, progress=progress,
                                     **options)
 
@@ -268,6 +291,7 @@ def transfer_prompts(prompts: Sequence[str], variants: Sequence[str], data: str,
 def pack(adapter: str, density: float | str, *, registry: Registry | None = None,
          progress: Progress | None = None, **options: Any) -> Result:
     """ComPEFT-pack ``adapter`` keeping ``density`` of its values (see ``workflows.packs.pack_artifact``)."""
+    from adapterhub_c.workflows import packs as _packs
     reg = _reg(registry)
     art, report = _packs.pack_artifact(reg, adapter, density=density, progress=progress, **options)
     return _result(reg, art, report)
@@ -275,6 +299,7 @@ def pack(adapter: str, density: float | str, *, registry: Registry | None = None
 
 def unpack(pack: str, out: str | Path | None = None, *, registry: Registry | None = None) -> Result:
     """Decode ``pack`` into a PEFT folder at ``out`` (default ``./<pack name>``)."""
+    from adapterhub_c.workflows import packs as _packs
     reg = _reg(registry)
     folder = _packs.unpack_artifact(reg, pack, out)
     art = reg.get(pack, "artifact")
@@ -284,6 +309,7 @@ def unpack(pack: str, out: str | Path | None = None, *, registry: Registry | Non
 
 def inspect_pack(pack_or_path: str | Path, *, registry: Registry | None = None) -> dict[str, Any]:
     """Per-tensor density, scale and bits of a pack artefact or a pack file."""
+    from adapterhub_c.workflows import packs as _packs
     path = Path(pack_or_path)
     return _packs.inspect_pack_ref(None if path.is_file() else _reg(registry), pack_or_path)
 
@@ -291,6 +317,7 @@ def inspect_pack(pack_or_path: str | Path, *, registry: Registry | None = None) 
 def merge(adapters: Sequence[str], method: str, *, registry: Registry | None = None,
           progress: Progress | None = None, **options: Any) -> Result:
     """Merge ``adapters`` with ``method`` (see ``workflows.merges.merge_artifacts``)."""
+    from adapterhub_c.workflows import merges as _merges
     reg = _reg(registry)
     art, report = _merges.merge_artifacts(reg, list(adapters), method=method, progress=progress, **options)
     return _result(reg, art, report)
@@ -299,6 +326,7 @@ def merge(adapters: Sequence[str], method: str, *, registry: Registry | None = N
 def compose(adapters: Sequence[str], examples: str, *, registry: Registry | None = None,
             progress: Progress | None = None, **options: Any) -> Result:
     """LoraHub composition of ``adapters`` searched on ``examples`` (see ``workflows.merges.compose_artifacts``)."""
+    from adapterhub_c.workflows import merges as _merges
     reg = _reg(registry)
     art, report = _merges.compose_artifacts(reg, list(adapters), examples=examples, progress=progress, **options)
     report = {**report, "curve_summary": _merges.summarize_curve(report["curve"])}
@@ -311,6 +339,7 @@ def compose(adapters: Sequence[str], examples: str, *, registry: Registry | None
 def evaluate(target: str, data: str, *, registry: Registry | None = None, progress: Progress | None = None,
              **options: Any) -> Result:
     """Measure ``target`` (+ variant / adapter / prompt options) on ``data``; results are recorded."""
+    from adapterhub_c.workflows import evals as _evals
     reg = _reg(registry)
     row = _evals.run_eval(reg, target, data, progress=progress, **options)
     return Result(name=row["target"], id="", kind="evaluation", report=row)
@@ -318,6 +347,7 @@ def evaluate(target: str, data: str, *, registry: Registry | None = None, progre
 
 def generate(target: str, text: str, *, registry: Registry | None = None, **options: Any) -> Result:
     """Greedy continuation of ``text``; ``report["text"]`` holds it."""
+    from adapterhub_c.workflows import evals as _evals
     out = _evals.run_generate(_reg(registry), target, text, **options)
     return Result(name=target, id="", kind="generation", report={"text": out})
 
@@ -325,6 +355,7 @@ def generate(target: str, text: str, *, registry: Registry | None = None, **opti
 def load(target: str, adapter: str | None = None, prompt: str | None = None, *, variant: str | None = None,
          device: str | None = "cpu", registry: Registry | None = None):
     """``(model, tokenizer)`` of a stack in eval mode: base or variant, then adapter, then prompt."""
+    from adapterhub_c.runtime.stack import load_stack, resolve_stack
     reg = _reg(registry)
     return load_stack(reg, resolve_stack(reg, target, variant, adapter, prompt), device)
 
@@ -363,18 +394,19 @@ def gc(*, dry_run: bool = False, registry: Registry | None = None) -> dict[str, 
 
 def run_batch(*, registry: Registry | None = None, progress: Progress | None = None, **options: Any) -> dict:
     """Pull, convert, pack, evaluate and push many adapters (see ``batch.ops.run_batch``)."""
+    from adapterhub_c.batch import ops as _batch
     return _batch.run_batch(_reg(registry), progress=progress, **options)
 
 
 def batch_status(name: str, *, registry: Registry | None = None) -> dict[str, Any]:
     """The items of batch ``name``: state, attempts, errors, results."""
+    from adapterhub_c.batch import ops as _batch
     return _batch.batch_status(_reg(registry), name)
 
 
-SERVE_HOST, SERVE_TOKEN_ENV = _serve.DEFAULT_HOST, _serve.TOKEN_ENV
 
 
-def serve(target: str, *, host: str = SERVE_HOST, port: int = 8000, registry: Registry | None = None,
+def serve(target: str, *, host: str | None = None, port: int = 8000, registry: Registry | None = None,
           ready: Callable | None = None, warn: Callable[[str], None] | None = None, **options: Any) -> None:
     """Serve ``target`` and its adapters behind an OpenAI-compatible API until interrupted.
 
@@ -382,6 +414,8 @@ def serve(target: str, *, host: str = SERVE_HOST, port: int = 8000, registry: Re
     max_resident_mb, token, device, allow_pull, log_requests, max_batch, batch_window_ms);
     ``ready(endpoint, server)`` is called once listening.
     """
+    from adapterhub_c.serve import server as _serve
+    host = host or SERVE_HOST
     _serve.serve(_reg(registry), target, _serve.ServeOptions(**options), host=host, port=port, ready=ready,
                  warn=warn)
 
@@ -389,4 +423,5 @@ def serve(target: str, *, host: str = SERVE_HOST, port: int = 8000, registry: Re
 def demo(*, base: str = SMOLLM2, max_tokens: int | None = None, registry: Registry | None = None,
          progress: Progress | None = None) -> Iterator[tuple[str, list[dict]]]:
     """The whole flow on ``base``, yielding (title, rows) per step as it goes."""
+    from adapterhub_c import demo_flow as _demo
     yield from _demo.run_demo(_reg(registry), base=base, max_tokens=max_tokens, progress=progress)

@@ -49,10 +49,13 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # ours reach the user as `warning: …` lines from each command's result
     warnings.filterwarnings("ignore", category=AdaptWarning)
-    from transformers.utils import logging as hf_logging
+    # transformers reads these when imported; most commands never import it (listings stay fast)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 COMMAND_MODULES = ("registry_cmds", "base_cmds", "eval_cmds", "variant_cmds", "hub_cmds", "adapt_cmds",

@@ -16,6 +16,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.httpserve import ThreadedServer, bind, endpoint_of, is_loopback, serve_forever
 from adapterhub_c.models.arch import describe
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.options.serve import DEFAULT_HOST, TOKEN_ENV
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
 from adapterhub_c.runtime.variants import variant_kept_indices
@@ -25,9 +26,7 @@ from adapterhub_c.serve.layers import GATHER_MIN, Router, wrap_linears
 from adapterhub_c.serve.metrics import Metrics
 from adapterhub_c.training.prompt import context_length
 
-TOKEN_ENV = "ADAPTERHUB_SERVE_TOKEN"
 GRACEFUL_SHUTDOWN_S = 2
-DEFAULT_HOST = "127.0.0.1"
 
 
 @dataclass

@@ -37,6 +37,7 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.fsutil import atomic_dir
+from adapterhub_c.options.export import EXPORT_FORMATS
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.models import BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
@@ -45,7 +46,6 @@ from adapterhub_c.runtime.variants import load_variant, materialize_variant, sto
 from adapterhub_c.variants.build import BASE_DIR, storage_dtype
 from adapterhub_c.variants.recipe import Recipe
 
-EXPORT_FORMATS = ("hf", "compressed-tensors")
 META_NAME = "adapterhub_c.json"
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")
 _SKIPPED_NAMES = ("config.json", "README.md", ".gitattributes", "variant.json")
