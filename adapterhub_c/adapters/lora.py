@@ -95,7 +95,7 @@ def canonical_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return out, changed
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def pattern_value(patterns: dict, module: str, default):
     """Resolve a PEFT rank/alpha pattern for ``module`` (PEFT's get_pattern_key rule)."""
     for pattern, value in (patterns or {}).items():
         if module == pattern or re.match(rf"(.*\.)?{pattern}$", module):
@@ -105,8 +105,8 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def lora_scale(config: dict, module: str) -> float:
     """The factor PEFT multiplies B @ A by for ``module`` (rank/alpha patterns, rsLoRA)."""
-    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    r = pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 

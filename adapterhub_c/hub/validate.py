@@ -24,9 +24,9 @@ from adapterhub_c.adapters.lora import (
     PREFIX,
     WEIGHTS_NAME,
     LoraAdapter,
-    _pattern_value,
     canonical_key,
     check_lora_config,
+    pattern_value,
     read_config,
 )
 from adapterhub_c.errors import IntegrityError, UsageError
@@ -164,7 +164,7 @@ def _check_shapes(config: dict, header: dict, weights: Path) -> None:
                 other = next(iter(pair.values()))[0]
                 raise IntegrityError(f"{weights}: tensor {other} has no matching {need} tensor")
         (a_key, a_shape), (b_key, b_shape) = pair["lora_A"], pair["lora_B"]
-        r = _pattern_value(config.get("rank_pattern"), module, r_default)
+        r = pattern_value(config.get("rank_pattern"), module, r_default)
         if len(a_shape) < 2 or a_shape[0] != r:
             raise IntegrityError(f"{weights}: tensor {a_key} has shape {a_shape}; expected "
                                  f"[r={r}, in_features] for rank {r}")
