@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
+from adapterhub_c.options.export import EXPORT_FORMATS
 from adapterhub_c.options.serve import DEFAULT_HOST as SERVE_HOST
+from adapterhub_c.options.serve import TOKEN_ENV as SERVE_TOKEN_ENV
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -76,7 +78,7 @@ __all__ = [
     "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "serve", "demo",
+    "serve_hub", "serve", "demo", "LISTABLE", "DEFAULT_DEMO_BASE", "EXPORT_FORMATS", "SERVE_HOST", "SERVE_TOKEN_ENV",
 ]
 __all__.extend(_LAZY_NAMES)  # the choice lists and defaults the commands offer
 
