@@ -107,3 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
