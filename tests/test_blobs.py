@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -40,13 +39,15 @@ from adapterhub_c.workflows.bases import add_builtin_base
 from adapterhub_c.registry.artifacts import register_artifact
 reg = Registry(home=sys.argv[1])
 base, _ = add_builtin_base(reg, "builtin:tiny-llama")
+tmp = reg.home / "tmp"
 class Slow:
-    def __init__(self): self.n = 0
+    def __init__(self): self.n, self.told = 0, False
     def read(self, size):
         self.n += 1
-        if self.n == 3:
+        if not self.told and any(p.stat().st_size > 0 for p in tmp.iterdir()):
+            self.told = True  # bytes reached the temp file: the parent may kill us now
             print("writing", flush=True)
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing only: this stream never ends
         return b"x" * 1024
 digest = reg.blobs.put_stream(Slow())  # never ends: killed mid-write
 register_artifact(reg, kind="lora", name="never", base_id=base.id, files={"x": digest})
@@ -55,8 +56,7 @@ register_artifact(reg, kind="lora", name="never", base_id=base.id, files={"x": d
 
 def test_killed_writer_leaves_no_row_and_gc_cleans(tmp_path, cli, home):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(home)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    time.sleep(0.3)
+    assert proc.stdout.readline().strip() == "writing"  # sent once the temp file holds bytes
     tmp_files = list((home / "tmp").iterdir())
     assert tmp_files and all(p.stat().st_size > 0 for p in tmp_files)
     proc.send_signal(signal.SIGKILL)

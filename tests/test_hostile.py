@@ -7,7 +7,6 @@ allocates above the cap, every HTTP answer is 2xx/4xx, and the server still answ
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import httpx2
@@ -51,9 +50,8 @@ def test_http_requests_never_5xx_and_the_server_keeps_answering(tmp_path):
     tally = Tally()
     with running_hub(tmp_path / "hub") as hub:
         seed_hub(hub.store)
-        t0 = time.monotonic()
+        # a request the server never answers times out (10 s) and is tallied "dropped", which _clean refuses
         run_http_cases(tally, hub.endpoint, seed=3, n=150)
-        assert time.monotonic() - t0 < 120
         assert httpx2.get(f"{hub.endpoint}/api/models", timeout=10).status_code == 200
     _clean(tally)
     assert tally.counts["http"]["refused"] > 0 and tally.counts["http"]["accepted"] > 0

@@ -96,8 +96,13 @@ def test_version_1_fixture_still_reads(encoding):
 
 
 def test_the_re_signed_fixture_reads(tmp_path):
-    """The helpers themselves produce a valid pack when nothing is changed."""
-    read_pack(_signed(tmp_path, *_load()))
+    """The helpers themselves produce a valid pack when nothing is changed: it reads as the fixture does."""
+    again = read_pack(_signed(tmp_path, *_load()))
+    fixture = read_pack(FIXTURES / "v1-golomb.pack")
+    assert (again.density, again.alpha, again.scope, again.encoding) == (0.2, 1.5, "tensor", "golomb")
+    assert sorted(again.tensors) == sorted(fixture.tensors)
+    a, b = unpack_to_adapter(again), unpack_to_adapter(fixture)
+    assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
 
 # ---- one test per hostile case of issue 20, item 3 -------------------------------------------

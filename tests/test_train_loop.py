@@ -45,7 +45,8 @@ def test_plain_lora_training_lowers_the_loss_and_reports(texts):
     r = trained.result
     assert len(r.losses) == 30 and r.steps == 30
     assert sum(r.losses[-5:]) / 5 < sum(r.losses[:5]) / 5 - 0.1
-    assert r.tokens == 30 * 2 * 32 and r.tokens_per_s > 0 and r.wall_s > 0
+    assert r.tokens == 30 * 2 * 32
+    assert r.tokens_per_s == pytest.approx(r.tokens / r.wall_s)  # the throughput of this run's tokens
     assert seen[-1] == ("training", 30, 30) and len(seen) == 30
     keys = set(trained.adapter.tensors)
     assert keys and all(k.startswith("base_model.model.model.layers.") for k in keys)
