@@ -21,7 +21,7 @@ def _split_list(value: str) -> list[str]:
 @prompt_group.command("learn")
 @click.option("--variant", "target", required=True,
               help="Variant to learn the prompt on (a base name learns it on the uncompressed base).")
-@click.option("--data", default="builtin:pydoc", show_default=True,
+@click.option("--data", default=api.DEFAULT_CORPUS, show_default=True,
               help="Training text: builtin:pydoc, builtin:task/<name>, or a .txt/.jsonl file (train split).")
 @click.option("--tokens", type=int, default=DEFAULTS["tokens"], show_default=True, help="Prompt length k.")
 @click.option("--init", default="vocab-sample", show_default=True,
