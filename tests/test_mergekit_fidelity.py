@@ -19,6 +19,7 @@ from safetensors import safe_open
 from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
 from adapterhub_c.errors import UsageError
 from adapterhub_c.kernels.ties_cpu import drop_excess_ties, ties_merge, trim_thresholds
+from adapterhub_c.kernels.topk import mergekit_topk_mask
 from adapterhub_c.merging import make_spec, merge_adapters, merge_config_yaml, parse_merge_config
 from adapterhub_c.merging.rules import dare, elect_and_merge, merge_dense, trim_magnitude
 
@@ -75,22 +76,20 @@ def test_ties_keeps_at_least_one_entry_under_mergekit_and_none_under_peft():
     assert not trim_magnitude(tau, d, "peft").any()
 
 
-def test_ties_at_a_magnitude_tie_keeps_exactly_k_like_mergekit():
-    meta, t = _case("ties-tied")
+@pytest.mark.parametrize("name", ["ties-tied", "ties-tied-large"])
+def test_ties_at_a_magnitude_tie_keeps_the_entries_mergekit_keeps(name):
+    meta, t = _case(name)
     tau, w, d = t["tau"], t["weights"], meta["density"]
     k = int(d * tau[0].numel())
     ours = trim_magnitude(tau, d, "mergekit")
     theirs = t["trimmed"]
-    assert ((ours != 0).sum((1, 2)) == k).all() and ((theirs != 0).sum((1, 2)) == k).all()
-    for i in range(tau.shape[0]):  # which tied entries: mergekit's argsort order, ours the lowest index
-        thr = tau[i].abs().flatten().kthvalue(tau[i].numel() - k + 1).values
-        differ = (ours[i] != 0) != (theirs[i] != 0)
-        assert (tau[i].abs()[differ] == thr).all()
-        assert torch.equal(ours[i][tau[i].abs() > thr], theirs[i][tau[i].abs() > thr])
-    # the vote and the divisor on mergekit's own trim give mergekit's merge
-    _close(elect_and_merge(theirs, w, "total", "mergekit"), t["merged"])
-    # the fused CPU path cuts the same ties as the torch rule
-    _close(_merged_delta(tau, "ties", d, w.tolist()), elect_and_merge(ours, w, "total", "mergekit"))
+    assert ((theirs != 0).sum((1, 2)) == k).all()
+    thr = tau.abs().flatten(1).kthvalue(tau[0].numel() - k + 1).values
+    assert ((tau.abs().flatten(1) >= thr[:, None]).sum(1) > k).all()  # the case has ties to cut at the threshold
+    assert torch.equal(ours, theirs)  # the same entries, tied ones included (mergekit's argsort order)
+    _close(elect_and_merge(ours, w, "total", "mergekit"), t["merged"])
+    # the fused CPU path cuts the same ties, and gives mergekit's merge
+    _close(_merged_delta(tau, "ties", d, w.tolist()), t["merged"])
     # the peft convention keeps every tied entry
     peft = trim_magnitude(tau, d, "peft")
     assert ((peft != 0).sum((1, 2)) > k).all()
@@ -101,7 +100,8 @@ def test_drop_excess_ties_cuts_the_kernel_trim_to_k():
     thr = trim_thresholds(tau, 0.5, "mergekit")  # k = 3
     assert thr.tolist() == [1.0, 1.0]
     cut = drop_excess_ties(tau, thr, 0.5)
-    assert cut[0].tolist() == [[2.0, 1.0, 1.0, 0.0, 0.5, 0.0]] and torch.equal(cut[1], tau[1])
+    assert (cut[0] != 0).sum() == 3 and cut[0, 0, 0] == 2.0 and cut[0, 0, 4] == 0  # k = 3: the 2 and two tied 1s
+    assert torch.equal(cut[0] != 0, mergekit_topk_mask(tau[0], 3)) and torch.equal(cut[1], tau[1])
     no_ties = tau[1:]
     assert drop_excess_ties(no_ties, thr[1:], 0.5) is no_ties  # nothing to cut: no copy
     assert trim_thresholds(tau, 0.01, "mergekit").tolist() == [2.0, 3.0]  # k = max(1, 0)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.kernels.topk import mergekit_topk_mask
 
 _SAMPLE = 16384
 
@@ -157,8 +158,8 @@ def drop_excess_ties(tau: torch.Tensor, thresholds: torch.Tensor, density: float
     """τ [N, *shape] (CPU) trimmed to exactly k = max(1, int(density·numel)) entries per input.
 
     ``thresholds`` are :func:`trim_thresholds` under the mergekit convention. Where more
-    than k entries of input i reach ``thresholds[i]`` (ties at it), the tied entries past
-    the first ones in flat index order are zeroed, in a copy: the mergekit convention of
+    than k entries of input i reach ``thresholds[i]`` (ties at it), input i keeps the k
+    entries :func:`mergekit_topk_mask` picks, in a copy: the mergekit convention of
     ``trim_magnitude``. Returns ``tau`` itself when no input has excess ties, which costs
     one compiled counting pass per input.
     """
@@ -174,7 +175,7 @@ def drop_excess_ties(tau: torch.Tensor, thresholds: torch.Tensor, density: float
         if extra > 0:
             if out is None:
                 out = xn.copy()
-            out[i, np.flatnonzero(np.abs(xn[i]) == t)[-extra:]] = 0
+            out[i, ~mergekit_topk_mask(tau[i], k).reshape(-1).numpy()] = 0
     return tau if out is None else torch.from_numpy(out).view(tau.shape)
 
 

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from adapterhub_c.kernels.topk import mergekit_topk_mask
+
 L1_RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
 
 
@@ -32,13 +34,14 @@ def trim_count(density: float, numel: int, convention: str = "peft") -> int:
     return max(1, k) if convention == "mergekit" and numel else k
 
 
-def _first_k(mag: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep mask of exactly ``k`` entries per row of ``mag`` [..., n] whose k-th largest is
-    ``thr`` [..., 1]: all above it, then the tied ones in index order."""
-    above = mag > thr
-    tied = mag == thr
-    room = k - above.sum(-1, keepdim=True)
-    return above | (tied & (tied.cumsum(-1) <= room))
+def _mergekit_keep(tau: torch.Tensor, mag: torch.Tensor, thr: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask [..., n] of exactly ``k`` entries per matrix of ``tau``: every magnitude at or
+    above ``thr`` where that is k entries, else (ties at the threshold) the k mergekit keeps."""
+    keep = mag >= thr
+    flat_keep, flat_tau = keep.reshape(-1, keep.shape[-1]), tau.reshape(-1, *tau.shape[-2:])
+    for j in torch.nonzero(flat_keep.sum(-1) > k).flatten().tolist():
+        flat_keep[j] = mergekit_topk_mask(flat_tau[j], k).reshape(-1)
+    return keep
 
 
 def trim_magnitude(tau: torch.Tensor, density: float, convention: str = "peft") -> torch.Tensor:
@@ -47,9 +50,8 @@ def trim_magnitude(tau: torch.Tensor, density: float, convention: str = "peft") 
     k as :func:`trim_count` gives. The threshold is the k-th largest magnitude
     (``kthvalue``, O(n), faster than ``topk`` on CPU). Entries tied with it: the ``peft``
     convention keeps them all (which only matters for exactly equal magnitudes; PEFT's
-    own ``topk`` keeps k of them); ``mergekit`` keeps exactly k, the tied ones with the
-    lowest flat index first (mergekit keeps the first k of an ``argsort``, whose order
-    among equal values torch leaves unspecified).
+    own ``topk`` keeps k of them); ``mergekit`` keeps exactly k, the tied ones in the
+    order of the ``torch.argsort`` mergekit itself calls (:func:`mergekit_topk_mask`).
     """
     rows, cols = tau.shape[-2:]
     numel = rows * cols
@@ -60,7 +62,7 @@ def trim_magnitude(tau: torch.Tensor, density: float, convention: str = "peft") 
         return torch.zeros_like(tau)
     mag = tau.abs().reshape(*tau.shape[:-2], numel)
     thr = torch.kthvalue(mag, numel - k + 1, dim=-1, keepdim=True).values
-    keep = _first_k(mag, thr, k) if convention == "mergekit" else mag >= thr
+    keep = _mergekit_keep(tau, mag, thr, k) if convention == "mergekit" else mag >= thr
     return torch.where(keep.reshape(tau.shape), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 

@@ -14,9 +14,11 @@ Conventions (the defaults and why):
   ``dare_ties`` defaults to ``normalize: false``; we always normalise under this
   convention.
 - TIES trim ties: ``peft`` keeps every entry tied with the k-th largest magnitude
-  (k = int(density·n)) and nothing when k = 0; ``mergekit`` keeps exactly k (the tied
-  ones with the lowest index first) and at least one, max(1, int(density·n)), as
-  mergekit 0.1.5's ``sparsify.magnitude`` does.
+  (k = int(density·n)) and nothing when k = 0; ``mergekit`` keeps exactly k and at least
+  one, max(1, int(density·n)), as mergekit 0.1.5's ``sparsify.magnitude`` does, the
+  tied ones being those its ``torch.argsort`` puts first (the same call on the same
+  float32 values: ``kernels.topk.mergekit_topk_mask``; tested against mergekit's own
+  output on tied inputs).
 - ``rescale`` (DARE only): ``l1`` rescales each input's kept entries by ‖τ‖₁/‖mask·τ‖₁
   (mergekit ≥ 0.1, its ``sparsify`` with ``rescale_norm: l1``; the default under
   ``convention="mergekit"``), ``inverse-p`` by 1/density (the DARE paper and PEFT; the
