@@ -103,11 +103,20 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def rank_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """alpha / r (alpha / √r with rsLoRA): the one place a low-rank scale is computed.
+
+    LoRA's scale (:func:`lora_scale`) and a recovery module's
+    (``adapters.recovery.RecoveryConfig.scale``) both come from here.
+    """
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 def lora_scale(config: dict, module: str) -> float:
     """The factor PEFT multiplies B @ A by for ``module`` (rank/alpha patterns, rsLoRA)."""
     r = pattern_value(config.get("rank_pattern"), module, config["r"])
     alpha = pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return rank_scale(alpha, r, bool(config.get("use_rslora")))
 
 
 @dataclass

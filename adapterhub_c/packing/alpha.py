@@ -32,13 +32,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from adapterhub_c.adapters.attach import copy_lora, load_adapted, retarget
 from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.adapters.recovery import recovery_modules
 from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.metrics import completion_perplexity, exact_match, perplexity
 from adapterhub_c.packing.deltafit import GAIN_GRID
-from adapterhub_c.training import peft_io
-from adapterhub_c.training.convert import load_adapted
-from adapterhub_c.training.recovery import recovery_modules
 
 ALPHA_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
 GRIDS = {"compeft": ALPHA_GRID, "delta-fit": GAIN_GRID}  # stc has no alpha
@@ -55,7 +54,7 @@ class AdapterSlot:
 
     def __init__(self, model: torch.nn.Module, first: LoadedAdapter):
         # module names as the model has them, computed before PEFT wraps the model
-        self._mapping = peft_io.retarget(first.lora.modules(), model)
+        self._mapping = retarget(first.lora.modules(), model)
         self.model = load_adapted(model, first.lora, first.recovery_state, first.recovery_config)
         self._recovery = recovery_modules(self.model) if first.recovery_state else {}
         self._modules = set(first.lora.modules())
@@ -70,7 +69,7 @@ class AdapterSlot:
         for module, layer in layers.items():
             parts[self._mapping[module]] = {"A": layer.A, "B": layer.B,
                                             **({"bias": layer.bias} if layer.bias is not None else {})}
-        peft_io.copy_lora(self.model, parts)
+        copy_lora(self.model, parts)
         state = adapter.recovery_state or {}
         if set(state) != {f"{n}.recovery_{p}" for n in self._recovery for p in "DU"}:
             raise UsageError("the adapter's recovery modules differ from those attached")

@@ -22,7 +22,7 @@ LoRA factors under the names ``recovery::<module>.recovery_D`` / ``…recovery_U
 same top-k and std as the LoRA factors with ``scope="global"``), and the recovery config
 (rank, alpha, act, dropout, init seed) is kept as JSON in the metadata key ``recovery_config``
 (only when there is recovery). When the recovery config names the seed D started from
-(``init_seed``), the pack holds D − D₀ (``training.recovery.seeded_d_init``, drawn again on
+(``init_seed``), the pack holds D − D₀ (``adapters.recovery.seeded_d_init``, drawn again on
 decode) and the config says so (``d_from_init: true``): a random D₀ is noise a sparse
 ternary code cannot keep, while what training changed is small and compresses like a task
 vector (measured on the demo's converted adapter: packing D itself cost 18 of 98 points of
@@ -61,6 +61,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
+from adapterhub_c.adapters.recovery import seeded_d_init
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes, parse_safetensors_header
 from adapterhub_c.packing.compeft import (
@@ -187,8 +188,6 @@ def pack_adapter(adapter: LoraAdapter, *, density: float, base: str, source_dige
 
 def _shift_d(state: Mapping[str, torch.Tensor], seed: int, sign: int) -> dict[str, torch.Tensor]:
     """``state`` with ``sign`` · D₀ added to every recovery D (D₀ = ``seeded_d_init``, float32)."""
-    from adapterhub_c.training.recovery import seeded_d_init
-
     out = dict(state)
     for key, d in state.items():
         if key.endswith(".recovery_D"):

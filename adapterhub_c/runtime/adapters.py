@@ -6,16 +6,16 @@ that takes ``--adapter`` (eval, generate, convert, merge, compose, pack) accepts
 """
 from __future__ import annotations
 
+from adapterhub_c.adapters.attach import load_adapted
 from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.adapters.recovery import FILE_NAME, read_recovery_file
 from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.packs import decode_pack_folder
 from adapterhub_c.runtime.variants import variant_kept_indices
-from adapterhub_c.training.convert import _attach_source_lora, load_adapted
-from adapterhub_c.training.recovery import FILE_NAME, load_recovery, read_recovery_file
 
 
 def load_adapter_artifact(reg: Registry, art: Artifact) -> LoadedAdapter:
@@ -41,12 +41,6 @@ def attach_adapter(reg: Registry, spec, model, device=None):
     """
     loaded = load_adapter_artifact(reg, spec.adapter)
     kept = None
-    if spec.variant is not None:
-        kept = variant_kept_indices(reg, spec.variant)
-    if kept and spec.adapter.variant_id != (spec.variant.id if spec.variant else None):
-        peft_model, _ = _attach_source_lora(model, loaded.lora, kept_indices=kept)
-        if loaded.recovery_state is not None:
-            load_recovery(peft_model, loaded.recovery_state, loaded.recovery_config)
-        peft_model.requires_grad_(False)
-        return peft_model.eval()
-    return load_adapted(model, loaded.lora, loaded.recovery_state, loaded.recovery_config)
+    if spec.variant is not None and spec.adapter.variant_id != spec.variant.id:
+        kept = variant_kept_indices(reg, spec.variant) or None
+    return load_adapted(model, loaded.lora, loaded.recovery_state, loaded.recovery_config, kept_indices=kept)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.adapters.recovery import RecoveryConfig
 from adapterhub_c.errors import IntegrityError
 from adapterhub_c.packing.format import (
     DecodedPack,
@@ -16,7 +17,6 @@ from adapterhub_c.packing.format import (
 from adapterhub_c.registry.models import Artifact, BaseModel
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import base_label
-from adapterhub_c.training.recovery import RecoveryConfig
 
 PACK_FILE = "pack.safetensors"
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from sqlalchemy import select
 
+from adapterhub_c.adapters.attach import retarget_names
 from adapterhub_c.adapters.loaded import LoadedAdapter
+from adapterhub_c.adapters.recovery import RecoveryConfig
+from adapterhub_c.adapters.slicing import target_factors
 from adapterhub_c.errors import NotFoundError, UsageError
 from adapterhub_c.models.arch import Architecture
 from adapterhub_c.registry.kinds import ADAPTER_KINDS
@@ -29,9 +32,6 @@ from adapterhub_c.runtime.prompts import read_prompt_artifact
 from adapterhub_c.serve.errors import bad_request, model_not_found
 from adapterhub_c.serve.layers import AdapterWeights, LoraPart, PromptWeights, RecoveryPart
 from adapterhub_c.serve.metrics import Metrics
-from adapterhub_c.training.convert import _source_tensors
-from adapterhub_c.training.peft_io import retarget_names
-from adapterhub_c.training.recovery import RecoveryConfig
 
 PROMPT_KIND = "prompt"
 SERVABLE_KINDS = ADAPTER_KINDS + (PROMPT_KIND,)
@@ -87,7 +87,7 @@ def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> Ada
     mapping = retarget_names(lora.modules(), names)
     target_variant = target.variant.id if target.variant else None
     kept = target.kept_indices if (target.kept_indices and art.variant_id != target_variant) else None
-    parts = _source_tensors(lora, mapping, kept, target.arch)
+    parts = target_factors(lora, mapping, kept, target.arch)
     scales = {mapping[m]: layer.scale for m, layer in lora.layers().items() if m in mapping}
     out = AdapterWeights(key=art.id, name=art.name)
     pending: list[tuple[torch.Tensor, object, str]] = []  # (source tensor, part, attribute)
@@ -110,9 +110,7 @@ def adapter_weights(art: Artifact, loaded: LoadedAdapter, target: Target) -> Ada
             d_in, d_out = target.linears[name]
             if D.shape[1] != d_in or U.shape[0] != d_out or D.shape[0] != U.shape[1]:
                 raise UsageError(f"adapter {art.name!r}: recovery tensors of {name} do not fit a {d_in}→{d_out} layer")
-            # the scale exactly as training.recovery.load_recovery computes it
-            scale = RecoveryConfig(rank=D.shape[0], alpha=cfg.scale * D.shape[0], act=cfg.act,
-                                   dropout=cfg.dropout).scale
+            scale = cfg.for_rank(D.shape[0]).scale  # as adapters.recovery.load_recovery gives it
             part = out.recovery[name] = RecoveryPart(D, U, scale, cfg.act)
             pending += [(D, part, "D"), (U, part, "U")]
     # one float32 buffer per adapter on the device, the factors views into it: a single

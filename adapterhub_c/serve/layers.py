@@ -11,7 +11,7 @@ The arithmetic is PEFT's and the recovery hook's, in the same order, so a row se
 alone gives the same numbers as ``adapt generate``:
 
     out = base(x);  out = out + lora_B(lora_A(x)) · scale;  out = out + R(x)
-    R(x) = act(x @ Dᵀ) @ Uᵀ · scale_R                        (training/recovery.py)
+    R(x) = act(x @ Dᵀ) @ Uᵀ · scale_R       (adapters.recovery.recovery_forward, the one definition)
 
 Rows of one batch are sorted by adapter, so each adapter's rows are one contiguous slice.
 With few distinct adapters in a batch each slice gets its own two matmuls ("grouped");
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapterhub_c.training.recovery import ACTIVATIONS
+from adapterhub_c.adapters.recovery import recovery_forward
 
 GATHER_MIN = 4  # distinct adapters in a batch from which the LoRA part is gathered
 
@@ -87,10 +87,10 @@ class PromptWeights:
         return int(self.embeddings.shape[0])
 
 
-def recovery_forward(x: torch.Tensor, part: RecoveryPart) -> torch.Tensor:
-    """R(x), exactly as ``training.recovery.Recovery.forward`` in eval mode."""
-    x = x.to(part.D.dtype)
-    return ACTIVATIONS[part.act](F.linear(x, part.D)) @ part.U.t() * part.scale
+def recovery_part_forward(x: torch.Tensor, part: RecoveryPart) -> torch.Tensor:
+    """R(x) of a resident recovery part: :func:`~adapterhub_c.adapters.recovery.recovery_forward`
+    (the training module's own function) in eval mode."""
+    return recovery_forward(x, part.D, part.U, part.scale, part.act)
 
 
 def lora_forward(x: torch.Tensor, part: LoraPart) -> torch.Tensor:
@@ -228,7 +228,7 @@ class MultiAdapterLinear(nn.Module):
             if g.lora is not None:
                 out = (out + lora_forward(x, g.lora)).to(dtype)
             if g.recovery is not None:
-                out = out + recovery_forward(x, g.recovery).to(dtype)
+                out = out + recovery_part_forward(x, g.recovery).to(dtype)
             return out
         out = out.clone()
         if plan.gathered is not None:
@@ -241,7 +241,7 @@ class MultiAdapterLinear(nn.Module):
             if plan.gathered is None and g.lora is not None:
                 out[g.start:g.stop] = (out[g.start:g.stop] + lora_forward(x[g.start:g.stop], g.lora)).to(dtype)
             if g.recovery is not None:
-                out[g.start:g.stop] = out[g.start:g.stop] + recovery_forward(x[g.start:g.stop], g.recovery).to(dtype)
+                out[g.start:g.stop] = out[g.start:g.stop] + recovery_part_forward(x[g.start:g.stop], g.recovery).to(dtype)
         return out
 
 

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
+from adapterhub_c.adapters.slicing import slice_lora_layer, slice_to_variant
 from adapterhub_c.errors import AdaptWarning, UsageError
 from adapterhub_c.models.arch import (
     ATTN_IN,
@@ -61,7 +62,7 @@ from adapterhub_c.models.arch import (
     weight_out_in,
 )
 from adapterhub_c.progress import Progress
-from adapterhub_c.variants.calibration import _batches, normalise_calibration
+from adapterhub_c.variants.calibration import length_batches, normalise_calibration
 from adapterhub_c.variants.pruning import target_linears
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear
 
@@ -202,7 +203,7 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
     device = next(model.parameters()).device
     handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules.items()]
     try:
-        batches = list(_batches(rows, batch_size))
+        batches = list(length_batches(rows, batch_size))
         for i, batch in enumerate(batches):
             model(input_ids=batch.to(device), use_cache=False)
             live.clear()
@@ -254,44 +255,6 @@ def _check_kind(module: nn.Module, name: str) -> None:
         kind = type(module)
         raise UsageError(f"cannot read the effective weight of {name or 'a layer'} ({kind.__module__}."
                          f"{kind.__name__}): not a plain or bitsandbytes linear (unknown quantizer)")
-
-
-def ffn_slice(name: str, kept_indices: Mapping[str, torch.Tensor] | None, arch: Architecture | None
-              ) -> tuple[str, torch.Tensor, int] | None:
-    """How an ffn-channels variant slices the base's [out, in] layer ``name``: ("rows", kept, halves)
-    for an MLP input linear (the kept channels in every half of a fused gate/up), ("cols", kept, 1)
-    for the MLP output linear, or None. The MLP pairing is ``models.arch``'s (of the variant), so
-    any architecture it describes works."""
-    parent, _, leaf = name.rpartition(".")
-    kept = (kept_indices or {}).get(parent)
-    if kept is None:
-        return None
-    mlp = arch.mlp_of(parent) if arch is not None else None
-    if mlp is None:
-        raise UsageError(f"{name}: the variant has no MLP at {parent} to slice to its kept channels")
-    kept = torch.as_tensor(kept, dtype=torch.long)
-    if leaf in mlp.inputs:
-        return "rows", kept, mlp.halves.get(leaf, 1)
-    if leaf == mlp.output:
-        return "cols", kept, 1
-    return None
-
-
-def _rows(kept: torch.Tensor, halves: int, size: int) -> torch.Tensor:
-    """Rows of a base-sized input linear of ``size`` rows that hold channels ``kept``, every half."""
-    return torch.cat([kept + j * (size // halves) for j in range(halves)])
-
-
-def slice_to_variant(weight: torch.Tensor, name: str, kept_indices: Mapping[str, torch.Tensor] | None,
-                     arch: Architecture | None = None) -> torch.Tensor:
-    """A base-shaped [out, in] tensor of ``name`` sliced to an ffn-channels variant's kept channels."""
-    how = ffn_slice(name, kept_indices, arch)
-    if how is None:
-        return weight
-    axis, kept, halves = how
-    if axis == "rows":
-        return weight.index_select(0, _rows(kept, halves, weight.shape[0]).to(weight.device))
-    return weight.index_select(1, kept.to(weight.device))
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,16 +453,9 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
 
 
 def _carried(src: LoraLayer, name: str, kept_indices, arch: Architecture | None) -> LoraLayer:
-    """The source's own factors of ``name``, sliced to an ffn-channels variant's kept channels."""
-    A, B, bias = src.A, src.B, src.bias
-    how = ffn_slice(name, kept_indices, arch)
-    if how is not None and how[0] == "rows":
-        rows = _rows(how[1], how[2], B.shape[0])
-        B = B.index_select(0, rows)
-        bias = None if bias is None else bias.index_select(0, rows)
-    elif how is not None:
-        A = A.index_select(1, how[1])
-    return LoraLayer(A=A, B=B, scale=src.scale, bias=bias)
+    """The source's own factors of ``name`` (plain LoRA), sliced to an ffn-channels variant's kept channels."""
+    sliced = slice_lora_layer(src, name, kept_indices, arch)
+    return LoraLayer(A=sliced.A, B=sliced.B, scale=src.scale, bias=sliced.bias)
 
 
 def exact_targets(leaves: list[str], modules: list[str], model: nn.Module) -> list[str]:

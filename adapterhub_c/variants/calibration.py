@@ -55,7 +55,9 @@ def calibration_rows(tokenizer, data: str, samples: int, seq_len: int) -> list[t
     return list(ids[: rows * seq_len].view(rows, seq_len).unbind(0))
 
 
-def _batches(rows: list[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+def length_batches(rows: list[torch.Tensor], batch_size: int) -> Iterable[torch.Tensor]:
+    """The rows ([1, length] token ids) concatenated into batches of up to ``batch_size`` rows of
+    one length (shortest first): no padding, so every token is a real one."""
     by_len: dict[int, list[torch.Tensor]] = defaultdict(list)
     for row in rows:
         by_len[row.shape[1]].append(row)
@@ -97,7 +99,7 @@ def input_sq_norms(
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
     try:
-        for batch in _batches(rows, batch_size):
+        for batch in length_batches(rows, batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
@@ -133,7 +135,7 @@ class BlockwiseCalibrator:
         handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with torch.no_grad():
-                for batch in _batches(rows, batch_size):
+                for batch in length_batches(rows, batch_size):
                     try:
                         model(input_ids=batch.to(device), use_cache=False)
                     except _StopForward:
