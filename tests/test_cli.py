@@ -137,6 +137,18 @@ def test_generate(cli, reg, tiny_base):
     assert r.code == 2 and "context" in r.err
 
 
+def test_generate_refuses_bad_arguments_before_loading_a_model(cli, tiny_base, monkeypatch):
+    from adapterhub_c.workflows import evals
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(evals, "load_stack", no_load)
+    for bad in ("0", "-3"):
+        r = cli("generate", "builtin:tiny-llama", "Hello", "--max-new-tokens", bad)
+        assert r.code == 2 and "--max-new-tokens must be a positive integer" in r.err, r.err
+
+
 def test_corrupt_registry_exit_1(cli, home):
     home.mkdir(parents=True, exist_ok=True)
     (home / "registry.db").write_bytes(b"garbage" * 1000)

@@ -74,6 +74,37 @@ def test_gc_closes_dead_runs_and_removes_their_staging(reg, home, cli):
     assert cli("gc", "--json").json()["runs_interrupted"] == []  # nothing left to close
 
 
+KILLED_TRAINING = r"""
+import os, signal, sys
+from adapterhub_c.registry import Registry
+from adapterhub_c.registry.runs import record_run
+reg = Registry(home=sys.argv[1])
+with record_run(reg, "adapt convert", {"what": "killed"}) as run:
+    run.record_now(checkpoint=str(reg.checkpoint_dir("killed-before-its-first-save")))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_gc_removes_the_empty_checkpoint_of_a_killed_run_and_keeps_resumable_ones(reg, home, cli):
+    from adapterhub_c.registry.runs import record_run
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_TRAINING, str(home)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    empty = reg.cache_dir / "checkpoints" / "killed-before-its-first-save"
+    assert empty.is_dir() and not any(empty.iterdir())
+    resumable = reg.checkpoint_dir("saved-once")
+    (resumable / "state.pt").write_bytes(b"x")
+    with record_run(reg, "adapt convert", {"what": "alive"}) as run:  # a living run's empty folder stays
+        run.record_now(checkpoint=str(reg.checkpoint_dir("alive-not-saved-yet")))
+        dry = cli("gc", "--dry-run", "--json").json()
+        assert dry["staging_removed"] == [empty.name] and empty.is_dir()
+        r = cli("gc", "--json")
+        assert r.code == 0, r.err
+        assert r.json()["staging_removed"] == [empty.name]
+        assert not empty.exists() and resumable.is_dir() and reg.checkpoint_dir("alive-not-saved-yet").is_dir()
+
+
 def test_runs_of_other_hosts_and_living_processes_are_left_alone(reg):
     from adapterhub_c.registry.runs import mark_dead_runs
 

@@ -44,11 +44,19 @@ def sanitize(params: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunHandle:
-    """What the work sees of its run: its id and an ``output`` dict to fill."""
+    """What the work sees of its run: its id and an ``output`` dict to fill (written when the run ends)."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, reg: Registry | None = None):
         self.id = run_id
         self.output: dict[str, Any] = {}
+        self._reg = reg
+
+    def record_now(self, **fields: Any) -> None:
+        """Add ``fields`` to the output and write them to the row at once, for others to see while
+        the run goes on (e.g. the checkpoint folder it owns, which ``gc`` must then leave alone)."""
+        self.output.update(fields)
+        with self._reg.session() as s:
+            s.get(Run, self.id).output = sanitize(self.output)
 
 
 @contextlib.contextmanager
@@ -60,7 +68,7 @@ def record_run(reg: Registry, command: str, params: dict[str, Any]) -> Iterator[
         s.add(run)
         s.flush()
         run_id = run.id
-    handle = RunHandle(run_id)
+    handle = RunHandle(run_id, reg)
     t0 = time.monotonic()
     status, error = "succeeded", None
     try:

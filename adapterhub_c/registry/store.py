@@ -84,6 +84,22 @@ class Registry:
                 out.append(p)
         return sorted(out)
 
+    def checkpoint_dir(self, key: str) -> Path:
+        """``cache/checkpoints/<key>`` (created): what a training run keeps for ``--resume``."""
+        path = self.cache_dir / "checkpoints" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def empty_checkpoints(self, in_use: set[str]) -> list[Path]:
+        """Checkpoint folders that hold nothing (their run died before its first save), but ``in_use``.
+
+        A folder with files is kept: ``--resume`` continues from it."""
+        root = self.cache_dir / "checkpoints"
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir()
+                      if p.is_dir() and str(p) not in in_use and not any(p.iterdir()))
+
     def remove_staging(self, paths: list[Path]) -> None:
         for p in paths:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

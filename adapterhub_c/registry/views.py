@@ -125,14 +125,23 @@ def remove(reg: Registry, ref: str, cascade: bool = False) -> list[str]:
         return removed
 
 
+def _checkpoints_in_use(reg: Registry, dead: list[str]) -> set[str]:
+    """The checkpoint folders that living running runs name (their ``output["checkpoint"]``)."""
+    with reg.session() as s:
+        rows = s.execute(select(Run.id, Run.output).where(Run.status == "running")).all()
+    return {str(out["checkpoint"]) for run_id, out in rows
+            if run_id not in dead and isinstance(out, dict) and out.get("checkpoint")}
+
+
 def collect_garbage(reg: Registry, dry_run: bool = False) -> dict[str, Any]:
     """Clean up after dead writers, then remove blobs no row references.
 
     Runs left ``running`` by a process of this host that is gone (``kill -9``) are closed
     as ``interrupted``; staging folders of such processes (``cache/push-<pid>@<host>-…``)
-    are removed; then unreferenced blobs and dead writers' temp files."""
+    and empty checkpoint folders no running run names (a training run killed before its
+    first save) are removed; then unreferenced blobs and dead writers' temp files."""
     dead = mark_dead_runs(reg, dry_run=dry_run)
-    staging = reg.stale_staging()
+    staging = reg.stale_staging() + reg.empty_checkpoints(_checkpoints_in_use(reg, dead))
     if not dry_run:
         reg.remove_staging(staging)
     with record_run(reg, "gc", {"dry_run": dry_run}) as run:

@@ -37,10 +37,10 @@ def run_generate(reg: Registry, target: str, text: str, max_new_tokens: int = 64
                  variant: str | None = None, adapter: str | None = None, prompt: str | None = None,
                  device: str | None = "cpu") -> str:
     """Greedy continuation of ``text`` (as a chat turn with ``chat``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be a positive integer (got {max_new_tokens!r})")
     spec = resolve_stack(reg, target, variant, adapter, prompt)
     model, tokenizer = load_stack(reg, spec, device)
-    if max_new_tokens <= 0:
-        raise UsageError("--max-new-tokens must be positive")
     context = getattr(model.config, "max_position_embeddings", None)
     if chat:
         if not tokenizer.chat_template:
