@@ -154,7 +154,7 @@ def add_base(name: str, *, revision: str | None = None, allow_pickle: bool = Fal
     A Hub id that names a built-in (e.g. the SmolLM2 repo) without a revision is served by the
     built-in copy, offline. Idempotent: ``created`` is False when it was registered already.
     """
-    from adapterhub_c.hub import ops as _hub
+    from adapterhub_c.workflows import pull as _hub
     from adapterhub_c.workflows import bases as _bases
     reg = _reg(registry)
     if name.startswith("builtin:") or (builtin_for(name) is not None and not revision and "@" not in name):
@@ -216,7 +216,7 @@ def pull(repo: str, *, revision: str | None = None, name: str | None = None, reg
          progress: Progress | None = None, **options: Any) -> Result:
     """Pull a LoRA ``REPO[@REV]`` from the Hub (options: include, exclude, allow_pickle, with_base, token,
     base: attach to this registered base whatever the adapter's config names; the shape check decides)."""
-    from adapterhub_c.hub import ops as _hub
+    from adapterhub_c.workflows import pull as _hub
     reg = _reg(registry)
     art, created = _hub.pull_adapter(reg, repo, revision=revision, name=name, progress=progress, **options)
     base = reg.get(art.base_id, "base")
@@ -228,14 +228,14 @@ def pull(repo: str, *, revision: str | None = None, name: str | None = None, reg
 def search(base: str, *, limit: int = 50, token: str | None = None,
            registry: Registry | None = None) -> list[dict[str, Any]]:
     """LoRA adapters of ``base`` on the Hub, with what is already pulled."""
-    from adapterhub_c.hub import ops as _hub
+    from adapterhub_c.workflows import search as _hub
     return _hub.search_adapters_for(_reg(registry), base, limit=limit, token=token)
 
 
 def push(name: str, repo_id: str, *, registry: Registry | None = None, progress: Progress | None = None,
          **options: Any) -> Result:
     """Push artefact or variant ``name`` to Hub repo ``repo_id`` (options: private, fmt, commit_message, dry_run, token)."""
-    from adapterhub_c.hub import ops as _hub
+    from adapterhub_c.workflows import push as _hub
     reg = _reg(registry)
     out = _hub.push_artifact(reg, name, repo_id, progress=progress, **options)  # an artefact or a variant
     row = reg.get(name)
@@ -244,7 +244,7 @@ def push(name: str, repo_id: str, *, registry: Registry | None = None, progress:
 
 def serve_hub(root: str | Path, **options: Any) -> None:
     """Serve Hub repos from ``root`` until interrupted (options: host, port, token, ready, warn)."""
-    from adapterhub_c.hub import ops as _hub
+    from adapterhub_c.hubserver import server as _hub
     _hub.serve_hub(root, **options)
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
-from adapterhub_c.hub.ops import pull_adapter, push_artifact
+from adapterhub_c.workflows.pull import pull_adapter
+from adapterhub_c.workflows.push import push_artifact
 from adapterhub_c.models.builtin import SMOLLM2, TINY
 from adapterhub_c.registry.models import Artifact
 from adapterhub_c.registry.store import Registry
@@ -117,7 +118,7 @@ def _fmt(value, digits: int = 3):
 def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
              progress=None) -> Iterator[tuple[str, list[dict]]]:
     """Run the demo flow on ``base``; yields (section title, table rows)."""
-    from adapterhub_c.hub.server import BackgroundServer
+    from adapterhub_c.hubserver.server import BackgroundServer
 
     z = demo_sizes(base, max_tokens)
     b, created = add_builtin_base(reg, base, progress=progress)

@@ -170,7 +170,7 @@ def run_convert_rows(part: str, sources: list[str], workers: list[int], setup, c
 
 def bench_tiny(n_items: int, workers: list[int], steps: int, threads: int | None) -> list[dict]:
     from adapterhub_c.hub.client import push_folder
-    from adapterhub_c.hub.server import BackgroundServer
+    from adapterhub_c.hubserver.server import BackgroundServer
 
     token = "hf_bench_" + secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="adapt-bench-hub-") as tmp, BackgroundServer(Path(tmp) / "hub",

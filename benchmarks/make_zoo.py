@@ -16,7 +16,7 @@ add-numbers, json-field, so that consumers of the first LoRAs can start early):
    measures base and base+LoRA on the test split (exact match and completion perplexity
    on the first ``--eval-examples`` prompts for the built-in tasks; perplexity on the
    first ``--eval-tokens`` tokens for ``pydoc``);
-2. ``adapterhub_c.hub.ops.push_artifact`` pushes it to a local Hub served over
+2. ``adapterhub_c.workflows.push.push_artifact`` pushes it to a local Hub served over
    ``ZOO_DIR/hub`` as ``zoo/<base short name>-<task>``;
 3. the manifest ``ZOO_DIR/zoo.json`` is rewritten atomically.
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--remeasure", action="store_true", help="re-evaluate the zoo's LoRAs (no training) and exit")
     args = ap.parse_args(argv)
 
-    from adapterhub_c.hub.ops import push_artifact
+    from adapterhub_c.workflows.push import push_artifact
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.artifacts import name_taken
     from adapterhub_c.workflows.bases import add_builtin_base

@@ -9,7 +9,7 @@ consume it exactly like a user pulling community LoRAs::
 
 Layout of ``ZOO_DIR`` (``$ADAPTERHUB_ZOO``, default ``<repo>/benchmarks/.zoo``, git-ignored):
 
-- ``hub/``: a local Hub store (served by ``adapterhub_c.hub.server``), one repo
+- ``hub/``: a local Hub store (served by ``adapterhub_c.hubserver``), one repo
   ``zoo/smollm2-135m-<task>`` per LoRA;
 - ``home/``: the registry the zoo was trained in;
 - ``zoo.json``: the manifest, rewritten atomically after each LoRA is pushed::
@@ -64,7 +64,7 @@ def write_manifest(manifest: dict, zoo_dir: str | Path = ZOO_DIR) -> None:
 @contextlib.contextmanager
 def serve_zoo(zoo_dir: str | Path = ZOO_DIR) -> Iterator[str]:
     """Serve ``zoo_dir/hub`` on a random loopback port in a thread; yields the endpoint URL."""
-    from adapterhub_c.hub.server import BackgroundServer
+    from adapterhub_c.hubserver.server import BackgroundServer
 
     root = Path(zoo_dir) / "hub"
     root.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def pull_zoo(reg, endpoint: str, tasks: Sequence[str] | None = None,
     attach to it. Idempotent: a LoRA already pulled (same repo@commit) is reused.
     Returns ``{task: artefact name}``.
     """
-    from adapterhub_c.hub.ops import pull_adapter
+    from adapterhub_c.workflows.pull import pull_adapter
     from adapterhub_c.workflows.bases import add_builtin_base
 
     manifest = load_manifest(zoo_dir)

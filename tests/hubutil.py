@@ -7,6 +7,9 @@
     with running_hub(root, mode="process", faults=[{"op": "slow_body", "delay": 0.2}]) as hub:
         hub.kill()                                     # SIGKILL the server process
 
+Faults are test-side ASGI middleware (tests/hubfaults.py) given to the server through
+``create_app(..., middleware=[...])``; production code has no fault hooks.
+
 Clients should pass ``endpoint=`` and a ``cache_dir`` (or HF_HOME) under tmp_path, and run
 with HF_HUB_DISABLE_XET=1 (tests/conftest.py sets it before huggingface_hub is imported).
 """
@@ -15,43 +18,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
+
+from hubfaults import FaultInjector, fault_middleware
+from starlette.middleware import Middleware
 
 TOKEN = "hf_test_local_token_0123456789"
 
 _SERVER_SCRIPT = r"""
 import json, os, sys
-from pathlib import Path
-from adapterhub_c.hub.server import serve
+sys.path.insert(0, sys.argv[2])
+from hubfaults import FaultInjector, fault_middleware
+from adapterhub_c.hubserver.server import serve
 
-root, ready_file = sys.argv[1], Path(sys.argv[2])
-faults = json.loads(os.environ.get("ADAPTERHUB_TEST_FAULTS") or "[]")
-
-def configure(app):
-    for spec in faults:
-        spec = dict(spec)
-        getattr(app.state.faults, spec.pop("op"))(**spec)
+faults = FaultInjector()
+for spec in json.loads(os.environ.get("ADAPTERHUB_TEST_FAULTS") or "[]"):
+    spec = dict(spec)
+    getattr(faults, spec.pop("op"))(**spec)
 
 def ready(endpoint):
-    tmp = ready_file.with_suffix(".tmp")
-    tmp.write_text(endpoint)
-    os.replace(tmp, ready_file)
+    print(endpoint, flush=True)
 
-serve(root, token=os.environ.get("ADAPTERHUB_TEST_HUB_TOKEN") or None, ready=ready,
-      configure=configure, log_level="critical")
+serve(sys.argv[1], token=os.environ.get("ADAPTERHUB_TEST_HUB_TOKEN") or None, ready=ready,
+      log_level="critical", middleware=[fault_middleware(faults)])
 """
 
 
 class HubHandle(tuple):
     """Unpacks as ``(endpoint, token)``; also carries the root, the server and helpers."""
 
-    def __new__(cls, endpoint: str, token: str | None, root: Path, server=None, proc=None):
+    def __new__(cls, endpoint: str, token: str | None, root: Path, server=None, proc=None,
+                faults: FaultInjector | None = None):
         self = super().__new__(cls, (endpoint, token))
-        self.root, self.server, self.proc = root, server, proc
+        self.root, self.server, self.proc, self._faults = root, server, proc, faults
         return self
 
     @property
@@ -63,15 +66,15 @@ class HubHandle(tuple):
         return self[1]
 
     @property
-    def faults(self):
-        if self.server is None:
+    def faults(self) -> FaultInjector:
+        if self._faults is None:
             raise RuntimeError("faults can be armed directly only in thread mode; "
                                "pass faults=[...] to running_hub in process mode")
-        return self.server.faults
+        return self._faults
 
     @property
     def store(self):
-        from adapterhub_c.hub.store import RepoStore
+        from adapterhub_c.hubserver.store import RepoStore
 
         return self.server.store if self.server is not None else RepoStore(self.root)
 
@@ -82,36 +85,40 @@ class HubHandle(tuple):
             self.proc.wait(timeout=10)
 
 
+def _arm(faults: list[dict] | None) -> FaultInjector:
+    injector = FaultInjector()
+    for spec in faults or []:
+        spec = dict(spec)
+        getattr(injector, spec.pop("op"))(**spec)
+    return injector
+
+
 @contextlib.contextmanager
 def running_hub(root: str | Path, token: str | None = TOKEN, mode: str = "thread",
-                faults: list[dict] | None = None) -> Iterator[HubHandle]:
-    """Start a server on 127.0.0.1:<random port> serving ``root``; stop it on exit."""
+                faults: list[dict] | None = None, observe: list[Middleware] = ()) -> Iterator[HubHandle]:
+    """Start a server on 127.0.0.1:<random port> serving ``root``; stop it on exit.
+
+    ``observe`` (thread mode): middleware put around the whole app, edge checks included
+    (e.g. ``hubfaults.ProbeMiddleware``); faults act inside the edge checks.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     if mode == "thread":
-        from adapterhub_c.hub.server import BackgroundServer
+        from adapterhub_c.hubserver.server import BackgroundServer
 
-        srv = BackgroundServer(root, token=token)
-        for spec in faults or []:
-            spec = dict(spec)
-            getattr(srv.faults, spec.pop("op"))(**spec)
+        injector = _arm(faults)
+        srv = BackgroundServer(root, token=token, middleware=[fault_middleware(injector)])
+        for m in observe:
+            srv.app.add_middleware(m.cls, *m.args, **m.kwargs)
         with srv:
-            yield HubHandle(srv.endpoint, token, root, server=srv)
+            yield HubHandle(srv.endpoint, token, root, server=srv, faults=injector)
         return
-    ready = root.parent / f".{root.name}.{os.getpid()}.{time.monotonic_ns()}.endpoint"
     env = dict(os.environ, ADAPTERHUB_TEST_FAULTS=json.dumps(faults or []),
                ADAPTERHUB_TEST_HUB_TOKEN=token or "")
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(root), str(ready)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(root), str(Path(__file__).parent)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"hub server exited: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("hub server did not start in 60 s")
-            time.sleep(0.05)
-        handle = HubHandle(ready.read_text(), token, root, proc=proc)
+        handle = HubHandle(_endpoint_from(proc), token, root, proc=proc)
         _wait_until_serving(handle.endpoint)
         yield handle
     finally:
@@ -122,20 +129,24 @@ def running_hub(root: str | Path, token: str | None = TOKEN, mode: str = "thread
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
-        ready.unlink(missing_ok=True)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _endpoint_from(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The endpoint the server process prints once its socket listens (waits on the pipe, not a clock)."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else ""
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"hub server did not start: {proc.stderr.read()[-2000:]}")
+    return line
 
 
 def _wait_until_serving(endpoint: str, timeout: float = 30) -> None:
+    """One request: the socket already listens, so it waits in the backlog until uvicorn answers."""
     import urllib.request
 
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{endpoint}/api/models?limit=1", timeout=2):
-                return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    with urllib.request.urlopen(f"{endpoint}/api/models?limit=1", timeout=timeout):
+        return

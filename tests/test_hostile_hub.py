@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import sys
 import threading
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,10 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fuzzing import AUTH, CARD, HEADER, hostile_request, raw_request, request_bytes
 from fuzzing import file_op as _file_op
 from fuzzing import ndjson as _ndjson
+from hubfaults import Probe, ProbeMiddleware
 from hubutil import TOKEN, running_hub
+from starlette.middleware import Middleware
 
-from adapterhub_c.hub import server as server_mod
-from adapterhub_c.hub.server import BackgroundServer
+from adapterhub_c.hubserver import cardcache as cards_mod
+from adapterhub_c.hubserver.http import DEFAULT_MAX_BODY_BYTES
+from adapterhub_c.hubserver.server import BackgroundServer
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +80,14 @@ def test_alias_bomb_front_matter_is_not_expanded(hub):
 
 def test_card_is_parsed_once_per_commit(hub, monkeypatch):
     calls = []
-    real = server_mod.parse_front_matter
+    real = cards_mod.parse_front_matter
 
     def counting(text):
         if "cache-probe" in text:
             calls.append(1)
         return real(text)
 
-    monkeypatch.setattr(server_mod, "parse_front_matter", counting)
+    monkeypatch.setattr(cards_mod, "parse_front_matter", counting)
     hub.store.create_repo("alice/cached")
     card = "---\ntags:\n- cache-probe\n---\n"
     hub.store.commit("alice/cached", message="card", add={"README.md": card.encode()})
@@ -110,7 +113,7 @@ def _blocks_loop(endpoint: str, entered: threading.Event, send) -> None:
 
 def test_body_parsing_runs_off_the_event_loop(tmp_path, monkeypatch):
     entered, release = threading.Event(), threading.Event()
-    real = server_mod.parse_front_matter
+    real = cards_mod.parse_front_matter
 
     def slow_parse(text):
         if "BLOCK" in text:
@@ -118,7 +121,7 @@ def test_body_parsing_runs_off_the_event_loop(tmp_path, monkeypatch):
             release.wait(10)
         return real(text)
 
-    monkeypatch.setattr(server_mod, "parse_front_matter", slow_parse)
+    monkeypatch.setattr(cards_mod, "parse_front_matter", slow_parse)
     with running_hub(tmp_path / "h") as hub:
         hub.store.create_repo("alice/slow")
         real_commit = hub.store.commit
@@ -171,31 +174,51 @@ def test_body_size_limits(tmp_path, hub):
         assert set(srv.store.resolve("alice/small", None).files) == {"ok.bin"}
 
 
-def test_oversized_body_still_being_sent_gets_its_413_not_a_reset(hub):
+def _read_answer(s: socket.socket) -> bytes:
+    """One whole HTTP answer (head and Content-Length body) from ``s``; fails if the server closes first."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed without an answer: {answer[:200]!r}"
+        answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed mid-answer: {head[:200]!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_oversized_body_still_being_sent_gets_its_413_not_a_reset(tmp_path):
     # A client that keeps uploading after the server has decided (as httpx does) must still
     # read the 413: a server that answers and closes with unread bytes in its socket sends a
-    # TCP reset, and the reset destroys the answer the client has not read yet. The pauses
-    # make that order certain instead of a race (it failed 1 in ~3 full-suite runs).
-    import socket
-
-    host, port = hub.endpoint.removeprefix("http://").rsplit(":", 1)
-    size = server_mod.DEFAULT_MAX_BODY_BYTES + (1 << 20)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"POST /api/validate-yaml HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {size}\r\n\r\n".encode())
-        time.sleep(0.3)  # the server has seen the declared length by now
-        piece, sent = b" " * (1 << 20), 0
-        while sent < size:
-            s.sendall(piece[:size - sent])
-            sent += min(len(piece), size - sent)
-            time.sleep(0.02)
-        time.sleep(0.3)  # a reset, had there been one, has arrived by now
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = s.recv(65536)
-            assert chunk, f"connection closed without an answer: {answer[:200]!r}"
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in answer
+    # TCP reset, and the reset destroys the answer the client has not read yet. The order is
+    # made certain by events, not pauses: the body is sent only once the server has decided
+    # (it has started reading the body to drop it), and the answer is read once sent. That no
+    # reset can come is asserted directly: the server read every byte it was sent, and the
+    # same connection then carries a second request.
+    probe = Probe()
+    size = DEFAULT_MAX_BODY_BYTES + (1 << 20)
+    with running_hub(tmp_path / "h", observe=[Middleware(ProbeMiddleware, probe=probe)]) as hub:
+        host, port = hub.endpoint.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /api/validate-yaml HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {size}\r\n\r\n".encode())
+            assert probe.reading.wait(30), "the server never started on the body"
+            assert probe.bytes_read == 0 and not probe.answered.is_set()  # decided before any byte came
+            piece, sent = b" " * (1 << 20), 0
+            while sent < size:
+                s.sendall(piece[:size - sent])
+                sent += min(len(piece), size - sent)
+            assert probe.answered.wait(30), "the server never answered"
+            answer = _read_answer(s)
+            assert answer.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in answer
+            assert b"connection: close" not in answer.lower()
+            assert probe.bytes_read == size  # nothing left unread in the server's socket: no reset
+            s.sendall(b"GET /api/models?limit=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _read_answer(s).startswith(b"HTTP/1.1 200")
 
 
 # ---- hole 2: 500s and dropped connections -----------------------------------------------------
@@ -326,18 +349,21 @@ def test_overlong_names_refused_at_upload(hub):
 
 # ---- the campaign, seeded and bounded ---------------------------------------------------------
 def test_seeded_hostile_requests_never_5xx(tmp_path):
+    # Each request must be answered by the server, and leave nothing running in it once
+    # answered (no handler stuck waiting for input that never comes, nothing piling up).
     rng = random.Random(20)
-    with running_hub(tmp_path / "campaign") as hub:
+    probe = Probe()
+    with running_hub(tmp_path / "campaign", observe=[Middleware(ProbeMiddleware, probe=probe)]) as hub:
         hub.store.create_repo("alice/target")
         hub.store.commit("alice/target", message="seed", add={
             "README.md": CARD.encode(), "weights.safetensors": bytes(range(256)) * 16})
-        start = time.monotonic()
         statuses = []
         for _ in range(100):
             request = _hostile(rng)
             status, _headers = _raw(hub.endpoint, request, timeout=5)
             assert 200 <= status < 500, (status, request[:160])
+            assert probe.wait_idle(), ("a request is still running after its answer", request[:160])
             statuses.append(status)
-        assert time.monotonic() - start < 60
+        assert probe.started > 0
         assert any(s >= 400 for s in statuses) and any(s < 300 for s in statuses)
         assert httpx2.get(f"{hub.endpoint}/api/models").status_code == 200

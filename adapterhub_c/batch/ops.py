@@ -17,7 +17,7 @@ from sqlalchemy import select
 from adapterhub_c.batch import queue
 from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_executor
 from adapterhub_c.errors import UsageError
-from adapterhub_c.hub.ops import search_adapters_for
+from adapterhub_c.workflows.search import search_adapters_for
 from adapterhub_c.packing.params import parse_alpha, parse_density
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax

@@ -29,7 +29,8 @@ from adapterhub_c.batch import queue
 from adapterhub_c.errors import AdaptError, UsageError
 from adapterhub_c.evals.data import DEFAULT_CORPUS
 from adapterhub_c.evals.metrics import QUALITY_METRICS
-from adapterhub_c.hub.ops import pull_adapter, push_artifact
+from adapterhub_c.workflows.pull import pull_adapter
+from adapterhub_c.workflows.push import push_artifact
 from adapterhub_c.registry import Registry
 from adapterhub_c.registry.artifacts import unique_name
 from adapterhub_c.registry.kinds import PACK_KINDS

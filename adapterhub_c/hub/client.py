@@ -1,7 +1,7 @@
 """The Hub client side: pull a repo into the HF cache, push a folder, search adapters of a base.
 
 Everything goes through the real ``huggingface_hub`` client, so it works against
-huggingface.co and against the local server (:mod:`adapterhub_c.hub.server`) alike.
+huggingface.co and against the local server (:mod:`adapterhub_c.hubserver`) alike.
 ``endpoint`` / ``token`` are passed explicitly; when left out, HF_ENDPOINT, HF_TOKEN,
 HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE are read at call time (not only at import).
 Tokens never appear in messages or return values.
@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from adapterhub_c.errors import AdaptError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes, redact_url
 from adapterhub_c.hub.cards import model_card  # noqa: F401  (re-exported: part of the client API)
-from adapterhub_c.hub.store import git_blob_oid
+from adapterhub_c.hub.names import git_blob_oid
 from adapterhub_c.hub.validate import validate_lora_folder  # noqa: F401  (re-exported)
 from adapterhub_c.progress import Progress
 

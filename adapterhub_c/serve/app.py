@@ -191,7 +191,7 @@ def create_app(srv) -> FastAPI:
             except APIError as e:
                 if e.status != 404 or not srv.options.allow_pull or "/" not in name:
                     raise
-                from adapterhub_c.hub.ops import pull_adapter
+                from adapterhub_c.workflows.pull import pull_adapter
 
                 pulled, _ = pull_adapter(srv.reg, name)
                 art = srv.cache.add(pulled.name)

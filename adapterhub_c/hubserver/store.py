@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub_c.fsutil import atomic_write_bytes, atomic_write_json
+from adapterhub_c.hub.names import BadName, git_blob_oid, valid_name_part  # noqa: F401  (re-exported)
+from adapterhub_c.hub.names import check_repo_id as _check_repo_id_name
+from adapterhub_c.hub.names import shown as _shown
 
 DEFAULT_BRANCH = "main"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _PREFIX_RE = re.compile(r"^[0-9a-f]{7,39}$")
 # control characters, and lone surrogates (valid in JSON strings, not in UTF-8 file names)
@@ -79,23 +81,9 @@ class Conflict(StoreError):
     code, status = "Conflict", 412
 
 
-def git_blob_oid(data: bytes) -> str:
-    """The git blob id of ``data`` (what the Hub calls a regular file's ``oid``)."""
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % len(data))
-    h.update(data)
-    return h.hexdigest()
-
-
 def is_lfs(path: str, size: int) -> bool:
     """Whether the real Hub would keep ``path`` in LFS (binary weights, or large files)."""
     return path.lower().endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
-
-
-def _shown(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_repo_path(path: str) -> str:
@@ -118,19 +106,12 @@ def check_repo_path(path: str) -> str:
     return path
 
 
-def valid_name_part(part: str) -> bool:
-    # the Hub's rules (huggingface_hub.utils.validate_repo_id): 1-96 characters, no "--" or
-    # "..", not ending in "-", "." or ".git"
-    return (bool(_NAME_RE.match(part)) and "--" not in part and ".." not in part
-            and not part.endswith(("-", ".", ".git")))
-
-
 def check_repo_id(repo_id: str) -> tuple[str, str]:
-    """Split ``namespace/name`` and validate both parts."""
-    parts = repo_id.split("/") if isinstance(repo_id, str) else []
-    if len(parts) != 2 or not all(valid_name_part(p) for p in parts):
-        raise BadPath(f"invalid repo id {_shown(repo_id)} (expected namespace/name)")
-    return parts[0], parts[1]
+    """Split ``namespace/name`` and validate both parts (BadPath if either is invalid)."""
+    try:
+        return _check_repo_id_name(repo_id)
+    except BadName as e:
+        raise BadPath(str(e)) from None
 
 
 def check_revision(revision: str) -> str:
