@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from adapterhub_c.evals.data import DEFAULT_CORPUS
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
 from adapterhub_c.options.export import EXPORT_FORMATS
 from adapterhub_c.options.serve import DEFAULT_HOST as SERVE_HOST
@@ -43,17 +44,17 @@ DEFAULT_DEMO_BASE = SMOLLM2
 # `import adapterhub_c.api` (and with it `adapt ls`, `adapt --help`) loads none of them.
 _LAZY_NAMES: dict[str, Callable[[], Any]] = {
     "DEFAULT_CALIB": lambda: _module("workflows.variants").DEFAULT_CALIB,  # silently unused by recipes needing none
-    "RECOVER_METHODS": lambda: _module("workflows.training").RECOVER_METHODS,  # adapt convert --recover
-    "COMPENSATE_TARGETS": lambda: tuple(_module("training.compensate").TARGET_SETS),  # --recover lowrank --targets
+    "RECOVER_METHODS": lambda: _module("options.convert").RECOVER_METHODS,  # adapt convert --recover
+    "COMPENSATE_TARGETS": lambda: _module("options.convert").COMPENSATE_TARGETS,  # --recover lowrank --targets
     "PACK_METHODS": lambda: _module("packing.compeft").METHODS,  # adapt pack --method
     "RESCALES": lambda: _module("merging.spec").RESCALES,
-    "DISTILL_ON": lambda: _module("training.convert").DISTILL_ON,
+    "DISTILL_ON": lambda: _module("options.convert").DISTILL_ON,
     "GRANULARITIES": lambda: _module("variants.recipe").GRANULARITIES,
     "PRUNE_METHODS": lambda: _module("variants.recipe").PRUNE_METHODS,
     "QUANT_METHODS": lambda: _module("variants.recipe").QUANT_METHODS,
     # Defaults the CLI shows in its help: read off the workflow functions, never restated.
-    "TRAIN_DEFAULTS": lambda: _defaults(_module("workflows.training").train_adapter),
-    "CONVERT_DEFAULTS": lambda: _defaults(_module("workflows.training").convert_adapter),
+    "TRAIN_DEFAULTS": lambda: _module("options.train").TrainOptions.defaults(),
+    "CONVERT_DEFAULTS": lambda: _module("options.convert").ConvertOptions.defaults(),
     "PROMPT_DEFAULTS": lambda: _defaults(_module("workflows.prompts").learn_prompt_artifact),
     "VARIANT_DEFAULTS": lambda: _defaults(_module("workflows.variants").create_variant),
     "PACK_DEFAULTS": lambda: _defaults(_module("workflows.packs").pack_artifact),
@@ -75,10 +76,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
-    "search", "train", "convert",
+    "search", "train", "convert", "TrainOptions", "ConvertOptions",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "serve", "demo", "LISTABLE", "DEFAULT_DEMO_BASE", "EXPORT_FORMATS", "SERVE_HOST", "SERVE_TOKEN_ENV",
+    "serve_hub", "serve", "demo", "LISTABLE", "DEFAULT_DEMO_BASE", "DEFAULT_CORPUS", "EXPORT_FORMATS", "SERVE_HOST", "SERVE_TOKEN_ENV",
 ]
 __all__.extend(_LAZY_NAMES)  # the choice lists and defaults the commands offer
 
@@ -250,22 +251,33 @@ def serve_hub(root: str | Path, **options: Any) -> None:
 
 # ---- training, conversion, prompts ----------------------------------------------------------
 
+from adapterhub_c.options.convert import ConvertOptions  # noqa: E402 - light: no torch (the signatures below)
+from adapterhub_c.options.train import TrainOptions  # noqa: E402
 
-def train(target: str, data: str, *, registry: Registry | None = None, progress: Progress | None = None,
-          **options: Any) -> Result:
-    """Train a LoRA on ``target`` (a base or variant) with ``data`` (see ``workflows.training.train_adapter``)."""
+
+def train(target: str, data: str, options: TrainOptions | None = None, *, name: str | None = None,
+          registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> Result:
+    """Train a LoRA on ``target`` (a base or variant) with ``data`` (see ``workflows.training.train_adapter``).
+
+    ``options``: a :class:`TrainOptions` (``api.TrainOptions``); ``fields`` set single fields of
+    it by name (``steps=20``, ``rank=8``, …), as the command's flags do.
+    """
     from adapterhub_c.workflows import training as _training
     reg = _reg(registry)
-    art, report = _training.train_adapter(reg, target, data, progress=progress, **options)
+    art, report = _training.train_adapter(reg, target, data, options, name=name, progress=progress, **fields)
     return _result(reg, art, report)
 
 
-def convert(adapter: str, variant: str, *, registry: Registry | None = None, progress: Progress | None = None,
-            **options: Any) -> Result:
-    """Carry ``adapter`` to compressed ``variant`` (CA-LoRA; see ``workflows.training.convert_adapter``)."""
+def convert(adapter: str, variant: str, options: ConvertOptions | None = None, *, name: str | None = None,
+            registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> Result:
+    """Carry ``adapter`` to compressed ``variant`` (CA-LoRA; see ``workflows.training.convert_adapter``).
+
+    ``options``: a :class:`ConvertOptions` (``api.ConvertOptions``); ``fields`` set single fields
+    of it by name (``data=…``, ``recover="lowrank"``, ``steps=20``, …), as the command's flags do.
+    """
     from adapterhub_c.workflows import training as _training
     reg = _reg(registry)
-    art, report = _training.convert_adapter(reg, adapter, variant, progress=progress, **options)
+    art, report = _training.convert_adapter(reg, adapter, variant, options, name=name, progress=progress, **fields)
     return _result(reg, art, report)
 
 
@@ -427,3 +439,60 @@ def demo(*, base: str = SMOLLM2, max_tokens: int | None = None, registry: Regist
     """The whole flow on ``base``, yielding (title, rows) per step as it goes."""
     from adapterhub_c import demo_flow as _demo
     yield from _demo.run_demo(_reg(registry), base=base, max_tokens=max_tokens, progress=progress)
+
+
+# ---- the registry web page (adapt ui) and what it shows ------------------------------------
+
+
+def registry_summary(*, runs: int = 10, registry: Registry | None = None) -> dict[str, Any]:
+    """Counts per kind, blob disk use and what ``gc`` would reclaim, the latest and the failed runs."""
+    from adapterhub_c.registry import pages as _pages
+    return _pages.summary(_reg(registry), runs=runs)
+
+
+def model_tree(base: str, *, page: int = 1, per_page: int = 50, registry: Registry | None = None) -> dict[str, Any]:
+    """Base → variants (recipe, sizes, perplexity) → adapters → packs / merges / compositions / prompts."""
+    from adapterhub_c.registry import pages as _pages
+    from adapterhub_c.workflows.variants import variant_summary
+    return _pages.model_tree(_reg(registry), base, page=page, per_page=per_page, describe_variant=variant_summary)
+
+
+def show_page(ref: str, *, registry: Registry | None = None) -> dict[str, Any]:
+    """``show`` plus file sizes, evaluation intervals, the run that made it (and its command line), pictures."""
+    from adapterhub_c.registry import pages as _pages
+    return _pages.detail(_reg(registry), ref)
+
+
+def compare(artifacts: Sequence[str] = (), *, task: str | None = None, variant: str | None = None,
+            registry: Registry | None = None) -> dict[str, Any]:
+    """Evaluations of ``artifacts`` (or all adapters of ``task`` on ``variant``) side by side, with references."""
+    from adapterhub_c.registry import pages as _pages
+    return _pages.compare(_reg(registry), list(artifacts), task=task, variant=variant)
+
+
+def list_runs(*, command: str | None = None, status: str | None = None, page: int = 1, per_page: int = 50,
+              registry: Registry | None = None) -> dict[str, Any]:
+    """Runs newest first, filtered by command and status, one page at a time."""
+    from adapterhub_c.registry import pages as _pages
+    return _pages.list_runs(_reg(registry), command=command, status=status, page=page, per_page=per_page)
+
+
+def find(query: str = "", *, kind: str | None = None, base: str | None = None, page: int = 1, per_page: int = 50,
+         registry: Registry | None = None) -> dict[str, Any]:
+    """Bases, variants and artefacts of the registry by name, Hub repo or tag (``search`` asks the Hub)."""
+    from adapterhub_c.registry import pages as _pages
+    return _pages.search(_reg(registry), query, kind=kind, base=base, page=page, per_page=per_page)
+
+
+def ui(*, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, home: str | Path | None = None,
+       db: str | None = None, registry: Registry | None = None, ready: Callable | None = None) -> None:
+    """Serve the read-only registry page until interrupted (``ready(url, needs_token)`` once listening).
+
+    The registry (``registry``, or the one ``home`` / ``db`` name) is opened and read before
+    anything binds; a non-loopback ``host`` needs ``token`` (or ``$ADAPTERHUB_UI_TOKEN``)."""
+    from adapterhub_c.ui import server as _ui
+    reg = registry if registry is not None else _ui.open_checked(home=home, db=db)
+    _ui.serve_ui(reg, host=host, port=port, token=token, ready=ready)
+
+
+__all__.extend(["registry_summary", "model_tree", "show_page", "compare", "list_runs", "find", "ui"])

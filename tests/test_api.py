@@ -125,12 +125,19 @@ def test_cli_prints_the_api_warning_once(cli, reg, tiny_base, tmp_path):
 
 
 def test_every_command_default_is_the_workflows_own(cli):
+    import re
+
     from adapterhub_c.training.loop import TrainConfig
 
-    assert api.TRAIN_DEFAULTS["steps"] == TrainConfig.steps == api.CONVERT_DEFAULTS["steps"]
-    assert api.CONVERT_DEFAULTS["lr"] == TrainConfig.lr
-    r = cli("batch", "convert", "--help")
-    assert f"[{api.CONVERT_DEFAULTS['steps']}]" in r.out and f"[{api.CONVERT_DEFAULTS['recover_rank']}]" in r.out
+    train, convert = api.TrainOptions.defaults(), api.ConvertOptions.defaults()
+    assert api.TRAIN_DEFAULTS == train and api.CONVERT_DEFAULTS == convert
+    assert train["steps"] == TrainConfig.steps == convert["steps"]
+    assert convert["lr"] == TrainConfig.lr
+    assert api.ConvertOptions().train_config()["batch_size"] == TrainConfig.batch_size
+    for command in (("batch", "convert"), ("convert",)):
+        out = " ".join(cli(*command, "--help").out.split())
+        assert re.search(rf"--steps INTEGER .*?\[default: {convert['steps']}\]", out)
+        assert re.search(rf"--recover-rank INTEGER .*?\[default: {convert['recover_rank']}\]", out)
 
 
 def test_batch_pack_alpha_is_parsed_by_the_library(reg, tiny_base):

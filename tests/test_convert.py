@@ -12,7 +12,14 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.evals.data import Dataset, load_dataset
 from adapterhub_c.models.tiny import build_tiny_llama
 from adapterhub_c.training import peft_io
-from adapterhub_c.training.convert import build_student, build_teacher, convert, distill_convert, load_adapted
+from adapterhub_c.training.convert import (
+    ConvertInputs,
+    build_student,
+    build_teacher,
+    ca_lora,
+    distill_convert,
+    load_adapted,
+)
 from adapterhub_c.training.loop import TrainConfig
 from adapterhub_c.training.recovery import (
     Recovery,
@@ -197,13 +204,39 @@ def test_bad_inputs_are_refused(source, tok):
 
 
 def test_convert_in_one_call(source, tok, texts):
-    result = convert(variant(), source, build_tiny_llama()[0], tok, texts, recover_rank=4, config=cfg(steps=2))
+    from adapterhub_c.options.convert import ConvertOptions
+
+    def inputs(base, dataset):
+        return ConvertInputs(variant=variant(), tokenizer=tok, source=source, base=base, dataset=dataset)
+
+    result = ca_lora(inputs(build_tiny_llama()[0], texts), ConvertOptions(recover_rank=4), cfg(steps=2)).result
     assert result.train is not None and len(result.train.losses) == 2 and "distill_loss" in result.train.logs[-1]
     assert result.recovery_config.rank == 4 and result.recovery_state
     with pytest.raises(UsageError, match="uncompressed base"):
-        convert(variant(), source, None, tok, texts, config=cfg(steps=2))
-    no_data = convert(variant(), source, None, tok, None, recover=False)
+        ca_lora(inputs(None, texts), ConvertOptions(), cfg(steps=2))
+    no_data = ca_lora(inputs(None, None), ConvertOptions(recover="none")).result
     assert no_data.train is None and no_data.recovery_state is None
+
+
+def test_convert_measures_every_row_while_its_model_exists(source, tok, texts):
+    """``measure`` sees the variant, naive, teacher and converted models, in that order."""
+    from adapterhub_c.options.convert import ConvertOptions
+    from adapterhub_c.training.convert import ROW_CONVERTED, ROW_NAIVE, ROW_TEACHER, ROW_VARIANT
+
+    seen, ids = [], torch.tensor([[5, 70, 80, 90, 100, 33]])
+
+    def measure(row, model):
+        seen.append(row)
+        with torch.no_grad():
+            return float(model(ids).logits.float().abs().mean())
+
+    inputs = ConvertInputs(variant=variant(), tokenizer=tok, source=source, base=build_tiny_llama()[0], dataset=texts)
+    done = ca_lora(inputs, ConvertOptions(recover_rank=4), cfg(steps=2), measure=measure)
+    assert seen == [ROW_VARIANT, ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED] == list(done.measurements)
+    assert inputs.base is None  # dropped: the teacher holds what it needs
+    quick = ca_lora(ConvertInputs(variant=variant(), tokenizer=tok, source=source, dataset=texts),
+                    ConvertOptions(reference_rows=False, distill=False), cfg(steps=1), measure=measure)
+    assert list(quick.measurements) == [ROW_CONVERTED] and quick.result.train is not None
 
 
 def test_resume_with_changed_distill_alpha_is_refused(source, tok, texts, tmp_path):

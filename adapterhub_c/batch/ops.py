@@ -17,20 +17,16 @@ from sqlalchemy import select
 from adapterhub_c.batch import queue
 from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_executor
 from adapterhub_c.errors import UsageError
-from adapterhub_c.workflows.search import search_adapters_for
+from adapterhub_c.options.convert import ConvertOptions
 from adapterhub_c.packing.params import parse_alpha, parse_density
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
+from adapterhub_c.workflows.search import search_adapters_for
 
 POLL_S = 0.5
-
-# Options of adapt.ops.convert_adapter that a batch passes through (None = its default).
-CONVERT_OPTIONS = ("data", "eval_data", "inherit", "recover", "distill", "recover_rank", "recover_act",
-                   "recover_targets", "calib", "calib_samples", "calib_seq_len", "distill_alpha", "distill_on", "steps", "lr", "batch_size", "seq_len", "grad_accum", "seed",
-                   "max_eval_tokens", "max_eval_examples", "reference_rows")
 
 
 def read_sources(path: str | Path) -> list[str]:
@@ -52,7 +48,8 @@ def _search(reg: Registry, base: str, limit: int) -> list[str]:
 
 def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[str] | None = None,
               from_file: str | Path | None = None, search_base: str | None = None, limit: int = 50,
-              name: str | None = None, convert: dict[str, Any] | None = None, pack_density: float | None = None,
+              name: str | None = None, convert: ConvertOptions | dict[str, Any] | None = None,
+              pack_density: float | None = None,
               pack_alpha: float | str | None = None, evaluate: bool = False, eval_data: str | None = None,
               eval_max_tokens: int | None = None, push_to: str | None = None, private: bool = False,
               device: str = "cpu", workers: int = 1, executor: str = "local", ray_address: str | None = None,
@@ -61,7 +58,9 @@ def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[st
     """Convert many adapters to variant ``variant``: pull → convert → pack → evaluate → push.
 
     Items come from ``sources``, a file (``from_file``) or a Hub search for adapters of
-    ``search_base`` (``limit``). ``name`` defaults to one derived from the variant and the
+    ``search_base`` (``limit``). ``convert``: the options of every conversion (a
+    ``ConvertOptions``, or a dict of its fields where None means the default); the batch
+    stores ``params()`` and every worker converts with them. ``name`` defaults to one derived from the variant and the
     options, so the same command resumes the same batch; ``name`` alone resumes a batch
     with its stored options. Each item is tried at most ``retries + 1`` times over all
     runs. ``threads``: torch threads per local worker (default: the cores shared out among
@@ -121,11 +120,7 @@ def _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data
             private, device) -> dict[str, Any]:
     with reg.session() as s:
         var = reg.resolve(s, variant, "variant")
-    unknown = set(convert or {}) - set(CONVERT_OPTIONS)
-    if unknown:
-        raise UsageError(f"unknown convert option(s): {', '.join(sorted(unknown))}")
-    conv = {k: v for k, v in (convert or {}).items() if v is not None}
-    conv["device"] = device
+    conv = convert_options(convert, device).params()
     if push_to is not None and ("/" in push_to or not push_to.strip()):
         raise UsageError(f"--push-to takes an organisation or user name, not a repo (got {push_to!r})")
     return {
@@ -138,6 +133,14 @@ def _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data
         "push": None if push_to is None else {"org": push_to.strip(), "private": bool(private)},
         "device": device,
     }
+
+
+def convert_options(convert: ConvertOptions | dict[str, Any] | None, device: str) -> ConvertOptions:
+    """The batch's conversion options on ``device`` (a dict's None values take the defaults)."""
+    if isinstance(convert, ConvertOptions):
+        return convert.replace(device=device)
+    given = {k: v for k, v in (convert or {}).items() if v is not None}
+    return ConvertOptions.from_params(given, device=device)
 
 
 def _default_name(reg: Registry, params: dict[str, Any]) -> str:

@@ -29,15 +29,17 @@ from adapterhub_c.batch import queue
 from adapterhub_c.errors import AdaptError, UsageError
 from adapterhub_c.evals.data import DEFAULT_CORPUS
 from adapterhub_c.evals.metrics import QUALITY_METRICS
-from adapterhub_c.workflows.pull import pull_adapter
-from adapterhub_c.workflows.push import push_artifact
+from adapterhub_c.options.convert import ConvertOptions
+from adapterhub_c.options.train import DEFAULT_EVAL_EXAMPLES, DEFAULT_EVAL_TOKENS
 from adapterhub_c.registry import Registry
 from adapterhub_c.registry.artifacts import unique_name
 from adapterhub_c.registry.kinds import PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Batch, Lineage, Variant, utcnow
 from adapterhub_c.workflows.evals import run_eval
 from adapterhub_c.workflows.packs import pack_artifact
-from adapterhub_c.workflows.training import DEFAULT_EVAL_EXAMPLES, DEFAULT_EVAL_TOKENS, convert_adapter
+from adapterhub_c.workflows.pull import pull_adapter
+from adapterhub_c.workflows.push import push_artifact
+from adapterhub_c.workflows.training import convert_adapter
 
 HOOK_ENV = "ADAPTERHUB_BATCH_STEP_HOOK"
 PIPELINES = {"convert": "adapterhub_c.batch.worker:convert_pipeline"}
@@ -283,7 +285,8 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
         report: dict = {}
         if conv is None:
             with ctx.step("convert"):
-                conv, report = convert_adapter(reg, src.id, variant.id, name=name, **p.get("convert", {}))
+                options = ConvertOptions.from_params(p.get("convert") or {})
+                conv, report = convert_adapter(reg, src.id, variant.id, options, name=name)
         rows = {r["row"]: {k: v for k, v in r.items() if k in QUALITY_METRICS}
                 for r in report.get("rows", [])}
         ctx.record("convert", {"id": conv.id, "name": conv.name, "gap_closed": report.get("gap_closed"),

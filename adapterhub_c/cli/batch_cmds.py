@@ -4,10 +4,14 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
+from adapterhub_c.cli.options import collect, options_from
 from adapterhub_c.cli.render import print_json, print_table, progress_callback
 from adapterhub_c.errors import AdaptError
+from adapterhub_c.options.convert import ConvertOptions
 
-CONVERT = api.CONVERT_DEFAULTS
+# Options of a conversion a batch does not offer: its own --device applies to every step, and a
+# batch resumes by re-running (not --resume).
+BATCH_EXCLUDES = ("device", "resume")
 ITEM_COLUMNS = ["#", "source", "state", "attempts", "result", "error"]
 
 
@@ -22,32 +26,7 @@ def batch_group() -> None:
               help="Items, one a line: org/repo[@revision] or artifact:NAME (# comments).")
 @click.option("--search-base", default=None, help="Items: adapters of this base found on the Hub.")
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many search results.")
-@click.option("--data", default=None, help="Convert: training data (without it: inherit only).")
-@click.option("--eval-data", default=None, help="Evaluation data [default: convert's choice].")
-@click.option("--no-inherit", is_flag=True, help="Convert: start the LoRA fresh.")
-@click.option("--no-recover", is_flag=True, help="Convert: no recovery modules.")
-@click.option("--recover", "recover_method", type=click.Choice(api.RECOVER_METHODS), default=None,
-              help="Convert: modules (CA-LoRA) [default] or lowrank (compensated plain LoRA, no --data needed).")
-@click.option("--targets", "recover_targets", type=click.Choice(api.COMPENSATE_TARGETS), default=None,
-              help=f"Convert, lowrank: layers to compensate [{CONVERT['recover_targets']}].")
-@click.option("--calib", default=None, help="Convert, lowrank: calibration data [the variant's, else builtin:pydoc].")
-@click.option("--calib-samples", type=int, default=None,
-              help=f"Convert, lowrank: calibration sequences [{CONVERT['calib_samples']}].")
-@click.option("--no-distill", is_flag=True, help="Convert: task loss only, no teacher.")
-@click.option("--recover-rank", type=int, default=None, help=f"Convert: recovery rank [{CONVERT['recover_rank']}].")
-@click.option("--recover-act", default=None, help=f"Convert: gelu, relu, silu or identity [{CONVERT['recover_act']}].")
-@click.option("--distill-alpha", type=float, default=None, help=f"Convert: distillation weight [{CONVERT['distill_alpha']}].")
-@click.option("--distill-on", type=click.Choice(api.DISTILL_ON), default=None,
-              help=f"Convert: what to distil [{CONVERT['distill_on']}].")
-@click.option("--steps", type=int, default=None, help=f"Convert: training steps per adapter [{CONVERT['steps']}].")
-@click.option("--lr", type=float, default=None, help=f"Convert: learning rate [{CONVERT['lr']:g}].")
-@click.option("--batch-size", type=int, default=None, help=f"Convert: batch size [{CONVERT['batch_size']}].")
-@click.option("--seq-len", type=int, default=None, help=f"Convert: sequence length [{CONVERT['seq_len']}].")
-@click.option("--seed", type=int, default=None, help=f"Convert: seed [{CONVERT['seed']}].")
-@click.option("--max-eval-tokens", type=int, default=None, help=f"Evaluation: at most this many tokens [{CONVERT['max_eval_tokens']}].")
-@click.option("--max-eval-examples", type=int, default=None, help=f"Evaluation: at most this many examples [{CONVERT['max_eval_examples']}].")
-@click.option("--no-reference-rows", is_flag=True,
-              help="Measure only the converted adapter (not variant alone / naive / teacher).")
+@options_from(ConvertOptions, exclude=BATCH_EXCLUDES)
 @click.option("--pack-density", type=float, default=None, help="Then ComPEFT-pack, keeping this share of values.")
 @click.option("--pack-alpha", default=None, help="Pack scale: a number or 'auto' [pack's default].")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluate step (the pack is not measured).")
@@ -65,26 +44,17 @@ def batch_group() -> None:
 @click.option("--name", default=None, help="Batch name (to resume or inspect it) [derived from the options].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def convert_cmd(obj, variant, from_file, search_base, limit, data, eval_data, no_inherit, no_recover,
-                recover_method, recover_targets, calib, calib_samples, no_distill, recover_rank, recover_act, distill_alpha, distill_on, steps, lr, batch_size, seq_len, seed,
-                max_eval_tokens, max_eval_examples, no_reference_rows, pack_density, pack_alpha, no_eval, push_to,
-                private, device, workers, threads, executor, ray_address, retries, lease_seconds, name, as_json):
+def convert_cmd(obj, variant, from_file, search_base, limit, pack_density, pack_alpha, no_eval, push_to, private,
+                device, workers, threads, executor, ray_address, retries, lease_seconds, name, as_json, **fields):
     """Pull, convert to VARIANT, pack, evaluate and push many adapters; re-run to resume."""
-    if no_recover and recover_method:
-        raise click.UsageError("--no-recover and --recover exclude each other")
-    convert = dict(data=data, eval_data=eval_data, inherit=False if no_inherit else None,
-                   recover=False if no_recover else recover_method, distill=False if no_distill else None,
-                   recover_targets=recover_targets, calib=calib, calib_samples=calib_samples,
-                   recover_rank=recover_rank, recover_act=recover_act, distill_alpha=distill_alpha,
-                   distill_on=distill_on, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                   max_eval_tokens=max_eval_tokens, max_eval_examples=max_eval_examples,
-                   reference_rows=False if no_reference_rows else None)
+    convert = collect(ConvertOptions, fields, device=device)
     with progress_callback() as progress:
         summary = api.run_batch(registry=obj.registry, variant=variant, from_file=from_file, search_base=search_base,
-                            limit=limit, name=name, convert=convert, pack_density=pack_density, pack_alpha=pack_alpha,
-                            evaluate=not no_eval, eval_data=eval_data, push_to=push_to, private=private,
-                            device=device, workers=workers, executor=executor, ray_address=ray_address,
-                            retries=retries, lease_seconds=lease_seconds, threads=threads, progress=progress)
+                                limit=limit, name=name, convert=convert, pack_density=pack_density,
+                                pack_alpha=pack_alpha, evaluate=not no_eval, eval_data=convert.eval_data,
+                                push_to=push_to, private=private, device=device, workers=workers, executor=executor,
+                                ray_address=ray_address, retries=retries, lease_seconds=lease_seconds,
+                                threads=threads, progress=progress)
     _print_summary(summary, as_json)
     _fail_if_unfinished(summary)
 

@@ -23,16 +23,19 @@ T = TypeVar("T", bound="Options")
 
 def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, choices: tuple | None = None,
            cli: bool = True, default_factory: Any = MISSING, show_default: bool = True,
-           type: Any = None) -> Any:  # noqa: A002 - mirrors click's own keyword
+           type: Any = None, aliases: dict[str, tuple[Any, str]] | None = None) -> Any:  # noqa: A002
     """A dataclass field with what the command line needs to offer it.
 
     ``flag``: the spelling (default ``--field-name``; a boolean whose default is True is
     offered as ``--no-field-name``). ``choices``: the allowed values (checked on
     construction too). ``cli=False``: a library-only knob, not offered by the commands.
-    ``type``: the click type when the annotation does not say it (e.g. a comma list).
+    ``type``: the click type when the annotation does not say it; ``"csv"`` is a
+    comma-separated list read into a tuple. ``aliases``: extra flags that set the field to
+    a fixed value, ``{"--no-recover": ("none", "help")}`` (given together with ``flag``
+    they are refused). A field without a default is a required option.
     """
     meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "show_default": show_default,
-            "type": type}
+            "type": type, "aliases": aliases or {}}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,6 +55,7 @@ class Options:
     family: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        self.normalize()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -59,8 +63,25 @@ class Options:
                 raise UsageError(f"{flag_of(f)} must be one of {', '.join(map(str, choices))} (got {value!r})")
         self.validate()
 
+    def normalize(self) -> None:
+        """Bring values to their canonical form before validation (subclasses; use ``_set``)."""
+
     def validate(self) -> None:
         """Cross-field checks; raise ``UsageError`` naming the flag. Subclasses extend it."""
+
+    def _require(self, ok: bool, name: str, rule: str) -> None:
+        """``UsageError`` "<flag> must be <rule> (got <value>)" unless ``ok``."""
+        if not ok:
+            raise UsageError(f"{self.flag(name)} must be {rule} (got {getattr(self, name)!r})")
+
+    def _set(self, name: str, value: Any) -> None:
+        """Set a field of this frozen object (for ``normalize`` only)."""
+        object.__setattr__(self, name, value)
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line spelling of field ``name``."""
+        return flag_of(next(f for f in dataclasses.fields(cls) if f.name == name))
 
     def params(self) -> dict[str, Any]:
         """The options as plain JSON-able data (run parameters, batch queue rows)."""
@@ -109,4 +130,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["Options", "option", "flag_of"]
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """True for an int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+__all__ = ["Options", "option", "flag_of", "is_count"]

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapterhub_c.adapters.attach import attach_source_lora, load_adapted
 from adapterhub_c.adapters.lora import LoraAdapter
 from adapterhub_c.errors import UsageError
-from adapterhub_c.models import arch as archmod
+from adapterhub_c.options.convert import DISTILL_ON, ConvertOptions
 from adapterhub_c.training import peft_io
 from adapterhub_c.training.batches import make_batches
 from adapterhub_c.training.loop import Progress, TrainConfig, TrainResult, train
@@ -39,13 +40,12 @@ from adapterhub_c.training.recovery import (
     FILE_NAME,
     RecoveryConfig,
     attach_recovery,
-    load_recovery,
-    read_recovery_file,
     recovery_file_bytes,
     recovery_state,
 )
 
-DISTILL_ON = ("hidden", "logits")
+ROW_VARIANT, ROW_NAIVE, ROW_TEACHER, ROW_CONVERTED = ("variant alone", "variant + source (naive)",
+                                                      "base + source (teacher)", "variant + converted")
 
 
 @dataclass
@@ -87,69 +87,6 @@ class ConvertResult:
 # the student
 
 
-def _source_tensors(source: LoraAdapter, mapping: dict[str, str], kept_indices: dict[str, torch.Tensor] | None,
-                    arch: archmod.Architecture | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per target module {"A", "B", "bias"?} of the source, renamed and ffn-sliced.
-
-    ffn-channels (``models.arch`` MLP pairing of the variant): the LoRA B rows of an MLP
-    input linear follow its kept channels (both halves of a fused gate/up linear), the
-    LoRA A columns of the MLP output linear too.
-    """
-    out = {}
-    for src, layer in source.layers().items():
-        if src not in mapping:
-            continue
-        name = mapping[src]
-        A, B, bias, magnitude = layer.A, layer.B, layer.bias, layer.magnitude
-        parent, leaf = name.rsplit(".", 1)
-        kept = (kept_indices or {}).get(parent)
-        mlp = arch.mlp_of(parent) if kept is not None and arch is not None else None
-        if kept is not None and mlp is None:
-            raise UsageError(f"{name}: the variant has no MLP at {parent} to slice to its kept channels")
-        if mlp is not None:
-            kept = torch.as_tensor(kept, dtype=torch.long)
-            if leaf in mlp.inputs:
-                rows = mlp.channel_rows_for_size(leaf, kept, B.shape[0])
-                B = B.index_select(0, rows)
-                bias = None if bias is None else bias.index_select(0, rows)
-                magnitude = None if magnitude is None else magnitude.index_select(0, rows)
-            elif leaf == mlp.output:
-                A = A.index_select(1, kept)
-        out[name] = {"A": A, "B": B, **({"bias": bias} if bias is not None else {}),
-                     **({"magnitude": magnitude} if magnitude is not None else {})}
-    return out
-
-
-def _attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None, kept_indices=None,
-                        copy: bool = True):
-    """PEFT LoRA with the source's config on ``model``; returns (peft_model, module names)."""
-    modules = source.modules() + source.embedding_modules()
-    if targets:
-        modules = [m for m in modules if any(m == t or m.endswith("." + t) for t in targets)]
-        if not modules:
-            raise UsageError(f"the adapter has no modules matching {', '.join(targets)}")
-    mapping = peft_io.retarget(modules, model)
-    arch = archmod.describe(model, warn=False) if kept_indices else None
-    peft_model = peft_io.attach_lora(model, source.config, sorted(mapping.values()))
-    if copy:
-        peft_io.copy_lora(peft_model, _source_tensors(source, mapping, kept_indices, arch))
-        _copy_extra_tensors(peft_model, source)
-    return peft_model, sorted(mapping.values())
-
-
-def _copy_extra_tensors(peft_model: nn.Module, source: LoraAdapter) -> None:
-    """Load the source's non-LoRA tensors (``modules_to_save`` copies) when it has any."""
-    extra = {k: v for k, v in source.tensors.items()
-             if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector"))}
-    if not extra:
-        return
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(peft_model, extra, adapter_name=peft_io.ADAPTER)
-    if result.unexpected_keys:
-        raise UsageError(f"the model has no place for adapter tensors {', '.join(result.unexpected_keys[:5])}")
-
-
 def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool = True, recover: bool = True,
                   recover_rank: int = 16, recover_act: str = "gelu",
                   kept_indices: dict[str, torch.Tensor] | None = None, targets=None, *,
@@ -168,7 +105,7 @@ def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool =
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model, modules = _attach_source_lora(variant_model, source, targets, kept_indices, copy=inherit)
+        peft_model, modules = attach_source_lora(variant_model, source, targets, kept_indices, copy=inherit)
         rec_config = None
         if recover:
             rec_config = RecoveryConfig(rank=recover_rank, alpha=recover_alpha, act=recover_act,
@@ -186,26 +123,6 @@ def build_teacher(base_model: nn.Module, source: LoraAdapter) -> nn.Module:
     teacher = load_adapted(base_model, source)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-def load_adapted(variant_model: nn.Module, lora: LoraAdapter, recovery_state: Any = None,
-                 recovery_config: RecoveryConfig | dict | None = None) -> nn.Module:
-    """A PEFT model of ``variant_model`` with ``lora`` (and recovery) attached, eval mode.
-
-    ``recovery_state``: None, a {name: tensor} dict (then ``recovery_config`` gives its
-    act/scale/dropout; default ``RecoveryConfig()``), or a path to ``recovery.safetensors``
-    or to a folder holding one.
-    """
-    peft_model, _ = _attach_source_lora(variant_model, lora)
-    if recovery_state is not None:
-        if isinstance(recovery_state, (str, Path)):
-            path = Path(recovery_state)
-            recovery_state, recovery_config = read_recovery_file(path / FILE_NAME if path.is_dir() else path)
-        if isinstance(recovery_config, dict):
-            recovery_config = RecoveryConfig.from_dict(recovery_config)
-        load_recovery(peft_model, recovery_state, recovery_config or RecoveryConfig())
-    peft_model.requires_grad_(False)
-    return peft_model.eval()
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,24 +200,123 @@ def distill_convert(student: Student, teacher: nn.Module | None, tokenizer, data
                          recovery_config=student.recovery, train=result)
 
 
-def convert(variant_model: nn.Module, source: LoraAdapter, base_model: nn.Module | None, tokenizer,
-            dataset: Any = None, *, inherit: bool = True, recover: bool = True, distill: bool = True,
-            recover_rank: int = 16, recover_act: str = "gelu", distill_alpha: float = 1.0,
-            distill_on: str = "hidden", kept_indices: dict | None = None,
-            config: TrainConfig | None = None, progress: Progress | None = None,
-            resume: bool = False) -> ConvertResult:
-    """One call for the whole conversion: student, teacher (when distilling with data), training."""
-    config = config or TrainConfig()
-    student = build_student(variant_model, source, inherit=inherit, recover=recover, recover_rank=recover_rank,
-                            recover_act=recover_act, kept_indices=kept_indices, seed=config.seed)
+# ---------------------------------------------------------------------------------------
+# the one CA-LoRA entry point
+
+
+@dataclass
+class ConvertInputs:
+    """What one conversion works on, loaded by the caller.
+
+    ``variant``: the compressed model (the student is built on it, in place). ``base``: the
+    uncompressed base (the teacher, the "teacher" row and compensation need it; None when
+    none of them is asked for). ``kept_indices``: an ffn-channels variant's kept channels.
+    ``moments``: for ``recover="lowrank"``, a zero-argument callable returning the variant's
+    calibration moments (``training.compensate.Moments``; the caller may cache them).
+    ``ca_lora`` drops ``base`` once the teacher is built (or not needed), so that the caller
+    holding only this object lets its memory go.
+    """
+
+    variant: nn.Module
+    tokenizer: Any
+    source: LoraAdapter
+    base: nn.Module | None = None
+    dataset: Any = None
+    kept_indices: dict[str, torch.Tensor] | None = None
+    moments: Callable[[], Any] | None = None
+
+
+@dataclass
+class Conversion:
+    """A finished conversion: the trained parts, the compensation (lowrank) and the measurements.
+
+    ``measurements``: row name (``ROW_*``) → what ``measure`` returned for that model.
+    """
+
+    result: ConvertResult
+    compensation: Any = None
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+
+def ca_lora(inputs: ConvertInputs, options: ConvertOptions, config: TrainConfig | None = None, *,
+            measure: Callable[[str, nn.Module], Any] | None = None, progress: Progress | None = None,
+            fingerprint: dict | None = None) -> Conversion:
+    """Convert ``inputs.source`` to ``inputs.variant``: compensation, student, teacher, training.
+
+    What ``options`` asks for (``ConvertOptions``): inherit / fresh LoRA, recovery modules
+    and distillation (only when there is training: ``inputs.dataset`` and ``config.steps``
+    > 0; without, the inherited or compensated LoRA as is), compensated low rank.
+    ``config``: the training loop's settings (seed, steps, checkpoint folder; default from
+    the options). ``measure(row, model)`` is called on every model worth a row while it
+    exists: with ``options.reference_rows`` the variant alone, variant + source (naive) and
+    the teacher, then always the converted student; its results are returned by row name.
+    ``fingerprint``: extra settings compared on ``options.resume``.
+    """
+    config = config or TrainConfig(**options.train_config())
+    trains = inputs.dataset is not None and config.steps > 0
+    distills = options.distill and trains
+    comp = _compensation(inputs, options, progress) if options.lowrank else None
+    measurements: dict[str, Any] = {}
+
+    def take(row: str, model: nn.Module) -> None:
+        if measure is not None:
+            measurements[row] = measure(row, model)
+
+    variant = _measure_references(inputs, options, take) if options.reference_rows and measure else inputs.variant
     teacher = None
-    if distill and dataset is not None and config.steps > 0:
-        if base_model is None:
-            raise UsageError("distillation needs the uncompressed base model")
-        teacher = build_teacher(base_model, source)
-    return distill_convert(student, teacher, tokenizer, dataset, distill=distill, distill_alpha=distill_alpha,
-                           distill_on=distill_on, config=config, progress=progress, resume=resume)
+    if distills or (options.reference_rows and measure):
+        teacher = build_teacher(_need_base(inputs), inputs.source)
+        if options.reference_rows:
+            take(ROW_TEACHER, teacher)
+    inputs.base = None  # the teacher holds it when it is still needed: otherwise its memory can go now
+    if not distills:
+        teacher = None
+    student = _student(variant, inputs, options, comp, config.seed, recover=options.recover == "modules" and trains)
+    result = distill_convert(student, teacher, inputs.tokenizer, inputs.dataset,
+                             distill=distills, distill_alpha=options.distill_alpha,
+                             distill_on=options.distill_on, config=config, progress=progress,
+                             resume=options.resume, fingerprint=fingerprint)
+    del teacher
+    take(ROW_CONVERTED, student.model)
+    return Conversion(result=result, compensation=comp, measurements=measurements)
+
+
+def _need_base(inputs: ConvertInputs) -> nn.Module:
+    if inputs.base is None:
+        raise UsageError("distillation needs the uncompressed base model")
+    return inputs.base
+
+
+def _compensation(inputs: ConvertInputs, options: ConvertOptions, progress: Progress | None) -> Any:
+    """The compensated LoRA of the source (of the variant alone without inherit) on the variant."""
+    from adapterhub_c.training.compensate import check_readable, compensate, compensation_targets
+
+    if inputs.moments is None:
+        raise UsageError("compensated conversion needs the variant's calibration moments")
+    check_readable(inputs.variant, compensation_targets(inputs.variant, options.recover_targets))
+    return compensate(_need_base(inputs), inputs.variant, inputs.source if options.inherit else None,
+                      inputs.moments(), options.recover_rank, options.recover_targets,
+                      kept_indices=inputs.kept_indices, progress=progress)
+
+
+def _measure_references(inputs: ConvertInputs, options: ConvertOptions, take: Callable) -> nn.Module:
+    """Measure the variant alone and with the source attached (naive); returns the bare variant."""
+    take(ROW_VARIANT, inputs.variant)
+    naive, _ = attach_source_lora(inputs.variant, inputs.source, kept_indices=inputs.kept_indices)
+    naive.requires_grad_(False)
+    take(ROW_NAIVE, naive.eval())
+    return naive.unload()
+
+
+def _student(variant: nn.Module, inputs: ConvertInputs, options: ConvertOptions, comp: Any, seed: int,
+             recover: bool) -> Student:
+    if comp is not None:  # the student starts from the compensated LoRA, already shaped for the variant
+        return build_student(variant, comp.adapter, inherit=True, recover=False, seed=seed)
+    return build_student(variant, inputs.source, inherit=options.inherit, recover=recover,
+                         recover_rank=options.recover_rank, recover_act=options.recover_act,
+                         kept_indices=inputs.kept_indices, seed=seed)
 
 
 __all__ = ["Student", "ConvertResult", "build_student", "build_teacher", "load_adapted",
-           "distill_convert", "convert", "distill_loss_fn"]
+           "distill_convert", "distill_loss_fn", "ca_lora", "ConvertInputs", "Conversion", "ROW_VARIANT", "ROW_NAIVE",
+           "ROW_TEACHER", "ROW_CONVERTED"]

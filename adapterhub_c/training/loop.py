@@ -48,6 +48,15 @@ from safetensors.torch import save as st_save
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.options.train import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_GRAD_ACCUM,
+    DEFAULT_LR,
+    DEFAULT_SEED,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_STEPS,
+)
 from adapterhub_c.progress import Progress
 from adapterhub_c.training.batches import as_batch_source
 
@@ -61,19 +70,19 @@ SCHEDULES = ("constant", "linear")
 class TrainConfig:
     """Hyper-parameters of one training run (see the module docstring for the defaults)."""
 
-    steps: int = 100
-    lr: float = 2e-4
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    grad_accum: int = DEFAULT_GRAD_ACCUM
+    seq_len: int = DEFAULT_SEQ_LEN
+    seed: int = DEFAULT_SEED
     warmup_steps: int = 0
     schedule: str = "constant"
     device: str = "cpu"
     bf16: bool = True
-    checkpoint_every: int = 0          # 0 = only at the end and on Ctrl-C
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY  # 0 = only at the end and on Ctrl-C
     checkpoint_dir: str | None = None  # None = no checkpoints, no resume
 
     # fields that do not change the result and may differ on resume
