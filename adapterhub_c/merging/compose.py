@@ -65,7 +65,7 @@ def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.n
     started = time.perf_counter()
     adapters = list(adapters)
     names = input_names(adapters, names)
-    _check_options(optimizer, budget, bounds, l1)
+    check_compose_options(optimizer, budget, bounds, l1)
     n = len(adapters)
     init = np.zeros(n) if init is None else np.asarray(init, dtype=np.float64)
     if init.shape != (n,) or np.any(init < bounds[0]) or np.any(init > bounds[1]):
@@ -92,7 +92,8 @@ def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.n
                          seconds=time.perf_counter() - started, names=names)
 
 
-def _check_options(optimizer, budget, bounds, l1) -> None:
+def check_compose_options(optimizer: str, budget: int, bounds: tuple[float, float], l1: float) -> None:
+    """UsageError / NotFoundError on a search that cannot run: unknown nevergrad optimizer, bad budget, bounds, l1."""
     import nevergrad as ng
 
     if optimizer not in ng.optimizers.registry:

@@ -32,7 +32,8 @@ def loaded_from_pack(pack: Pack) -> LoadedAdapter:
     return LoadedAdapter(lora, state, RecoveryConfig.from_dict(config))
 
 
-def _base_of(reg: Registry, art: Artifact) -> BaseModel:
+def base_of(reg: Registry, art: Artifact) -> BaseModel:
+    """The base row of artefact ``art`` (IntegrityError if it is missing)."""
     with reg.session() as s:
         base = s.get(BaseModel, art.base_id)
         if base is None:
@@ -54,7 +55,7 @@ def read_pack_artifact(reg: Registry, art: Artifact, folder: str | Path | None =
     if not path.is_file():
         raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
     reader = read_pack_dense if dense else read_pack
-    pack = reader(path, expected_base=base_label(_base_of(reg, art)))
+    pack = reader(path, expected_base=base_label(base_of(reg, art)))
     expected = (art.config or {}).get("source_digest")
     if expected and pack.source_digest != expected:
         raise IntegrityError(f"pack {art.name!r}: the file's source digest does not match the registry's")

@@ -46,7 +46,7 @@ from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
 from adapterhub_c.merging.api import merge_adapters
-from adapterhub_c.merging.compose import LORAHUB_L1, _check_options, compose_adapters
+from adapterhub_c.merging.compose import LORAHUB_L1, check_compose_options, compose_adapters
 from adapterhub_c.merging.factors import check_equal_ranks, factor_weights
 from adapterhub_c.merging.inputs import check_inputs, compute_dtype, dora_as_lora, input_names, module_inputs
 from adapterhub_c.merging.spec import (
@@ -487,7 +487,7 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     """
     arts, base, variant = resolve_inputs(reg, refs)
     lo, hi = _parse_bounds(bounds)
-    _check_options(optimizer, budget, (lo, hi), l1)
+    check_compose_options(optimizer, budget, (lo, hi), l1)
     check_new_name(reg, name, command="compose")
     pairs = load_examples(examples, shots)
     tokenizer = load_base_tokenizer(reg, base)

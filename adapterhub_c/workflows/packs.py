@@ -44,7 +44,7 @@ from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.runtime.bases import base_label
-from adapterhub_c.runtime.packs import PACK_FILE, _base_of, loaded_from_pack
+from adapterhub_c.runtime.packs import PACK_FILE, base_of, loaded_from_pack
 from adapterhub_c.runtime.stack import StackSpec, load_stack
 from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
 
@@ -306,6 +306,6 @@ def inspect_pack_ref(reg: Registry | None, pack_ref_or_path: str | Path) -> dict
     folder = reg.materialize(art)
     if not (folder / PACK_FILE).is_file():
         raise IntegrityError(f"pack {art.name!r} has no {PACK_FILE}")
-    stats = inspect_pack(folder / PACK_FILE, expected_base=base_label(_base_of(reg, art)))
+    stats = inspect_pack(folder / PACK_FILE, expected_base=base_label(base_of(reg, art)))
     stats["name"], stats["path"] = art.name, str(folder / PACK_FILE)
     return stats
