@@ -337,6 +337,19 @@ def _same(local: Path, remote) -> bool:
     return git_blob_oid(local.read_bytes()) == remote.blob_id
 
 
+def _pushable_files(folder: Path) -> dict[str, Path]:
+    """The files of ``folder`` to push, by repo path (UsageError if none, or an unsafe name)."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder")
+    local = _local_files(folder)
+    if not local:
+        raise UsageError(f"{folder}: nothing to push (empty folder)")
+    bad = [p for p in local if unsafe_repo_path(p)]
+    if bad:
+        raise UsageError(f"{folder}: unsafe file names {bad[:3]!r}")
+    return local
+
+
 def push_folder(folder: str | Path, repo_id: str, private: bool = False,
                 commit_message: str | None = None, token: str | None = None,
                 endpoint: str | None = None, progress: Progress | None = None, *,
@@ -349,15 +362,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False,
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"{folder}: not a folder")
-    local = _local_files(folder)
-    if not local:
-        raise UsageError(f"{folder}: nothing to push (empty folder)")
-    bad = [p for p in local if unsafe_repo_path(p)]
-    if bad:
-        raise UsageError(f"{folder}: unsafe file names {bad[:3]!r}")
+    local = _pushable_files(Path(folder))
     endpoint = resolve_endpoint(endpoint)
     if is_offline():
         raise AdaptError(f"cannot push {repo_id!r}: offline mode (HF_HUB_OFFLINE=1)")

@@ -132,48 +132,59 @@ def _check_embedding_factors(header: dict, weights: Path) -> None:
             raise IntegrityError(f"{weights}: embedding LoRA {key} {a} and {other} {b} disagree on the rank")
 
 
-def _check_shapes(config: dict, header: dict, weights: Path) -> None:
-    """Every factor pairs up, agrees with the configured rank and is a targeted module."""
-    r_default = config["r"]
+def _factors_by_module(header: dict) -> dict[str, dict[str, tuple[str, list[int]]]]:
+    """{module: {factor: (tensor key, shape)}} of the LoRA / DoRA tensors in a safetensors header."""
     factors: dict[str, dict[str, tuple[str, list[int]]]] = {}
     for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        parsed = _module_of(key)
-        if parsed is None:
-            continue
-        module, factor = parsed
-        factors.setdefault(module, {})[factor] = (key, info["shape"])
+        parsed = None if key == "__metadata__" else _module_of(key)
+        if parsed is not None:
+            module, factor = parsed
+            factors.setdefault(module, {})[factor] = (key, info["shape"])
+    return factors
+
+
+def _check_pairing(module: str, pair: dict, mag, dora: bool, weights: Path) -> None:
+    """The module has lora_A and lora_B, and a magnitude vector exactly when the adapter is DoRA."""
+    if mag is not None and not dora:
+        raise IntegrityError(f"{weights}: tensor {mag[0]} is a DoRA magnitude vector but "
+                             "adapter_config.json does not set use_dora")
+    if mag is None and dora:
+        raise UsageError(f"{weights}: a DoRA adapter (use_dora) but module {module!r} has no "
+                         "lora_magnitude_vector tensor")
+    if not pair:
+        raise IntegrityError(f"{weights}: tensor {mag[0]} has no matching lora_A / lora_B tensors")
+    for need in ("lora_A", "lora_B"):
+        if need not in pair:
+            other = next(iter(pair.values()))[0]
+            raise IntegrityError(f"{weights}: tensor {other} has no matching {need} tensor")
+
+
+def _check_module(config: dict, module: str, pair: dict, weights: Path) -> None:
+    """One module's factors: paired, shaped for its rank (``rank_pattern``), and targeted."""
+    mag = pair.pop("lora_magnitude_vector", None)
+    _check_pairing(module, pair, mag, bool(config.get("use_dora")), weights)
+    (a_key, a_shape), (b_key, b_shape) = pair["lora_A"], pair["lora_B"]
+    r = pattern_value(config.get("rank_pattern"), module, config["r"])
+    if len(a_shape) < 2 or a_shape[0] != r:
+        raise IntegrityError(f"{weights}: tensor {a_key} has shape {a_shape}; expected "
+                             f"[r={r}, in_features] for rank {r}")
+    if len(b_shape) < 2 or b_shape[1] != r:
+        raise IntegrityError(f"{weights}: tensor {b_key} has shape {b_shape}; expected "
+                             f"[out_features, r={r}] for rank {r}")
+    if mag is not None and (len(mag[1]) != 1 or mag[1][0] != b_shape[0]):
+        raise IntegrityError(f"{weights}: tensor {mag[0]} has shape {mag[1]}; expected "
+                             f"[out_features={b_shape[0]}] like {b_key}")
+    target = config.get("target_modules")
+    if not _target_matches(target, module):
+        raise IntegrityError(f"{weights}: tensor {a_key} adapts module {module!r}, which "
+                             f"target_modules {target!r} does not match")
+
+
+def _check_shapes(config: dict, header: dict, weights: Path) -> None:
+    """Every factor pairs up, agrees with the configured rank and is a targeted module."""
+    factors = _factors_by_module(header)
     _check_embedding_factors(header, weights)
     if not factors and not any(k.endswith(".lora_embedding_A") for k in header):
         raise IntegrityError(f"{weights}: no lora_A / lora_B tensors")
-    target = config.get("target_modules")
-    dora = bool(config.get("use_dora"))
     for module, pair in sorted(factors.items()):
-        mag = pair.pop("lora_magnitude_vector", None)
-        if mag is not None and not dora:
-            raise IntegrityError(f"{weights}: tensor {mag[0]} is a DoRA magnitude vector but "
-                                 "adapter_config.json does not set use_dora")
-        if mag is None and dora:
-            raise UsageError(f"{weights}: a DoRA adapter (use_dora) but module {module!r} has no "
-                             "lora_magnitude_vector tensor")
-        if not pair:
-            raise IntegrityError(f"{weights}: tensor {mag[0]} has no matching lora_A / lora_B tensors")
-        for need in ("lora_A", "lora_B"):
-            if need not in pair:
-                other = next(iter(pair.values()))[0]
-                raise IntegrityError(f"{weights}: tensor {other} has no matching {need} tensor")
-        (a_key, a_shape), (b_key, b_shape) = pair["lora_A"], pair["lora_B"]
-        r = pattern_value(config.get("rank_pattern"), module, r_default)
-        if len(a_shape) < 2 or a_shape[0] != r:
-            raise IntegrityError(f"{weights}: tensor {a_key} has shape {a_shape}; expected "
-                                 f"[r={r}, in_features] for rank {r}")
-        if len(b_shape) < 2 or b_shape[1] != r:
-            raise IntegrityError(f"{weights}: tensor {b_key} has shape {b_shape}; expected "
-                                 f"[out_features, r={r}] for rank {r}")
-        if mag is not None and (len(mag[1]) != 1 or mag[1][0] != b_shape[0]):
-            raise IntegrityError(f"{weights}: tensor {mag[0]} has shape {mag[1]}; expected "
-                                 f"[out_features={b_shape[0]}] like {b_key}")
-        if not _target_matches(target, module):
-            raise IntegrityError(f"{weights}: tensor {a_key} adapts module {module!r}, which "
-                                 f"target_modules {target!r} does not match")
+        _check_module(config, module, pair, weights)
