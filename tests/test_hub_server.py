@@ -218,6 +218,9 @@ def test_fault_injection_is_in_process_only(hub, api, folder, tmp_path):
     with httpx2.Client() as c:
         for path in ("/faults", "/api/faults", "/_faults"):
             assert c.post(f"{hub.endpoint}{path}", json={"op": "fail_next", "n": 5}).status_code in (404, 405)
+        # faults are test-side middleware (tests/hubfaults.py): the production app carries none
+        assert not hasattr(hub.server.app.state, "faults")
+        assert not hasattr(hub.server, "faults")
         hub.faults.fail_next(1, status=429, path_contains="/api/models/alice/faults")
         assert c.get(f"{hub.endpoint}/api/models/alice/faults").status_code == 429
         assert c.get(f"{hub.endpoint}/api/models/alice/faults").status_code == 200
