@@ -59,7 +59,7 @@ def _quiet_libraries() -> None:
 
 
 COMMAND_MODULES = ("registry_cmds", "base_cmds", "eval_cmds", "variant_cmds", "hub_cmds", "adapt_cmds",
-                   "pack_cmds", "merge_cmds", "prompt_cmds", "batch_cmds", "demo_cmd", "serve_cmds", "export_cmds")
+                   "pack_cmds", "merge_cmds", "prompt_cmds", "batch_cmds", "demo_cmd", "serve_cmds", "export_cmds", "ui_cmds")
 
 
 def _register_commands() -> None:
