@@ -562,7 +562,16 @@ def set_intermediate_size(model: nn.Module, arch: Architecture, size: int) -> No
             b.mlp.module.intermediate_size = int(size)
 
 
+def context_length(config) -> int | None:
+    """The number of positions the model was built for (from its config), or None when unknown."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 __all__ = ["describe", "Architecture", "BlockInfo", "LinearInfo", "MlpInfo", "Fused", "Family", "FAMILIES",
            "ROLES", "ATTN_IN", "ATTN_OUT", "MLP_IN", "MLP_OUT", "linear_kind", "is_linear", "features",
            "fan_in_fan_out", "weight_out_in", "to_weight_layout", "set_intermediate_size",
-           "stored_layout_is_in_out"]
+           "stored_layout_is_in_out", "context_length"]

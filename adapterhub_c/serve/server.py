@@ -14,7 +14,7 @@ from typing import Callable
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.httpserve import ThreadedServer, bind, endpoint_of, is_loopback, serve_forever
-from adapterhub_c.models.arch import describe
+from adapterhub_c.models.arch import context_length, describe
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.options.serve import DEFAULT_HOST, TOKEN_ENV
 from adapterhub_c.registry.store import Registry
@@ -24,7 +24,6 @@ from adapterhub_c.serve.adapters import AdapterCache, Target
 from adapterhub_c.serve.engine import Engine
 from adapterhub_c.serve.layers import GATHER_MIN, Router, wrap_linears
 from adapterhub_c.serve.metrics import Metrics
-from adapterhub_c.training.prompt import context_length
 
 GRACEFUL_SHUTDOWN_S = 2
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes
+from adapterhub_c.models.arch import context_length
 from adapterhub_c.training.loop import train
 
 FORMAT_VERSION = "1"
@@ -136,15 +137,6 @@ def init_prompt(embedding_layer: nn.Embedding, k: int, method: str = "vocab-samp
 
 # ---------------------------------------------------------------------------------------
 # the wrapper
-
-
-def context_length(config) -> int | None:
-    """The number of positions the model was built for, or None when unknown."""
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class PromptedModel(nn.Module):
