@@ -315,6 +315,15 @@ def _config_fault(config: dict) -> str | None:
         return f"r must be a positive integer, not {_short(config['r'])}"
     if "lora_alpha" in config and not _positive_number(config["lora_alpha"]):
         return f"lora_alpha must be a positive number, not {_short(config['lora_alpha'])}"
+    for check in (_patterns_fault, _target_fault, _switches_fault):
+        fault = check(config)
+        if fault is not None:
+            return fault
+    return None
+
+
+def _patterns_fault(config: dict) -> str | None:
+    """``rank_pattern`` / ``alpha_pattern``: objects of valid regexes to positive values."""
     for key, check, what in (("rank_pattern", _positive_int, "positive integers"),
                              ("alpha_pattern", _positive_number, "positive numbers")):
         patterns = config.get(key)
@@ -328,16 +337,26 @@ def _config_fault(config: dict) -> str | None:
                 return f"{key} key {_short(pattern)}: {fault}"
             if not check(value):
                 return f"{key} values must be {what}; {_short(pattern)} has {_short(value)}"
+    return None
+
+
+def _target_fault(config: dict) -> str | None:
+    """``target_modules``: a regex string ("all-linear" included) or a list of names."""
     target = config.get("target_modules")
     if isinstance(target, str):
         fault = None if target == "all-linear" else _regex_fault(target)
-        if fault:
-            return f"target_modules {_short(target)}: {fault}"
-    elif isinstance(target, list):
+        return f"target_modules {_short(target)}: {fault}" if fault else None
+    if isinstance(target, list):
         if not all(isinstance(t, str) and t for t in target):
             return f"target_modules must list module names (non-empty strings), not {_short(target)}"
-    elif target is not None:
+        return None
+    if target is not None:
         return f"target_modules must be a regex string or a list of names, not {_short(target)}"
+    return None
+
+
+def _switches_fault(config: dict) -> str | None:
+    """The boolean switches, and ``modules_to_save`` a list of names."""
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             return f"{key} must be true or false, not {_short(config[key])}"
