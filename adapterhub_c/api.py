@@ -46,7 +46,7 @@ _LAZY_NAMES: dict[str, Callable[[], Any]] = {
     "DEFAULT_CALIB": lambda: _module("workflows.variants").DEFAULT_CALIB,  # silently unused by recipes needing none
     "RECOVER_METHODS": lambda: _module("options.convert").RECOVER_METHODS,  # adapt convert --recover
     "COMPENSATE_TARGETS": lambda: _module("options.convert").COMPENSATE_TARGETS,  # --recover lowrank --targets
-    "PACK_METHODS": lambda: _module("packing.compeft").METHODS,  # adapt pack --method
+    "PACK_METHODS": lambda: _module("options.pack").METHODS,  # adapt pack --method
     "RESCALES": lambda: _module("merging.spec").RESCALES,
     "DISTILL_ON": lambda: _module("options.convert").DISTILL_ON,
     "GRANULARITIES": lambda: _module("variants.recipe").GRANULARITIES,
@@ -57,7 +57,7 @@ _LAZY_NAMES: dict[str, Callable[[], Any]] = {
     "CONVERT_DEFAULTS": lambda: _module("options.convert").ConvertOptions.defaults(),
     "PROMPT_DEFAULTS": lambda: _defaults(_module("workflows.prompts").learn_prompt_artifact),
     "VARIANT_DEFAULTS": lambda: _defaults(_module("workflows.variants").create_variant),
-    "PACK_DEFAULTS": lambda: _defaults(_module("workflows.packs").pack_artifact),
+    "PACK_DEFAULTS": lambda: _module("options.pack").PackOptions.defaults(),
     "MERGE_DEFAULTS": lambda: _defaults(_module("workflows.merges").merge_artifacts),
     "COMPOSE_DEFAULTS": lambda: _defaults(_module("workflows.merges").compose_artifacts),
 }
@@ -76,7 +76,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
-    "search", "train", "convert", "TrainOptions", "ConvertOptions",
+    "search", "train", "convert", "TrainOptions", "ConvertOptions", "PackOptions",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
     "serve_hub", "serve", "demo", "LISTABLE", "DEFAULT_DEMO_BASE", "DEFAULT_CORPUS", "EXPORT_FORMATS", "SERVE_HOST", "SERVE_TOKEN_ENV",
@@ -252,6 +252,7 @@ def serve_hub(root: str | Path, **options: Any) -> None:
 # ---- training, conversion, prompts ----------------------------------------------------------
 
 from adapterhub_c.options.convert import ConvertOptions  # noqa: E402 - light: no torch (the signatures below)
+from adapterhub_c.options.pack import PackOptions  # noqa: E402
 from adapterhub_c.options.train import TrainOptions  # noqa: E402
 
 
@@ -302,12 +303,17 @@ def transfer_prompts(prompts: Sequence[str], variants: Sequence[str], data: str,
 # ---- packs, merges, composition -------------------------------------------------------------
 
 
-def pack(adapter: str, density: float | str, *, registry: Registry | None = None,
-         progress: Progress | None = None, **options: Any) -> Result:
-    """ComPEFT-pack ``adapter`` keeping ``density`` of its values (see ``workflows.packs.pack_artifact``)."""
+def pack(adapter: str, density: float | str, options: PackOptions | None = None, *, name: str | None = None,
+         registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> Result:
+    """ComPEFT-pack ``adapter`` keeping ``density`` of its values (see ``workflows.packs.pack_artifact``).
+
+    ``options``: a :class:`PackOptions` (``api.PackOptions``); ``fields`` set single fields of it
+    by name (``alpha="auto"``, ``method="compeft"``, …), as the command's flags do.
+    """
     from adapterhub_c.workflows import packs as _packs
     reg = _reg(registry)
-    art, report = _packs.pack_artifact(reg, adapter, density=density, progress=progress, **options)
+    art, report = _packs.pack_artifact(reg, adapter, options, name=name, progress=progress,
+                                       **{**fields, "density": density})
     return _result(reg, art, report)
 
 

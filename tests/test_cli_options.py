@@ -101,3 +101,21 @@ def test_the_domain_reads_its_names_from_the_options():
 
     assert tuple(TARGET_SETS) == COMPENSATE_TARGETS
     assert tuple(ACTIVATIONS) == RECOVER_ACTS
+
+
+def test_pack_offers_every_pack_option_and_parses_density_and_alpha():
+    from adapterhub_c.cli.pack_cmds import pack_create
+    from adapterhub_c.options.pack import ALPHA_METRICS, PackOptions
+    from adapterhub_c.packing.alpha import METRICS
+
+    assert flags_of(PackOptions) <= _flags(pack_create) and "-k" in _flags(pack_create)
+    assert METRICS == ALPHA_METRICS
+    opts = collect(PackOptions, _parse(pack_create, ["a", "-k", "10%", "--alpha", "2"]))
+    assert (opts.density, opts.alpha) == (0.1, 2.0)
+    assert PackOptions(density="0.5", alpha="AUTO", eval_data="d").alpha == "auto"
+    assert PackOptions.from_params(opts.params()) == opts
+    for bad, message in (({"density": 0}, "density"), ({"density": "lots"}, "density"), ({"alpha": 0}, "alpha"),
+                         ({"alpha": "auto"}, "--eval-data"), ({"scope": "global"}, "delta-fit"),
+                         ({"encoding": "zip"}, "--encoding"), ({"max_tokens": 1}, "max tokens")):
+        with pytest.raises(UsageError, match=message):
+            PackOptions(**{"density": 0.1, **bad})

@@ -59,6 +59,8 @@ def flags_of(cls: type, *, exclude: tuple[str, ...] = ()) -> set[str]:
     out = set()
     for f in cli_fields(cls, exclude=exclude):
         out.add(flag_of(f))
+        if f.metadata.get("short"):
+            out.add(f.metadata["short"])
         out.update(f.metadata.get("aliases") or {})
     return out
 
@@ -79,7 +81,8 @@ def _value_option(f: dataclasses.Field, name: str, hint: Any, default: Any) -> C
     if aliased:  # the option's own default is None (so an alias can tell it was not given)
         help_text = f"{help_text or ''}  [default: {default}]" if show else help_text
         show = False
-    return click.option(flag_of(f), name, type=_click_type(hint, meta), required=required,
+    spellings = [flag_of(f)] + ([meta["short"]] if meta.get("short") else [])
+    return click.option(*spellings, name, type=_click_type(hint, meta), required=required,
                         default=None if aliased or required else default, show_default=show,
                         multiple=_is_tuple(hint) and meta.get("type") is None, help=help_text)
 

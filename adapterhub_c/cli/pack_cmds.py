@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from adapterhub_c import api
+from adapterhub_c.cli.options import collect, options_from
 from adapterhub_c.cli.render import (
     echo_already_done,
     echo_warnings,
@@ -14,8 +15,7 @@ from adapterhub_c.cli.render import (
     print_table,
     progress_callback,
 )
-
-DEFAULTS = api.PACK_DEFAULTS
+from adapterhub_c.options.pack import PackOptions
 
 
 class _PackGroup(click.Group):
@@ -34,37 +34,15 @@ def pack_group():
 
 @pack_group.command("create")
 @click.argument("adapter")
-@click.option("--density", "-k", required=True,
-              help="Kept fraction k in (0, 1], e.g. 0.1 or 10%.")
-@click.option("--alpha", default=f"{DEFAULTS['alpha']:g}", show_default=True,
-              help="compeft: magnitude multiplier (values become alpha·std·sign); delta-fit: gain on the fitted "
-                   "update (1 = the fit); or 'auto' with --eval-data.")
-@click.option("--eval-data", default=None,
-              help="Validation data for --alpha auto (and to measure pack vs unpacked quality).")
-@click.option("--alpha-metric", type=click.Choice(["auto", "perplexity", "completion_ppl", "exact_match"]), default="auto",
-              show_default=True, help="Search criterion: auto = exact match on tasks, perplexity on text.")
-@click.option("--max-tokens", type=int, default=DEFAULTS["max_tokens"], show_default=True,
-              help="Perplexity tokens per evaluation.")
-@click.option("--max-examples", type=int, default=DEFAULTS["max_examples"], show_default=True,
-              help="Exact-match examples per evaluation (tasks).")
-@click.option("--scope", type=click.Choice(["tensor", "global"]), default="tensor", show_default=True,
-              help="Top-k and std per tensor, or one over all tensors (the paper's code; it can zero whole "
-                   "modules of LoRAs whose B is much smaller than A).")
-@click.option("--encoding", type=click.Choice(["golomb", "bitmask"]), default="golomb", show_default=True)
-@click.option("--method", type=click.Choice(api.PACK_METHODS), default=DEFAULTS["method"], show_default=True,
-              help="delta-fit: top-k signs of each module's re-balanced factors, scaled to fit B·A (ours); "
-                   "compeft: the paper's alpha·std per factor; stc: magnitude = mean |kept values| (alpha ignored).")
+@options_from(PackOptions)
 @click.option("--name", default=None, help="Name of the pack (default: <adapter>-k<percent>).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (for evaluation).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def pack_create(obj, adapter, density, alpha, eval_data, alpha_metric, max_tokens, max_examples, scope, encoding,
-                method, name, device, as_json):
+def pack_create(obj, adapter, name, as_json, **fields):
     """Pack ADAPTER (any LoRA artefact, converted ones with their recovery modules)."""
+    options = collect(PackOptions, fields)
     with progress_callback() as progress:
-        result = api.pack(adapter, density, registry=obj.registry, alpha=alpha, eval_data=eval_data,
-                          scope=scope, encoding=encoding, method=method, name=name, alpha_metric=alpha_metric,
-                          max_tokens=max_tokens, max_examples=max_examples, device=device, progress=progress)
+        result = api.pack(adapter, options.density, options, registry=obj.registry, name=name, progress=progress)
     report = result.report
     if as_json:
         print_json(report)

@@ -23,7 +23,8 @@ T = TypeVar("T", bound="Options")
 
 def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, choices: tuple | None = None,
            cli: bool = True, default_factory: Any = MISSING, show_default: bool = True,
-           type: Any = None, aliases: dict[str, tuple[Any, str]] | None = None) -> Any:  # noqa: A002
+           type: Any = None, aliases: dict[str, tuple[Any, str]] | None = None,  # noqa: A002
+           short: str | None = None) -> Any:
     """A dataclass field with what the command line needs to offer it.
 
     ``flag``: the spelling (default ``--field-name``; a boolean whose default is True is
@@ -32,10 +33,11 @@ def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, c
     ``type``: the click type when the annotation does not say it; ``"csv"`` is a
     comma-separated list read into a tuple. ``aliases``: extra flags that set the field to
     a fixed value, ``{"--no-recover": ("none", "help")}`` (given together with ``flag``
-    they are refused). A field without a default is a required option.
+    they are refused). ``short``: a one-letter spelling too (``-k``). A field without a
+    default is a required option.
     """
     meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "show_default": show_default,
-            "type": type, "aliases": aliases or {}}
+            "type": type, "aliases": aliases or {}, "short": short}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)

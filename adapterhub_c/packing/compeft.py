@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.options.pack import METHODS, SCOPES  # the names live with the options (re-exported)
 from adapterhub_c.packing import deltafit
 from adapterhub_c.packing.ternary import TernaryTensor, dtype_name
 
-SCOPES = ("global", "tensor")
-METHODS = ("compeft", "stc", "delta-fit")
 KEPT_COUNT_RULE = ("round(k·n) entries per top-k group, ties to the lowest index (the ComPEFT reference "
                    "keeps int(k·n)+1 plus ties)")
 

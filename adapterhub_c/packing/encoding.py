@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.options.pack import ENCODINGS  # the names live with the options (re-exported)
 
-ENCODINGS = ("golomb", "bitmask")
 # Decoder bounds: the writer's m is about ln2/density (at most ~numel); with m <= 2^32,
 # nnz·m < 2^62 and numel < 2^62 no int64 step of the golomb index arithmetic can wrap.
 MAX_GOLOMB_PARAM = 1 << 32

@@ -17,6 +17,7 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import save as st_save
 
@@ -24,6 +25,7 @@ from adapterhub_c.adapters.loaded import LoadedAdapter
 from adapterhub_c.adapters.lora import WEIGHTS_NAME
 from adapterhub_c.errors import AdaptWarning, IntegrityError, UsageError
 from adapterhub_c.evals.data import load_dataset
+from adapterhub_c.options.pack import PackOptions
 from adapterhub_c.packing.alpha import (
     SEARCH_WINDOW,
     AdapterSlot,
@@ -34,9 +36,7 @@ from adapterhub_c.packing.alpha import (
     search_grid,
 )
 from adapterhub_c.packing.compeft import check_params
-from adapterhub_c.packing.encoding import ENCODINGS
 from adapterhub_c.packing.format import Pack, inspect_pack, pack_adapter, write_pack
-from adapterhub_c.packing.params import parse_alpha, parse_density
 from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.kinds import ADAPTER_KINDS, LORA_KINDS, PACK_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -50,8 +50,13 @@ from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
 
 CURVE_FILE = "alpha_curve.png"
 INFO_FILE = "adapterhub_c.json"
-DEFAULT_SEARCH_TOKENS = 2048
-DEFAULT_SEARCH_EXAMPLES = 24
+
+
+def _pack_options(options: PackOptions | None, fields: dict[str, Any]) -> PackOptions:
+    """``options`` with ``fields`` set (or ``PackOptions`` from ``fields``)."""
+    if options is None:
+        return PackOptions.from_params(fields)
+    return options.replace(**fields) if fields else options
 
 
 # ---- packing -------------------------------------------------------------------------------
@@ -113,33 +118,26 @@ def _search_budget(is_task: bool, max_tokens: int | None, max_examples: int | No
     return {"max_tokens": max_tokens, "window": SEARCH_WINDOW, "max_examples": None}
 
 
-def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alpha: float | str = 1.0,
-                  eval_data: str | None = None, scope: str = "tensor", encoding: str = "golomb",
-                  method: str = "delta-fit", name: str | None = None, alpha_metric: str = "auto",
-                  max_tokens: int | None = DEFAULT_SEARCH_TOKENS,
-                  max_examples: int | None = DEFAULT_SEARCH_EXAMPLES, device: str = "cpu",
-                  progress=None) -> tuple[Artifact, dict]:
+def pack_artifact(reg: Registry, adapter_ref: str, options: PackOptions | None = None, *, name: str | None = None,
+                  progress=None, **fields: Any) -> tuple[Artifact, dict]:
     """Pack an adapter artefact (lora, recovered-lora, merged, composed) and register it.
 
-    ``method``: ``delta-fit`` (default, :mod:`adapterhub_c.packing.deltafit`; ``alpha`` is a
-    gain on the fitted update), ``compeft`` (the paper's alpha·std) or ``stc``.
+    ``options``: a ``PackOptions`` (``fields`` set single fields of it, by the same names:
+    ``density=0.1``, ``alpha="auto"``, …). ``method``: ``delta-fit`` (default,
+    :mod:`adapterhub_c.packing.deltafit`; ``alpha`` is a gain on the fitted update),
+    ``compeft`` (the paper's alpha·std) or ``stc``.
     ``alpha="auto"`` evaluates the method's grid (:func:`.alpha.search_grid`) on the validation split of
     ``eval_data`` (see :mod:`.alpha` for the criterion), keeps the best, stores the curve in
     the artefact config and the run output and draws it as ``alpha_curve.png``. With a
     number and ``eval_data``, the pack and its source are both evaluated. The model is
     built once in both cases. Returns (artefact, report).
     """
-    density = parse_density(density)
-    alpha = parse_alpha(alpha)
+    opts = _pack_options(options, fields)
+    density, alpha, eval_data, scope, encoding, method = (opts.density, opts.alpha, opts.eval_data, opts.scope,
+                                                          opts.encoding, opts.method)
+    alpha_metric, max_tokens, max_examples, device = opts.alpha_metric, opts.max_tokens, opts.max_examples, opts.device
     check_params(density, 1.0, scope, method)
-    if encoding not in ENCODINGS:
-        raise UsageError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
     grid = search_grid(method) if alpha == "auto" else None
-    if alpha == "auto" and not eval_data:
-        raise UsageError("--alpha auto needs --eval-data to choose alpha on")
-    for label, v in (("max tokens", max_tokens), ("max examples", max_examples)):
-        if v is not None and v < 2:
-            raise UsageError(f"{label} must be at least 2, got {v}")
     if eval_data:
         resolve_metric(alpha_metric, load_dataset(eval_data, "validation").is_task)
     with reg.session() as s:
@@ -155,9 +153,7 @@ def pack_artifact(reg: Registry, adapter_ref: str, *, density: float | str, alph
     if not source_digest:
         raise UsageError(f"{src.name!r} has no {WEIGHTS_NAME}")
     label = base_label(base)
-    params = dict(adapter=src.name, density=density, alpha=alpha, eval_data=eval_data, scope=scope,
-                  encoding=encoding, method=method, name=name, alpha_metric=alpha_metric,
-                  max_tokens=max_tokens, max_examples=max_examples, device=device)
+    params = {"adapter": src.name, "name": name, **opts.params()}
     t0 = time.monotonic()
     if (earlier := earlier_result(reg, name, "pack", params)) is not None:
         return earlier, already_done_report(earlier)
