@@ -235,16 +235,53 @@ def test_killed_worker_gives_its_item_back_at_once(db, breg):
     assert items["crash-1"].attempts == 2 and "signal 9" in items["crash-1"].outputs["errors"][0]["error"]
 
 
-def test_claims_are_exclusive_and_stale_workers_cannot_complete(db, breg):
+class FakeClock:
+    """The queue's and the worker's notion of now: it moves only when a test or a waiting worker moves it."""
+
+    def __init__(self):
+        import datetime as dt
+
+        self.now = dt.datetime(2026, 1, 1, 12, 0, 0)
+        self.slept: list[float] = []
+
+    def utcnow(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        import datetime as dt
+
+        self.now += dt.timedelta(seconds=seconds)
+
+    def sleep(self, seconds: float) -> None:  # a waiting worker: time passes, nothing else runs
+        self.slept.append(seconds)
+        self.advance(seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import types
+
+    from adapterhub_c.batch import queue, worker
+
+    fake = FakeClock()
+    monkeypatch.setattr(queue, "utcnow", fake.utcnow)
+    monkeypatch.setattr(worker, "utcnow", fake.utcnow)
+    monkeypatch.setattr(worker, "time", types.SimpleNamespace(sleep=fake.sleep, monotonic=time.monotonic))
+    return fake
+
+
+def test_claims_are_exclusive_and_stale_workers_cannot_complete(db, breg, clock):
     from adapterhub_c.batch import queue
     from adapterhub_c.batch.worker import run_worker
 
     batch, _ = queue.open_batch(breg, "leases", "test", {}, ["a", "b"], max_attempts=3)
-    first = queue.claim(breg, batch.id, "w-old@host:1", lease_s=0.3)
-    second = queue.claim(breg, batch.id, "w-other@host:2", lease_s=30)
+    first = queue.claim(breg, batch.id, "w-old@host:1", lease_s=30)
+    second = queue.claim(breg, batch.id, "w-other@host:2", lease_s=300)
     assert (first.source, first.attempt) == ("a", 1) and second.source == "b"
     assert queue.claim(breg, batch.id, "w-third@host:3", lease_s=30) is None
-    time.sleep(0.5)  # the first worker went silent: its lease expires
+    clock.advance(29)
+    assert queue.reap_expired(breg, batch.id) == 0  # a lease is kept until it expires
+    clock.advance(2)  # the first worker went silent: its lease expired, the second's did not
     assert queue.reap_expired(breg, batch.id) == 1
     again = queue.claim(breg, batch.id, "w-new@host:4", lease_s=30)
     assert (again.source, again.attempt) == ("a", 2)
@@ -260,10 +297,12 @@ def test_claims_are_exclusive_and_stale_workers_cannot_complete(db, breg):
     # An idle worker waits for a running item whose lease then expires, and finishes it.
     b2, _ = queue.open_batch(breg, "leases-2", "test", {}, ["c"], max_attempts=3)
     queue.claim(breg, b2.id, "w-dead@host:5", lease_s=1.0)
-    url = breg.url
-    stats = run_worker(url, str(breg.home), b2.id, "w-live", 30, pipeline="test_batch:sleepy_pipeline",
+    stats = run_worker(breg.url, str(breg.home), b2.id, "w-live", 30, pipeline="test_batch:sleepy_pipeline",
                        poll_s=0.1)
     assert stats == {"done": 1, "failed": 0, "lost": 0}
+    assert clock.slept and sum(clock.slept) >= 1.0  # it waited (in the clock's time) for the lease to end
+    (item,) = queue.items(breg, b2.id)
+    assert item.attempts == 2 and item.outputs["errors"][0]["error"].startswith("worker lost")
 
 
 def test_migration_applies_and_rolls_back(db, home):
