@@ -155,8 +155,8 @@ def add_base(name: str, *, revision: str | None = None, allow_pickle: bool = Fal
     A Hub id that names a built-in (e.g. the SmolLM2 repo) without a revision is served by the
     built-in copy, offline. Idempotent: ``created`` is False when it was registered already.
     """
-    from adapterhub_c.workflows import pull as _hub
     from adapterhub_c.workflows import bases as _bases
+    from adapterhub_c.workflows import pull as _hub
     reg = _reg(registry)
     if name.startswith("builtin:") or (builtin_for(name) is not None and not revision and "@" not in name):
         row, created = _bases.add_builtin_base(reg, name, progress=progress)
