@@ -25,7 +25,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.kinds import ARTIFACT_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Lineage, Run, Variant
 from adapterhub_c.registry.store import KINDS, Registry, kind_of
-from adapterhub_c.registry.views import _iso, artifact_row, run_row, show_object
+from adapterhub_c.registry.views import _iso, artifact_row, run_row
 
 PER_PAGE = 50
 MAX_PER_PAGE = 500
@@ -239,30 +239,113 @@ def ci95_of(e: Evaluation) -> list[float] | None:
     return [float(ci[0]), float(ci[1])] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
 
 
-def _intervals(s, obj, rows: list[dict]) -> None:
-    """Add ``ci95`` to ``show_object``'s evaluation rows (the same query, the same order)."""
+def _evaluation_rows(s, obj, limit: int) -> tuple[list[dict], int]:
+    """``show_object``'s evaluation rows (same filter, order and keys) plus ``ci95``, at most ``limit``."""
     col = {"base": Evaluation.base_id, "variant": Evaluation.variant_id, "artifact": Evaluation.artifact_id}
     q = select(Evaluation).where(or_(col[kind_of(obj)] == obj.id, Evaluation.prompt_id == obj.id))
-    evs = s.scalars(q.order_by(Evaluation.created_at)).all()
-    for row, e in zip(rows, evs, strict=False):
-        if row["metric"] == e.metric and row["value"] == e.value:
-            row["ci95"] = ci95_of(e)
+    total = s.scalar(select(func.count()).select_from(q.subquery()))
+    evs = s.scalars(q.order_by(Evaluation.created_at, Evaluation.id).limit(limit)).all()
+    vnames = _names(s, Variant, {e.variant_id for e in evs})
+    return [{"dataset": e.dataset, "split": e.split, "metric": e.metric, "value": e.value,
+             "variant": vnames.get(e.variant_id), "with_adapter": e.artifact_id, "with_prompt": e.prompt_id,
+             "at": _iso(e.created_at), "ci95": ci95_of(e)} for e in evs], total
 
 
-def detail(reg: Registry, ref: str) -> dict[str, Any]:
-    """One object's page: ``show_object`` (what ``adapt show --json`` prints, evaluations with
-    their 95% interval) plus file sizes, the run that made it (with the command that
+def _names(s, cls, ids) -> dict[str, str]:
+    ids = [i for i in ids if i]
+    return dict(s.execute(select(cls.id, cls.name).where(cls.id.in_(ids))).all()) if ids else {}
+
+
+def _edge(role: str, obj) -> dict[str, Any]:
+    return {"role": role, "type": kind_of(obj), "name": obj.name, "id": obj.id}
+
+
+def _children_page(s, obj, limit: int) -> tuple[list[tuple[str, Any]], int]:
+    """What derives from ``obj`` (as ``Registry.children``: lineage, plus a base's variants and
+    adapters, a variant's adapters), at most ``limit``, and how many in all."""
+    edges = select(Lineage).where(Lineage.parent_id == obj.id)
+    out = [(e.role, s.get(KINDS[e.child_type], e.child_id))
+           for e in s.scalars(edges.order_by(Lineage.id).limit(limit))]
+    out = [(role, c) for role, c in out if c is not None]
+    total = s.scalar(select(func.count()).select_from(edges.subquery()))
+    seen = select(Lineage.child_id).where(Lineage.parent_id == obj.id)
+    implicit = []
+    if isinstance(obj, BaseModel):
+        implicit = [("variant-of", Variant, Variant.base_id == obj.id), ("adapter-of", Artifact, Artifact.base_id == obj.id)]
+    elif isinstance(obj, Variant):
+        implicit = [("targets", Artifact, Artifact.variant_id == obj.id)]
+    for role, cls, where in implicit:
+        q = select(cls).where(where, cls.id.not_in(seen))
+        total += s.scalar(select(func.count()).select_from(q.subquery()))
+        room = limit - len(out)
+        if room > 0:
+            out += [(role, c) for c in s.scalars(q.order_by(cls.created_at).limit(room))]
+    return out, total
+
+
+def detail(reg: Registry, ref: str, limit: int = 200) -> dict[str, Any]:
+    """One object's page: the row of ``adapt show --json`` (the same row functions and keys; children
+    and evaluations cut at ``limit``, with ``children_total`` / ``evaluations_total``; evaluations
+    with their 95% interval) plus file sizes, the run that made it (with the command that
     reproduces it) and its pictures."""
-    row = show_object(reg, ref)
+    from adapterhub_c.registry.views import base_row, variant_row
+
     with reg.session() as s:
-        obj = s.get(KINDS[row["type"]], row["id"])
+        obj = reg.resolve(s, ref)
+        kind = kind_of(obj)
+        base = s.get(BaseModel, obj.base_id) if kind != "base" else obj
+        if kind == "base":
+            row = base_row(obj)
+        elif kind == "variant":
+            row = variant_row(obj, base.name if base else "?")
+        else:
+            variant = s.get(Variant, obj.variant_id) if obj.variant_id else None
+            row = artifact_row(obj, base.name if base else "?", variant.name if variant else None)
+            row["config"] = obj.config
+        row["type"], row["files"] = kind, obj.files
+        row["parents"] = [_edge(role, p) for role, p in reg.parents(s, obj)]
+        children, row["children_total"] = _children_page(s, obj, limit)
+        row["children"] = [_edge(role, c) for role, c in children]
+        row["evaluations"], row["evaluations_total"] = _evaluation_rows(s, obj, limit)
         run = _run_of(s, obj.run_id)
-        _intervals(s, obj, row["evaluations"])
     files = file_sizes(reg, row["files"])
     return {"object": row, "file_sizes": files, "run": run,
             "pictures": [f["path"] for f in files if f["path"].lower().endswith((".png", ".svg"))],
             "curves": find_curves({"metrics": row.get("metrics"), "config": row.get("config"),
                                    "output": (run or {}).get("output")})}
+
+
+def lineage_graph(reg: Registry, ref: str, depth: int = 3, width: int = 12) -> dict[str, Any]:
+    """``lineage_tree``'s shape (ancestors and descendants as nested dicts, with ``kind``), cut at
+    ``depth`` levels each way and ``width`` neighbours per object (``more`` counts the rest)."""
+    with reg.session() as s:
+        obj = reg.resolve(s, ref)
+
+        def up(o, level, seen):
+            if level >= depth:
+                return []
+            parents = reg.parents(s, o)
+            if isinstance(o, Variant):
+                parents = [("variant-of", s.get(BaseModel, o.base_id)), *parents]
+            return [{**_graph_node(role, p), "parents": up(p, level + 1, seen | {p.id})}
+                    for role, p in parents[:width] if p is not None and p.id not in seen]
+
+        def down(o, level, seen):
+            if level >= depth:
+                return []
+            kids, total = _children_page(s, o, width)
+            return [{**_graph_node(role, c), "children": down(c, level + 1, seen | {c.id}),
+                     "more": max(0, total - width)} for role, c in kids if c.id not in seen]
+
+        kids_total = _children_page(s, obj, 0)[1]
+        return {"name": obj.name, "type": kind_of(obj), "kind": getattr(obj, "kind", kind_of(obj)),
+                "parents": up(obj, 0, {obj.id}), "children": down(obj, 0, {obj.id}),
+                "more": max(0, kids_total - width)}
+
+
+def _graph_node(role: str, obj) -> dict[str, Any]:
+    kind = kind_of(obj)
+    return {"role": role, "type": kind, "kind": obj.kind if kind == "artifact" else kind, "name": obj.name}
 
 
 def find_curves(tree: Any, path: str = "") -> list[dict[str, Any]]:
@@ -509,5 +592,5 @@ def closest_names(reg: Registry, name: str, n: int = 5) -> list[str]:
     return close or [k for k in known if name.lower() in k.lower()][:n]
 
 
-__all__ = ["PER_PAGE", "ARTIFACT_KINDS", "kinds_of", "ci95_of", "summary", "blob_usage", "model_tree", "detail", "file_sizes", "find_curves",
+__all__ = ["PER_PAGE", "ARTIFACT_KINDS", "kinds_of", "ci95_of", "lineage_graph", "summary", "blob_usage", "model_tree", "detail", "file_sizes", "find_curves",
            "reproduce_command", "compare", "list_runs", "search", "closest_names", "artifact_origin"]

@@ -106,21 +106,12 @@ def object_page(reg: Registry, request) -> tuple[str, dict]:
     """One base, variant or artefact: row, files, lineage, evaluations, run, pictures."""
     ref = request.path_params["ref"]
     data = pages.detail(reg, ref)
-    data["lineage"] = views.lineage_tree(reg, ref)
-    data["kinds"] = pages.kinds_of(reg, _lineage_names(data["lineage"]))
+    data["lineage"] = pages.lineage_graph(reg, ref)
     if data["object"]["type"] == "variant":
         from adapterhub_c.workflows.variants import show_variant
 
         data["variant"] = show_variant(reg, data["object"]["id"])
     return "object.html", data
-
-
-def _lineage_names(tree: dict) -> set[str]:
-    out = {tree["name"]}
-    for key in ("parents", "children"):
-        for item in tree.get(key) or []:
-            out |= _lineage_names({**item, "name": item["name"]})
-    return out
 
 
 def compare_page(reg: Registry, request) -> tuple[str, dict]:

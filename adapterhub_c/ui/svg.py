@@ -28,7 +28,8 @@ def _short(text: str, n: int = 28) -> str:
 def _columns(tree: dict[str, Any], depth: int) -> dict[int, list[dict]]:
     """Column index → nodes: the object at 0, ancestors at -1, -2, …, descendants at 1, 2, …;
     each node {name, type, edges: [(neighbour name, role)]} towards the centre."""
-    cols: dict[int, dict[str, dict]] = {0: {tree["name"]: {"name": tree["name"], "type": tree["type"], "edges": []}}}
+    root = {"name": tree["name"], "type": tree.get("kind") or tree["type"], "edges": []}
+    cols: dict[int, dict[str, dict]] = {0: {tree["name"]: root}}
 
     def walk(items, col, key, step, centre_name):
         if abs(col) > depth:
