@@ -1,0 +1,100 @@
+"""Options of ``adapt variant create``.
+
+The names a recipe validates against live here, once: the quantization and pruning
+methods, the pruning granularities, the methods that read the default calibration set,
+and the default calibration marker. ``variants.recipe`` and ``workflows.variants`` import
+them from here.
+
+The options say how to build one variant; the recipe they give (``variants.recipe.Recipe``,
+built by ``workflows.variants.make_recipe``) is its identity and does the recipe's own
+checks (a sparsity a method needs, calibration a method reads, …).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from adapterhub_c.options import Options, is_count, option
+
+QUANT_METHODS = ("none", "int8", "nf4", "fp4", "gptq")
+PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")
+GRANULARITIES = ("row", "layer")
+CALIB_USERS = ("wanda", "2:4", "ffn-channels")  # the methods the default calibration set serves
+DEFAULT_CALIB_SAMPLES = 32
+DEFAULT_CALIB_SEQ_LEN = 128
+DEFAULT_EVAL_TOKENS = 8192  # perplexity of base and variant: first tokens of builtin:pydoc test
+
+
+class DefaultCalib(str):
+    """The default calibration set: used by the methods of ``CALIB_USERS``, silently unused otherwise.
+
+    A calibration set named explicitly is refused where nothing would read it; this one,
+    given by default, is dropped instead. (It is a ``str``, so it reads and prints as its
+    name; written to JSON it becomes a plain, explicit name.)
+    """
+
+
+DEFAULT_CALIB = DefaultCalib("builtin:pydoc")  # evals.data.DEFAULT_CORPUS (a test checks they agree)
+
+
+@dataclass(frozen=True)
+class VariantOptions(Options):
+    """``adapt variant create``: how to compress a base (``workflows.variants.create_variant``).
+
+    ``calib``: the calibration data set; ``None`` (or ``"none"``) scores 2:4 and ffn-channels by
+    magnitude; left at ``DEFAULT_CALIB`` it is used only where a method reads activations.
+    ``include_embeddings`` / ``include_lm_head`` are library-only knobs.
+    """
+
+    family: ClassVar[str] = "variant"
+
+    quant: str = option("none", choices=QUANT_METHODS,
+                        help="Quantization of the decoder linears: bitsandbytes int8/nf4/fp4 (applied at load) "
+                             "or gptq.")
+    double_quant: bool = option(False, help="Quantize the 4-bit scales too (nf4/fp4).")
+    prune: str = option("none", choices=PRUNE_METHODS,
+                        help="Pruning method (magnitude/wanda: unstructured; 2:4: semi-structured; ffn-channels: "
+                             "MLP channels; sparsegpt[:2:4]: with the OBS update).")
+    sparsity: float | None = option(None, help="Fraction of the pruned weights (or MLP channels) removed, in "
+                                               "[0, 1); 2:4 is 0.5.")
+    granularity: str | None = option(None, choices=GRANULARITIES,
+                                     help="magnitude/wanda: rank weights per output row (default) or per whole "
+                                          "layer.")
+    calib: str | None = option(DEFAULT_CALIB, show_default=False,
+                               help=f"Calibration data for wanda, 2:4 and ffn-channels (default {DEFAULT_CALIB}; "
+                                    "'none' for magnitude-scored 2:4 / ffn-channels).")
+    calib_samples: int = option(DEFAULT_CALIB_SAMPLES, help="Calibration sequences.")
+    calib_seq_len: int = option(DEFAULT_CALIB_SEQ_LEN, help="Tokens per calibration sequence.")
+    include_embeddings: bool = option(False, cli=False, help="Also prune the token embeddings (unstructured).")
+    include_lm_head: bool = option(False, cli=False, help="Also prune (or quantize) the LM head.")
+    eval_tokens: int = option(DEFAULT_EVAL_TOKENS, help="Measure perplexity on this many builtin:pydoc test "
+                                                        "tokens (0 skips).")
+    device: str = option("cpu", help="cpu, cuda or auto.")
+
+    def normalize(self) -> None:
+        """Method names lower-cased (as the recipe reads them); ``calib`` "none" → None."""
+        for name in ("quant", "prune", "granularity"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                self._set(name, value.lower())
+        if isinstance(self.calib, str) and self.calib.strip().lower() == "none":
+            self._set("calib", None)
+
+    def validate(self) -> None:
+        """``eval_tokens`` 0 (skip) or at least 2 (what the recipe checks stays with the recipe)."""
+        self._require(is_count(self.eval_tokens, 0), "eval_tokens",
+                      "a non-negative integer (0 skips the evaluation)")
+        self._require(self.eval_tokens != 1, "eval_tokens", "0 (skip) or at least 2")
+        self._require(self.device is None or str(self.device).startswith(("cpu", "cuda", "auto")), "device",
+                      "cpu, cuda or auto")
+
+    def recipe_fields(self) -> dict:
+        """The keyword arguments of ``workflows.variants.make_recipe`` these options set."""
+        return {"quant": self.quant, "double_quant": self.double_quant, "prune": self.prune,
+                "sparsity": self.sparsity, "granularity": self.granularity, "calib": self.calib,
+                "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
+                "include_embeddings": self.include_embeddings, "include_lm_head": self.include_lm_head}
+
+
+__all__ = ["VariantOptions", "QUANT_METHODS", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "DefaultCalib",
+           "DEFAULT_CALIB", "DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_EVAL_TOKENS"]
