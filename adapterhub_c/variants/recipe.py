@@ -28,10 +28,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.options.variant import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
 
-QUANT_METHODS = ("none", "int8", "nf4", "fp4")
-PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels")
-GRANULARITIES = ("row", "layer")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
 RECIPE_VERSION = 1
 
