@@ -501,4 +501,18 @@ def ui(*, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, h
     _ui.serve_ui(reg, host=host, port=port, token=token, ready=ready)
 
 
-__all__.extend(["registry_summary", "model_tree", "show_page", "compare", "list_runs", "find", "ui"])
+def ui_command(*, home: str | Path | None = None, db: str | None = None) -> str:
+    """The ``adapt ui`` command line that browses the registry at ``home`` / ``db`` (a password in
+    ``db`` is not spelled out: the line then reads the URL from ``$ADAPTERHUB_DB_URL``)."""
+    import shlex
+
+    from adapterhub_c.registry.db import describe_url
+    words = ["adapt"]
+    if home:
+        words += ["--home", shlex.quote(str(home))]
+    if db:
+        words += ["--db", shlex.quote(db) if describe_url(db) == db else '"$ADAPTERHUB_DB_URL"']
+    return " ".join([*words, "ui"])
+
+
+__all__.extend(["registry_summary", "model_tree", "show_page", "compare", "list_runs", "find", "ui", "ui_command"])

@@ -192,3 +192,18 @@ def test_the_command_prints_the_url_and_keeps_the_token_out_of_its_output(world,
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert TOKEN not in line + out + err
+
+
+def test_ui_command_names_the_registry_without_a_password():
+    assert api.ui_command() == "adapt ui"
+    assert api.ui_command(home="/tmp/a b") == "adapt --home '/tmp/a b' ui"
+    assert api.ui_command(db="sqlite:////tmp/r.db") == "adapt --db sqlite:////tmp/r.db ui"
+    assert "hunter2" not in api.ui_command(db="postgresql+psycopg://adapt:hunter2@db/reg")
+
+
+def test_demo_ends_with_the_ui_command(cli, home, monkeypatch):
+    """The demo's last line (its steps replaced by one empty table: they are test_demo's business)."""
+    monkeypatch.setattr(api, "demo", lambda **kw: iter([("step", [{"x": 1}])]))
+    r = cli("--home", str(home), "demo", "--base", "builtin:tiny-llama")
+    assert r.code == 0, r.err
+    assert r.out.strip().splitlines()[-1] == f"browse what it made: adapt --home {home} ui"

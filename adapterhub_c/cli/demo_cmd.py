@@ -27,6 +27,7 @@ def demo_cmd(obj, base: str, max_tokens: int | None) -> None:
             print_table(rows, list(rows[0]) if rows else [], title=f"{title} [{now - last:.0f} s]")
             last = now
     click.echo(f"demo finished in {time.monotonic() - t0:.0f} s")
+    click.echo(f"browse what it made: {api.ui_command(home=obj.home, db=obj.db)}")
 
 
 def register(cli) -> None:
