@@ -77,6 +77,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
     "search", "train", "convert", "TrainOptions", "ConvertOptions", "PackOptions",
+    "BatchItems", "BatchSteps", "BatchExecution",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
     "serve_hub", "serve", "demo", "LISTABLE", "DEFAULT_DEMO_BASE", "DEFAULT_CORPUS", "EXPORT_FORMATS", "SERVE_HOST", "SERVE_TOKEN_ENV",
@@ -251,6 +252,7 @@ def serve_hub(root: str | Path, **options: Any) -> None:
 
 # ---- training, conversion, prompts ----------------------------------------------------------
 
+from adapterhub_c.options.batch import BatchExecution, BatchItems, BatchSteps  # noqa: E402 - light, as below
 from adapterhub_c.options.convert import ConvertOptions  # noqa: E402 - light: no torch (the signatures below)
 from adapterhub_c.options.pack import PackOptions  # noqa: E402
 from adapterhub_c.options.train import TrainOptions  # noqa: E402
@@ -412,10 +414,19 @@ def gc(*, dry_run: bool = False, registry: Registry | None = None) -> dict[str, 
 # ---- many at once ---------------------------------------------------------------------------
 
 
-def run_batch(*, registry: Registry | None = None, progress: Progress | None = None, **options: Any) -> dict:
-    """Pull, convert, pack, evaluate and push many adapters (see ``batch.ops.run_batch``)."""
+def run_batch(variant: str | None = None, *, name: str | None = None,
+              convert: ConvertOptions | dict[str, Any] | None = None, items: BatchItems | None = None,
+              steps: BatchSteps | None = None, execution: BatchExecution | None = None,
+              registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> dict:
+    """Pull, convert, pack, evaluate and push many adapters to ``variant`` (see ``batch.ops.run_batch``).
+
+    ``convert``: a :class:`ConvertOptions`; ``items`` / ``steps`` / ``execution``: the
+    :class:`BatchItems`, :class:`BatchSteps` and :class:`BatchExecution` of the batch, or
+    their fields as keywords (``sources=[...]``, ``pack_density=0.1``, ``workers=2``, …).
+    """
     from adapterhub_c.batch import ops as _batch
-    return _batch.run_batch(_reg(registry), progress=progress, **options)
+    return _batch.run_batch(_reg(registry), variant=variant, name=name, convert=convert, items=items, steps=steps,
+                            execution=execution, progress=progress, **fields)
 
 
 def batch_status(name: str, *, registry: Registry | None = None) -> dict[str, Any]:

@@ -7,18 +7,19 @@ of every item records its own run too (pull, convert, pack, eval, push).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import select
 
 from adapterhub_c.batch import queue
 from adapterhub_c.batch.executors import WorkerSpec, default_threads, make_executor
 from adapterhub_c.errors import UsageError
+from adapterhub_c.options.batch import BATCH_GROUPS, BatchExecution, BatchItems, BatchSteps
 from adapterhub_c.options.convert import ConvertOptions
-from adapterhub_c.packing.params import parse_alpha, parse_density
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import Artifact, Batch, Variant, utcnow
@@ -46,63 +47,68 @@ def _search(reg: Registry, base: str, limit: int) -> list[str]:
     return [r["id"] for r in search_adapters_for(reg, base, limit=limit)]
 
 
-def run_batch(reg: Registry, *, variant: str | None = None, sources: Iterable[str] | None = None,
-              from_file: str | Path | None = None, search_base: str | None = None, limit: int = 50,
-              name: str | None = None, convert: ConvertOptions | dict[str, Any] | None = None,
-              pack_density: float | None = None,
-              pack_alpha: float | str | None = None, evaluate: bool = False, eval_data: str | None = None,
-              eval_max_tokens: int | None = None, push_to: str | None = None, private: bool = False,
-              device: str = "cpu", workers: int = 1, executor: str = "local", ray_address: str | None = None,
-              retries: int = 2, lease_seconds: float = 120.0, step_hook: str | None = None,
-              threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def batch_options(convert: ConvertOptions | dict[str, Any] | None = None, **fields: Any
+                  ) -> tuple[ConvertOptions | dict[str, Any] | None, BatchItems, BatchSteps, BatchExecution]:
+    """Route keyword ``fields`` (the flags' names) to the option group that owns each; unknown → UsageError."""
+    groups = {cls: {} for cls in BATCH_GROUPS}
+    owner = {f.name: cls for cls in BATCH_GROUPS for f in dataclasses.fields(cls)}
+    for key, value in fields.items():
+        if key not in owner:
+            raise UsageError(f"unknown batch option {key!r}")
+        groups[owner[key]][key] = value
+    items, steps, execution = (cls.from_params(groups[cls]) for cls in BATCH_GROUPS)
+    return convert, items, steps, execution
+
+
+def run_batch(reg: Registry, *, variant: str | None = None, name: str | None = None,
+              convert: ConvertOptions | dict[str, Any] | None = None, items: BatchItems | None = None,
+              steps: BatchSteps | None = None, execution: BatchExecution | None = None,
+              progress: Progress | None = None, **fields: Any) -> dict[str, Any]:
     """Convert many adapters to variant ``variant``: pull → convert → pack → evaluate → push.
 
-    Items come from ``sources``, a file (``from_file``) or a Hub search for adapters of
-    ``search_base`` (``limit``). ``convert``: the options of every conversion (a
+    Items (``BatchItems``) come from ``sources``, a file (``from_file``) or a Hub search for
+    adapters of ``search_base`` (``limit``). ``convert``: the options of every conversion (a
     ``ConvertOptions``, or a dict of its fields where None means the default); the batch
-    stores ``params()`` and every worker converts with them. ``name`` defaults to one derived from the variant and the
-    options, so the same command resumes the same batch; ``name`` alone resumes a batch
-    with its stored options. Each item is tried at most ``retries + 1`` times over all
-    runs. ``threads``: torch threads per local worker (default: the cores shared out among
-    the workers). Returns the batch summary (``batch_status``) with this run's figures.
+    stores ``params()`` and every worker converts with them. ``steps`` (``BatchSteps``): pack,
+    evaluate, push and device; ``execution`` (``BatchExecution``): workers, executor,
+    retries, leases, threads per local worker (default: the cores shared out among the
+    workers). Instead of the three objects, their fields may be given as keywords. ``name``
+    defaults to one derived from the variant and the options, so the same command resumes
+    the same batch; ``name`` alone resumes a batch with its stored options. Each item is
+    tried at most ``retries + 1`` times over all runs. Returns the batch summary
+    (``batch_status``) with this run's figures.
     """
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be >= 1")
-    if retries < 0:
-        raise UsageError("--retries must be >= 0")
-    if lease_seconds <= 0:
-        raise UsageError("--lease-seconds must be > 0")
-    if pack_density is not None and not 0 < pack_density <= 1:
-        raise UsageError(f"--pack-density must be in (0, 1] (got {pack_density})")
-    executor_obj = make_executor(executor, workers, ray_address)  # validates before touching the registry
-    given = [s.strip() for s in (sources or []) if s.strip()]
-    if from_file is not None:
-        given += read_sources(from_file)
+    if fields:
+        if items or steps or execution:
+            raise UsageError("give the batch's option objects or their fields, not both")
+        convert, items, steps, execution = batch_options(convert, **fields)
+    items, steps, execution = items or BatchItems(), steps or BatchSteps(), execution or BatchExecution()
+    executor_obj = make_executor(execution.executor, execution.workers, execution.ray_address)  # before the registry
+    given = list(items.sources) + (read_sources(items.from_file) if items.from_file is not None else [])
     existing = _find_batch(reg, name) if name else None
     if name is not None and existing is None:  # a new batch: the name rule (old ones still resume)
         check_name_syntax(name, "batch name", namespace=False)
     if variant is None and existing is None:
         raise UsageError("give --variant (or --name of an existing batch to resume it)")
-    if existing is not None and variant is None:
-        params = dict(existing.params)
-    else:
-        params = _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data, eval_max_tokens,
-                         push_to, private, device)
-    if search_base is not None:
-        given += _search(reg, search_base, limit)
+    params = dict(existing.params) if existing is not None and variant is None else _params(reg, variant, convert,
+                                                                                            steps)
+    if items.search_base is not None:
+        given += _search(reg, items.search_base, items.limit)
     if existing is None and not given:
         raise UsageError("nothing to do: give --from-file FILE or --search-base BASE")
     name = name or _default_name(reg, params)
-    batch, changes = queue.open_batch(reg, name, "convert", params, given, max_attempts=retries + 1)
-    run_params = dict(batch=name, variant=params["variant_name"], items=len(given), workers=workers,
-                      executor=executor, ray_address=ray_address, retries=retries, lease_seconds=lease_seconds,
+    batch, changes = queue.open_batch(reg, name, "convert", params, given, max_attempts=execution.retries + 1)
+    run_params = dict(batch=name, variant=params["variant_name"], items=len(given), workers=execution.workers,
+                      executor=execution.executor, ray_address=execution.ray_address, retries=execution.retries,
+                      lease_seconds=execution.lease_seconds,
                       options={k: v for k, v in params.items() if k not in ("variant", "variant_name")})
     with record_run(reg, "batch convert", run_params) as run:
         with reg.session() as s:
             row = s.get(Batch, batch.id)
             row.run_id, row.updated_at = run.id, utcnow()
-        stats = execute_batch(reg, batch.id, executor_obj, lease_seconds=lease_seconds, run_id=run.id,
-                              step_hook=step_hook, threads=threads, progress=progress, label=f"batch {name}")
+        stats = execute_batch(reg, batch.id, executor_obj, lease_seconds=execution.lease_seconds, run_id=run.id,
+                              step_hook=execution.step_hook, threads=execution.threads, progress=progress,
+                              label=f"batch {name}")
         stats["changes"] = changes
         summary = batch_status(reg, batch.id)
         summary["this_run"] = stats
@@ -116,22 +122,23 @@ def _find_batch(reg: Registry, name: str) -> Batch | None:
         return s.scalar(select(Batch).where(Batch.name == name))
 
 
-def _params(reg, variant, convert, pack_density, pack_alpha, evaluate, eval_data, eval_max_tokens, push_to,
-            private, device) -> dict[str, Any]:
+def _params(reg: Registry, variant: str, convert: ConvertOptions | dict[str, Any] | None,
+            steps: BatchSteps) -> dict[str, Any]:
+    """What a batch stores and every worker reads: the variant, the conversion and the steps after it."""
     with reg.session() as s:
         var = reg.resolve(s, variant, "variant")
-    conv = convert_options(convert, device).params()
-    if push_to is not None and ("/" in push_to or not push_to.strip()):
-        raise UsageError(f"--push-to takes an organisation or user name, not a repo (got {push_to!r})")
+    conv = convert_options(convert, steps.device).params()
+    pack = None if steps.pack_density is None else {
+        "density": steps.pack_density, **({} if steps.pack_alpha is None else {"alpha": steps.pack_alpha})}
+    evaluate = steps.evaluate or steps.eval_data
     return {
         "variant": var.id,
         "variant_name": var.name,
         "convert": conv,
-        "pack": None if pack_density is None else
-        {"density": parse_density(pack_density), **({} if pack_alpha is None else {"alpha": parse_alpha(pack_alpha)})},
-        "evaluate": {"data": eval_data, "max_tokens": eval_max_tokens} if (evaluate or eval_data) else None,
-        "push": None if push_to is None else {"org": push_to.strip(), "private": bool(private)},
-        "device": device,
+        "pack": pack,
+        "evaluate": {"data": steps.eval_data, "max_tokens": steps.eval_max_tokens} if evaluate else None,
+        "push": None if steps.push_to is None else {"org": steps.push_to, "private": bool(steps.private)},
+        "device": steps.device,
     }
 
 

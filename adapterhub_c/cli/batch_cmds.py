@@ -7,6 +7,7 @@ from adapterhub_c import api
 from adapterhub_c.cli.options import collect, options_from
 from adapterhub_c.cli.render import print_json, print_table, progress_callback
 from adapterhub_c.errors import AdaptError
+from adapterhub_c.options.batch import BatchExecution, BatchItems, BatchSteps
 from adapterhub_c.options.convert import ConvertOptions
 
 # Options of a conversion a batch does not offer: its own --device applies to every step, and a
@@ -22,39 +23,23 @@ def batch_group() -> None:
 
 @batch_group.command("convert")
 @click.option("--variant", default=None, help="The compressed variant to convert every adapter to.")
-@click.option("--from-file", "from_file", type=click.Path(dir_okay=False), default=None,
-              help="Items, one a line: org/repo[@revision] or artifact:NAME (# comments).")
-@click.option("--search-base", default=None, help="Items: adapters of this base found on the Hub.")
-@click.option("--limit", type=int, default=50, show_default=True, help="At most this many search results.")
+@options_from(BatchItems)
 @options_from(ConvertOptions, exclude=BATCH_EXCLUDES)
-@click.option("--pack-density", type=float, default=None, help="Then ComPEFT-pack, keeping this share of values.")
-@click.option("--pack-alpha", default=None, help="Pack scale: a number or 'auto' [pack's default].")
+@options_from(BatchSteps)
 @click.option("--no-eval", is_flag=True, help="Skip the evaluate step (the pack is not measured).")
-@click.option("--push-to", default=None, help="Then push each result to the Hub under this organisation.")
-@click.option("--private", is_flag=True, help="Pushed repos are private.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (in every worker).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Parallel workers.")
-@click.option("--threads", type=int, default=None,
-              help="Torch threads per local worker [cores / workers]; 1 on a machine busy with other work.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("--ray-address", default=None, help="Join this Ray cluster ('auto', host:port, ray://…).")
-@click.option("--retries", type=int, default=2, show_default=True, help="Attempts per item beyond the first.")
-@click.option("--lease-seconds", type=float, default=120, show_default=True,
-              help="A silent worker's item returns to the queue after this long.")
+@options_from(BatchExecution)
 @click.option("--name", default=None, help="Batch name (to resume or inspect it) [derived from the options].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def convert_cmd(obj, variant, from_file, search_base, limit, pack_density, pack_alpha, no_eval, push_to, private,
-                device, workers, threads, executor, ray_address, retries, lease_seconds, name, as_json, **fields):
+def convert_cmd(obj, variant, no_eval, name, as_json, **fields):
     """Pull, convert to VARIANT, pack, evaluate and push many adapters; re-run to resume."""
-    convert = collect(ConvertOptions, fields, device=device)
+    items, execution = collect(BatchItems, fields), collect(BatchExecution, fields)
+    steps = collect(BatchSteps, fields, evaluate=not no_eval)
+    convert = collect(ConvertOptions, fields, device=steps.device)
     with progress_callback() as progress:
-        summary = api.run_batch(registry=obj.registry, variant=variant, from_file=from_file, search_base=search_base,
-                                limit=limit, name=name, convert=convert, pack_density=pack_density,
-                                pack_alpha=pack_alpha, evaluate=not no_eval, eval_data=convert.eval_data,
-                                push_to=push_to, private=private, device=device, workers=workers, executor=executor,
-                                ray_address=ray_address, retries=retries, lease_seconds=lease_seconds,
-                                threads=threads, progress=progress)
+        summary = api.run_batch(registry=obj.registry, variant=variant, name=name, convert=convert, items=items,
+                                steps=steps.replace(eval_data=convert.eval_data), execution=execution,
+                                progress=progress)
     _print_summary(summary, as_json)
     _fail_if_unfinished(summary)
 
