@@ -10,8 +10,12 @@ Storage decision (issue 15): a variant stores only what differs from its base.
   variant's `config.json`.
 - Quantization is not stored at all: bitsandbytes quantizes when the variant is loaded
   (see quantize.py for why), so a quantization-only variant is its recipe.
-- A method that changed kept values (none does today) would have to store its sparse
-  values, in bf16; `check_delta` refuses to store a build the delta cannot reproduce.
+- GPTQ and SparseGPT (issue 25) change the values they keep, so a mask cannot hold them:
+  `compressed.safetensors` (packed.py) stores, per compressed weight, GPTQ's bit-packed
+  integer codes + fp16 group scales + zero points (+ the act-order permutation), or
+  SparseGPT's keep-mask + kept values in 16 bits, or both jointly. Loading computes Ŵ from
+  them in the base's dtype; bitsandbytes may still quantize Ŵ at load (sparsegpt + nf4).
+- `check_delta` refuses to store a build the delta cannot reproduce.
 The recipe and the build's stats go to `variant.json`. A delta folder (`save_delta`)
 holds those own files and, under `base/`, the base's config and weight files; loading
 reads the base's weights, applies the masks (`weight.mul_(mask)`, what pruning did) and
@@ -46,9 +50,17 @@ from adapterhub_c.variants.masks import (
     select_channels,
     select_tensor_channels,
 )
+from adapterhub_c.variants.packed import (
+    COMPRESSED_FILE,
+    StoredWeight,
+    apply_compressed,
+    compressed_to_bytes,
+    load_compressed,
+)
 from adapterhub_c.variants.pruning import prune_ffn_channels, prune_unstructured, target_linears
 from adapterhub_c.variants.quantize import load_quantized, load_quantized_state, resolve_dtype
 from adapterhub_c.variants.recipe import UNSTRUCTURED, Recipe
+from adapterhub_c.variants.sequential import compress_sequential
 
 WEIGHTS_FILE = "model.safetensors"
 KEPT_FILE = "kept_indices.safetensors"
@@ -94,6 +106,7 @@ class VariantBuild:
     stats: VariantStats
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weight name → keep-mask (bool)
     channel_plan: dict[str, list] | None = None  # ffn-channels: what each sliced tensor loses (masks.channel_plan)
+    compressed: dict[str, StoredWeight] = field(default_factory=dict)  # gptq / sparsegpt: weight name → stored form
 
     def weights_bytes(self) -> bytes:
         """The whole pruned model as one safetensors blob (recipe in the metadata)."""
@@ -114,6 +127,10 @@ class VariantBuild:
         """The keep-masks as a bit-packed safetensors blob (masks.py), or None without masks."""
         return masks_to_bytes(self.masks) if self.masks else None
 
+    def compressed_bytes(self) -> bytes | None:
+        """GPTQ codes / SparseGPT kept values as a safetensors blob (packed.py), or None without them."""
+        return compressed_to_bytes(self.compressed) if self.compressed else None
+
     def _meta(self, storage: str | None = None) -> dict[str, Any]:
         meta = {"recipe": self.recipe.to_dict(), "stats": self.stats.to_dict()}
         if storage:
@@ -133,14 +150,15 @@ class VariantBuild:
         return folder
 
     def save_delta(self, folder: str | Path) -> Path:
-        """The variant's own files: config.json, variant.json, masks / kept indices (no weights).
+        """The variant's own files: config.json, variant.json, masks / kept indices / compressed weights.
 
         Put the base's config and weight files under `folder/base/` to make it loadable.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
-        for name, data in ((MASKS_FILE, self.masks_bytes()), (KEPT_FILE, self.kept_indices_bytes())):
+        for name, data in ((MASKS_FILE, self.masks_bytes()), (KEPT_FILE, self.kept_indices_bytes()),
+                           (COMPRESSED_FILE, self.compressed_bytes())):
             if data is not None:
                 (folder / name).write_bytes(data)
         (folder / VARIANT_FILE).write_text(json.dumps(self._meta(STORAGE_DELTA), indent=2, sort_keys=True))
@@ -154,7 +172,8 @@ def apply_recipe(
     progress: Progress | None = None,
     storage_dtype: torch.dtype | None = None,
 ) -> VariantBuild:
-    """Prune `model` in place by the recipe and return what to store (quantization comes at load).
+    """Prune `model` in place by the recipe and return what to store (bnb quantization comes at load;
+    GPTQ and SparseGPT replace the weights in place by the Ŵ they store).
 
     `storage_dtype`: the dtype the base is stored in (default: the model's), for the
     estimated size of an `hf` export (unquantized tensors are exported in it).
@@ -180,6 +199,9 @@ def apply_recipe(
             calib_input_ids=calib_input_ids, include_embeddings=recipe.include_embeddings,
             include_lm_head=recipe.include_lm_head, progress=progress,
         )
+    compressed: dict[str, StoredWeight] = {}
+    if recipe.uses_obs:
+        compressed, layer_sparsity = compress_sequential(model, recipe, calib_input_ids, storage_dtype, progress)
     plan = None
     if recipe.prune == "ffn-channels":
         plan = channel_plan(describe(model, warn=False))  # before the MLPs are shrunk
@@ -191,9 +213,10 @@ def apply_recipe(
         # (a weight that was 0 already is 0 either way: base × mask reproduces it bit for bit)
         masks = {name: (p.detach() != 0).cpu() for name, p in _pruned_tensors(model, recipe).items()}
     stats = compute_stats(model, recipe, base_params, target_base, layer_sparsity, storage_dtype)
-    stats.stored_bytes = sum(-(-m.numel() // 8) for m in masks.values()) + sum(8 * t.numel() for t in kept.values())
+    stats.stored_bytes = sum(-(-m.numel() // 8) for m in masks.values()) + sum(8 * t.numel() for t in kept.values()) \
+        + sum(w.nbytes for w in compressed.values())
     state = {name: t.detach().cpu().contiguous() for name, t in _unique_state(model).items()}
-    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks, plan)
+    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks, plan, compressed)
 
 
 def load_variant_model(
@@ -234,14 +257,14 @@ def load_variant_model(
         cfg = _config_object(config) if config is not None else _folder_config(folder)
         state = delta_state(folder)
         dtype = resolve_dtype(compute_dtype, _config_dtype(folder))
-        return load_quantized_state(cfg, state, recipe.quant, recipe.double_quant, dtype, device,
+        return load_quantized_state(cfg, state, recipe.bnb_quant, recipe.double_quant, dtype, device,
                                     include_lm_head=recipe.include_lm_head, dtype=dtype,
                                     cpu_bf16_kernel=cpu_bf16_kernel)
     with tempfile.TemporaryDirectory(prefix="adapterhub-variant-") as tmp:
         model_dir = _model_folder(source, folder, config, Path(tmp))
         cfg_dtype = _config_dtype(model_dir)
         dtype = resolve_dtype(compute_dtype, cfg_dtype)
-        model = load_quantized(model_dir, recipe.quant, recipe.double_quant, dtype, device,
+        model = load_quantized(model_dir, recipe.bnb_quant, recipe.double_quant, dtype, device,
                                include_lm_head=recipe.include_lm_head, dtype=dtype,
                                cpu_bf16_kernel=cpu_bf16_kernel)
     return model
@@ -291,7 +314,8 @@ def read_channel_plan(path: str | Path) -> dict[str, list] | None:
 
 
 def delta_state(folder: str | Path, base_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The variant's state dict from a delta folder: base weights × keep-masks, kept channels selected.
+    """The variant's state dict from a delta folder: base weights × keep-masks, compressed weights' Ŵ,
+    kept channels selected.
 
     Tensors keep the base's stored dtype. `base_state` (consumed, modified in place)
     saves reading `folder/base` again.
@@ -300,6 +324,8 @@ def delta_state(folder: str | Path, base_state: dict[str, torch.Tensor] | None =
     state = read_state(folder / BASE_DIR) if base_state is None else base_state
     if (folder / MASKS_FILE).exists():
         apply_mask_file(state, folder / MASKS_FILE)
+    if (folder / COMPRESSED_FILE).exists():
+        apply_compressed(state, load_compressed(folder / COMPRESSED_FILE))
     if (folder / KEPT_FILE).exists():
         select_channels(state, read_kept_indices(folder / KEPT_FILE), read_channel_plan(folder / KEPT_FILE))
     return state
@@ -325,6 +351,8 @@ def check_delta(build: VariantBuild, base_folder: str | Path) -> None:
                 t = {name: st.get_tensor(name)}
                 if name in build.masks:
                     apply_masks(t, {name: build.masks[name]})
+                if name in build.compressed:
+                    apply_compressed(t, {name: build.compressed[name]})
                 if build.kept_indices:
                     t[name] = select_tensor_channels(name, t[name], build.kept_indices, build.channel_plan)
                 want = build.state_dict[name]
@@ -371,6 +399,7 @@ def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_bas
     conv_in = {f"{n}.weight": i.in_features for n, i in describe(model).linears().items() if i.fan_in_fan_out}
     total = nonzero = target_nnz = stored_bits = held_bits = ideal_bits = export_bits = 0
     q_bits = q_numel = 0
+    gptq = {"gptq_bits": recipe.bits, "group_size": recipe.group_size} if recipe.quant == "gptq" else {}
     for name, p in _unique_params(model).items():
         numel, nnz = p.numel(), int(torch.count_nonzero(p.detach()))
         in_f = conv_in.get(name, p.shape[-1] if p.dim() >= 2 else numel)  # a Conv1D weight is [in, out]
@@ -379,15 +408,16 @@ def compute_stats(model: nn.Module, recipe: Recipe, base_params: int, target_bas
         nonzero += nnz
         stored_bits += numel * dtype_bits
         quant = recipe.quant if name in quantized else "none"
+        bnb = quant if quant != "gptq" else "none"  # GPTQ's Ŵ is loaded (and exported) dense
         pattern = _pattern(recipe, name) if id(p) in pruned_ids else "dense"
         if id(p) in pruned_ids:
             target_nnz += nnz
-        held_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits)
+        held_bits += sizes.quantized_tensor_bits(numel, in_f, bnb, recipe.double_quant, dtype_bits)
         store_bits = torch.finfo(storage_dtype).bits if storage_dtype is not None else dtype_bits
-        export_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, store_bits)
-        ideal_bits += sizes.ideal_tensor_bits(numel, nnz, in_f, quant, recipe.double_quant, pattern)
+        export_bits += sizes.quantized_tensor_bits(numel, in_f, bnb, recipe.double_quant, store_bits)
+        ideal_bits += sizes.ideal_tensor_bits(numel, nnz, in_f, quant, recipe.double_quant, pattern, **gptq)
         if name in weight_names:
-            q_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits)
+            q_bits += sizes.quantized_tensor_bits(numel, in_f, quant, recipe.double_quant, dtype_bits, **gptq)
             q_numel += numel
     return VariantStats(
         base_params=base_params,
@@ -466,7 +496,7 @@ def _quantized_tensors(model: nn.Module, recipe: Recipe) -> set[str]:
 
 
 def _pattern(recipe: Recipe, name: str) -> str:
-    if recipe.prune == "2:4":
+    if recipe.prune in ("2:4", "sparsegpt:2:4"):
         return "2:4"
     if recipe.prune == "ffn-channels":
         return "structured"

@@ -6,7 +6,7 @@ calibration tokens of x_j**2; the Wanda score uses sqrt of it, ||X_j||_2.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -155,10 +155,21 @@ class BlockwiseCalibrator:
         sums = {name: torch.zeros(features(m)[0], dtype=torch.float32, device=m.weight.device)
                 for name, m in modules.items()}
 
+        def add(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float()
+            sums[name] += (x * x).sum(dim=0)
+
+        self.observe(i, modules, add)
+        return sums
+
+    @torch.no_grad()
+    def observe(self, i: int, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Run block i on the cached inputs, calling ``fn(name, x)`` with the input x ([batch, tokens, in])
+        of each named linear inside it (GPTQ / SparseGPT accumulate their Hessians so)."""
+
         def make_hook(name: str):
             def hook(_mod, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                sums[name] += (x * x).sum(dim=0)
+                fn(name, args[0].detach())
 
             return hook
 
@@ -169,7 +180,6 @@ class BlockwiseCalibrator:
         finally:
             for handle in handles:
                 handle.remove()
-        return sums
 
     @torch.no_grad()
     def advance(self, i: int) -> None:

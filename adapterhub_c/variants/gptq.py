@@ -90,9 +90,9 @@ class Grid:
         rows, cols = W.shape
         self.group = spec.group_size or cols
         groups = cols // self.group
-        self.scales = torch.zeros(rows, groups)
-        self.zeros = torch.zeros(rows, groups)
-        self.codes = torch.zeros(rows, cols, dtype=torch.uint8)
+        self.scales = torch.zeros(rows, groups, device=W.device)
+        self.zeros = torch.zeros(rows, groups, device=W.device)
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
         if spec.group_size is None:
             self._set(0, *grid_params(W, spec))
 
@@ -150,7 +150,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                perm: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [out, in] of stored codes (sweep order), scales and zeros [out, groups] (+ permutation)."""
     cols = codes.shape[1]
-    gidx = torch.arange(cols) // (cols // scales.shape[1])
+    gidx = torch.arange(cols, device=codes.device) // (cols // scales.shape[1])
     Q = scales.float()[:, gidx] * (codes.float() - zeros.float()[:, gidx])
     if perm is not None:
         Q = Q[:, torch.argsort(perm.long())]

@@ -17,7 +17,15 @@ Defaults and choices:
   activation-aware scores when given; it is refused where nothing would use it.
 - `include_embeddings` / `include_lm_head` (default False) extend unstructured pruning
   (magnitude, wanda, 2:4) to the token embeddings / LM head; `include_lm_head` also
-  quantizes the LM head when the recipe quantizes.
+  quantizes the LM head when the recipe quantizes with bitsandbytes.
+- GPTQ (`quant="gptq"`, issue 25): `bits` (2, 3, 4 or 8; default 4), `group_size` (None:
+  one grid per output row, the reference's default; else it must divide every layer's
+  inputs), `act_order`, `sym` (default asymmetric, as the reference). Calibrated: it needs
+  `calib`. It combines with pruning only as SparseGPT's joint prune + quantize. These four
+  fields appear in the canonical JSON only when `quant` is gptq, so the recipes (and
+  digests) of every earlier variant are unchanged.
+- SparseGPT (`prune="sparsegpt"` with a sparsity in (0, 1), or `"sparsegpt:2:4"`):
+  calibrated; combines with gptq (jointly) or with bitsandbytes quantization at load.
 """
 from __future__ import annotations
 
@@ -30,6 +38,10 @@ from typing import Any
 from adapterhub_c.errors import UsageError
 from adapterhub_c.options.variant import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
 
+BNB_METHODS = ("int8", "nf4", "fp4")  # quantized by bitsandbytes at load time
+SPARSEGPT = ("sparsegpt", "sparsegpt:2:4")  # prune with the OBS update: kept values change
+GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_FIELDS = ("bits", "group_size", "act_order", "sym")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
 RECIPE_VERSION = 1
 
@@ -48,6 +60,10 @@ class Recipe:
     calib_seq_len: int = 128
     include_embeddings: bool = False
     include_lm_head: bool = False
+    bits: int | None = None
+    group_size: int | None = None
+    act_order: bool = False
+    sym: bool = False
 
     def __post_init__(self) -> None:
         quant = str(self.quant).lower()
@@ -60,16 +76,37 @@ class Recipe:
         _set(self, "prune", prune)
         _set(self, "sparsity", _normalise_sparsity(prune, self.sparsity))
         _set(self, "prune_granularity", _normalise_granularity(prune, self.prune_granularity))
-        for flag in ("double_quant", "include_embeddings", "include_lm_head"):
+        for flag in ("double_quant", "include_embeddings", "include_lm_head", "act_order", "sym"):
             if not isinstance(getattr(self, flag), bool):
                 raise UsageError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.double_quant and quant not in ("nf4", "fp4"):
             raise UsageError(f"double_quant applies only to nf4 and fp4, not to quant {quant!r}")
+        self._check_gptq()
         self._check_calibration()
         if self.include_embeddings and prune not in UNSTRUCTURED:
             raise UsageError("include_embeddings applies only to magnitude, wanda and 2:4 pruning")
-        if self.include_lm_head and prune not in UNSTRUCTURED and quant == "none":
-            raise UsageError("include_lm_head applies only to magnitude, wanda, 2:4 pruning or to quantization")
+        if self.include_lm_head and (self.uses_obs or (prune not in UNSTRUCTURED and quant == "none")):
+            raise UsageError("include_lm_head applies only to magnitude, wanda, 2:4 pruning or to bitsandbytes "
+                             "quantization")
+
+    def _check_gptq(self) -> None:
+        """Fill and check the GPTQ fields (bits, group_size, act_order, sym)."""
+        if self.quant != "gptq":
+            given = [f for f in GPTQ_FIELDS if getattr(self, f) not in (None, False)]
+            if given:
+                raise UsageError(f"{given[0]} applies only to gptq quantization, not to quant {self.quant!r}")
+            return
+        bits = 4 if self.bits is None else self.bits
+        if isinstance(bits, bool) or bits not in GPTQ_BITS:
+            raise UsageError(f"gptq bits must be one of {', '.join(map(str, GPTQ_BITS))}, got {self.bits!r}")
+        _set(self, "bits", int(bits))
+        group = self.group_size
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise UsageError(f"group_size must be a positive integer (or none: one group per row), got {group!r}")
+        if self.prune not in ("none",) + SPARSEGPT:
+            raise UsageError(f"gptq combines only with sparsegpt pruning (done jointly), not with {self.prune!r}")
+        if self.act_order and self.prune != "none":
+            raise UsageError("act_order cannot be combined with sparsegpt pruning")
 
     def _check_calibration(self) -> None:
         calib = self.calib
@@ -81,10 +118,12 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if self.prune == "wanda" and self.calib is None:
-            raise UsageError("wanda pruning needs calibration data (give calib, e.g. builtin:pydoc)")
-        if self.calib is not None and self.prune in ("none", "magnitude"):
-            raise UsageError(f"calib is unused with prune {self.prune!r}; it serves wanda, 2:4 and ffn-channels")
+        if self.calib is None and (self.prune in ("wanda",) + SPARSEGPT or self.quant == "gptq"):
+            method = self.prune if self.prune != "none" and self.quant != "gptq" else "gptq"
+            raise UsageError(f"{method} needs calibration data (give calib, e.g. builtin:pydoc)")
+        if self.calib is not None and self.prune in ("none", "magnitude") and self.quant != "gptq":
+            raise UsageError(f"calib is unused with prune {self.prune!r}; it serves wanda, sparsegpt, gptq, 2:4 and "
+                             "ffn-channels")
 
     @property
     def uses_calibration(self) -> bool:
@@ -94,11 +133,29 @@ class Recipe:
     @property
     def is_quantized(self) -> bool:
         """True when the variant's linear layers are loaded as bitsandbytes layers."""
-        return self.quant != "none"
+        return self.bnb_quant != "none"
+
+    @property
+    def bnb_quant(self) -> str:
+        """The bitsandbytes format applied at load ('none' for gptq, whose Ŵ is stored)."""
+        return self.quant if self.quant in BNB_METHODS else "none"
+
+    @property
+    def uses_obs(self) -> bool:
+        """True for GPTQ and / or SparseGPT: Hessian-based, sequential over the blocks, values change."""
+        return self.quant == "gptq" or self.prune in SPARSEGPT
+
+    @property
+    def stores_weights(self) -> bool:
+        """True when the variant stores something of its own over the base (masks, channels, codes, values)."""
+        return self.prune != "none" or self.quant == "gptq"
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields, defaults filled, plus the recipe format version."""
+        """All fields, defaults filled, plus the recipe format version (GPTQ's fields only for gptq)."""
         data = asdict(self)
+        if self.quant != "gptq":
+            for name in GPTQ_FIELDS:
+                del data[name]
         data["version"] = RECIPE_VERSION
         return data
 
@@ -113,14 +170,28 @@ class Recipe:
     def describe(self) -> str:
         """A short human label, e.g. 'nf4+dq, wanda 50% (row)'."""
         parts = []
-        if self.quant != "none":
+        if self.quant == "gptq":
+            parts.append(self._gptq_label())
+        elif self.quant != "none":
             parts.append(self.quant + ("+dq" if self.double_quant else ""))
         if self.prune != "none":
-            label = self.prune if self.prune == "2:4" else f"{self.prune} {self.sparsity:.0%}"
+            label = f"{self.prune} {self.sparsity:.0%}"
+            if self.prune.endswith("2:4"):
+                label = self.prune.replace(":", " ", 1) if self.prune != "2:4" else "2:4"
+            elif self.prune == "sparsegpt":
+                label = f"sparsegpt {self.sparsity:.1%}".replace(".0%", "%")
             if self.prune_granularity:
                 label += f" ({self.prune_granularity})"
             parts.append(label)
         return ", ".join(parts) or "uncompressed"
+
+    def _gptq_label(self) -> str:
+        """'gptq 4-bit', 'gptq 3-bit g128 act-order sym'."""
+        words = [f"gptq {self.bits}-bit"]
+        if self.group_size:
+            words.append(f"g{self.group_size}")
+        words += ["act-order"] * self.act_order + ["sym"] * self.sym
+        return " ".join(words)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
@@ -165,12 +236,14 @@ def _normalise_sparsity(prune: str, sparsity: Any) -> float:
         if sparsity:
             raise UsageError(f"sparsity {sparsity} given without a pruning method")
         return 0.0
-    if prune == "2:4":
+    if prune in ("2:4", "sparsegpt:2:4"):
         if sparsity is not None and sparsity != 0.5:
             raise UsageError(f"2:4 pruning has sparsity 0.5 by definition, got {sparsity}")
         return 0.5
     if sparsity is None:
         raise UsageError(f"prune {prune!r} needs a sparsity in [0, 1)")
+    if prune == "sparsegpt" and sparsity == 0:
+        raise UsageError("sparsegpt needs a sparsity in (0, 1), got 0")
     return sparsity
 
 

@@ -19,6 +19,11 @@ Ideal size (as the CPET paper's Table 1 counts a compressed model): per tensor,
               none for dense or structured (channel-pruned) tensors, whose shapes shrink.
 Value bits are the quant format's (8 or 4) and, for tensors left unquantized, 16
 (fp16/bf16 deployment), whatever dtype the blob stores.
+
+GPTQ (as a variant stores it, packed.py): `bits` per code, packed, + per output row and
+group one fp16 scale and one uint8 zero point: bits + 24 · groups / in_features per weight
+(the act-order permutation, 32 bits per input column, is left out here as the per-tensor
+constants above; `stored_bytes` counts it). Its loaded form is the dense Ŵ.
 """
 from __future__ import annotations
 
@@ -29,13 +34,16 @@ NESTED_BLOCKSIZE = 256
 DEPLOY_BITS = 16
 
 
-def value_bits(quant: str, dense_bits: int = DEPLOY_BITS) -> int:
+def value_bits(quant: str, dense_bits: int = DEPLOY_BITS, gptq_bits: int = 4) -> int:
     """Bits per stored value of a format ('none' → dense_bits)."""
-    return {"int8": 8, "nf4": 4, "fp4": 4}.get(quant, dense_bits)
+    return {"int8": 8, "nf4": 4, "fp4": 4, "gptq": gptq_bits}.get(quant, dense_bits)
 
 
-def scale_bits(numel: int, in_features: int, quant: str, double_quant: bool = False) -> int:
+def scale_bits(numel: int, in_features: int, quant: str, double_quant: bool = False,
+               group_size: int | None = None) -> int:
     """Bits of the quantization scales of one weight tensor (0 when unquantized)."""
+    if quant == "gptq":
+        return 24 * (numel // in_features) * (in_features // (group_size or in_features))
     if quant == "int8":
         return 32 * (numel // in_features)
     if quant in ("nf4", "fp4"):
@@ -47,13 +55,15 @@ def scale_bits(numel: int, in_features: int, quant: str, double_quant: bool = Fa
 
 
 def quantized_tensor_bits(numel: int, in_features: int, quant: str, double_quant: bool = False,
-                          dense_bits: int = DEPLOY_BITS) -> int:
-    """Bits a dense weight tensor takes in the format (as bitsandbytes holds it)."""
+                          dense_bits: int = DEPLOY_BITS, gptq_bits: int = 4, group_size: int | None = None) -> int:
+    """Bits a dense weight tensor takes in the format (as bitsandbytes holds it; gptq: as stored)."""
     if quant in ("nf4", "fp4"):
         values = 8 * math.ceil(numel / 2)
+    elif quant == "gptq":
+        values = 8 * math.ceil(numel * gptq_bits / 8)
     else:
         values = numel * value_bits(quant, dense_bits)
-    return values + scale_bits(numel, in_features, quant, double_quant)
+    return values + scale_bits(numel, in_features, quant, double_quant, group_size)
 
 
 def bits_per_weight(numel: int, in_features: int, quant: str, double_quant: bool = False,
@@ -75,9 +85,9 @@ def position_bits(numel: int, nnz: int, in_features: int, pattern: str) -> int:
 
 def ideal_tensor_bits(numel: int, nnz: int, in_features: int, quant: str = "none",
                       double_quant: bool = False, pattern: str = "dense",
-                      dense_bits: int = DEPLOY_BITS) -> int:
+                      dense_bits: int = DEPLOY_BITS, gptq_bits: int = 4, group_size: int | None = None) -> int:
     """Ideal bits of one tensor: values + scales + positions (see the module docstring)."""
     values = numel if pattern in ("dense", "structured") else nnz
-    return (values * value_bits(quant, dense_bits)
-            + scale_bits(numel, in_features, quant, double_quant)
+    return (values * value_bits(quant, dense_bits, gptq_bits)
+            + scale_bits(numel, in_features, quant, double_quant, group_size)
             + position_bits(numel, nnz, in_features, pattern))

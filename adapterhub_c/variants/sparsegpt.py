@@ -37,8 +37,8 @@ class SparseResult:
 class _Pruner:
     """The pruning half of fasterprune: chooses each block's mask, zeroes pruned entries."""
 
-    def __init__(self, shape: tuple[int, int], sparsity: float, n: int, m: int, grid: Grid | None):
-        self.prune = torch.zeros(shape, dtype=torch.bool)  # True = pruned
+    def __init__(self, W: torch.Tensor, sparsity: float, n: int, m: int, grid: Grid | None):
+        self.prune = torch.zeros(W.shape, dtype=torch.bool, device=W.device)  # True = pruned
         self.sparsity, self.n, self.m, self.grid = sparsity, n, m, grid
         self.block_mask: torch.Tensor | None = None
         self.W1: torch.Tensor | None = None
@@ -87,6 +87,6 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, *, sparsity: float = 0.5, 
     W = W.detach().float().clone()
     grid = Grid(W, quant) if quant is not None else None  # per-row grid on W before pruning, as the reference
     Hinv = inverse_cholesky(H, W, percdamp, layer)
-    pruner = _Pruner(tuple(W.shape), sparsity, n, m, grid)
+    pruner = _Pruner(W, sparsity, n, m, grid)
     Q = obs_sweep(W, Hinv, pruner.column, blocksize, block=pruner.block, write_back=True)
     return SparseResult(Q, ~pruner.prune, grid)
