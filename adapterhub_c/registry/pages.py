@@ -462,9 +462,10 @@ def compare(reg: Registry, refs: Iterable[str] = (), task: str | None = None,
                  if not any(aid == a.id for aid, _ in evals)]
         refs_out = _references(s, arts, bnames, vnames)
     columns = sorted({c for r in rows + refs_out for c in r["evaluations"]})
-    metric = next((m for m in QUALITY_METRICS if any(c.endswith(f"· {m}") for c in columns)), None)
+    column = _quality_column(rows, columns)
+    metric = column.rsplit("· ", 1)[1] if column else None
     return {"rows": rows, "references": refs_out, "columns": columns, "quality_metric": metric,
-            "scatter": _scatter(rows, refs_out, columns, metric)}
+            "scatter": _scatter(rows, refs_out, column, metric)}
 
 
 def _compare_row(a: Artifact, vid: str | None, cells: dict, bnames: dict, vnames: dict) -> dict[str, Any]:
@@ -484,9 +485,18 @@ def _references(s, arts: list[Artifact], bnames: dict, vnames: dict) -> list[dic
     return out
 
 
-def _scatter(rows: list, refs: list, columns: list[str], metric: str | None) -> dict[str, Any]:
-    """Points (stored bytes, quality) for the first column of the preferred metric."""
-    column = next((c for c in columns if metric and c.endswith(f"· {metric}")), None)
+def _quality_column(rows: list, columns: list[str]) -> str | None:
+    """The scatter's quality column: exact match, else completion perplexity, else perplexity; among
+    those, the first where the artefacts differ (all-zero exact matches say nothing), else the first."""
+    ranked = [c for m in QUALITY_METRICS for c in columns if c.endswith(f"· {m}")]
+    for c in ranked:
+        if len({r["evaluations"][c]["value"] for r in rows if c in r["evaluations"] and r["stored_bytes"]}) > 1:
+            return c
+    return ranked[0] if ranked else None
+
+
+def _scatter(rows: list, refs: list, column: str | None, metric: str | None) -> dict[str, Any]:
+    """Points (stored bytes, quality) of ``column``, the reference rows as lines."""
     if column is None:
         return {"column": None, "points": [], "references": []}
     points = [{"name": r["name"], "x": r["stored_bytes"], "y": r["evaluations"][column]["value"]}

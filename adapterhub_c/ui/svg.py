@@ -134,7 +134,8 @@ class _Frame:
         self.x0, self.x1 = min(fx), max(fx)
         self.y0, self.y1 = min(ys), max(ys)
         if self.x1 == self.x0:
-            self.x0, self.x1 = self.x0 - 1, self.x1 + 1
+            pad = abs(self.x0) * 0.1 or 1
+            self.x0, self.x1 = self.x0 - pad, self.x1 + pad
         if self.y1 == self.y0:
             pad = abs(self.y0) * 0.1 or 1
             self.y0, self.y1 = self.y0 - pad, self.y1 + pad
@@ -177,16 +178,20 @@ def scatter_svg(scatter: dict[str, Any]) -> Markup:
     parts = [f'<svg class="chart scatter" xmlns="http://www.w3.org/2000/svg" width="{f.w}" height="{f.h}" '
              f'viewBox="0 0 {f.w} {f.h}" role="img" aria-label="size against quality">']
     parts += f.axes("stored size (bytes" + (", log scale)" if log_x else ")"), scatter.get("column") or "")
-    for r in refs:
+    for i, r in enumerate(refs):  # labels alternate right / left, stacked when lines coincide
         y = f.py(r["y"])
+        x, anchor = (f.w - f.right - 4, "end") if i % 2 == 0 else (f.left + 6, "start")
         parts.append(f'<line class="ref" x1="{f.left}" x2="{f.w - f.right}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text class="reflabel" x="{f.w - f.right - 4}" y="{y - 4:.1f}" text-anchor="end">'
+                     f'<text class="reflabel" x="{x}" y="{y - 4 - 11 * (i // 2):.1f}" text-anchor="{anchor}">'
                      f'{escape(r["name"])} {_fmt(r["y"])}</text>')
+    taken: dict[tuple[int, int], int] = {}
     for p in points:
         x, y = f.px(p["x"]), f.py(p["y"])
+        k = taken[(round(x / 8), round(y / 8))] = taken.get((round(x / 8), round(y / 8)), -1) + 1
         parts.append(f'<g class="point" data-name="{escape(p["name"])}"><title>{escape(p["name"])}: '
                      f'{_fmt(p["x"])}B, {_fmt(p["y"])}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="5"/>'
-                     f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" class="plabel">{escape(_short(p["name"], 24))}</text></g>')
+                     f'<text x="{x + 7:.1f}" y="{y - 6 + 12 * k:.1f}" class="plabel">{escape(_short(p["name"], 24))}'
+                     '</text></g>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
