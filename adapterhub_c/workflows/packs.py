@@ -98,11 +98,11 @@ class _Evaluator:
     """The source's stack (base or its variant) loaded once, adapter weights swapped in."""
 
     def __init__(self, reg: Registry, base: BaseModel, variant: Variant | None, first: LoadedAdapter,
-                 data: str, metric: str, max_tokens: int | None, max_examples: int | None, device: str):
-        self.dataset = load_dataset(data, "validation")
-        self.metric = resolve_metric(metric, self.dataset.is_task)
-        self.max_tokens, self.max_examples = max_tokens, max_examples
-        model, self.tokenizer = load_stack(reg, StackSpec(base=base, variant=variant), device)
+                 opts: PackOptions):
+        self.dataset = load_dataset(opts.eval_data, "validation")
+        self.metric = resolve_metric(opts.alpha_metric, self.dataset.is_task)
+        self.max_tokens, self.max_examples = opts.max_tokens, opts.max_examples
+        model, self.tokenizer = load_stack(reg, StackSpec(base=base, variant=variant), opts.device)
         self.slot = AdapterSlot(model, first)
 
     def __call__(self, adapter: LoadedAdapter) -> dict[str, float]:
@@ -116,6 +116,105 @@ def _search_budget(is_task: bool, max_tokens: int | None, max_examples: int | No
     if is_task:
         return {"max_tokens": None, "window": None, "max_examples": max_examples}
     return {"max_tokens": max_tokens, "window": SEARCH_WINDOW, "max_examples": None}
+
+
+def _pack_source(reg: Registry, adapter_ref: str) -> tuple[Artifact, BaseModel, Variant | None, str]:
+    """(source artefact, its base, its variant, the digest of its weights file), checked packable."""
+    with reg.session() as s:
+        src = reg.resolve(s, adapter_ref, "artifact")
+        if src.kind not in ADAPTER_KINDS:
+            raise UsageError(f"{src.name!r} is a {src.kind}, not an adapter")
+        if src.kind not in LORA_KINDS:
+            raise UsageError(f"{src.name!r} is already a pack; pack its source instead")
+        base = s.get(BaseModel, src.base_id)
+        variant = s.get(Variant, src.variant_id) if src.variant_id else None
+    source_digest = (src.files or {}).get(WEIGHTS_NAME)
+    if not source_digest:
+        raise UsageError(f"{src.name!r} has no {WEIGHTS_NAME}")
+    return src, base, variant, source_digest
+
+
+class _Packing:
+    """One pack command's state: the options, the loaded source and, with eval data, its evaluator."""
+
+    def __init__(self, opts: PackOptions, loaded: LoadedAdapter, label: str, source_digest: str):
+        self.opts, self.loaded = opts, loaded
+        self.kw = dict(density=opts.density, scope=opts.scope, method=opts.method, encoding=opts.encoding,
+                       base=label, source_digest=source_digest)
+        self.evaluator: _Evaluator | None = None
+        self.reference: dict | None = None
+
+    def load_evaluator(self, reg: Registry, base: BaseModel, variant: Variant | None, progress) -> None:
+        """The source's stack loaded once for the alpha search / quality, and the unpacked reference."""
+        if progress:
+            progress("loading model", 0, 1)
+        self.evaluator = _Evaluator(reg, base, variant, self.loaded, self.opts)
+        if progress:
+            progress("loading model", 1, 1)
+        self.reference = self.evaluator(self.loaded)
+
+    def pack(self, alpha: float) -> Pack:
+        return _pack_loaded(self.loaded, alpha=alpha, **self.kw)
+
+    def search(self, folder: Path, title: str, progress) -> dict:
+        """``--alpha auto``: every alpha of the method's grid scored, the curve drawn into ``folder``."""
+        o, ev = self.opts, self.evaluator
+        grid = search_grid(o.method)
+        best, curve = search_alpha(lambda a: ev(loaded_from_pack(self.pack(a))), ev.metric, grid, progress)
+        plot_alpha_curve(curve, folder / CURVE_FILE, ev.metric, best, self.reference, title=title)
+        return {"data": o.eval_data, "split": "validation", "metric": ev.metric, "grid": list(grid), "best": best,
+                "curve": curve, "unpacked": self.reference,
+                **_search_budget(ev.dataset.is_task, o.max_tokens, o.max_examples)}
+
+    def quality(self, pack: Pack, alpha: float, search: dict | None) -> dict | None:
+        """Pack vs unpacked on the validation split (None without eval data)."""
+        if self.evaluator is None:
+            return None
+        packed = (next(p for p in search["curve"] if p["alpha"] == alpha) if search
+                  else self.evaluator(loaded_from_pack(pack)))
+        return {"data": self.opts.eval_data, "split": "validation", "metric": self.evaluator.metric,
+                "unpacked": self.reference, "pack": {k: v for k, v in packed.items() if k != "alpha"}}
+
+
+def _pack_config(reg: Registry, src: Artifact, job: _Packing, pack: Pack, stats: dict, pack_file: Path,
+                 search: dict | None) -> dict:
+    """The pack artefact's config: its parameters, provenance, sizes and the alpha search."""
+    o, loaded, t = job.opts, job.loaded, stats["totals"]
+    fp16, pack_bytes = _fp16_bytes(loaded), pack_file.stat().st_size
+    return {
+        "density": o.density, "alpha": float(pack.alpha), "alpha_auto": search is not None,
+        "scope": o.scope, "encoding": o.encoding, "method": o.method, "format_file": PACK_FILE,
+        "source": src.name, "source_kind": src.kind, "source_digest": job.kw["source_digest"],
+        "source_recovery_digest": (src.files or {}).get("recovery.safetensors"),
+        "pack_digest": stats["pack_digest"], "base": job.kw["base"],
+        "recovery": loaded.recovery_state is not None,
+        "recovery_config": stats.get("recovery_config"),
+        "params": t["numel"], "nnz": t["nnz"], "raw_bytes": stats["raw_bytes"],
+        "pack_bytes": pack_bytes, "fp16_bytes": fp16,
+        "source_bytes": sum(reg.blobs.path_for(d).stat().st_size for d in (src.files or {}).values()),
+        "ratio_vs_fp16": fp16 / pack_bytes,
+        "bits_per_param": t["bits_per_param"], "entropy_bits_per_param": t["entropy_bits_per_param"],
+        "ratio_to_bound": t["ratio_to_bound"], "null_modules": _null_modules(loaded_from_pack(pack)),
+        "alpha_search": search,
+    }
+
+
+def _quality_metrics(quality: dict | None) -> dict:
+    if not quality:
+        return {}
+    metrics = {f"validation_{k}": v for k, v in quality["pack"].items()}
+    metrics.update({f"unpacked_validation_{k}": v for k, v in quality["unpacked"].items()})
+    return metrics
+
+
+def _run_output(report: dict, search: dict | None) -> dict:
+    """What the run row keeps: the report, the curve keyed by alpha (run outputs keep dicts, not lists)."""
+    output = {k: v for k, v in report.items() if k not in ("recovery_config", "alpha_search")}
+    if search is not None:
+        output["alpha_search"] = {**{k: v for k, v in search.items() if k != "curve"},
+                                  "curve": {f"{p['alpha']:g}": {k: v for k, v in p.items() if k != "alpha"}
+                                            for p in search["curve"]}}
+    return output
 
 
 def pack_artifact(reg: Registry, adapter_ref: str, options: PackOptions | None = None, *, name: str | None = None,
@@ -133,109 +232,47 @@ def pack_artifact(reg: Registry, adapter_ref: str, options: PackOptions | None =
     built once in both cases. Returns (artefact, report).
     """
     opts = _pack_options(options, fields)
-    density, alpha, eval_data, scope, encoding, method = (opts.density, opts.alpha, opts.eval_data, opts.scope,
-                                                          opts.encoding, opts.method)
-    alpha_metric, max_tokens, max_examples, device = opts.alpha_metric, opts.max_tokens, opts.max_examples, opts.device
-    check_params(density, 1.0, scope, method)
-    grid = search_grid(method) if alpha == "auto" else None
-    if eval_data:
-        resolve_metric(alpha_metric, load_dataset(eval_data, "validation").is_task)
-    with reg.session() as s:
-        src = reg.resolve(s, adapter_ref, "artifact")
-        if src.kind not in ADAPTER_KINDS:
-            raise UsageError(f"{src.name!r} is a {src.kind}, not an adapter")
-        if src.kind not in LORA_KINDS:
-            raise UsageError(f"{src.name!r} is already a pack; pack its source instead")
-        base = s.get(BaseModel, src.base_id)
-        variant = s.get(Variant, src.variant_id) if src.variant_id else None
+    check_params(opts.density, 1.0, opts.scope, opts.method)
+    if opts.alpha == "auto":
+        search_grid(opts.method)  # an unknown grid fails here, before anything is loaded
+    if opts.eval_data:
+        resolve_metric(opts.alpha_metric, load_dataset(opts.eval_data, "validation").is_task)
+    src, base, variant, source_digest = _pack_source(reg, adapter_ref)
     check_new_name(reg, name, command="pack")
-    source_digest = (src.files or {}).get(WEIGHTS_NAME)
-    if not source_digest:
-        raise UsageError(f"{src.name!r} has no {WEIGHTS_NAME}")
-    label = base_label(base)
     params = {"adapter": src.name, "name": name, **opts.params()}
     t0 = time.monotonic()
     if (earlier := earlier_result(reg, name, "pack", params)) is not None:
         return earlier, already_done_report(earlier)
     with record_run(reg, "pack", params) as run:
-        loaded = load_adapter_artifact(reg, src)
-        kw = dict(density=density, scope=scope, method=method, encoding=encoding, base=label,
-                  source_digest=source_digest)
-        search, quality, curve_png = None, None, None
-        evaluator = None
-        if eval_data:
-            if progress:
-                progress("loading model", 0, 1)
-            evaluator = _Evaluator(reg, base, variant, loaded, eval_data, alpha_metric, max_tokens,
-                                   max_examples, device)
-            if progress:
-                progress("loading model", 1, 1)
-            reference = evaluator(loaded)
+        job = _Packing(opts, load_adapter_artifact(reg, src), base_label(base), source_digest)
+        if opts.eval_data:
+            job.load_evaluator(reg, base, variant, progress)
         with reg.staging("pack") as tmp:
             folder = Path(tmp) / "pack"
             folder.mkdir()
-            if alpha == "auto":
-                best, curve = search_alpha(
-                    lambda a: evaluator(loaded_from_pack(_pack_loaded(loaded, alpha=a, **kw))),
-                    evaluator.metric, grid, progress)
-                alpha = best
-                search = {"data": eval_data, "split": "validation", "metric": evaluator.metric,
-                          "grid": list(grid), "best": best, "curve": curve, "unpacked": reference,
-                          **_search_budget(evaluator.dataset.is_task, max_tokens, max_examples)}
-                plot_alpha_curve(curve, folder / CURVE_FILE, evaluator.metric, best, reference,
-                                 title=f"{src.name} packed at k = {density:g} ({eval_data}, validation)")
-            pack = _pack_loaded(loaded, alpha=alpha, **kw)
+            search = None
+            if opts.alpha == "auto":
+                search = job.search(folder, f"{src.name} packed at k = {opts.density:g} ({opts.eval_data}, "
+                                            "validation)", progress)
+            alpha = search["best"] if search else opts.alpha
+            pack = job.pack(alpha)
             write_pack(pack, folder / PACK_FILE)
-            stats = inspect_pack(folder / PACK_FILE, expected_base=label)  # read back and verified
-            if evaluator is not None:
-                packed = (next(p for p in search["curve"] if p["alpha"] == alpha) if search
-                          else evaluator(loaded_from_pack(pack)))
-                quality = {"data": eval_data, "split": "validation", "metric": evaluator.metric,
-                           "unpacked": reference,
-                           "pack": {k: v for k, v in packed.items() if k != "alpha"}}
-            t = stats["totals"]
-            fp16 = _fp16_bytes(loaded)
-            null = _null_modules(loaded_from_pack(pack))
-            src_bytes = sum(reg.blobs.path_for(d).stat().st_size for d in (src.files or {}).values())
-            pack_bytes = (folder / PACK_FILE).stat().st_size
-            config = {
-                "density": density, "alpha": float(alpha), "alpha_auto": search is not None,
-                "scope": scope, "encoding": encoding, "method": method, "format_file": PACK_FILE,
-                "source": src.name, "source_kind": src.kind, "source_digest": source_digest,
-                "source_recovery_digest": (src.files or {}).get("recovery.safetensors"),
-                "pack_digest": stats["pack_digest"], "base": label,
-                "recovery": loaded.recovery_state is not None,
-                "recovery_config": stats.get("recovery_config"),
-                "params": t["numel"], "nnz": t["nnz"], "raw_bytes": stats["raw_bytes"],
-                "pack_bytes": pack_bytes, "fp16_bytes": fp16, "source_bytes": src_bytes,
-                "ratio_vs_fp16": fp16 / pack_bytes,
-                "bits_per_param": t["bits_per_param"], "entropy_bits_per_param": t["entropy_bits_per_param"],
-                "ratio_to_bound": t["ratio_to_bound"], "null_modules": null,
-                "alpha_search": search,
-            }
-            metrics = {}
-            if quality:
-                metrics = {f"validation_{k}": v for k, v in quality["pack"].items()}
-                metrics.update({f"unpacked_validation_{k}": v for k, v in quality["unpacked"].items()})
+            stats = inspect_pack(folder / PACK_FILE, expected_base=job.kw["base"])  # read back and verified
+            quality = job.quality(pack, alpha, search)
+            config = _pack_config(reg, src, job, pack, stats, folder / PACK_FILE, search)
             art = register_artifact(reg, kind="pack", name=name,
-                                    stem=None if name else _default_stem(src.name, density), base_id=src.base_id, folder=folder,
-                                    variant_id=src.variant_id, source=f"packed from {src.name}",
-                                    source_sha=source_digest, config=config, metrics=metrics,
+                                    stem=None if name else _default_stem(src.name, opts.density), base_id=src.base_id,
+                                    folder=folder, variant_id=src.variant_id, source=f"packed from {src.name}",
+                                    source_sha=source_digest, config=config, metrics=_quality_metrics(quality),
                                     parents=[(src, "packed-from")], run_id=run.id)
-        if search is not None:
-            curve_png = str(reg.materialize(art) / CURVE_FILE)
+        curve_png = str(reg.materialize(art) / CURVE_FILE) if search is not None else None
         report = {"name": art.name, "id": art.id, **{k: v for k, v in config.items() if k != "alpha_search"},
                   "quality": quality, "alpha_search": search, "alpha_curve_png": curve_png,
-                  "seconds": round(time.monotonic() - t0, 2), "warnings": _pack_warnings(null, scope)}
+                  "seconds": round(time.monotonic() - t0, 2),
+                  "warnings": _pack_warnings(config["null_modules"], opts.scope)}
         for message in report["warnings"]:
             warnings.warn(message, AdaptWarning, stacklevel=2)
-        output = {k: v for k, v in report.items() if k not in ("recovery_config", "alpha_search")}
-        if search is not None:
-            # run outputs keep dicts, not lists of dicts: the curve is keyed by alpha
-            output["alpha_search"] = {**{k: v for k, v in search.items() if k != "curve"},
-                                      "curve": {f"{p['alpha']:g}": {k: v for k, v in p.items() if k != "alpha"}
-                                                for p in search["curve"]}}
-        run.output = output
+        run.output = _run_output(report, search)
     return art, report
 
 
