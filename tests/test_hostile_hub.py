@@ -367,3 +367,63 @@ def test_seeded_hostile_requests_never_5xx(tmp_path):
         assert probe.started > 0
         assert any(s >= 400 for s in statuses) and any(s < 300 for s in statuses)
         assert httpx2.get(f"{hub.endpoint}/api/models").status_code == 200
+
+
+# ---- round three, hole 5: one card breaks listings for everyone --------------------------------
+# front matter YAML allows and JSON does not; each also inside tags / base_model
+JSON_UNSAFE_CARDS = {
+    "nan": "---\nlicense: mit\naccuracy: .nan\n---\n",
+    "inf": "---\nlibrary_name: peft\nloss: -.inf\n---\n",
+    "binary": "---\nblob: !!binary aGVsbG8=\n---\n",
+    "nan tag": "---\ntags:\n- lora\n- .nan\n---\n",
+    "binary base_model": "---\nbase_model: !!binary /w==\n---\n",
+    "inf base_model list": "---\nbase_model:\n- org/base\n- .inf\n---\n",
+    "nan key": "---\n.nan: 1\n---\n",
+    "lone surrogate": '---\ntags: ["\\ud800"]\n---\n',
+    "huge hex int": "---\nsteps: 0x" + "f" * 4000 + "\n---\n",
+    "set": "---\ntags: !!set {a, b}\n---\n",
+}
+
+
+def test_json_unsafe_card_never_breaks_another_answer(tmp_path):
+    with running_hub(tmp_path / "cards") as hub:
+        store = hub.store
+        store.create_repo("alice/good")
+        store.commit("alice/good", message="card", add={"README.md": CARD.encode()})
+        for i, card in enumerate(JSON_UNSAFE_CARDS.values()):  # planted past the upload check
+            store.create_repo(f"mallory/card-{i}")
+            store.commit(f"mallory/card-{i}", message="card", add={"README.md": card.encode()})
+        for i, case in enumerate(JSON_UNSAFE_CARDS):
+            r = httpx2.get(f"{hub.endpoint}/api/models/mallory/card-{i}", timeout=30)
+            assert r.status_code == 200 and r.json()["cardData"] == {}, (case, r.status_code, r.text[:200])
+        for params in ({"full": "true"}, {"cardData": "true"}, {}):
+            r = httpx2.get(f"{hub.endpoint}/api/models", params=params, timeout=30)
+            assert r.status_code == 200, (params, r.text[:200])
+            assert len(r.json()) == len(JSON_UNSAFE_CARDS) + 1
+        api = HfApi(endpoint=hub.endpoint, token=False)
+        models = {m.id: m for m in api.list_models(full=True, cardData=True)}
+        assert models["alice/good"].card_data is not None and "lora" in models["alice/good"].tags
+        assert api.model_info("alice/good").card_data is not None
+
+
+@pytest.mark.parametrize("case", sorted(JSON_UNSAFE_CARDS))
+def test_json_unsafe_card_is_refused_at_upload(hub, case):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    repo = f"alice/refused-{sorted(JSON_UNSAFE_CARDS).index(case)}"
+    api.create_repo(repo, exist_ok=True)
+    before = hub.store.resolve(repo, None).id
+    card = JSON_UNSAFE_CARDS[case].encode()
+    # the raw commit (a client that skips huggingface_hub's validate-yaml call first)
+    r = _commit(hub.endpoint, repo, _ndjson(HEADER, _file_op("README.md", card)))
+    assert r.status_code == 400 and "README.md" in r.headers["X-Error-Message"], (r.status_code, r.text[:200])
+    with pytest.raises((HfHubHTTPError, ValueError), match="README.md"):  # validate-yaml answers 400 first
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo)
+    assert hub.store.resolve(repo, None).id == before
+    r = httpx2.post(f"{hub.endpoint}/api/validate-yaml", json={"content": JSON_UNSAFE_CARDS[case]}, timeout=30)
+    assert r.status_code == 400
+    # a card with dates (YAML timestamps) is fine: they are answered as ISO strings
+    api.upload_file(path_or_fileobj=b"---\ntags: [lora]\nreleased: 2024-05-01\n---\n# ok\n",
+                    path_in_repo="README.md", repo_id=repo)
+    assert api.model_info(repo).card_data["released"] == "2024-05-01"

@@ -1,6 +1,7 @@
 """Model cards: writing adapter cards (README.md with YAML front matter) and reading their tags."""
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from typing import Any, Iterable
@@ -36,6 +37,72 @@ def parse_front_matter(text: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError("the YAML front matter is not a mapping")
     return data
+
+
+MAX_CARD_DEPTH = 64            # model-index, the deepest field real cards use, nests about 6 levels
+MAX_CARD_INT = 2**63           # past this a JSON reader (the Hub's, a browser's) loses the value
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+
+
+class CardDataError(ValueError):
+    """Front matter YAML allows and JSON cannot carry: NaN, infinities, ``!!binary``, sets, huge numbers."""
+
+
+def json_card(data: dict) -> dict:
+    """Front matter as JSON data (dates become ISO strings), or CardDataError naming the first value
+    JSON cannot carry (``tags[1]: .nan``). What a Hub answers as ``cardData`` must pass through this:
+    a card that fails it has no metadata, and the local Hub refuses it at upload."""
+    if not isinstance(data, dict):
+        raise CardDataError("the YAML front matter is not a mapping")
+    return _json_value(data, "", 0)
+
+
+def _json_value(value: Any, where: str, depth: int) -> Any:
+    if depth > MAX_CARD_DEPTH:
+        raise CardDataError(f"{where or 'card'}: nested deeper than {MAX_CARD_DEPTH} levels")
+    if isinstance(value, dict):
+        return {_json_key(k, where): _json_value(v, _field(where, k), depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    return _json_scalar(value, where or "card")
+
+
+def _field(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _json_scalar(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) >= MAX_CARD_INT:
+            raise CardDataError(f"{_shown_field(where)}: an integer too large for JSON readers")
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise CardDataError(f"{_shown_field(where)}: {value!r} (.nan / .inf) is not a JSON number")
+        return value
+    if isinstance(value, str):
+        if _SURROGATE_RE.search(value):
+            raise CardDataError(f"{_shown_field(where)}: a lone surrogate is not valid UTF-8")
+        return value
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    what = "!!binary data" if isinstance(value, (bytes, bytearray)) else f"a YAML {type(value).__name__}"
+    raise CardDataError(f"{_shown_field(where)}: {what} is not a JSON value")
+
+
+def _json_key(key: Any, where: str) -> str:
+    """A mapping key as JSON writes it (``1`` → ``"1"``, ``null`` → ``"null"``); NaN / binary refused."""
+    if isinstance(key, str):
+        return _json_scalar(key, _field(where, "<key>"))
+    value = _json_scalar(key, _field(where, f"<key {_shown_field(repr(key))}>"))
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _shown_field(where: str, limit: int = 80) -> str:
+    text = ascii(where)[1:-1]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _as_list(value: Any) -> list[str]:

@@ -1,18 +1,32 @@
 """Model-card metadata for the local Hub: README front matter parsed once per commit.
 
-A hostile card (alias bombs, deep nesting, broken YAML) has no metadata: it never breaks a
-listing. ``yaml_problem`` answers ``/api/validate-yaml``.
+A hostile card (alias bombs, deep nesting, broken YAML, values JSON cannot carry: ``.nan``,
+``.inf``, ``!!binary``) has no metadata: it never breaks a listing or another repo's answer.
+Commits refuse such a README (``readme_problem``, 400); ``yaml_problem`` answers
+``/api/validate-yaml`` with the same checks.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 
-from adapterhub_c.hub.cards import parse_front_matter
+from adapterhub_c.hub.cards import json_card, parse_front_matter
 from adapterhub_c.hubserver.store import RepoStore
 
 CARD_MAX_BYTES = 1 << 20            # README bytes read for card metadata / validate-yaml
 CARD_CACHE_SIZE = 1024
+README = "README.md"
+
+
+def card_metadata(text: str) -> dict:
+    """The front matter of README ``text`` as JSON data (``{}`` if none); raises on YAML errors, aliases,
+    nesting and values JSON cannot carry (``hub.cards.CardDataError``)."""
+    return json_card(parse_front_matter(text))
+
+
+def readme_text(data: bytes) -> str:
+    """The part of a README's bytes its metadata is read from (the first CARD_MAX_BYTES)."""
+    return data[:CARD_MAX_BYTES].decode("utf-8", "replace")
 
 
 class CardCache:
@@ -38,12 +52,11 @@ class CardCache:
         return data
 
     def _parse(self, commit) -> dict:
-        entry = commit.files.get("README.md")
+        entry = commit.files.get(README)
         if entry is None:
             return {}
         try:
-            text = self.store.read(entry, max_bytes=CARD_MAX_BYTES).decode("utf-8", "replace")
-            return parse_front_matter(text)
+            return card_metadata(readme_text(self.store.read(entry, max_bytes=CARD_MAX_BYTES)))
         except Exception:  # a broken card has no metadata; it must not break listings
             return {}
 
@@ -51,7 +64,13 @@ class CardCache:
 def yaml_problem(content: str) -> str | None:
     """Why a README's front matter is invalid, or None if it is fine."""
     try:
-        parse_front_matter(content)
-    except Exception as e:  # yaml errors, RecursionError on deep nesting, not a mapping
+        card_metadata(content)
+    except Exception as e:  # yaml errors, RecursionError on deep nesting, not a mapping, not JSON-safe
         return f"invalid YAML: {e}"
     return None
+
+
+def readme_problem(data: bytes) -> str | None:
+    """Why a README about to be committed has metadata no Hub answer could carry, or None."""
+    problem = yaml_problem(readme_text(data))
+    return f"{README}: {problem}" if problem else None

@@ -1,7 +1,8 @@
 """Request bodies that touch repo contents: the ndjson commit payload and paths-info.
 
 Both run off the event loop (they parse and hash whole files); every malformed line or
-path is a 400 naming it.
+path is a 400 naming it, and so is a README.md whose metadata no answer could carry
+(broken YAML, ``.nan``, ``!!binary``: :func:`~adapterhub_c.hubserver.cardcache.readme_problem`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from adapterhub_c.hub.names import git_blob_oid
+from adapterhub_c.hubserver.cardcache import CARD_MAX_BYTES, README, readme_problem
 from adapterhub_c.hubserver.http import bad_request, json_object, list_of, optional
 from adapterhub_c.hubserver.store import RepoStore, check_repo_path, file_entry_json
 
@@ -29,11 +31,23 @@ class CommitOps:
 def apply_commit(store: RepoStore, repo_id: str, branch: str, raw: bytes):
     """Parse an ndjson commit payload and apply it to ``branch``; returns the commit."""
     ops = parse_commit_body(raw, store)
+    _check_readme(ops, store)
     commit, _created = store.commit(
         repo_id, message=ops.header.get("summary") or "update", branch=branch,
         description=ops.header.get("description") or "", add=ops.add, delete=ops.delete,
         delete_folders=ops.delete_folders, parent_commit=ops.header.get("parentCommit"))
     return commit
+
+
+def _check_readme(ops: CommitOps, store: RepoStore) -> None:
+    """400 if the commit adds a README.md whose front matter is broken or not JSON-safe."""
+    added = ops.add.get(README)
+    if added is None:
+        return
+    data = store.read(added, max_bytes=CARD_MAX_BYTES) if isinstance(added, dict) else added
+    problem = readme_problem(data)
+    if problem:
+        raise bad_request(problem)
 
 
 def parse_commit_body(raw: bytes, store: RepoStore) -> CommitOps:
