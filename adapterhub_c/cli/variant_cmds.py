@@ -4,9 +4,9 @@ from __future__ import annotations
 import click
 
 from adapterhub_c import api
+from adapterhub_c.cli.options import collect, options_from
 from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
-
-DEFAULTS = api.VARIANT_DEFAULTS
+from adapterhub_c.options.variant import VariantOptions
 
 # sizes: bytes and their share of the base at 16 bits; the base column only when several bases are listed
 LS_COLUMNS = ["name", "recipe", "params kept", "sparsity", "bits", "stored", "loaded", "export", "perplexity",
@@ -49,37 +49,15 @@ def variant_group() -> None:
 
 @variant_group.command("create")
 @click.argument("base")
-@click.option("--quant", type=click.Choice(api.QUANT_METHODS), default="none", show_default=True,
-              help="bitsandbytes quantization of the decoder linears, applied at load.")
-@click.option("--double-quant", is_flag=True, help="Quantize the 4-bit scales too (nf4/fp4).")
-@click.option("--prune", type=click.Choice(api.PRUNE_METHODS), default="none", show_default=True,
-              help="Pruning method (magnitude/wanda: unstructured; 2:4: semi-structured; ffn-channels: MLP channels).")
-@click.option("--sparsity", type=float, default=None,
-              help="Fraction of the pruned weights (or MLP channels) removed, in [0, 1); 2:4 is 0.5.")
-@click.option("--granularity", type=click.Choice(api.GRANULARITIES), default=None,
-              help="magnitude/wanda: rank weights per output row (default) or per whole layer.")
-@click.option("--calib", default=None,
-              help=f"Calibration data for wanda, 2:4 and ffn-channels (default {api.DEFAULT_CALIB}; 'none' for "
-                   "magnitude-scored 2:4 / ffn-channels).")
-@click.option("--calib-samples", type=int, default=DEFAULTS["calib_samples"], show_default=True,
-              help="Calibration sequences.")
-@click.option("--calib-seq-len", type=int, default=DEFAULTS["calib_seq_len"], show_default=True,
-              help="Tokens per calibration sequence.")
-@click.option("--eval-tokens", type=int, default=DEFAULTS["eval_tokens"], show_default=True,
-              help="Measure perplexity on this many builtin:pydoc test tokens (0 skips).")
+@options_from(VariantOptions)
 @click.option("--name", default=None, help="Variant name (default <base>-<recipe>, e.g. smollm2-135m-nf4-wanda50).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def variant_create(obj, base, quant, double_quant, prune, sparsity, granularity, calib, calib_samples,
-                   calib_seq_len, eval_tokens, name, device, as_json) -> None:
+def variant_create(obj, base, name, as_json, **fields) -> None:
     """Create a compressed variant of BASE (the same recipe on the same base is the same variant)."""
+    options = collect(VariantOptions, fields)
     with progress_callback() as progress:
-        row = api.create_variant(base, quant=quant, prune=prune, sparsity=sparsity,
-                                 calib=api.DEFAULT_CALIB if calib is None else calib, registry=obj.registry,
-                                 progress=progress, double_quant=double_quant, granularity=granularity,
-                                 calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                                 name=name, eval_tokens=eval_tokens, device=device)
+        row = api.create_variant(base, options, name=name, registry=obj.registry, progress=progress)
     if as_json:
         print_json(row.report)
         return

@@ -19,7 +19,8 @@ from adapterhub_c.options import Options, is_count, option
 QUANT_METHODS = ("none", "int8", "nf4", "fp4", "gptq")
 PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")
 GRANULARITIES = ("row", "layer")
-CALIB_USERS = ("wanda", "2:4", "ffn-channels")  # the methods the default calibration set serves
+CALIB_USERS = ("wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")  # (and gptq) the default calibration set serves
+GPTQ_BITS = (2, 3, 4, 8)
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_CALIB_SEQ_LEN = 128
 DEFAULT_EVAL_TOKENS = 8192  # perplexity of base and variant: first tokens of builtin:pydoc test
@@ -65,6 +66,11 @@ class VariantOptions(Options):
                                     "'none' for magnitude-scored 2:4 / ffn-channels).")
     calib_samples: int = option(DEFAULT_CALIB_SAMPLES, help="Calibration sequences.")
     calib_seq_len: int = option(DEFAULT_CALIB_SEQ_LEN, help="Tokens per calibration sequence.")
+    bits: int | None = option(None, help="gptq: bits per weight, 2, 3, 4 or 8 (default 4).")
+    group_size: int | None = option(None, help="gptq: input columns per scale / zero point (default: one per output "
+                                               "row); must divide every layer's inputs.")
+    act_order: bool = option(False, help="gptq: quantize columns by decreasing Hessian diagonal.")
+    sym: bool = option(False, help="gptq: symmetric grid (default asymmetric, as the reference).")
     include_embeddings: bool = option(False, cli=False, help="Also prune the token embeddings (unstructured).")
     include_lm_head: bool = option(False, cli=False, help="Also prune (or quantize) the LM head.")
     eval_tokens: int = option(DEFAULT_EVAL_TOKENS, help="Measure perplexity on this many builtin:pydoc test "
@@ -93,8 +99,10 @@ class VariantOptions(Options):
         return {"quant": self.quant, "double_quant": self.double_quant, "prune": self.prune,
                 "sparsity": self.sparsity, "granularity": self.granularity, "calib": self.calib,
                 "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
-                "include_embeddings": self.include_embeddings, "include_lm_head": self.include_lm_head}
+                "include_embeddings": self.include_embeddings, "include_lm_head": self.include_lm_head,
+                "bits": self.bits, "group_size": self.group_size, "act_order": self.act_order, "sym": self.sym}
 
 
-__all__ = ["VariantOptions", "QUANT_METHODS", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "DefaultCalib",
+__all__ = ["VariantOptions", "QUANT_METHODS", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "GPTQ_BITS",
+           "DefaultCalib",
            "DEFAULT_CALIB", "DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_EVAL_TOKENS"]

@@ -2,8 +2,8 @@
 
 - delta (issue 15): the row's files are the base's config and weight blobs under
   `base/` (shared with the base row, content-addressed) plus the variant's own
-  `config.json`, `masks.safetensors` (bit-packed keep-masks) and / or
-  `kept_indices.safetensors`, and `variant.json`;
+  `config.json`, `masks.safetensors` (bit-packed keep-masks), `kept_indices.safetensors`
+  and / or `compressed.safetensors` (GPTQ codes, SparseGPT kept values), and `variant.json`;
 - base (quantization only): the base's own `config.json` / weight blobs at the top level;
 - full copy (registries written before issue 15): the variant's own whole-model
   `model.safetensors` (+ `config.json`, `kept_indices.safetensors`). Still read as is.
@@ -25,11 +25,12 @@ from adapterhub_c.variants.build import (
     load_variant_model,
     read_kept_indices,
 )
+from adapterhub_c.variants.packed import COMPRESSED_FILE
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
 
 COMPUTE_DTYPE = torch.float32  # as load_base_model: variant and base perplexities are comparable
-OWN_FILES = (MASKS_FILE, KEPT_FILE)
+OWN_FILES = (MASKS_FILE, KEPT_FILE, COMPRESSED_FILE)
 
 
 def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
@@ -68,7 +69,7 @@ def materialize_variant(reg: Registry, row: Variant):
 def _blob_role(row: Variant, message: str) -> str:
     for rel, digest in (row.files or {}).items():
         if digest[:12] in message:
-            what = {MASKS_FILE: "keep-mask", KEPT_FILE: "kept-indices"}.get(rel)
+            what = {MASKS_FILE: "keep-mask", KEPT_FILE: "kept-indices", COMPRESSED_FILE: "compressed-weights"}.get(rel)
             if what is None and rel.startswith(f"{BASE_DIR}/"):
                 what = "base weight"
             return f"{what or rel} blob"
@@ -90,7 +91,7 @@ def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cp
     folder = materialize_variant(reg, row)
     form = storage_form(row)
     if form == "base":  # from_pretrained reads the base's (possibly sharded) weights
-        return load_quantized(folder, recipe.quant, recipe.double_quant, compute_dtype, dev,
+        return load_quantized(folder, recipe.bnb_quant, recipe.double_quant, compute_dtype, dev,
                               include_lm_head=recipe.include_lm_head, dtype=compute_dtype)
     try:
         return load_variant_model(folder, recipe=recipe, device=dev, compute_dtype=compute_dtype)

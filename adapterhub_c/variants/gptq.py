@@ -26,7 +26,6 @@ import torch
 from adapterhub_c.errors import UsageError
 from adapterhub_c.variants.hessian import BLOCKSIZE, PERCDAMP, inverse_cholesky, obs_sweep
 
-GPTQ_BITS = (2, 3, 4, 8)
 FP16_TINY = 2.0**-24  # the smallest positive fp16: a scale never rounds to 0
 
 

@@ -36,11 +36,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.options.variant import GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
+from adapterhub_c.options.variant import GPTQ_BITS, GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
 
 BNB_METHODS = ("int8", "nf4", "fp4")  # quantized by bitsandbytes at load time
 SPARSEGPT = ("sparsegpt", "sparsegpt:2:4")  # prune with the OBS update: kept values change
-GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_FIELDS = ("bits", "group_size", "act_order", "sym")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
 RECIPE_VERSION = 1
