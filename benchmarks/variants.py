@@ -14,7 +14,11 @@ measured on the first --eval-tokens tokens of builtin:pydoc test (windows of 512
   with their scales, other tensors at the stored float32);
 - ideal: CPET Table 1 style — values at the format's bits (16 for unquantized tensors)
   + quantization scales + positions of unstructured sparsity (see variants/sizes.py);
-- bits/w: loaded bits per weight of the decoder linears, scales included;
+- bits/w: loaded bits per weight of the decoder linears, scales included (gptq: as stored, codes +
+  fp16 scales + uint8 zeros; it loads as the dense Ŵ);
+- own / fp16: what the variant adds to the store (its own blobs) / the base at 16 bits;
+- load s: seconds to load the variant from the registry (load_variant), next to the base's
+  (load_base_model) in the base row;
 - ratios: ideal size / base fp16 size, and perplexity / base perplexity (same run).
 """
 from __future__ import annotations
@@ -40,7 +44,22 @@ RECIPES = [  # (label, create_variant kwargs)
     ("ffn-channels 25%", dict(prune="ffn-channels", sparsity=0.25)),
     ("ffn-channels 30%", dict(prune="ffn-channels", sparsity=0.30)),
     ("nf4 + wanda 50%", dict(quant="nf4", prune="wanda", sparsity=0.5)),
+    ("gptq 4-bit", dict(quant="gptq", bits=4)),
+    ("gptq 3-bit g64", dict(quant="gptq", bits=3, group_size=64)),
+    ("sparsegpt 50%", dict(prune="sparsegpt", sparsity=0.5)),
+    ("sparsegpt 2:4", dict(prune="sparsegpt:2:4")),
+    ("gptq 4-bit + sparsegpt 50%", dict(quant="gptq", bits=4, prune="sparsegpt", sparsity=0.5)),
+    ("nf4 + sparsegpt 50%", dict(quant="nf4", prune="sparsegpt", sparsity=0.5)),
 ]
+
+
+def load_seconds(fn) -> float:
+    """Wall seconds of one load (the model is dropped at once)."""
+    t = time.monotonic()
+    model = fn()
+    secs = time.monotonic() - t
+    del model
+    return secs
 
 
 def mib(n: int | None) -> str:
@@ -61,6 +80,8 @@ def main() -> None:
     import torch
 
     from adapterhub_c.registry import Registry
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.runtime.variants import load_variant
     from adapterhub_c.workflows.bases import add_builtin_base
     from adapterhub_c.workflows.variants import create_variant, variant_summary
 
@@ -86,28 +107,31 @@ def main() -> None:
                                       calib_samples=args.calib_samples, progress=progress, **kwargs)
         secs = time.monotonic() - t_start
         summary = variant_summary(row, base)
-        summary.update(label=label, seconds=secs, created=created)
+        summary.update(label=label, seconds=secs, created=created, load_seconds=load_seconds(
+            lambda name=row.name: load_variant(reg, name)))
         st = row.stats
         if base_row is None:
             base_row = {"label": "base (fp32 stored)", "stored_bytes": base.size_bytes, "own_bytes": base.size_bytes,
                         "loaded_bytes": st["base_params"] * 4, "ideal_bytes": st["base_fp16_bytes"],
                         "bits_per_weight": 32.0, "sparsity": 0.0, "params_kept": st["base_params"],
-                        "ideal_ratio": 1.0, "perplexity": st["base_perplexity"], "ppl_ratio": 1.0, "seconds": None}
+                        "ideal_ratio": 1.0, "perplexity": st["base_perplexity"], "ppl_ratio": 1.0, "seconds": None,
+                        "load_seconds": load_seconds(lambda: load_base_model(reg, base)[0])}
         rows.append(summary)
         print(f"  {row.name}: ppl {summary['perplexity']:.3f} (base {summary['base_perplexity']:.3f}), "
               f"ideal {mib(summary['ideal_bytes'])} MiB, {secs:.0f}s", flush=True)
 
     table = [base_row] + rows
+    base_fp16 = base_row["ideal_bytes"]
     header = ("| variant | params kept | sparsity | bits/w (loaded) | stored MiB (own) | loaded MiB | ideal MiB "
-              "| ideal / base fp16 | ppl | ppl / base | build+eval s |")
-    lines = [header, "|" + "---|" * 11]
+              "| ideal / base fp16 | own / base fp16 | ppl | ppl / base | build+eval s | load s |")
+    lines = [header, "|" + "---|" * 13]
     for r in table:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(
             f"| {r['label']} | {r['params_kept'] / 1e6:.1f}M | {r['sparsity']:.2f} | {r['bits_per_weight']:.2f} "
             f"| {mib(r['stored_bytes'])} ({mib(r['own_bytes'])}) | {mib(r['loaded_bytes'])} | {mib(r['ideal_bytes'])} "
-            f"| {r['ideal_ratio']:.3f} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} "
-            f"| {secs} |")
+            f"| {r['ideal_ratio']:.3f} | {r['own_bytes'] / base_fp16:.3f} | {r['perplexity']:.3f} "
+            f"| {r['ppl_ratio']:.3f} | {secs} | {r['load_seconds']:.2f} |")
     text = "\n".join(lines)
     print()
     print(text)

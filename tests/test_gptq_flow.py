@@ -84,3 +84,29 @@ def test_whole_flow_on_the_new_variant_kinds(world, kind):
     with BackgroundServer(reg, row.name, ServeOptions(all=True, token=TOKEN)) as server:
         for model_name in (conv.name, low.name, f"pack-{row.name}"):
             _complete(server, model_name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant", "gptq", "--bits", "5"], "gptq bits must be one of 2, 3, 4, 8, got 5"),
+    (["--quant", "gptq", "--group-size", "48"], "group size 48 does not divide the 64 inputs of model.layers.0."),
+    (["--quant", "gptq", "--calib", "none"], "gptq needs calibration data"),
+    (["--prune", "sparsegpt", "--sparsity", "0.5", "--calib", "none"], "sparsegpt needs calibration data"),
+    (["--quant", "nf4", "--bits", "4"], "bits applies only to gptq"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(cli, tiny_base, args, message):
+    r = cli("variant", "create", "builtin:tiny-llama", *args, "--eval-tokens", "0", "--calib-samples", "2",
+            "--calib-seq-len", "32")
+    assert r.code == 2, (r.code, r.out, r.err)
+    assert message in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert json.loads(cli("variant", "ls", "--json").out) == []
+
+
+def test_cli_creates_and_shows_a_gptq_variant(cli, tiny_base):
+    args = ["variant", "create", "builtin:tiny-llama", "--quant", "gptq", "--bits", "3", "--group-size", "32",
+            "--sym", "--eval-tokens", "0", "--calib-samples", "2", "--calib-seq-len", "32", "--json"]
+    r = cli(*args)
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert out["created"] and out["recipe"] == "gptq 3-bit g32 sym" and out["storage"] == "delta"
+    assert out["recipe_json"]["bits"] == 3 and out["name"] == "tiny-llama-gptq3g32-sym"
+    assert json.loads(cli(*args).out)["created"] is False  # the same recipe is the same variant
