@@ -272,7 +272,7 @@ def clock(monkeypatch):
 
 def test_claims_are_exclusive_and_stale_workers_cannot_complete(db, breg, clock):
     from adapterhub_c.batch import queue
-    from adapterhub_c.batch.worker import run_worker
+    from adapterhub_c.batch.worker import WorkerSpec, run_worker
 
     batch, _ = queue.open_batch(breg, "leases", "test", {}, ["a", "b"], max_attempts=3)
     first = queue.claim(breg, batch.id, "w-old@host:1", lease_s=30)
@@ -297,8 +297,9 @@ def test_claims_are_exclusive_and_stale_workers_cannot_complete(db, breg, clock)
     # An idle worker waits for a running item whose lease then expires, and finishes it.
     b2, _ = queue.open_batch(breg, "leases-2", "test", {}, ["c"], max_attempts=3)
     queue.claim(breg, b2.id, "w-dead@host:5", lease_s=1.0)
-    stats = run_worker(breg.url, str(breg.home), b2.id, "w-live", 30, pipeline="test_batch:sleepy_pipeline",
-                       poll_s=0.1)
+    spec = WorkerSpec(url=breg.url, home=str(breg.home), batch_id=b2.id, lease_s=30,
+                      pipeline="test_batch:sleepy_pipeline")
+    stats = run_worker(spec, "w-live", poll_s=0.1)
     assert stats == {"done": 1, "failed": 0, "lost": 0}
     assert clock.slept and sum(clock.slept) >= 1.0  # it waited (in the clock's time) for the lease to end
     (item,) = queue.items(breg, b2.id)

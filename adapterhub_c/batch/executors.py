@@ -11,31 +11,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-from adapterhub_c.batch.worker import run_worker
+from adapterhub_c.batch.worker import WorkerSpec, run_worker
 from adapterhub_c.errors import UsageError
-
-EXECUTORS = ("local", "ray")
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a worker needs to join a batch (plain values: it crosses processes)."""
-
-    url: str
-    home: str
-    batch_id: str
-    lease_s: float
-    run_id: str | None = None
-    threads: int | None = None
-    step_hook: str | None = None
-    pipeline: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def kwargs(self) -> dict[str, Any]:
-        return dict(run_id=self.run_id, threads=self.threads, step_hook=self.step_hook, pipeline=self.pipeline)
+from adapterhub_c.options.batch import EXECUTORS
 
 
 def _token(i: int) -> str:
@@ -47,7 +27,7 @@ def _local_entry(spec: WorkerSpec, token: str) -> None:
 
     # The parent handles Ctrl-C and stops workers; a worker only releases its item then.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    run_worker(spec.url, spec.home, spec.batch_id, token, spec.lease_s, **spec.kwargs())
+    run_worker(spec, token)
 
 
 class LocalExecutor:
@@ -102,7 +82,7 @@ class LocalExecutor:
 
 
 def _ray_entry(spec: WorkerSpec, token: str) -> dict:
-    return run_worker(spec.url, spec.home, spec.batch_id, token, spec.lease_s, **spec.kwargs())
+    return run_worker(spec, token)
 
 
 class RayExecutor:

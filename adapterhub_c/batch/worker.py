@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from adapterhub_c.batch import queue
@@ -162,19 +163,34 @@ def _adoptable(reg, name: str, parent_id: str, kind: tuple[str, ...]):
 
 
 # ---- the worker loop -------------------------------------------------------------------
-def run_worker(url: str, home: str, batch_id: str, worker_token: str, lease_s: float, *,
-               run_id: str | None = None, threads: int | None = None, step_hook: str | None = None,
-               pipeline: str | None = None, poll_s: float = 0.5) -> dict[str, int]:
-    """Work on batch ``batch_id`` until no item is queued or running; returns counts.
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to join a batch (plain values: it crosses processes)."""
+
+    url: str
+    home: str
+    batch_id: str
+    lease_s: float
+    run_id: str | None = None
+    threads: int | None = None
+    step_hook: str | None = None
+    pipeline: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_worker(spec: WorkerSpec, worker_token: str, *, poll_s: float = 0.5) -> dict[str, int]:
+    """Work on batch ``spec.batch_id`` until no item is queued or running; returns counts.
 
     Idle workers wait while other workers hold items (an item whose worker dies comes back
-    when its lease expires). ``pipeline`` ("module:function", default: the batch command's
-    pipeline) is called as ``fn(ctx: ItemContext) -> list of artefact ids``.
+    when its lease expires). ``spec.pipeline`` ("module:function", default: the batch
+    command's pipeline) is called as ``fn(ctx: ItemContext) -> list of artefact ids``.
     """
-    if threads:
+    url, home, batch_id, lease_s, run_id = spec.url, spec.home, spec.batch_id, spec.lease_s, spec.run_id
+    pipeline, step_hook = spec.pipeline, spec.step_hook
+    if spec.threads:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(spec.threads)
     reg = Registry(url=url, home=home)
     worker_id = f"{worker_token}@{socket.gethostname()}:{os.getpid()}"
     with reg.session() as s:
@@ -249,17 +265,34 @@ def repo_slug(name: str) -> str:
 
 
 def convert_pipeline(ctx: ItemContext) -> list[str]:
-    """pull → convert → pack → evaluate → push for one item; returns the artefact ids."""
-    reg, p = ctx.reg, ctx.params
-    with reg.session() as s:
-        variant = s.get(Variant, p["variant"])
-        if variant is None:
-            raise UsageError(f"the batch's variant {p['variant']} no longer exists")
-        base = s.get(BaseModel, variant.base_id)
-    kind, ref, revision = parse_source(ctx.source)
-    ids: list[str] = []
+    """pull → convert → pack → evaluate → push for one item; returns the artefact ids.
 
-    # pull
+    Each step records what it made, so a re-run of the item skips the steps already done."""
+    variant, base = _item_variant(ctx)
+    src = _pull_step(ctx, variant, base)
+    conv = _convert_step(ctx, src, variant)
+    pack = _pack_step(ctx, conv) if ctx.params.get("pack") else None
+    final = pack or conv
+    if ctx.params.get("evaluate") and ctx.outputs.get("evaluate") is None:
+        _evaluate_step(ctx, variant, conv, final)
+    if ctx.params.get("push") and ctx.outputs.get("push") is None:
+        _push_step(ctx, final)
+    return [a.id for a in (src, conv, pack) if a is not None]
+
+
+def _item_variant(ctx: ItemContext) -> tuple[Variant, BaseModel]:
+    """The batch's variant and its base (UsageError if the variant was removed)."""
+    with ctx.reg.session() as s:
+        variant = s.get(Variant, ctx.params["variant"])
+        if variant is None:
+            raise UsageError(f"the batch's variant {ctx.params['variant']} no longer exists")
+        return variant, s.get(BaseModel, variant.base_id)
+
+
+def _pull_step(ctx: ItemContext, variant: Variant, base: BaseModel) -> Artifact:
+    """The item's source adapter: pulled from the Hub (once), or a registered artefact; of the variant's base."""
+    reg = ctx.reg
+    kind, ref, revision = parse_source(ctx.source)
     if kind == "hub":
         src = ctx.recorded_artifact("pull")
         if src is None:
@@ -270,70 +303,73 @@ def convert_pipeline(ctx: ItemContext) -> list[str]:
         src = _artifact_or_none(reg, ref)
         if src is None:
             raise UsageError(f"unknown artefact {ref!r}")
-    ids.append(src.id)
     if src.base_id != variant.base_id:
         with reg.session() as s:
             other = s.get(BaseModel, src.base_id)
         raise UsageError(f"{src.name!r} is an adapter of {other.name if other else src.base_id!r}, "
                          f"not of {base.name!r} (the base of variant {variant.name!r})")
+    return src
 
-    # convert
+
+def _convert_step(ctx: ItemContext, src: Artifact, variant: Variant) -> Artifact:
+    """The source converted to the variant with the batch's ConvertOptions (or the one an earlier attempt made)."""
     conv = ctx.recorded_artifact("convert")
+    if conv is not None:
+        return conv
+    name = ctx.reserve_name("convert", f"{src.name}-{variant.name}")
+    conv = _adoptable(ctx.reg, name, src.id, ("recovered-lora", "lora"))  # lora: --recover lowrank
+    report: dict = {}
     if conv is None:
-        name = ctx.reserve_name("convert", f"{src.name}-{variant.name}")
-        conv = _adoptable(reg, name, src.id, ("recovered-lora", "lora"))  # lora: --recover lowrank
-        report: dict = {}
-        if conv is None:
-            with ctx.step("convert"):
-                options = ConvertOptions.from_params(p.get("convert") or {})
-                conv, report = convert_adapter(reg, src.id, variant.id, options, name=name)
-        rows = {r["row"]: {k: v for k, v in r.items() if k in QUALITY_METRICS}
-                for r in report.get("rows", [])}
-        ctx.record("convert", {"id": conv.id, "name": conv.name, "gap_closed": report.get("gap_closed"),
-                               "eval_data": report.get("eval_data"), "rows": rows})
-    ids.append(conv.id)
-    final = conv
+        with ctx.step("convert"):
+            options = ConvertOptions.from_params(ctx.params.get("convert") or {})
+            conv, report = convert_adapter(ctx.reg, src.id, variant.id, options, name=name)
+    rows = {r["row"]: {k: v for k, v in r.items() if k in QUALITY_METRICS} for r in report.get("rows", [])}
+    ctx.record("convert", {"id": conv.id, "name": conv.name, "gap_closed": report.get("gap_closed"),
+                           "eval_data": report.get("eval_data"), "rows": rows})
+    return conv
 
-    # pack
-    if p.get("pack"):
-        pack = ctx.recorded_artifact("pack")
-        if pack is None:
-            opts = dict(p["pack"])
-            name = ctx.reserve_name("pack", f"{conv.name}-k{opts['density']:g}")
-            pack = _adoptable(reg, name, conv.id, PACK_KINDS)
-            if pack is None:
-                with ctx.step("pack"):
-                    pack, _report = pack_artifact(reg, conv.id, name=name, device=p.get("device", "cpu"), **opts)
-            ctx.record("pack", {"id": pack.id, "name": pack.name, "size_bytes": pack.size_bytes,
-                                "source_bytes": conv.size_bytes})
-        ids.append(pack.id)
-        final = pack
 
-    # evaluate (convert measured the converted adapter already; a pack is measured here, on the same data)
-    if p.get("evaluate") and ctx.outputs.get("evaluate") is None:
-        conv_out = ctx.outputs.get("convert") or {}
-        if final is conv:
-            ctx.record("evaluate", {"artifact": conv.name, "data": conv_out.get("eval_data"),
-                                    **(conv_out.get("rows") or {}).get("variant + converted", {})})
-        else:
-            c = p.get("convert", {})
-            data = (p["evaluate"].get("data") or conv_out.get("eval_data")
-                    or ((conv.metrics or {}).get("eval") or {}).get("data") or DEFAULT_CORPUS)
-            split = ((conv.metrics or {}).get("eval") or {}).get("split") or "test"
-            with ctx.step("evaluate"):
-                res = run_eval(reg, variant.id, data, split, adapter=final.id,
-                               max_tokens=c.get("max_eval_tokens", DEFAULT_EVAL_TOKENS),
-                               max_examples=c.get("max_eval_examples", DEFAULT_EVAL_EXAMPLES),
-                               device=p.get("device", "cpu"))
-            ctx.record("evaluate", {"artifact": final.name, "data": data, **{
-                k: v for k, v in res.items() if k in QUALITY_METRICS}})
+def _pack_step(ctx: ItemContext, conv: Artifact) -> Artifact:
+    """The converted adapter packed with the batch's pack options (once)."""
+    pack = ctx.recorded_artifact("pack")
+    if pack is not None:
+        return pack
+    opts = dict(ctx.params["pack"])
+    name = ctx.reserve_name("pack", f"{conv.name}-k{opts['density']:g}")
+    pack = _adoptable(ctx.reg, name, conv.id, PACK_KINDS)
+    if pack is None:
+        with ctx.step("pack"):
+            pack, _report = pack_artifact(ctx.reg, conv.id, name=name, device=ctx.params.get("device", "cpu"),
+                                          **opts)
+    ctx.record("pack", {"id": pack.id, "name": pack.name, "size_bytes": pack.size_bytes,
+                        "source_bytes": conv.size_bytes})
+    return pack
 
-    # push
-    if p.get("push") and ctx.outputs.get("push") is None:
-        opts = p["push"]
-        repo_id = f"{opts['org']}/{repo_slug(final.name)}"
-        with ctx.step("push"):
-            res = push_artifact(reg, final.name, repo_id, private=bool(opts.get("private")))
-        ctx.record("push", {"repo": repo_id, **{k: v for k, v in (res or {}).items()
-                                                  if isinstance(v, (str, int, float, bool)) or v is None}})
-    return ids
+
+def _evaluate_step(ctx: ItemContext, variant: Variant, conv: Artifact, final: Artifact) -> None:
+    """The result measured: convert measured the converted adapter already; a pack is measured here, on the
+    same data."""
+    p, conv_out = ctx.params, ctx.outputs.get("convert") or {}
+    if final is conv:
+        ctx.record("evaluate", {"artifact": conv.name, "data": conv_out.get("eval_data"),
+                                **(conv_out.get("rows") or {}).get("variant + converted", {})})
+        return
+    c, conv_eval = p.get("convert", {}), (conv.metrics or {}).get("eval") or {}
+    data = p["evaluate"].get("data") or conv_out.get("eval_data") or conv_eval.get("data") or DEFAULT_CORPUS
+    with ctx.step("evaluate"):
+        res = run_eval(ctx.reg, variant.id, data, conv_eval.get("split") or "test", adapter=final.id,
+                       max_tokens=c.get("max_eval_tokens", DEFAULT_EVAL_TOKENS),
+                       max_examples=c.get("max_eval_examples", DEFAULT_EVAL_EXAMPLES),
+                       device=p.get("device", "cpu"))
+    ctx.record("evaluate", {"artifact": final.name, "data": data,
+                            **{k: v for k, v in res.items() if k in QUALITY_METRICS}})
+
+
+def _push_step(ctx: ItemContext, final: Artifact) -> None:
+    """The result pushed to ``<org>/<its name as a repo name>``."""
+    opts = ctx.params["push"]
+    repo_id = f"{opts['org']}/{repo_slug(final.name)}"
+    with ctx.step("push"):
+        res = push_artifact(ctx.reg, final.name, repo_id, private=bool(opts.get("private")))
+    ctx.record("push", {"repo": repo_id, **{k: v for k, v in (res or {}).items()
+                                              if isinstance(v, (str, int, float, bool)) or v is None}})
