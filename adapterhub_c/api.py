@@ -17,7 +17,6 @@ the same names as the command's flags (``--batch-size`` → ``batch_size``).
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,38 +27,29 @@ from adapterhub_c.models.builtin import SMOLLM2, builtin_for
 from adapterhub_c.options.export import EXPORT_FORMATS
 from adapterhub_c.options.serve import DEFAULT_HOST as SERVE_HOST
 from adapterhub_c.options.serve import TOKEN_ENV as SERVE_TOKEN_ENV
+from adapterhub_c.options.variant import VariantOptions
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry import Registry, views
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 
-
-def _defaults(fn: Callable) -> dict[str, Any]:
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
-
-
 LISTABLE = views.LISTABLE
 DEFAULT_DEMO_BASE = SMOLLM2
 
-# Names that live in modules importing torch: resolved on first access (PEP 562), so that
-# `import adapterhub_c.api` (and with it `adapt ls`, `adapt --help`) loads none of them.
+# The choice lists and defaults of the commands, resolved on first access (PEP 562). Each is
+# read from the light options module that states it (no torch), where the CLI reads it too.
 _LAZY_NAMES: dict[str, Callable[[], Any]] = {
-    "DEFAULT_CALIB": lambda: _module("workflows.variants").DEFAULT_CALIB,  # silently unused by recipes needing none
+    "DEFAULT_CALIB": lambda: _module("options.variant").DEFAULT_CALIB,  # silently unused by recipes needing none
     "RECOVER_METHODS": lambda: _module("options.convert").RECOVER_METHODS,  # adapt convert --recover
     "COMPENSATE_TARGETS": lambda: _module("options.convert").COMPENSATE_TARGETS,  # --recover lowrank --targets
     "PACK_METHODS": lambda: _module("options.pack").METHODS,  # adapt pack --method
-    "RESCALES": lambda: _module("merging.spec").RESCALES,
+    "MERGE_METHODS": lambda: _module("options.merge").METHODS,  # adapt merge --method
+    "RESCALES": lambda: _module("options.merge").RESCALES,
     "DISTILL_ON": lambda: _module("options.convert").DISTILL_ON,
-    "GRANULARITIES": lambda: _module("variants.recipe").GRANULARITIES,
-    "PRUNE_METHODS": lambda: _module("variants.recipe").PRUNE_METHODS,
-    "QUANT_METHODS": lambda: _module("variants.recipe").QUANT_METHODS,
-    # Defaults the CLI shows in its help: read off the workflow functions, never restated.
+    "GRANULARITIES": lambda: _module("options.variant").GRANULARITIES,
+    "PRUNE_METHODS": lambda: _module("options.variant").PRUNE_METHODS,
+    "QUANT_METHODS": lambda: _module("options.variant").QUANT_METHODS,
     "TRAIN_DEFAULTS": lambda: _module("options.train").TrainOptions.defaults(),
     "CONVERT_DEFAULTS": lambda: _module("options.convert").ConvertOptions.defaults(),
-    "PROMPT_DEFAULTS": lambda: _defaults(_module("workflows.prompts").learn_prompt_artifact),
-    "VARIANT_DEFAULTS": lambda: _defaults(_module("workflows.variants").create_variant),
-    "PACK_DEFAULTS": lambda: _module("options.pack").PackOptions.defaults(),
-    "MERGE_DEFAULTS": lambda: _defaults(_module("workflows.merges").merge_artifacts),
-    "COMPOSE_DEFAULTS": lambda: _defaults(_module("workflows.merges").compose_artifacts),
 }
 
 
@@ -76,7 +66,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
-    "search", "train", "convert", "TrainOptions", "ConvertOptions", "PackOptions",
+    "search", "train", "convert", "TrainOptions", "ConvertOptions", "PackOptions", "VariantOptions", "MergeOptions",
+    "ComposeOptions", "PromptOptions", "TransferOptions", "replay_merge",
     "BatchItems", "BatchSteps", "BatchExecution",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
@@ -105,8 +96,6 @@ class Result:
     created: bool = True
     warnings: tuple[str, ...] = ()
 
-
-_DEFAULT = object()  # an argument left out: the workflow's own default
 
 _default_registries: dict[tuple[str | None, str | None], Registry] = {}
 
@@ -167,22 +156,19 @@ def add_base(name: str, *, revision: str | None = None, allow_pickle: bool = Fal
     return _result(reg, row, {"params": row.params, "hub_id": row.hub_id, "created": created}, created)
 
 
-def create_variant(base: str, *, quant: str = "none", prune: str = "none", sparsity: float | None = None,
-                   calib: str | None | object = _DEFAULT, registry: Registry | None = None,
-                   progress: Progress | None = None, **options: Any) -> Result:
-    """A compressed variant of ``base`` (see ``workflows.variants.create_variant`` for the options).
+def create_variant(base: str, options: VariantOptions | None = None, *, name: str | None = None,
+                   registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> Result:
+    """A compressed variant of ``base`` (see ``workflows.variants.create_variant``).
 
-    ``calib``: calibration data for wanda, 2:4 and ffn-channels (``"none"`` or None: magnitude
-    scores). The same recipe on the same base returns the existing variant (``created`` False).
+    ``options``: a :class:`VariantOptions` (``api.VariantOptions``); ``fields`` set single fields
+    of it by name (``quant="nf4"``, ``prune="wanda"``, ``sparsity=0.5``, …), as the command's
+    flags do. ``calib``: calibration data for wanda, 2:4 and ffn-channels (``"none"`` or None:
+    magnitude scores). The same recipe on the same base returns the existing variant
+    (``created`` False).
     """
     from adapterhub_c.workflows import variants as _variants
     reg = _reg(registry)
-    if calib is _DEFAULT:
-        calib = _variants.DEFAULT_CALIB
-    if calib is not None and calib.lower() == "none":
-        calib = None
-    row, created = _variants.create_variant(reg, base, quant=quant, prune=prune, sparsity=sparsity, calib=calib,
-                                            progress=progress, **options)
+    row, created = _variants.create_variant(reg, base, options, name=name, progress=progress, **fields)
     return _result(reg, row, {**_variants.show_variant(reg, row.id), "created": created}, created)
 
 
@@ -223,7 +209,8 @@ def pull(repo: str, *, revision: str | None = None, name: str | None = None, reg
     art, created = _hub.pull_adapter(reg, repo, revision=revision, name=name, progress=progress, **options)
     base = reg.get(art.base_id, "base")
     report = {"name": art.name, "id": art.id, "kind": art.kind, "source": art.source, "base": base.name,
-              "base_reference_only": base.is_reference, "size_bytes": art.size_bytes, "created": created}
+              "base_reference_only": base.is_reference, "size_bytes": art.size_bytes, "created": created,
+              "warnings": [_hub.reference_warning(base.name, art.name)] if base.is_reference else []}
     return _result(reg, art, report, created)
 
 
@@ -254,7 +241,9 @@ def serve_hub(root: str | Path, **options: Any) -> None:
 
 from adapterhub_c.options.batch import BatchExecution, BatchItems, BatchSteps  # noqa: E402 - light, as below
 from adapterhub_c.options.convert import ConvertOptions  # noqa: E402 - light: no torch (the signatures below)
+from adapterhub_c.options.merge import ComposeOptions, MergeOptions  # noqa: E402
 from adapterhub_c.options.pack import PackOptions  # noqa: E402
+from adapterhub_c.options.prompt import PromptOptions, TransferOptions  # noqa: E402
 from adapterhub_c.options.train import TrainOptions  # noqa: E402
 
 
@@ -284,22 +273,30 @@ def convert(adapter: str, variant: str, options: ConvertOptions | None = None, *
     return _result(reg, art, report)
 
 
-def learn_prompt(variant: str, *, registry: Registry | None = None, progress: Progress | None = None,
-                 **options: Any) -> Result:
-    """Learn a soft prompt on ``variant`` (see ``workflows.prompts.learn_prompt_artifact``)."""
+def learn_prompt(variant: str, options: PromptOptions | None = None, *, name: str | None = None,
+                 registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> Result:
+    """Learn a soft prompt on ``variant`` (see ``workflows.prompts.learn_prompt_artifact``).
+
+    ``options``: a :class:`PromptOptions` (``api.PromptOptions``); ``fields`` set single fields
+    of it by name (``tokens=16``, ``steps=30``, ``data=…``, …), as the command's flags do.
+    """
     from adapterhub_c.workflows import prompts as _prompts
     reg = _reg(registry)
-    art, report = _prompts.learn_prompt_artifact(reg, variant, progress=progress, **options)
+    art, report = _prompts.learn_prompt_artifact(reg, variant, options, name=name, progress=progress, **fields)
     return _result(reg, art, report)
 
 
-def transfer_prompts(prompts: Sequence[str], variants: Sequence[str], data: str, *,
-                     registry: Registry | None = None, progress: Progress | None = None,
-                     **options: Any) -> dict[str, Any]:
-    """Perplexity of every prompt on every variant (see ``workflows.prompts.prompt_transfer``)."""
+def transfer_prompts(prompts: Sequence[str], variants: Sequence[str], data: str,
+                     options: TransferOptions | None = None, *, registry: Registry | None = None,
+                     progress: Progress | None = None, **fields: Any) -> dict[str, Any]:
+    """Perplexity of every prompt on every variant (see ``workflows.prompts.prompt_transfer``).
+
+    ``options``: a :class:`TransferOptions`; ``fields`` set single fields of it (``split``,
+    ``max_tokens``, ``plot``, ``device``).
+    """
     from adapterhub_c.workflows import prompts as _prompts
-    return _prompts.prompt_transfer(_reg(registry), list(prompts), list(variants), data, progress=progress,
-                                    **options)
+    return _prompts.prompt_transfer(_reg(registry), list(prompts), list(variants), data, options,
+                                    progress=progress, **fields)
 
 
 # ---- packs, merges, composition -------------------------------------------------------------
@@ -336,21 +333,50 @@ def inspect_pack(pack_or_path: str | Path, *, registry: Registry | None = None) 
     return _packs.inspect_pack_ref(None if path.is_file() else _reg(registry), pack_or_path)
 
 
-def merge(adapters: Sequence[str], method: str, *, registry: Registry | None = None,
-          progress: Progress | None = None, **options: Any) -> Result:
-    """Merge ``adapters`` with ``method`` (see ``workflows.merges.merge_artifacts``)."""
+def merge(adapters: Sequence[str], method: str | None = None, options: MergeOptions | None = None, *,
+          name: str | None = None, registry: Registry | None = None, progress: Progress | None = None,
+          **fields: Any) -> Result:
+    """Merge ``adapters`` with ``method`` (see ``workflows.merges.merge_artifacts``).
+
+    ``options``: a :class:`MergeOptions` (``api.MergeOptions``, which names the method too);
+    ``fields`` set single fields of it by name (``density=0.5``, ``weights=[1, 0.5]``, …), as
+    the command's flags do.
+    """
     from adapterhub_c.workflows import merges as _merges
     reg = _reg(registry)
-    art, report = _merges.merge_artifacts(reg, list(adapters), method=method, progress=progress, **options)
+    if method is not None:
+        fields["method"] = method
+    art, report = _merges.merge_artifacts(reg, list(adapters), options, name=name, progress=progress, **fields)
     return _result(reg, art, report)
 
 
-def compose(adapters: Sequence[str], examples: str, *, registry: Registry | None = None,
-            progress: Progress | None = None, **options: Any) -> Result:
-    """LoraHub composition of ``adapters`` searched on ``examples`` (see ``workflows.merges.compose_artifacts``)."""
+def replay_merge(config: str | Path, *, name: str | None = None, device: str | None = None,
+                 registry: Registry | None = None, progress: Progress | None = None) -> Result:
+    """Re-run the merge a ``merge_config.yaml`` records (a file, or its text) and register the result.
+
+    As ``merge`` does (one run, idempotent by ``name``); the inputs are found by their recorded
+    id, else name, and one whose weights changed since is refused (see
+    ``workflows.merges.replay_merge_artifact``).
+    """
     from adapterhub_c.workflows import merges as _merges
     reg = _reg(registry)
-    art, report = _merges.compose_artifacts(reg, list(adapters), examples=examples, progress=progress, **options)
+    art, report = _merges.replay_merge_artifact(reg, config, name=name, device=device, progress=progress)
+    return _result(reg, art, report)
+
+
+def compose(adapters: Sequence[str], examples: str | None = None, options: ComposeOptions | None = None, *,
+            name: str | None = None, registry: Registry | None = None, progress: Progress | None = None,
+            **fields: Any) -> Result:
+    """LoraHub composition of ``adapters`` searched on ``examples`` (see ``workflows.merges.compose_artifacts``).
+
+    ``options``: a :class:`ComposeOptions` (``api.ComposeOptions``, which names the examples
+    too); ``fields`` set single fields of it by name (``shots=5``, ``budget=40``, …).
+    """
+    from adapterhub_c.workflows import merges as _merges
+    reg = _reg(registry)
+    if examples is not None:
+        fields["examples"] = examples
+    art, report = _merges.compose_artifacts(reg, list(adapters), options, name=name, progress=progress, **fields)
     report = {**report, "curve_summary": _merges.summarize_curve(report["curve"])}
     return _result(reg, art, report)
 

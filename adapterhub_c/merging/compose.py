@@ -30,9 +30,14 @@ from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.merging.compose_eval import ComposeStack, PeftEvaluator
 from adapterhub_c.merging.delta import Progress
 from adapterhub_c.merging.inputs import input_names
-
-LORAHUB_EXAMPLES = 5   # LoraHub's default number of examples (one batch)
-LORAHUB_L1 = 0.05 * LORAHUB_EXAMPLES  # its 0.05 penalty, on our per-example (not /examples) loss scale
+from adapterhub_c.options.merge import (  # noqa: F401 - LORAHUB_EXAMPLES: what LORAHUB_L1 is made of
+    DEFAULT_BOUNDS,
+    DEFAULT_BUDGET,
+    DEFAULT_OPTIMIZER,
+    LORAHUB_EXAMPLES,
+    LORAHUB_L1,
+    check_search,
+)
 
 
 @dataclass
@@ -52,7 +57,8 @@ class ComposeResult:
 
 def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.ndarray], float] | None = None,
                      model=None, tokenizer=None, examples: Sequence[tuple[str, str]] | None = None,
-                     optimizer: str = "NGOpt", budget: int = 40, bounds: tuple[float, float] = (-1.5, 1.5),
+                     optimizer: str = DEFAULT_OPTIMIZER, budget: int = DEFAULT_BUDGET,
+                     bounds: tuple[float, float] = DEFAULT_BOUNDS,
                      l1: float = LORAHUB_L1, seed: int = 0, init: Sequence[float] | None = None,
                      batch_size: int = 8, max_length: int | None = 512, names: Sequence[str] | None = None,
                      progress: Progress | None = None) -> ComposeResult:
@@ -98,13 +104,7 @@ def check_compose_options(optimizer: str, budget: int, bounds: tuple[float, floa
 
     if optimizer not in ng.optimizers.registry:
         raise NotFoundError("nevergrad optimizer", optimizer, ng.optimizers.registry.keys())
-    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
-        raise UsageError(f"budget must be a positive integer, got {budget!r}")
-    lo, hi = bounds
-    if not lo < hi:
-        raise UsageError(f"bounds must be (lower, upper) with lower < upper, got {bounds}")
-    if l1 < 0:
-        raise UsageError(f"l1 must be >= 0, got {l1}")
+    check_search(budget, bounds, l1)
 
 
 def _search(loss_fn, n, init, optimizer, budget, bounds, l1, seed, progress):

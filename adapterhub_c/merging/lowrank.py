@@ -31,7 +31,8 @@ from typing import Callable
 
 import torch
 
-SVD_ROUTINES = ("randomized", "exact")
+from adapterhub_c.options.merge import SVD_ROUTINES  # noqa: F401 - the routines this module offers, named once
+
 OVERSAMPLE = 16
 TOL = 1e-4
 MAX_ITER = 50

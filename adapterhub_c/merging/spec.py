@@ -46,13 +46,22 @@ from typing import Sequence
 import yaml
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.merging.lowrank import SVD_ROUTINES
+from adapterhub_c.options.merge import (
+    CONVENTIONS,
+    DARE_METHODS,
+    MAJORITIES,
+    METHODS,
+    SPACES,
+    SVD_ROUTINES,
+    check_choice,
+    check_density,
+    check_rank,
+    check_seed,
+    dare_rescale,
+    method_name,
+    parse_weights,
+)
 
-METHODS = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
-SPACES = ("delta", "factors")
-MAJORITIES = ("total", "frequency")
-CONVENTIONS = ("peft", "mergekit")
-RESCALES = ("l1", "inverse-p")  # DARE; see merging.rules.dare
 CONFIG_VERSION = 1
 
 
@@ -77,7 +86,7 @@ class MergeSpec:
 
     @property
     def uses_dare(self) -> bool:
-        return self.method in ("dare-linear", "dare-ties")
+        return self.method in DARE_METHODS
 
 
 def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[float] | None = None,
@@ -89,63 +98,22 @@ def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[
     ``rescale`` (DARE only) defaults by ``convention``: ``l1`` for mergekit, ``inverse-p``
     for peft.
     """
-    method = _method_name(method)
-    _choice("method", method, METHODS)
-    _choice("space", space, SPACES)
-    _choice("majority", majority, MAJORITIES)
-    _choice("convention", convention, CONVENTIONS)
-    _choice("svd routine", svd, SVD_ROUTINES)
+    method = method_name(method)
+    check_choice("method", method, METHODS)
+    check_choice("space", space, SPACES)
+    check_choice("majority", majority, MAJORITIES)
+    check_choice("convention", convention, CONVENTIONS)
+    check_choice("svd routine", svd, SVD_ROUTINES)
     if n_inputs < 1:
         raise UsageError("merge needs at least one adapter")
-    if weights is None:
-        weights = [1.0] * n_inputs
-    weights = [float(w) for w in weights]
+    weights = parse_weights(weights) or (1.0,) * n_inputs
     if len(weights) != n_inputs:
         raise UsageError(f"got {len(weights)} weights for {n_inputs} adapters; give one weight per adapter")
-    if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
-        raise UsageError(f"weights must be finite numbers, got {weights}")
-    if method == "task-arithmetic":
-        if density is not None:
-            raise UsageError("density applies to ties, dare-linear and dare-ties, not task-arithmetic")
-    else:
-        if density is None:
-            raise UsageError(f"{method} needs a density in (0, 1] (fraction of entries kept)")
-        density = float(density)
-        if not 0.0 < density <= 1.0:
-            raise UsageError(f"density must be in (0, 1], got {density}")
-    if rank is not None:
-        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
-            raise UsageError(f"rank must be a positive integer, got {rank!r}")
-        rank = int(rank)
-    rescale = _rescale(method, convention, rescale)
-    if seed is None:
-        seed = 0
-    if isinstance(seed, bool) or int(seed) != seed:
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    return MergeSpec(method=method, weights=tuple(weights), space=space, rank=rank, density=density,
-                     majority=majority, convention=convention, seed=int(seed), svd=svd, rescale=rescale)
-
-
-def _method_name(method) -> str:
-    method = str(method).lower().replace("_", "-")
-    return "task-arithmetic" if method == "linear" else method
-
-
-def _rescale(method: str, convention: str, rescale: str | None) -> str | None:
-    """The DARE rescale rule: given, or the convention's; None for the other methods."""
-    if method not in ("dare-linear", "dare-ties"):
-        if rescale is not None:
-            raise UsageError(f"rescale applies to dare-linear and dare-ties, not {method}")
-        return None
-    if rescale is None:
-        return "l1" if convention == "mergekit" else "inverse-p"
-    _choice("rescale", rescale, RESCALES)
-    return rescale
-
-
-def _choice(what: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+    density = check_density(method, density)
+    rank = check_rank(rank)
+    rescale = dare_rescale(method, convention, rescale)
+    return MergeSpec(method=method, weights=weights, space=space, rank=rank, density=density,
+                     majority=majority, convention=convention, seed=check_seed(seed), svd=svd, rescale=rescale)
 
 
 @dataclass
@@ -209,7 +177,7 @@ def parse_merge_config(text: str) -> tuple[MergeSpec, list[MergeInputRef]]:
     svd = doc.get("svd", "exact" if space == "delta" else "randomized")
     method = doc.get("method", "task-arithmetic")
     rescale = doc.get("rescale")
-    if rescale is None and _method_name(method) in ("dare-linear", "dare-ties"):
+    if rescale is None and method_name(method) in DARE_METHODS:
         rescale = "inverse-p"  # configs from before the rescale option: DARE rescaled by 1/p
     spec = make_spec(len(refs), method=method, weights=weights,
                      space=space, rank=doc.get("rank"), density=doc.get("density"),

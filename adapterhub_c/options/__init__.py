@@ -24,7 +24,7 @@ T = TypeVar("T", bound="Options")
 def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, choices: tuple | None = None,
            cli: bool = True, default_factory: Any = MISSING, show_default: bool = True,
            type: Any = None, aliases: dict[str, tuple[Any, str]] | None = None,  # noqa: A002
-           short: str | None = None) -> Any:
+           short: str | None = None, key: bool = True) -> Any:
     """A dataclass field with what the command line needs to offer it.
 
     ``flag``: the spelling (default ``--field-name``; a boolean whose default is True is
@@ -33,11 +33,13 @@ def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, c
     ``type``: the click type when the annotation does not say it; ``"csv"`` is a
     comma-separated list read into a tuple. ``aliases``: extra flags that set the field to
     a fixed value, ``{"--no-recover": ("none", "help")}`` (given together with ``flag``
-    they are refused). ``short``: a one-letter spelling too (``-k``). A field without a
+    they are refused). ``short``: a one-letter spelling too (``-k``). ``key=False``: the
+    field only changes what is measured, not what is made: a rerun that differs from an
+    earlier one only in such fields is the same run (``Options.unkeyed``). A field without a
     default is a required option.
     """
     meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "show_default": show_default,
-            "type": type, "aliases": aliases or {}, "short": short}
+            "type": type, "aliases": aliases or {}, "short": short, "key": key}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -102,6 +104,21 @@ class Options:
             if f.name in values and isinstance(values[f.name], list) and _is_tuple(hints.get(f.name)):
                 values[f.name] = tuple(values[f.name])
         return cls(**values)
+
+    @classmethod
+    def of(cls: type[T], options: T | None = None, fields: dict[str, Any] | None = None) -> T:
+        """``options`` (default: built from ``fields`` alone) with ``fields`` set: how a workflow reads its options."""
+        if options is None:
+            return cls.from_params(fields)
+        if not isinstance(options, cls):
+            raise UsageError(f"expected {cls.__name__}, got {type(options).__name__}")
+        return options.replace(**fields) if fields else options
+
+    @classmethod
+    def unkeyed(cls) -> tuple[str, ...]:
+        """The fields that only change what is measured (``option(..., key=False)``): a run's
+        parameters record them, its idempotency key leaves them out."""
+        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("key", True))
 
     def replace(self: T, **changes: Any) -> T:
         """A copy with ``changes`` (validated again)."""

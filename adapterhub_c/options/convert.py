@@ -51,7 +51,8 @@ class ConvertOptions(TrainingKnobs):
     family: ClassVar[str] = "convert"
 
     data: str | None = option(None, help="Training data; without it: inherit only, no training.")
-    eval_data: str | None = option(None, help="Evaluation data [default: DATA, else the adapter's own data].")
+    eval_data: str | None = option(None, key=False,
+                                   help="Evaluation data [default: DATA, else the adapter's own data].")
     eval_split: str = eval_split_field()
     inherit: bool = option(True, help="Start the LoRA fresh instead of from ADAPTER.")
     recover: str = option(
@@ -83,7 +84,7 @@ class ConvertOptions(TrainingKnobs):
     resume: bool = resume_field()
     max_eval_tokens: int | None = max_eval_tokens_field()
     max_eval_examples: int | None = max_eval_examples_field()
-    reference_rows: bool = option(True, help="Measure only the converted adapter (not variant alone / naive / "
+    reference_rows: bool = option(True, key=False, help="Measure only the converted adapter (not variant alone / naive / "
                                              "teacher).")
     device: str = device_field()
 

@@ -71,12 +71,12 @@ def resume_field() -> Any:
 
 def max_eval_tokens_field() -> Any:
     """``--max-eval-tokens``."""
-    return option(DEFAULT_EVAL_TOKENS, help="Evaluation: at most this many tokens (text perplexity).")
+    return option(DEFAULT_EVAL_TOKENS, key=False, help="Evaluation: at most this many tokens (text perplexity).")
 
 
 def max_eval_examples_field() -> Any:
     """``--max-eval-examples``."""
-    return option(DEFAULT_EVAL_EXAMPLES, help="Evaluation: at most this many examples (tasks).")
+    return option(DEFAULT_EVAL_EXAMPLES, key=False, help="Evaluation: at most this many examples (tasks).")
 
 
 def device_field() -> Any:
@@ -86,7 +86,7 @@ def device_field() -> Any:
 
 def eval_split_field() -> Any:
     """The evaluation split (library only)."""
-    return option(EVAL_SPLIT, cli=False, help="Split of the evaluation data.")
+    return option(EVAL_SPLIT, cli=False, key=False, help="Split of the evaluation data.")
 
 
 class TrainingKnobs(Options):
@@ -137,11 +137,11 @@ class TrainOptions(TrainingKnobs):
     seed: int = seed_field()
     checkpoint_every: int = checkpoint_every_field()
     resume: bool = resume_field()
-    eval_data: str | None = option(None, help="Evaluate on this data instead of DATA.")
+    eval_data: str | None = option(None, key=False, help="Evaluate on this data instead of DATA.")
     eval_split: str = eval_split_field()
     max_eval_tokens: int | None = max_eval_tokens_field()
     max_eval_examples: int | None = max_eval_examples_field()
-    baseline: bool = option(True, cli=False, help="Also measure the model before training.")
+    baseline: bool = option(True, cli=False, key=False, help="Also measure the model before training.")
     device: str = device_field()
 
     def normalize(self) -> None:

@@ -61,7 +61,10 @@ class VariantOptions(Options):
     granularity: str | None = option(None, choices=GRANULARITIES,
                                      help="magnitude/wanda: rank weights per output row (default) or per whole "
                                           "layer.")
+    # The alias keeps the command line's default unset (None), so the field's own default, the
+    # DEFAULT_CALIB marker, applies: click would turn the marker into a plain, explicit name.
     calib: str | None = option(DEFAULT_CALIB, show_default=False,
+                               aliases={"--no-calib": ("none", "No calibration data (--calib none).")},
                                help=f"Calibration data for wanda, 2:4 and ffn-channels (default {DEFAULT_CALIB}; "
                                     "'none' for magnitude-scored 2:4 / ffn-channels).")
     calib_samples: int = option(DEFAULT_CALIB_SAMPLES, help="Calibration sequences.")

@@ -71,20 +71,28 @@ def _maker(reg: Registry, name: str) -> tuple[str | None, dict | None]:
         return (run.command, run.parameters) if run is not None else (None, None)
 
 
-def earlier_result(reg: Registry, name: str | None, command: str, params: dict[str, Any]) -> Artifact | None:
+def earlier_result(reg: Registry, name: str | None, command: str, params: dict[str, Any],
+                   ignore: Iterable[str] = ()) -> Artifact | None:
     """The artefact ``name`` if the same command with the same parameters registered it.
 
     A rerun of a command that was killed after registering its artefact (or that simply
     finished) is "already done", like ``adapt base add``: the caller returns this artefact
     instead of doing the work again. None if ``name`` is free (or None); UsageError if it is
-    taken by anything else.
+    taken by anything else. ``ignore``: parameters left out of the comparison (those that
+    only change what is measured, ``Options.unkeyed()``).
     """
     if name is None or not name_taken(reg, name):
         return None
     made_by, made_with = _maker(reg, name)
-    if made_by == command and made_with == sanitize(params):
+    skip = set(ignore)
+    if made_by == command and _without(made_with, skip) == _without(sanitize(params), skip):
         return reg.get(name, "artifact")
     raise UsageError(f"an artefact named {name!r} already exists (made by other options); pick another --name")
+
+
+def _without(params: Any, skip: set[str]) -> Any:
+    """``params`` minus the keys in ``skip`` (a recorded row that is not a dict stays as it is)."""
+    return {k: v for k, v in params.items() if k not in skip} if isinstance(params, dict) else params
 
 
 def already_done_report(art: Artifact) -> dict[str, Any]:

@@ -41,12 +41,12 @@ import numpy as np
 import torch
 
 from adapterhub_c.adapters.lora import PREFIX, WEIGHTS_NAME, LoraAdapter, check_lora_config
-from adapterhub_c.errors import AdaptWarning, UsageError
+from adapterhub_c.errors import AdaptWarning, NotFoundError, UsageError
 from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import encode_completions
 from adapterhub_c.kernels import bitmask_decode, elect_signs, planes_to_torch, unpack_bits
 from adapterhub_c.merging.api import merge_adapters
-from adapterhub_c.merging.compose import LORAHUB_L1, check_compose_options, compose_adapters
+from adapterhub_c.merging.compose import check_compose_options, compose_adapters
 from adapterhub_c.merging.factors import check_equal_ranks, factor_weights
 from adapterhub_c.merging.inputs import check_inputs, compute_dtype, dora_as_lora, input_names, module_inputs
 from adapterhub_c.merging.spec import (
@@ -58,6 +58,7 @@ from adapterhub_c.merging.spec import (
     spec_dict,
 )
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.options.merge import DEFAULT_SHOTS, ELECTIONS, ComposeOptions, MergeOptions, check_choice, check_shots
 from adapterhub_c.packing.encoding import encode
 from adapterhub_c.packing.format import Pack
 from adapterhub_c.packing.ternary import dtype_from_name
@@ -74,9 +75,7 @@ from adapterhub_c.runtime.stack import StackSpec, load_stack
 
 MERGE_CONFIG_FILE = "merge_config.yaml"
 COMPOSE_CONFIG_FILE = "compose_config.json"
-ELECTIONS = ("auto", "popcount", "dense")
 MAX_TOTAL_VOTERS = 5
-DEFAULT_SHOTS = 5
 
 
 @dataclass
@@ -302,15 +301,6 @@ def _default_merge_stem(method: str, arts: Sequence[Artifact]) -> str:
     return stem[:120]
 
 
-def _parse_weights(weights) -> list[float] | None:
-    if weights is None or isinstance(weights, (list, tuple)):
-        return None if weights is None else [float(w) for w in weights]
-    try:
-        return [float(w) for w in str(weights).split(",")]
-    except ValueError:
-        raise UsageError(f"weights must be comma-separated numbers, got {weights!r}") from None
-
-
 def _yaml_refs(inputs: Sequence[MergeInput]) -> list[MergeInputRef]:
     return [MergeInputRef(name=x.art.name, digest=x.digest, extra={"kind": x.art.kind, "id": x.art.id})
             for x in inputs]
@@ -319,8 +309,7 @@ def _yaml_refs(inputs: Sequence[MergeInput]) -> list[MergeInputRef]:
 def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = "auto",
               progress: Progress | None = None):
     """Merge loaded inputs by ``spec`` (popcount election where exact); (MergeResult, Election)."""
-    if election not in ELECTIONS:
-        raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
+    check_choice("election", election, ELECTIONS)
     el = Election("dense", "asked for") if election == "dense" else popcount_elections(inputs, spec)
     if election == "popcount" and el.method != "popcount":
         raise UsageError(f"the popcount election is not exact here: {el.reason}")
@@ -334,35 +323,29 @@ def run_merge(inputs: Sequence[MergeInput], spec: MergeSpec, *, election: str = 
     return result, el
 
 
-def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=None, density: float | None = None,
-                    majority: str = "total", space: str = "delta", rank: int | None = None, seed: int = 0,
-                    convention: str = "peft", svd: str = "randomized", rescale: str | None = None,
-                    name: str | None = None,
-                    device: str | None = None, election: str = "auto",
-                    progress: Progress | None = None) -> tuple[Artifact, dict]:
-    """Merge registered adapters into a new ``merged`` artefact; returns (artefact, report).
+@dataclass
+class MergePlan:
+    """A merge ready to run: its inputs loaded on the device, its spec, its canonical options."""
 
-    ``refs``: two or more adapter artefacts of one base (LoRAs, converted LoRAs without
-    recovery, packs, merges, compositions); options as :func:`adapterhub_c.merging.merge_adapters`.
-    ``weights``: list or comma-separated string. The artefact is a PEFT folder plus
-    ``merge_config.yaml`` (replay it with :func:`replay_merge`), lineage ``merge-input`` to
-    every input; its variant is the inputs' if they all share one. ``election``: ``auto``
-    (popcount where exact), ``popcount`` (UsageError where not exact), ``dense``.
-    UsageError on bad input, before anything is registered.
-    """
-    arts, base, variant = resolve_inputs(reg, refs)
-    spec = make_spec(len(arts), method=method, weights=_parse_weights(weights), space=space, rank=rank,
-                     density=density, majority=majority, convention=convention, seed=seed, svd=svd,
-                     rescale=rescale)
-    if election not in ELECTIONS:
-        raise UsageError(f"election must be one of {', '.join(ELECTIONS)}, got {election!r}")
-    check_new_name(reg, name, command="merge")
-    dev = resolve_device(device)
+    arts: list[Artifact]
+    base: BaseModel
+    variant: Variant | None
+    inputs: list[MergeInput]
+    spec: MergeSpec
+    options: MergeOptions   # weights, rescale, rank and device as the merge uses them (the run's parameters)
+    device: torch.device
+    read_s: float
+    warnings: list[str]
+
+
+def _plan_merge(reg: Registry, arts: list[Artifact], base: BaseModel, variant: Variant | None,
+                spec: MergeSpec, opts: MergeOptions, progress: Progress | None) -> MergePlan:
+    """Load the inputs and run every check that needs their tensors (ranks, shapes, configs)."""
+    dev = resolve_device(opts.device)
     t0 = time.perf_counter()
     inputs = load_inputs(reg, arts, dev, progress)
-    spec, merge_warnings = _dora_rank(inputs, spec)
+    spec, notes = _dora_rank(inputs, spec)
     read_s = time.perf_counter() - t0
-    # checks that need the tensors (ranks, shapes, configs) run before the run row is opened
     adapters = [x.adapter for x in inputs]
     names = [a.name for a in arts]
     check_inputs(adapters, names)
@@ -371,64 +354,150 @@ def merge_artifacts(reg: Registry, refs: Sequence[str], *, method: str, weights=
         r = check_equal_ranks(modules, names)
         if spec.rank is not None and spec.rank != r:
             raise UsageError(f"space=factors keeps the input rank {r}; rank={spec.rank} needs space=delta")
-    params = dict(inputs=[a.name for a in arts], **spec_dict(spec), name=name, device=str(dev), election=election)
-    if (earlier := earlier_result(reg, name, "merge", params)) is not None:
+    canonical = opts.replace(weights=spec.weights, rescale=spec.rescale, rank=spec.rank, device=str(dev))
+    return MergePlan(arts, base, variant, inputs, spec, canonical, dev, read_s, notes)
+
+
+def merge_artifacts(reg: Registry, refs: Sequence[str], options: MergeOptions | None = None, *,
+                    name: str | None = None, progress: Progress | None = None,
+                    **fields: Any) -> tuple[Artifact, dict]:
+    """Merge registered adapters into a new ``merged`` artefact; returns (artefact, report).
+
+    ``refs``: two or more adapter artefacts of one base (LoRAs, converted LoRAs without
+    recovery, packs, merges, compositions). ``options``: a ``MergeOptions`` (``fields`` set
+    single fields of it by the same names: ``method="ties"``, ``density=0.5``, ``weights``
+    as a list or ``"1,0.5"``, …; see :func:`adapterhub_c.merging.merge_adapters`). The
+    artefact is a PEFT folder plus ``merge_config.yaml`` (replay it with
+    :func:`replay_merge_artifact`), lineage ``merge-input`` to every input; its variant is
+    the inputs' if they all share one. ``election``: ``auto`` (popcount where exact),
+    ``popcount`` (UsageError where not exact), ``dense``. UsageError on bad input, before
+    anything is registered.
+    """
+    opts = MergeOptions.of(options, fields)
+    arts, base, variant = resolve_inputs(reg, refs)
+    spec = make_spec(len(arts), **opts.spec_fields())
+    check_new_name(reg, name, command="merge")
+    return _merge_and_register(reg, _plan_merge(reg, arts, base, variant, spec, opts, progress), name, progress)
+
+
+def _merge_and_register(reg: Registry, plan: MergePlan, name: str | None,
+                        progress: Progress | None) -> tuple[Artifact, dict]:
+    """The run of ``adapt merge`` (and of its replay): idempotent by name, one run row, one artefact."""
+    params = dict(inputs=[a.name for a in plan.arts], name=name, **plan.options.params())
+    if (earlier := earlier_result(reg, name, "merge", params, ignore=MergeOptions.unkeyed())) is not None:
         return earlier, already_done_report(earlier)
     with record_run(reg, "merge", params) as run:
-        result, el = run_merge(inputs, spec, election=election, progress=progress)
-        merge_warnings = merge_warnings + result.warnings
-        with reg.staging("merge") as tmp:
-            folder = Path(tmp) / "merged"
-            cpu = LoraAdapter(result.adapter.config, {k: v.detach().cpu() for k, v in result.adapter.tensors.items()})
-            cpu.to_folder(folder, extra_files={MERGE_CONFIG_FILE: result.config_yaml.encode()})
-            inputs_info = [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
-                           for x, w in zip(inputs, spec.weights, strict=False)]
-            config = {"merge": spec_dict(spec), "inputs": inputs_info, "config_file": MERGE_CONFIG_FILE,
-                      "election": {"method": el.method, "reason": el.reason}}
-            ranks = sorted({layer.rank for layer in result.adapter.layers().values()})
-            metrics = {"merge_seconds": result.seconds, "read_seconds": read_s, "election_seconds": el.seconds,
-                       "modules": len(result.modules), "ranks": ranks,
-                       "parameters": result.adapter.num_parameters()}
-            parents, seen = [], set()
-            for a in arts:
-                if a.id not in seen:
-                    parents.append((a, "merge-input"))
-                    seen.add(a.id)
-            art = register_artifact(reg, kind="merged", name=name,
-                                    stem=None if name else _default_merge_stem(spec.method, arts), base_id=base.id, folder=folder,
-                                    variant_id=variant.id if variant else None, source=f"merge:{spec.method}",
-                                    config=config, metrics=metrics, parents=parents, run_id=run.id)
-        report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": base.name,
-                  "variant": variant.name if variant else None, "method": spec.method, "space": spec.space,
-                  "svd": spec.svd if spec.space == "delta" else None,
-                  "inputs": inputs_info, "density": spec.density,
-                  "majority": spec.majority if spec.uses_sign_election else None,
-                  "convention": spec.convention if spec.uses_sign_election else None,
-                  "rescale": spec.rescale, "election": el.method, "election_reason": el.reason, "ranks": ranks,
-                  "parameters": metrics["parameters"], "size_bytes": art.size_bytes, "device": str(dev),
-                  "read_seconds": read_s, "merge_seconds": result.seconds, "run_id": run.id,
-                  "warnings": merge_warnings}
-        for message in merge_warnings:
-            warnings.warn(message, AdaptWarning, stacklevel=2)
+        result, el = run_merge(plan.inputs, plan.spec, election=plan.options.election, progress=progress)
+        notes = plan.warnings + result.warnings
+        inputs_info = [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
+                       for x, w in zip(plan.inputs, plan.spec.weights, strict=False)]
+        config = {"merge": spec_dict(plan.spec), "inputs": inputs_info, "config_file": MERGE_CONFIG_FILE,
+                  "election": {"method": el.method, "reason": el.reason}}
+        ranks = sorted({layer.rank for layer in result.adapter.layers().values()})
+        metrics = {"merge_seconds": result.seconds, "read_seconds": plan.read_s, "election_seconds": el.seconds,
+                   "modules": len(result.modules), "ranks": ranks, "parameters": result.adapter.num_parameters()}
+        art = _register_merged(reg, plan, result, name, config, metrics, run.id)
+        report = _merge_report(plan, art, el, inputs_info, metrics, result.seconds, run.id, notes)
+        for message in notes:
+            warnings.warn(message, AdaptWarning, stacklevel=3)
         run.output = report
         return art, report
 
 
+def _register_merged(reg: Registry, plan: MergePlan, result, name: str | None, config: dict, metrics: dict,
+                     run_id: str) -> Artifact:
+    """Write the merged PEFT folder (+ ``merge_config.yaml``) and register it with its lineage."""
+    with reg.staging("merge") as tmp:
+        folder = Path(tmp) / "merged"
+        cpu = LoraAdapter(result.adapter.config, {k: v.detach().cpu() for k, v in result.adapter.tensors.items()})
+        cpu.to_folder(folder, extra_files={MERGE_CONFIG_FILE: result.config_yaml.encode()})
+        parents = [(a, "merge-input") for a in {a.id: a for a in plan.arts}.values()]
+        return register_artifact(reg, kind="merged", name=name,
+                                 stem=None if name else _default_merge_stem(plan.spec.method, plan.arts),
+                                 base_id=plan.base.id, folder=folder,
+                                 variant_id=plan.variant.id if plan.variant else None,
+                                 source=f"merge:{plan.spec.method}", config=config, metrics=metrics,
+                                 parents=parents, run_id=run_id)
+
+
+def _merge_report(plan: MergePlan, art: Artifact, el: Election, inputs_info: list[dict], metrics: dict,
+                  merge_s: float, run_id: str, notes: list[str]) -> dict:
+    """What ``adapt merge --json`` prints (and the run's output)."""
+    spec = plan.spec
+    return {"artifact": art.name, "id": art.id, "kind": art.kind, "base": plan.base.name,
+            "variant": plan.variant.name if plan.variant else None, "method": spec.method, "space": spec.space,
+            "svd": spec.svd if spec.space == "delta" else None,
+            "inputs": inputs_info, "density": spec.density,
+            "majority": spec.majority if spec.uses_sign_election else None,
+            "convention": spec.convention if spec.uses_sign_election else None,
+            "rescale": spec.rescale, "election": el.method, "election_reason": el.reason, "ranks": metrics["ranks"],
+            "parameters": metrics["parameters"], "size_bytes": art.size_bytes, "device": str(plan.device),
+            "read_seconds": plan.read_s, "merge_seconds": merge_s, "run_id": run_id, "warnings": notes}
+
+
+# ---- replay ----------------------------------------------------------------------------------
+def _input_digest(art: Artifact) -> str | None:
+    """The digest a merge config records for an input: its pack file, else its LoRA weights."""
+    return (art.files or {}).get(PACK_FILE if art.kind in PACK_KINDS else WEIGHTS_NAME)
+
+
+def _replay_inputs(reg: Registry, refs: Sequence[MergeInputRef], verify_digests: bool = True) -> list[Artifact]:
+    """The recorded inputs, by their recorded id, else by name; a changed one is a UsageError."""
+    arts = []
+    with reg.session() as s:
+        for r in refs:
+            rid = r.extra.get("id")
+            try:
+                art = reg.resolve(s, str(rid), "artifact") if rid else None
+            except NotFoundError:
+                art = None
+            arts.append(art or reg.resolve(s, r.name, "artifact"))
+    for r, art in zip(refs, arts, strict=True):
+        digest = _input_digest(art)
+        if verify_digests and r.digest and digest != r.digest:
+            raise UsageError(f"input {r.name!r} has changed since the merge (digest {digest} != {r.digest}); "
+                             f"it cannot be replayed")
+    return arts
+
+
+def _read_config(config: str | Path) -> str:
+    """The YAML text of a merge config given as a file or as its text (text has a newline)."""
+    if isinstance(config, Path) or "\n" not in str(config):
+        path = Path(config)
+        if not path.is_file():
+            raise UsageError(f"merge config {str(config)!r} not found")
+        return path.read_text(encoding="utf-8")
+    return str(config)
+
+
+def replay_merge_artifact(reg: Registry, config: str | Path, *, name: str | None = None,
+                          device: str | None = None, progress: Progress | None = None) -> tuple[Artifact, dict]:
+    """Re-run the merge a ``merge_config.yaml`` records and register the result, as ``adapt merge`` does.
+
+    ``config``: the file or its text. The inputs are found by their recorded id, else by
+    name; an input whose weights differ from the recorded digest is refused (UsageError).
+    The run is an ``adapt merge`` run with the recorded options (idempotent by ``name``:
+    a replay into the name the original merge took returns it); returns (artefact, report).
+    """
+    spec, refs = parse_merge_config(_read_config(config))
+    arts = _replay_inputs(reg, refs)
+    arts, base, variant = resolve_inputs(reg, [a.id for a in arts])
+    opts = MergeOptions(method=spec.method, weights=spec.weights, density=spec.density, majority=spec.majority,
+                        convention=spec.convention, rescale=spec.rescale, space=spec.space, rank=spec.rank,
+                        seed=spec.seed, svd=spec.svd, device=device or "auto")
+    check_new_name(reg, name, command="merge")
+    return _merge_and_register(reg, _plan_merge(reg, arts, base, variant, spec, opts, progress), name, progress)
+
+
 def replay_merge(reg: Registry, config_text: str, *, device: str | None = None, verify_digests: bool = True):
-    """Re-run a merge from its ``merge_config.yaml`` text; returns the MergeResult.
+    """Re-run a merge from its ``merge_config.yaml`` text without registering it; returns the MergeResult.
 
     Inputs are looked up by the recorded id (else name); with ``verify_digests`` a
     recorded digest that differs from the input's current weights is a UsageError.
     """
     spec, refs = parse_merge_config(config_text)
-    with reg.session() as s:
-        arts = [reg.resolve(s, str(r.extra.get("id") or r.name), "artifact") for r in refs]
-    inputs = load_inputs(reg, arts, resolve_device(device))
-    if verify_digests:
-        for r, x in zip(refs, inputs, strict=False):
-            if r.digest and x.digest != r.digest:
-                raise UsageError(f"input {r.name!r} has changed since the merge (digest {x.digest} != {r.digest})")
-    result, _ = run_merge(inputs, spec)
+    arts = _replay_inputs(reg, refs, verify_digests)
+    result, _ = run_merge(load_inputs(reg, arts, resolve_device(device)), spec)
     return result
 
 
@@ -439,8 +508,7 @@ def load_examples(examples: str, shots: int | None = None) -> list[tuple[str, st
     ``shots`` keeps the first N (default: all of a file, 5 of a built-in task).
     UsageError when nothing usable is left.
     """
-    if shots is not None and (isinstance(shots, bool) or int(shots) != shots or shots < 1):
-        raise UsageError(f"--shots must be a positive integer, got {shots!r}")
+    check_shots(shots)
     if examples.startswith("builtin:"):
         if not examples.startswith("builtin:task/"):
             raise UsageError(f"{examples}: composition needs prompt/completion examples (builtin:task/<name>)")
@@ -462,37 +530,29 @@ def load_examples(examples: str, shots: int | None = None) -> list[tuple[str, st
     return pairs
 
 
-def _parse_bounds(bounds) -> tuple[float, float]:
-    if isinstance(bounds, str):
-        try:
-            lo, hi = (float(x) for x in bounds.split(","))
-        except ValueError:
-            raise UsageError(f"bounds must be 'lower,upper', got {bounds!r}") from None
-        return lo, hi
-    lo, hi = bounds
-    return float(lo), float(hi)
+@dataclass
+class ComposePlan:
+    """A composition ready to search: its inputs on the device, its examples, its canonical options."""
+
+    arts: list[Artifact]
+    base: BaseModel
+    variant: Variant | None
+    inputs: list[MergeInput]
+    pairs: list[tuple[str, str]]
+    n_tokens: int
+    options: ComposeOptions  # device resolved (the run's parameters)
 
 
-def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shots: int | None = None,
-                      budget: int = 40, bounds=(-1.5, 1.5), l1: float = LORAHUB_L1, optimizer: str = "NGOpt",
-                      seed: int = 0, name: str | None = None, device: str | None = None, batch_size: int = 8,
-                      progress: Progress | None = None) -> tuple[Artifact, dict]:
-    """LoraHub-style composition of registered adapters on a few examples → ``composed`` artefact.
-
-    ``examples``: a .jsonl file of prompt/completion lines or ``builtin:task/<name>`` (train
-    split, first ``shots``). Loads the base (or the inputs' shared variant) once; the
-    weights, the optimizer chain nevergrad ran and the loss curve go into the run output
-    and the artefact's config (and ``compose_config.json`` in its folder). UsageError on
-    bad input, before anything is registered.
-    """
+def _plan_compose(reg: Registry, refs: Sequence[str], opts: ComposeOptions, name: str | None,
+                  progress: Progress | None) -> ComposePlan:
+    """Resolve and load the inputs and the examples; every check before the run row is opened."""
     arts, base, variant = resolve_inputs(reg, refs)
-    lo, hi = _parse_bounds(bounds)
-    check_compose_options(optimizer, budget, (lo, hi), l1)
+    check_compose_options(opts.optimizer, opts.budget, opts.bounds, opts.l1)
     check_new_name(reg, name, command="compose")
-    pairs = load_examples(examples, shots)
+    pairs = load_examples(opts.examples, opts.shots)
     tokenizer = load_base_tokenizer(reg, base)
-    n_tokens = encode_completions(tokenizer, pairs, batch_size).tokens  # UsageError if none is usable
-    dev = resolve_device(device)
+    n_tokens = encode_completions(tokenizer, pairs, opts.batch_size).tokens  # UsageError if none is usable
+    dev = resolve_device(opts.device)
     inputs = load_inputs(reg, arts, dev, progress)
     dora = [x.art.name for x in inputs if x.dora_rank]
     if dora:
@@ -502,46 +562,74 @@ def compose_artifacts(reg: Registry, refs: Sequence[str], *, examples: str, shot
     names = [a.name for a in arts]
     check_inputs(adapters, names)
     check_equal_ranks(module_inputs(adapters, names), names, what="composition")
-    params = dict(inputs=names, examples=examples, shots=shots, n_examples=len(pairs), budget=budget,
-                  bounds=[lo, hi], l1=l1, optimizer=optimizer, seed=seed, name=name, device=str(dev))
-    if (earlier := earlier_result(reg, name, "compose", params)) is not None:
+    return ComposePlan(arts, base, variant, inputs, pairs, n_tokens, opts.replace(device=str(dev)))
+
+
+def compose_artifacts(reg: Registry, refs: Sequence[str], options: ComposeOptions | None = None, *,
+                      name: str | None = None, progress: Progress | None = None,
+                      **fields: Any) -> tuple[Artifact, dict]:
+    """LoraHub-style composition of registered adapters on a few examples → ``composed`` artefact.
+
+    ``options``: a ``ComposeOptions`` (``fields`` set single fields of it by the same names:
+    ``examples`` (a .jsonl file of prompt/completion lines or ``builtin:task/<name>``, train
+    split, first ``shots``), ``budget``, ``bounds``, ``l1``, ``optimizer``, …). Loads the base
+    (or the inputs' shared variant) once; the weights, the optimizer chain nevergrad ran and
+    the loss curve go into the run output and the artefact's config (and
+    ``compose_config.json`` in its folder). UsageError on bad input, before anything is
+    registered.
+    """
+    plan = _plan_compose(reg, refs, ComposeOptions.of(options, fields), name, progress)
+    opts = plan.options
+    names = [a.name for a in plan.arts]
+    params = dict(inputs=names, n_examples=len(plan.pairs), name=name, **opts.params())
+    if (earlier := earlier_result(reg, name, "compose", params, ignore=ComposeOptions.unkeyed())) is not None:
         return earlier, already_done_report(earlier)
     with record_run(reg, "compose", params) as run:
         t0 = time.perf_counter()
-        model, tokenizer = load_stack(reg, StackSpec(base=base, variant=variant), str(dev))
+        model, tokenizer = load_stack(reg, StackSpec(base=plan.base, variant=plan.variant), opts.device)
         load_s = time.perf_counter() - t0
-        res = compose_adapters(adapters, model=model, tokenizer=tokenizer, examples=pairs, optimizer=optimizer,
-                               budget=budget, bounds=(lo, hi), l1=l1, seed=seed, batch_size=batch_size,
+        res = compose_adapters([x.adapter for x in plan.inputs], model=model, tokenizer=tokenizer,
+                               examples=plan.pairs, optimizer=opts.optimizer, budget=opts.budget,
+                               bounds=opts.bounds, l1=opts.l1, seed=opts.seed, batch_size=opts.batch_size,
                                names=names, progress=progress)
-        curve = [{k: c[k] for k in ("step", "loss", "objective", "best")} for c in res.curve]
-        summary = {"inputs": [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
-                              for x, w in zip(inputs, res.weights, strict=False)],
-                   "weights": res.weights, "loss": res.loss, "objective": res.objective,
-                   "optimizer": res.optimizer, "optimizer_used": res.optimizer_used, "budget": budget,
-                   "bounds": [lo, hi], "l1": l1, "seed": seed, "examples": examples, "shots": shots,
-                   "n_examples": len(pairs), "completion_tokens": n_tokens, "curve": curve}
-        with reg.staging("merge") as tmp:
-            folder = Path(tmp) / "composed"
-            cpu = LoraAdapter(res.adapter.config, {k: v.detach().cpu() for k, v in res.adapter.tensors.items()})
-            cpu.to_folder(folder, extra_files={COMPOSE_CONFIG_FILE: (json.dumps(summary, indent=2) + "\n").encode()})
-            parents, seen = [], set()
-            for a in arts:
-                if a.id not in seen:
-                    parents.append((a, "compose-input"))
-                    seen.add(a.id)
-            seconds = res.seconds
-            metrics = {"loss": res.loss, "objective": res.objective, "compose_seconds": seconds,
-                       "load_seconds": load_s, "seconds_per_step": seconds / max(1, len(res.curve))}
-            art = register_artifact(reg, kind="composed", name=name,
-                                    stem=None if name else ("compose-" + "+".join(dict.fromkeys(names)))[:120], base_id=base.id, folder=folder,
-                                    variant_id=variant.id if variant else None, source="compose:lorahub",
-                                    config={**summary, "config_file": COMPOSE_CONFIG_FILE}, metrics=metrics,
-                                    parents=parents, run_id=run.id)
-        report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": base.name,
-                  "variant": variant.name if variant else None, **summary, **metrics, "device": str(dev),
-                  "run_id": run.id}
+        summary = _compose_summary(plan, res)
+        metrics = {"loss": res.loss, "objective": res.objective, "compose_seconds": res.seconds,
+                   "load_seconds": load_s, "seconds_per_step": res.seconds / max(1, len(res.curve))}
+        art = _register_composed(reg, plan, res, name, summary, metrics, run.id)
+        report = {"artifact": art.name, "id": art.id, "kind": art.kind, "base": plan.base.name,
+                  "variant": plan.variant.name if plan.variant else None, **summary, **metrics,
+                  "device": opts.device, "run_id": run.id}
         run.output = report
         return art, report
+
+
+def _compose_summary(plan: ComposePlan, res) -> dict[str, Any]:
+    """The composition's weights, search and loss curve (artefact config, report, ``compose_config.json``)."""
+    opts = plan.options
+    curve = [{k: c[k] for k in ("step", "loss", "objective", "best")} for c in res.curve]
+    return {"inputs": [{"name": x.art.name, "id": x.art.id, "kind": x.art.kind, "weight": w}
+                       for x, w in zip(plan.inputs, res.weights, strict=False)],
+            "weights": res.weights, "loss": res.loss, "objective": res.objective,
+            "optimizer": res.optimizer, "optimizer_used": res.optimizer_used, "budget": opts.budget,
+            "bounds": list(opts.bounds), "l1": opts.l1, "seed": opts.seed, "examples": opts.examples,
+            "shots": opts.shots, "n_examples": len(plan.pairs), "completion_tokens": plan.n_tokens, "curve": curve}
+
+
+def _register_composed(reg: Registry, plan: ComposePlan, res, name: str | None, summary: dict, metrics: dict,
+                       run_id: str) -> Artifact:
+    """Write the composed PEFT folder (+ ``compose_config.json``) and register it with its lineage."""
+    names = [a.name for a in plan.arts]
+    with reg.staging("merge") as tmp:
+        folder = Path(tmp) / "composed"
+        cpu = LoraAdapter(res.adapter.config, {k: v.detach().cpu() for k, v in res.adapter.tensors.items()})
+        cpu.to_folder(folder, extra_files={COMPOSE_CONFIG_FILE: (json.dumps(summary, indent=2) + "\n").encode()})
+        parents = [(a, "compose-input") for a in {a.id: a for a in plan.arts}.values()]
+        return register_artifact(reg, kind="composed", name=name,
+                                 stem=None if name else ("compose-" + "+".join(dict.fromkeys(names)))[:120],
+                                 base_id=plan.base.id, folder=folder,
+                                 variant_id=plan.variant.id if plan.variant else None, source="compose:lorahub",
+                                 config={**summary, "config_file": COMPOSE_CONFIG_FILE}, metrics=metrics,
+                                 parents=parents, run_id=run_id)
 
 
 def summarize_curve(curve: Sequence[dict[str, Any]], points: int = 8) -> list[dict]:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
+from adapterhub_c.evals.data import load_dataset
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, perplexity
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.options.prompt import PromptOptions, TransferOptions
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import already_done_report, check_new_name, earlier_result, register_artifact
 from adapterhub_c.registry.models import Artifact, BaseModel, Variant
@@ -40,11 +41,6 @@ from adapterhub_c.training.prompt import PromptedModel, learn_prompt, save_promp
 from adapterhub_c.training.prompt_transfer import NO_PROMPT, plot_transfer, transfer_matrix
 
 CONFIG_FILE = "prompt_config.json"
-DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-2  # 30 steps, 16 tokens on NF4+Wanda50: ppl -10% at 1e-2 vs -2% at 1e-3 (adapt demo sizes)
-DEFAULT_BATCH_SIZE = 2
-DEFAULT_SEQ_LEN = 256
-DEFAULT_TOKENS = 100
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,15 +104,12 @@ def _load_target(reg: Registry, base: BaseModel, variant: Variant | None, device
 # learn
 
 
-def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = DEFAULT_CORPUS,
-                          tokens: int = DEFAULT_TOKENS, init: str = "vocab-sample",
-                          steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-                          batch_size: int = DEFAULT_BATCH_SIZE, seq_len: int = DEFAULT_SEQ_LEN,
-                          eval_tokens: int | None = None, checkpoint_every: int = 0, seed: int = 0,
-                          name: str | None = None, device: str | None = "cpu", resume: bool = False,
-                          progress: Progress | None = None) -> tuple[Artifact, dict]:
+def learn_prompt_artifact(reg: Registry, variant_ref: str, options: PromptOptions | None = None, *,
+                          name: str | None = None, progress: Progress | None = None,
+                          **fields: Any) -> tuple[Artifact, dict]:
     """Learn a soft prompt on a variant (or base) and register it as a ``prompt`` artefact.
 
+    ``options``: a ``PromptOptions`` (``fields`` set single fields of it by the same names).
     Training: ``tokens`` embeddings initialised by ``init`` (``vocab-sample`` or
     ``text:<string>``), AdamW at ``lr`` with no weight decay (the paper's Trainer default),
     ``steps`` steps of ``batch_size`` × ``seq_len`` token chunks of ``data``'s train split,
@@ -125,81 +118,94 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = DEFAUL
     perplexity on ``data``'s test split (at most ``eval_tokens`` tokens) is recorded as
     evaluations and returned in the report. Nothing is registered on error.
     """
+    opts = PromptOptions.of(options, fields)
     base, variant = _resolve_target(reg, variant_ref)
     context = _context(base)
-    _check_tokens(tokens, context, seq_len)
-    if not (init == "vocab-sample" or init.startswith("text:")):
-        raise UsageError(f"unknown --init {init!r} (choose 'vocab-sample' or 'text:<string>')")
-    if eval_tokens is not None and eval_tokens < 2:
-        raise UsageError("--eval-tokens must be at least 2")
-    train_set = load_dataset(data, "train")
-    test_set = load_dataset(data, "test")
+    _check_tokens(opts.tokens, context, opts.seq_len)
+    train_set = load_dataset(opts.data, "train")
+    test_set = load_dataset(opts.data, "test")
     check_new_name(reg, name, command="prompt learn")
     target = variant or base
-    ckpt_dir = _checkpoint_dir(reg, target.id, data, name)
-    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, batch_size=batch_size, seq_len=seq_len,
-                         seed=seed, device=str(resolve_device(device)), checkpoint_every=checkpoint_every,
-                         checkpoint_dir=str(ckpt_dir))
+    ckpt_dir = _checkpoint_dir(reg, target.id, opts.data, name)
+    config = TrainConfig(steps=opts.steps, lr=opts.lr, weight_decay=0.0, batch_size=opts.batch_size,
+                         seq_len=opts.seq_len, seed=opts.seed, device=str(resolve_device(opts.device)),
+                         checkpoint_every=opts.checkpoint_every, checkpoint_dir=str(ckpt_dir))
     config.validate()
-    max_length, stride = eval_window(context, tokens)
-    params = dict(variant=variant_ref, data=data, tokens=tokens, init=init, steps=steps, lr=lr,
-                  batch_size=batch_size, seq_len=seq_len, eval_tokens=eval_tokens,
-                  checkpoint_every=checkpoint_every, seed=seed, name=name, device=device, resume=resume)
-    if (earlier := earlier_result(reg, name, "prompt learn", params)) is not None:
+    window = eval_window(context, opts.tokens)
+    params = dict(variant=variant_ref, name=name, **opts.params())
+    if (earlier := earlier_result(reg, name, "prompt learn", params, ignore=PromptOptions.unkeyed())) is not None:
         return earlier, already_done_report(earlier)
     with record_run(reg, "prompt learn", params) as run:
-        model, tokenizer = _load_target(reg, base, variant, device)
+        model, tokenizer = _load_target(reg, base, variant, opts.device)
         test_texts = test_set.as_texts()
-        before = perplexity(model, tokenizer, test_texts, max_length=max_length, stride=stride,
-                            max_tokens=eval_tokens, progress=progress)
-
-        def train_fn(module, named, loss_fn, batches, cfg):
-            fingerprint = {"target": target.id, "data": data, "tokens": tokens, "init": init}
-            return train(module, named, loss_fn, batches, cfg, progress=progress, resume=resume,
-                         fingerprint=fingerprint)
-
-        prompt, result = learn_prompt(model, tokenizer, train_set, tokens, init, config,
-                                      seq_len=seq_len, batch_size=batch_size,
-                                      max_batches=max(1, steps), seed=seed, base=base_label(base),
-                                      learned_on=target.name, train_fn=train_fn)
+        before = perplexity(model, tokenizer, test_texts, max_length=window[0], stride=window[1],
+                            max_tokens=opts.eval_tokens, progress=progress)
+        prompt, result = _learn(model, tokenizer, train_set, opts, config, base, target, progress)
         prompted = PromptedModel(model, prompt, freeze_inner=False)
-        after = perplexity(prompted, tokenizer, test_texts, max_length=max_length, stride=stride,
-                           max_tokens=eval_tokens, progress=progress)
-
+        after = perplexity(prompted, tokenizer, test_texts, max_length=window[0], stride=window[1],
+                           max_tokens=opts.eval_tokens, progress=progress)
         art_config = {"num_virtual_tokens": prompt.num_virtual_tokens, "hidden_size": prompt.hidden_size,
                       "base": base_label(base), "learned_on": target.name,
-                      "learned_on_kind": "variant" if variant else "base", "init": init,
-                      "data": data, "steps": steps, "lr": lr, "batch_size": batch_size,
-                      "seq_len": seq_len, "seed": seed, "weight_decay": config.weight_decay}
+                      "learned_on_kind": "variant" if variant else "base", "init": opts.init,
+                      "data": opts.data, "steps": opts.steps, "lr": opts.lr, "batch_size": opts.batch_size,
+                      "seq_len": opts.seq_len, "seed": opts.seed, "weight_decay": config.weight_decay}
         metrics = {"test_perplexity_before": before["perplexity"],
                    "test_perplexity_after": after["perplexity"], "eval_tokens": before["tokens"],
-                   "eval_max_length": max_length, "eval_stride": stride,
+                   "eval_max_length": window[0], "eval_stride": window[1],
                    "final_loss": result.final_loss, "first_loss": result.losses[0] if result.losses else None,
                    "train_tokens_per_s": result.tokens_per_s, "train_wall_s": result.wall_s,
                    "resumed_from": result.resumed_from}
-        with reg.staging("prompt") as tmp:
-            folder = Path(tmp) / "prompt"
-            folder.mkdir()
-            save_prompt(prompt, folder / PROMPT_FILE)
-            (folder / CONFIG_FILE).write_text(json.dumps(art_config, indent=2, sort_keys=True))
-            art = register_artifact(reg, kind="prompt", name=name,
-                                    stem=None if name else f"prompt-{target.name.replace(':', '-')}-k{tokens}", base_id=base.id, folder=folder,
-                                    variant_id=variant.id if variant else None, source=f"learned:{data}",
-                                    config=art_config, metrics=metrics, parents=[(target, "learned-on")],
-                                    run_id=run.id)
+        art = _register_prompt(reg, prompt, art_config, metrics, StackSpec(base=base, variant=variant), opts, name,
+                               run.id)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the artefact is complete; the checkpoint is spent
-        split = "test"
-        record_evaluations(reg, StackSpec(base=base, variant=variant), data, split,
-                           {"perplexity": before["perplexity"], "_details": {"perplexity": before}}, run.id)
-        record_evaluations(reg, StackSpec(base=base, variant=variant, prompt=art), data, split,
-                           {"perplexity": after["perplexity"], "_details": {"perplexity": after}}, run.id)
-        report = {"name": art.name, "id": art.id, "learned_on": target.name, "tokens": tokens,
-                  "steps": steps, "data": data, "perplexity_before": before["perplexity"],
+        _record_before_after(reg, base, variant, art, opts.data, before, after, run.id)
+        report = {"name": art.name, "id": art.id, "learned_on": target.name, "tokens": opts.tokens,
+                  "steps": opts.steps, "data": opts.data, "perplexity_before": before["perplexity"],
                   "perplexity_after": after["perplexity"], "eval_tokens": before["tokens"],
                   "first_loss": metrics["first_loss"], "final_loss": result.final_loss,
                   "train_wall_s": result.wall_s, "resumed_from": result.resumed_from}
         run.output = report
     return art, report
+
+
+def _learn(model, tokenizer, train_set, opts: PromptOptions, config: TrainConfig, base: BaseModel, target,
+           progress: Progress | None):
+    """Train the prompt through the shared loop (checkpoints, resume); (prompt, TrainResult)."""
+    def train_fn(module, named, loss_fn, batches, cfg):
+        fingerprint = {"target": target.id, "data": opts.data, "tokens": opts.tokens, "init": opts.init}
+        return train(module, named, loss_fn, batches, cfg, progress=progress, resume=opts.resume,
+                     fingerprint=fingerprint)
+
+    return learn_prompt(model, tokenizer, train_set, opts.tokens, opts.init, config, seq_len=opts.seq_len,
+                        batch_size=opts.batch_size, max_batches=max(1, opts.steps), seed=opts.seed,
+                        base=base_label(base), learned_on=target.name, train_fn=train_fn)
+
+
+def _register_prompt(reg: Registry, prompt, art_config: dict, metrics: dict, on: StackSpec, opts: PromptOptions,
+                     name: str | None, run_id: str) -> Artifact:
+    """Write the prompt folder (safetensors + ``prompt_config.json``) and register it, ``learned-on`` its target."""
+    base, variant = on.base, on.variant
+    target = variant or base
+    with reg.staging("prompt") as tmp:
+        folder = Path(tmp) / "prompt"
+        folder.mkdir()
+        save_prompt(prompt, folder / PROMPT_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(art_config, indent=2, sort_keys=True))
+        return register_artifact(reg, kind="prompt", name=name,
+                                 stem=None if name else f"prompt-{target.name.replace(':', '-')}-k{opts.tokens}",
+                                 base_id=base.id, folder=folder, variant_id=variant.id if variant else None,
+                                 source=f"learned:{opts.data}", config=art_config, metrics=metrics,
+                                 parents=[(target, "learned-on")], run_id=run_id)
+
+
+def _record_before_after(reg: Registry, base: BaseModel, variant: Variant | None, art: Artifact, data: str,
+                         before: dict, after: dict, run_id: str) -> None:
+    """The test perplexity without and with the prompt, as evaluations."""
+    split = "test"
+    record_evaluations(reg, StackSpec(base=base, variant=variant), data, split,
+                       {"perplexity": before["perplexity"], "_details": {"perplexity": before}}, run_id)
+    record_evaluations(reg, StackSpec(base=base, variant=variant, prompt=art), data, split,
+                       {"perplexity": after["perplexity"], "_details": {"perplexity": after}}, run_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,30 +218,40 @@ def learn_prompt_artifact(reg: Registry, variant_ref: str, *, data: str = DEFAUL
 # transfer
 
 
-def prompt_transfer(reg: Registry, prompts: Sequence[str], variants: Sequence[str], data: str,
-                    split: str = "test", plot: str | Path | None = None, max_tokens: int | None = None,
-                    device: str | None = "cpu", progress: Progress | None = None) -> dict:
-    """Perplexity of every prompt on every variant (and of each variant without a prompt).
-
-    Rows: ``no prompt`` then the prompts (where they were learned); columns: the variants
-    (a base may be named too). Models are loaded one at a time. Each cell is recorded as
-    an evaluation. With ``plot`` a heat map PNG is written there. Returns the matrix dict of
-    ``prompt_transfer.transfer_matrix`` plus ``learned_on`` per row and ``plot``.
-    """
-    prompts, variants = [p for p in prompts if p], [v for v in variants if v]
+def _transfer_targets(reg: Registry, prompts: list[str], variants: list[str]) -> list[tuple[BaseModel,
+                                                                                          Variant | None]]:
+    """The columns of a transfer matrix: (base, variant or None) per name, all of one base."""
     if not prompts:
         raise UsageError("give at least one prompt (--prompts P1,P2,…)")
     if not variants:
         raise UsageError("give at least one variant (--variants V1,V2,…)")
     if len(set(prompts)) != len(prompts) or len(set(variants)) != len(variants):
         raise UsageError("a prompt or variant is named twice")
-    if max_tokens is not None and max_tokens < 2:
-        raise UsageError("--max-tokens must be at least 2")
     targets = [_resolve_target(reg, v) for v in variants]
     base = targets[0][0]
     for b, v in targets:
         if b.id != base.id:
             raise UsageError(f"{(v or b).name!r} belongs to base {b.name!r}, not {base.name!r}")
+    return targets
+
+
+def prompt_transfer(reg: Registry, prompts: Sequence[str], variants: Sequence[str], data: str,
+                    options: TransferOptions | None = None, *, progress: Progress | None = None,
+                    **fields: Any) -> dict:
+    """Perplexity of every prompt on every variant (and of each variant without a prompt).
+
+    ``options``: a ``TransferOptions`` (``fields`` set single fields of it: ``split``,
+    ``max_tokens``, ``plot``, ``device``). Rows: ``no prompt`` then the prompts (where they
+    were learned); columns: the variants (a base may be named too). Models are loaded one at
+    a time. Each cell is recorded as an evaluation. With ``plot`` a heat map PNG is written
+    there. Returns the matrix dict of ``prompt_transfer.transfer_matrix`` plus ``learned_on``
+    per row and ``plot``.
+    """
+    opts = TransferOptions.of(options, fields)
+    split, plot, max_tokens, device = opts.split, opts.plot, opts.max_tokens, opts.device
+    prompts, variants = [p for p in prompts if p], [v for v in variants if v]
+    targets = _transfer_targets(reg, prompts, variants)
+    base = targets[0][0]
     with reg.session() as s:
         arts = [reg.resolve(s, p, "artifact") for p in prompts]
     loaded = {a.name: read_prompt_artifact(reg, a, base, _hidden(base)) for a in arts}
@@ -245,11 +261,8 @@ def prompt_transfer(reg: Registry, prompts: Sequence[str], variants: Sequence[st
         raise UsageError(f"a {longest}-token prompt does not fit the model's context of {context}")
     max_length, stride = eval_window(context, longest)
     texts = load_dataset(data, split).as_texts()
-    if plot is not None and Path(plot).suffix.lower() != ".png":
-        raise UsageError("--plot must name a .png file")
 
-    params = dict(prompts=list(prompts), variants=list(variants), data=data, split=split,
-                  max_tokens=max_tokens, plot=str(plot) if plot else None, device=device)
+    params = dict(prompts=list(prompts), variants=list(variants), data=data, **opts.params())
     with record_run(reg, "prompt transfer", params) as run:
         columns: list[str] = []
         values: list[list[float]] = [[] for _ in range(len(loaded) + 1)]

@@ -128,16 +128,17 @@ def train_summary(result: TrainResult | None) -> dict | None:
 
 @dataclass(frozen=True)
 class Row:
-    """One measured model of a report: its role, the stack it was, its scores and its size."""
+    """One measured model of a report: its role, the stack it was, its scores and its loaded size
+    (the model in memory plus the adapter's files)."""
 
     role: str
     spec: StackSpec
     scores: Scores
-    size_bytes: int | None
+    loaded_bytes: int | None
 
     def public(self) -> dict[str, Any]:
         """The report's row: name, metric values, size."""
-        return {"row": self.role, **self.scores.values, "size_bytes": self.size_bytes}
+        return {"row": self.role, **self.scores.values, "loaded_bytes": self.loaded_bytes}
 
     def quality(self) -> dict[str, float]:
         """The quality metrics only (what artefact metrics keep)."""
@@ -185,7 +186,7 @@ def train_adapter(reg: Registry, target: str, data: str | None = None, options: 
     check_new_name(reg, name, command="adapt train")
     opts = opts.replace(eval_data=evaldata.spec, device=device)
     params = {"target": target, "name": name, **opts.params()}
-    if (earlier := earlier_result(reg, name, "adapt train", params)) is not None:
+    if (earlier := earlier_result(reg, name, "adapt train", params, ignore=opts.unkeyed())) is not None:
         return earlier, already_done_report(earlier)
     key = run_key(command="adapt train", base=spec.base.id, variant=spec.variant.id if spec.variant else None,
                   data=opts.data, name=name)
@@ -315,7 +316,7 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, options: 
     check_new_name(reg, name, command="adapt convert")
     opts = opts.replace(eval_data=evaldata.spec, device=device, calib=calib)
     params = {"adapter": adapter_ref, "variant": variant_ref, "name": name, **opts.params()}
-    if (earlier := earlier_result(reg, name, "adapt convert", params)) is not None:
+    if (earlier := earlier_result(reg, name, "adapt convert", params, ignore=opts.unkeyed())) is not None:
         return earlier, already_done_report(earlier)
     with record_run(reg, "adapt convert", params) as run:
         if opts.trains:
@@ -418,7 +419,7 @@ def _convert(reg, src: ConvertSources, opts: ConvertOptions, dataset, evaldata: 
     rows = _reference_rows(src, conversion)
     art_new = _register_converted(reg, src, opts, conversion, evaldata, rows, comp_info, kept, config, name, run)
     rows.append(Row(ROW_CONVERTED, StackSpec(src.base, src.variant, adapter=art_new),
-                    conversion.measurements[ROW_CONVERTED], _add(src.variant.size_bytes, art_new.size_bytes)))
+                    conversion.measurements[ROW_CONVERTED], _add(src.variant.loaded_bytes, art_new.stored_bytes)))
     for r in rows:
         record_evaluations(reg, r.spec, evaldata.spec, evaldata.split, r.scores, run.id)
     public = [r.public() for r in rows]
@@ -441,9 +442,9 @@ def _recover_method(opts: ConvertOptions) -> str | None:
 def _reference_rows(src: ConvertSources, conversion: Conversion) -> list[Row]:
     """The measured reference models (variant alone, naive, teacher) as rows, in measuring order."""
     a, v, b = src.adapter, src.variant, src.base
-    specs = {ROW_VARIANT: (StackSpec(b, v), v.size_bytes),
-             ROW_NAIVE: (StackSpec(b, v, adapter=a), _add(v.size_bytes, a.size_bytes)),
-             ROW_TEACHER: (StackSpec(b, adapter=a), _add(b.size_bytes, a.size_bytes))}
+    specs = {ROW_VARIANT: (StackSpec(b, v), v.loaded_bytes),
+             ROW_NAIVE: (StackSpec(b, v, adapter=a), _add(v.loaded_bytes, a.stored_bytes)),
+             ROW_TEACHER: (StackSpec(b, adapter=a), _add(b.loaded_bytes, a.stored_bytes))}
     return [Row(role, specs[role][0], scores, specs[role][1])
             for role, scores in conversion.measurements.items() if role in specs]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,14 @@ from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.options.variant import (
+    CALIB_USERS,
+    DEFAULT_CALIB,
+    DEFAULT_CALIB_SAMPLES,
+    DEFAULT_CALIB_SEQ_LEN,
+    DefaultCalib,
+    VariantOptions,
+)
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax
 from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
@@ -52,17 +61,8 @@ from adapterhub_c.variants.recipe import Recipe
 
 EVAL_DATA = DEFAULT_CORPUS
 EVAL_SPLIT = "test"
-DEFAULT_EVAL_TOKENS = 8192
-CALIB_USERS = ("wanda", "2:4", "ffn-channels")
 # bnb announces on every int8 forward that float32 inputs are cast to float16 (by design of LLM.int8)
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-
-
-class _DefaultCalib(str):
-    """The default calibration set: used by wanda, 2:4 and ffn-channels, silently unused otherwise."""
-
-
-DEFAULT_CALIB = _DefaultCalib(DEFAULT_CORPUS)
 
 
 # ---- loading ---------------------------------------------------------------------------
@@ -87,12 +87,16 @@ def _short_base_name(base: BaseModel) -> str:
 def default_variant_name(base: BaseModel, recipe: Recipe) -> str:
     """`<base-short>-<recipe>`, e.g. 'smollm2-135m-nf4-wanda50'."""
     parts = []
-    if recipe.quant != "none":
+    if recipe.quant == "gptq":  # e.g. gptq4, gptq3g128-act-sym
+        parts.append(f"gptq{recipe.bits}" + (f"g{recipe.group_size}" if recipe.group_size else "")
+                     + "-act" * recipe.act_order + "-sym" * recipe.sym)
+    elif recipe.quant != "none":
         parts.append(recipe.quant + ("dq" if recipe.double_quant else ""))
     if recipe.prune != "none":
         pct = f"{recipe.sparsity * 100:g}".replace(".", "p")
         label = {"2:4": "2of4", "magnitude": f"mag{pct}", "wanda": f"wanda{pct}",
-                 "ffn-channels": f"ffn{pct}"}[recipe.prune]
+                 "ffn-channels": f"ffn{pct}", "sparsegpt": f"sparsegpt{pct}",
+                 "sparsegpt:2:4": "sparsegpt2of4"}[recipe.prune]
         if recipe.prune_granularity == "layer":
             label += "-layer"
         if recipe.prune in ("2:4", "ffn-channels") and recipe.calib is None:
@@ -115,23 +119,24 @@ def _unique_variant_name(s, stem: str) -> str:
 
 def make_recipe(*, quant: str = "none", double_quant: bool = False, prune: str = "none",
                 sparsity: float | None = None, granularity: str | None = None, calib: str | None = DEFAULT_CALIB,
-                calib_samples: int = 32, calib_seq_len: int = 128, include_embeddings: bool = False,
-                include_lm_head: bool = False) -> Recipe:
-    """A validated Recipe from create_variant's arguments (UsageError on bad input).
+                calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
+                **recipe_fields: Any) -> Recipe:
+    """A validated Recipe from create_variant's options (UsageError on bad input).
 
-    The default calibration set is used only by the methods that read activations (wanda,
-    2:4 and ffn-channels score by activations when given one); an explicitly named one is
-    refused where it would go unused. `calib=None` gives magnitude-scored 2:4 / ffn-channels.
+    The default calibration set (``options.variant.DEFAULT_CALIB``) is used only by the
+    methods that read activations (wanda, 2:4 and ffn-channels score by activations when
+    given one); an explicitly named one is refused where it would go unused. `calib=None`
+    gives magnitude-scored 2:4 / ffn-channels. ``recipe_fields``: the other fields of
+    ``Recipe`` (include_embeddings, include_lm_head, …), passed on as they are.
     """
     prune_l = str(prune).lower()
-    if isinstance(calib, _DefaultCalib) and prune_l not in CALIB_USERS:
+    if isinstance(calib, DefaultCalib) and prune_l not in CALIB_USERS and str(quant).lower() != "gptq":
         calib = None
     if sparsity is not None and prune_l == "none" and sparsity == 0:
         sparsity = None
     recipe = Recipe(quant=quant, double_quant=double_quant, prune=prune, sparsity=sparsity,
                     prune_granularity=granularity, calib=calib, calib_samples=calib_samples,
-                    calib_seq_len=calib_seq_len, include_embeddings=include_embeddings,
-                    include_lm_head=include_lm_head)
+                    calib_seq_len=calib_seq_len, **recipe_fields)
     if recipe.quant == "none" and recipe.prune == "none":
         raise UsageError("this recipe compresses nothing: give a quantization (--quant) and/or a pruning method (--prune)")
     return recipe
@@ -189,14 +194,13 @@ def _delta_refusal(build, base_folder) -> str | None:
     return None
 
 
-def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "none", double_quant: bool = False,
-                   prune: str = "none", sparsity: float | None = None, granularity: str | None = None,
-                   calib: str | None = DEFAULT_CALIB, calib_samples: int = 32, calib_seq_len: int = 128,
-                   include_embeddings: bool = False, include_lm_head: bool = False, name: str | None = None,
-                   eval_tokens: int = DEFAULT_EVAL_TOKENS, device: str | None = "cpu",
-                   progress: Progress | None = None) -> tuple[Variant, bool]:
+def create_variant(reg: Registry, base_ref: str | BaseModel, options: VariantOptions | None = None, *,
+                   name: str | None = None, progress: Progress | None = None,
+                   **fields: Any) -> tuple[Variant, bool]:
     """Build, measure and register a compressed variant of a base; returns (row, created).
 
+    ``options``: a ``VariantOptions`` (``fields`` set single fields of it by the same names:
+    ``quant``, ``prune``, ``sparsity``, ``granularity``, ``calib``, ``eval_tokens``, …).
     Idempotent: the same recipe (canonical JSON, see recipe.py) on the same base returns
     the existing row with created=False, whatever `name` says. Bad input (unknown base,
     a reference-only base, bad sparsity / quantization / 2:4 sparsity, ffn-channels on a
@@ -211,16 +215,45 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
     the first `eval_tokens` tokens of builtin:pydoc test is measured and recorded as
     Evaluation rows and in `stats` ('perplexity', 'base_perplexity').
     """
-    recipe = make_recipe(quant=quant, double_quant=double_quant, prune=prune, sparsity=sparsity,
-                         granularity=granularity, calib=calib, calib_samples=calib_samples,
-                         calib_seq_len=calib_seq_len, include_embeddings=include_embeddings,
-                         include_lm_head=include_lm_head)
-    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 0:
-        raise UsageError(f"eval_tokens must be a non-negative integer (0 skips the evaluation), got {eval_tokens!r}")
-    if eval_tokens == 1:
-        raise UsageError("eval_tokens must be 0 (skip) or at least 2")
+    opts = VariantOptions.of(options, fields)
+    recipe = make_recipe(**opts.recipe_fields())
     if name is not None:
         check_name_syntax(name, "variant name", namespace=False)
+    base, existing, final_name = _find_or_name(reg, base_ref, recipe, name)
+    if existing is not None:
+        return existing, False
+    base_files = _base_weight_files(base)
+    params = dict(base=base.name, recipe=recipe.to_dict(), name=final_name, eval_tokens=opts.eval_tokens,
+                  device=str(opts.device))
+    with record_run(reg, "variant create", params) as run:
+        model, tokenizer = load_base_model(reg, base, opts.device)
+        base_ppl, base_eval = _base_perplexity(reg, base, model, tokenizer, opts.eval_tokens, progress)
+        calib_ids = calibration_ids(tokenizer, recipe)
+        base_folder = reg.materialize(base)
+        build = apply_recipe(model, recipe, calib_ids, progress=progress, storage_dtype=storage_dtype(base_folder))
+        stats = build.stats.to_dict()
+        meta = {"recipe": recipe.to_dict(), "stats": stats}
+        with reg.staging("variant") as tmp:
+            files, load_from = _store_build(reg, Path(tmp), recipe, build, base_folder, base_files, meta)
+            del build, model
+            variant_eval = _variant_perplexity(load_from, recipe, tokenizer, opts, progress)
+            variant_ppl = variant_eval["perplexity"] if variant_eval else None
+            stats.update(perplexity=variant_ppl, base_perplexity=base_ppl, eval_tokens=opts.eval_tokens,
+                         eval_data=f"{EVAL_DATA}:{EVAL_SPLIT}")
+            meta["stats"] = stats
+            files[VARIANT_FILE] = reg.blobs.put_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
+        size = _file_sizes(reg, base, files, stats, meta)
+        made = _Made(base, final_name, recipe, files, stats, size, base_eval, variant_eval)
+        row, created = _insert_variant(reg, made, run.id)
+        run.output = ({"variant": row.name, "id": row.id, "created": True, "recipe": recipe.describe(),
+                       "perplexity": variant_ppl, "base_perplexity": base_ppl, "size_bytes": size} if created
+                      else {"variant": row.name, "id": row.id, "created": False})
+        return row, created
+
+
+def _find_or_name(reg: Registry, base_ref: str | BaseModel, recipe: Recipe,
+                  name: str | None) -> tuple[BaseModel, Variant | None, str]:
+    """The base; the variant the same recipe already made of it (or None); the name a new one takes."""
     digest = recipe.digest()
     with reg.session() as s:
         base = base_ref if isinstance(base_ref, BaseModel) else reg.resolve(s, base_ref, "base")
@@ -229,98 +262,109 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, *, quant: str = "no
             raise UsageError(f"base {base.name!r} is only a reference; fetch its weights first (adapt base add)")
         existing = s.scalar(select(Variant).where(Variant.base_id == base.id, Variant.recipe_digest == digest))
         if existing is not None:
-            return existing, False
+            return base, existing, existing.name
         if name is not None and s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
             raise UsageError(f"a variant named {name!r} already exists; pick another --name")
-        final_name = name or _unique_variant_name(s, default_variant_name(base, recipe))
-    base_files = _base_weight_files(base)
+        return base, None, name or _unique_variant_name(s, default_variant_name(base, recipe))
 
-    params = dict(base=base.name, recipe=recipe.to_dict(), name=final_name, eval_tokens=eval_tokens,
-                  device=str(device))
-    with record_run(reg, "variant create", params) as run:
-        model, tokenizer = load_base_model(reg, base, device)
-        base_ppl = base_eval = None
-        if eval_tokens:
-            n_scored = token_stream(tokenizer, load_dataset(EVAL_DATA, EVAL_SPLIT).as_texts(), eval_tokens).numel() - 1
-            base_ppl = _find_base_perplexity(reg, base, n_scored)
-            if base_ppl is None:
-                base_eval = _perplexity(model, tokenizer, eval_tokens, progress)
-                base_ppl = base_eval["perplexity"]
-        calib_ids = calibration_ids(tokenizer, recipe)
-        base_folder = reg.materialize(base)
-        build = apply_recipe(model, recipe, calib_ids, progress=progress, storage_dtype=storage_dtype(base_folder))
-        stats = build.stats.to_dict()
-        meta = {"recipe": recipe.to_dict(), "stats": stats}
-        with reg.staging("variant") as tmp:
-            if recipe.prune == "none":
-                del build, model
-                files = dict(base_files)
-                load_from = base_folder
-            elif (why_not := _delta_refusal(build, base_folder)) is not None:
-                # base x masks is not the pruned model here: keep the whole pruned copy (the old form)
-                message = f"{why_not}; variant stored as a whole pruned copy instead"
-                warnings.warn(message, AdaptWarning, stacklevel=2)
-                meta["warnings"] = [message]
-                full_dir = build.save(Path(tmp) / "variant")
-                del build, model
-                (full_dir / VARIANT_FILE).unlink()  # written below, with the measured perplexity
-                files = reg.blobs.put_folder(full_dir)
-                meta["storage"] = STORAGE_FULL
-                load_from = full_dir
-            else:
-                # store the delta only: keep-masks / kept channels + config, over the base's shared weight blobs
-                delta_dir = build.save_delta(Path(tmp) / "variant")
-                del build, model
-                (delta_dir / VARIANT_FILE).unlink()  # written below, with the measured perplexity
-                own = reg.blobs.put_folder(delta_dir)
-                meta["storage"] = STORAGE_DELTA
-                files = {**{f"{BASE_DIR}/{rel}": d for rel, d in base_files.items()}, **own}
-                load_from = reg.blobs.materialize(files, Path(tmp) / "view")  # what load_variant will read
-            variant_ppl = None
-            if eval_tokens:
-                if recipe.prune == "none":
-                    vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE,
-                                            str(resolve_device(device)), include_lm_head=recipe.include_lm_head,
-                                            dtype=COMPUTE_DTYPE)
-                else:
-                    vmodel = load_variant_model(load_from, recipe=recipe, device=str(resolve_device(device)),
-                                                compute_dtype=COMPUTE_DTYPE)
-                variant_eval = _perplexity(vmodel, tokenizer, eval_tokens, progress)
-                variant_ppl = variant_eval["perplexity"]
-                del vmodel
-            stats.update(perplexity=variant_ppl, base_perplexity=base_ppl, eval_tokens=eval_tokens,
-                         eval_data=f"{EVAL_DATA}:{EVAL_SPLIT}")
-            meta["stats"] = stats
-            files[VARIANT_FILE] = reg.blobs.put_bytes(json.dumps(meta, indent=2, sort_keys=True).encode())
-        shared = set((base.files or {}).values())
-        own = {d for r, d in files.items() if d not in shared}
-        size = sum(reg.blobs.path_for(d).stat().st_size for d in set(files.values()))
-        stats["own_bytes"] = stats["stored_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
-        stats["stored_file_bytes"] = size
-        stats["storage"] = meta.get("storage") or "base"
-        stats["shares_base_weights"] = stats["storage"] != STORAGE_FULL
-        with reg.session() as s:
-            if s.scalar(select(Variant.id).where(Variant.base_id == base.id, Variant.recipe_digest == digest)):
-                # built concurrently by another process: keep theirs
-                row = s.scalar(select(Variant).where(Variant.base_id == base.id, Variant.recipe_digest == digest))
-                run.output = {"variant": row.name, "id": row.id, "created": False}
-                return row, False
-            if s.scalar(select(Variant.id).where(Variant.name == final_name)) is not None:
-                raise UsageError(f"a variant named {final_name!r} was created meanwhile; pick another --name")
-            row = Variant(base_id=base.id, name=final_name, recipe=recipe.canonical_json(), recipe_digest=digest,
-                          files=files, stats=stats, size_bytes=size, sparsity=stats["sparsity"], run_id=run.id)
-            s.add(row)
-            s.flush()
-            reg.add_lineage(s, base, row, "variant-of")
-            if base_eval is not None:
-                s.add(Evaluation(base_id=base.id, dataset=EVAL_DATA, split=EVAL_SPLIT, metric="perplexity",
-                                 value=float(base_ppl), details=base_eval, run_id=run.id))
-            if variant_ppl is not None:
-                s.add(Evaluation(base_id=base.id, variant_id=row.id, dataset=EVAL_DATA, split=EVAL_SPLIT,
-                                 metric="perplexity", value=float(variant_ppl), details=variant_eval, run_id=run.id))
-            s.flush()
-        run.output = {"variant": row.name, "id": row.id, "created": True, "recipe": recipe.describe(),
-                      "perplexity": variant_ppl, "base_perplexity": base_ppl, "size_bytes": size}
+
+def _base_perplexity(reg: Registry, base: BaseModel, model, tokenizer, eval_tokens: int,
+                     progress: Progress | None) -> tuple[float | None, dict | None]:
+    """The base's perplexity on the evaluation tokens: recorded already (details None) or measured now."""
+    if not eval_tokens:
+        return None, None
+    n_scored = token_stream(tokenizer, load_dataset(EVAL_DATA, EVAL_SPLIT).as_texts(), eval_tokens).numel() - 1
+    recorded = _find_base_perplexity(reg, base, n_scored)
+    if recorded is not None:
+        return recorded, None
+    details = _perplexity(model, tokenizer, eval_tokens, progress)
+    return details["perplexity"], details
+
+
+def _store_build(reg: Registry, tmp: Path, recipe: Recipe, build, base_folder: Path, base_files: dict[str, str],
+                 meta: dict) -> tuple[dict[str, str], Path]:
+    """Store what the variant adds to its base; (its files, the folder its model loads from)."""
+    if not recipe.stores_weights:  # bnb quantization only: the base's own blobs, quantized at load
+        return dict(base_files), base_folder
+    why_not = _delta_refusal(build, base_folder)
+    if why_not is not None:
+        # base x masks is not the pruned model here: keep the whole pruned copy (the old form)
+        message = f"{why_not}; variant stored as a whole pruned copy instead"
+        warnings.warn(message, AdaptWarning, stacklevel=3)
+        meta["warnings"] = [message]
+        full_dir = build.save(tmp / "variant")
+        (full_dir / VARIANT_FILE).unlink()  # written later, with the measured perplexity
+        meta["storage"] = STORAGE_FULL
+        return reg.blobs.put_folder(full_dir), full_dir
+    # store the delta only: keep-masks / kept channels + config, over the base's shared weight blobs
+    delta_dir = build.save_delta(tmp / "variant")
+    (delta_dir / VARIANT_FILE).unlink()  # written later, with the measured perplexity
+    own = reg.blobs.put_folder(delta_dir)
+    meta["storage"] = STORAGE_DELTA
+    files = {**{f"{BASE_DIR}/{rel}": d for rel, d in base_files.items()}, **own}
+    return files, reg.blobs.materialize(files, tmp / "view")  # what load_variant will read
+
+
+def _variant_perplexity(load_from: Path, recipe: Recipe, tokenizer, opts: VariantOptions,
+                        progress: Progress | None) -> dict | None:
+    """The stored variant, loaded as ``load_variant`` will, measured on the evaluation tokens (None: skipped)."""
+    if not opts.eval_tokens:
+        return None
+    device = str(resolve_device(opts.device))
+    if not recipe.stores_weights:
+        vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE, device,
+                                include_lm_head=recipe.include_lm_head, dtype=COMPUTE_DTYPE)
+    else:
+        vmodel = load_variant_model(load_from, recipe=recipe, device=device, compute_dtype=COMPUTE_DTYPE)
+    return _perplexity(vmodel, tokenizer, opts.eval_tokens, progress)
+
+
+def _file_sizes(reg: Registry, base: BaseModel, files: dict[str, str], stats: dict, meta: dict) -> int:
+    """Fill the stored sizes into ``stats``; the bytes of every file the variant references."""
+    shared = set((base.files or {}).values())
+    own = {d for r, d in files.items() if d not in shared}
+    size = sum(reg.blobs.path_for(d).stat().st_size for d in set(files.values()))
+    stats["own_bytes"] = stats["stored_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
+    stats["stored_file_bytes"] = size
+    stats["storage"] = meta.get("storage") or "base"
+    stats["shares_base_weights"] = stats["storage"] != STORAGE_FULL
+    return size
+
+
+@dataclass
+class _Made:
+    """A built and stored variant, ready for its row."""
+
+    base: BaseModel
+    name: str
+    recipe: Recipe
+    files: dict[str, str]
+    stats: dict
+    size: int
+    base_eval: dict | None
+    variant_eval: dict | None
+
+
+def _insert_variant(reg: Registry, made: _Made, run_id: str) -> tuple[Variant, bool]:
+    """Add the row, its lineage and its evaluations; (row, True), or (theirs, False) when built concurrently."""
+    base, digest = made.base, made.recipe.digest()
+    with reg.session() as s:
+        theirs = s.scalar(select(Variant).where(Variant.base_id == base.id, Variant.recipe_digest == digest))
+        if theirs is not None:  # built concurrently by another process: keep theirs
+            return theirs, False
+        if s.scalar(select(Variant.id).where(Variant.name == made.name)) is not None:
+            raise UsageError(f"a variant named {made.name!r} was created meanwhile; pick another --name")
+        row = Variant(base_id=base.id, name=made.name, recipe=made.recipe.canonical_json(), recipe_digest=digest,
+                      files=made.files, stats=made.stats, size_bytes=made.size, sparsity=made.stats["sparsity"],
+                      run_id=run_id)
+        s.add(row)
+        s.flush()
+        reg.add_lineage(s, base, row, "variant-of")
+        for variant_id, ev in ((None, made.base_eval), (row.id, made.variant_eval)):
+            if ev is not None:
+                s.add(Evaluation(base_id=base.id, variant_id=variant_id, dataset=EVAL_DATA, split=EVAL_SPLIT,
+                                 metric="perplexity", value=float(ev["perplexity"]), details=ev, run_id=run_id))
+        s.flush()
         return row, True
 
 
@@ -349,7 +393,7 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
     fp16 = st.get("base_fp16_bytes")
     exported = (st.get("exports") or {}).get("hf")
     export_bytes = exported["bytes"] if exported else st.get("export_bytes")
-    stored = st.get("own_bytes", row.size_bytes)
+    stored = row.stored_bytes
     return {
         "name": row.name,
         "id": row.id,
@@ -366,8 +410,8 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "own_bytes": st.get("own_bytes"),
         "referenced_bytes": row.size_bytes,
         "shares_base_weights": storage_form(row) != "full-copy",
-        "loaded_bytes": st.get("quantized_bytes"),
-        "loaded_ratio": _ratio(st.get("quantized_bytes"), fp16),
+        "loaded_bytes": row.loaded_bytes,
+        "loaded_ratio": _ratio(row.loaded_bytes, fp16),
         "export_bytes": export_bytes,
         "export_ratio": _ratio(export_bytes, fp16),
         "export_measured": bool(exported),
