@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
-from adapterhub_c.workflows.pull import pull_adapter
-from adapterhub_c.workflows.push import push_artifact
 from adapterhub_c.models.builtin import SMOLLM2, TINY
 from adapterhub_c.registry.models import Artifact
 from adapterhub_c.registry.store import Registry
@@ -37,6 +35,8 @@ from adapterhub_c.workflows.evals import run_eval
 from adapterhub_c.workflows.merges import compose_artifacts, merge_artifacts
 from adapterhub_c.workflows.packs import pack_artifact
 from adapterhub_c.workflows.prompts import learn_prompt_artifact
+from adapterhub_c.workflows.pull import pull_adapter
+from adapterhub_c.workflows.push import push_artifact
 from adapterhub_c.workflows.training import ROW_CONVERTED, convert_adapter, train_adapter
 from adapterhub_c.workflows.variants import create_variant, variant_summary
 
@@ -186,7 +186,7 @@ def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
     if conv_report:
         yield f"convert {pulled.name} to {variant.name} (CA-LoRA, {z.convert_steps} steps)", [
             {"row": r["row"], "exact_match": _fmt(r.get("exact_match")), "completion_ppl": _fmt(r.get("completion_ppl"), 3),
-             "size_MB": _fmt((r.get("size_bytes") or 0) / 1e6, 2) if r.get("size_bytes") else None}
+             "loaded_MB": _fmt(r["loaded_bytes"] / 1e6, 2) if r.get("loaded_bytes") else None}
             for r in conv_report["rows"]]
     else:
         yield "convert", [{"artifact": conv.name, "status": "reused"}]

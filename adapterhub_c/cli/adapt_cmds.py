@@ -70,12 +70,12 @@ def convert_cmd(obj, adapter, variant, name, as_json, **fields):
         return
     if echo_already_done(report):
         return
-    rows = [{**r, "size": human_bytes(r.get("size_bytes"))} for r in report["rows"]]
+    rows = [{**r, "loaded": human_bytes(r.get("loaded_bytes"))} for r in report["rows"]]
     mode = "+".join(("recover lowrank" if k == "recover" and report["recover_method"] == "lowrank" else k)
                     for k in ("inherit", "recover", "distill") if report[k]) or "fresh LoRA"
     t = report["train"]
     trained = f"{t['steps']} steps, loss {t['loss_start_avg']:.4g} → {t['loss_end_avg']:.4g}" if t else "no training"
-    print_table(rows, ["row"] + _metric_columns(rows) + ["size"],
+    print_table(rows, ["row"] + _metric_columns(rows) + ["loaded"],
                 title=f"{art.name} ({mode}; {trained}) on {report['eval_data']} ({report['eval_split']})")
     if report["gap_closed"]:
         click.echo("gap closed (converted vs naive, of teacher vs naive): "

@@ -62,6 +62,16 @@ class BaseModel(Base):
         """True while only the name is known (no weights stored)."""
         return not self.files
 
+    @property
+    def stored_bytes(self) -> int | None:
+        """What the base's weights take in the blob store."""
+        return self.size_bytes
+
+    @property
+    def loaded_bytes(self) -> int | None:
+        """What the loaded base holds in memory: its weights as stored."""
+        return self.size_bytes
+
 
 class Variant(Base):
     """A base compressed by a recipe; the same recipe on the same base is one variant."""
@@ -79,6 +89,18 @@ class Variant(Base):
     sparsity: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     run_id: Mapped[str | None] = mapped_column(String(32))
+
+    # Sizes, each named for what it measures (``size_bytes`` is what the row references: the
+    # base's shared weight blobs included, so a masked variant "is" bigger than its base there).
+    @property
+    def stored_bytes(self) -> int | None:
+        """What the variant adds to the blob store: its blobs not shared with the base."""
+        return (self.stats or {}).get("own_bytes", self.size_bytes)
+
+    @property
+    def loaded_bytes(self) -> int | None:
+        """What the loaded variant holds in memory (quantized formats + the rest in the compute dtype)."""
+        return (self.stats or {}).get("quantized_bytes")
 
 
 class Artifact(Base):
@@ -98,6 +120,11 @@ class Artifact(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     run_id: Mapped[str | None] = mapped_column(String(32))
+
+    @property
+    def stored_bytes(self) -> int | None:
+        """What the artefact's own files take in the blob store."""
+        return self.size_bytes
 
 
 class Lineage(Base):

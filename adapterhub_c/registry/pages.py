@@ -92,7 +92,7 @@ def _node(obj, relation: str, base_name: str, vnames: dict[str, str]) -> dict[st
     if kind == "artifact":
         out.update(artifact_row(obj, base_name, vnames.get(obj.variant_id)))
         out["relation"] = relation
-        out["stored_bytes"] = obj.size_bytes
+        out["stored_bytes"] = obj.stored_bytes
         out["origin"] = artifact_origin(obj)
     return out
 
@@ -194,7 +194,7 @@ def _base_node(base: BaseModel) -> dict[str, Any]:
     from adapterhub_c.registry.views import base_row
 
     row = base_row(base)
-    row["stored_bytes"] = base.size_bytes
+    row["stored_bytes"] = base.stored_bytes
     row["fp16_bytes"] = 2 * base.params if base.params else None
     return row
 
@@ -203,7 +203,7 @@ def _variant_group(v: Variant | None, base: BaseModel, nodes: list, total: int, 
     if v is None:
         return {"children": nodes, "total": total}
     info = describe(v, base) if describe else {"name": v.name, "id": v.id, "recipe": json.loads(v.recipe),
-                                               "stored_bytes": (v.stats or {}).get("own_bytes", v.size_bytes)}
+                                               "stored_bytes": v.stored_bytes}
     return {**info, "type": "variant", "relation": "variant-of", "children": nodes, "total": total}
 
 
@@ -471,7 +471,7 @@ def compare(reg: Registry, refs: Iterable[str] = (), task: str | None = None,
 def _compare_row(a: Artifact, vid: str | None, cells: dict, bnames: dict, vnames: dict) -> dict[str, Any]:
     return {"name": a.name, "id": a.id, "kind": a.kind, "base": bnames.get(a.base_id),
             "variant": vnames.get(a.variant_id), "evaluated_on": vnames.get(vid) or bnames.get(a.base_id),
-            "stored_bytes": a.size_bytes, "evaluations": cells}
+            "stored_bytes": a.stored_bytes, "evaluations": cells}
 
 
 def _references(s, arts: list[Artifact], bnames: dict, vnames: dict) -> list[dict[str, Any]]:
@@ -579,7 +579,7 @@ def _search_row(what: str, obj, bnames: dict) -> dict[str, Any]:
     base_id = obj.id if what == "base" else obj.base_id
     return {"type": what, "kind": obj.kind if what == "artifact" else what, "name": obj.name, "id": obj.id,
             "base": bnames.get(base_id), "source": getattr(obj, "source", None) or getattr(obj, "hub_id", None),
-            "stored_bytes": obj.size_bytes if what != "variant" else (obj.stats or {}).get("own_bytes", obj.size_bytes),
+            "stored_bytes": obj.stored_bytes,
             "created_at": _iso(obj.created_at)}
 
 
