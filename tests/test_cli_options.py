@@ -119,3 +119,145 @@ def test_pack_offers_every_pack_option_and_parses_density_and_alpha():
                          ({"encoding": "zip"}, "--encoding"), ({"max_tokens": 1}, "max tokens")):
         with pytest.raises(UsageError, match=message):
             PackOptions(**{"density": 0.1, **bad})
+
+
+# ---- merge, compose, variant create, prompt learn / transfer (issue 24) -------------------------
+
+
+def test_merge_and_compose_offer_every_option_and_parse_like_before():
+    from adapterhub_c.cli.merge_cmds import compose_cmd, merge_cmd, merge_group
+    from adapterhub_c.options.merge import ComposeOptions, MergeOptions
+
+    merge, compose = _flags(merge_cmd), _flags(compose_cmd)
+    assert flags_of(MergeOptions) <= merge and merge - flags_of(MergeOptions) == {"--name", "--json"}
+    # every spelling adapt merge had before the options class
+    assert {"--method", "--weights", "--density", "--majority", "--convention", "--rescale", "--space", "--rank",
+            "--seed", "--svd", "--device", "--election"} == flags_of(MergeOptions)
+    assert {"--examples", "--shots", "--budget", "--bounds", "--l1", "--optimizer", "--seed", "--device"} == \
+        flags_of(ComposeOptions) and flags_of(ComposeOptions) <= compose
+    assert set(merge_group.commands) >= {"replay"}
+    opts = collect(MergeOptions, _parse(merge_cmd, ["a", "b", "--method", "ties", "--density", "0.5",
+                                                    "--weights", "1,-0.5"]))
+    assert (opts.method, opts.density, opts.weights, opts.rescale) == ("ties", 0.5, (1.0, -0.5), None)
+    assert MergeOptions.from_params(opts.params()) == opts
+    assert MergeOptions(method="task_arithmetic").method == "task-arithmetic"
+    assert MergeOptions(method="linear").method == "task-arithmetic"
+    c = collect(ComposeOptions, _parse(compose_cmd, ["a", "b", "--examples", "x.jsonl", "--bounds", "-1,2"]))
+    assert (c.bounds, c.budget, c.l1, c.optimizer) == ((-1.0, 2.0), 40, 0.25, "NGOpt")
+    assert collect(ComposeOptions, _parse(compose_cmd, ["a", "--examples", "x.jsonl"])).bounds == (-1.5, 1.5)
+    for bad, message in (({"method": "ties"}, "needs a density"), ({"method": "task-arithmetic", "density": 0.5},
+                         "density applies"), ({"method": "ties", "density": 1.5}, "density must be in"),
+                         ({"method": "ties", "density": 0.5, "rank": 0}, "rank"), ({"method": "mean"}, "--method"),
+                         ({"method": "ties", "density": 0.5, "rescale": "l1"}, "rescale applies"),
+                         ({"method": "task-arithmetic", "weights": "1,x"}, "weights"),
+                         ({"method": "task-arithmetic", "svd": "qr"}, "--svd"),
+                         ({"method": "task-arithmetic", "election": "vote"}, "--election")):
+        with pytest.raises(UsageError, match=message):
+            MergeOptions(**bad)
+    for bad, message in (({"budget": 0}, "budget"), ({"bounds": "1,1"}, "bounds"), ({"l1": -1.0}, "l1"),
+                         ({"shots": 0}, "shots"), ({"bounds": "a,b"}, "bounds")):
+        with pytest.raises(UsageError, match=message):
+            ComposeOptions(examples="x.jsonl", **bad)
+
+
+def test_the_merge_domain_reads_its_names_from_the_options():
+    from adapterhub_c import merging
+    from adapterhub_c.merging import compose, lowrank, spec
+    from adapterhub_c.options import merge as options
+
+    assert merging.METHODS is options.METHODS and spec.SPACES is options.SPACES and spec.MAJORITIES is options.MAJORITIES
+    assert lowrank.SVD_ROUTINES is options.SVD_ROUTINES and compose.LORAHUB_L1 == options.LORAHUB_L1 == 0.25
+    from adapterhub_c.workflows import merges
+
+    assert merges.ELECTIONS is options.ELECTIONS
+
+
+def test_merge_group_falls_through_to_the_merge(cli):
+    """Every spelling of `adapt merge` that worked before still reaches the merge (and its errors)."""
+    r = cli("merge", "--help")
+    assert r.code == 0 and "Usage: adapt merge [OPTIONS] ADAPTERS..." in r.out and "--method" in r.out
+    assert "merge replay CONFIG" in r.out
+    r = cli("merge")
+    assert r.code == 2 and "Missing argument 'ADAPTERS...'" in r.err and "adapt merge --help" in r.err
+    r = cli("merge", "--method", "ties", "a")
+    assert r.code == 2 and "density" in r.err
+    assert cli("merge", "a", "b", "--method", "mean").code == 2
+    r = cli("merge", "replay", "--help")
+    assert r.code == 0 and "Usage: adapt merge replay [OPTIONS] CONFIG" in r.out
+
+
+def test_variant_create_offers_every_option_and_keeps_the_default_calibration_marker():
+    from adapterhub_c.cli.variant_cmds import variant_create
+    from adapterhub_c.evals.data import DEFAULT_CORPUS
+    from adapterhub_c.options.variant import DEFAULT_CALIB, DefaultCalib, VariantOptions
+    from adapterhub_c.variants import recipe
+
+    flags = _flags(variant_create)
+    assert flags_of(VariantOptions) <= flags
+    assert {"--quant", "--double-quant", "--prune", "--sparsity", "--granularity", "--calib", "--calib-samples",
+            "--calib-seq-len", "--eval-tokens", "--device", "--name", "--json"} <= flags
+    assert recipe.QUANT_METHODS is VariantOptions.__dataclass_fields__["quant"].metadata["choices"]
+    assert DEFAULT_CALIB == DEFAULT_CORPUS
+    # left out on the command line: the marker (dropped where unused), not an explicit name (refused there)
+    opts = collect(VariantOptions, _parse(variant_create, ["b", "--quant", "nf4"]))
+    assert isinstance(opts.calib, DefaultCalib) and opts == VariantOptions(quant="nf4")
+    assert collect(VariantOptions, _parse(variant_create, ["b", "--calib", "none"])).calib is None
+    assert collect(VariantOptions, _parse(variant_create, ["b", "--no-calib"])).calib is None
+    explicit = collect(VariantOptions, _parse(variant_create, ["b", "--calib", "builtin:pydoc"])).calib
+    assert explicit == "builtin:pydoc" and not isinstance(explicit, DefaultCalib)
+    assert VariantOptions(quant="NF4", granularity="ROW").quant == "nf4"
+    for bad, message in (({"quant": "int4"}, "--quant"), ({"prune": "random"}, "--prune"),
+                         ({"eval_tokens": 1}, "--eval-tokens"), ({"eval_tokens": -1}, "--eval-tokens"),
+                         ({"granularity": "block"}, "--granularity")):
+        with pytest.raises(UsageError, match=message):
+            VariantOptions(**bad)
+
+
+def test_prompt_learn_and_transfer_offer_every_option():
+    from adapterhub_c.cli.prompt_cmds import prompt_learn, prompt_transfer_cmd
+    from adapterhub_c.evals.data import DEFAULT_CORPUS
+    from adapterhub_c.options.prompt import DEFAULT_DATA, PromptOptions, TransferOptions
+
+    learn, transfer = _flags(prompt_learn), _flags(prompt_transfer_cmd)
+    assert flags_of(PromptOptions) <= learn and flags_of(TransferOptions) <= transfer
+    assert {"--variant", "--data", "--tokens", "--init", "--steps", "--lr", "--batch-size", "--seq-len",
+            "--eval-tokens", "--checkpoint-every", "--resume", "--seed", "--device", "--name", "--json"} <= learn
+    assert {"--prompts", "--variants", "--data", "--split", "--max-tokens", "--plot", "--device", "--json"} <= transfer
+    assert DEFAULT_DATA == DEFAULT_CORPUS
+    opts = collect(PromptOptions, _parse(prompt_learn, ["--variant", "v", "--tokens", "8", "--resume"]))
+    assert (opts.tokens, opts.resume, opts.steps, opts.lr) == (8, True, 200, 1e-2)
+    assert PromptOptions.from_params(opts.params()) == opts
+    assert PromptOptions.unkeyed() == ("eval_tokens",)
+    for bad, message in (({"tokens": 0}, "--tokens"), ({"init": "zeros"}, "--init"), ({"eval_tokens": 1},
+                         "--eval-tokens"), ({"lr": 0}, "--lr")):
+        with pytest.raises(UsageError, match=message):
+            PromptOptions(**bad)
+    for bad, message in (({"split": "dev"}, "--split"), ({"max_tokens": 1}, "--max-tokens"),
+                         ({"plot": "m.svg"}, "--plot")):
+        with pytest.raises(UsageError, match=message):
+            TransferOptions(**bad)
+
+
+def test_evaluation_only_options_are_left_out_of_the_idempotency_key():
+    from adapterhub_c.options.pack import PackOptions
+
+    assert set(TrainOptions.unkeyed()) == {"eval_data", "eval_split", "max_eval_tokens", "max_eval_examples",
+                                           "baseline"}
+    assert set(ConvertOptions.unkeyed()) == {"eval_data", "eval_split", "max_eval_tokens", "max_eval_examples",
+                                             "reference_rows"}
+    assert PackOptions.unkeyed() == ()  # there eval data and budgets choose alpha: they change the pack
+
+
+def test_api_reads_only_light_names():
+    import subprocess
+    import sys
+
+    code = ("import sys, adapterhub_c.api as api, adapterhub_c.cli.merge_cmds, adapterhub_c.cli.variant_cmds, "
+            "adapterhub_c.cli.prompt_cmds; names = [getattr(api, n) for n in api._LAZY_NAMES]; "
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from adapterhub_c import api
+
+    assert not [n for n in api._LAZY_NAMES if n.endswith("_DEFAULTS") and n not in ("TRAIN_DEFAULTS",
+                                                                                     "CONVERT_DEFAULTS")]
