@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adapterhub_c"
 # (what, the pattern of a definition, the one module allowed to hold it)
 SINGLE_SOURCES = [
     ("the progress callback type", r"^\s*Progress\s*=", "progress.py"),
-    ("the default corpus name", r"""["']builtin:pydoc["']""", "evals/data.py"),
+    ("the default corpus name", r"""["']builtin:pydoc["']""", "options/corpus.py"),
 ]
 
 
@@ -35,4 +35,4 @@ def test_each_piece_of_knowledge_has_one_home():
 def test_the_check_finds_a_second_definition(tmp_path):
     """The scan above is not vacuous: it sees the real definitions."""
     assert _holders(r"^\s*Progress\s*=") == ["progress.py"]
-    assert _holders(r"^DEFAULT_CORPUS\s*=") == ["evals/data.py"]
+    assert _holders(r"^DEFAULT_CORPUS\s*=") == ["options/corpus.py"]

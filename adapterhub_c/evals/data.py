@@ -19,6 +19,7 @@ from pathlib import Path
 
 from adapterhub_c.errors import NotFoundError, UsageError
 from adapterhub_c.evals import tasks
+from adapterhub_c.options.corpus import DEFAULT_CORPUS
 
 SPLITS = ("train", "validation", "test")
 CHUNK_CHARS = 1500
@@ -97,8 +98,6 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return texts, pairs
 
 
-# The corpus every command falls back to (training, evaluation, calibration): one name, here.
-DEFAULT_CORPUS = "builtin:pydoc"
 
 
 def load_dataset(spec: str, split: str = "test") -> Dataset:

@@ -11,8 +11,9 @@ from typing import ClassVar
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.options import Options, is_count, option
+from adapterhub_c.options.corpus import DEFAULT_CORPUS
 
-DEFAULT_DATA = "builtin:pydoc"  # evals.data.DEFAULT_CORPUS (a test checks they agree)
+DEFAULT_DATA = DEFAULT_CORPUS
 DEFAULT_TOKENS = 100
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-2  # 30 steps, 16 tokens on NF4+Wanda50: ppl -10% at 1e-2 vs -2% at 1e-3 (adapt demo sizes)

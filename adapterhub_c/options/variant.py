@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from adapterhub_c.options import Options, is_count, option
+from adapterhub_c.options.corpus import DEFAULT_CORPUS
 
 QUANT_METHODS = ("none", "int8", "nf4", "fp4", "gptq")
 PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")
@@ -35,7 +36,7 @@ class DefaultCalib(str):
     """
 
 
-DEFAULT_CALIB = DefaultCalib("builtin:pydoc")  # evals.data.DEFAULT_CORPUS (a test checks they agree)
+DEFAULT_CALIB = DefaultCalib(DEFAULT_CORPUS)
 
 
 @dataclass(frozen=True)
