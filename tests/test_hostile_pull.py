@@ -201,3 +201,58 @@ def test_pull_reads_default_keys_and_a_path_base_attaches_with_base(cli, tiny_ba
     assert shown["metrics"]["modules"] == 4  # q and v of two layers
     assert cli("eval", "named", "--data", "builtin:task/reverse-words", "--max-examples", "1",
                "--max-tokens", "16", "--json").code == 0
+
+
+# ---- round three, hole 6: what pulls, loads ------------------------------------------------------
+def _generates(cli, name: str) -> None:
+    r = cli("generate", name, "hello", "--max-new-tokens", "2")
+    assert r.code == 0, (name, r.code, r.err[-600:])
+
+
+def _with_bias(src: Path, dst: Path, *, module_factors: bool = True, **config) -> Path:
+    """A copy of ``src`` with a ``lora_B.bias`` on its first module (and, without ``module_factors``,
+    that module's lora_A / lora_B removed: a bias alone)."""
+    folder = _copy(src, dst)
+    tensors = load_file(str(folder / WEIGHTS))
+    b_key = sorted(k for k in tensors if k.endswith(".lora_B.weight"))[0]
+    tensors[b_key.replace(".weight", ".bias")] = torch.full((tensors[b_key].shape[0],), 0.01)
+    if not module_factors:
+        del tensors[b_key], tensors[b_key.replace("lora_B", "lora_A")]
+    save_file(tensors, str(folder / WEIGHTS))
+    _edit(folder, **config)
+    return folder
+
+
+def test_what_pulls_loads(cli, reg, tiny_base, hf, lora_dir, tmp_path):
+    # target_modules null: registered, and generate uses the modules its weights name (was a TypeError)
+    null = _copy(lora_dir, tmp_path / "null")
+    _edit(null, target_modules=None)
+    assert cli("pull", _publish(hf, null), "--name", "null-targets").code == 0
+    _generates(cli, "null-targets")
+    # an extra lora_B.bias that PEFT has no place for (no lora_bias: true), or a bias alone: refused at pull
+    _one_line_exit_2(cli("pull", _publish(hf, _with_bias(lora_dir, tmp_path / "bias"))), "not a valid LoRA",
+                     "lora_bias")
+    _one_line_exit_2(cli("pull", _publish(hf, _with_bias(lora_dir, tmp_path / "alone", module_factors=False,
+                                                          lora_bias=True))), "not a valid LoRA", "no lora_A")
+    # the same bias with lora_bias: true is what PEFT saves: pulled, and it loads
+    ok = _with_bias(lora_dir, tmp_path / "lora-bias", lora_bias=True)
+    assert cli("pull", _publish(hf, ok), "--name", "with-bias").code == 0
+    _generates(cli, "with-bias")
+    # a base the Hub does not have: refused (base add could never complete it), nothing registered
+    other = _copy(lora_dir, tmp_path / "other")
+    _edit(other, base_model_name_or_path="org/other")
+    _one_line_exit_2(cli("pull", _publish(hf, other)), "'org/other' is not on the Hub", "--base",
+                     "fits every module")
+    assert sorted(b["name"] for b in cli("ls", "bases", "--json").json()) == [TINY]
+    assert sorted(a["name"] for a in cli("ls", "artifacts", "--json").json()) == ["null-targets", "with-bias"]
+    # a base the Hub has: a reference row, and the pull says so (output and the Result's warnings)
+    hf.store.create_repo("org/other")
+    repo = _publish(hf, other)
+    r = cli("pull", repo, "--name", "other-base")
+    assert r.code == 0 and "(reference only)" in r.out, r.err
+    assert "warning: base 'org/other' is registered as a reference only" in r.err
+    assert "adapt base add org/other" in r.err
+    from adapterhub_c import api
+
+    again = api.pull(repo, registry=reg)
+    assert any("adapt base add org/other" in w for w in again.warnings)

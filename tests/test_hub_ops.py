@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterhub_c.fsutil import atomic_write_json
 from adapterhub_c.hub.cards import model_card, parse_front_matter
 from adapterhub_c.hub.client import download_repo, push_folder
 
@@ -131,6 +132,11 @@ def test_pull_registers_base_references(cli, hf, lora_dir, tmp_path):
     assert bases["builtin:smollm2-135m"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     other = _copy(lora_dir, tmp_path / "other")
     _edit_config(other, base_model_name_or_path="someone/unknown-base", revision="v1")
+    # the base exists on the Hub (at v1), without weights here (a base the Hub lacks is refused:
+    # test_hostile_pull.py::test_what_pulls_loads)
+    hf.store.create_repo("someone/unknown-base")
+    refs = hf.store.refs("someone/unknown-base")
+    atomic_write_json(hf.root / "repos" / "someone" / "unknown-base" / "refs.json", {**refs, "v1": refs["main"]})
     repo2, _ = _publish(hf, other, "other-lora")
     r2 = cli("pull", repo2, "--name", "mine", "--json")
     assert r2.code == 0 and r2.json()["name"] == "mine" and r2.json()["base"] == "someone/unknown-base"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from adapterhub_c.adapters.lora import LoraAdapter
+from adapterhub_c.adapters.lora import PREFIX, LoraAdapter
 from adapterhub_c.adapters.recovery import (
     CHILD,
     FILE_NAME,
@@ -35,7 +35,8 @@ from adapterhub_c.models import arch as archmod
 from adapterhub_c.models.arch import is_linear
 
 ADAPTER = "default"
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector")
+_BIAS = ".lora_B.bias"
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", _BIAS, ".lora_magnitude_vector")
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -108,6 +109,8 @@ def peft_targets(config: dict, wanted: list[str], model: nn.Module):
     from peft.tuners.tuners_utils import check_target_module_exists
 
     cfg = lora_config(config)
+    if cfg.target_modules is None:  # null in the config: PEFT would guess by model type; the weights say
+        return sorted(wanted)
     selected = {n for n in adaptable_names(model) if check_target_module_exists(cfg, n)}
     if selected == set(wanted):
         return cfg.target_modules
@@ -170,6 +173,30 @@ def extract_lora(peft_model: nn.Module) -> LoraAdapter:
 
 
 
+def check_attachable(source: LoraAdapter) -> None:
+    """What attaching ``source`` asks of the adapter alone, before any model: PEFT accepts its config,
+    and every LoRA bias (``lora_B.bias``) belongs to a module with both factors, is [out] like its
+    lora_B, and has ``lora_bias: true`` in the config (PEFT gives lora_B a bias only then). UsageError
+    naming the problem. :func:`attach_source_lora` runs it, and so does pull's validation: what pulls, loads."""
+    try:
+        cfg = lora_config(source.config)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"PEFT refuses its adapter_config.json ({str(e).splitlines()[0][:200]})") from None
+    layers = source.layers()
+    for key, tensor in sorted(source.tensors.items()):
+        if not key.endswith(_BIAS):
+            continue
+        module = key[len(PREFIX):-len(_BIAS)] if key.startswith(PREFIX) else key[:-len(_BIAS)]
+        if module not in layers:
+            raise UsageError(f"tensor {key} is a LoRA bias of module {module!r}, which has no lora_A / lora_B")
+        if not getattr(cfg, "lora_bias", False):
+            raise UsageError(f"tensor {key} is a LoRA bias but adapter_config.json does not set lora_bias: true "
+                             "(PEFT's lora_B has no bias then)")
+        if tuple(tensor.shape) != (layers[module].B.shape[0],):
+            raise UsageError(f"tensor {key} has shape {list(tensor.shape)}; expected "
+                             f"[{layers[module].B.shape[0]}] like its lora_B")
+
+
 def attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None,
                        kept_indices: KeptIndices | None = None, copy: bool = True):
     """PEFT LoRA with the source's config on ``model`` (in place); returns (peft_model, module names).
@@ -180,6 +207,8 @@ def attach_source_lora(model: nn.Module, source: LoraAdapter, targets=None,
     - ``copy``: copy the source's factors (and ``modules_to_save`` tensors) in; False leaves
       PEFT's fresh initialisation (B = 0).
     """
+    if copy:
+        check_attachable(source)
     modules = source.modules() + source.embedding_modules()
     if targets:
         modules = [m for m in modules if any(m == t or m.endswith("." + t) for t in targets)]
@@ -229,4 +258,4 @@ def load_adapted(variant_model: nn.Module, lora: LoraAdapter, recovery_state: An
 
 __all__ = ["ADAPTER", "linear_names", "adaptable_names", "json_config", "lora_config", "retarget",
            "retarget_names", "peft_targets", "attach_lora", "lora_layers", "copy_lora", "extract_lora",
-           "attach_source_lora", "copy_extra_tensors", "load_adapted"]
+           "check_attachable", "attach_source_lora", "copy_extra_tensors", "load_adapted"]

@@ -6,7 +6,14 @@ import sys
 import click
 
 from adapterhub_c import api
-from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback, token_options
+from adapterhub_c.cli.render import (
+    echo_warnings,
+    human_bytes,
+    print_json,
+    print_table,
+    progress_callback,
+    token_options,
+)
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN or the stored login); never stored or printed."
 
@@ -32,6 +39,7 @@ def pull_cmd(obj, repo, revision, include, exclude, name, allow_pickle, with_bas
                        include=include or None, exclude=exclude or None, allow_pickle=allow_pickle, token=token,
                        with_base=with_base, base=base)
     row = art.report
+    echo_warnings(art)
     if as_json:
         print_json(row)
         return

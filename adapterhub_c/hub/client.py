@@ -280,6 +280,23 @@ def download_repo(repo_id: str, revision: str | None = None, include=None, exclu
         raise _translate(e, repo_id, revision, endpoint, token) from None
 
 
+def repo_exists(repo_id: str, revision: str | None = None, token: str | None = None,
+                endpoint: str | None = None) -> bool | None:
+    """Whether the Hub has model repo ``repo_id`` (at ``revision``): True, False when it answers
+    "not found", None when it cannot tell (offline, network trouble, other errors)."""
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if is_offline():
+        return None
+    try:
+        _api(resolve_endpoint(endpoint), token).model_info(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+        return False
+    except Exception:  # noqa: BLE001 - cannot tell: the caller decides without the answer
+        return None
+    return True
+
+
 def _write_ref(cache: Path, repo_id: str, revision: str, sha: str) -> None:
     """Record ``revision → sha`` in the cache's refs/ so offline use finds the snapshot."""
     from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name

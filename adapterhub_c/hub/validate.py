@@ -10,7 +10,8 @@ keys with an adapter name inside (``.default.``) or without ``base_model.model.`
 under their canonical names; Kohya-style ``lora_down``/``lora_up`` files are refused;
 module names are matched by ``target_modules`` (a list of name suffixes, a regex string, or
 ``all-linear``). rsLoRA, ``alpha_pattern``, ``rank_pattern``, LoRA biases and
-``modules_to_save`` are carried.
+``modules_to_save`` are carried. Last, the checks attaching runs before it touches a model
+(``adapters.attach.check_attachable``: PEFT accepts the config, LoRA biases fit): what validates, loads.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from adapterhub_c.adapters.attach import check_attachable
 from adapterhub_c.adapters.lora import (
     CONFIG_NAME,
     PREFIX,
@@ -82,6 +84,10 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
     _check_shapes(config, header, weights)
     adapter = LoraAdapter.from_folder(path)
     _check_values(adapter, weights)
+    try:
+        check_attachable(adapter)  # what use runs first: a folder that validates, loads
+    except UsageError as e:
+        raise UsageError(f"{weights}: not a valid LoRA: {e}") from None
     return adapter
 
 

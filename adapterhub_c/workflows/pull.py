@@ -16,6 +16,7 @@ Tokens are passed through to the client and nowhere else: never into runs, rows 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -23,7 +24,7 @@ from typing import Iterable
 from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import CONFIG_NAME, WEIGHTS_NAME, canonical_tensors
-from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.errors import AdaptWarning, IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
 from adapterhub_c.hub import client
 from adapterhub_c.hub.names import valid_name_part
@@ -178,7 +179,28 @@ def _pull_base(reg: Registry, req: _Pull, adapter, label: str) -> tuple[str, str
     if row is None and QUANTIZED_COPY.search(base_name):
         raise UsageError(f"{label}: its base {base_name!r} is a quantized copy; pass --base NAME to "
                          "attach it to the registered full-precision base" + nearest_hint(reg, adapter))
+    if row is None and builtin_for(base_name) is None:
+        _check_base_on_hub(reg, req, adapter, base_name, base_rev, label)
     return base_name, base_rev, row
+
+
+def _check_base_on_hub(reg: Registry, req: _Pull, adapter, base_name: str, base_rev: str | None,
+                       label: str) -> None:
+    """A base that would be registered as a reference: refused when the Hub says it does not exist
+    (``adapt base add`` could never complete it, so the adapter could never be used)."""
+    if client.repo_exists(base_name, base_rev, token=req.token, endpoint=req.endpoint) is not False:
+        return
+    at = f"@{base_rev}" if base_rev else ""
+    raise UsageError(f"{label}: its base {_shown_name(base_name + at)} is not on the Hub at "
+                     f"{client.public_endpoint(req.endpoint)}, so the adapter could never be used; pass "
+                     "--base NAME to attach it to a registered base" + nearest_hint(reg, adapter))
+
+
+def reference_warning(base_name: str, adapter_name: str) -> str:
+    """What a pull says when its adapter's base is a reference row (no weights yet)."""
+    return (f"base {base_name!r} is registered as a reference only (no weights, the adapter's shapes not "
+            f"checked against it): `adapt base add {base_name}` before using {adapter_name!r} "
+            "(or pull with --with-base)")
 
 
 # ---- staging and validation ---------------------------------------------------------------------
@@ -309,6 +331,9 @@ def _register_pull(reg: Registry, req: _Pull, got: client.DownloadedRepo, stagin
     art, base_label, base_created = insert_named(reg, req.name, stem, row.insert)
     run.output = {"artifact": art.name, "id": art.id, "base": base_label, "base_reference_created": base_created,
                   "commit": got.commit_sha, "files": sorted(files)}
+    if reg.get(base_label, "base").is_reference:
+        run.output["warnings"] = [reference_warning(base_label, art.name)]
+        warnings.warn(run.output["warnings"][0], AdaptWarning, stacklevel=3)
     req.report(len(staged.files), len(staged.files))
     return art
 
@@ -452,4 +477,4 @@ def add_hub_base(reg: Registry, repo: str, revision: str | None = None, allow_pi
         return base, True
 
 
-__all__ = ["pull_adapter", "add_hub_base", "is_model_id", "PULL_ROLE"]
+__all__ = ["pull_adapter", "add_hub_base", "is_model_id", "reference_warning", "PULL_ROLE"]
