@@ -315,3 +315,127 @@ def test_mutation_campaign_raises_only_project_errors(tmp_path, encoding):
             assert tracemalloc.get_traced_memory()[1] < 64 << 20
     finally:
         tracemalloc.stop()
+
+
+# ---- issue 28: allocation bounded by the payload, LoRA geometry checked ------------------------
+def _with_rows(tensors: dict, meta: dict, rows: list, recovery: dict | None = None) -> tuple[dict, dict]:
+    """The fixture with packed entries [name, shape, dtype] added, each empty (no non-zeros, no stream)."""
+    tensors, info = dict(tensors), json.loads(meta["tensors"])
+    end = int(tensors["bits"].numel())
+    index, scales = tensors["index"].tolist(), tensors["scales"].tolist()
+    for name, shape, dtype in rows:
+        info.append([name, shape, dtype, 1.0])
+        index.append([math.prod(shape), 0, 1, 0, end, 0])
+        scales.append(1.0)
+    order = sorted(range(len(info)), key=lambda i: info[i][0])
+    tensors["index"] = torch.tensor([index[i] for i in order], dtype=torch.int64)
+    tensors["scales"] = torch.tensor([scales[i] for i in order], dtype=torch.float32)
+    # offsets follow the name order again
+    offset = 0
+    for row in tensors["index"]:
+        row[4] = offset
+        offset += int(row[5])
+    meta = {**meta, "tensors": json.dumps([info[i] for i in order])}
+    if recovery is not None:
+        meta["recovery_config"] = json.dumps(recovery)
+    return tensors, meta
+
+
+def test_a_tiny_density_does_not_raise_the_size_bound(tmp_path):
+    """Issue 28, hole 1: density 1e-7 (global scope) and an empty fp64 entry of 4,292,608,000 elements (a LoRA B whose
+    rank agrees with its A) in a file of about a kilobyte: the streams encode no non-zero for it, so the
+    reader refuses the claim instead of allocating 34 GB."""
+    from adapterhub_c.packing import read_pack_dense
+
+    tensors, meta = _load()
+    layer = "base_model.model.model.layers.2.self_attn.q_proj"
+    tensors, meta = _with_rows(tensors, meta, [[f"{layer}.lora_A.weight", [4, 32], "float64"],
+                                               [f"{layer}.lora_B.weight", [1073152000, 4], "float64"]])
+    path = _signed(tmp_path, tensors, {**meta, "density": "1e-07", "scope": "global"})
+    assert path.stat().st_size < 2000
+    _refused(path, match="elements")
+    with pytest.raises(IntegrityError, match="elements"):
+        read_pack_dense(path)
+
+
+def test_a_huge_empty_recovery_d_is_refused(tmp_path):
+    """Issue 28, hole 1: a recovery D of shape [2, 2^31 - 512] with no stream behind it."""
+    tensors, meta = _load()
+    module = "recovery::model.layers.0.self_attn.q_proj"
+    recovery = {"rank": 2, "alpha": 4.0, "act": "gelu", "dropout": 0.0}
+    tensors, meta = _with_rows(tensors, meta, [[f"{module}.recovery_D", [2, 2 ** 31 - 512], "float32"],
+                                               [f"{module}.recovery_U", [24, 2], "float32"]], recovery)
+    _refused(_signed(tmp_path, tensors, {**meta, "density": "1e-07", "scope": "global"}), match="elements")
+
+
+def test_a_non_zero_count_beyond_the_stream_is_refused(tmp_path):
+    """The count of non-zeros is bounded by the bits of the tensor's own stream (2 bits each at least)."""
+    tensors, meta = _load()
+    tensors["index"] = tensors["index"].clone()
+    tensors["index"][1, 1] = 8 * int(tensors["index"][1, 5]) + 1
+    tensors["index"][1, 3] = tensors["index"][1, 1]
+    _refused(_signed(tmp_path, tensors, meta))
+
+
+@pytest.mark.parametrize("row, shape", [(0, [8, 16]), (1, [12, 8]), (0, [128]), (1, [96])],
+                         ids=["A-rank-8", "B-rank-8", "A-1d", "B-1d"])
+def test_a_and_b_ranks_that_disagree_are_refused(tmp_path, row, shape):
+    """Issue 28, hole 2: A [8, 16] with B [24, 4] (same element counts, so the streams still fit)."""
+    tensors, meta = _load()
+    _refused(_signed(tmp_path, tensors, _with_info(meta, row, 1, shape)), match="rank|matri")
+
+
+@pytest.mark.parametrize("change", [{"r": 10 ** 9}, {"r": 8}, {"rank_pattern": {"q_proj": 2}},
+                                    {"target_modules": ["k_proj"]}, {"target_modules": "k_proj"},
+                                    {"r": "4"}, {"peft_type": "IA3"}],
+                         ids=["r-1e9", "r-8", "rank-pattern", "targets", "target-regex", "r-text", "ia3"])
+def test_a_config_that_does_not_describe_the_tensors_is_refused(tmp_path, change):
+    tensors, meta = _load()
+    config = {**json.loads(meta["adapter_config"]), **change}
+    path = _signed(tmp_path, tensors, {**meta, "adapter_config": json.dumps(config)})
+    with pytest.raises(ALLOWED):
+        read_pack(path)
+    with pytest.raises(ALLOWED):
+        inspect_pack(path)
+
+
+def test_a_factor_without_its_pair_is_refused(tmp_path):
+    tensors, meta = _load()
+    layer = "base_model.model.model.layers.2.self_attn.q_proj"
+    tensors, meta = _with_rows(tensors, meta, [[f"{layer}.lora_A.weight", [4, 32], "float32"]])
+    _refused(_signed(tmp_path, tensors, meta), match="lora_B")
+
+
+def test_a_magnitude_vector_of_the_wrong_length_is_refused(tmp_path):
+    tensors, meta = _load()
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    tensors[f"raw::{key}"] = torch.ones(23)
+    raw = sorted(json.loads(meta["raw"]) + [key])
+    config = {**json.loads(meta["adapter_config"]), "use_dora": True}
+    path = _signed(tmp_path, tensors, {**meta, "raw": json.dumps(raw), "adapter_config": json.dumps(config)})
+    _refused(path, match="magnitude")
+
+
+def test_mismatched_recovery_ranks_are_refused(tmp_path):
+    tensors, meta = _load()
+    module = "recovery::model.layers.0.self_attn.q_proj"
+    recovery = {"rank": 2, "alpha": 4.0, "act": "gelu", "dropout": 0.0}
+    tensors, meta = _with_rows(tensors, meta, [[f"{module}.recovery_D", [2, 32], "float32"],
+                                               [f"{module}.recovery_U", [24, 3], "float32"]], recovery)
+    _refused(_signed(tmp_path, tensors, meta), match="rank")
+
+
+def test_the_writer_refuses_a_density_the_reader_would(monkeypatch):
+    """A golomb pack keeping fewer than one entry in NUMEL_PER_NONZERO (beyond the small-pack allowance)
+    is refused when written, in words that say what to change, not only when read."""
+    from adapterhub_c.adapters.lora import LoraAdapter
+    from adapterhub_c.packing import format as fmt
+    from adapterhub_c.packing import pack_adapter
+
+    monkeypatch.setattr(fmt, "MIN_NUMEL_ALLOWANCE", 1000)
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    adapter = LoraAdapter({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+                          {f"{layer}.lora_A.weight": torch.randn(4, 2048), f"{layer}.lora_B.weight": torch.randn(24, 4)})
+    with pytest.raises(UsageError, match="higher density"):
+        pack_adapter(adapter, density=1e-4, base="b", source_digest="x")
+    assert pack_adapter(adapter, density=0.01, base="b", source_digest="x").tensors

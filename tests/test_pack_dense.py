@@ -42,22 +42,41 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ALLOWED = (IntegrityError, UsageError)
 CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-# 1x1, 3x7 and 5x13 are not multiples of 8 or 32; 0x5 is empty; the zeros tensor keeps nnz = 0
-SHAPES = [(4, 32), (24, 4), (1, 1), (3, 7), (5, 13), (0, 5), (2, 3, 5), (70,)]
+# (A, B) shapes of LoRA modules the reader accepts (issue 28 checks their geometry): 1x1, 3x7 and
+# 5x13 are not multiples of 8 or 32; 5x0 and 0x5 are empty; (2, 3, 5) with (7, 2, 1) is a conv1d
+# LoRA; the 70-output module has a 1-d bias; the zeros B keeps nnz = 0
+SHAPES = [((4, 32), (24, 4)), ((1, 1), (3, 1)), ((3, 7), (13, 3)), ((5, 13), (1, 5)), ((5, 0), (0, 5)),
+          ((2, 3, 5), (7, 2, 1)), ((2, 9), (70, 2))]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+def _lora(tensors: dict[str, torch.Tensor]) -> LoraAdapter:
+    """A LoRA of ``tensors``: every A without its B gets one of a single output (ones), and the
+    config names each module's rank (the reader checks A, B and the config against each other)."""
+    tensors = dict(tensors)
+    ranks = {}
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        module = key.removesuffix(".lora_A.weight")
+        A = tensors[key]
+        tensors.setdefault(f"{module}.lora_B.weight", torch.ones(1, A.shape[0], *[1] * (A.dim() - 2), dtype=A.dtype))
+        ranks[module.removeprefix("base_model.model.")] = A.shape[0]
+    return LoraAdapter({**CONFIG, "rank_pattern": ranks}, tensors)
+
+
 def _adapter(dtypes, seed=0) -> LoraAdapter:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for i, shape in enumerate(SHAPES):
+    for i, (a, b) in enumerate(SHAPES):
         dtype = dtypes[i % len(dtypes)]
-        tensors[f"base_model.model.layers.{i}.q_proj.lora_A.weight"] = torch.randn(*shape, generator=g).to(dtype)
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_A.weight"] = torch.randn(*a, generator=g).to(dtype)
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_B.weight"] = torch.randn(*b, generator=g).to(dtype)
+    tensors["base_model.model.layers.6.q_proj.lora_B.bias"] = torch.randn(70, generator=g).to(dtypes[0])
+    tensors["base_model.model.layers.9.q_proj.lora_A.weight"] = torch.randn(4, 6, generator=g).to(dtypes[0])
     tensors["base_model.model.layers.9.q_proj.lora_B.weight"] = torch.zeros(6, 4, dtype=dtypes[0])
-    return LoraAdapter(dict(CONFIG), tensors)
+    return _lora(tensors)
 
 
 def _assert_same(path: Path) -> None:
@@ -110,7 +129,7 @@ def test_a_pack_dominated_by_one_tensor_is_not_split(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", "4")
     tensors = {"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(256, 256),
                "base_model.model.layers.1.q_proj.lora_A.weight": torch.randn(300, 1)}  # sorts after the big one
-    pack = pack_adapter(LoraAdapter(dict(CONFIG), tensors), density=0.2, base="b", scope="tensor", source_digest="x")
+    pack = pack_adapter(_lora(tensors), density=0.2, base="b", scope="tensor", source_digest="x")
     write_pack(pack, tmp_path / "p.pack")
     _assert_same(tmp_path / "p.pack")
 
@@ -119,7 +138,7 @@ def test_a_large_pack_is_split_and_a_bad_tensor_is_named_whatever_its_thread(tmp
     g = torch.Generator().manual_seed(5)
     tensors = {f"base_model.model.layers.{i}.q_proj.lora_A.weight": torch.randn(64, 1024, generator=g)
                for i in range(8)}  # 512K elements: over PARALLEL_MIN_NUMEL
-    pack = pack_adapter(LoraAdapter(dict(CONFIG), tensors), density=0.1, base="b", scope="tensor", source_digest="x")
+    pack = pack_adapter(_lora(tensors), density=0.1, base="b", scope="tensor", source_digest="x")
     path = tmp_path / "p.pack"
     write_pack(pack, path)
     calls = []

@@ -309,6 +309,80 @@ def check_lora_config(config: dict, where: str) -> None:
         raise UsageError(f"{where}: not a valid LoRA: adapter_config.json: {bad}")
 
 
+def lora_geometry_fault(config: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What in the tensor shapes (keys as PEFT saves them) a valid LoRA ``config`` does not describe, or None.
+
+    Every ``lora_A`` has its ``lora_B`` (an embedding's A its B) and the reverse; A is
+    ``[r, in, *kernel]`` and B ``[out, r, 1, …]`` (embeddings: ``[r, vocab]``, ``[hidden, r]``)
+    with one ``r``, the config's (``rank_pattern`` honoured); a ``lora_B.bias`` is ``[out]``;
+    a DoRA magnitude (``use_dora`` only) has one entry per output; every adapted module is
+    one that ``target_modules`` names, as PEFT matches them. The base model's own shapes are
+    checked where the adapter meets it (``adapters.attach.copy_lora``, ``serve.loading``).
+    """
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        m = _ANY_KEY_RE.match(key)
+        if m is not None and key == canonical_key(key):
+            part = m["part"] + (".bias" if key.endswith(".bias") else "")
+            modules.setdefault(_strip(m["module"]), {})[part] = tuple(shape)
+    for module in sorted(modules):
+        fault = _module_fault(config, module, modules[module])
+        if fault is not None:
+            return f"{module}: {fault}"
+    return None
+
+
+def _module_fault(config: dict, module: str, parts: dict[str, tuple[int, ...]]) -> str | None:
+    """:func:`lora_geometry_fault` for one module's parts."""
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if set(parts) - {a_key, b_key, "lora_B.bias", MAGNITUDE}:
+        return f"mixes LoRA parts {sorted(parts)}"
+    if a_key not in parts or b_key not in parts:
+        return f"has {a_key if a_key in parts else b_key} without {b_key if a_key in parts else a_key}"
+    A, B = parts[a_key], parts[b_key]
+    fault = _factor_fault(A, B, embedding)
+    if fault is None:
+        r = pattern_value(config.get("rank_pattern"), module, config["r"])
+        if A[0] != r:
+            fault = f"rank {A[0]} of its factors, but the config says r = {_short(r)}"
+    return fault or _extras_fault(config, parts, B[0]) or _target_module_fault(config, module)
+
+
+def _factor_fault(A: tuple[int, ...], B: tuple[int, ...], embedding: bool) -> str | None:
+    """A ``[r, in, *kernel]`` and B ``[out, r, 1, …]`` of one rank r >= 1 (embeddings: matrices)."""
+    if len(A) < 2 or len(B) != len(A) or (embedding and len(A) != 2) or len(A) > 5:
+        return f"A {list(A)} and B {list(B)} are not a pair of LoRA matrices (or convolution kernels)"
+    if A[0] < 1 or A[0] != B[1] or any(d != 1 for d in B[2:]):
+        return f"A {list(A)} has rank {A[0]}, B {list(B)} rank {B[1]}: they do not multiply"
+    return None
+
+
+def _extras_fault(config: dict, parts: dict[str, tuple[int, ...]], out: int) -> str | None:
+    """The bias is ``[out]``; the DoRA magnitude has ``out`` entries and only with ``use_dora``."""
+    if "lora_B.bias" in parts and parts["lora_B.bias"] != (out,):
+        return f"lora_B.bias {list(parts['lora_B.bias'])} does not match the {out} outputs of lora_B"
+    if MAGNITUDE in parts:
+        if not config.get("use_dora"):
+            return "has a DoRA magnitude vector but the config does not say use_dora"
+        if math.prod(parts[MAGNITUDE]) != out:
+            return f"magnitude vector {list(parts[MAGNITUDE])} does not match the {out} outputs of lora_B"
+    return None
+
+
+def _target_module_fault(config: dict, module: str) -> str | None:
+    """``module`` is one that ``target_modules`` names (PEFT: a list by name or dotted suffix,
+    a string by full regex match, ``all-linear`` anything)."""
+    target = config.get("target_modules")
+    if target is None or target == "all-linear":
+        return None
+    if isinstance(target, str):
+        ok = re.fullmatch(target, module) is not None
+    else:
+        ok = module in target or any(module.endswith("." + t) for t in target)
+    return None if ok else f"is not one of the config's target_modules {_short(target)}"
+
+
 def _config_fault(config: dict) -> str | None:
     """What is wrong with a LoRA config's typed fields, or None."""
     if not _positive_int(config["r"]):

@@ -256,6 +256,25 @@ def recovery_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def recovery_geometry_fault(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What is wrong with the shapes of a recovery state (``<module>.recovery_D`` / ``_U`` keys), or None:
+    every module has both, D ``[R, in]`` and U ``[out, R]`` of one rank R >= 1."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        name, _, part = key.rpartition(".")
+        if part not in ("recovery_D", "recovery_U") or not name:
+            return f"{key!r} is not a recovery tensor"
+        modules.setdefault(name, {})[part] = tuple(shape)
+    for name in sorted(modules):
+        parts = modules[name]
+        if len(parts) != 2:
+            return f"recovery module {name} has {', '.join(parts)} only"
+        D, U = parts["recovery_D"], parts["recovery_U"]
+        if len(D) != 2 or len(U) != 2 or D[0] < 1 or D[0] != U[1]:
+            return f"recovery module {name}: D {list(D)} and U {list(U)} are not [rank, in] and [out, rank]"
+    return None
+
+
 def load_recovery(model: nn.Module, state: dict[str, torch.Tensor], config: RecoveryConfig) -> dict[str, Recovery]:
     """Attach recovery modules holding ``state`` to the matching layers of ``model``.
 

@@ -60,8 +60,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config
-from adapterhub_c.adapters.recovery import seeded_d_init
+from adapterhub_c.adapters.lora import LoraAdapter, canonical_key, check_lora_config, lora_geometry_fault
+from adapterhub_c.adapters.recovery import recovery_geometry_fault, seeded_d_init
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes, parse_safetensors_header
 from adapterhub_c.packing.compeft import (
@@ -144,6 +144,11 @@ def build_pack(tensors: Mapping[str, torch.Tensor], *, density: float, base: str
     for name, t in ternary.items():
         if not scale_fits(t.scale, t.dtype):
             raise UsageError(f"the magnitude {t.scale:g} of {name!r} does not fit {t.dtype}; use a smaller alpha")
+    numel, nnz = sum(t.numel for t in ternary.values()), sum(t.nnz for t in ternary.values())
+    if encoding == "golomb" and numel > max(MIN_NUMEL_ALLOWANCE, NUMEL_PER_NONZERO * nnz):
+        raise UsageError(f"density {density:g} keeps {nnz} of {numel} entries: a pack of more than "
+                         f"{MIN_NUMEL_ALLOWANCE} entries must keep at least one in {NUMEL_PER_NONZERO} "
+                         "(readers refuse sparser claims); use a higher density")
     encoded = {n: encode(t.indices, t.negative, t.numel, encoding) for n, t in ternary.items()}
     return Pack(ternary, encoded, raw, float(density), float(alpha), scope, method, encoding,
                 base, str(source_digest), dict(adapter_config or {}))
@@ -285,24 +290,34 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
 
 # The pack digest only catches accidents: anyone can recompute it. So the reader trusts
 # no header field: each is checked against its type and range, and what decoding
-# allocates is bounded by the bytes in the file (issue 20).
+# allocates is bounded by what the payload encodes (issues 20 and 28), never by a header
+# number alone.
 #
-# Claimed elements (what unpacking allocates, ~9 bytes each): an honest payload takes at
-# least density·numel bits (golomb: about density·numel·(log2(1/density) + 1.5) bits,
-# bitmask: 2·numel), so 8·file_bytes/density bounds honest packs 2-10x above their size;
-# NUMEL_SLACK leaves room for sources with many exact zeros (never stored),
-# MIN_NUMEL_ALLOWANCE for tiny packs, and MAX_PACK_NUMEL (beyond any LoRA we pack)
-# caps a pack whose claimed density is tiny.
+# Claimed elements (what unpacking allocates, ~9 bytes each, 8 more for a dense fp64 copy):
+# every non-zero costs its stream at least two bits (a golomb unary terminator and a sign;
+# :func:`.table.check_streams` holds each tensor's count to its own stream), and an honest
+# pack keeps at least one element in NUMEL_PER_NONZERO (density >= 1/4096, rounding and
+# exact zeros of the source included), so NUMEL_PER_NONZERO · non-zeros bounds a golomb
+# pack; a bitmask pack's planes are two bits per element, so its streams bound it exactly.
+# MIN_NUMEL_ALLOWANCE leaves room for tiny packs at any density (and for empty ones, which
+# encode nothing at all), MAX_PACK_NUMEL (beyond any LoRA we pack) caps everything. The
+# header's density can only lower the bound (8 · NUMEL_SLACK · file_bytes / density):
+# setting it to 1e-9 raises nothing.
 NUMEL_SLACK = 4
+NUMEL_PER_NONZERO = 1 << 12
 MIN_NUMEL_ALLOWANCE = 1 << 24
 _TENSOR_KEYS = {"index": (torch.int64, 2), "scales": (torch.float32, 1), "bits": (torch.uint8, 1),
                 "pos": (torch.int32, 1), "neg": (torch.int32, 1), "table": (torch.uint8, 1)}
 _TABLE_KEYS = {"1": ("index", "scales"), "2": ("table",), "3": ("table",)}
 
 
-def numel_cap(file_bytes: int, density: float) -> int:
-    """The most packed elements a pack file of ``file_bytes`` at ``density`` may claim."""
+def numel_cap(file_bytes: int, density: float, nonzeros: int | None = None) -> int:
+    """The most packed elements a pack file of ``file_bytes`` at ``density`` may claim; with
+    ``nonzeros`` (a golomb pack's non-zero count, already held to its streams) also at most
+    :data:`NUMEL_PER_NONZERO` per non-zero."""
     relative = NUMEL_SLACK * 8 * file_bytes / density
+    if nonzeros is not None:
+        relative = min(relative, NUMEL_PER_NONZERO * nonzeros)
     return int(min(MAX_PACK_NUMEL, max(MIN_NUMEL_ALLOWANCE, relative)))
 
 
@@ -445,6 +460,23 @@ def _check_recovery_init(config: dict | None, table: PackTable, version: str) ->
             raise IntegrityError(f"recovery tensor {name!r} is not a matrix")
 
 
+def _check_geometry(config: dict, table: PackTable, raw_shapes: dict[str, tuple[int, ...]]) -> None:
+    """The config is a LoRA config, the packed tensors are LoRA factors (or biases) and recovery
+    modules, and their shapes fit each other and the config (issue 28): what inspection shows
+    is what loading will find, and a decoded tensor has the geometry the config promises."""
+    check_lora_config(config, "pack")
+    recovery = _recovery_names(table.names)
+    shapes = dict(zip(table.names, table.shapes, strict=True))
+    lora = {n: s for n, s in shapes.items() if not n.startswith(RECOVERY_PREFIX)}
+    bad = [n for n in lora if not (_LORA_DELTA_RE.search(n) and n == canonical_key(n))]
+    if bad:
+        raise IntegrityError(f"packed tensor {bad[0]!r} is not a LoRA factor")
+    fault = lora_geometry_fault(config, {**raw_shapes, **lora}) or recovery_geometry_fault(
+        {n[len(RECOVERY_PREFIX):]: shapes[n] for n in recovery})
+    if fault is not None:
+        raise IntegrityError(f"the LoRA geometry is inconsistent: {fault}")
+
+
 @dataclass(frozen=True, eq=False)
 class _Layout:
     """A verified pack file, every field checked, not decoded yet."""
@@ -468,10 +500,12 @@ def _layout(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str
     check_streams(table, header.encoding, next(iter(streams.values())).size)
     if any(a.size != next(iter(streams.values())).size for a in streams.values()):
         raise IntegrityError("the streams hold data that no tensor owns")
-    check_claims(table, header.density, header.scope, numel_cap(file_bytes, header.density), file_bytes)
+    nonzeros = int(table.index[:, 1].sum()) if header.encoding == "golomb" else None
+    check_claims(table, header.density, header.scope, numel_cap(file_bytes, header.density, nonzeros), file_bytes)
     if header.recovery_config is None and _recovery_names(table.names):
         raise IntegrityError("recovery tensors without a recovery config")
     _check_recovery_init(header.recovery_config, table, version)
+    _check_geometry(header.adapter_config, table, {name: tuple(tensors[f"raw::{name}"].shape) for name in raw_names})
     raw = {name: tensors[f"raw::{name}"] for name in raw_names}
     return _Layout(header, table, streams, raw, meta["pack_digest"])
 

@@ -31,6 +31,7 @@ import torch
 
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.packing.compeft import kept_at_density
+from adapterhub_c.packing.encoding import MAX_GOLOMB_PARAM
 
 DTYPE_CODES = ("float16", "bfloat16", "float32", "float64")
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -215,6 +216,25 @@ def check_streams(table: PackTable, encoding: str, stream_size: int) -> None:
         if bad.size:
             raise IntegrityError(f"bitmask entry of {table.names[bad[0]]!r} has golomb fields or planes "
                                  "of the wrong size")
+    else:
+        _check_golomb_counts(table)
+
+
+def _check_golomb_counts(table: PackTable) -> None:
+    """Each tensor's non-zeros fit the bits of its own stream: a unary terminator, the remainder
+    prefix (``ceil(log2 m) - 1`` bits) and a sign for each, so nothing a header claims about the
+    non-zeros is more than its stream encodes; no non-zeros, no stream."""
+    numel, nnz, param, unary, _, length = table.index.T
+    if ((param < 1) | (param > MAX_GOLOMB_PARAM)).any():
+        bad = int(np.flatnonzero((param < 1) | (param > MAX_GOLOMB_PARAM))[0])
+        raise IntegrityError(f"golomb parameter of {table.names[bad]!r} is out of range")
+    # prefix width of truncated binary coding: bit_length(m - 1) - 1 (frexp is exact below 2^53)
+    width = np.maximum(np.frexp((param - 1).astype(np.float64))[1].astype(np.int64) - 1, 0)
+    fixed = unary + nnz * (width + 1)
+    bad = np.flatnonzero((unary < nnz) | (unary > 8 * length) | (fixed > 8 * length) | ((nnz == 0) & ((unary != 0) | (length != 0))))
+    if bad.size:
+        raise IntegrityError(f"golomb entry of {table.names[bad[0]]!r} claims more non-zeros than its "
+                             "stream holds")
 
 
 def check_claims(table: PackTable, density: float, scope: str, cap: int, file_bytes: int) -> None:
