@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.models.builtin import SMOLLM2, TINY
-from adapterhub_c.registry.models import Artifact
+from adapterhub_c.registry.models import Artifact, BaseModel
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.serve.demo import demo_round
 from adapterhub_c.workflows.bases import add_builtin_base
@@ -115,144 +115,182 @@ def _fmt(value, digits: int = 3):
     return None if value is None else round(float(value), digits)
 
 
+class _Demo:
+    """What the demo's sections share: the registry, its sizes, the base and what earlier sections made."""
+
+    def __init__(self, reg: Registry, base: BaseModel, z: DemoSizes, progress):
+        self.reg, self.base, self.z, self.progress = reg, base, z, progress
+        self.short = base.name.replace("builtin:", "")
+        self.loras: dict[str, Artifact] = {}
+
+    def name(self, suffix: str) -> str:
+        return f"demo-{self.short}-{suffix}"
+
+    def eval(self, target: str, data: str, **stack) -> dict:
+        """``target`` (+ ``variant`` / ``adapter`` / ``prompt``) measured on ``data`` test at the demo's budget."""
+        z = self.z
+        examples = {} if data == DEMO_DATA else {"max_examples": z.eval_examples}
+        return run_eval(self.reg, target, data, "test", max_tokens=z.eval_tokens, progress=self.progress,
+                        **examples, **stack)
+
+
 def run_demo(reg: Registry, base: str = SMOLLM2, max_tokens: int | None = None,
              progress=None) -> Iterator[tuple[str, list[dict]]]:
     """Run the demo flow on ``base``; yields (section title, table rows)."""
-    from adapterhub_c.hubserver.server import BackgroundServer
-
-    z = demo_sizes(base, max_tokens)
     b, created = add_builtin_base(reg, base, progress=progress)
-    short = b.name.replace("builtin:", "")
+    d = _Demo(reg, b, demo_sizes(base, max_tokens), progress)
     yield "base", [{"base": b.name, "params": b.params, "registered": "now" if created else "already"}]
+    for section in (_variant_section, _lora_section, _hub_section, _convert_section, _pack_section,
+                    _merge_section, _compose_section, _prompt_section, _serve_section):
+        yield from section(d)
 
-    # 1-2. base and variant perplexity
-    base_ppl = run_eval(reg, b.name, DEMO_DATA, "test", max_tokens=z.eval_tokens, progress=progress)["perplexity"]
-    variant, made = create_variant(reg, b, quant="nf4", prune="wanda", sparsity=0.5, calib=DEMO_DATA,
-                                   calib_samples=z.calib_samples, eval_tokens=0, progress=progress)
-    var_ppl = run_eval(reg, variant.name, DEMO_DATA, "test", max_tokens=z.eval_tokens,
-                       progress=progress)["perplexity"]
-    vs = variant_summary(variant, b)
+
+def _variant_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """1-2. base and variant perplexity, and the variant's sizes against the fp16 base."""
+    b, z = d.base, d.z
+    d.base_ppl = d.eval(b.name, DEMO_DATA)["perplexity"]
+    d.variant, _made = create_variant(d.reg, b, quant="nf4", prune="wanda", sparsity=0.5, calib=DEMO_DATA,
+                                      calib_samples=z.calib_samples, eval_tokens=0, progress=d.progress)
+    d.var_ppl = d.eval(d.variant.name, DEMO_DATA)["perplexity"]
+    vs = variant_summary(d.variant, b)
     fp16 = vs["base_fp16_bytes"]
     yield f"perplexity on {DEMO_DATA} test (first {z.eval_tokens} tokens); sizes against the fp16 base", [
-        {"model": b.name, "perplexity": _fmt(base_ppl, 2), "stored_MB": _fmt(b.size_bytes / 1e6, 1),
-         "stored_vs_fp16": _fmt(b.size_bytes / fp16, 3) if fp16 else None, "loaded_MB": None, "export_MB": None,
+        {"model": b.name, "perplexity": _fmt(d.base_ppl, 2), "stored_MB": _fmt(b.stored_bytes / 1e6, 1),
+         "stored_vs_fp16": _fmt(b.stored_bytes / fp16, 3) if fp16 else None, "loaded_MB": None, "export_MB": None,
          "vs_base": 1.0},
-        {"model": variant.name, "perplexity": _fmt(var_ppl, 2), "stored_MB": _fmt(vs["stored_bytes"] / 1e6, 1),
+        {"model": d.variant.name, "perplexity": _fmt(d.var_ppl, 2), "stored_MB": _fmt(vs["stored_bytes"] / 1e6, 1),
          "stored_vs_fp16": _fmt(vs["stored_ratio"], 3), "loaded_MB": _fmt(vs["loaded_bytes"] / 1e6, 1),
          "export_MB": _fmt(vs["export_bytes"] / 1e6, 1) if vs["export_bytes"] else None,
-         "vs_base": _fmt(var_ppl / base_ppl)}]
+         "vs_base": _fmt(d.var_ppl / d.base_ppl)}]
 
-    # 3. task LoRAs on the base
-    # no "before" evaluation: the base scores 0 exact match on every built-in task
+
+def _lora_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """3. task LoRAs on the base (no "before" evaluation: the base scores 0 exact match on every built-in task)."""
+    z = d.z
     train = dict(steps=z.lora_steps, lr=z.lr, batch_size=z.batch_size, seq_len=z.seq_len, rank=8, alpha=16,
                  max_eval_examples=z.eval_examples, max_eval_tokens=z.eval_tokens, baseline=False,
-                 progress=progress)
-    loras, rows = {}, []
+                 progress=d.progress)
+    rows = []
     for task in (CONVERT_TASK, MERGE_TASK, COMPOSE_TASK):
         data = f"builtin:task/{task}"
-        art, report = _reuse_or(reg, f"demo-{short}-{task}",
-                                lambda data=data, task=task: train_adapter(reg, b.name, data,
-                                                                           name=f"demo-{short}-{task}", **train))
-        loras[task] = art
+        art, report = _reuse_or(d.reg, d.name(task),
+                                lambda data=data, task=task: train_adapter(d.reg, d.base.name, data,
+                                                                           name=d.name(task), **train))
+        d.loras[task] = art
         after = (report or {}).get("after") or {}
         rows.append({"lora": art.name, "task": task, "exact_match": _fmt(after.get("exact_match")),
                      "train_s": _fmt(((report or {}).get("train") or {}).get("wall_s"), 1),
                      "status": "trained" if report else "reused"})
-    yield f"task LoRAs on {b.name} ({z.lora_steps} steps each)", rows
+    yield f"task LoRAs on {d.base.name} ({z.lora_steps} steps each)", rows
 
-    # 4. push to a local hub and pull back, as a community LoRA
-    pulled_name = f"demo-{short}-{CONVERT_TASK}-pulled"
-    pulled = _existing_artifact(reg, pulled_name)
-    if pulled is None:
-        repo = f"demo/{short}-{CONVERT_TASK}-lora"
+
+def _hub_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """4. push to a local hub and pull back, as a community LoRA."""
+    from adapterhub_c.hubserver.server import BackgroundServer
+
+    source = d.loras[CONVERT_TASK]
+    d.pulled = _existing_artifact(d.reg, d.name(f"{CONVERT_TASK}-pulled"))
+    if d.pulled is None:
+        repo = f"demo/{d.short}-{CONVERT_TASK}-lora"
         with tempfile.TemporaryDirectory(prefix="adapt-demo-hub-") as hub_root, \
                 BackgroundServer(hub_root) as server, _private_hub_cache():
-            pushed = push_artifact(reg, loras[CONVERT_TASK].name, repo, endpoint=server.endpoint,
-                                   progress=progress)
-            pulled, _ = pull_adapter(reg, f"{repo}@{pushed['commit_sha']}", endpoint=server.endpoint,
-                                     name=pulled_name, progress=progress)
+            pushed = push_artifact(d.reg, source.name, repo, endpoint=server.endpoint, progress=d.progress)
+            d.pulled, _ = pull_adapter(d.reg, f"{repo}@{pushed['commit_sha']}", endpoint=server.endpoint,
+                                       name=d.name(f"{CONVERT_TASK}-pulled"), progress=d.progress)
         hub_row = {"repo": repo, "commit": pushed["commit_sha"][:12], "files": len(pushed["files"])}
     else:
-        hub_row = {"repo": pulled.source, "status": "reused"}
-    same = _weights(pulled) == _weights(loras[CONVERT_TASK])
+        hub_row = {"repo": d.pulled.source, "status": "reused"}
     yield "push to a local hub and pull back", [
-        {"pushed": loras[CONVERT_TASK].name, **hub_row, "pulled_as": pulled.name, "weights_bit_identical": same}]
+        {"pushed": source.name, **hub_row, "pulled_as": d.pulled.name,
+         "weights_bit_identical": _weights(d.pulled) == _weights(source)}]
 
-    # 5. convert the pulled LoRA to the variant (inherit + recover + distill)
-    conv, conv_report = _reuse_or(reg, f"demo-{short}-{CONVERT_TASK}-on-{variant.name}", lambda: convert_adapter(
-        reg, pulled.name, variant.name, data=f"builtin:task/{CONVERT_TASK}", steps=z.convert_steps, lr=z.lr,
+
+def _convert_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """5. convert the pulled LoRA to the variant (inherit + recover + distill)."""
+    z, name = d.z, d.name(f"{CONVERT_TASK}-on-{d.variant.name}")
+    d.conv, d.conv_report = _reuse_or(d.reg, name, lambda: convert_adapter(
+        d.reg, d.pulled.name, d.variant.name, data=f"builtin:task/{CONVERT_TASK}", steps=z.convert_steps, lr=z.lr,
         batch_size=z.batch_size, seq_len=z.seq_len, max_eval_examples=z.eval_examples,
-        max_eval_tokens=z.eval_tokens, name=f"demo-{short}-{CONVERT_TASK}-on-{variant.name}", progress=progress))
-    if conv_report:
-        yield f"convert {pulled.name} to {variant.name} (CA-LoRA, {z.convert_steps} steps)", [
-            {"row": r["row"], "exact_match": _fmt(r.get("exact_match")), "completion_ppl": _fmt(r.get("completion_ppl"), 3),
-             "loaded_MB": _fmt(r["loaded_bytes"] / 1e6, 2) if r.get("loaded_bytes") else None}
-            for r in conv_report["rows"]]
-    else:
-        yield "convert", [{"artifact": conv.name, "status": "reused"}]
+        max_eval_tokens=z.eval_tokens, name=name, progress=d.progress))
+    if not d.conv_report:
+        yield "convert", [{"artifact": d.conv.name, "status": "reused"}]
+        return
+    yield f"convert {d.pulled.name} to {d.variant.name} (CA-LoRA, {z.convert_steps} steps)", [
+        {"row": r["row"], "exact_match": _fmt(r.get("exact_match")), "completion_ppl": _fmt(r.get("completion_ppl"), 3),
+         "loaded_MB": _fmt(r["loaded_bytes"] / 1e6, 2) if r.get("loaded_bytes") else None}
+        for r in d.conv_report["rows"]]
 
-    # 6. pack the converted adapter
-    pack, pack_report = _reuse_or(reg, f"demo-{short}-{CONVERT_TASK}-pack", lambda: pack_artifact(
-        reg, conv.name, density=PACK_DENSITY, name=f"demo-{short}-{CONVERT_TASK}-pack", progress=progress))
-    packed_q = run_eval(reg, variant.name, f"builtin:task/{CONVERT_TASK}", "test", adapter=pack.name,
-                        max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
-    conv_row = next((r for r in (conv_report or {}).get("rows", []) if r["row"] == ROW_CONVERTED), None)
-    conv_q = conv_row or run_eval(reg, variant.name, f"builtin:task/{CONVERT_TASK}", "test", adapter=conv.name,
-                                  max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
-    yield f"pack at k = {PACK_DENSITY:.0%} ({(pack.config or {}).get('method')}, no data)", [
-        {"adapter": conv.name, "bytes": conv.size_bytes, "exact_match": _fmt(conv_q.get("exact_match")),
+
+def _pack_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """6. pack the converted adapter, measured against it."""
+    conv, task = d.conv, f"builtin:task/{CONVERT_TASK}"
+    d.pack, _report = _reuse_or(d.reg, d.name(f"{CONVERT_TASK}-pack"), lambda: pack_artifact(
+        d.reg, conv.name, density=PACK_DENSITY, name=d.name(f"{CONVERT_TASK}-pack"), progress=d.progress))
+    packed_q = d.eval(d.variant.name, task, adapter=d.pack.name)
+    conv_row = next((r for r in (d.conv_report or {}).get("rows", []) if r["row"] == ROW_CONVERTED), None)
+    conv_q = conv_row or d.eval(d.variant.name, task, adapter=conv.name)
+    yield f"pack at k = {PACK_DENSITY:.0%} ({(d.pack.config or {}).get('method')}, no data)", [
+        {"adapter": conv.name, "bytes": conv.stored_bytes, "exact_match": _fmt(conv_q.get("exact_match")),
          "completion_ppl": _fmt(conv_q.get("completion_ppl"), 3), "vs_unpacked_size": 1.0},
-        {"adapter": pack.name, "bytes": pack.size_bytes, "exact_match": _fmt(packed_q.get("exact_match")),
+        {"adapter": d.pack.name, "bytes": d.pack.stored_bytes, "exact_match": _fmt(packed_q.get("exact_match")),
          "completion_ppl": _fmt(packed_q.get("completion_ppl"), 3),
-         "vs_unpacked_size": _fmt(pack.size_bytes / conv.size_bytes, 4)}]
+         "vs_unpacked_size": _fmt(d.pack.stored_bytes / conv.stored_bytes, 4)}]
 
-    # 7. merge two task LoRAs, compose on a third task
-    pair = [loras[CONVERT_TASK].name, loras[MERGE_TASK].name]
+
+def _merge_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """7a. merge two task LoRAs, each merge measured on both tasks."""
+    pair = [d.loras[CONVERT_TASK].name, d.loras[MERGE_TASK].name]
     rows = []
     for method in ("task_arithmetic", "ties"):
-        merged, _ = _reuse_or(reg, f"demo-{short}-merge-{method}", lambda method=method: merge_artifacts(
-            reg, pair, method=method, density=0.5 if method == "ties" else None,
-            name=f"demo-{short}-merge-{method}", progress=progress))
+        merged, _ = _reuse_or(d.reg, d.name(f"merge-{method}"), lambda method=method: merge_artifacts(
+            d.reg, pair, method=method, density=0.5 if method == "ties" else None,
+            name=d.name(f"merge-{method}"), progress=d.progress))
         row = {"adapter": merged.name, "method": method}
         for task in (CONVERT_TASK, MERGE_TASK):
-            q = run_eval(reg, b.name, f"builtin:task/{task}", "test", adapter=merged.name,
-                         max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
-            row[f"{task}_em"] = _fmt(q.get("exact_match"))
+            row[f"{task}_em"] = _fmt(d.eval(d.base.name, f"builtin:task/{task}", adapter=merged.name)
+                                     .get("exact_match"))
         rows.append(row)
     yield f"merge {pair[0]} + {pair[1]}", rows
-    composed, comp_report = _reuse_or(reg, f"demo-{short}-compose-{COMPOSE_TASK}", lambda: compose_artifacts(
-        reg, [loras[t].name for t in (CONVERT_TASK, MERGE_TASK, COMPOSE_TASK)],
+
+
+def _compose_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """7b. LoraHub composition of the three LoRAs on a few examples of the third task."""
+    z = d.z
+    composed, _report = _reuse_or(d.reg, d.name(f"compose-{COMPOSE_TASK}"), lambda: compose_artifacts(
+        d.reg, [d.loras[t].name for t in (CONVERT_TASK, MERGE_TASK, COMPOSE_TASK)],
         examples=f"builtin:task/{COMPOSE_TASK}", shots=z.compose_shots, budget=z.compose_budget,
-        name=f"demo-{short}-compose-{COMPOSE_TASK}", progress=progress))
+        name=d.name(f"compose-{COMPOSE_TASK}"), progress=d.progress))
     weights = (composed.config or {}).get("weights")
-    comp_q = run_eval(reg, b.name, f"builtin:task/{COMPOSE_TASK}", "test", adapter=composed.name,
-                      max_tokens=z.eval_tokens, max_examples=z.eval_examples, progress=progress)
+    comp_q = d.eval(d.base.name, f"builtin:task/{COMPOSE_TASK}", adapter=composed.name)
     yield f"compose on {z.compose_shots} examples of {COMPOSE_TASK} (LoraHub, {z.compose_budget} steps)", [
         {"composed": composed.name, "weights": ", ".join(f"{w:.2f}" for w in weights) if weights else None,
          "loss": _fmt((composed.metrics or {}).get("loss")), "exact_match": _fmt(comp_q.get("exact_match"))}]
 
-    # 8. a soft prompt on the variant
-    prompt, prompt_report = _reuse_or(reg, f"demo-{short}-prompt", lambda: learn_prompt_artifact(
-        reg, variant.name, data=DEMO_DATA, tokens=z.prompt_tokens, steps=z.prompt_steps, batch_size=2,
-        seq_len=z.seq_len * 2, eval_tokens=z.eval_tokens, name=f"demo-{short}-prompt", progress=progress))
-    if prompt_report:
-        before, after = prompt_report["perplexity_before"], prompt_report["perplexity_after"]
-    else:
-        before = var_ppl
-        after = run_eval(reg, variant.name, DEMO_DATA, "test", prompt=prompt.name, max_tokens=z.eval_tokens,
-                         progress=progress)["perplexity"]
-    yield f"soft prompt ({z.prompt_tokens} tokens, {z.prompt_steps} steps) on {variant.name}", [
-        {"model": b.name, "perplexity": _fmt(base_ppl, 2)},
-        {"model": variant.name, "perplexity": _fmt(before, 2)},
-        {"model": f"{variant.name} + {prompt.name}", "perplexity": _fmt(after, 2)}]
 
-    # 9. serve the variant and every adapter made on it behind the OpenAI API, one request each
+def _prompt_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """8. a soft prompt on the variant."""
+    z = d.z
+    d.prompt, report = _reuse_or(d.reg, d.name("prompt"), lambda: learn_prompt_artifact(
+        d.reg, d.variant.name, data=DEMO_DATA, tokens=z.prompt_tokens, steps=z.prompt_steps, batch_size=2,
+        seq_len=z.seq_len * 2, eval_tokens=z.eval_tokens, name=d.name("prompt"), progress=d.progress))
+    if report:
+        before, after = report["perplexity_before"], report["perplexity_after"]
+    else:
+        before, after = d.var_ppl, d.eval(d.variant.name, DEMO_DATA, prompt=d.prompt.name)["perplexity"]
+    yield f"soft prompt ({z.prompt_tokens} tokens, {z.prompt_steps} steps) on {d.variant.name}", [
+        {"model": d.base.name, "perplexity": _fmt(d.base_ppl, 2)},
+        {"model": d.variant.name, "perplexity": _fmt(before, 2)},
+        {"model": f"{d.variant.name} + {d.prompt.name}", "perplexity": _fmt(after, 2)}]
+
+
+def _serve_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
+    """9. serve the variant and every adapter made on it behind the OpenAI API, one request each."""
     task_prompt = load_dataset(f"builtin:task/{CONVERT_TASK}", "test").pairs[0][0]
-    served = [conv.name, pack.name, prompt.name, f"{conv.name}+{prompt.name}"]
+    served = [d.conv.name, d.pack.name, d.prompt.name, f"{d.conv.name}+{d.prompt.name}"]
     prompts = {name: task_prompt for name in served[:2]}
-    rows = demo_round(reg, variant.name, served, prompts={**prompts, **{n: "Python lists are" for n in served[2:]}},
-                      max_tokens=16)
-    yield f"adapt serve {variant.name}: one request per adapter (OpenAI API on loopback)", [
+    rows = demo_round(d.reg, d.variant.name, served,
+                      prompts={**prompts, **{n: "Python lists are" for n in served[2:]}}, max_tokens=16)
+    yield f"adapt serve {d.variant.name}: one request per adapter (OpenAI API on loopback)", [
         {"model": r["model"], "kind": r["kind"], "answer": r["answer"].strip()[:40],
          "first_switch_ms": _fmt(r["first_switch_ms"], 3), "resident_switch_ms": _fmt(r["resident_switch_ms"], 3)}
         for r in rows]
