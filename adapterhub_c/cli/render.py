@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.units import human_bytes as human_bytes  # the commands format sizes through render
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
@@ -31,16 +32,6 @@ def fmt(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return json.dumps(value, default=str, separators=(",", ":"))
     return str(value)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def echo_already_done(report: dict[str, Any]) -> bool:

@@ -16,22 +16,13 @@ from adapterhub_c.errors import NotFoundError, UsageError
 from adapterhub_c.registry import pages, views
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.ui import svg
+from adapterhub_c.units import human_bytes
 
 COOKIE = "adapt_ui_token"
 PICTURE_TYPES = {".png": "image/png", ".svg": "image/svg+xml"}
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
-
-def human_bytes(n: int | float | None) -> str:
-    """Sizes as ``adapt ls`` prints them (1024-based, one decimal)."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def num(value: Any) -> str:
