@@ -169,7 +169,10 @@ def create_variant(base: str, options: VariantOptions | None = None, *, name: st
     from adapterhub_c.workflows import variants as _variants
     reg = _reg(registry)
     row, created = _variants.create_variant(reg, base, options, name=name, progress=progress, **fields)
-    return _result(reg, row, {**_variants.show_variant(reg, row.id), "created": created}, created)
+    report = {**_variants.show_variant(reg, row.id), "created": created}
+    if not created and name is not None and name != row.name:
+        report["warnings"] = [_variants.same_recipe_warning(row.name, name)]
+    return _result(reg, row, report, created)
 
 
 def show_variant(name: str, *, registry: Registry | None = None) -> dict[str, Any]:

@@ -4,25 +4,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from adapterhub_c.errors import IntegrityError
+from adapterhub_c.errors import IntegrityError, redact_url  # noqa: F401  (redact_url re-exported)
 
 MAX_HEADER_BYTES = 100_000_000  # a larger safetensors header is a corrupt length field
 
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
-
-
-def redact_url(text: str | None) -> str | None:
-    """``text`` (a URL, or a message holding URLs) with any ``user:password@`` removed from
-    every ``scheme://`` URL in it: use before storing or printing an endpoint or URL."""
-    return text if not text else _USERINFO.sub(r"\1", text)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

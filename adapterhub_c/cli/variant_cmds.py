@@ -5,7 +5,7 @@ import click
 
 from adapterhub_c import api
 from adapterhub_c.cli.options import collect, options_from
-from adapterhub_c.cli.render import human_bytes, print_json, print_table, progress_callback
+from adapterhub_c.cli.render import echo_warnings, human_bytes, print_json, print_table, progress_callback
 from adapterhub_c.options.variant import VariantOptions
 
 # sizes: bytes and their share of the base at 16 bits; the base column only when several bases are listed
@@ -58,6 +58,7 @@ def variant_create(obj, base, name, as_json, **fields) -> None:
     options = collect(VariantOptions, fields)
     with progress_callback() as progress:
         row = api.create_variant(base, options, name=name, registry=obj.registry, progress=progress)
+    echo_warnings(row)
     if as_json:
         print_json(row.report)
         return

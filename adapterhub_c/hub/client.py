@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from adapterhub_c.errors import AdaptError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes, redact_url
 from adapterhub_c.hub.cards import model_card  # noqa: F401  (re-exported: part of the client API)
-from adapterhub_c.hub.names import git_blob_oid
+from adapterhub_c.hub.names import git_blob_oid, shown
 from adapterhub_c.hub.validate import validate_lora_folder  # noqa: F401  (re-exported)
 from adapterhub_c.progress import Progress
 
@@ -147,20 +147,20 @@ def _translate(e: Exception, repo_id: str, revision: str | None, endpoint: str,
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(e, RevisionNotFoundError):
-        return UsageError(f"revision {revision!r} not found in hub repo {repo_id!r}")
+        return UsageError(f"revision {shown(revision)} not found in hub repo {shown(repo_id)}")
     if isinstance(e, RepositoryNotFoundError):
-        return UsageError(f"hub repo {repo_id!r} not found at {redact_url(endpoint)} "
+        return UsageError(f"hub repo {shown(repo_id)} not found at {redact_url(endpoint)} "
                           "(or it is private and no valid token was given)")
     if isinstance(e, HFValidationError):
-        return UsageError(f"invalid hub repo id {repo_id!r}: {_scrub(str(e), token)}")
+        return UsageError(f"invalid hub repo id {shown(repo_id)}: {_scrub(str(e), token)}")
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         status = e.response.status_code
         if status in (401, 403):
             return AdaptError(f"the hub at {redact_url(endpoint)} refused the token (HTTP {status}) "
-                              f"for {repo_id!r}; check HF_TOKEN / --token")
-        return AdaptError(f"hub request for {repo_id!r} failed (HTTP {status}): "
+                              f"for {shown(repo_id)}; check HF_TOKEN / --token")
+        return AdaptError(f"hub request for {shown(repo_id)} failed (HTTP {status}): "
                           f"{_scrub(e.server_message or '', token)}".rstrip(": "))
-    return AdaptError(f"hub request for {repo_id!r} failed: {_scrub(str(e), token)}")
+    return AdaptError(f"hub request for {shown(repo_id)} failed: {_scrub(str(e), token)}")
 
 
 # ---- file selection ----------------------------------------------------------------------------
@@ -183,14 +183,14 @@ def select_files(names: Iterable[str], include=None, exclude=None,
     names = list(names)
     bad = [n for n in names if unsafe_repo_path(n)]
     if bad:
-        raise UsageError(f"hub repo {repo_id!r} lists unsafe file names {bad[:3]!r}; refusing "
+        raise UsageError(f"hub repo {shown(repo_id)} lists unsafe file names {bad[:3]!r}; refusing "
                          "to download")
     chosen = list(filter_repo_objects(names, allow_patterns=include, ignore_patterns=exclude))
     pickles = [n for n in chosen if n.lower().endswith(PICKLE_WEIGHTS)]
     safe = [n for n in chosen if n.lower().endswith(SAFE_WEIGHTS)]
     if pickles and not allow_pickle:
         if not safe:
-            raise UsageError(f"hub repo {repo_id!r} has only pickle weights "
+            raise UsageError(f"hub repo {shown(repo_id)} has only pickle weights "
                              f"({', '.join(pickles[:3])}); pass allow_pickle to fetch them "
                              "(they are never unpickled)")
         chosen = [n for n in chosen if n not in pickles]
@@ -267,12 +267,12 @@ def download_repo(repo_id: str, revision: str | None = None, include=None, exclu
                                  library_name="adapterhub-c")
         missing = [n for n in chosen if not (Path(path) / n).is_file()]
         if missing:
-            raise AdaptError(f"download of {repo_id!r} is incomplete: missing {missing[:3]}")
+            raise AdaptError(f"download of {shown(repo_id)} is incomplete: missing {missing[:3]}")
         _write_ref(cache, repo_id, revision or "main", info.sha)
         return DownloadedRepo(Path(path), info.sha, chosen)
 
     try:
-        return _with_retries(attempt, f"download of {repo_id!r}", endpoint, tries, base_delay,
+        return _with_retries(attempt, f"download of {shown(repo_id)}", endpoint, tries, base_delay,
                              progress)
     except (AdaptError, UsageError):
         raise
@@ -382,7 +382,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False,
     local = _pushable_files(Path(folder))
     endpoint = resolve_endpoint(endpoint)
     if is_offline():
-        raise AdaptError(f"cannot push {repo_id!r}: offline mode (HF_HUB_OFFLINE=1)")
+        raise AdaptError(f"cannot push {shown(repo_id)}: offline mode (HF_HUB_OFFLINE=1)")
     api = _api(endpoint, token)
     first_sha: list[str] = []
 
@@ -411,7 +411,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False,
         return PushResult(info.oid, info.oid != first_sha[0], redact_url(url))
 
     try:
-        return _with_retries(attempt, f"push to {repo_id!r}", endpoint, tries, base_delay,
+        return _with_retries(attempt, f"push to {shown(repo_id)}", endpoint, tries, base_delay,
                              progress)
     except (AdaptError, UsageError):
         raise
@@ -439,7 +439,7 @@ def search_adapters(base: str, limit: int = 50, token: str | None = None,
         return out
 
     try:
-        return _with_retries(attempt, f"search for adapters of {base!r}", endpoint, tries,
+        return _with_retries(attempt, f"search for adapters of {shown(base)}", endpoint, tries,
                              base_delay, None)
     except (AdaptError, UsageError):
         raise

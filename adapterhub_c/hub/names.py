@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from adapterhub_c.fsutil import redact_url
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -19,8 +21,10 @@ class BadName(ValueError):
 
 
 def shown(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, for error messages."""
-    text = repr(value)
+    """``repr(value)`` cut to about ``limit`` characters, for error messages: the one way input is
+    echoed. Credentials in anything that looks like a URL (``scheme://user:password@``) are
+    removed first, so neither they nor a cut piece of them is ever shown."""
+    text = redact_url(repr(value))
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.hub.names import BadName, check_repo_id
+from adapterhub_c.hub.names import BadName, check_repo_id, shown
 from adapterhub_c.registry.models import BaseModel
 
 META_NAME = "adapterhub_c.json"
@@ -18,13 +18,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 def split_repo(repo: str, revision: str | None = None) -> tuple[str, str | None]:
     """``"owner/name@rev"`` → (``owner/name``, ``rev``); ``revision`` must agree with ``@rev``."""
     repo = (repo or "").strip()
+    if "://" in repo:  # split at its "@", a URL's password would reach messages as a "revision"
+        raise UsageError(f"{shown(repo)} is a URL; give a hub repo id such as owner/name[@revision] "
+                         "(HF_ENDPOINT names the server)")
     repo_id, at, rev = repo.partition("@")
     if not repo_id:
         raise UsageError("give a hub repo id such as owner/name[@revision]")
     if at and not rev:
-        raise UsageError(f"{repo!r}: empty revision after '@'")
+        raise UsageError(f"{shown(repo)}: empty revision after '@'")
     if rev and revision and rev != revision:
-        raise UsageError(f"{repo!r} names revision {rev!r} but --revision says {revision!r}")
+        raise UsageError(f"{shown(repo)} names revision {shown(rev)} but --revision says {shown(revision)}")
     return repo_id, (rev or revision or None)
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from adapterhub_c.adapters.lora import CONFIG_NAME, WEIGHTS_NAME, canonical_tensors
 from adapterhub_c.errors import AdaptWarning, IntegrityError, UsageError
-from adapterhub_c.fsutil import read_safetensors_header
+from adapterhub_c.fsutil import read_safetensors_header, redact_url
 from adapterhub_c.hub import client
 from adapterhub_c.hub.names import valid_name_part
 from adapterhub_c.hub.validate import PICKLE_WEIGHTS, kohya_message, validate_lora_folder
@@ -107,7 +107,7 @@ def is_model_id(name: str) -> bool:
 
 
 def _shown_name(name: str, limit: int = 60) -> str:
-    text = ascii(name)
+    text = redact_url(ascii(name))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -177,7 +177,7 @@ def _pull_base(reg: Registry, req: _Pull, adapter, label: str) -> tuple[str, str
     with reg.session() as s:
         row = reg.find_base(s, base_name)
     if row is None and QUANTIZED_COPY.search(base_name):
-        raise UsageError(f"{label}: its base {base_name!r} is a quantized copy; pass --base NAME to "
+        raise UsageError(f"{label}: its base {_shown_name(base_name)} is a quantized copy; pass --base NAME to "
                          "attach it to the registered full-precision base" + nearest_hint(reg, adapter))
     if row is None and builtin_for(base_name) is None:
         _check_base_on_hub(reg, req, adapter, base_name, base_rev, label)

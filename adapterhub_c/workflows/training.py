@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from adapterhub_c.adapters.attach import load_adapted
-from adapterhub_c.errors import UsageError
+from adapterhub_c.errors import NotFoundError, UsageError
 from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import EvalData, Scores
 from adapterhub_c.evals.metrics import QUALITY_METRICS
+from adapterhub_c.models.builtin import builtin_for
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.options import Options
 from adapterhub_c.options.convert import RECOVER_METHODS, ConvertOptions
@@ -72,6 +73,7 @@ from adapterhub_c.training.convert import (
 )
 from adapterhub_c.training.loop import TrainConfig, TrainResult
 from adapterhub_c.training.train import train_lora
+from adapterhub_c.workflows.bases import add_builtin_base
 
 DEFAULT_CALIB = DEFAULT_CORPUS  # lowrank: when the variant's recipe names no calibration set
 O = TypeVar("O", bound=Options)
@@ -180,7 +182,7 @@ def train_adapter(reg: Registry, target: str, data: str | None = None, options: 
     opts = options_of(TrainOptions, options, {**fields, **({"data": data} if data is not None else {})})
     device = str(resolve_device(opts.device))
     config = _train_config(opts, device)
-    spec = _train_target(reg, target, opts.variant)
+    spec = _train_target(reg, target, opts.variant, progress)
     dataset = load_dataset(opts.data, "train")
     evaldata = EvalData.load(opts.eval_data or opts.data, opts.eval_split)
     check_new_name(reg, name, command="adapt train")
@@ -201,8 +203,17 @@ def train_adapter(reg: Registry, target: str, data: str | None = None, options: 
         return art, report
 
 
-def _train_target(reg: Registry, target: str, variant: str | None) -> StackSpec:
-    spec = resolve_stack(reg, target, variant)
+def _train_target(reg: Registry, target: str, variant: str | None, progress: Progress | None = None) -> StackSpec:
+    try:
+        spec = resolve_stack(reg, target, variant)
+    except NotFoundError:
+        if builtin_for(target) is None:
+            raise
+        spec = None
+    if spec is None or (spec.base.is_reference and builtin_for(spec.base.name) is not None):
+        # a built-in is added on first use (as api.add_base adds it), like pull resolving a Hub base
+        add_builtin_base(reg, target if spec is None else spec.base.name, progress=progress)
+        spec = resolve_stack(reg, target, variant)
     if spec.adapter is not None or spec.prompt is not None:
         raise UsageError(f"{target!r} is an artefact; train starts from a base or a variant")
     if spec.base.is_reference:

@@ -221,6 +221,8 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, options: VariantOpt
         check_name_syntax(name, "variant name", namespace=False)
     base, existing, final_name = _find_or_name(reg, base_ref, recipe, name)
     if existing is not None:
+        if name is not None and name != existing.name:
+            warnings.warn(same_recipe_warning(existing.name, name), AdaptWarning, stacklevel=2)
         return existing, False
     base_files = _base_weight_files(base)
     params = dict(base=base.name, recipe=recipe.to_dict(), name=final_name, eval_tokens=opts.eval_tokens,
@@ -249,6 +251,12 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, options: VariantOpt
                        "perplexity": variant_ppl, "base_perplexity": base_ppl, "size_bytes": size} if created
                       else {"variant": row.name, "id": row.id, "created": False})
         return row, created
+
+
+def same_recipe_warning(existing: str, asked: str) -> str:
+    """What create says when ``--name asked`` got the variant ``existing`` that the same recipe already made."""
+    return (f"--name {asked!r} ignored: variant {existing!r} already has this recipe on this base "
+            f"(a recipe makes one variant); returned {existing!r}")
 
 
 def _find_or_name(reg: Registry, base_ref: str | BaseModel, recipe: Recipe,
