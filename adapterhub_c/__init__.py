@@ -21,7 +21,11 @@ _API = (
     "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "demo",
+    "serve_hub", "demo", "replay_merge", "ui", "registry_summary", "model_tree", "show_page", "compare", "list_runs",
+    "find",
+    # the typed options of the commands (light: importing them loads no torch)
+    "TrainOptions", "ConvertOptions", "PackOptions", "MergeOptions", "ComposeOptions", "VariantOptions",
+    "PromptOptions", "TransferOptions", "BatchItems", "BatchSteps", "BatchExecution",
 )
 __all__ = ["__version__", *_API]
 
