@@ -22,6 +22,7 @@ PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels", "sparsegpt
 GRANULARITIES = ("row", "layer")
 CALIB_USERS = ("wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")  # (and gptq) the default calibration set serves
 GPTQ_BITS = (2, 3, 4, 8)
+MOE_ROUTERS = ("mlp", "similarity")
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_CALIB_SEQ_LEN = 128
 DEFAULT_EVAL_TOKENS = 8192  # perplexity of base and variant: first tokens of builtin:pydoc test
@@ -75,6 +76,15 @@ class VariantOptions(Options):
                                                "row); must divide every layer's inputs.")
     act_order: bool = option(False, help="gptq: quantize columns by decreasing Hessian diagonal.")
     sym: bool = option(False, help="gptq: symmetric grid (default asymmetric, as the reference).")
+    moefy: bool = option(False, help="MoEfication: split every MLP's channels into --experts experts (balanced "
+                                     "k-means) with a router per layer choosing --active of them per token "
+                                     "(needs calibration data).")
+    experts: int | None = option(None, help="moefy: experts per MLP (the first intermediate % experts experts "
+                                            "get one channel more).")
+    active: int | None = option(None, help="moefy: experts computed per token (at most --experts).")
+    moe_router: str | None = option(None, choices=MOE_ROUTERS,
+                                    help="moefy: mlp (trained to predict the experts' activation norms; default) or "
+                                         "similarity (nearest expert centroid).")
     include_embeddings: bool = option(False, cli=False, help="Also prune the token embeddings (unstructured).")
     include_lm_head: bool = option(False, cli=False, help="Also prune (or quantize) the LM head.")
     eval_tokens: int = option(DEFAULT_EVAL_TOKENS, help="Measure perplexity on this many builtin:pydoc test "
@@ -104,9 +114,39 @@ class VariantOptions(Options):
                 "sparsity": self.sparsity, "granularity": self.granularity, "calib": self.calib,
                 "calib_samples": self.calib_samples, "calib_seq_len": self.calib_seq_len,
                 "include_embeddings": self.include_embeddings, "include_lm_head": self.include_lm_head,
-                "bits": self.bits, "group_size": self.group_size, "act_order": self.act_order, "sym": self.sym}
+                "bits": self.bits, "group_size": self.group_size, "act_order": self.act_order, "sym": self.sym,
+                **self._moe_fields()}
+
+    def _moe_fields(self) -> dict:
+        """MoEfication's recipe fields, only when set (a recipe without them keeps its earlier keys)."""
+        fields = {"moefy": self.moefy, "experts": self.experts, "active": self.active, "moe_router": self.moe_router}
+        return {k: v for k, v in fields.items() if v not in (None, False)}
+
+
+@dataclass(frozen=True)
+class VariantAddOptions(Options):
+    """``adapt variant add REPO --base B``: register a pre-quantized checkpoint of a base
+    (``workflows.imports.add_variant``); what it is comes from the checkpoint itself."""
+
+    family: ClassVar[str] = "variant add"
+
+    revision: str | None = option(None, help="Branch, tag or commit of the Hub repo (or REPO@REV).")
+    include: tuple[str, ...] | None = option(None, type="csv", help="Only the repo's files matching these "
+                                                                    "comma-separated globs (default: all).")
+    exclude: tuple[str, ...] | None = option(None, type="csv", help="Leave out the files matching these "
+                                                                    "comma-separated globs.")
+    eval_tokens: int = option(DEFAULT_EVAL_TOKENS, key=False, help="Measure perplexity on this many "
+                                                                   "builtin:pydoc test tokens (0 skips).")
+    device: str = option("cpu", key=False, help="cpu, cuda or auto (where the checkpoint is measured).")
+
+    def validate(self) -> None:
+        """``eval_tokens`` 0 (skip) or at least 2; a known device."""
+        self._require(is_count(self.eval_tokens, 0) and self.eval_tokens != 1, "eval_tokens",
+                      "0 (skip) or at least 2")
+        self._require(str(self.device).startswith(("cpu", "cuda", "auto")), "device", "cpu, cuda or auto")
 
 
 __all__ = ["VariantOptions", "QUANT_METHODS", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "GPTQ_BITS",
-           "DefaultCalib",
+           "MOE_ROUTERS",
+           "DefaultCalib", "VariantAddOptions",
            "DEFAULT_CALIB", "DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_EVAL_TOKENS"]

@@ -26,6 +26,11 @@ Defaults and choices:
   digests) of every earlier variant are unchanged.
 - SparseGPT (`prune="sparsegpt"` with a sparsity in (0, 1), or `"sparsegpt:2:4"`):
   calibrated; combines with gptq (jointly) or with bitsandbytes quantization at load.
+- MoEfication (`moefy=True`, issue 25; variants/moefy.py): `experts` E >= 2 per MLP and
+  `active` K in [1, E] computed per token (both required), `moe_router` "mlp" (default) or
+  "similarity". Calibrated (it needs `calib`); combines with any quantization or pruning
+  (done after them: "Q+M"). These four fields appear in the canonical JSON only when
+  `moefy` is set, so earlier digests are unchanged.
 """
 from __future__ import annotations
 
@@ -36,11 +41,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.options.variant import GPTQ_BITS, GRANULARITIES, PRUNE_METHODS, QUANT_METHODS
+from adapterhub_c.options.variant import GPTQ_BITS, GRANULARITIES, MOE_ROUTERS, PRUNE_METHODS, QUANT_METHODS
 
 BNB_METHODS = ("int8", "nf4", "fp4")  # quantized by bitsandbytes at load time
 SPARSEGPT = ("sparsegpt", "sparsegpt:2:4")  # prune with the OBS update: kept values change
 GPTQ_FIELDS = ("bits", "group_size", "act_order", "sym")
+MOE_FIELDS = ("experts", "active", "moe_router")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
 RECIPE_VERSION = 1
 
@@ -63,6 +69,10 @@ class Recipe:
     group_size: int | None = None
     act_order: bool = False
     sym: bool = False
+    moefy: bool = False
+    experts: int | None = None
+    active: int | None = None
+    moe_router: str | None = None
 
     def __post_init__(self) -> None:
         quant = str(self.quant).lower()
@@ -75,12 +85,13 @@ class Recipe:
         _set(self, "prune", prune)
         _set(self, "sparsity", _normalise_sparsity(prune, self.sparsity))
         _set(self, "prune_granularity", _normalise_granularity(prune, self.prune_granularity))
-        for flag in ("double_quant", "include_embeddings", "include_lm_head", "act_order", "sym"):
+        for flag in ("double_quant", "include_embeddings", "include_lm_head", "act_order", "sym", "moefy"):
             if not isinstance(getattr(self, flag), bool):
                 raise UsageError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.double_quant and quant not in ("nf4", "fp4"):
             raise UsageError(f"double_quant applies only to nf4 and fp4, not to quant {quant!r}")
         self._check_gptq()
+        self._check_moe()
         self._check_calibration()
         if self.include_embeddings and prune not in UNSTRUCTURED:
             raise UsageError("include_embeddings applies only to magnitude, wanda and 2:4 pruning")
@@ -107,6 +118,28 @@ class Recipe:
         if self.act_order and self.prune != "none":
             raise UsageError("act_order cannot be combined with sparsegpt pruning")
 
+    def _check_moe(self) -> None:
+        """Fill and check the MoEfication fields (experts, active, moe_router)."""
+        if not self.moefy:
+            given = [f for f in MOE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise UsageError(f"{given[0]} applies only to MoEfication (moefy)")
+            return
+        for name in ("experts", "active"):
+            value = getattr(self, name)
+            if value is None:
+                raise UsageError(f"moefy needs {name} (experts per MLP and experts computed per token, e.g. 8 and 2)")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.experts < 2 or self.experts > 32767:
+            raise UsageError(f"experts must be between 2 and 32767, got {self.experts}")
+        if self.active > self.experts:
+            raise UsageError(f"active must be at most experts ({self.experts}), got {self.active}")
+        router = "mlp" if self.moe_router is None else str(self.moe_router).lower()
+        if router not in MOE_ROUTERS:
+            raise UsageError(f"unknown moe_router {self.moe_router!r} (choose from {', '.join(MOE_ROUTERS)})")
+        _set(self, "moe_router", router)
+
     def _check_calibration(self) -> None:
         calib = self.calib
         if calib is not None and (not isinstance(calib, str) or not calib.strip()):
@@ -120,9 +153,12 @@ class Recipe:
         if self.calib is None and (self.prune in ("wanda",) + SPARSEGPT or self.quant == "gptq"):
             method = self.prune if self.prune != "none" and self.quant != "gptq" else "gptq"
             raise UsageError(f"{method} needs calibration data (give calib, e.g. builtin:pydoc)")
-        if self.calib is not None and self.prune in ("none", "magnitude") and self.quant != "gptq":
-            raise UsageError(f"calib is unused with prune {self.prune!r}; it serves wanda, sparsegpt, gptq, 2:4 and "
-                             "ffn-channels")
+        if self.calib is None and self.moefy:
+            raise UsageError("MoEfication (moefy) needs calibration data to train its routers (give calib, e.g. "
+                             "builtin:pydoc)")
+        if self.calib is not None and self.prune in ("none", "magnitude") and self.quant != "gptq" and not self.moefy:
+            raise UsageError(f"calib is unused with prune {self.prune!r}; it serves wanda, sparsegpt, gptq, 2:4, "
+                             "ffn-channels and moefy")
 
     @property
     def uses_calibration(self) -> bool:
@@ -147,13 +183,16 @@ class Recipe:
     @property
     def stores_weights(self) -> bool:
         """True when the variant stores something of its own over the base (masks, channels, codes, values)."""
-        return self.prune != "none" or self.quant == "gptq"
+        return self.prune != "none" or self.quant == "gptq" or self.moefy
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, defaults filled, plus the recipe format version (GPTQ's fields only for gptq)."""
         data = asdict(self)
         if self.quant != "gptq":
             for name in GPTQ_FIELDS:
+                del data[name]
+        if not self.moefy:
+            for name in ("moefy",) + MOE_FIELDS:
                 del data[name]
         data["version"] = RECIPE_VERSION
         return data
@@ -182,6 +221,8 @@ class Recipe:
             if self.prune_granularity:
                 label += f" ({self.prune_granularity})"
             parts.append(label)
+        if self.moefy:
+            parts.append(f"moe {self.active}/{self.experts} experts" + (" (similarity)" * (self.moe_router != "mlp")))
         return ", ".join(parts) or "uncompressed"
 
     def _gptq_label(self) -> str:
