@@ -225,6 +225,72 @@ def _dora_rank(inputs: Sequence[MergeInput], spec: MergeSpec) -> tuple[MergeSpec
 
 
 # ---- popcount sign election ----------------------------------------------------------------
+class _NotExact(Exception):
+    """The popcount vote would differ from the dense one here (the message says why)."""
+
+
+def _dense_only_reason(inputs: Sequence[MergeInput], spec: MergeSpec) -> str | None:
+    """Why these inputs and this spec cannot be elected on bit planes at all (None: they may)."""
+    if spec.method != "ties":
+        return (f"{spec.method} is not TIES" if not spec.uses_sign_election
+                else "dare-ties drops entries at random before the vote")
+    if spec.space != "factors":
+        return "in delta space ΔW = B·A is not ternary"
+    if any(x.dora_rank for x in inputs):
+        return "DoRA inputs merge in weight space, not on A/B sign planes"
+    if any(x.planes is None for x in inputs):
+        return "not every input is a pack"
+    return None
+
+
+def _voters(planes: list, weights: list[float], spec: MergeSpec, dtype: torch.dtype) -> tuple[list, list, list]:
+    """(positive planes, negative planes, voter magnitudes) of one factor, as the dense vote weighs them."""
+    pos, neg, mags = [], [], []
+    for p, wi in zip(planes, weights, strict=False):
+        if p is None:
+            continue
+        # the voter magnitude exactly as the dense path computes it
+        value = torch.tensor(p.scale, dtype=torch.float32).to(p.dtype).to(dtype)
+        voter = value if spec.convention == "peft" else value * torch.tensor(wi, dtype=dtype)
+        if voter.item() == 0:
+            continue
+        mags.append(abs(voter.item()))
+        flip = spec.convention == "mergekit" and wi < 0
+        pos.append(p.neg if flip else p.pos)
+        neg.append(p.pos if flip else p.neg)
+    return pos, neg, mags
+
+
+def _check_exact(spec: MergeSpec, key: str, planes: list, numel: int, mags: list[float]) -> None:
+    """``_NotExact`` where the trim or the majority rule would make the bit-plane vote differ."""
+    if spec.density is not None and int(spec.density * numel) < 1:
+        raise _NotExact(f"density {spec.density} keeps no entry of {key}")
+    if spec.convention == "mergekit" and any(p is not None and p.nnz > int(spec.density * numel) for p in planes):
+        # every non-zero is tied at c, and mergekit's trim keeps only k of them
+        raise _NotExact(f"density {spec.density} keeps fewer entries of {key} than a pack holds, and the "
+                        "mergekit trim cuts ties")
+    if spec.majority == "total":
+        if len(set(mags)) > 1:
+            raise _NotExact(f"majority=total with unequal input magnitudes at {key} "
+                            "(use majority=frequency, or packs with equal scales)")
+        if len(mags) > MAX_TOTAL_VOTERS:
+            raise _NotExact(f"majority=total with more than {MAX_TOTAL_VOTERS} voters")
+
+
+def _factor_sign(spec: MergeSpec, key: str, planes: list, weights: list[float], dtype: torch.dtype,
+                 device: torch.device, impl: str) -> torch.Tensor:
+    """The elected sign tensor of one factor from its inputs' bit planes (``_NotExact`` where it would differ)."""
+    shape = next(p.shape for p in planes if p is not None)
+    numel = int(np.prod(shape))
+    pos, neg, mags = _voters(planes, weights, spec, dtype)
+    _check_exact(spec, key, planes, numel, mags)
+    if not pos:
+        return torch.ones(shape, dtype=dtype, device=device)
+    _, e_neg = elect_signs(torch.stack(pos), torch.stack(neg), numel, impl=impl)
+    # a tie (count 0) elects nothing in the kernel and + in the dense rule
+    return (1 - 2 * unpack_bits(e_neg, numel)).to(dtype).reshape(shape)
+
+
 def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Sequence[str] | None = None,
                        *, impl: str = "auto") -> Election:
     """Elect TIES signs on the packs' bit planes where that equals the dense vote exactly.
@@ -233,15 +299,8 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
     ``Election("dense", reason)`` when any condition of the module docstring fails.
     """
     t0 = time.perf_counter()
-    if spec.method != "ties":
-        return Election("dense", f"{spec.method} is not TIES" if not spec.uses_sign_election
-                        else "dare-ties drops entries at random before the vote")
-    if spec.space != "factors":
-        return Election("dense", "in delta space ΔW = B·A is not ternary")
-    if any(x.dora_rank for x in inputs):
-        return Election("dense", "DoRA inputs merge in weight space, not on A/B sign planes")
-    if any(x.planes is None for x in inputs):
-        return Election("dense", "not every input is a pack")
+    if (reason := _dense_only_reason(inputs, spec)) is not None:
+        return Election("dense", reason)
     adapters = [x.adapter for x in inputs]
     names = input_names(adapters, names)
     check_inputs(adapters, names)
@@ -249,48 +308,18 @@ def popcount_elections(inputs: Sequence[MergeInput], spec: MergeSpec, names: Seq
     dtype = compute_dtype(adapters)
     device = next(iter(inputs[0].planes.values())).pos.device
     signs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for m in modules:
-        w_A, w_B = factor_weights(spec.weights, [m], dtype, device)
-        pair = []
-        for factor, w in (("A", w_A[:, 0]), ("B", w_B[:, 0])):
-            key = f"{PREFIX}{m.name}.lora_{factor}.weight"
-            planes = [x.planes.get(key) if layer is not None else None for x, layer in zip(inputs, m.layers, strict=False)]
-            shape = next(p.shape for p in planes if p is not None)
-            numel = int(np.prod(shape))
-            if spec.density is not None and int(spec.density * numel) < 1:
-                return Election("dense", f"density {spec.density} keeps no entry of {key}")
-            if spec.convention == "mergekit" and any(p is not None and p.nnz > int(spec.density * numel)
-                                                     for p in planes):
-                # every non-zero is tied at c, and mergekit's trim keeps only k of them
-                return Election("dense", f"density {spec.density} keeps fewer entries of {key} than a pack "
-                                         f"holds, and the mergekit trim cuts ties")
-            pos, neg, mags = [], [], []
-            for p, wi in zip(planes, w.tolist(), strict=False):
-                if p is None:
-                    continue
-                # the voter magnitude exactly as the dense path computes it
-                value = torch.tensor(p.scale, dtype=torch.float32).to(p.dtype).to(dtype)
-                voter = value if spec.convention == "peft" else value * torch.tensor(wi, dtype=dtype)
-                if voter.item() == 0:
-                    continue
-                mags.append(abs(voter.item()))
-                flip = spec.convention == "mergekit" and wi < 0
-                pos.append(p.neg if flip else p.pos)
-                neg.append(p.pos if flip else p.neg)
-            if spec.majority == "total":
-                if len(set(mags)) > 1:
-                    return Election("dense", f"majority=total with unequal input magnitudes at {key} "
-                                             f"(use majority=frequency, or packs with equal scales)")
-                if len(mags) > MAX_TOTAL_VOTERS:
-                    return Election("dense", f"majority=total with more than {MAX_TOTAL_VOTERS} voters")
-            if not pos:
-                sign = torch.ones(shape, dtype=dtype, device=device)
-            else:
-                _, e_neg = elect_signs(torch.stack(pos), torch.stack(neg), numel, impl=impl)
-                # a tie (count 0) elects nothing in the kernel and + in the dense rule
-                sign = (1 - 2 * unpack_bits(e_neg, numel)).to(dtype).reshape(shape)
-            pair.append(sign)
-        signs[m.name] = (pair[0], pair[1])
+    try:
+        for m in modules:
+            w_A, w_B = factor_weights(spec.weights, [m], dtype, device)
+            pair = []
+            for factor, w in (("A", w_A[:, 0]), ("B", w_B[:, 0])):
+                key = f"{PREFIX}{m.name}.lora_{factor}.weight"
+                planes = [x.planes.get(key) if layer is not None else None
+                          for x, layer in zip(inputs, m.layers, strict=False)]
+                pair.append(_factor_sign(spec, key, planes, w.tolist(), dtype, device, impl))
+            signs[m.name] = (pair[0], pair[1])
+    except _NotExact as e:
+        return Election("dense", str(e))
     return Election("popcount", f"factor-space TIES on packs, majority={spec.majority}", signs,
                     time.perf_counter() - t0)
 
