@@ -234,7 +234,7 @@ def _tqdm_bridge(progress: Progress):
 
 
 # ---- pull --------------------------------------------------------------------------------------
-def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,
+def download_repo(repo_id: str, revision: str | None = None, include=None, exclude=None,  # noqa: PLR0913 - mirrors huggingface_hub's snapshot_download keywords
                   allow_pickle: bool = False, token: str | None = None,
                   endpoint: str | None = None, progress: Progress | None = None, *,
                   cache_dir: str | Path | None = None, tries: int = DEFAULT_TRIES,

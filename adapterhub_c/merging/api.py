@@ -35,7 +35,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)  # e.g. modules_to_save tensors averaged
 
 
-def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmetic", *,
+def merge_adapters(adapters: Sequence[LoraAdapter], method: str = "task-arithmetic", *,  # noqa: PLR0913 - the library's merge entry point: a keyword per merge option, checked into one MergeSpec
                    weights: Sequence[float] | None = None, space: str = "delta", rank: int | None = None,
                    density: float | None = None, majority: str = "total", convention: str = "peft",
                    seed: int = 0, svd: str = "randomized", rescale: str | None = None,

@@ -55,7 +55,7 @@ class ComposeResult:
     names: list[str] = field(default_factory=list)
 
 
-def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.ndarray], float] | None = None,
+def compose_adapters(adapters: Sequence[LoraAdapter], *, loss_fn: Callable[[np.ndarray], float] | None = None,  # noqa: PLR0913 - LoraHub's entry point: a keyword per search option
                      model=None, tokenizer=None, examples: Sequence[tuple[str, str]] | None = None,
                      optimizer: str = DEFAULT_OPTIMIZER, budget: int = DEFAULT_BUDGET,
                      bounds: tuple[float, float] = DEFAULT_BOUNDS,

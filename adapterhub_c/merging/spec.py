@@ -89,7 +89,7 @@ class MergeSpec:
         return self.method in DARE_METHODS
 
 
-def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[float] | None = None,
+def make_spec(n_inputs: int, method: str = "task-arithmetic", weights: Sequence[float] | None = None,  # noqa: PLR0913 - builds the MergeSpec from its fields
               space: str = "delta", rank: int | None = None, density: float | None = None,
               majority: str = "total", convention: str = "peft", seed: int | None = 0,
               svd: str = "randomized", rescale: str | None = None) -> MergeSpec:

@@ -21,7 +21,7 @@ from adapterhub_c.errors import UsageError
 T = TypeVar("T", bound="Options")
 
 
-def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, choices: tuple | None = None,
+def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, choices: tuple | None = None,  # noqa: PLR0913 - mirrors click's option keywords
            cli: bool = True, default_factory: Any = MISSING, show_default: bool = True,
            type: Any = None, aliases: dict[str, tuple[Any, str]] | None = None,  # noqa: A002
            short: str | None = None, key: bool = True) -> Any:

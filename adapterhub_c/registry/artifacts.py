@@ -110,7 +110,7 @@ def unique_name(reg: Registry, stem: str) -> str:
     return name
 
 
-def register_artifact(reg: Registry, *, kind: str, name: str | None = None, stem: str | None = None, base_id: str,
+def register_artifact(reg: Registry, *, kind: str, name: str | None = None, stem: str | None = None, base_id: str,  # noqa: PLR0913 - keyword-only columns of the row it writes
                       folder: str | os.PathLike | None = None, files: dict[str, str] | None = None,
                       variant_id: str | None = None, source: str | None = None, source_sha: str | None = None,
                       config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,

@@ -87,7 +87,7 @@ class ConvertResult:
 # the student
 
 
-def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool = True, recover: bool = True,
+def build_student(variant_model: nn.Module, source: LoraAdapter, inherit: bool = True, recover: bool = True,  # noqa: PLR0913 - the recovery modules' hyper-parameters as keywords
                   recover_rank: int = 16, recover_act: str = "gelu",
                   kept_indices: dict[str, torch.Tensor] | None = None, targets=None, *,
                   recover_alpha: float | None = None, recover_dropout: float = 0.05,
@@ -164,7 +164,7 @@ def _check_teacher(teacher: nn.Module, student: Student) -> None:
                          "build the teacher from a separate copy of the base")
 
 
-def distill_convert(student: Student, teacher: nn.Module | None, tokenizer, dataset: Any = None,
+def distill_convert(student: Student, teacher: nn.Module | None, tokenizer, dataset: Any = None,  # noqa: PLR0913 - the distillation's hyper-parameters as keywords
                     distill: bool = True, distill_alpha: float = 1.0, distill_on: str = "hidden",
                     config: TrainConfig | None = None, *, progress: Progress | None = None,
                     resume: bool = False, fingerprint: dict | None = None) -> ConvertResult:

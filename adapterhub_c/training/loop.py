@@ -362,7 +362,7 @@ def _resume(path: Path, named, opt, hparams: dict, device: torch.device) -> tupl
     return int(meta["step"]), list(meta["losses"]), list(meta["logs"])
 
 
-def _run(module, named, opt, loss_fn, source, config: TrainConfig, hparams: dict, start: int,
+def _run(module, named, opt, loss_fn, source, config: TrainConfig, hparams: dict, start: int,  # noqa: PLR0913 - one training run's state, passed once from train()
          result: TrainResult, ckpt_path: Path | None, device: torch.device, progress) -> None:
     params = [p for _, p in named]
     autocast = device.type == "cuda" and config.bf16

@@ -335,7 +335,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def learn_prompt(model: nn.Module, tokenizer, dataset, k: int = 100, init: str = "vocab-sample",
+def learn_prompt(model: nn.Module, tokenizer, dataset, k: int = 100, init: str = "vocab-sample",  # noqa: PLR0913 - the method's hyper-parameters as keywords
                  config: Any = None, *, seq_len: int = 256, batch_size: int = 2,
                  max_batches: int | None = None, seed: int = 0, base: str = "",
                  learned_on: str = "", train_fn: TrainFn | None = None) -> tuple[SoftPrompt, Any]:

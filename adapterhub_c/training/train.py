@@ -64,7 +64,7 @@ def _target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def train_lora(model: nn.Module, tokenizer, dataset: Any, rank: int = 16, alpha: float = 32,
+def train_lora(model: nn.Module, tokenizer, dataset: Any, rank: int = 16, alpha: float = 32,  # noqa: PLR0913 - the method's hyper-parameters as keywords, as PEFT's LoraConfig
                targets: Sequence[str] | None = None, config: TrainConfig | None = None, *,
                dropout: float = 0.05, use_rslora: bool = False, gradient_checkpointing: bool = False,
                progress: Progress | None = None, resume: bool = False,

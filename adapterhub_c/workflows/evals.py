@@ -11,7 +11,7 @@ from adapterhub_c.runtime.evaluations import record_evaluations
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
 
 
-def run_eval(reg: Registry, target: str, data: str, split: str = "test", variant: str | None = None,
+def run_eval(reg: Registry, target: str, data: str, split: str = "test", variant: str | None = None,  # noqa: PLR0913 - the stack (variant, adapter, prompt) and the evaluation budget
              adapter: str | None = None, prompt: str | None = None, max_tokens: int | None = None,
              max_examples: int | None = None, device: str | None = "cpu", progress=None) -> dict:
     """Evaluate TARGET (+ variant/adapter/prompt) on DATA and record the results."""

@@ -361,7 +361,7 @@ def _check_before_download(reg: Registry, req: _Pull) -> None:
             raise UsageError(f"an artefact named {req.name!r} already exists; pick another --name")
 
 
-def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,
+def pull_adapter(reg: Registry, repo: str, *, revision: str | None = None,  # noqa: PLR0913 - the pull command's options, as huggingface_hub's download takes them
                  include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
                  name: str | None = None, allow_pickle: bool = False, token: str | None = None,
                  with_base: bool = False, progress: Progress | None = None,

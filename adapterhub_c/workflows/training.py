@@ -468,7 +468,7 @@ def _compensation_info(opts: ConvertOptions, conversion: Conversion, moments: _V
             "warnings": comp.warnings}
 
 
-def _register_converted(reg, src: ConvertSources, opts: ConvertOptions, conversion: Conversion, evaldata: EvalData,
+def _register_converted(reg, src: ConvertSources, opts: ConvertOptions, conversion: Conversion, evaldata: EvalData,  # noqa: PLR0913 - what one conversion produced, passed once
                         rows: list[Row], comp_info: dict | None, kept: bool, config: TrainConfig, name, run):
     """Register the converted adapter (``lora`` when compensated, else ``recovered-lora``) with its lineage."""
     result = conversion.result
