@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from adapterhub_c.kernels.bf16_triton import f32_to_bf16_bits
+from adapterhub_c.kernels.planes_triton import ternary_at
 
 BLOCK = 1024
 
@@ -14,11 +15,7 @@ BLOCK = 1024
 def _decode_kernel(pos_ptr, neg_ptr, out_ptr, numel, scale, BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    word = offs >> 5
-    bit = (offs & 31).to(tl.int32)
-    p = (tl.load(pos_ptr + word, mask=mask, other=0) >> bit) & 1
-    n = (tl.load(neg_ptr + word, mask=mask, other=0) >> bit) & 1
-    val = (p - n).to(tl.float32) * scale
+    val = ternary_at(pos_ptr, neg_ptr, offs, mask).to(tl.float32) * scale
     if BF16:
         tl.store(out_ptr + offs, f32_to_bf16_bits(val), mask=mask)
     else:
