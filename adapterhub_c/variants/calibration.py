@@ -99,15 +99,20 @@ def input_sq_norms(
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
     try:
-        for batch in length_batches(rows, batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
+        _forward_batches(model, rows, batch_size, device)
     finally:
         for handle in handles:
             handle.remove()
     return sums
+
+
+def _forward_batches(model: nn.Module, rows: list[torch.Tensor], batch_size: int, device) -> None:
+    """Run ``rows`` through ``model`` in length-grouped batches; a hook may stop each forward early."""
+    for batch in length_batches(rows, batch_size):
+        try:
+            model(input_ids=batch.to(device), use_cache=False)
+        except _StopForward:
+            pass
 
 
 class BlockwiseCalibrator:
@@ -135,11 +140,7 @@ class BlockwiseCalibrator:
         handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with torch.no_grad():
-                for batch in length_batches(rows, batch_size):
-                    try:
-                        model(input_ids=batch.to(device), use_cache=False)
-                    except _StopForward:
-                        pass
+                _forward_batches(model, rows, batch_size, device)
         finally:
             handle.remove()
 
