@@ -1,7 +1,7 @@
-"""The full hostile-input campaign (issue 20): ≥ 10,000 seeded mutations, one counts table.
+"""The full hostile-input campaign (issue 20, extended in issue 28): ≥ 10,000 seeded mutations, one counts table.
 
 Usage:
-  python benchmarks/fuzz.py [--packs 4000] [--adapters 4000] [--http 1500] [--names 1000]
+  python benchmarks/fuzz.py [--packs 4000] [--adapters 4000] [--http 1500] [--cards 1000] [--names 1000]
                             [--secrets 500] [--seed 0] [--out benchmarks/results/fuzz.md]
 
 The generators and the outcome rules are ``tests/fuzzing.py`` (the suite's
@@ -9,12 +9,20 @@ The generators and the outcome rules are ``tests/fuzzing.py`` (the suite's
 (fixtures flipped, cut, or a header field / index cell / scale / stream changed and
 re-signed), adapter folders (config fields, JSON text, safetensors header entries, weight
 bytes, key names), raw HTTP requests to a loopback Hub server, hostile artefact names, URLs
-with credentials. The baseline row of each file family is the unmutated seed, which must be
+with credentials. Issue 28 (round three) added the classes the first campaign missed: pack
+header numbers scaled (density, shapes, index cells, v2 table counts), streams emptied under
+shapes that claim elements, cross-tensor geometry (A/B shapes swapped, re-ranked; decoded
+packs must pair A [r, in] with B [out, r]); adapters with ``target_modules: null`` or a
+``lora_B.bias`` (any shape, alone, ``lora_bias`` true/false/absent), where an accepted folder
+must also attach to the tiny Llama as ``use`` attaches it (``unexpected:AcceptedThenRefused``
+otherwise); model cards with values YAML allows and JSON does not, planted in the local Hub
+(model info and listings must answer 200 with JSON cardData) and committed over HTTP (400
+exactly when the card has no JSON metadata). The baseline row of each file family is the unmutated seed, which must be
 accepted: a campaign whose reader refused everything would also "pass".
 
 Must be zero: ``unexpected:*`` (an exception other than IntegrityError / UsageError),
-``accepted_invalid`` (accepted, but the result is non-finite, out of range or not Hub-like;
-a secret that survived redaction), ``http_5xx``, ``dropped`` (connection closed without an
+``accepted_invalid`` (accepted, but the result is non-finite, out of range, of inconsistent
+geometry or not Hub-like; a secret that survived redaction; a card answered or committed wrongly), ``http_5xx``, ``dropped`` (connection closed without an
 answer), ``over_cap`` (a case after which the process's peak RSS had grown by more than the cap).
 """
 from __future__ import annotations
@@ -53,6 +61,7 @@ def main() -> int:
     ap.add_argument("--packs", type=int, default=4000)
     ap.add_argument("--adapters", type=int, default=4000)
     ap.add_argument("--http", type=int, default=1500)
+    ap.add_argument("--cards", type=int, default=1000)
     ap.add_argument("--names", type=int, default=1000)
     ap.add_argument("--secrets", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
@@ -77,8 +86,12 @@ def main() -> int:
             t0 = time.perf_counter()
             fuzzing.run_http_cases(tally, hub.endpoint, args.seed + 3, args.http)
             seconds["http"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fuzzing.run_card_cases(tally, hub.endpoint, hub.store, args.seed + 6, args.cards)
+            seconds["card"] = time.perf_counter() - t0
             alive = fuzzing.raw_request(hub.endpoint, fuzzing.request_bytes("GET", "/api/models"))[0]
         print(f"http: {dict(tally.counts['http'])}", flush=True)
+        print(f"card: {dict(tally.counts['card'])}", flush=True)
     text = render(args, tally, seconds, baseline, alive)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +102,7 @@ def main() -> int:
 
 def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive) -> str:
     total = sum(c["cases"] for c in tally.counts.values())
-    lines = ["# Hostile-input campaign (issue 20)", "",
+    lines = ["# Hostile-input campaign (issues 20 and 28)", "",
              f"Command: `python benchmarks/fuzz.py {' '.join(sys.argv[1:])}`".replace("`python benchmarks/fuzz.py `",
                                                                                      "`python benchmarks/fuzz.py`"),
              "", f"{total:,} cases, seed {args.seed}; generators and outcome rules in `tests/fuzzing.py`. "
@@ -97,7 +110,7 @@ def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive) -> 
              "(`ru_maxrss`, read after every case).", "",
              "| family | " + " | ".join(COLUMNS) + " | peak RSS growth | ms / case |",
              "|---|" + "---|" * (len(COLUMNS) + 2)]
-    for family in ("pack", "adapter", "http", "name", "secret"):
+    for family in ("pack", "adapter", "http", "card", "name", "secret"):
         c = tally.counts.get(family)
         if not c:
             continue

@@ -56,6 +56,10 @@ HOSTILE_VALUES = [None, True, False, 0, -1, 1, 7, 2**31, 2**63 - 1, 2**64, -2**6
                   {"a": 1}, {"(": 4}, [[[]]], [10**12], [1e12], [2**62, 2**62]]
 
 
+class AcceptedThenRefused(Exception):
+    """Validation passed but using the result failed (counted as ``unexpected:AcceptedThenRefused``)."""
+
+
 class Tally:
     """Outcome counts per family, with an example of each unexpected kind and the peak memory."""
 
@@ -126,8 +130,10 @@ FIXTURE_NAMES = ("v1-golomb", "v1-bitmask", "v2-golomb", "v2-bitmask")
 def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
     """``n`` (kind, file bytes) mutations of the fixtures of both format versions."""
     fixtures = {name: load_fixture(name) for name in FIXTURE_NAMES if (FIXTURES / f"{name}.pack").is_file()}
-    v1 = ["flip", "truncate", "meta", "tensor_info", "index", "scales", "stream", "drop_tensor"]
-    v2 = ["flip", "truncate", "meta", "table", "table", "stream", "drop_tensor"]
+    v1 = ["flip", "truncate", "meta", "tensor_info", "index", "scales", "stream", "drop_tensor",
+          "scale_bounds", "scale_bounds", "empty_stream", "cross_geometry", "cross_geometry"]
+    v2 = ["flip", "truncate", "meta", "table", "table", "stream", "drop_tensor",
+          "scale_bounds", "scale_bounds", "empty_stream"]
     for _ in range(n):
         fixture = rng.choice(sorted(fixtures))
         data, tensors, meta = fixtures[fixture]
@@ -161,6 +167,8 @@ def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
             index = tensors["index"]
             r, c = rng.randrange(index.shape[0]), rng.randrange(index.shape[1])
             index[r, c] = rng.choice([0, -1, 1, 2**31, 2**62, 2**63 - 1, -2**63, int(index[r, c]) + rng.randint(-3, 3)])
+        elif kind in ("scale_bounds", "empty_stream", "cross_geometry"):
+            _ROUND3_PACK[kind](rng, tensors, meta)
         elif kind == "scales":
             scales = tensors["scales"]
             scales[rng.randrange(scales.numel())] = rng.choice([0.0, -1.0, 1e38, float("nan"), float("inf"), 1e-45])
@@ -173,6 +181,75 @@ def pack_cases(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
         else:
             del tensors[rng.choice(sorted(tensors))]
         yield kind, _signed(tensors, meta)
+
+
+# round three (issue 28): the mutations that reached the pack holes the first campaign missed
+SCALES = [2, 3, 16, 1024, 2**20, 2**31, 2**40]
+
+
+def _scale_bounds(rng: random.Random, tensors: dict, meta: dict) -> None:
+    """A header number that sizes what the reader allocates, multiplied: density, a shape
+    entry, an index cell (v1) or one of the table's leading counts or cells (v2)."""
+    k = rng.choice(SCALES)
+    where = rng.choice(["density", "shape", "index"] if "index" in tensors else ["density", "table", "table"])
+    if where == "density":
+        meta["density"] = rng.choice([repr(float(meta["density"]) * k), "1", "1.0", "0.9999999"])
+    elif where == "shape":
+        info = json.loads(meta["tensors"])
+        row = rng.choice(info)
+        row[1][rng.randrange(len(row[1]))] *= k
+        meta["tensors"] = json.dumps(info)
+    elif where == "index":
+        index = tensors["index"]
+        r, c = rng.randrange(index.shape[0]), rng.randrange(index.shape[1])
+        index[r, c] = min(int(index[r, c]) * k, 2**63 - 1)
+    else:
+        raw = bytearray(zlib.decompress(tensors["table"].numpy().tobytes()))
+        if rng.random() < 0.5:  # the little-endian counts at the front
+            at = rng.choice([0, 8])
+            (v,) = struct.unpack_from("<Q", raw, at)
+            struct.pack_into("<Q", raw, at, min(v * k, 2**64 - 1))
+        else:
+            at = rng.randrange(16, len(raw))
+            raw[at] = min(raw[at] * k, 255)
+        tensors["table"] = torch.frombuffer(bytearray(zlib.compress(bytes(raw))), dtype=torch.uint8)
+
+
+def _empty_stream(rng: random.Random, tensors: dict, meta: dict) -> None:
+    """A stream (golomb bits, bitmask planes) emptied while every shape still claims elements,
+    sometimes with a shape scaled up as well."""
+    key = rng.choice([k for k in ("bits", "pos", "neg") if k in tensors])
+    tensors[key] = tensors[key][:0].clone()
+    if "tensors" in meta and rng.random() < 0.5:
+        _scale_bounds(rng, tensors, meta)
+
+
+def _cross_geometry(rng: random.Random, tensors: dict, meta: dict) -> None:
+    """Shapes that are fine one by one and wrong together: A and B of a module swapped or given
+    another rank, two modules' geometries exchanged, a rank off by one (same element count kept
+    where it can be, so the streams still decode)."""
+    info = json.loads(meta["tensors"])
+    op = rng.randrange(4)
+    i, j = rng.sample(range(len(info)), 2)
+    if op == 0:
+        info[i][1], info[j][1] = info[j][1], info[i][1]
+    elif op == 1:
+        info[i][1] = info[i][1][::-1]
+    elif op == 2:
+        a, b = info[i][1]
+        if a % 2 == 0:
+            info[i][1] = [a // 2, b * 2]
+    else:
+        info[i][1][0] += rng.choice([-1, 1])
+    meta["tensors"] = json.dumps(info)
+
+
+_ROUND3_PACK = {"scale_bounds": _scale_bounds, "empty_stream": _empty_stream, "cross_geometry": _cross_geometry}
+
+
+def _geometry_ok(adapter) -> bool:
+    """Every decoded module's A [r, in] and B [out, r] agree on r."""
+    return all(layer.A.shape[0] == layer.B.shape[1] for layer in adapter.layers().values())
 
 
 def _check_pack(path: Path) -> str:
@@ -198,6 +275,8 @@ def _check_pack(path: Path) -> str:
     for t in adapter.tensors.values():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return "accepted_invalid"
+    if not _geometry_ok(adapter):
+        return "accepted_invalid"
     return "accepted"
 
 
@@ -225,14 +304,14 @@ CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "rank_pattern", "alpha_patte
 
 
 def seed_adapter() -> LoraAdapter:
-    """A valid q/v LoRA (r = 4) of the tiny Llama's shapes, seeded."""
+    """A valid q/v LoRA (r = 4) of the tiny Llama's shapes (v_proj is 32 wide: grouped KV), seeded."""
     g = torch.Generator().manual_seed(20)
     tensors = {}
     for layer in range(2):
         for proj in ("q_proj", "v_proj"):
             p = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
             tensors[f"{p}.lora_A.weight"] = torch.randn(4, 64, generator=g)
-            tensors[f"{p}.lora_B.weight"] = torch.randn(64, 4, generator=g)
+            tensors[f"{p}.lora_B.weight"] = torch.randn(64 if proj == "q_proj" else 32, 4, generator=g)
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
               "base_model_name_or_path": "builtin:tiny-llama", "task_type": "CAUSAL_LM"}
     return LoraAdapter(config, tensors)
@@ -251,9 +330,12 @@ def adapter_cases(rng: random.Random, n: int, folder_bytes: tuple[bytes, bytes])
     """``n`` (kind, config bytes, weights bytes) mutations of the seed adapter folder."""
     cfg_bytes, weights = folder_bytes
     for _ in range(n):
-        kind = rng.choice(["config_field", "config_field", "config_text", "header", "data", "keys"])
+        kind = rng.choice(["config_field", "config_field", "config_text", "header", "data", "keys", "bias",
+                           "target_null"])
         cfg, w = cfg_bytes, weights
-        if kind == "config_field":
+        if kind in ("bias", "target_null"):
+            cfg, w = _use_case(rng, kind, cfg, w)
+        elif kind == "config_field":
             config = json.loads(cfg)
             for _ in range(rng.randint(1, 2)):
                 key = rng.choice(CONFIG_KEYS)
@@ -307,10 +389,56 @@ def adapter_cases(rng: random.Random, n: int, folder_bytes: tuple[bytes, bytes])
         yield kind, cfg, w
 
 
+def _use_case(rng: random.Random, kind: str, cfg: bytes, w: bytes) -> tuple[bytes, bytes]:
+    """Round three (issue 28): what validated but could not be used. ``target_null``: a null
+    ``target_modules`` (with other fields); ``bias``: a ``lora_B.bias`` of some shape on some module
+    (or alone), with ``lora_bias`` true, false or absent."""
+    config = json.loads(cfg)
+    if kind == "target_null":
+        config["target_modules"] = None
+        if rng.random() < 0.5:
+            config[rng.choice(["rank_pattern", "alpha_pattern"])] = {"v_proj": rng.choice([2, 4, 8])}
+        return json.dumps(config).encode(), w
+    tensors = st_load(w)
+    key = rng.choice(sorted(k for k in tensors if k.endswith(".lora_B.weight")))
+    out = tensors[key].shape[0]
+    tensors[key.replace(".weight", ".bias")] = torch.zeros(rng.choice([[out], [out - 1], [4], [out, 1], []]))
+    if rng.random() < 0.2:  # the bias alone: its module's factors gone
+        del tensors[key], tensors[key.replace("lora_B", "lora_A")]
+    bias = rng.choice([True, False, None, "yes"])
+    if bias is not None:
+        config["lora_bias"] = bias
+    return json.dumps(config).encode(), st_save(tensors)
+
+
+_TINY_MODEL: list = []
+
+
+def loads(adapter) -> bool:
+    """What pulls, loads: ``adapter`` attaches to a (fresh copy of the) tiny Llama the way ``use``
+    attaches it, and its forward pass is finite."""
+    import copy
+
+    from adapterhub_c.adapters.attach import load_adapted
+    from adapterhub_c.models.tiny import build_tiny_llama
+
+    if not _TINY_MODEL:
+        _TINY_MODEL.append(build_tiny_llama()[0].eval())
+    model = load_adapted(copy.deepcopy(_TINY_MODEL[0]), adapter)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 2]])).logits
+    return bool(torch.isfinite(logits).all())
+
+
 def _check_adapter(folder: Path) -> str:
     from adapterhub_c.hub.validate import validate_lora_folder
 
     adapter = validate_lora_folder(folder)
+    try:
+        if not loads(adapter):
+            return "accepted_invalid"
+    except ALLOWED as e:  # validated, then refused at use: the hole this family looks for
+        raise AcceptedThenRefused(str(e)) from None
     for t in adapter.tensors.values():
         if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
             return "accepted_invalid"
@@ -490,6 +618,91 @@ def run_http_cases(tally: Tally, endpoint: str, seed: int, n: int) -> None:
             tally.add("http", "http_5xx", f"{status}: {request[:120]!r}", rss)
         else:
             tally.add("http", "refused" if status >= 400 else "accepted", rss=rss)
+
+
+# ---- model cards: values YAML allows and JSON does not (round three, hole 5) ---------------------
+YAML_VALUES = [".nan", ".NaN", ".inf", "-.inf", "!!float 1e400", "!!binary aGVsbG8=", "!!binary /w==", "!!set {a, b}",
+               "0x" + "f" * 40, "0x" + "f" * 4000, '"\\ud800"', "2024-01-01", "2001-12-14t21:59:43.10-05:00", "~",
+               "[]", "{}", "{a: .nan}", "[x, .inf]", "[lora, !!binary /w==]", "yes", "'ok'", "12", "-0", "1.5",
+               "!!str .nan", "9" * 30, "peft", "org/base", "[org/base, .nan]", "{a: {b: {c: [.inf]}}}"]
+CARD_FIELDS = ["tags", "base_model", "library_name", "license", "pipeline_tag", "datasets", "model-index", "x"]
+
+
+def card_text(rng: random.Random) -> str:
+    """A README whose front matter holds 1-4 fields (or keys) with values from YAML_VALUES."""
+    lines = ["---"]
+    for _ in range(rng.randint(1, 4)):
+        field, value = rng.choice(CARD_FIELDS), rng.choice(YAML_VALUES)
+        form = rng.randrange(4)
+        if form == 0:
+            lines.append(f"{field}: {value}")
+        elif form == 1:
+            lines += [f"{field}:", "- lora", f"- {value}"]
+        elif form == 2:
+            lines.append(f"{value}: {field}")
+        else:
+            lines += [f"{field}:", f"  inner: {value}"]
+    return "\n".join(lines) + "\n---\n# card\n"
+
+
+def _card_expected(text: str) -> dict | None:
+    """The cardData a Hub must answer for ``text`` (None: no metadata, and a commit refuses it)."""
+    from adapterhub_c.hubserver.cardcache import card_metadata
+
+    try:
+        return json.loads(json.dumps(card_metadata(text)))
+    except Exception:  # noqa: BLE001 - any parse failure means "no metadata"
+        return None
+
+
+def _card_case(endpoint: str, store, repo: str, text: str, full: bool) -> tuple[str, str]:
+    """Plant ``text`` (past the upload check), read it back, list, then commit it over HTTP."""
+    expected = _card_expected(text)
+    store.commit(repo, message="card", add={"README.md": text.encode()})
+    status, body = _get_json(endpoint, f"/api/models/{repo}")
+    if status != 200:
+        return ("http_5xx" if status is None or status >= 500 else "accepted_invalid"), f"info {status}"
+    if body.get("cardData") != (expected if expected is not None else {}):
+        return "accepted_invalid", f"cardData {str(body.get('cardData'))[:100]} for {text[:100]!r}"
+    if full:
+        status, _ = _get_json(endpoint, "/api/models?full=true&cardData=true")
+        if status != 200:
+            return "http_5xx", f"listing {status}"
+    status, _ = raw_request(endpoint, request_bytes(
+        "POST", f"/api/models/{repo}/commit/main", {**AUTH, "Content-Type": "application/x-ndjson"},
+        ndjson(HEADER, file_op("README.md", text.encode()))), timeout=30)
+    if status is None or status >= 500:
+        return "http_5xx", f"commit {status}"
+    if (status == 400) != (expected is None) or status not in (200, 400):
+        return "accepted_invalid", f"commit answered {status} for {text[:100]!r}"
+    return ("refused" if status == 400 else "accepted"), ""
+
+
+def _get_json(endpoint: str, target: str) -> tuple[int | None, dict]:
+    import httpx2
+
+    try:
+        r = httpx2.get(endpoint + target, timeout=30)
+    except httpx2.TransportError:
+        return None, {}
+    return r.status_code, (r.json() if r.status_code == 200 and target.count("/") > 2 else {})
+
+
+def run_card_cases(tally: Tally, endpoint: str, store, seed: int, n: int) -> None:
+    """Cards with YAML-only values: model info and listings always 200 with cardData as JSON data
+    (or {}), a commit of the same README 400 exactly when it has no JSON metadata."""
+    rng = random.Random(seed)
+    repos = [f"cards/c{i}" for i in range(8)]
+    for repo in repos:
+        if not store.exists(repo):
+            store.create_repo(repo)
+    for i in range(n):
+        text = card_text(rng)
+        try:
+            outcome, detail = _card_case(endpoint, store, repos[i % len(repos)], text, full=i % 25 == 0)
+        except OSError as e:
+            outcome, detail = "dropped", f"{type(e).__name__}: {text[:100]!r}"
+        tally.add("card", outcome, detail, _max_rss())
 
 
 # ---- names and secrets ------------------------------------------------------------------------

@@ -14,11 +14,14 @@ import httpx2
 sys.path.insert(0, str(Path(__file__).parent))
 from fuzzing import (  # noqa: E402
     Tally,
+    loads,
     run_adapter_cases,
+    run_card_cases,
     run_http_cases,
     run_name_cases,
     run_pack_cases,
     run_secret_cases,
+    seed_adapter,
     seed_hub,
     warm_up,
 )
@@ -39,6 +42,7 @@ def test_pack_mutations(tmp_path):
 
 
 def test_adapter_mutations(tmp_path):
+    loads(seed_adapter())  # peft and the tiny Llama (accepted folders are attached to it) before counting memory
     tally = Tally()
     run_adapter_cases(tally, tmp_path, seed=2, n=300)
     _clean(tally)
@@ -63,3 +67,14 @@ def test_names_and_secrets():
     run_secret_cases(tally, seed=5, n=200)
     _clean(tally)
     assert tally.counts["name"]["refused"] > 0 and tally.counts["name"]["accepted"] > 0
+
+
+def test_card_values_yaml_allows_and_json_does_not(tmp_path):
+    """Issue 28 hole 5's class: model info / listings answer 200 with JSON cardData, commits 400 exactly
+    when the card has no JSON metadata."""
+    tally = Tally()
+    with running_hub(tmp_path / "hub") as hub:
+        run_card_cases(tally, hub.endpoint, hub.store, seed=6, n=60)
+    _clean(tally)
+    c = tally.counts["card"]
+    assert c["cases"] == 60 and c["refused"] > 0 and c["accepted"] > 0
