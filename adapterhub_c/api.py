@@ -66,7 +66,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
-    "search", "train", "convert", "TrainOptions", "ConvertOptions", "PackOptions", "VariantOptions", "MergeOptions",
+    "add_variant", "search", "train", "convert", "TrainOptions", "ConvertOptions", "PackOptions", "VariantOptions", "MergeOptions",
     "ComposeOptions", "PromptOptions", "TransferOptions", "replay_merge",
     "BatchItems", "BatchSteps", "BatchExecution",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
@@ -172,6 +172,23 @@ def create_variant(base: str, options: VariantOptions | None = None, *, name: st
     report = {**_variants.show_variant(reg, row.id), "created": created}
     if not created and name is not None and name != row.name:
         report["warnings"] = [_variants.same_recipe_warning(row.name, name)]
+    return _result(reg, row, report, created)
+
+
+def add_variant(repo: str, base: str, options: Any = None, *, name: str | None = None, token: str | None = None,
+                registry: Registry | None = None, progress: Progress | None = None, **fields: Any) -> Result:
+    """Register the pre-quantized checkpoint ``repo`` (Hub ``owner/name[@rev]`` or a local folder:
+    compressed-tensors, GPTQ, bitsandbytes) as a variant of ``base``, its files stored as they are
+    (see ``workflows.imports.add_variant``). ``options``: a ``VariantAddOptions`` (``fields`` set
+    single fields: revision, include, exclude, eval_tokens, device). The same checkpoint on the
+    same base returns the existing variant (``created`` False)."""
+    from adapterhub_c.workflows import imports as _imports
+    from adapterhub_c.workflows import variants as _variants
+    reg = _reg(registry)
+    row, created = _imports.add_variant(reg, repo, base, options, name=name, token=token, progress=progress,
+                                        **fields)
+    report = {**_variants.show_variant(reg, row.id), "created": created,
+              "warnings": list((row.stats or {}).get("warnings") or [])}
     return _result(reg, row, report, created)
 
 

@@ -1,12 +1,19 @@
-"""adapt variant create / ls / show."""
+"""adapt variant create / add / ls / show."""
 from __future__ import annotations
 
 import click
 
 from adapterhub_c import api
 from adapterhub_c.cli.options import collect, options_from
-from adapterhub_c.cli.render import echo_warnings, human_bytes, print_json, print_table, progress_callback
-from adapterhub_c.options.variant import VariantOptions
+from adapterhub_c.cli.render import (
+    echo_warnings,
+    human_bytes,
+    print_json,
+    print_table,
+    progress_callback,
+    token_options,
+)
+from adapterhub_c.options.variant import VariantAddOptions, VariantOptions
 
 # sizes: bytes and their share of the base at 16 bits; the base column only when several bases are listed
 LS_COLUMNS = ["name", "recipe", "params kept", "sparsity", "bits", "stored", "loaded", "export", "perplexity",
@@ -63,6 +70,28 @@ def variant_create(obj, base, name, as_json, **fields) -> None:
         print_json(row.report)
         return
     click.echo(f"{'created' if row.created else 'already exists (same recipe)'}: {row.name} (id {row.id[:8]})")
+    print_table([_table_row(row.report)], LS_COLUMNS)
+
+
+@variant_group.command("add")
+@click.argument("repo")
+@click.option("--base", required=True, help="The registered base the checkpoint is a quantized copy of.")
+@options_from(VariantAddOptions)
+@click.option("--name", default=None, help="Variant name (default: <base>-<repo name>).")
+@token_options("Hub token (default: HF_TOKEN or the stored login); never stored or printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def variant_add(obj, repo, base, name, token, as_json, **fields) -> None:
+    """Register REPO (a pre-quantized Hub checkpoint of BASE: compressed-tensors, GPTQ, bitsandbytes; or a
+    local folder) as a variant, its files stored as they are."""
+    options = collect(VariantAddOptions, fields)
+    with progress_callback() as progress:
+        row = api.add_variant(repo, base, options, name=name, token=token, registry=obj.registry, progress=progress)
+    echo_warnings(row)
+    if as_json:
+        print_json(row.report)
+        return
+    click.echo(f"{'added' if row.created else 'already registered (same checkpoint)'}: {row.name} (id {row.id[:8]})")
     print_table([_table_row(row.report)], LS_COLUMNS)
 
 

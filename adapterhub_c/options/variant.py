@@ -123,7 +123,30 @@ class VariantOptions(Options):
         return {k: v for k, v in fields.items() if v not in (None, False)}
 
 
+@dataclass(frozen=True)
+class VariantAddOptions(Options):
+    """``adapt variant add REPO --base B``: register a pre-quantized checkpoint of a base
+    (``workflows.imports.add_variant``); what it is comes from the checkpoint itself."""
+
+    family: ClassVar[str] = "variant add"
+
+    revision: str | None = option(None, help="Branch, tag or commit of the Hub repo (or REPO@REV).")
+    include: tuple[str, ...] | None = option(None, type="csv", help="Only the repo's files matching these "
+                                                                    "comma-separated globs (default: all).")
+    exclude: tuple[str, ...] | None = option(None, type="csv", help="Leave out the files matching these "
+                                                                    "comma-separated globs.")
+    eval_tokens: int = option(DEFAULT_EVAL_TOKENS, key=False, help="Measure perplexity on this many "
+                                                                   "builtin:pydoc test tokens (0 skips).")
+    device: str = option("cpu", key=False, help="cpu, cuda or auto (where the checkpoint is measured).")
+
+    def validate(self) -> None:
+        """``eval_tokens`` 0 (skip) or at least 2; a known device."""
+        self._require(is_count(self.eval_tokens, 0) and self.eval_tokens != 1, "eval_tokens",
+                      "0 (skip) or at least 2")
+        self._require(str(self.device).startswith(("cpu", "cuda", "auto")), "device", "cpu, cuda or auto")
+
+
 __all__ = ["VariantOptions", "QUANT_METHODS", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "GPTQ_BITS",
            "MOE_ROUTERS",
-           "DefaultCalib",
+           "DefaultCalib", "VariantAddOptions",
            "DEFAULT_CALIB", "DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_EVAL_TOKENS"]

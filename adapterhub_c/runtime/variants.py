@@ -11,9 +11,12 @@ A missing or corrupt blob of a variant is an IntegrityError naming the variant.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
+from adapterhub_c.formats.checkpoint import load_checkpoint
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.registry.models import Variant
 from adapterhub_c.registry.store import Registry
@@ -31,6 +34,16 @@ from adapterhub_c.variants.recipe import Recipe
 
 COMPUTE_DTYPE = torch.float32  # as load_base_model: variant and base perplexities are comparable
 OWN_FILES = (MASKS_FILE, KEPT_FILE, COMPRESSED_FILE)
+IMPORTED = "imported"  # storage form of a pre-quantized checkpoint added with `adapt variant add`
+
+
+def origin_of(row: Variant) -> dict | None:
+    """An imported checkpoint's origin (method, scheme, files), or None for a variant built by a recipe."""
+    try:
+        data = json.loads(row.recipe or "{}")
+    except ValueError:
+        return None
+    return data.get("origin") if isinstance(data, dict) else None
 
 
 def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
@@ -42,7 +55,10 @@ def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
 
 
 def storage_form(row: Variant) -> str:
-    """'delta', 'base' (quantization only, the base's blobs) or 'full-copy' (before issue 15)."""
+    """'delta', 'base' (quantization only, the base's blobs), 'imported' (a pre-quantized checkpoint's
+    own files) or 'full-copy' (before issue 15)."""
+    if origin_of(row) is not None:
+        return IMPORTED
     files = row.files or {}
     if any(rel.startswith(f"{BASE_DIR}/") for rel in files):
         return "delta"
@@ -86,9 +102,11 @@ def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cp
     trained (LoRA) after an eval forward.
     """
     row = _variant_row(reg, variant)
-    recipe = Recipe.from_json(row.recipe)
     dev = str(resolve_device(device))
     folder = materialize_variant(reg, row)
+    if origin_of(row) is not None:  # the checkpoint's files as they are: Ŵ from its format
+        return load_checkpoint(folder, compute_dtype, dev)
+    recipe = Recipe.from_json(row.recipe)
     form = storage_form(row)
     if form == "base":  # from_pretrained reads the base's (possibly sharded) weights
         return load_quantized(folder, recipe.bnb_quant, recipe.double_quant, compute_dtype, dev,
@@ -112,5 +130,5 @@ def variant_kept_indices(reg: Registry, variant: Variant | str) -> dict[str, tor
 
 
 def variant_recipe(row: Variant) -> Recipe:
-    """The row's recipe as a `Recipe`."""
-    return Recipe.from_json(row.recipe)
+    """The row's recipe as a `Recipe` (an imported checkpoint has none: the empty recipe)."""
+    return Recipe() if origin_of(row) is not None else Recipe.from_json(row.recipe)

@@ -44,7 +44,7 @@ from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import load_base_model
-from adapterhub_c.runtime.variants import COMPUTE_DTYPE, storage_form
+from adapterhub_c.runtime.variants import COMPUTE_DTYPE, origin_of, storage_form, variant_recipe
 from adapterhub_c.variants.build import (
     BASE_DIR,
     KEPT_FILE,
@@ -394,7 +394,7 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
     - export_bytes: the size of an `hf` export, measured by the last `adapt export` if any
       (`export_measured`), else the tensor bytes estimated at build time.
     """
-    recipe = Recipe.from_json(row.recipe)
+    recipe, origin = variant_recipe(row), origin_of(row)
     st = row.stats or {}
     base_params = st.get("base_params") or 0
     ppl, base_ppl = st.get("perplexity"), st.get("base_perplexity")
@@ -406,8 +406,9 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "name": row.name,
         "id": row.id,
         "base": base.name if base else row.base_id,
-        "recipe": recipe.describe(),
-        "recipe_json": recipe.to_dict(),
+        "recipe": st["imported"] if origin else recipe.describe(),
+        "recipe_json": {"origin": origin} if origin else recipe.to_dict(),
+        "source": st.get("source"),
         "params_kept": st.get("params_nonzero"),
         "params_kept_frac": (st.get("params_nonzero") or 0) / base_params if base_params else None,
         "sparsity": row.sparsity,
