@@ -28,6 +28,7 @@ from adapterhub_c.variants.build import (
     load_variant_model,
     read_kept_indices,
 )
+from adapterhub_c.variants.moefy import MOE_FILE
 from adapterhub_c.variants.packed import COMPRESSED_FILE
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
@@ -85,7 +86,8 @@ def materialize_variant(reg: Registry, row: Variant):
 def _blob_role(row: Variant, message: str) -> str:
     for rel, digest in (row.files or {}).items():
         if digest[:12] in message:
-            what = {MASKS_FILE: "keep-mask", KEPT_FILE: "kept-indices", COMPRESSED_FILE: "compressed-weights"}.get(rel)
+            what = {MASKS_FILE: "keep-mask", KEPT_FILE: "kept-indices", COMPRESSED_FILE: "compressed-weights",
+                    MOE_FILE: "MoE router"}.get(rel)
             if what is None and rel.startswith(f"{BASE_DIR}/"):
                 what = "base weight"
             return f"{what or rel} blob"

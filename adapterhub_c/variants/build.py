@@ -15,6 +15,8 @@ Storage decision (issue 15): a variant stores only what differs from its base.
   integer codes + fp16 group scales + zero points (+ the act-order permutation), or
   SparseGPT's keep-mask + kept values in 16 bits, or both jointly. Loading computes Ŵ from
   them in the base's dtype; bitsandbytes may still quantize Ŵ at load (sparsegpt + nf4).
+- MoEfication (issue 25, moefy.py) changes no weight: `moe.safetensors` holds each MLP's
+  neuron partition and router; loading attaches the routing to the loaded model's MLPs.
 - `check_delta` refuses to store a build the delta cannot reproduce.
 The recipe and the build's stats go to `variant.json`. A delta folder (`save_delta`)
 holds those own files and, under `base/`, the base's config and weight files; loading
@@ -50,6 +52,7 @@ from adapterhub_c.variants.masks import (
     select_channels,
     select_tensor_channels,
 )
+from adapterhub_c.variants.moefy import MOE_FILE, MoeBuild, attach_moe, attach_moe_file, moe_to_bytes, moefy_model
 from adapterhub_c.variants.packed import (
     COMPRESSED_FILE,
     StoredWeight,
@@ -89,6 +92,7 @@ class VariantStats:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     full_copy_bytes: int = 0  # tensor bytes of the whole pruned model in the compute dtype (the pre-issue-15 blob)
     export_bytes: int = 0  # tensor bytes of an `hf` export: bnb formats + the rest in the base's stored dtype
+    moe: dict | None = None  # MoEfication: experts, active, MLP FLOPs fraction, router quality (moefy.moe_stats)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -107,6 +111,7 @@ class VariantBuild:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weight name → keep-mask (bool)
     channel_plan: dict[str, list] | None = None  # ffn-channels: what each sliced tensor loses (masks.channel_plan)
     compressed: dict[str, StoredWeight] = field(default_factory=dict)  # gptq / sparsegpt: weight name → stored form
+    moe: MoeBuild | None = None  # moefy: the partition + router of every MLP
 
     def weights_bytes(self) -> bytes:
         """The whole pruned model as one safetensors blob (recipe in the metadata)."""
@@ -131,6 +136,10 @@ class VariantBuild:
         """GPTQ codes / SparseGPT kept values as a safetensors blob (packed.py), or None without them."""
         return compressed_to_bytes(self.compressed) if self.compressed else None
 
+    def moe_bytes(self) -> bytes | None:
+        """MoEfication's partitions + routers as a safetensors blob (moefy.py), or None without moefy."""
+        return moe_to_bytes(self.moe) if self.moe is not None else None
+
     def _meta(self, storage: str | None = None) -> dict[str, Any]:
         meta = {"recipe": self.recipe.to_dict(), "stats": self.stats.to_dict()}
         if storage:
@@ -143,9 +152,9 @@ class VariantBuild:
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
         (folder / WEIGHTS_FILE).write_bytes(self.weights_bytes())
-        kept = self.kept_indices_bytes()
-        if kept is not None:
-            (folder / KEPT_FILE).write_bytes(kept)
+        for name, data in ((KEPT_FILE, self.kept_indices_bytes()), (MOE_FILE, self.moe_bytes())):
+            if data is not None:
+                (folder / name).write_bytes(data)
         (folder / VARIANT_FILE).write_text(json.dumps(self._meta(), indent=2, sort_keys=True))
         return folder
 
@@ -158,7 +167,7 @@ class VariantBuild:
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
         for name, data in ((MASKS_FILE, self.masks_bytes()), (KEPT_FILE, self.kept_indices_bytes()),
-                           (COMPRESSED_FILE, self.compressed_bytes())):
+                           (COMPRESSED_FILE, self.compressed_bytes()), (MOE_FILE, self.moe_bytes())):
             if data is not None:
                 (folder / name).write_bytes(data)
         (folder / VARIANT_FILE).write_text(json.dumps(self._meta(STORAGE_DELTA), indent=2, sort_keys=True))
@@ -206,6 +215,8 @@ def apply_recipe(
     if recipe.prune == "ffn-channels":
         plan = channel_plan(describe(model, warn=False))  # before the MLPs are shrunk
         kept = prune_ffn_channels(model, recipe.sparsity, calib_input_ids, progress=progress)
+    moe = moefy_model(model, recipe.experts, recipe.active, recipe.moe_router, calib_input_ids, progress) \
+        if recipe.moefy else None  # after the other methods: "Q+M" routes the compressed MLPs
 
     masks: dict[str, torch.Tensor] = {}
     if recipe.prune in UNSTRUCTURED:
@@ -215,8 +226,11 @@ def apply_recipe(
     stats = compute_stats(model, recipe, base_params, target_base, layer_sparsity, storage_dtype)
     stats.stored_bytes = sum(-(-m.numel() // 8) for m in masks.values()) + sum(8 * t.numel() for t in kept.values()) \
         + sum(w.nbytes for w in compressed.values())
+    if moe is not None:
+        stats.stored_bytes += moe.nbytes
+        stats.moe = moe.stats
     state = {name: t.detach().cpu().contiguous() for name, t in _unique_state(model).items()}
-    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks, plan, compressed)
+    return VariantBuild(recipe, state, kept, copy.deepcopy(model.config), stats, masks, plan, compressed, moe)
 
 
 def load_variant_model(
@@ -239,9 +253,11 @@ def load_variant_model(
     `cpu_bf16_kernel`: keep bnb's CPU bf16 repacking of 4-bit layers (faster inference,
     but training after an eval forward gets no gradients; see quantize.py).
     """
+    moe = None
     if isinstance(source, VariantBuild):
         config = source.config if config is None else config
         recipe = source.recipe if recipe is None else recipe
+        moe = source.moe
         source = source.state_dict
     folder = Path(source) if isinstance(source, (str, Path)) else None
     if folder is not None and not folder.exists():
@@ -257,9 +273,10 @@ def load_variant_model(
         cfg = _config_object(config) if config is not None else _folder_config(folder)
         state = delta_state(folder)
         dtype = resolve_dtype(compute_dtype, _config_dtype(folder))
-        return load_quantized_state(cfg, state, recipe.bnb_quant, recipe.double_quant, dtype, device,
-                                    include_lm_head=recipe.include_lm_head, dtype=dtype,
-                                    cpu_bf16_kernel=cpu_bf16_kernel)
+        model = load_quantized_state(cfg, state, recipe.bnb_quant, recipe.double_quant, dtype, device,
+                                     include_lm_head=recipe.include_lm_head, dtype=dtype,
+                                     cpu_bf16_kernel=cpu_bf16_kernel)
+        return _with_moe(model, recipe, folder, moe)
     with tempfile.TemporaryDirectory(prefix="adapterhub-variant-") as tmp:
         model_dir = _model_folder(source, folder, config, Path(tmp))
         cfg_dtype = _config_dtype(model_dir)
@@ -267,6 +284,19 @@ def load_variant_model(
         model = load_quantized(model_dir, recipe.bnb_quant, recipe.double_quant, dtype, device,
                                include_lm_head=recipe.include_lm_head, dtype=dtype,
                                cpu_bf16_kernel=cpu_bf16_kernel)
+    return _with_moe(model, recipe, folder if folder is not None and folder.is_dir() else None, moe)
+
+
+def _with_moe(model: nn.Module, recipe: Recipe, folder: Path | None, moe: MoeBuild | None) -> nn.Module:
+    """The model with its MLPs routed when the recipe MoEfies (from the build, else the folder's moe file)."""
+    if not recipe.moefy:
+        return model
+    if moe is not None:
+        attach_moe(model, moe.routers, recipe.active)
+    elif folder is not None and (folder / MOE_FILE).exists():
+        attach_moe_file(model, folder / MOE_FILE, recipe.active)
+    else:
+        raise IntegrityError(f"the recipe MoEfies ({recipe.describe()}) but no {MOE_FILE} was found")
     return model
 
 

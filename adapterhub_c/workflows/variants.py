@@ -102,6 +102,8 @@ def default_variant_name(base: BaseModel, recipe: Recipe) -> str:
         if recipe.prune in ("2:4", "ffn-channels") and recipe.calib is None:
             label += "-mag"
         parts.append(label)
+    if recipe.moefy:  # e.g. moe8k2, moe8k2-sim
+        parts.append(f"moe{recipe.experts}k{recipe.active}" + "-sim" * (recipe.moe_router == "similarity"))
     if recipe.include_embeddings:
         parts.append("emb")
     if recipe.include_lm_head:
@@ -130,15 +132,17 @@ def make_recipe(*, quant: str = "none", double_quant: bool = False, prune: str =
     ``Recipe`` (include_embeddings, include_lm_head, …), passed on as they are.
     """
     prune_l = str(prune).lower()
-    if isinstance(calib, DefaultCalib) and prune_l not in CALIB_USERS and str(quant).lower() != "gptq":
+    if isinstance(calib, DefaultCalib) and prune_l not in CALIB_USERS and str(quant).lower() != "gptq" \
+            and not recipe_fields.get("moefy"):
         calib = None
     if sparsity is not None and prune_l == "none" and sparsity == 0:
         sparsity = None
     recipe = Recipe(quant=quant, double_quant=double_quant, prune=prune, sparsity=sparsity,
                     prune_granularity=granularity, calib=calib, calib_samples=calib_samples,
                     calib_seq_len=calib_seq_len, **recipe_fields)
-    if recipe.quant == "none" and recipe.prune == "none":
-        raise UsageError("this recipe compresses nothing: give a quantization (--quant) and/or a pruning method (--prune)")
+    if recipe.quant == "none" and recipe.prune == "none" and not recipe.moefy:
+        raise UsageError("this recipe compresses nothing: give a quantization (--quant), a pruning method (--prune) "
+                         "and/or --moefy")
     return recipe
 
 
@@ -432,6 +436,7 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "ppl_ratio": ppl / base_ppl if ppl and base_ppl else None,
         "eval_tokens": st.get("eval_tokens"),
         "kept_indices": KEPT_FILE in (row.files or {}),
+        "moe": st.get("moe"),  # moefy: experts, active, mlp_flops_fraction, captured (router quality)
         "created_at": row.created_at.isoformat() if row.created_at else None,
     }
 
