@@ -110,3 +110,21 @@ def test_run_records_status_and_hides_secrets(reg):
     ok = next(r for r in runs if r["status"] == "succeeded")
     assert ok["parameters"] == {"max_tokens": 5} and ok["output"] == {"ok": 1}
     assert "boom" in next(r for r in runs if r["status"] == "failed")["error"]
+
+
+def test_the_script_head_is_alembics_head():
+    from adapterhub_c.registry.db import head_revision, script_head
+
+    assert script_head() == head_revision()
+
+
+def test_opening_an_up_to_date_registry_needs_no_alembic(home):
+    """The first open migrates (alembic); a later one reads the revision with one query and imports none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from adapterhub_c.registry import Registry; Registry(home=sys.argv[1]).close(); "
+            "print('alembic' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code, str(home)], capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    assert [r.stdout.strip() for r in runs] == ["True", "False"]

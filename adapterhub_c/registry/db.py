@@ -5,22 +5,25 @@ timeout, and every transaction starts with ``BEGIN IMMEDIATE`` so that concurren
 writers queue on the lock instead of failing with "database is locked" when a reader
 upgrades to a writer. Any other SQLAlchemy URL (PostgreSQL for shared use) works too.
 Migrations are applied under an exclusive lock (a lock file for SQLite, an advisory
-lock for PostgreSQL) so that many processes may open a new registry at once.
+lock for PostgreSQL) so that many processes may open a new registry at once. Opening a
+registry that is up to date reads its revision with one query and does not import alembic
+(a third of a listing command's start-up); alembic runs only when there is work for it.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 from adapterhub_c.errors import AdaptError
 
@@ -39,14 +42,37 @@ def default_url(home: Path) -> str:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     return cfg
 
 
 def head_revision() -> str:
-    """The newest migration this code knows."""
+    """The newest migration this code knows (alembic's reading of the migration scripts)."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+_REVISION_RE = re.compile(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", re.M)
+_DOWN_RE = re.compile(r"^down_revision\s*=\s*['\"]([^'\"]+)['\"]", re.M)
+
+
+def script_head() -> str | None:
+    """The newest migration read off the scripts' ``revision`` / ``down_revision`` lines without
+    importing alembic; None when they do not form one chain (then alembic decides). A test
+    checks it equals :func:`head_revision`."""
+    revisions, parents = set(), set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        text_ = path.read_text(encoding="utf-8")
+        if (rev := _REVISION_RE.search(text_)) is not None:
+            revisions.add(rev.group(1))
+        if (down := _DOWN_RE.search(text_)) is not None:
+            parents.add(down.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def make_engine(url: str) -> Engine:
@@ -95,16 +121,30 @@ def _migration_lock(engine: Engine, url: str):
 
 def _current_revision(engine: Engine) -> tuple[str | None, bool]:
     """(alembic revision or None, whether the database has any other tables)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         rev = MigrationContext.configure(conn).get_current_revision()
         tables = set(inspect(conn).get_table_names()) - {"alembic_version"}
     return rev, bool(tables)
 
 
+def _stored_revision(engine: Engine) -> str | None:
+    """The revision the database records, by one plain query (None: no version table, or none set)."""
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, ProgrammingError):  # no such table: a new or foreign database
+            return None
+
+
 def upgrade(engine: Engine, url: str) -> None:
     """Bring the schema to the newest migration, refusing foreign or newer databases."""
-    head = head_revision()
     try:
+        quick_head = script_head()
+        if quick_head is not None and _stored_revision(engine) == quick_head:
+            return  # up to date: alembic is not needed (nor imported)
+        head = head_revision()
         rev, has_tables = _current_revision(engine)
         if rev == head:
             return
@@ -116,6 +156,8 @@ def upgrade(engine: Engine, url: str) -> None:
                 raise AdaptError(f"{_describe(url)} is not an adapterhub-c registry (it has foreign tables)")
             if rev is not None and not _known_revision(rev):
                 raise AdaptError(f"{_describe(url)} was written by a newer adapterhub-c (schema {rev})")
+            from alembic import command
+
             cfg = _alembic_config()
             with engine.begin() as conn:
                 cfg.attributes["connection"] = conn
@@ -125,6 +167,7 @@ def upgrade(engine: Engine, url: str) -> None:
 
 
 def _known_revision(rev: str) -> bool:
+    from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
     try:
