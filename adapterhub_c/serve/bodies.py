@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from adapterhub_c.serve.engine import SamplingParams
+from adapterhub_c.serve.engine import GREEDY_BELOW, SamplingParams
 from adapterhub_c.serve.errors import bad_request
 
 MAX_STOP = 4
@@ -92,6 +92,8 @@ def sampling_params(req: GenerationBody, max_tokens: int | None) -> tuple[Sampli
     temperature = 1.0 if req.temperature is None else float(req.temperature)
     if not 0.0 <= temperature <= 2.0:
         raise bad_request(f"temperature must be between 0 and 2 (got {temperature})", "temperature")
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0  # greedy: what sampling at a vanishing temperature tends to
     top_p = 1.0 if req.top_p is None else float(req.top_p)
     if not 0.0 < top_p <= 1.0:
         raise bad_request(f"top_p must be in (0, 1] (got {top_p})", "top_p")
@@ -114,4 +116,4 @@ def message_text(m: ChatMessage, i: int) -> str:
 
 
 __all__ = ["GenerationBody", "CompletionRequest", "ChatRequest", "ChatMessage", "AdapterRequest", "parse_body",
-           "sampling_params", "message_text", "MAX_STOP"]
+           "sampling_params", "message_text", "MAX_STOP", "GREEDY_BELOW"]

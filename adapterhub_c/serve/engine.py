@@ -12,7 +12,11 @@ prompts are prepended to a row's input embeddings at prefill, so a cohort can mi
 with and without prompts. This is not continuous batching in one KV cache (cohorts are
 not merged), but no request waits for an unrelated one to finish.
 
-Greedy decoding (``temperature`` 0) picks ``argmax`` of the last position's logits, as
+A row's failure is its own request's: a sampling or decoding error ends that request only,
+and a prefill that fails for a cohort of several rows is run again row by row, so the rows
+that can run do (a failing forward in a later step still fails its cohort).
+
+Greedy decoding (``temperature`` 0, or below :data:`GREEDY_BELOW`) picks ``argmax`` of the last position's logits, as
 ``evals.metrics.greedy_generate`` (``adapt generate``) does, stops at EOS and decodes
 the whole token list each time; sampling uses a per-request ``torch.Generator`` seeded
 with ``seed``, temperature then nucleus (``top_p``) filtering.
@@ -29,9 +33,13 @@ from typing import Callable
 
 import torch
 
-from adapterhub_c.serve.errors import APIError, from_exception
+from adapterhub_c.serve.errors import APIError, bad_request, from_exception
 from adapterhub_c.serve.layers import GATHER_MIN, AdapterWeights, BatchContext, PromptWeights, Router
 from adapterhub_c.serve.metrics import Metrics
+
+# Below this a temperature is greedy decoding (as vLLM's _SAMPLING_EPS): logits / 1e-300 overflow
+# to inf and the softmax to NaN, while the limit of sampling as T → 0 is the argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -84,8 +92,9 @@ def _hold_back(text: str, stops: list[str]) -> int:
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """The next token: argmax when temperature is 0, else temperature + top-p sampling."""
-    if params.temperature == 0:
+    """The next token: argmax when temperature is 0 (or below :data:`GREEDY_BELOW`), else
+    temperature + top-p sampling."""
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
@@ -205,35 +214,49 @@ class Engine:
         cohort.logits = out.logits[:, -1]
 
     def _start_cohort(self, jobs: list[Job]) -> None:
-        from transformers import DynamicCache
-
+        """Prefill ``jobs`` as one cohort; when that fails for several rows, each row on its own."""
+        for job in [j for j in jobs if not j.ids and j.prompt is None]:
+            job.emit(("error", bad_request("the prompt has no tokens", "prompt")))
+        jobs = [j for j in jobs if j.ids or j.prompt is not None]
+        if not jobs:
+            return
         cohort = Cohort(jobs, self.gather_min)
         self.metrics.inc("batches_total")
         self.metrics.inc("batch_rows_total", len(jobs))
         self.metrics.inc("batch_adapters_total", cohort.context.distinct)
         try:
-            embed = self.model.get_input_embeddings()
-            rows = []
+            self._prefill(cohort)
+        except Exception as e:  # noqa: BLE001 - isolate the row(s) that fail: the others still run
+            if len(cohort.jobs) == 1:
+                self._fail(cohort, e)
+                return
             for job in cohort.jobs:
-                e = embed(torch.tensor(job.ids, dtype=torch.long, device=self.device))
-                if job.prompt is not None:
-                    e = torch.cat([job.prompt.embeddings.to(e.dtype), e], 0)
-                rows.append(e)
-            length = max(r.shape[0] for r in rows)
-            inputs = torch.zeros(len(rows), length, rows[0].shape[1], dtype=rows[0].dtype, device=self.device)
-            mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
-            for i, r in enumerate(rows):
-                inputs[i, length - r.shape[0]:] = r
-                mask[i, length - r.shape[0]:] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cohort.cache = DynamicCache()
-            cohort.mask = mask
-            cohort.positions = positions[:, -1]
-            self._forward(cohort, inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
-        except Exception as e:  # noqa: BLE001 - every request of the cohort gets the error
-            self._fail(cohort, e)
+                self._start_cohort([job])
             return
         self._cohorts.append(cohort)
+
+    def _prefill(self, cohort: Cohort) -> None:
+        """One left-padded forward over the cohort's prompts (soft prompts prepended)."""
+        from transformers import DynamicCache
+
+        embed = self.model.get_input_embeddings()
+        rows = []
+        for job in cohort.jobs:
+            e = embed(torch.tensor(job.ids, dtype=torch.long, device=self.device))
+            if job.prompt is not None:
+                e = torch.cat([job.prompt.embeddings.to(e.dtype), e], 0)
+            rows.append(e)
+        length = max(r.shape[0] for r in rows)
+        inputs = torch.zeros(len(rows), length, rows[0].shape[1], dtype=rows[0].dtype, device=self.device)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            inputs[i, length - r.shape[0]:] = r
+            mask[i, length - r.shape[0]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cohort.cache = DynamicCache()
+        cohort.mask = mask
+        cohort.positions = positions[:, -1]
+        self._forward(cohort, inputs_embeds=inputs, attention_mask=mask, position_ids=positions)
 
     def _fail(self, cohort: Cohort, e: BaseException) -> None:
         err = from_exception(e)
@@ -280,10 +303,11 @@ class Engine:
             if job.cancelled.is_set():
                 self.metrics.inc("cancelled_total")
                 continue
-            token = greedy[i] if job.params.temperature == 0 else choose(logits[i], job.params, job.generator)
             try:
+                token = greedy[i] if job.params.temperature < GREEDY_BELOW else choose(logits[i], job.params,
+                                                                                        job.generator)
                 done = self._advance(job, token)
-            except Exception as e:  # noqa: BLE001 - a decoding failure ends this request only
+            except Exception as e:  # noqa: BLE001 - a sampling or decoding failure ends this request only
                 job.emit(("error", from_exception(e)))
                 continue
             self.metrics.inc("completion_tokens_total", 0 if token == self.eos and not job.params.ignore_eos else 1)
@@ -309,4 +333,4 @@ class Engine:
             self._fail(cohort, e)
 
 
-__all__ = ["Engine", "Job", "SamplingParams", "choose", "APIError"]
+__all__ = ["Engine", "Job", "SamplingParams", "choose", "APIError", "GREEDY_BELOW"]

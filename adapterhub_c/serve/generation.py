@@ -141,12 +141,25 @@ def submit(state: ServeState, call: Call, ids: list[int], params: SamplingParams
     return run
 
 
+def prompt_ids(state: ServeState, call: Call) -> list[int]:
+    """The prompt's token ids; an empty prompt is the tokenizer's BOS token (APIError 400 naming
+    the field when there is none: a row without tokens has no position to predict from)."""
+    ids = state.tokenizer(call.text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        bos = state.tokenizer.bos_token_id
+        if bos is None:
+            raise bad_request(f"the {call.field} is empty (no tokens) and the tokenizer has no BOS token",
+                              call.field)
+        ids = [int(bos)]
+    return ids
+
+
 async def generate(state: ServeState, request: Request, call: Call):
     """The answer to one completion or chat request (see the module docstring)."""
     t_start = time.perf_counter()
     params, given = sampling_params(call.body, call.max_tokens)
     route = await resolve(state, call.body.model)
-    ids = state.tokenizer(call.text, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(state, call)
     if route.prompt is None:  # fail before loading anything
         check_context(state.target.context, len(ids), 0, params, given, call)
     acquired = await acquire(state, route, call)
