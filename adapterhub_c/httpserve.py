@@ -1,17 +1,35 @@
 """Serving an ASGI app with uvicorn on a socket we bind ourselves, in the foreground or in a
-daemon thread: what the local Hub server and ``adapt serve`` share.
+daemon thread, and reading request bodies within bounds: what the local Hub server and
+``adapt serve`` share.
 
 Binding before uvicorn starts lets ``port=0`` report the port it got, and lets a bind error
 be one line (AdaptError) instead of uvicorn's log and exit.
+
+Request bodies (:func:`read_limited`): refused with 413 when the declared Content-Length or
+the bytes that arrive pass a limit, read within a deadline (408 and the connection closed
+when a body never completes), and a client that disconnects mid-upload ends its request
+quietly. The refusals are Starlette ``HTTPException`` s, so each server's own handler for
+those gives them its error shape (a handled exception leaves no traceback in the log).
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import threading
 import time
 
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
 from adapterhub_c.errors import AdaptError
+
+# An oversized body is read on and dropped (up to these bounds) before the 413 goes out: a
+# server that closes with unread bytes in its socket sends a TCP reset, which can destroy
+# the 413 before the client (still uploading) reads it. Past the bounds: answer and close.
+DRAIN_MAX_BYTES = 64 << 20
+DRAIN_MAX_S = 5.0
+CLOSE = {"Connection": "close"}
 
 
 def is_loopback(host: str) -> bool:
@@ -91,3 +109,90 @@ class ThreadedServer:
             self._sock.close()
         except OSError:
             pass
+
+
+# ---- request bodies --------------------------------------------------------------------------
+class BodyTooLarge(HTTPException):
+    """413: the body passed ``limit``; without the whole body read (``drained`` False), with
+    Connection: close (what is left is no next request)."""
+
+    def __init__(self, limit: int, drained: bool):
+        super().__init__(413, f"request body larger than {limit} bytes", None if drained else dict(CLOSE))
+        self.limit, self.drained = limit, drained
+
+
+class BodyTimeout(HTTPException):
+    """408: the body did not arrive within the deadline; the connection is closed."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s", dict(CLOSE))
+
+
+class ClientGone(HTTPException):
+    """The client disconnected before its body ended: the request ends, nobody reads the answer."""
+
+    def __init__(self):
+        super().__init__(400, "the client disconnected before the request body ended", dict(CLOSE))
+
+
+def declared_length(headers) -> int | None:
+    """The Content-Length header as a number (None when absent or not digits; capped at 10^20)."""
+    declared = headers.get("content-length", "")
+    if not declared.isdigit():
+        return None
+    return int(declared) if len(declared) <= 20 else 10 ** 20
+
+
+async def drain(chunks, already: int = 0) -> bool:
+    """Read and drop the rest of a request body within DRAIN_MAX_BYTES / DRAIN_MAX_S; True if it ended."""
+    deadline = time.monotonic() + DRAIN_MAX_S
+    size = already
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), left)
+            except StopAsyncIteration:
+                return True
+            size += len(chunk)
+            if size > DRAIN_MAX_BYTES:
+                return False
+    except (asyncio.TimeoutError, ClientDisconnect):
+        return False
+
+
+async def refuse_declared(request, limit: int) -> None:
+    """BodyTooLarge when the declared Content-Length passes ``limit`` (the body drained first when small enough)."""
+    declared = declared_length(request.headers)
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(limit, declared <= DRAIN_MAX_BYTES and await drain(request.stream()))
+
+
+async def read_limited(request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body of a Starlette ``request``, at most ``limit`` bytes, complete within ``timeout_s``.
+
+    BodyTooLarge (413) when the declared length or the bytes received pass ``limit``;
+    BodyTimeout (408) when the body has not ended ``timeout_s`` seconds after reading began
+    (None: no deadline); ClientGone when the client disconnects first.
+    """
+    await refuse_declared(request, limit)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    chunks, size = [], 0
+    stream = request.stream()
+    try:
+        while True:
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                chunk = await asyncio.wait_for(anext(stream), left)
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(timeout_s) from None
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit, await drain(stream, size))
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None

@@ -583,3 +583,175 @@ def test_load_adapter_pulls_from_the_hub_only_with_allow_pull(world, tmp_path, m
             c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
             out = c.completions.create(model=name, prompt="a", max_tokens=3, temperature=0)
             assert out.model == name and name in {m.id for m in c.models.list().data}
+
+
+# ---- issue 28: one bad request fails only itself; bodies bounded -------------------------------
+class _OneCohort:
+    """``engine.submit`` that hands the engine its jobs only once ``n`` have arrived, all at once
+    (under the engine's lock): they form one cohort by construction, not by timing."""
+
+    def __init__(self, engine, n: int):
+        self.engine, self.n, self.real = engine, n, engine.submit
+        self.held, self.lock = [], threading.Lock()
+
+    def __call__(self, job) -> None:
+        with self.lock:
+            self.held.append(job)
+            if len(self.held) < self.n:
+                return
+            jobs, self.held = self.held, []
+        with self.engine._cond:  # a re-entrant lock: the real submit takes it again
+            for j in jobs:
+                self.real(j)
+
+
+def _together(server, monkeypatch, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """The answers to ``bodies`` sent at once and run as one cohort (checked on the batch counters)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = server.server.engine
+    monkeypatch.setattr(engine, "submit", _OneCohort(engine, len(bodies)))
+    batches0, rows0 = metric(server, "batches_total"), metric(server, "batch_rows_total")
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: raw(server, "POST", "/v1/completions", b), bodies))
+    monkeypatch.undo()
+    assert metric(server, "batches_total") - batches0 >= 1
+    assert metric(server, "batch_rows_total") - rows0 >= len(bodies)
+    return answers
+
+
+def _normal(i: int) -> dict:
+    return {"model": ["src", "conv", "src-pack"][i % 3], "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": 8, "temperature": 0}
+
+
+def test_an_underflowing_temperature_is_greedy_and_spares_its_cohort(server, monkeypatch):
+    """Issue 28, hole 3: temperature 1e-300 (logits / T overflow, softmax NaN) sent with 8 normal requests
+    in one cohort. Chosen behaviour: a temperature below serve.engine.GREEDY_BELOW is greedy decoding (the
+    limit of sampling as T → 0), so the poisoned request answers 200 with the greedy text; an empty prompt
+    is the tokenizer's BOS. The normal ones answer 200 with the text each gets alone."""
+    alone = [raw(server, "POST", "/v1/completions", _normal(i)) for i in range(8)]
+    assert all(status == 200 for status, _ in alone), alone
+    greedy = raw(server, "POST", "/v1/completions", {"model": "src", "prompt": "hi", "max_tokens": 8,
+                                                     "temperature": 0})
+    bodies = [{"model": "src", "prompt": "hi", "max_tokens": 8, "temperature": 1e-300},
+              {"model": "src", "prompt": "", "max_tokens": 8, "temperature": 0}] + [_normal(i) for i in range(8)]
+    answers = _together(server, monkeypatch, bodies)
+    assert [status for status, _ in answers] == [200] * len(bodies), answers
+    assert answers[0][1]["choices"][0]["text"] == greedy[1]["choices"][0]["text"]
+    for (_, got), (_, want) in zip(answers[2:], alone, strict=True):
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+
+
+def test_a_row_that_fails_to_sample_fails_only_its_request(server, monkeypatch):
+    """Issue 28, hole 3: whatever goes wrong choosing one row's token (here: a sampler that raises for one
+    request's temperature) ends that request only; the rest of its cohort completes as when alone."""
+    import adapterhub_c.serve.engine as engine_mod
+
+    alone = [raw(server, "POST", "/v1/completions", _normal(i)) for i in range(4)]
+    real = engine_mod.choose
+
+    def poisoned(logits, params, generator):
+        if params.temperature == 0.777:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "choose", poisoned)
+    bad = {"model": "src", "prompt": "hi", "max_tokens": 8, "temperature": 0.777}
+    answers = _together(server, monkeypatch, [bad] + [_normal(i) for i in range(4)])
+    assert answers[0][0] == 500 and "probability tensor" in _error(answers[0][1])["message"]
+    assert [status for status, _ in answers[1:]] == [200] * 4, answers
+    for (_, got), (_, want) in zip(answers[1:], alone, strict=True):
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+
+
+@pytest.fixture()
+def limited(world):
+    """A server with a 4 KiB body limit and a short body deadline, logging errors into a list."""
+    import logging
+
+    opts = ServeOptions(adapters=["src"], token="", max_body_bytes=4096, body_timeout_s=0.5)
+    srv = BackgroundServer(world["reg"], world["nf4"], opts, log_level="error")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")  # uvicorn configures its loggers when the server is made
+    logger.addHandler(handler)
+    with srv:
+        yield srv, records
+    logger.removeHandler(handler)
+
+
+def _http(srv, head: bytes, body: bytes = b"", then_close: bool = False) -> tuple[bytes, bool]:
+    """Send ``head`` + ``body`` on a raw socket; (the answer's head, whether the server then closed
+    the connection). ``then_close``: the client disconnects right after sending (no answer read)."""
+    import re
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(srv.endpoint)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as s:
+        s.sendall(head + body)
+        if then_close:
+            return b"", True
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data, True
+            data += chunk
+        answer, rest = data.split(b"\r\n\r\n", 1)
+        n = int(re.search(rb"content-length: *(\d+)", answer, re.I).group(1))
+        while len(rest) < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        # only an answer that says Connection: close is waited on for the end of the connection
+        closed = b"connection: close" in answer.lower() and s.recv(1) == b""
+        return answer + b"\r\n\r\n" + rest, closed
+
+
+def _head(length: int | str) -> bytes:
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_a_body_over_the_limit_is_413_without_reading_it(limited):
+    """Issue 28, hole 4: a declared 300 MB body is refused at once (only the head was sent), and a
+    chunked body that grows past the limit is refused as it passes it; a body within the limit answers."""
+    srv, records = limited
+    answer, closed = _http(srv, _head(300 << 20), b'{"model": "src", ')
+    assert answer.startswith(b"HTTP/1.1 413") and closed
+    assert b"4096" in answer
+    chunk = b'{"model": "src", "prompt": "' + b"x" * 5000 + b'"}'
+    chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n")
+    answer, _ = _http(srv, chunked)
+    assert answer.startswith(b"HTTP/1.1 413")
+    status, body = raw(srv, "POST", "/v1/completions", {"model": "src", "prompt": "a", "max_tokens": 2}, token=None)
+    assert status == 200, body
+    assert not [r for r in records if r.levelno >= 40]
+
+
+def test_a_body_that_never_arrives_is_closed_after_the_body_timeout(limited):
+    """Issue 28, hole 4: Content-Length 100, ten bytes sent, nothing more: 408 and the connection closed
+    once the server's body deadline (0.5 s here) passes, instead of held forever."""
+    srv, records = limited
+    answer, closed = _http(srv, _head(100), b'{"model": ')
+    assert answer.startswith(b"HTTP/1.1 408") and closed
+    assert not [r for r in records if r.levelno >= 40]
+
+
+def test_a_client_gone_mid_upload_leaves_no_traceback(limited):
+    """Issue 28, hole 4: the client sends half its body and disconnects; the server logs no
+    'Exception in ASGI application', and serves the next request."""
+    srv, records = limited
+    errors0 = srv.server.metrics.get("errors_total")
+    _http(srv, _head(1000), b'{"model": "src", "prompt": "', then_close=True)
+    deadline = time.monotonic() + 30  # waits for the server to see the disconnect (an event, not a timing)
+    while srv.server.metrics.get("errors_total") == errors0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, body = raw(srv, "POST", "/v1/completions", {"model": "src", "prompt": "a", "max_tokens": 2}, token=None)
+    assert status == 200, body
+    assert not [r for r in records if r.levelno >= 40], [r.getMessage() for r in records]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from datetime import datetime, timezone
 from urllib.parse import quote
 
@@ -16,6 +15,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapterhub_c.httpserve import (  # noqa: F401 - DRAIN_* and drain re-exported (their old home)
+    DRAIN_MAX_BYTES,
+    DRAIN_MAX_S,
+    BodyTooLarge,
+    drain,
+    read_limited,
+)
 from adapterhub_c.hubserver.store import check_repo_id, check_repo_path, check_revision
 
 # JSON bodies (create, settings, preupload, paths-info, validate-yaml) are metadata: a
@@ -24,11 +30,6 @@ from adapterhub_c.hubserver.store import check_repo_id, check_repo_path, check_r
 # one large file (the body, that line, its JSON string and the decoded bytes).
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
-# An oversized body is read on and dropped (up to these bounds) before the 413 goes out: a
-# server that closes with unread bytes in its socket sends a TCP reset, which can destroy
-# the 413 before the client (still uploading) reads it. Past the bounds: answer and close.
-DRAIN_MAX_BYTES = 64 << 20
-DRAIN_MAX_S = 5.0
 _NOT_HEADER_SAFE_RE = re.compile(r"[^\x20-\x7e]")
 _TRUE = ("true", "True", "1")
 
@@ -51,17 +52,6 @@ def too_large(limit: int, drained: bool) -> HubError:
     """A 413 answer; without the whole body read, with Connection: close (the rest is no next request)."""
     return HubError(413, f"request body larger than {limit} bytes", "PayloadTooLarge",
                     None if drained else {"Connection": "close"})
-
-
-async def drain(chunks, already: int = 0) -> bool:
-    """Read and drop the rest of a request body within DRAIN_MAX_BYTES / DRAIN_MAX_S; True if it ended."""
-    deadline = time.monotonic() + DRAIN_MAX_S
-    size = already
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > DRAIN_MAX_BYTES or time.monotonic() > deadline:
-            return False
-    return True
 
 
 def header_safe(text: str, limit: int = 500) -> str:
@@ -117,15 +107,12 @@ def checked(ns: str, name: str, revision: str | None = None, path: str | None = 
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it grows past ``limit`` bytes."""
-    chunks, size = [], 0
-    stream = request.stream()
-    async for chunk in stream:
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit, await drain(stream, size))
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The request body, refused with 413 as soon as it grows past ``limit`` bytes (the reading
+    shared with ``adapt serve``: :func:`adapterhub_c.httpserve.read_limited`)."""
+    try:
+        return await read_limited(request, limit)
+    except BodyTooLarge as e:
+        raise too_large(limit, e.drained) from None
 
 
 async def json_body(request: Request, limit: int) -> dict:

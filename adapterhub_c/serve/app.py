@@ -27,13 +27,16 @@ from adapterhub_c.serve.routes import OWNER, admin, generation, public  # noqa: 
 from adapterhub_c.serve.state import ServeState
 
 
-async def _api_error(request: Request, e: APIError) -> JSONResponse:
+async def _api_error(request: Request, e: APIError, headers: dict | None = None) -> JSONResponse:
     request.app.state.serve.metrics.inc("errors_total", status=str(e.status))
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return await _api_error(request, APIError(e.status_code, str(e.detail), "invalid_request_error", None, None))
+    """Starlette's errors and the body refusals of ``httpserve.read_limited`` (413, 408: their
+    Connection: close kept, so uvicorn closes a connection whose body was not read)."""
+    err = APIError(e.status_code, str(e.detail), "invalid_request_error", None, None)
+    return await _api_error(request, err, dict(e.headers or {}))
 
 
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:

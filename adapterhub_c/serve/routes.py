@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
+from adapterhub_c.httpserve import read_limited
 from adapterhub_c.registry.models import Artifact
 from adapterhub_c.serve.bodies import AdapterRequest, ChatRequest, CompletionRequest, message_text, parse_body
 from adapterhub_c.serve.errors import APIError, bad_request, from_exception
@@ -57,6 +58,13 @@ async def models(state: State):
     return {"object": "list", "data": data}
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body within the server's limit and deadline (413 / 408 as the Hub server's,
+    :func:`adapterhub_c.httpserve.read_limited`; a client gone mid-upload ends quietly)."""
+    options = get_state(request).options
+    return await read_limited(request, options.max_body_bytes, options.body_timeout_s)
+
+
 def load_or_pull(state: ServeState, name: str) -> Artifact:
     """Make ``name`` servable and resident; with ``--allow-pull``, pull a Hub repo id first."""
     try:
@@ -75,7 +83,7 @@ def load_or_pull(state: ServeState, name: str) -> Artifact:
 @admin.post("/v1/load_adapter")
 async def load_adapter(request: Request, state: State):
     """vLLM's ``load_adapter``: serve a registered adapter (or pull one) and make it resident."""
-    req = parse_body(AdapterRequest, await request.body())
+    req = parse_body(AdapterRequest, await read_body(request))
     t0 = time.perf_counter()
     try:
         art = await asyncio.to_thread(load_or_pull, state, req.lora_name)
@@ -88,7 +96,7 @@ async def load_adapter(request: Request, state: State):
 @admin.post("/v1/unload_adapter")
 async def unload_adapter(request: Request, state: State):
     """vLLM's ``unload_adapter``: stop serving a name and drop it from memory."""
-    req = parse_body(AdapterRequest, await request.body())
+    req = parse_body(AdapterRequest, await read_body(request))
     art = state.cache.remove(req.lora_name)
     return {"status": "unloaded", "model": art.name}
 
@@ -112,7 +120,7 @@ def _completion_prompt(req: CompletionRequest) -> str:
 @generation.post("/v1/completions")
 async def completions(request: Request, state: State):
     """OpenAI's ``/v1/completions`` (one prompt, n = 1)."""
-    req = parse_body(CompletionRequest, await request.body())
+    req = parse_body(CompletionRequest, await read_body(request))
     call = Call("completions", req, _completion_prompt(req), "prompt", req.max_tokens,
                 state.options.default_max_tokens)
     return await generate(state, request, call)
@@ -136,7 +144,7 @@ def _chat_text(state: ServeState, req: ChatRequest) -> str:
 @generation.post("/v1/chat/completions")
 async def chat(request: Request, state: State):
     """OpenAI's ``/v1/chat/completions`` (text content parts only, n = 1)."""
-    req = parse_body(ChatRequest, await request.body())
+    req = parse_body(ChatRequest, await read_body(request))
     text = _chat_text(state, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     call = Call("chat", req, text, "messages", max_tokens, state.options.default_chat_max_tokens)

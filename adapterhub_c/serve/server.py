@@ -26,6 +26,10 @@ from adapterhub_c.serve.layers import GATHER_MIN, Router, wrap_linears
 from adapterhub_c.serve.metrics import Metrics
 
 GRACEFUL_SHUTDOWN_S = 2
+# A generation body is a prompt (or a conversation) and a few parameters: a whole 128K-token
+# context of text is ~0.5 MB of JSON, so 8 MiB leaves room and refuses the 300 MB ones.
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -46,6 +50,8 @@ class ServeOptions:
     gather_min: int = GATHER_MIN
     default_max_tokens: int = 16           # /v1/completions without max_tokens (OpenAI's default)
     default_chat_max_tokens: int = 256     # /v1/chat/completions without max_tokens (capped by the context)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 (httpserve.read_limited)
+    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S  # a body not complete by then: 408, connection closed
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -67,6 +73,8 @@ class AdapterServer:
             raise UsageError(f"--max-batch must be at least 1 (got {opts.max_batch})")
         if opts.batch_window_ms < 0:
             raise UsageError("--batch-window-ms must not be negative")
+        if opts.max_body_bytes < 1 or (opts.body_timeout_s is not None and not opts.body_timeout_s > 0):
+            raise UsageError("the request body limit and the body timeout must be positive")
         self.token = resolve_token(opts.token)
         spec = resolve_stack(reg, target)
         if spec.adapter is not None or spec.prompt is not None:
