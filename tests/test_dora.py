@@ -223,3 +223,51 @@ def test_measure_both_dora_inheritance_choices():
         alone = float(((variant(ids).logits - t) ** 2).mean())
     assert kept < 0.1 * alone and other < 0.1 * alone
     assert 0.5 < kept / other < 2.0
+
+
+def test_zero_data_compensation_folds_the_dora_update(tmp_path):
+    """Issue 28, hole 8 (``adapt convert DORA --variant V --recover lowrank``): the compensation folds
+    DoRA's weight-space ΔW (as the merges take it) into (W + ΔW) − Ŵ; the output is one plain PEFT LoRA
+    (no magnitude vectors). At full rank the solve is exact: Ŵ + ΔW' equals PEFT's own DoRA merge of
+    the base, layer by layer, and plain PEFT on the variant gives the teacher's logits."""
+    from peft import PeftModel
+
+    from adapterhub_c.training.compensate import compensate
+    from adapterhub_c.variants import Recipe, apply_recipe, load_variant_model
+
+    teacher = dora_model("llama")
+    src = LoraAdapter.from_folder(save_dora(teacher, tmp_path / "d", TINY))
+    base, _ = build_tiny("llama")
+    variant = load_variant_model(apply_recipe(copy.deepcopy(base), Recipe(prune="magnitude", sparsity=0.5)))
+    comp = compensate(base, variant, src, None, extra_rank=10_000, targets="all")
+    out = comp.adapter
+    assert not out.is_dora and not out.config["use_dora"]
+    assert not [k for k in out.tensors if "magnitude" in k]
+    merged = peft_merged_deltas(teacher)
+    W = {n: A.weight_out_in(i.module).detach().double() for n, i in A.describe(base).linears().items()}
+    W_hat = {n: A.weight_out_in(i.module).detach().double() for n, i in A.describe(variant).linears().items()}
+    for m, layer in out.layers().items():
+        want = W[m] + merged[m]
+        err = (W_hat[m] + layer.delta(torch.float64) - want).norm() / want.norm()
+        assert err < 1e-5, (m, float(err))
+    folder = out.to_folder(tmp_path / "conv")
+    with torch.no_grad():
+        student = PeftModel.from_pretrained(variant, str(folder)).eval()
+        torch.testing.assert_close(student(IDS).logits, teacher(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_data_compensation_refuses_dora_layers_left_out_in_words():
+    """A DoRA layer outside the compensated --targets cannot be carried into a plain LoRA: refused up
+    front, naming the layers and the flag to change (never an internal API name)."""
+    from adapterhub_c.errors import UsageError
+    from adapterhub_c.training.compensate import compensate
+
+    teacher = dora_model("llama")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = LoraAdapter.from_folder(save_dora(teacher, Path(tmp) / "d", TINY))
+    base, _ = build_tiny("llama")
+    with pytest.raises(UsageError, match="--targets all") as e:
+        compensate(base, copy.deepcopy(base), src, None, extra_rank=2, targets="attn")
+    assert "dora_delta" not in str(e.value) and "mlp" in str(e.value)

@@ -47,7 +47,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
+from adapterhub_c.adapters.lora import MAGNITUDE, LoraAdapter, LoraLayer
 from adapterhub_c.adapters.slicing import slice_lora_layer, slice_to_variant
 from adapterhub_c.errors import AdaptWarning, UsageError
 from adapterhub_c.models.arch import (
@@ -148,6 +148,68 @@ def _input_groups(model: nn.Module, names: set[str]) -> dict[str, str]:
     return {name: (g if members[g] > 1 else name) for name, g in groups.items()}
 
 
+class _MomentSums:
+    """The running XᵀX sums of one :func:`collect_moments` pass, and the hooks that feed them.
+
+    ``groups``: module → group key (a module that turns out to see an input of its own is
+    moved to a group of its own); the first module of a group to run in a forward
+    accumulates the group's input, the others check they received that very tensor."""
+
+    def __init__(self, groups: dict[str, str]):
+        self.groups = groups
+        self.members: dict[str, set[str]] = {}
+        for name, g in groups.items():
+            self.members.setdefault(g, set()).add(name)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.owner: dict[str, str] = {}                      # group → the module that accumulates it
+        self.live: dict[str, tuple[torch.Tensor, set]] = {}  # group → (input of this forward, members seen)
+
+    def accumulate(self, key: str, x: torch.Tensor) -> None:
+        """Add ``x``'s rows (tokens) to the sum of ``key``, in float64."""
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        xtx = (x.T @ x).double()
+        if key in self.sums:
+            self.sums[key] += xtx
+        else:
+            self.sums[key] = xtx
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+
+    def hook(self, name: str):
+        """The forward pre-hook of module ``name``."""
+        def hook(_mod, args):
+            self.seen(name, args[0])  # the very object: q/k/v of one block receive the same tensor
+        return hook
+
+    def seen(self, name: str, x: torch.Tensor) -> None:
+        """Module ``name`` is called with input ``x``."""
+        g = self.groups[name]
+        self.owner.setdefault(g, name)
+        if self.owner[g] == name:
+            self.accumulate(g, x)
+            self.live[g] = (x, {name})
+        elif g in self.live and self.live[g][0] is x:
+            self.live[g][1].add(name)
+        else:  # this model gives it an input of its own
+            self.groups[name] = name
+            self.members[g].discard(name)
+            self.members[name] = {name}
+            self.accumulate(name, x)
+        if g in self.live and self.live[g][1] >= self.members[g]:
+            del self.live[g]
+
+    def moments(self, progress: Progress | None) -> Moments:
+        """The eigendecomposed moments (the sums are released as they go)."""
+        moments, total = {}, len(self.sums)
+        for i, key in enumerate(list(self.sums)):
+            # Q in float32, as the cache stores it: a fresh and a cached conversion give the same adapter
+            moments[key] = Moment.from_matrix(self.sums.pop(key) / self.counts[key], self.counts[key],
+                                              q_dtype=torch.float32)
+            if progress:
+                progress("eigendecomposition", i + 1, total)
+        return Moments(groups=self.groups, moments=moments)
+
+
 @torch.no_grad()
 def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping[str, nn.Module] | None = None,
                     batch_size: int = 8, progress: Progress | None = None) -> Moments:
@@ -162,63 +224,20 @@ def collect_moments(model: nn.Module, rows: list[torch.Tensor], modules: Mapping
     modules = dict(target_linears(model) if modules is None else modules)
     if not modules:
         raise UsageError("the model has no linear layers to compensate")
-    groups = _input_groups(model, set(modules))
-    members: dict[str, set[str]] = {}
-    for name, g in groups.items():
-        members.setdefault(g, set()).add(name)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    owner: dict[str, str] = {}                 # group → the module that accumulates it
-    live: dict[str, tuple[torch.Tensor, set]] = {}  # group → (input of this forward, members seen)
-
-    def accumulate(key: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        xtx = (x.T @ x).double()
-        if key in sums:
-            sums[key] += xtx
-        else:
-            sums[key] = xtx
-        counts[key] = counts.get(key, 0) + x.shape[0]
-
-    def make_hook(name: str):
-        def hook(_mod, args):
-            x = args[0]  # the very object: q/k/v of one block receive the same tensor
-            g = groups[name]
-            if g not in owner:
-                owner[g] = name
-            if owner[g] == name:
-                accumulate(g, x)
-                live[g] = (x, {name})
-            elif g in live and live[g][0] is x:
-                live[g][1].add(name)
-            else:  # this model gives it an input of its own
-                groups[name] = name
-                members[g].discard(name)
-                members[name] = {name}
-                accumulate(name, x)
-            if g in live and live[g][1] >= members[g]:
-                del live[g]
-        return hook
-
+    sums = _MomentSums(_input_groups(model, set(modules)))
     device = next(model.parameters()).device
-    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in modules.items()]
+    handles = [mod.register_forward_pre_hook(sums.hook(name)) for name, mod in modules.items()]
     try:
         batches = list(length_batches(rows, batch_size))
         for i, batch in enumerate(batches):
             model(input_ids=batch.to(device), use_cache=False)
-            live.clear()
+            sums.live.clear()
             if progress:
                 progress("calibration moments", i + 1, len(batches))
     finally:
         for handle in handles:
             handle.remove()
-    moments, total = {}, len(sums)
-    for i, key in enumerate(list(sums)):
-        # Q in float32, as the cache stores it: a fresh and a cached conversion give the same adapter
-        moments[key] = Moment.from_matrix(sums.pop(key) / counts[key], counts[key], q_dtype=torch.float32)
-        if progress:
-            progress("eigendecomposition", i + 1, total)
-    return Moments(groups=groups, moments=moments)
+    return sums.moments(progress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,74 +379,129 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
 
 
+@dataclass
+class _Job:
+    """What every layer of one :func:`compensate` call needs."""
+
+    base: dict[str, nn.Module]
+    variant: dict[str, nn.Module]
+    moments: Moments | None
+    extra_rank: int
+    kept_indices: Mapping[str, torch.Tensor] | None
+    arch: Architecture | None
+    result: Compensation
+
+
 @torch.no_grad()
 def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdapter | None,
                moments: Moments | None, extra_rank: int, targets: str | Iterable[str] = "all",
-               kept_indices: Mapping[str, torch.Tensor] | None = None, reg: float = REG_LAMBDA,
+               kept_indices: Mapping[str, torch.Tensor] | None = None,
                progress: Progress | None = None) -> Compensation:
     """The compensated LoRA of ``source`` (None: the compensation of the variant alone) on the variant.
 
     ``base_model`` / ``variant_model``: unwrapped transformers models (module names as in
     the source's PEFT keys without ``base_model.model.``); ``moments``: from
     ``collect_moments`` on the variant (None: C = I). The source's modules outside the
-    compensated ``targets`` are carried as they are (sliced for ffn-channels). Warns
+    compensated ``targets`` are carried as they are (sliced for ffn-channels). A DoRA
+    source's update is its weight-space ΔW (``LoraLayer.dora_delta`` on the base weight,
+    as the merges take it), folded into the solve like a LoRA's s·B·A; the output is one
+    plain LoRA without magnitude vectors, so every DoRA layer must be compensated. Warns
     (``AdaptWarning``) naming the layers whose rank was clamped and those whose moment
     was rank-deficient. Returns the adapter with its scaling folded in (alpha = rank)."""
     if extra_rank < 1:
         raise UsageError(f"--recover-rank must be >= 1 (got {extra_rank})")
     t0 = time.perf_counter()
-    base_mods, var_mods = dict(base_model.named_modules()), dict(variant_model.named_modules())
-    arch = describe(variant_model, warn=False) if kept_indices else None
     wanted = compensation_targets(variant_model, targets)
     src_layers = source.layers() if source is not None else {}
-    unknown = [m for m in src_layers if m not in var_mods or m not in base_mods]
-    if unknown:
-        raise UsageError(f"the adapter targets modules the variant does not have: {_names(unknown)}")
+    job = _Job(dict(base_model.named_modules()), dict(variant_model.named_modules()), moments, extra_rank,
+               kept_indices, describe(variant_model, warn=False) if kept_indices else None,
+               Compensation(adapter=None))  # type: ignore[arg-type]
+    _check_source(job, src_layers, wanted)
     check_readable(variant_model, wanted)
-    result = Compensation(adapter=None)  # type: ignore[arg-type]
     layers: dict[str, LoraLayer] = {}
     todo = list(dict.fromkeys(wanted + sorted(src_layers)))
     for i, name in enumerate(todo):
-        src = src_layers.get(name)
-        if name not in wanted:  # a source layer outside the compensated set: carried over (sliced)
-            layers[name] = _carried(src, name, kept_indices, arch)
-            result.layers[name] = {"rank": src.rank, "source_rank": src.rank, "captured": None}
-            continue
-        W = slice_to_variant(effective_weight(base_mods[name], name).double(), name, kept_indices, arch)
-        W_hat = effective_weight(var_mods[name], name).double()
-        if W.shape != W_hat.shape:
-            raise UsageError(f"{name}: the variant's weight is {tuple(W_hat.shape)} but the base's "
-                             f"{tuple(W.shape)} (an ffn-channels variant needs its kept indices)")
-        D = W - W_hat
-        if src is not None:
-            D = D + slice_to_variant(src.delta(torch.float64), name, kept_indices, arch)
-        if not torch.any(D != 0):
-            result.skipped.append(name)
-            continue
-        r = src.rank if src is not None else 0
-        k = r + extra_rank
-        if k > min(D.shape):
-            result.clamped.append(name)
-            k = min(D.shape)
-        moment = None
-        if moments is not None:
-            if name not in moments:
-                raise UsageError(f"no calibration moment for {name}")
-            moment = moments[name]
-            if moment.tokens < moment.dim:
-                result.rank_deficient.append(name)
-        f = weighted_lowrank(D, moment, k, reg)
-        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
-            raise UsageError(f"{name}: the compensation is not finite (degenerate calibration moment)")
-        bias = _carried(src, name, kept_indices, arch).bias if src is not None else None
-        A, B = balanced(f.A, f.B)
-        layers[name] = LoraLayer(A=A.float().contiguous(), B=B.float().contiguous(), scale=1.0, bias=bias)
-        result.layers[name] = {"rank": k, "source_rank": r, "captured": f.captured}
-        if progress:
-            progress("compensation", i + 1, len(todo))
+        layer = _compensated(job, name, src_layers.get(name)) if name in wanted else \
+            _carried_over(job, name, src_layers[name])
+        if layer is not None:
+            layers[name] = layer
+            if progress and name in wanted:
+                progress("compensation", i + 1, len(todo))
     if not layers:
         raise UsageError("nothing to compensate: the variant computes exactly the base's weights "
                          "and there is no source adapter")
+    _warn(job.result, moments)
+    job.result.adapter = _adapter(layers, source, variant_model)
+    job.result.wall_s = time.perf_counter() - t0
+    return job.result
+
+
+def _check_source(job: _Job, src_layers: dict[str, LoraLayer], wanted: list[str]) -> None:
+    """The source's modules exist in both models; its DoRA layers are all among the compensated ones."""
+    unknown = [m for m in src_layers if m not in job.variant or m not in job.base]
+    if unknown:
+        raise UsageError(f"the adapter targets modules the variant does not have: {_names(unknown)}")
+    outside = [m for m, layer in src_layers.items() if layer.is_dora and m not in wanted]
+    if outside:
+        raise UsageError(f"the adapter is DoRA and --targets leaves out its layers {_names(outside)}: a DoRA "
+                         "update lives in weight space and the converted adapter is one plain LoRA, so every "
+                         "DoRA layer must be compensated; use --targets all (or convert without --recover lowrank)")
+
+
+def _carried_over(job: _Job, name: str, src: LoraLayer) -> LoraLayer:
+    """A source layer outside the compensated set: its own factors (sliced)."""
+    job.result.layers[name] = {"rank": src.rank, "source_rank": src.rank, "captured": None}
+    return _carried(src, name, job.kept_indices, job.arch)
+
+
+def _target(job: _Job, name: str, src: LoraLayer | None) -> torch.Tensor:
+    """D = (W + ΔW) − Ŵ of one layer, float64 (ΔW: s·B·A, or a DoRA layer's weight-space update on W)."""
+    W_full = effective_weight(job.base[name], name).double()
+    W = slice_to_variant(W_full, name, job.kept_indices, job.arch)
+    W_hat = effective_weight(job.variant[name], name).double()
+    if W.shape != W_hat.shape:
+        raise UsageError(f"{name}: the variant's weight is {tuple(W_hat.shape)} but the base's "
+                         f"{tuple(W.shape)} (an ffn-channels variant needs its kept indices)")
+    D = W - W_hat
+    if src is not None:  # DoRA: its norms are the full base rows', so ΔW is taken before slicing
+        D = D + slice_to_variant(src.dora_delta(W_full, torch.float64), name, job.kept_indices, job.arch)
+    return D
+
+
+def _moment(job: _Job, name: str) -> Moment | None:
+    """The layer's calibration moment (None: C = I), noting a rank-deficient one."""
+    if job.moments is None:
+        return None
+    if name not in job.moments:
+        raise UsageError(f"no calibration moment for {name}")
+    moment = job.moments[name]
+    if moment.tokens < moment.dim:
+        job.result.rank_deficient.append(name)
+    return moment
+
+
+def _compensated(job: _Job, name: str, src: LoraLayer | None) -> LoraLayer | None:
+    """The compensated layer of ``name`` (None when there is nothing to compensate: D = 0)."""
+    D = _target(job, name, src)
+    if not torch.any(D != 0):
+        job.result.skipped.append(name)
+        return None
+    r = src.rank if src is not None else 0
+    k = r + job.extra_rank
+    if k > min(D.shape):
+        job.result.clamped.append(name)
+        k = min(D.shape)
+    f = weighted_lowrank(D, _moment(job, name), k, REG_LAMBDA)
+    if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+        raise UsageError(f"{name}: the compensation is not finite (degenerate calibration moment)")
+    bias = _carried(src, name, job.kept_indices, job.arch).bias if src is not None else None
+    A, B = balanced(f.A, f.B)
+    job.result.layers[name] = {"rank": k, "source_rank": r, "captured": f.captured}
+    return LoraLayer(A=A.float().contiguous(), B=B.float().contiguous(), scale=1.0, bias=bias)
+
+
+def _warn(result: Compensation, moments: Moments | None) -> None:
+    """Word the clamped and rank-deficient layers into ``result.warnings`` and warn them."""
     if result.clamped:
         result.warnings.append(f"--recover-rank: rank clamped to min(out, in) on {len(result.clamped)} layer(s): "
                                f"{_names(result.clamped)}")
@@ -437,19 +511,23 @@ def compensate(base_model: nn.Module, variant_model: nn.Module, source: LoraAdap
         result.warnings.append(
             f"calibration too short for a full-rank activation moment ({tokens} tokens < {dims} input features) "
             f"on {len(result.rank_deficient)} layer(s): {_names(result.rank_deficient)}; solved with "
-            f"C + {reg:g}·mean(diag C)·I (give more --calib-samples)")
+            f"C + {REG_LAMBDA:g}·mean(diag C)·I (give more --calib-samples)")
     for message in result.warnings:
-        warnings.warn(message, AdaptWarning, stacklevel=2)
+        warnings.warn(message, AdaptWarning, stacklevel=3)
+
+
+def _adapter(layers: dict[str, LoraLayer], source: LoraAdapter | None, variant_model: nn.Module) -> LoraAdapter:
+    """The plain PEFT LoRA of ``layers`` on the variant, the source's config and side tensors kept
+    (``modules_to_save`` copies; never a DoRA magnitude: the output is plain LoRA)."""
     config = {k: v for k, v in (source.config if source is not None else DEFAULT_LORA).items()
               if k not in ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")}
     adapter = LoraAdapter.from_layers(layers, config)
     adapter.config["target_modules"] = exact_targets(adapter.config["target_modules"], list(layers), variant_model)
     if source is not None:  # modules_to_save copies and the like travel unchanged
         adapter.tensors.update({k: v for k, v in source.tensors.items()
-                                if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias"))})
-    result.adapter = adapter
-    result.wall_s = time.perf_counter() - t0
-    return result
+                                if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias",
+                                                   f".{MAGNITUDE}"))})
+    return adapter
 
 
 def _carried(src: LoraLayer, name: str, kept_indices, arch: Architecture | None) -> LoraLayer:
