@@ -154,3 +154,15 @@ def test_corrupt_registry_exit_1(cli, home):
     (home / "registry.db").write_bytes(b"garbage" * 1000)
     r = cli("ls", "--json")
     assert r.code == 1 and "cannot open registry" in r.err and "Traceback" not in r.err
+
+
+def test_serve_passes_the_body_limits_on(cli, monkeypatch):
+    from adapterhub_c import api
+
+    seen = {}
+    monkeypatch.setattr(api, "serve", lambda target, **kw: seen.update(kw, target=target))
+    r = cli("serve", "some-variant", "--max-body-bytes", "1000", "--body-timeout", "2.5")
+    assert r.code == 0, r.err
+    assert (seen["target"], seen["max_body_bytes"], seen["body_timeout_s"]) == ("some-variant", 1000, 2.5)
+    r = cli("serve", "some-variant", "--max-body-bytes", "0")
+    assert r.code == 2 and "--max-body-bytes" in r.err

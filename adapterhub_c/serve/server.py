@@ -16,7 +16,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.httpserve import ThreadedServer, bind, endpoint_of, is_loopback, serve_forever
 from adapterhub_c.models.arch import context_length, describe
 from adapterhub_c.models.device import resolve_device
-from adapterhub_c.options.serve import DEFAULT_HOST, TOKEN_ENV
+from adapterhub_c.options.serve import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, TOKEN_ENV
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.stack import load_stack, resolve_stack
 from adapterhub_c.runtime.variants import variant_kept_indices
@@ -26,10 +26,6 @@ from adapterhub_c.serve.layers import GATHER_MIN, Router, wrap_linears
 from adapterhub_c.serve.metrics import Metrics
 
 GRACEFUL_SHUTDOWN_S = 2
-# A generation body is a prompt (or a conversation) and a few parameters: a whole 128K-token
-# context of text is ~0.5 MB of JSON, so 8 MiB leaves room and refuses the 300 MB ones.
-DEFAULT_MAX_BODY_BYTES = 8 << 20
-DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 @dataclass
