@@ -19,7 +19,11 @@ measured on the first --eval-tokens tokens of builtin:pydoc test (windows of 512
 - own / fp16: what the variant adds to the store (its own blobs) / the base at 16 bits;
 - load s: seconds to load the variant from the registry (load_variant), next to the base's
   (load_base_model) in the base row;
-- ratios: ideal size / base fp16 size, and perplexity / base perplexity (same run).
+- ratios: ideal size / base fp16 size, and perplexity / base perplexity (same run);
+- MLP FLOPs: MoEfication (`moe K/E`, SmolLM2's MLP width 1536 in E experts, K per token): the
+  fraction of the MLP FLOPs per token a gathered kernel would compute (K/E of the channels + the
+  routers; our routed forward masks, so it computes them all), and in brackets the share of the
+  expert activation-norm mass the router keeps on held-out calibration tokens.
 """
 from __future__ import annotations
 
@@ -50,7 +54,19 @@ RECIPES = [  # (label, create_variant kwargs)
     ("sparsegpt 2:4", dict(prune="sparsegpt:2:4")),
     ("gptq 4-bit + sparsegpt 50%", dict(quant="gptq", bits=4, prune="sparsegpt", sparsity=0.5)),
     ("nf4 + sparsegpt 50%", dict(quant="nf4", prune="sparsegpt", sparsity=0.5)),
+    ("moe 24/48 (mlp router)", dict(moefy=True, experts=48, active=24)),
+    ("moe 12/48 (mlp router)", dict(moefy=True, experts=48, active=12)),
+    ("moe 12/48 (similarity)", dict(moefy=True, experts=48, active=12, moe_router="similarity")),
+    ("nf4 + moe 12/48 (Q+M)", dict(quant="nf4", moefy=True, experts=48, active=12)),
 ]
+
+
+def mlp_flops(summary: dict) -> str:
+    """MoEfication's MLP FLOPs fraction per token and the router's captured activation mass ('-' otherwise)."""
+    moe = summary.get("moe")
+    if not moe:
+        return "-"
+    return f"{moe['mlp_flops_fraction']:.3f} ({moe['captured'][moe['router']]:.2f})"
 
 
 def load_seconds(fn) -> float:
@@ -123,15 +139,15 @@ def main() -> None:
     table = [base_row] + rows
     base_fp16 = base_row["ideal_bytes"]
     header = ("| variant | params kept | sparsity | bits/w (loaded) | stored MiB (own) | loaded MiB | ideal MiB "
-              "| ideal / base fp16 | own / base fp16 | ppl | ppl / base | build+eval s | load s |")
-    lines = [header, "|" + "---|" * 13]
+              "| ideal / base fp16 | own / base fp16 | ppl | ppl / base | build+eval s | load s | MLP FLOPs |")
+    lines = [header, "|" + "---|" * 14]
     for r in table:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(
             f"| {r['label']} | {r['params_kept'] / 1e6:.1f}M | {r['sparsity']:.2f} | {r['bits_per_weight']:.2f} "
             f"| {mib(r['stored_bytes'])} ({mib(r['own_bytes'])}) | {mib(r['loaded_bytes'])} | {mib(r['ideal_bytes'])} "
             f"| {r['ideal_ratio']:.3f} | {r['own_bytes'] / base_fp16:.3f} | {r['perplexity']:.3f} "
-            f"| {r['ppl_ratio']:.3f} | {secs} | {r['load_seconds']:.2f} |")
+            f"| {r['ppl_ratio']:.3f} | {secs} | {r['load_seconds']:.2f} | {mlp_flops(r)} |")
     text = "\n".join(lines)
     print()
     print(text)
