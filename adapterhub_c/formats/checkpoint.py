@@ -19,6 +19,7 @@ Any other method, or a config without one, is refused in one line naming what wa
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,10 @@ def _ct_dense_state(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
+        with warnings.catch_warnings():  # "the model already has a quantization_config": we only add dequantize
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                         quantization_config=CompressedTensorsConfig(dequantize=True))
     except ImportError as e:
         raise UsageError(f"reading compressed-tensors checkpoints needs the compressed-tensors library ({e})") from None
     state = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}

@@ -64,6 +64,7 @@ class _Source:
     folder: Path
     label: str  # how messages name it
     source: dict[str, Any]  # repo / revision / commit / endpoint, or the local path
+    names: list[str] | None = None  # the files downloaded (a snapshot folder may hold more); None: all
 
 
 def _fetch(repo: str, opts: VariantAddOptions, token: str | None, endpoint: str | None,
@@ -77,14 +78,17 @@ def _fetch(repo: str, opts: VariantAddOptions, token: str | None, endpoint: str 
                                exclude=list(opts.exclude or []) or None, token=token, endpoint=endpoint,
                                progress=progress)
     return _Source(Path(got.path), repo_id, {"repo": repo_id, "revision": revision or "main",
-                                             "commit": got.commit_sha, "endpoint": client.public_endpoint(endpoint)})
+                                             "commit": got.commit_sha, "endpoint": client.public_endpoint(endpoint)},
+                   list(got.files))
 
 
-def checkpoint_files(folder: Path, label: str) -> dict[str, Path]:
-    """The files a variant stores: every file but the card, .gitattributes, hidden and pickle files."""
+def checkpoint_files(folder: Path, label: str, names: list[str] | None = None) -> dict[str, Path]:
+    """The files a variant stores: every file (of ``names``) but the card, .gitattributes, hidden and pickles."""
     files = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
+        if names is not None and rel not in names:
+            continue
         if not p.is_file() or p.name in _SKIPPED or any(part.startswith(".") for part in rel.split("/")) \
                 or rel.endswith(_PICKLES):
             continue
@@ -245,7 +249,7 @@ def add_variant(reg: Registry, repo: str, base_ref: str | BaseModel, options: Va
     ckpt = inspect_checkpoint(src.folder, src.label)
     base_folder = reg.materialize(base)
     check_architecture(ckpt.config, read_config(base_folder, f"base {base.name!r}"), src.label, base.name)
-    files = checkpoint_files(src.folder, src.label)
+    files = checkpoint_files(src.folder, src.label, src.names)
     recipe = origin_json(ckpt, {rel: sha256_file(p) for rel, p in files.items()})
     digest = hashlib.sha256(recipe.encode()).hexdigest()
     existing, final_name = _existing_or_name(reg, base, digest, name, ckpt, src.source)
