@@ -360,3 +360,13 @@ def test_whole_flow_on_an_imported_checkpoint(reg, tiny_base, tmp_path):
                 "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as r:
                 assert json.loads(r.read())["choices"][0]["text"] is not None
+
+
+def test_export_of_an_imported_variant(cli, reg, tiny_base, tmp_path):
+    ckpt = write_compressed_tensors(tmp_path / "ckpt")
+    assert cli("variant", "add", str(ckpt), "--base", BASE, "--eval-tokens", "0", "--name", "ct").code == 0
+    r = cli("export", "ct", "--out", str(tmp_path / "hf"), "--format", "hf")
+    assert r.code == 0, r.err
+    assert torch.equal(transformers_logits(tmp_path / "hf", IDS), _variant_logits(reg, "ct"))
+    _one_line(cli("export", "ct", "--out", str(tmp_path / "ct-out"), "--format", "compressed-tensors"), 2,
+              "exported as hf")

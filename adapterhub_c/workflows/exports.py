@@ -42,7 +42,7 @@ from adapterhub_c.progress import Progress
 from adapterhub_c.registry.models import BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
-from adapterhub_c.runtime.variants import load_variant, materialize_variant, storage_form
+from adapterhub_c.runtime.variants import load_variant, materialize_variant, origin_of, storage_form, variant_recipe
 from adapterhub_c.variants.build import BASE_DIR, storage_dtype
 from adapterhub_c.variants.recipe import Recipe
 
@@ -116,8 +116,10 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
     whole once the new folder is complete).
     """
     row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
-    recipe = Recipe.from_json(row.recipe)
+    recipe = variant_recipe(row)
     reason = refusal(recipe, fmt)
+    if origin_of(row) is not None and fmt != "hf":  # issue 25: GPTQ → pack-quantized not written yet
+        reason = "an imported checkpoint is exported as hf (its dequantized weights, or its bnb layers)"
     if reason is not None:
         raise UsageError(f"cannot export {row.name!r} as {fmt}: {reason}")
     out = Path(out)
@@ -152,7 +154,7 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
 
 def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: str = "hf") -> None:
     """Write the export of `row` into the existing empty folder `dest` (no checks, no run row)."""
-    recipe = Recipe.from_json(row.recipe)
+    recipe = variant_recipe(row)
     stored = _stored_dtype(reg, row, base)
     model = load_variant(reg, row, "cpu")
     _cast_unquantized(model, stored)
