@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/fuzz.py [--packs 4000] [--adapters 4000] [--http 1500] [--cards 1000] [--names 1000]
-                            [--secrets 500] [--seed 0] [--out benchmarks/results/fuzz.md]
+                            [--secrets 500] [--serve 2000] [--seed 0] [--out benchmarks/results/fuzz.md]
 
 The generators and the outcome rules are ``tests/fuzzing.py`` (the suite's
 ``tests/test_hostile.py`` runs a few hundred of the same cases). Families: pack files
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--cards", type=int, default=1000)
     ap.add_argument("--names", type=int, default=1000)
     ap.add_argument("--secrets", type=int, default=500)
+    ap.add_argument("--serve", type=int, default=2000, help="Random OpenAI-shaped bodies sent to adapt serve.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -92,15 +93,45 @@ def main() -> int:
             alive = fuzzing.raw_request(hub.endpoint, fuzzing.request_bytes("GET", "/api/models"))[0]
         print(f"http: {dict(tally.counts['http'])}", flush=True)
         print(f"card: {dict(tally.counts['card'])}", flush=True)
-    text = render(args, tally, seconds, baseline, alive)
+        serve_run = _serve_campaign(tally, tmp, args, seconds)
+    text = render(args, tally, seconds, baseline, alive, serve_run)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(f"written {args.out}")
-    return 0 if not tally.bad() and alive == 200 and set(baseline.values()) == {"accepted"} else 1
+    serve_ok = serve_run["alive"] == 200 and serve_run["rss_after"] <= 1.1 * serve_run["rss_before"]
+    return 0 if not tally.bad() and alive == 200 and serve_ok and set(baseline.values()) == {"accepted"} else 1
 
 
-def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive) -> str:
+def _serve_campaign(tally: fuzzing.Tally, tmp: Path, args, seconds: dict) -> dict:
+    """The serve fuzz: ``--serve`` random bodies, 8 at a time, on the tiny base with a LoRA and a pack.
+
+    The server runs in this process; its resident size is read (not the peak) after a warm-up of
+    50 requests and again after the run, each after a garbage collection: the run must give back
+    what it took (within 10%)."""
+    import gc
+
+    from adapterhub_c.serve.server import BackgroundServer, ServeOptions
+
+    reg, base, models = fuzzing.serve_world(tmp / "serve-home")
+    opts = ServeOptions(all=True, token=fuzzing.SERVE_TOKEN, batch_window_ms=20)
+    with BackgroundServer(reg, base, opts) as srv:
+        fuzzing.run_serve_cases(fuzzing.Tally(), srv.endpoint, fuzzing.SERVE_TOKEN, models, args.seed + 90, 50)
+        gc.collect()
+        before = fuzzing.current_rss()
+        t0 = time.perf_counter()
+        fuzzing.run_serve_cases(tally, srv.endpoint, fuzzing.SERVE_TOKEN, models, args.seed + 7, args.serve)
+        seconds["serve"] = time.perf_counter() - t0
+        gc.collect()
+        after = fuzzing.current_rss()
+        alive = fuzzing._post(srv.endpoint, "/v1/completions", b'{"model": "fuzz-lora", "prompt": "hi", '
+                              b'"max_tokens": 2}', fuzzing.SERVE_TOKEN, 60)
+    reg.close()
+    print(f"serve: {dict(tally.counts['serve'])}", flush=True)
+    return {"rss_before": before, "rss_after": after, "alive": alive}
+
+
+def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive, serve_run: dict) -> str:
     total = sum(c["cases"] for c in tally.counts.values())
     lines = ["# Hostile-input campaign (issues 20 and 28)", "",
              f"Command: `python benchmarks/fuzz.py {' '.join(sys.argv[1:])}`".replace("`python benchmarks/fuzz.py `",
@@ -110,7 +141,7 @@ def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive) -> 
              "(`ru_maxrss`, read after every case).", "",
              "| family | " + " | ".join(COLUMNS) + " | peak RSS growth | ms / case |",
              "|---|" + "---|" * (len(COLUMNS) + 2)]
-    for family in ("pack", "adapter", "http", "card", "name", "secret"):
+    for family in ("pack", "adapter", "http", "card", "name", "secret", "serve"):
         c = tally.counts.get(family)
         if not c:
             continue
@@ -122,7 +153,11 @@ def render(args, tally: fuzzing.Tally, seconds: dict, baseline: dict, alive) -> 
                      + f" | {peak / 2**20:.1f} MiB | {1000 * seconds[family] / c['cases']:.2f} |")
     lines += ["", "Baseline (unmutated seeds through the same checks): "
               + ", ".join(f"{k}: {v}" for k, v in baseline.items())
-              + f"; server answering after the HTTP run: {'yes (200)' if alive == 200 else alive}.", ""]
+              + f"; server answering after the HTTP run: {'yes (200)' if alive == 200 else alive}.", "",
+              f"adapt serve: resident size {serve_run['rss_before'] / 2**20:.1f} MiB after a 50-request warm-up, "
+              f"{serve_run['rss_after'] / 2**20:.1f} MiB after the {args.serve:,} requests "
+              f"({serve_run['rss_after'] / serve_run['rss_before']:.3f}x; must be within 10%); a normal request "
+              f"after the run: {serve_run['alive']}.", ""]
     bad = tally.bad()
     lines.append("Must-be-zero counts: " + ("all zero." if not bad else ", ".join(f"{k} = {v}" for k, v in bad.items())))
     if tally.examples:

@@ -23,6 +23,7 @@ after every case; growth above the campaign's start by more than ``ALLOC_CAP`` c
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import random
@@ -32,7 +33,7 @@ import struct
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load as st_load
@@ -747,3 +748,129 @@ def run_secret_cases(tally: Tally, seed: int, n: int) -> None:
         text = rng.choice(["{}", "error talking to {}: timeout", "{} and {}", "see <{}>"]).replace("{}", url)
         shown = redact_url(text)
         tally.add("secret", "accepted" if secret not in shown else "accepted_invalid", shown)
+
+
+# ---- adapt serve: random OpenAI-shaped request bodies ----------------------------------------
+# Each field of the OpenAI completions / chat schema, with values of the right type (most of the
+# time, so requests also get past validation and run) and of every other JSON type.
+_ODD_VALUES = [None, True, False, -1, 0, 1, 2**63, -(2**31), 1e-300, 1e300, -0.0, 0.5, "", "x" * 3000, "日本語\u202e",
+               [], {}, [1, "a"], {"a": {"b": [None]}}, "\x00", "NaN"]
+
+
+def _valid_field(rng: random.Random, field: str, models: list[str]) -> Any:
+    """A value of ``field`` the server should accept (small, so accepted requests stay cheap)."""
+    choices = {
+        "model": lambda: rng.choice(models),
+        "prompt": lambda: rng.choice(["hello", "Reverse the words: a b\nAnswer:", "", " ", "日本", ["a", "b"]]),
+        "max_tokens": lambda: rng.randint(0, 6),
+        "temperature": lambda: rng.choice([0, 0.0, 1e-300, 1e-6, 0.7, 1.0, 2.0]),
+        "top_p": lambda: rng.choice([0.0, 1e-9, 0.5, 1.0]),
+        "n": lambda: rng.choice([1, 2]),
+        "stream": lambda: rng.random() < 0.3,
+        "stop": lambda: rng.choice(["\n", ["a", "b"], None, ""]),
+        "seed": lambda: rng.randint(0, 2**31),
+        "messages": lambda: [{"role": rng.choice(["user", "system", "assistant"]),
+                              "content": rng.choice(["hi", "", "Reverse: x y"])} for _ in range(rng.randint(1, 3))],
+        "user": lambda: "fuzz",
+        "logprobs": lambda: rng.choice([None, 1]),
+        "echo": lambda: rng.random() < 0.2,
+    }
+    return choices[field]()
+
+
+_COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "user",
+                      "logprobs", "echo"]
+_CHAT_FIELDS = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed", "user"]
+
+
+def serve_case(rng: random.Random, models: list[str]) -> tuple[str, bytes]:
+    """(path, body) of one request: fields valid, of another type, missing or unknown; now and then no object."""
+    chat = rng.random() < 0.4
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    roll = rng.random()
+    if roll < 0.03:
+        return path, rng.choice([b"", b"[]", b"42", b'"x"', b"{", b"\xff\xfe", b"null"])
+    body: dict[str, Any] = {}
+    for field in (_CHAT_FIELDS if chat else _COMPLETION_FIELDS):
+        r = rng.random()
+        if r < 0.6 or (field in ("model", "max_tokens") and r < 0.85):
+            body[field] = _valid_field(rng, field, models)
+        elif r < 0.85:
+            body[field] = rng.choice(_ODD_VALUES)
+        # else: left out
+    if rng.random() < 0.1:
+        body[_hostile_text(rng)[:40] or "unknown"] = rng.choice(_ODD_VALUES)
+    if "max_tokens" not in body or not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > 6:
+        body.setdefault("max_tokens", 4)  # keep what the server accepts cheap; odd types still reach it
+    return path, json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+
+
+def _post(endpoint: str, path: str, body: bytes, token: str, timeout: float) -> int | None:
+    """The status of one POST (the whole body read, streams included); None if the connection dropped."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
+                                                      "Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now (not the peak): what a run must give back."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def run_serve_cases(tally: Tally, endpoint: str, token: str, models: list[str], seed: int, n: int,
+                    threads: int = 8, timeout: float = 60) -> None:
+    """``n`` random bodies sent ``threads`` at a time (so they batch into cohorts); 5xx and drops are tallied."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(seed)
+    cases = [serve_case(rng, models) for _ in range(n)]
+
+    def one(case: tuple[str, bytes]) -> tuple[int | None, tuple[str, bytes]]:
+        return _post(endpoint, *case, token, timeout), case
+
+    with ThreadPoolExecutor(threads) as pool:
+        for status, (path, body) in pool.map(one, cases):
+            detail = f"{path} {body[:200]!r}"
+            if status is None:
+                tally.add("serve", "dropped", detail)
+            elif status >= 500:
+                tally.add("serve", "http_5xx", f"{status}: {detail}")
+            else:
+                tally.add("serve", "refused" if status >= 400 else "accepted")
+
+
+SERVE_TOKEN = "fuzz-token"
+
+
+def serve_world(home: Path) -> tuple[Any, str, list[str]]:
+    """A registry with the tiny base, a random LoRA of it and its pack: (registry, base, model names to ask for)."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapterhub_c.registry import Registry
+    from adapterhub_c.registry.artifacts import register_artifact
+    from adapterhub_c.runtime.bases import load_base_model
+    from adapterhub_c.training import peft_io
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.packs import pack_artifact
+
+    reg = Registry(home=home)
+    base, _ = add_builtin_base(reg, "builtin:tiny-llama")
+    model, _ = load_base_model(reg, base)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    lora = peft_io.extract_lora(peft_model)
+    lora.config["base_model_name_or_path"] = base.name
+    register_artifact(reg, kind="lora", name="fuzz-lora", base_id=base.id, folder=lora.to_folder(home / "lora"))
+    pack_artifact(reg, "fuzz-lora", density=0.3, name="fuzz-pack")
+    return reg, base.name, [base.name, "fuzz-lora", "fuzz-pack", "fuzz-lora+none", "no-such-model", ""]

@@ -78,3 +78,21 @@ def test_card_values_yaml_allows_and_json_does_not(tmp_path):
     _clean(tally)
     c = tally.counts["card"]
     assert c["cases"] == 60 and c["refused"] > 0 and c["accepted"] > 0
+
+
+def test_random_openai_bodies_never_5xx_and_the_server_keeps_answering(tmp_path):
+    """Serve fuzz: bodies built from the OpenAI schema's fields with every JSON type, 8 at a time (cohorts)."""
+    import fuzzing
+
+    from adapterhub_c.serve.server import BackgroundServer, ServeOptions
+
+    reg, base, models = fuzzing.serve_world(tmp_path / "home")
+    tally = Tally()
+    opts = ServeOptions(all=True, token=fuzzing.SERVE_TOKEN, batch_window_ms=20)
+    with BackgroundServer(reg, base, opts) as srv:
+        fuzzing.run_serve_cases(tally, srv.endpoint, fuzzing.SERVE_TOKEN, models, seed=7, n=240)
+        assert httpx2.get(f"{srv.endpoint}/health", timeout=10).status_code == 200
+    reg.close()
+    _clean(tally)
+    c = tally.counts["serve"]
+    assert c["refused"] > 0 and c["accepted"] > 0  # both sides of the validation were reached
