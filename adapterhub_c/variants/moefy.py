@@ -6,9 +6,9 @@ and only the chosen experts' channels count.
   feature is its row of the first MLP layer, L2-normalised, as in the reference's
   ``ParamSplit``; for a gated MLP (Llama's SwiGLU, Phi-3's fused gate/up) the normalised gate
   row and up row are concatenated, so an expert is one set of intermediate channels for both.
-  The reference calls ``KMeansConstrained`` (min-cost flow); we assign greedily (all
-  (channel, expert) pairs by decreasing similarity, an expert taking channels until full),
-  deterministic for a given seed. When E does not divide the intermediate size n, the first
+  The reference calls ``KMeansConstrained`` (min-cost flow); we assign greedily in vectorised
+  rounds (each unplaced channel proposes to its nearest expert with room, experts keep their
+  nearest proposers), deterministic for a given seed. When E does not divide the intermediate size n, the first
   ``n % E`` experts hold one channel more (sizes differ by at most one); E > n is refused.
 - **Routers**, two kinds (the recipe's ``moe_router``):
   ``mlp`` (default) — the reference's ``MLPCenter``: scores = tanh(x̂·C₁ᵀ)·C₂ᵀ with x̂ the
@@ -73,37 +73,34 @@ def expert_sizes(n: int, experts: int) -> list[int]:
 
 
 def balanced_assign(similarity: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Labels [n] (int64) putting exactly ``sizes[e]`` rows in expert e, greedily by decreasing similarity.
+    """Labels [n] (int64) putting exactly ``sizes[e]`` rows in expert e, greedily by similarity.
 
-    ``similarity`` is [n, E]; ties go to the lower (row, expert) position.
+    ``similarity`` is [n, E]. In rounds, every unplaced row proposes to its most similar expert
+    that still has room, and each expert takes its most similar proposers up to its room; every
+    round places at least one row. Vectorised (a few rounds for a whole MLP); ties go to the
+    lower row.
     """
     n, k = similarity.shape
     if sum(sizes) != n or len(sizes) != k:
         raise UsageError(f"expert sizes {list(sizes)} do not cover {n} rows in {k} experts")
-    order = torch.argsort(similarity.reshape(-1), descending=True, stable=True).tolist()
-    labels = [-1] * n
-    room = list(sizes)
-    left = n
-    for flat in order:
-        row, e = divmod(flat, k)
-        if labels[row] < 0 and room[e] > 0:
-            labels[row], room[e], left = e, room[e] - 1, left - 1
-            if not left:
-                break
-    return torch.tensor(labels, dtype=torch.int64)
-
-
-def _init_centers(X: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding on the (normalised) rows of X."""
-    first = int(torch.randint(X.shape[0], (1,), generator=generator))
-    centers = [X[first]]
-    dist = (X - X[first]).pow(2).sum(1)
-    for _ in range(1, k):
-        probs = dist.clamp_min(0) + 1e-12
-        pick = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-        centers.append(X[pick])
-        dist = torch.minimum(dist, (X - X[pick]).pow(2).sum(1))
-    return torch.stack(centers)
+    labels = torch.full((n,), -1, dtype=torch.int64)
+    room = torch.tensor(list(sizes), dtype=torch.int64)
+    sim = similarity.detach().float().cpu()
+    while True:
+        free = torch.nonzero(labels < 0).flatten()
+        if free.numel() == 0:
+            return labels
+        scores = sim[free].masked_fill((room == 0)[None, :], float("-inf"))
+        best, choice = scores.max(dim=1)
+        order = torch.argsort(best, descending=True, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]  # grouped by expert, most similar first
+        counts = torch.bincount(choice, minlength=k)
+        starts = torch.cumsum(counts, 0) - counts
+        chosen = choice[order]
+        rank = torch.arange(order.numel()) - starts[chosen]
+        take = rank < room[chosen]
+        labels[free[order[take]]] = chosen[take]
+        room -= torch.bincount(chosen[take], minlength=k)
 
 
 def balanced_kmeans(X: torch.Tensor, experts: int, iters: int = KMEANS_ITERS, seed: int = SEED) -> torch.Tensor:
@@ -116,7 +113,7 @@ def balanced_kmeans(X: torch.Tensor, experts: int, iters: int = KMEANS_ITERS, se
     X = F.normalize(X.detach().float(), dim=1)
     sizes = expert_sizes(X.shape[0], experts)
     generator = torch.Generator().manual_seed(seed)
-    centers = _init_centers(X, experts, generator)
+    centers = X[torch.randperm(X.shape[0], generator=generator)[:experts]]  # Forgy: k distinct random rows
     labels = None
     for _ in range(iters):
         new = balanced_assign(X @ F.normalize(centers, dim=1).t(), sizes)
@@ -292,6 +289,12 @@ class MoeBuild:
     active: int
     router: str
     stats: dict
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes as stored: int16 labels, float16 centers and mix."""
+        return sum(2 * (w.labels.numel() + w.centers.numel() + (0 if w.mix is None else w.mix.numel()))
+                   for w in self.routers.values())
 
 
 def moefy_model(model: nn.Module, experts: int, active: int, router: str,
