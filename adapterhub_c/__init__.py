@@ -14,14 +14,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Lazily re-exported names of adapterhub_c.api. `api.serve` is not among them: here
-# `adapterhub_c.serve` is the server subpackage, which would shadow the function once imported.
+# Lazily re-exported names of adapterhub_c.api. `api.serve` and `api.ui` are not among them: here
+# `adapterhub_c.serve` / `adapterhub_c.ui` are subpackages, which would shadow the functions once imported.
 _API = (
     "Result", "open_registry", "add_base", "create_variant", "list_variants", "show_variant", "export", "pull",
     "search", "train", "convert",
     "pack", "unpack", "inspect_pack", "merge", "compose", "learn_prompt", "transfer_prompts", "push", "evaluate",
     "generate", "load", "list_objects", "show", "lineage", "remove", "gc", "run_batch", "batch_status",
-    "serve_hub", "demo", "replay_merge", "ui", "registry_summary", "model_tree", "show_page", "compare", "list_runs",
+    "serve_hub", "demo", "replay_merge", "add_variant", "registry_summary", "model_tree", "show_page", "compare", "list_runs",
     "find",
     # the typed options of the commands (light: importing them loads no torch)
     "TrainOptions", "ConvertOptions", "PackOptions", "MergeOptions", "ComposeOptions", "VariantOptions",
