@@ -128,10 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("--remeasure", action="store_true", help="re-evaluate the zoo's LoRAs (no training) and exit")
     args = ap.parse_args(argv)
 
-    from adapterhub_c.workflows.push import push_artifact
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.artifacts import name_taken
     from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.push import push_artifact
     from adapterhub_c.workflows.training import train_adapter
 
     zoo_dir: Path = args.zoo_dir

@@ -80,8 +80,8 @@ def pull_zoo(reg, endpoint: str, tasks: Sequence[str] | None = None,
     attach to it. Idempotent: a LoRA already pulled (same repo@commit) is reused.
     Returns ``{task: artefact name}``.
     """
-    from adapterhub_c.workflows.pull import pull_adapter
     from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.pull import pull_adapter
 
     manifest = load_manifest(zoo_dir)
     by_task = {entry["task"]: entry for entry in manifest.get("loras", [])}
