@@ -20,19 +20,25 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from adapterhub_c.evals.data import DEFAULT_CORPUS
 from adapterhub_c.models.builtin import SMOLLM2, builtin_for
+from adapterhub_c.options.batch import BatchExecution, BatchItems, BatchSteps
+from adapterhub_c.options.convert import ConvertOptions
+from adapterhub_c.options.corpus import DEFAULT_CORPUS
 from adapterhub_c.options.export import EXPORT_FORMATS
+from adapterhub_c.options.merge import ComposeOptions, MergeOptions
+from adapterhub_c.options.pack import PackOptions
+from adapterhub_c.options.prompt import PromptOptions, TransferOptions
 from adapterhub_c.options.serve import DEFAULT_HOST as SERVE_HOST
 from adapterhub_c.options.serve import TOKEN_ENV as SERVE_TOKEN_ENV
+from adapterhub_c.options.train import TrainOptions
 from adapterhub_c.options.variant import VariantOptions
 from adapterhub_c.progress import Progress
-from adapterhub_c.registry import Registry, views
-from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+from adapterhub_c.registry.kinds import LISTABLE
 
-LISTABLE = views.LISTABLE
+if TYPE_CHECKING:  # the registry (SQLAlchemy) loads on first use: `adapt --help` never needs it
+    from adapterhub_c.registry.store import Registry
 DEFAULT_DEMO_BASE = SMOLLM2
 
 # The choice lists and defaults of the commands, resolved on first access (PEP 562). Each is
@@ -105,6 +111,8 @@ def open_registry(home: str | Path | None = None, db: str | None = None) -> Regi
 
     Created and migrated to the current schema on first use.
     """
+    from adapterhub_c.registry.store import Registry
+
     return Registry(url=db, home=home)
 
 
@@ -119,6 +127,8 @@ def _reg(registry: Registry | None) -> Registry:
 
 
 def _kind(row) -> str:
+    from adapterhub_c.registry.models import Artifact, BaseModel, Variant
+
     if isinstance(row, BaseModel):
         return "base"
     if isinstance(row, Variant):
@@ -259,12 +269,6 @@ def serve_hub(root: str | Path, **options: Any) -> None:
 
 # ---- training, conversion, prompts ----------------------------------------------------------
 
-from adapterhub_c.options.batch import BatchExecution, BatchItems, BatchSteps  # noqa: E402 - light, as below
-from adapterhub_c.options.convert import ConvertOptions  # noqa: E402 - light: no torch (the signatures below)
-from adapterhub_c.options.merge import ComposeOptions, MergeOptions  # noqa: E402
-from adapterhub_c.options.pack import PackOptions  # noqa: E402
-from adapterhub_c.options.prompt import PromptOptions, TransferOptions  # noqa: E402
-from adapterhub_c.options.train import TrainOptions  # noqa: E402
 
 
 def train(target: str, data: str, options: TrainOptions | None = None, *, name: str | None = None,
@@ -434,26 +438,36 @@ def load(target: str, adapter: str | None = None, prompt: str | None = None, *, 
 def list_objects(what: str = "artifacts", *, limit: int | None = None,
                  registry: Registry | None = None) -> list[dict[str, Any]]:
     """Bases, variants, artifacts or runs as dicts."""
+    from adapterhub_c.registry import views
+
     return views.list_objects(_reg(registry), what, limit=limit)
 
 
 def show(ref: str, *, registry: Registry | None = None) -> dict[str, Any]:
     """Everything about one base, variant or artefact."""
+    from adapterhub_c.registry import views
+
     return views.show_object(_reg(registry), ref)
 
 
 def lineage(ref: str, *, registry: Registry | None = None) -> dict[str, Any]:
     """Where ``ref`` comes from and what derives from it, as a tree."""
+    from adapterhub_c.registry import views
+
     return views.lineage_tree(_reg(registry), ref)
 
 
 def remove(ref: str, *, cascade: bool = False, registry: Registry | None = None) -> list[str]:
     """Remove ``ref`` (and with ``cascade`` everything derived); returns the names removed."""
+    from adapterhub_c.registry import views
+
     return views.remove(_reg(registry), ref, cascade=cascade)
 
 
 def gc(*, dry_run: bool = False, registry: Registry | None = None) -> dict[str, Any]:
     """Delete unreferenced blobs and dead writers' temp files."""
+    from adapterhub_c.registry import views
+
     return views.collect_garbage(_reg(registry), dry_run=dry_run)
 
 

@@ -15,3 +15,6 @@ PROMPT_KINDS = ("prompt",)
 
 ARTIFACT_KINDS = ADAPTER_KINDS + PROMPT_KINDS
 """Every kind an artefact row may have."""
+
+LISTABLE = ("bases", "variants", "artifacts", "runs")
+"""What ``adapt ls`` lists."""

@@ -7,11 +7,10 @@ from typing import Any
 from sqlalchemy import or_, select
 
 from adapterhub_c.errors import UsageError
+from adapterhub_c.registry.kinds import LISTABLE
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Run, Variant
 from adapterhub_c.registry.runs import mark_dead_runs, record_run
 from adapterhub_c.registry.store import KINDS, Registry, delete_object, kind_of
-
-LISTABLE = ("bases", "variants", "artifacts", "runs")
 
 
 def _iso(value: dt.datetime | None) -> str | None:
