@@ -163,6 +163,16 @@ def dora_delta(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: fl
     return (magnitude.to(dtype) / norm)[:, None] * merged - w
 
 
+def read_folder_config(path: Path) -> dict:
+    """The checked ``adapter_config.json`` of PEFT folder ``path`` (UsageError: missing, or not a LoRA)."""
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise UsageError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter folder")
+    config = read_config(cfg_path)
+    check_lora_config(config, str(path))
+    return config
+
+
 @dataclass
 class LoraAdapter:
     """A LoRA adapter: its PEFT config and every tensor of its safetensors file."""
@@ -175,11 +185,7 @@ class LoraAdapter:
     def from_folder(cls, path: str | Path) -> "LoraAdapter":
         """Read a PEFT LoRA (or DoRA) folder; refuses other PEFT types."""
         path = Path(path)
-        cfg_path = path / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise UsageError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter folder")
-        config = read_config(cfg_path)
-        check_lora_config(config, str(path))
+        config = read_folder_config(path)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise UsageError(f"{path}: no {WEIGHTS_NAME}")

@@ -22,14 +22,12 @@ import torch
 
 from adapterhub_c.adapters.attach import check_attachable
 from adapterhub_c.adapters.lora import (
-    CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
     LoraAdapter,
     canonical_key,
-    check_lora_config,
     pattern_value,
-    read_config,
+    read_folder_config,
 )
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import read_safetensors_header
@@ -66,11 +64,7 @@ def validate_lora_folder(path: str | Path) -> LoraAdapter:
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: not a folder")
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise UsageError(f"{path}: no {CONFIG_NAME}; not a PEFT adapter folder")
-    config = read_config(cfg_path)
-    check_lora_config(config, str(path))
+    config = read_folder_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         pickles = [p for p in PICKLE_WEIGHTS if (path / p).is_file()]
