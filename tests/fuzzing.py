@@ -760,7 +760,7 @@ _ODD_VALUES = [None, True, False, -1, 0, 1, 2**63, -(2**31), 1e-300, 1e300, -0.0
 def _valid_field(rng: random.Random, field: str, models: list[str]) -> Any:
     """A value of ``field`` the server should accept (small, so accepted requests stay cheap)."""
     choices = {
-        "model": lambda: rng.choice(models),
+        "model": lambda: rng.choice(models[:3]) if rng.random() < 0.9 else rng.choice(models),
         "prompt": lambda: rng.choice(["hello", "Reverse the words: a b\nAnswer:", "", " ", "日本", ["a", "b"]]),
         "max_tokens": lambda: rng.randint(0, 6),
         "temperature": lambda: rng.choice([0, 0.0, 1e-300, 1e-6, 0.7, 1.0, 2.0]),
@@ -784,22 +784,26 @@ _CHAT_FIELDS = ["model", "messages", "max_tokens", "temperature", "top_p", "n", 
 
 
 def serve_case(rng: random.Random, models: list[str]) -> tuple[str, bytes]:
-    """(path, body) of one request: fields valid, of another type, missing or unknown; now and then no object."""
+    """(path, body) of one request: a valid body (half of them), or one with a field of another type,
+    missing or unknown, or several such; now and then no JSON object at all. Valid and hostile bodies
+    are sent together, so cohorts hold poisoned rows beside good ones."""
     chat = rng.random() < 0.4
     path = "/v1/chat/completions" if chat else "/v1/completions"
     roll = rng.random()
     if roll < 0.03:
         return path, rng.choice([b"", b"[]", b"42", b'"x"', b"{", b"\xff\xfe", b"null"])
-    body: dict[str, Any] = {}
-    for field in (_CHAT_FIELDS if chat else _COMPLETION_FIELDS):
+    fields = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    body: dict[str, Any] = {f: _valid_field(rng, f, models) for f in fields
+                            if f in ("model", "prompt", "messages", "max_tokens") or rng.random() < 0.5}
+    for _ in range(0 if roll < 0.5 else rng.choice([1, 1, 1, 2, 4])):
+        field = rng.choice(fields)
         r = rng.random()
-        if r < 0.6 or (field in ("model", "max_tokens") and r < 0.85):
-            body[field] = _valid_field(rng, field, models)
-        elif r < 0.85:
+        if r < 0.6:
             body[field] = rng.choice(_ODD_VALUES)
-        # else: left out
-    if rng.random() < 0.1:
-        body[_hostile_text(rng)[:40] or "unknown"] = rng.choice(_ODD_VALUES)
+        elif r < 0.85:
+            body.pop(field, None)
+        else:
+            body[_hostile_text(rng)[:40] or "unknown"] = rng.choice(_ODD_VALUES)
     if "max_tokens" not in body or not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > 6:
         body.setdefault("max_tokens", 4)  # keep what the server accepts cheap; odd types still reach it
     return path, json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
