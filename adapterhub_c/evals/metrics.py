@@ -48,6 +48,7 @@ def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> 
 
 
 def model_device(model) -> torch.device:
+    """The device of ``model``'s first parameter."""
     return next(model.parameters()).device
 
 

@@ -75,6 +75,7 @@ def dtype_code(name: str) -> int:
 
 
 def torch_dtype(code: int) -> torch.dtype:
+    """The torch dtype of a tensor-table dtype code."""
     return _TORCH_DTYPES[code]
 
 

@@ -33,6 +33,7 @@ def new_id() -> str:
 
 
 def utcnow() -> dt.datetime:
+    """Now, in UTC, as a naive datetime (how every timestamp column stores it)."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 

@@ -31,12 +31,14 @@ FORMAT = 1
 
 
 def moments_key(variant: Variant, calib: str, samples: int, seq_len: int) -> str:
+    """The cache key of a variant's calibration moments (variant, data, samples, length, format)."""
     text = json.dumps({"variant": variant.id, "calib": calib, "samples": int(samples), "seq_len": int(seq_len),
                        "format": FORMAT}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def moments_path(reg: Registry, variant: Variant, calib: str, samples: int, seq_len: int) -> Path:
+    """Where those moments are cached in the registry's cache folder."""
     return reg.cache_dir / "moments" / f"{moments_key(variant, calib, samples, seq_len)}.safetensors"
 
 

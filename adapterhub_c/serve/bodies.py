@@ -105,6 +105,7 @@ def sampling_params(req: GenerationBody, max_tokens: int | None) -> tuple[Sampli
 
 
 def message_text(m: ChatMessage, i: int) -> str:
+    """The text of chat message ``m`` (number ``i``): a string, or its text parts joined."""
     if m.content is None or isinstance(m.content, str):
         return m.content or ""
     texts = []

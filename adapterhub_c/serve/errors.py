@@ -25,6 +25,7 @@ class APIError(Exception):
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 in the OpenAI error shape, naming the offending parameter."""
     return APIError(400, message, "invalid_request_error", param, code)
 
 
@@ -41,6 +42,7 @@ def model_not_found(name: str, known: Iterable[str], hint: str = "") -> APIError
 
 
 def unauthorized() -> APIError:
+    """A 401 that echoes nothing the client sent."""
     # never echo what the client sent: it may be a real key meant for another server
     return APIError(401, "missing or invalid API key (send 'Authorization: Bearer <token>')",
                     "authentication_error", None, "invalid_api_key")
