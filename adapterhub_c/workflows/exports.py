@@ -10,7 +10,16 @@ Formats:
   int8, nf4 and fp4). Unquantized tensors are written in the base's stored dtype (bf16 for
   the built-in SmolLM2), so `from_pretrained(DIR, dtype=torch.float32)` gives the logits
   of `adapt eval` bit for bit. Tokenizer and generation files are the base's.
-- `compressed-tensors`: the pruned model in that library's `sparse-bitmask` format
+- `compressed-tensors`, GPTQ variants (issue 25): that library's `pack-quantized` format (what
+  vLLM loads; formats/compressed.py): the stored codes, scales and zeros as its packed int32
+  weights, scales and zero points, `quantization_config` in config.json, written by its
+  `ModelCompressor`. 4 and 8 bits, symmetric or not, grouped or per row; 2 / 3 bits and
+  act-order with groups are refused (one line, exit 2). Its dequantization is the variant's Ŵ.
+  Measured with transformers 5.25 + compressed-tensors 0.20.1: a symmetric export loads with
+  plain `from_pretrained(DIR)`; an asymmetric one (zero points packed, as vLLM reads them) only
+  with `quantization_config=CompressedTensorsConfig(dequantize=True)` (the library builds the
+  compressed model's zero points unpacked: "size mismatch"), which the load check then uses.
+- `compressed-tensors`, other variants: the pruned model in that library's `sparse-bitmask` format
   (values + bitmask + row offsets per pruned linear, `sparsity_config` in config.json),
   written with the library. Refused for quantized variants (bitsandbytes formats are not
   compressed-tensors formats; converting would re-quantize, i.e. approximate) and for
@@ -73,6 +82,10 @@ def refusal(recipe: Recipe, fmt: str) -> str | None:
         return f"unknown export format {fmt!r}; pick one of {', '.join(EXPORT_FORMATS)}"
     if fmt == "hf":
         return None
+    if recipe.quant == "gptq":
+        from adapterhub_c.formats.compressed import pack_quantized_refusal
+
+        return pack_quantized_refusal(recipe.bits, recipe.group_size, recipe.act_order)
     if recipe.quant != "none":
         return (f"compressed-tensors cannot hold a bitsandbytes {recipe.quant} variant (its quantized formats are "
                 "its own; converting would re-quantize the weights): use --format hf")
@@ -118,7 +131,7 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
     row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
     recipe = variant_recipe(row)
     reason = refusal(recipe, fmt)
-    if origin_of(row) is not None and fmt != "hf":  # issue 25: GPTQ → pack-quantized not written yet
+    if origin_of(row) is not None and fmt != "hf":  # an imported checkpoint's own files are its export
         reason = "an imported checkpoint is exported as hf (its dequantized weights, or its bnb layers)"
     if reason is not None:
         raise UsageError(f"cannot export {row.name!r} as {fmt}: {reason}")
@@ -160,6 +173,8 @@ def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: 
     _cast_unquantized(model, stored)
     if fmt == "hf":
         model.save_pretrained(dest)
+    elif recipe.quant == "gptq":
+        _save_pack_quantized(reg, row, recipe, model, dest)
     else:
         _save_compressed_tensors(model, recipe, row, dest)
     del model
@@ -168,8 +183,15 @@ def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: 
             "storage_dtype": str(stored).replace("torch.", ""),
             "perplexity": (row.stats or {}).get("perplexity"),
             "eval_tokens": (row.stats or {}).get("eval_tokens"),
-            "load": "AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32) gives adapt's logits"}
+            "load": _load_hint(recipe, fmt)}
     (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _load_hint(recipe: Recipe, fmt: str) -> str:
+    if fmt == "compressed-tensors" and recipe.quant == "gptq" and not recipe.sym:
+        return ("AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32, quantization_config="
+                "CompressedTensorsConfig(dequantize=True)) gives adapt's logits (vLLM loads DIR as is)")
+    return "AutoModelForCausalLM.from_pretrained(DIR, dtype=torch.float32) gives adapt's logits"
 
 
 def _stored_dtype(reg: Registry, row: Variant, base: BaseModel) -> torch.dtype:
@@ -210,25 +232,49 @@ def _save_compressed_tensors(model, recipe: Recipe, row: Variant, dest: Path) ->
     compressor.update_config(str(dest))
 
 
+def _save_pack_quantized(reg: Registry, row: Variant, recipe: Recipe, model, dest: Path) -> None:
+    """A GPTQ variant's stored codes / scales / zeros as compressed-tensors pack-quantized (formats/compressed.py)."""
+    from adapterhub_c.formats.compressed import save_pack_quantized
+    from adapterhub_c.variants.packed import COMPRESSED_FILE, load_compressed
+
+    weights = load_compressed(materialize_variant(reg, row) / COMPRESSED_FILE)
+    save_pack_quantized(model, weights, dest, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym)
+
+
 def _check_transformers_loads(reg: Registry, row: Variant, folder: Path) -> None:
     """Refuse (UsageError, nothing written) unless transformers loads `folder` with the variant's logits."""
     import importlib.metadata as md
 
-    from transformers import AutoModelForCausalLM
-
     versions = f"transformers {md.version('transformers')} with compressed-tensors {md.version('compressed-tensors')}"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        model = _load_back(folder, variant_recipe(row))
     except Exception as e:  # noqa: BLE001 - whatever the loader raises, the folder is not loadable
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise UsageError(f"cannot export {row.name!r} as compressed-tensors: {versions} cannot load the "
-                         f"sparse-bitmask folder it writes ({type(e).__name__}: {first}); use --format hf") from None
+                         f"folder it writes ({type(e).__name__}: {first}); use --format hf") from None
     ids = torch.arange(3, 19).view(1, 16) % model.config.vocab_size
     with torch.no_grad():
         same = torch.equal(model(ids).logits, load_variant(reg, row, "cpu")(ids).logits)
     if not same:
         raise UsageError(f"cannot export {row.name!r} as compressed-tensors: {versions} loads the folder with "
                          "other logits than the variant's; use --format hf")
+
+
+def _load_back(folder: Path, recipe: Recipe):
+    """`from_pretrained(folder)` in float32; an asymmetric GPTQ export decompressed on load when that fails."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except Exception:
+        if recipe.quant != "gptq" or recipe.sym:
+            raise
+    # transformers 5.25 + compressed-tensors 0.20.1 build the compressed model's zero points unpacked
+    # ("size mismatch" [out·b/32, G] vs [out, G]), so asymmetric pack-quantized loads only decompressed
+    from transformers import CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                quantization_config=CompressedTensorsConfig(dequantize=True))
 
 
 def _copy_base_extras(reg: Registry, base: BaseModel, dest: Path) -> None:
