@@ -158,21 +158,9 @@ def test_ffn_shapes_and_bf16_base_storage(tmp_path):
 def trained_tiny():
     """The tiny Llama trained 300 steps on builtin:pydoc train (seeded), so that compression errors show in
     its perplexity (a random model's perplexity is the vocabulary size whatever its weights)."""
-    from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.evals.metrics import token_stream
+    from variantflow import trained_tiny_llama
 
-    torch.manual_seed(0)
-    model, tok = build_tiny("llama")
-    steps, batch, seq = 300, 8, 64
-    ids = token_stream(tok, load_dataset(CALIB, "train").as_texts(), steps * batch * seq)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    model.train()
-    for x in ids[: steps * batch * seq].view(steps, batch, seq):
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), tok
+    return trained_tiny_llama(300)
 
 
 def _rtn(model, bits: int = 4):

@@ -268,21 +268,9 @@ def test_experts_beyond_the_mlp_width_and_corrupt_files_are_refused(tmp_path):
 def trained_tiny():
     """The tiny Llama trained 200 steps on builtin:pydoc train (seeded): a random model's perplexity is
     the vocabulary size whatever its MLPs compute."""
-    from adapterhub_c.evals.data import load_dataset
-    from adapterhub_c.evals.metrics import token_stream
+    from variantflow import trained_tiny_llama
 
-    torch.manual_seed(0)
-    model, tok = build_tiny("llama")
-    steps, batch, seq = 200, 8, 64
-    ids = token_stream(tok, load_dataset(CALIB, "train").as_texts(), steps * batch * seq)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    model.train()
-    for x in ids[: steps * batch * seq].view(steps, batch, seq):
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), tok
+    return trained_tiny_llama(200)
 
 
 def test_perplexity_routed_is_finite_and_no_better_than_dense(trained_tiny):

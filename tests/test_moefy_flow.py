@@ -10,53 +10,34 @@ from __future__ import annotations
 
 import json
 import math
-import urllib.request
 
 import pytest
+from variantflow import BASE, convert_pack_serve, train_source
 
-TASK = "builtin:task/reverse-words"
-FAST = dict(steps=2, lr=3e-3, batch_size=2, seq_len=48, max_eval_tokens=200, max_eval_examples=2)
 CAL = dict(calib_samples=4, calib_seq_len=64)
 KINDS = {
     "moe8k2": dict(moefy=True, experts=8, active=2),
     "nf4+moe8k4-sim": dict(quant="nf4", moefy=True, experts=8, active=4, moe_router="similarity"),
     "gptq4+moe4k1": dict(quant="gptq", bits=4, moefy=True, experts=4, active=1),
 }
-TOKEN = "t0ken-25m"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from adapterhub_c.registry import Registry
     from adapterhub_c.workflows.bases import add_builtin_base
-    from adapterhub_c.workflows.training import train_adapter
 
     reg = Registry(home=tmp_path_factory.mktemp("moe_flow_home"))
-    add_builtin_base(reg, "builtin:tiny-llama")
-    train_adapter(reg, "builtin:tiny-llama", TASK, rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj", "down_proj"],
-                  name="src", baseline=False, **FAST)
+    add_builtin_base(reg, BASE)
+    train_source(reg)
     yield reg
     reg.close()
-
-
-def _complete(server, model: str) -> str:
-    body = json.dumps({"model": model, "prompt": "Reverse the words: a b\nAnswer:", "max_tokens": 4,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"{server.base_url}/completions", data=body, method="POST",
-                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        out = json.loads(r.read())
-    assert out["model"] == model and out["choices"][0]["text"] is not None
-    return out["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_whole_flow_on_moefied_variants(world, kind):
     from adapterhub_c.runtime.variants import load_variant
-    from adapterhub_c.serve.server import BackgroundServer, ServeOptions
     from adapterhub_c.variants.moefy import MOE_FILE, routings
-    from adapterhub_c.workflows.packs import pack_artifact
-    from adapterhub_c.workflows.training import convert_adapter
     from adapterhub_c.workflows.variants import create_variant, list_variants, show_variant
 
     reg = world
@@ -77,17 +58,7 @@ def test_whole_flow_on_moefied_variants(world, kind):
     assert row.name in {v["name"] for v in list_variants(reg)}
     model = load_variant(reg, row.name)
     assert len(routings(model)) == 2
-    conv, report = convert_adapter(reg, "src", row.name, data=TASK, recover_rank=2, name=f"conv-{name}",
-                                   reference_rows=False, **FAST)
-    assert report["recover"] and report["distill"] and report["inherit"]
-    low, low_report = convert_adapter(reg, "src", row.name, recover="lowrank", recover_rank=2, calib_samples=2,
-                                      calib_seq_len=32, name=f"low-{name}", reference_rows=False,
-                                      max_eval_tokens=100, max_eval_examples=1)
-    assert low_report["recover_method"] == "lowrank" and low.kind == "lora"
-    pack_artifact(reg, conv.name, density=0.5, alpha=1.0, name=f"pack-{name}")
-    with BackgroundServer(reg, row.name, ServeOptions(all=True, token=TOKEN)) as server:
-        for model_name in (conv.name, low.name, f"pack-{name}"):
-            _complete(server, model_name)
+    convert_pack_serve(reg, row.name)
 
 
 @pytest.mark.parametrize("args, message", [
