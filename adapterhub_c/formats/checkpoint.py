@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from adapterhub_c.errors import IntegrityError, UsageError
+from adapterhub_c.errors import UsageError
 from adapterhub_c.formats import gptq as gptq_format
+from adapterhub_c.variants.build import read_state
 from adapterhub_c.variants.quantize import device_map_for, disable_cpu_repack
 
 METHODS = ("compressed-tensors", "gptq", "bitsandbytes")  # what `load_checkpoint` reads
@@ -190,19 +191,6 @@ def _plain_model(folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtyp
     return model.to(device).eval()
 
 
-def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's ``*.safetensors`` files."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise IntegrityError(f"{folder} holds no safetensors weights")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
-
-
 def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     checkpoint: Checkpoint | None = None):
     """The checkpoint as a transformers model computing with its Ŵ (see the module docstring), eval mode.
@@ -214,7 +202,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, devi
     ckpt = checkpoint or inspect_checkpoint(folder)
     if ckpt.method == "gptq":
         s = ckpt.scheme
-        state = gptq_format.dense_state(read_tensors(folder), s["bits"], s["group_size"],
+        state = gptq_format.dense_state(read_state(folder), s["bits"], s["group_size"],
                                         v1=s["checkpoint_format"] == "gptq")
         return _plain_model(folder, state, dtype, device)
     if ckpt.method == "compressed-tensors":

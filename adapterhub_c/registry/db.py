@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 from pathlib import Path
@@ -60,6 +61,7 @@ _REVISION_RE = re.compile(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", re.M)
 _DOWN_RE = re.compile(r"^down_revision\s*=\s*['\"]([^'\"]+)['\"]", re.M)
 
 
+@functools.lru_cache(maxsize=1)
 def script_head() -> str | None:
     """The newest migration read off the scripts' ``revision`` / ``down_revision`` lines without
     importing alembic; None when they do not form one chain (then alembic decides). A test
