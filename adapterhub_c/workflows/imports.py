@@ -48,7 +48,14 @@ from adapterhub_c.runtime.bases import load_base_model
 from adapterhub_c.runtime.variants import COMPUTE_DTYPE
 from adapterhub_c.variants.quantize import dequantize_linear, is_bnb_linear, quantized_storage_bits
 from adapterhub_c.workflows.hubcommon import split_repo
-from adapterhub_c.workflows.variants import EVAL_DATA, EVAL_SPLIT, _base_perplexity, _perplexity
+from adapterhub_c.workflows.variants import (
+    EVAL_DATA,
+    EVAL_SPLIT,
+    base_perplexity,
+    perplexity_details,
+    short_base_name,
+    unique_variant_name,
+)
 
 ORIGIN_VERSION = 1
 _SKIPPED = ("README.md", ".gitattributes")
@@ -106,17 +113,9 @@ def origin_json(ckpt: Checkpoint, digests: dict[str, str]) -> str:
 
 def _default_name(base: BaseModel, ckpt: Checkpoint, source: dict) -> str:
     stem = (source.get("repo") or source.get("path") or "checkpoint").rstrip("/").rsplit("/", 1)[-1]
-    short = base.name.split(":", 1)[-1].rsplit("/", 1)[-1]
+    short = short_base_name(base)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or f"{short}-{ckpt.method}"
     return name if name.startswith(short) else f"{short}-{name}"
-
-
-def _unique_name(s, stem: str) -> str:
-    name, i = stem, 1
-    while s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
-        i += 1
-        name = f"{stem}-{i}"
-    return name
 
 
 def _find_base(reg: Registry, base_ref: str | BaseModel) -> BaseModel:
@@ -136,7 +135,7 @@ def _existing_or_name(reg: Registry, base: BaseModel, digest: str, name: str | N
             return existing, existing.name
         if name is not None and s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
             raise UsageError(f"a variant named {name!r} already exists; pick another --name")
-        return None, name or _unique_name(s, _default_name(base, ckpt, source))
+        return None, name or unique_variant_name(s, _default_name(base, ckpt, source))
 
 
 def _dense_weights(model) -> dict[str, torch.Tensor]:
@@ -278,14 +277,14 @@ def _register(reg: Registry, job: _Import, opts: VariantAddOptions, progress: Pr
     stats["source"] = job.src.source
     if job.notes:
         stats["warnings"] = job.notes
-    base_ppl, base_eval = _base_perplexity(reg, job.base, base_model, tokenizer, opts.eval_tokens, progress)
+    base_ppl, base_eval = base_perplexity(reg, job.base, base_model, tokenizer, opts.eval_tokens, progress)
     del base_model, weights
     variant_eval = None
     if opts.eval_tokens:
         from adapterhub_c.models.device import resolve_device
 
         model.to(str(resolve_device(opts.device)))
-        variant_eval = _perplexity(model, tokenizer, opts.eval_tokens, progress)
+        variant_eval = perplexity_details(model, tokenizer, opts.eval_tokens, progress)
     del model
     stats.update(perplexity=variant_eval["perplexity"] if variant_eval else None, base_perplexity=base_ppl,
                  eval_tokens=opts.eval_tokens, eval_data=f"{EVAL_DATA}:{EVAL_SPLIT}")

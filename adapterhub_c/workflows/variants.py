@@ -79,7 +79,8 @@ warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 # ---- creating --------------------------------------------------------------------------
 
 
-def _short_base_name(base: BaseModel) -> str:
+def short_base_name(base: BaseModel) -> str:
+    """The base's name without ``builtin:`` or an owner: the stem of its variants' default names."""
     name = base.name.split(":", 1)[-1].rsplit("/", 1)[-1]
     return name or base.id[:8]
 
@@ -108,10 +109,11 @@ def default_variant_name(base: BaseModel, recipe: Recipe) -> str:
         parts.append("emb")
     if recipe.include_lm_head:
         parts.append("head")
-    return "-".join([_short_base_name(base)] + parts)
+    return "-".join([short_base_name(base)] + parts)
 
 
-def _unique_variant_name(s, stem: str) -> str:
+def unique_variant_name(s, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``… if a variant has it (in session ``s``)."""
     name, i = stem, 1
     while s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
         i += 1
@@ -169,7 +171,8 @@ def _find_base_perplexity(reg: Registry, base: BaseModel, tokens: int) -> float 
     return None
 
 
-def _perplexity(model, tokenizer, eval_tokens: int, progress: Progress | None) -> dict:
+def perplexity_details(model, tokenizer, eval_tokens: int, progress: Progress | None) -> dict:
+    """A loaded model's perplexity on the variants' evaluation tokens, with its details."""
     res = evaluate_model(model, tokenizer, EVAL_DATA, EVAL_SPLIT, max_tokens=eval_tokens, progress=progress)
     return res["_details"]["perplexity"]
 
@@ -233,7 +236,7 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, options: VariantOpt
                   device=str(opts.device))
     with record_run(reg, "variant create", params) as run:
         model, tokenizer = load_base_model(reg, base, opts.device)
-        base_ppl, base_eval = _base_perplexity(reg, base, model, tokenizer, opts.eval_tokens, progress)
+        base_ppl, base_eval = base_perplexity(reg, base, model, tokenizer, opts.eval_tokens, progress)
         calib_ids = calibration_ids(tokenizer, recipe)
         base_folder = reg.materialize(base)
         build = apply_recipe(model, recipe, calib_ids, progress=progress, storage_dtype=storage_dtype(base_folder))
@@ -277,10 +280,10 @@ def _find_or_name(reg: Registry, base_ref: str | BaseModel, recipe: Recipe,
             return base, existing, existing.name
         if name is not None and s.scalar(select(Variant.id).where(Variant.name == name)) is not None:
             raise UsageError(f"a variant named {name!r} already exists; pick another --name")
-        return base, None, name or _unique_variant_name(s, default_variant_name(base, recipe))
+        return base, None, name or unique_variant_name(s, default_variant_name(base, recipe))
 
 
-def _base_perplexity(reg: Registry, base: BaseModel, model, tokenizer, eval_tokens: int,
+def base_perplexity(reg: Registry, base: BaseModel, model, tokenizer, eval_tokens: int,
                      progress: Progress | None) -> tuple[float | None, dict | None]:
     """The base's perplexity on the evaluation tokens: recorded already (details None) or measured now."""
     if not eval_tokens:
@@ -289,7 +292,7 @@ def _base_perplexity(reg: Registry, base: BaseModel, model, tokenizer, eval_toke
     recorded = _find_base_perplexity(reg, base, n_scored)
     if recorded is not None:
         return recorded, None
-    details = _perplexity(model, tokenizer, eval_tokens, progress)
+    details = perplexity_details(model, tokenizer, eval_tokens, progress)
     return details["perplexity"], details
 
 
@@ -328,7 +331,7 @@ def _variant_perplexity(load_from: Path, recipe: Recipe, tokenizer, opts: Varian
                                 include_lm_head=recipe.include_lm_head, dtype=COMPUTE_DTYPE)
     else:
         vmodel = load_variant_model(load_from, recipe=recipe, device=device, compute_dtype=COMPUTE_DTYPE)
-    return _perplexity(vmodel, tokenizer, opts.eval_tokens, progress)
+    return perplexity_details(vmodel, tokenizer, opts.eval_tokens, progress)
 
 
 def _file_sizes(reg: Registry, base: BaseModel, files: dict[str, str], stats: dict, meta: dict) -> int:
