@@ -25,7 +25,7 @@ from adapterhub_c.errors import UsageError
 from adapterhub_c.registry.kinds import ARTIFACT_KINDS
 from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Lineage, Run, Variant
 from adapterhub_c.registry.store import KINDS, Registry, kind_of
-from adapterhub_c.registry.views import _iso, artifact_row, run_row
+from adapterhub_c.registry.views import artifact_row, iso_time, run_row
 
 PER_PAGE = 50
 MAX_PER_PAGE = 500
@@ -227,7 +227,7 @@ def _run_of(s, run_id: str | None) -> dict[str, Any] | None:
     if run is None:
         return None
     row = run_row(run)
-    row["finished_at"] = _iso(run.finished_at)
+    row["finished_at"] = iso_time(run.finished_at)
     row["reproduce"] = reproduce_command(run.command, run.parameters or {})
     return row
 
@@ -248,7 +248,7 @@ def _evaluation_rows(s, obj, limit: int) -> tuple[list[dict], int]:
     vnames = _names(s, Variant, {e.variant_id for e in evs})
     return [{"dataset": e.dataset, "split": e.split, "metric": e.metric, "value": e.value,
              "variant": vnames.get(e.variant_id), "with_adapter": e.artifact_id, "with_prompt": e.prompt_id,
-             "at": _iso(e.created_at), "ci95": ci95_of(e)} for e in evs], total
+             "at": iso_time(e.created_at), "ci95": ci95_of(e)} for e in evs], total
 
 
 def _names(s, cls, ids) -> dict[str, str]:
@@ -580,7 +580,7 @@ def _search_row(what: str, obj, bnames: dict) -> dict[str, Any]:
     return {"type": what, "kind": obj.kind if what == "artifact" else what, "name": obj.name, "id": obj.id,
             "base": bnames.get(base_id), "source": getattr(obj, "source", None) or getattr(obj, "hub_id", None),
             "stored_bytes": obj.stored_bytes,
-            "created_at": _iso(obj.created_at)}
+            "created_at": iso_time(obj.created_at)}
 
 
 def kinds_of(reg: Registry, names: Iterable[str]) -> dict[str, str]:

@@ -13,31 +13,32 @@ from adapterhub_c.registry.runs import mark_dead_runs, record_run
 from adapterhub_c.registry.store import KINDS, Registry, delete_object, kind_of
 
 
-def _iso(value: dt.datetime | None) -> str | None:
+def iso_time(value: dt.datetime | None) -> str | None:
+    """A timestamp as ISO 8601 to the second (None stays None): how every view shows times."""
     return value.isoformat(timespec="seconds") if value else None
 
 
 def base_row(b: BaseModel) -> dict[str, Any]:
     return {"id": b.id, "name": b.name, "hub_id": b.hub_id, "revision": b.revision, "commit_sha": b.commit_sha,
             "architecture": b.architecture, "params": b.params, "size_bytes": b.size_bytes,
-            "reference_only": b.is_reference, "created_at": _iso(b.created_at)}
+            "reference_only": b.is_reference, "created_at": iso_time(b.created_at)}
 
 
 def variant_row(v: Variant, base_name: str) -> dict[str, Any]:
     import json
 
     return {"id": v.id, "name": v.name, "base": base_name, "recipe": json.loads(v.recipe),
-            "sparsity": v.sparsity, "size_bytes": v.size_bytes, "stats": v.stats, "created_at": _iso(v.created_at)}
+            "sparsity": v.sparsity, "size_bytes": v.size_bytes, "stats": v.stats, "created_at": iso_time(v.created_at)}
 
 
 def artifact_row(a: Artifact, base_name: str, variant_name: str | None) -> dict[str, Any]:
     return {"id": a.id, "kind": a.kind, "name": a.name, "base": base_name, "variant": variant_name,
             "source": a.source, "source_sha": a.source_sha, "size_bytes": a.size_bytes, "metrics": a.metrics,
-            "created_at": _iso(a.created_at)}
+            "created_at": iso_time(a.created_at)}
 
 
 def run_row(r: Run) -> dict[str, Any]:
-    return {"id": r.id, "command": r.command, "status": r.status, "started_at": _iso(r.started_at),
+    return {"id": r.id, "command": r.command, "status": r.status, "started_at": iso_time(r.started_at),
             "duration_s": r.duration_s, "parameters": r.parameters, "output": r.output, "error": r.error}
 
 
@@ -89,7 +90,7 @@ def show_object(reg: Registry, ref: str) -> dict[str, Any]:
                         .order_by(Evaluation.created_at))
         row["evaluations"] = [{"dataset": e.dataset, "split": e.split, "metric": e.metric, "value": e.value,
                                "variant": vnames.get(e.variant_id), "with_adapter": e.artifact_id,
-                               "with_prompt": e.prompt_id, "at": _iso(e.created_at)} for e in evs]
+                               "with_prompt": e.prompt_id, "at": iso_time(e.created_at)} for e in evs]
         return row
 
 
