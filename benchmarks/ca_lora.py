@@ -9,6 +9,15 @@ Usage:
                                [--variants nf4-wanda50,2:4] [--steps 20] [--eval-examples 50] [--tiny]
                                [--out benchmarks/results/ca_lora_lowrank.md]
 
+  python benchmarks/ca_lora.py --seeds [--tasks reverse-words,uppercase,sort-numbers]
+                               [--variants gptq3,sparsegpt62p5,moe24of48,qupm] [--seeds-lowrank]
+                               [--out benchmarks/results/ca_lora_seeds.md]
+
+``--seeds``: CA-LoRA's Table 2/3 shape on the seeds' compressors (GPTQ, SparseGPT, MoEfication and
+a quant + unstructured prune + MoEfication combination), per variant and task: the ceiling (base +
+source LoRA), the source LoRA on the variant as it is, full CA-LoRA, and with ``--seeds-lowrank``
+the zero-data compensated conversion (see ``seeds_main``).
+
 ``--lowrank``: compensated conversion (``adapt convert --recover lowrank``, issue 18) against
 the naive transfer, the teacher and CA-LoRA's recovery modules, per variant and task (see
 ``lowrank_main``).
@@ -99,7 +108,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lowrank", action="store_true", help="the compensated-conversion table (issue 18)")
     ap.add_argument("--tasks", default="reverse-words,uppercase,sort-numbers", help="--lowrank: zoo tasks")
-    ap.add_argument("--variants", default="nf4-wanda50,2:4", help=f"--lowrank: of {', '.join(LOWRANK_VARIANTS)}")
+    ap.add_argument("--seeds", action="store_true", help="the seeds' compressors table (issue 25)")
+    ap.add_argument("--seeds-lowrank", action="store_true",
+                    help="--seeds: also the zero-data compensated conversion (--recover lowrank, 0 steps)")
+    ap.add_argument("--variants", default=None,
+                    help=f"--lowrank: of {', '.join(LOWRANK_VARIANTS)} (default nf4-wanda50,2:4); "
+                         f"--seeds: of {', '.join(SEEDS_VARIANTS)} (default all)")
     ap.add_argument("--compensate-rank", type=int, default=16, help="--lowrank: R, the rank added to r")
     ap.add_argument("--compensate-targets", default="all", help="--lowrank: attn or all")
     ap.add_argument("--compensate-calib-samples", type=int, default=32,
@@ -123,6 +137,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.lowrank:
         return lowrank_main(args)
+    if args.seeds:
+        return seeds_main(args)
 
     from adapterhub_c.registry import Registry
     from adapterhub_c.registry.artifacts import name_taken
@@ -287,6 +303,40 @@ def measure_task(model, tokenizer, data: str, n: int) -> dict:
             "nll": completion_perplexity(model, tokenizer, pairs)["completion_nll"]}
 
 
+def pick_variants(spec: str, known: dict) -> list[str]:
+    """The comma-separated variant keys of ``spec``; exits with the known keys on an unknown one."""
+    variants = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown} (choose from {', '.join(known)})")
+    return variants
+
+
+def measure_stack(reg, device: str, label: str, target: str, data: str, n: int, **stack) -> dict:
+    """``measure_task`` on a loaded stack (target base / variant, optional adapter)."""
+    from adapterhub_c.runtime.stack import load_stack, resolve_stack
+
+    print(f"  measuring {label}", flush=True)
+    model, tok = load_stack(reg, resolve_stack(reg, target, **stack), device)
+    return measure_task(model, tok, data, n)
+
+
+def convert_once(reg, device: str, name: str, source: str, var, **opts) -> tuple:
+    """``convert_adapter`` with a one-prompt evaluation, or the artefact of that name from an
+    earlier run: (artefact, compensation info, seconds or None when reused)."""
+    from adapterhub_c.registry.artifacts import name_taken
+    from adapterhub_c.workflows.training import convert_adapter
+
+    if name_taken(reg, name):
+        art = reg.get(name, "artifact")
+        return art, (art.config or {}).get("compensation") or {}, None
+    print(f"  converting {name}", flush=True)
+    t0 = time.perf_counter()
+    art, report = convert_adapter(reg, source, var.name, name=name, progress=_progress(name), max_eval_examples=1,
+                                  max_eval_tokens=64, reference_rows=False, device=device, **opts)
+    return art, report.get("compensation") or {}, time.perf_counter() - t0
+
+
 def lowrank_main(args) -> int:
     """Per variant × task: teacher, variant alone, naive, compensated (0 steps and + distillation),
     CA-LoRA (recovery modules, same steps), compensation alone; exact match on the first
@@ -294,22 +344,15 @@ def lowrank_main(args) -> int:
     prompts; adapter sizes; per variant, builtin:pydoc perplexity of base / variant /
     variant + compensation alone."""
     from adapterhub_c.registry import Registry
-    from adapterhub_c.registry.artifacts import name_taken
-    from adapterhub_c.runtime.stack import load_stack, resolve_stack
     from adapterhub_c.workflows.evals import run_eval
-    from adapterhub_c.workflows.training import convert_adapter
     from adapterhub_c.workflows.variants import create_variant
 
     t_start = time.perf_counter()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in LOWRANK_VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown --variants {unknown} (choose from {', '.join(LOWRANK_VARIANTS)})")
+    variants = pick_variants(args.variants or "nf4-wanda50,2:4", LOWRANK_VARIANTS)
     home = args.home or (ZOO_DIR / ("ca-lora-home-tiny" if args.tiny else "ca-lora-home"))
     reg = Registry(home=home)
     base_name, sources = setup(reg, args, tasks)
-    cheap = dict(max_eval_examples=1, max_eval_tokens=64, reference_rows=False, device=args.device)
     comp = dict(recover="lowrank", recover_rank=args.compensate_rank, recover_targets=args.compensate_targets,
                 calib_samples=args.compensate_calib_samples)
     train = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -317,18 +360,10 @@ def lowrank_main(args) -> int:
     measured: dict = {}
 
     def stack_row(label, target, tok_data, n, **stack):
-        print(f"  measuring {label}", flush=True)
-        model, tok = load_stack(reg, resolve_stack(reg, target, **stack), args.device)
-        return measure_task(model, tok, tok_data, n)
+        return measure_stack(reg, args.device, label, target, tok_data, n, **stack)
 
     def converted(name, source, var, **opts):
-        if name_taken(reg, name):
-            art = reg.get(name, "artifact")
-            return art, (art.config or {}).get("compensation") or {}, None
-        print(f"  converting {name}", flush=True)
-        t0 = time.perf_counter()
-        art, report = convert_adapter(reg, source, var.name, name=name, progress=_progress(name), **cheap, **opts)
-        return art, report.get("compensation") or {}, time.perf_counter() - t0
+        return convert_once(reg, args.device, name, source, var, **opts)
 
     teacher_rows = {}
     for task in tasks:
@@ -451,6 +486,150 @@ def render_lowrank(args, base_name, tasks, variants, measured, pydoc, total_s) -
         conv = "–" if p.get("convert_s") is None else f"{p['convert_s']:.0f}"
         lines.append(f"| {LOWRANK_VARIANTS[vkey][0]} | {pydoc['base']:.2f} | {p['variant']:.2f} | "
                      f"{p['compensated']:.2f} | {_size(p['size'])} | {conv} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# --seeds: CA-LoRA on the seeds' compressors (issue 25)
+
+SEEDS_RESULTS = REPO_ROOT / "benchmarks" / "results" / "ca_lora_seeds.md"
+MOE = dict(moefy=True, experts=48, active=24)
+SEEDS_VARIANTS = {"gptq3": ("GPTQ 3-bit (groups of 64)", dict(quant="gptq", bits=3, group_size=64)),
+                  "sparsegpt62p5": ("SparseGPT 62.5 %", dict(prune="sparsegpt", sparsity=0.625)),
+                  "moe24of48": ("MoEfication 24/48 experts", MOE),
+                  "qupm": ("Q+UP+M: NF4 + SparseGPT 50 % + MoE 24/48",
+                           dict(quant="nf4", prune="sparsegpt", sparsity=0.5, **MOE))}
+S_CEIL, S_NAIVE, S_CALORA, S_LOWRANK = ("(a) base + source LoRA (ceiling)", "(b) variant + source LoRA as is",
+                                        "(c) CA-LoRA: inherit + recover + distill, {n} steps",
+                                        "(d) compensated (--recover lowrank), 0 steps, no data")
+SEEDS_CLAIM = 0.8  # the issue: CA-LoRA closes >= 80 % of the exact-match gap
+
+
+def seeds_gap(rows: list[dict], row: str, metric: str) -> float | None:
+    """(row − b) / (a − b) on ``metric``; None when a and b are equal (no gap)."""
+    by = {r["row"]: r for r in rows}
+    a, b, x = by[S_CEIL][metric], by[S_NAIVE][metric], by[row][metric]
+    return None if a == b else (x - b) / (a - b)
+
+
+def seeds_main(args) -> int:
+    """Per variant × task (CA-LoRA's Table 2/3 shape): (a) base + source LoRA, (b) the source
+    LoRA on the variant as it is, (c) full CA-LoRA (``--steps`` of inherit + recover + distill),
+    (d) with ``--seeds-lowrank`` the zero-data compensated conversion; exact match on the first
+    ``--eval-examples`` test prompts (95 % Wilson interval) and completion perplexity on the same
+    prompts; gap closed (c − b) / (a − b) per task; per variant, builtin:pydoc perplexity."""
+    from adapterhub_c.registry import Registry
+    from adapterhub_c.workflows.evals import run_eval
+    from adapterhub_c.workflows.variants import create_variant
+
+    t_start = time.perf_counter()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    variants = pick_variants(args.variants or ",".join(SEEDS_VARIANTS), SEEDS_VARIANTS)
+    home = args.home or (ZOO_DIR / ("ca-lora-home-tiny" if args.tiny else "ca-lora-home"))
+    reg = Registry(home=home)
+    base_name, sources = setup(reg, args, tasks)
+    train = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                 distill_alpha=args.distill_alpha, recover_rank=args.recover_rank)
+    comp = dict(recover="lowrank", recover_rank=args.compensate_rank, recover_targets=args.compensate_targets,
+                calib_samples=args.compensate_calib_samples)
+    n = args.eval_examples
+    ceiling = {task: {"row": S_CEIL, **measure_stack(reg, args.device, f"{task}: base + LoRA", base_name,
+                                                     f"builtin:task/{task}", n, adapter=sources[task])}
+               for task in tasks}
+    pydoc = {"base": run_eval(reg, base_name, "builtin:pydoc", "test", max_tokens=args.ppl_tokens,
+                              device=args.device)["perplexity"]}
+    measured, made = {}, {}
+    for vkey in variants:
+        label, recipe = SEEDS_VARIANTS[vkey]
+        t0 = time.perf_counter()
+        var, created = create_variant(reg, base_name, **recipe, calib_samples=args.calib_samples, eval_tokens=0,
+                                      device=args.device, progress=_progress("variant"))
+        made[vkey] = (var.name, time.perf_counter() - t0 if created else None)
+        print(f"variant {var.name} ({'created' if created else 'reused'})", flush=True)
+        pydoc[vkey] = run_eval(reg, base_name, "builtin:pydoc", "test", variant=var.name, max_tokens=args.ppl_tokens,
+                               device=args.device)["perplexity"]
+        for task in tasks:
+            data, src = f"builtin:task/{task}", sources[task]
+            cm, _, cm_s = convert_once(reg, args.device, f"seeds-calora-{vkey}-{task}-s{args.steps}b{args.batch_size}",
+                                       src, var, data=data, **train)
+            rows = [ceiling[task],
+                    {"row": S_NAIVE, **measure_stack(reg, args.device, f"{task}: naive", var.name, data, n,
+                                                     adapter=src)},
+                    {"row": S_CALORA.format(n=args.steps), "convert_s": cm_s,
+                     **measure_stack(reg, args.device, f"{task}: CA-LoRA", var.name, data, n, adapter=cm.name)}]
+            if args.seeds_lowrank:
+                lr0, _, lr0_s = convert_once(reg, args.device, f"seeds-lr0-{vkey}-{task}-R{args.compensate_rank}",
+                                             src, var, **comp)
+                rows.append({"row": S_LOWRANK, "convert_s": lr0_s,
+                             **measure_stack(reg, args.device, f"{task}: compensated", var.name, data, n,
+                                             adapter=lr0.name)})
+            measured[(vkey, task)] = rows
+            print(render_seeds_rows(vkey, task, rows), flush=True)
+    text = render_seeds(args, base_name, tasks, variants, measured, pydoc, made, time.perf_counter() - t_start)
+    print(text)
+    out = args.out or (None if args.tiny else SEEDS_RESULTS)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"written {out}")
+    return 0
+
+
+def render_seeds_rows(vkey: str, task: str, rows: list[dict]) -> str:
+    """One variant × task table: EM with its interval, completion NLL / ppl, gap closed, convert s."""
+    lines = [f"### {SEEDS_VARIANTS[vkey][0]} — {task}", "",
+             "| row | EM | EM 95 % CI | completion NLL | completion ppl | gap closed (EM / NLL) | convert s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["em_ci"]
+        gaps = [seeds_gap(rows, r["row"], m) for m in ("em", "nll")]
+        gap = "–" if r["row"] in (S_CEIL, S_NAIVE) else " / ".join("–" if g is None else f"{g:.0%}" for g in gaps)
+        conv = "–" if r.get("convert_s") is None else f"{r['convert_s']:.0f}"
+        lines.append(f"| {r['row']} | {r['em']:.2f} | {lo:.2f}–{hi:.2f} | {r['nll']:.3f} | {math.exp(r['nll']):.2f} "
+                     f"| {gap} | {conv} |")
+    return "\n".join(lines)
+
+
+def render_seeds(args, base_name, tasks, variants, measured, pydoc, made, total_s) -> str:
+    """The markdown report: the summary (EM per task and gap closed), the per-task tables, pydoc ppl."""
+    calora = S_CALORA.format(n=args.steps)
+    lines = [f"# CA-LoRA on the seeds' compressors (issue 25) on {base_name}", "",
+             f"Command: `python benchmarks/ca_lora.py {' '.join(sys.argv[1:])}`", "",
+             f"Source LoRAs: the zoo's (`benchmarks/make_zoo.py`), pulled from its local hub. (c): "
+             f"`convert_adapter` with inherit + recover + distill, {args.steps} steps × batch {args.batch_size} "
+             f"(seq_len ≤ {args.seq_len}), lr {args.lr}, seed 0, recovery rank {args.recover_rank} (gelu), "
+             f"distillation alpha {args.distill_alpha} on the last hidden state, the task's train split"
+             + (f"; (d): `--recover lowrank --recover-rank {args.compensate_rank} --targets "
+                f"{args.compensate_targets}`, {args.compensate_calib_samples} × 128 calibration tokens of builtin:pydoc "
+                "train, no task data" if args.seeds_lowrank else "")
+             + f". Variants: `create_variant` with {args.calib_samples} calibration sequences of 128 tokens of "
+             f"builtin:pydoc train. Exact match (EM) on the first {args.eval_examples} prompts of each task's test "
+             "split, 95 % Wilson interval; completion NLL / ppl on the same prompts "
+             f"(evals.metrics.completion_perplexity). Device {args.device}; total {total_s / 60:.1f} min.", "",
+             f"## Gap closed by CA-LoRA on exact match, (c − b) / (a − b) (the issue's claim: ≥ {SEEDS_CLAIM:.0%})",
+             "", "| variant | task | EM (a) ceiling | (b) as is | (c) CA-LoRA | gap closed EM | gap closed NLL | "
+             "verdict |", "|---|---|---|---|---|---|---|---|"]
+    for vkey in variants:
+        for task in tasks:
+            rows = measured[(vkey, task)]
+            by = {r["row"]: r for r in rows}
+            g_em, g_nll = seeds_gap(rows, calora, "em"), seeds_gap(rows, calora, "nll")
+            verdict = ("no EM gap" if g_em is None else "holds" if g_em >= SEEDS_CLAIM
+                       else f"short by {SEEDS_CLAIM - g_em:.0%}")
+            lines.append(f"| {SEEDS_VARIANTS[vkey][0]} | {task} | {by[S_CEIL]['em']:.2f} | {by[S_NAIVE]['em']:.2f} | "
+                         f"{by[calora]['em']:.2f} | {'–' if g_em is None else f'{g_em:.0%}'} | "
+                         f"{'–' if g_nll is None else f'{g_nll:.0%}'} | {verdict} |")
+    lines += ["", "## Per task", ""]
+    for vkey in variants:
+        for task in tasks:
+            lines += [render_seeds_rows(vkey, task, measured[(vkey, task)]), ""]
+    lines += [f"## builtin:pydoc perplexity (first {args.ppl_tokens} tokens of the test split), no adapter", "",
+              "| variant | registered as | ppl | ppl / base | variant create s |", "|---|---|---|---|---|"]
+    lines.append(f"| base | {base_name} | {pydoc['base']:.2f} | 1.00 | – |")
+    for vkey in variants:
+        name, secs = made[vkey]
+        lines.append(f"| {SEEDS_VARIANTS[vkey][0]} | {name} | {pydoc[vkey]:.2f} | {pydoc[vkey] / pydoc['base']:.2f} | "
+                     f"{'reused' if secs is None else f'{secs:.0f}'} |")
     return "\n".join(lines)
 
 

@@ -2,10 +2,12 @@
 
 Usage: python benchmarks/soft_prompt.py [--home DIR] [--steps 150] [--tokens 32] [--lr 1e-3]
            [--seq-len 128] [--batch-size 2] [--eval-tokens 2048]
-           [--other-data /usr/share/common-licenses/GPL-3] [--only LABEL ...]
+           [--other-data /usr/share/common-licenses/GPL-3] [--set table2|fig3] [--only LABEL ...]
            [--out benchmarks/results/soft_prompt.md]
 
-For each variant (NF4 + 50% Wanda, 2:4 Wanda-scored, 60% magnitude; made with
+For each variant of the --set (table2, the default: NF4 + 50% Wanda, 2:4 Wanda-scored, 60%
+magnitude; fig3: the paper's Figure 3 grid, GPTQ 2/3/4-bit and SparseGPT 50/62.5/75%, with
+Wanda 50% and NF4 beside them for the comparisons at equal budget; made with
 `create_variant`, so an existing registry from benchmarks/variants.py is reused via
 --home) a prompt is learned on builtin:pydoc train with `learn_prompt_artifact` (the
 call behind `adapt prompt learn`). Then `prompt_transfer` (behind `adapt prompt transfer`)
@@ -19,8 +21,13 @@ Printed / written:
   that the prompt closes: (ppl_v - ppl_v+prompt) / (ppl_v - ppl_base).
 - the transfer matrices (rows: where the prompt was learned, columns: where applied)
   and their heat maps: benchmarks/results/soft_prompt_transfer_*.png.
+- per row, the gap closed is also printed on its own line; with --set fig3, the issue's
+  checks: the GPTQ 3-bit and SparseGPT 62.5% prompts close >= 50% of the pydoc gap, and the
+  pairs at equal budget (SparseGPT 50% vs Wanda 50%, GPTQ 4-bit g64 vs NF4): which loses
+  less, without and with its prompt.
 The baseline every ratio uses is the base without a prompt, measured in the same run
-on the same windows.
+on the same windows. A grid can be run in parts with --only (prompts and variants are
+reused by name); the transfer matrices hold the variants of the run.
 """
 from __future__ import annotations
 
@@ -40,6 +47,21 @@ VARIANTS = [  # (label, create_variant kwargs) — the recipes of Compress, Then
     ("2:4 (wanda-scored)", dict(prune="2:4")),
     ("magnitude 60%", dict(prune="magnitude", sparsity=0.6)),
 ]
+# Compress, Then Prompt's Figure 3 grid (GPTQ in groups of 64: the scale budget of NF4's 64-weight
+# blocks), and the other compressor of each equal-budget pair.
+FIG3 = [
+    ("gptq 4-bit", dict(quant="gptq", bits=4, group_size=64)),
+    ("gptq 3-bit", dict(quant="gptq", bits=3, group_size=64)),
+    ("gptq 2-bit", dict(quant="gptq", bits=2, group_size=64)),
+    ("sparsegpt 50%", dict(prune="sparsegpt", sparsity=0.5)),
+    ("sparsegpt 62.5%", dict(prune="sparsegpt", sparsity=0.625)),
+    ("sparsegpt 75%", dict(prune="sparsegpt", sparsity=0.75)),
+    ("wanda 50%", dict(prune="wanda", sparsity=0.5)),
+    ("nf4", dict(quant="nf4")),
+]
+SETS = {"table2": (VARIANTS, "soft_prompt.md"), "fig3": (FIG3, "soft_prompt_gptq.md")}
+CLAIM_ROWS, CLAIM_SHARE = ("gptq 3-bit", "sparsegpt 62.5%"), 0.5  # the issue: these prompts close >= 50%
+EQUAL_BUDGET = (("sparsegpt 50%", "wanda 50%"), ("gptq 4-bit", "nf4"))
 DEFAULT_OTHER = "/usr/share/common-licenses/GPL-3"
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,6 +72,11 @@ def gap_closed(base: float, without: float, with_prompt: float) -> float | None:
     if gap <= 0:
         return None
     return (without - with_prompt) / gap
+
+
+def other_name_of(data: str) -> str:
+    """The other text's short name (a path's file name)."""
+    return Path(data).name if os.sep in data else data
 
 
 def partial_matrix(reg, prompt_transfer, prompts, columns, data, max_tokens, progress) -> dict:
@@ -70,6 +97,40 @@ def partial_matrix(reg, prompt_transfer, prompts, columns, data, max_tokens, pro
     return dict(meta, rows=rows, columns=list(columns), values=values, learned_on=learned_on, plot=None)
 
 
+def checks_md(results: list[dict], key: str = "pydoc") -> str:
+    """The issue's checks on the measured rows (those of the run): the claim rows' gap closed
+    against CLAIM_SHARE, and each equal-budget pair without / with its prompt."""
+    by = {r["label"]: r for r in results}
+    base = by["base"][f"{key}_without"]
+    lines = [f"| check | measured ({key} test) | verdict |", "|---|---|---|"]
+    for label in CLAIM_ROWS:
+        r = by.get(label)
+        if r is None:
+            continue
+        share = r[f"{key}_gap_closed"]
+        if share is None:
+            lines.append(f"| {label}: prompt closes >= {CLAIM_SHARE:.0%} of the gap | {r[f'{key}_without']:.2f} "
+                         f"(base {base:.2f}) | no gap to close |")
+            continue
+        verdict = "holds" if share >= CLAIM_SHARE else f"short by {CLAIM_SHARE - share:.0%} of the gap"
+        lines.append(f"| {label}: prompt closes >= {CLAIM_SHARE:.0%} of the gap | {r[f'{key}_without']:.2f} -> "
+                     f"{r[f'{key}_with']:.2f} (base {base:.2f}): {share:.0%} | {verdict} |")
+    for a, b in EQUAL_BUDGET:
+        ra, rb = by.get(a), by.get(b)
+        if ra is None or rb is None:
+            continue
+        for when, col in (("without a prompt", "without"), ("with its prompt", "with")):
+            va, vb = ra[f"{key}_{col}"], rb[f"{key}_{col}"]
+            if va is None or vb is None:
+                continue
+            # the loss of each: the perplexity over the base's, minus 1
+            la, lb = va / base - 1, vb / base - 1
+            better = a if va < vb else b
+            lines.append(f"| {a} vs {b}, {when} | {va:.2f} vs {vb:.2f} (loss over base {la:+.0%} vs {lb:+.0%}) "
+                         f"| {better} loses less ({max(va, vb) / min(va, vb):.2f}x lower ppl) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", default=None, help="registry home (default: a fresh temporary folder)")
@@ -84,9 +145,18 @@ def main() -> None:
     ap.add_argument("--other-data", default=DEFAULT_OTHER, help="the second text (a .txt/.jsonl path or a builtin)")
     ap.add_argument("--full-other", action="store_true",
                     help="the whole transfer matrix on the other text too (default: only the Table 2 cells)")
+    ap.add_argument("--set", dest="grid", choices=sorted(SETS), default="table2",
+                    help="table2: nf4+wanda50, 2:4, magnitude 60%%; fig3: GPTQ 2/3/4-bit, SparseGPT 50/62.5/75%%, "
+                         "Wanda 50%%, NF4")
     ap.add_argument("--only", nargs="*", default=None, help="labels of the variants to run (default: all)")
-    ap.add_argument("--out", default=str(RESULTS / "soft_prompt.md"))
+    ap.add_argument("--out", default=None, help="results file (default: benchmarks/results/soft_prompt.md for "
+                                                "table2, soft_prompt_gptq.md for fig3)")
     args = ap.parse_args()
+    recipes, default_out = SETS[args.grid]
+    unknown = sorted(set(args.only or ()) - {label for label, _ in recipes})
+    if unknown:
+        ap.error(f"--only: no variant {unknown} in --set {args.grid} (has {[label for label, _ in recipes]})")
+    args.out = args.out or str(RESULTS / default_out)
 
     home = Path(args.home or tempfile.mkdtemp(prefix="adapterhub-bench-prompt-"))
     os.environ["ADAPTERHUB_HOME"] = str(home)
@@ -115,7 +185,7 @@ def main() -> None:
         return progress
 
     variants, prompts, learn_reports = [], [], {}
-    for label, kwargs in VARIANTS:
+    for label, kwargs in recipes:
         if args.only and label not in args.only:
             continue
         t = time.monotonic()
@@ -179,7 +249,7 @@ def main() -> None:
     def f(x, fmt="{:.3f}"):
         return "-" if x is None else fmt.format(x)
 
-    other_name = Path(args.other_data).name if os.sep in args.other_data else args.other_data
+    other_name = other_name_of(args.other_data)
     header = (f"| model | pydoc test: no prompt | + prompt | ratio vs base (no / +) | gap closed "
               f"| {other_name}: no prompt | + prompt | ratio vs base (no / +) | gap closed |")
     lines = [header, "|" + "---|" * 9]
@@ -190,6 +260,10 @@ def main() -> None:
             f"| {f(r['other_without'])} | {f(r['other_with'])} "
             f"| {f(r['other_ratio_without'])} / {f(r['other_ratio_with'])} | {f(r['other_gap_closed'], '{:.0%}')} |")
     table2 = "\n".join(lines)
+    for r in results[1:]:
+        print(f"gap closed [{r['label']}]: pydoc {f(r['pydoc_gap_closed'], '{:.0%}')} "
+              f"({f(r['pydoc_without'])} -> {f(r['pydoc_with'])}, base {f(base_ppl['pydoc'])}); "
+              f"{other_name_of(args.other_data)} {f(r['other_gap_closed'], '{:.0%}')}", flush=True)
 
     def matrix_md(m):
         short = {n: lbl for lbl, n in variants}
@@ -213,13 +287,16 @@ def main() -> None:
             f"{args.other_data} ({matrices['other']['tokens'] + 1} tokens), windows {matrices['pydoc']['max_length']} "
             f"stride {matrices['pydoc']['stride']} (shrunk so prompt + window fit the context; the same windows with "
             f"and without a prompt). CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; total "
-            f"{total:.0f}s.")
+            f"{total:.0f}s. Variants (create_variant, {args.calib_samples} calibration sequences of builtin:pydoc "
+            "train): " + "; ".join(f"{label} = {kw}" for label, kw in recipes if label in dict(variants)) + ".")
     text = (f"## Table 2 shape (with = the prompt learned on that model)\n\n{table2}\n\n"
             f"## Transfer matrix, builtin:pydoc test (training domain)\n\n{matrix_md(matrices['pydoc'])}\n\n"
             f"![transfer pydoc]({Path(f'{stem}_transfer_pydoc.png').name})\n\n"
             f"## Transfer matrix, {other_name} (other text)\n\n{matrix_md(matrices['other'])}\n\n"
             + (f"![transfer other]({Path(f'{stem}_transfer_other.png').name})\n\n" if args.full_other
                else "(only the cells of Table 2 measured: `-` = not measured; --full-other for all)\n\n")
+            + (f"## Checks (the issue's claims)\n\n{checks_md(results)}\n\n{checks_md(results, 'other')}\n\n"
+               if args.grid == "fig3" else "")
             + "## Prompt learning\n\n" + "\n".join(train_lines))
     print()
     print(text)
