@@ -404,11 +404,14 @@ def _convert_inputs(reg: Registry, src: ConvertSources, opts: ConvertOptions, da
         raise UsageError(f"{src.adapter.name!r} was trained on the ffn-channels variant {src.source_variant.name!r}; "
                          "its shapes do not fit the base")
     kept = variant_kept_indices(reg, src.variant)
+    # the variant first: its load holds the base's stored tensors (masked, then quantized) whole, and the
+    # base's load maps its weight file until the end; loaded the other way round, both of those transients
+    # would come on top of the uncompressed base, the largest thing a conversion holds
+    variant_model = load_variant(reg, src.variant, device)
     if opts.needs_base:
         base_model, tokenizer = load_base_model(reg, src.base, device)
     else:
         base_model, tokenizer = None, load_base_tokenizer(reg, src.base)
-    variant_model = load_variant(reg, src.variant, device)
     moments = _VariantMoments(reg, src.variant, variant_model, tokenizer, opts, progress) if opts.lowrank else None
     inputs = ConvertInputs(variant=variant_model, tokenizer=tokenizer, source=loaded.lora, base=base_model,
                            dataset=dataset, kept_indices=kept, moments=moments)
