@@ -426,3 +426,95 @@ def test_version_2_mutation_campaign_raises_only_project_errors(tmp_path, encodi
             assert tracemalloc.get_traced_memory()[1] < 64 << 20
     finally:
         tracemalloc.stop()
+
+
+# ---- decoding into another dtype ---------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("target", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_decoding_into_a_dtype_equals_the_numpy_decode_cast(tmp_path, monkeypatch, encoding, target):
+    """Every source dtype (mixed in one pack) into ``target``: the numpy decoder's tensors cast,
+    bit for bit, whatever the threads; raw tensors cast as well."""
+    monkeypatch.setattr(dense_mod, "PARALLEL_MIN_NUMEL", 0)
+    adapter = _adapter(DTYPES, seed=4)
+    adapter.tensors["base_model.model.lm_head.weight"] = torch.randn(3, 5)  # a raw (modules_to_save) tensor
+    pack = pack_adapter(adapter, density=0.3, alpha=1.5, base="b", scope="tensor", encoding=encoding,
+                        source_digest="x")
+    write_pack(pack, tmp_path / "p.pack")
+    ref = unpack_to_adapter(read_pack(tmp_path / "p.pack")).tensors
+    for threads in ("1", "2"):
+        monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", threads)
+        for impl in ("numba", "ref"):
+            got = read_pack_dense(tmp_path / "p.pack", impl=impl, dtype=target).to_adapter().tensors
+            assert list(got) == list(ref)
+            for name, t in ref.items():
+                assert got[name].dtype == target and got[name].shape == t.shape, name
+                assert torch.equal(_bits(got[name]), _bits(t.to(target))), (impl, threads, name)
+
+
+def test_decoding_into_a_dtype_keeps_recovery_tensors_in_their_own(tmp_path):
+    path = FIXTURES / "v3-golomb.pack"
+    want = read_pack_dense(path)
+    got = read_pack_dense(path, dtype=torch.float16)
+    for (state, _), (ref, _) in ((got.recovery(), want.recovery()),):
+        assert all(torch.equal(_bits(state[k]), _bits(ref[k])) for k in ref)
+    lora = got.to_adapter().tensors
+    assert all(t.dtype == torch.float16 for t in lora.values())
+
+
+def test_a_scale_that_does_not_fit_the_target_dtype_is_refused(tmp_path):
+    adapter = _lora({"base_model.model.layers.0.q_proj.lora_A.weight": torch.full((2, 8), 1e6)})
+    write_pack(pack_adapter(adapter, density=0.5, base="b", source_digest="x"), tmp_path / "p.pack")
+    assert torch.isinf(unpack_to_adapter(read_pack(tmp_path / "p.pack")).tensors[
+        "base_model.model.layers.0.q_proj.lora_A.weight"].to(torch.float16)).any()
+    for impl in ("numba", "ref"):
+        with pytest.raises(UsageError, match="does not fit float16"):
+            read_pack_dense(tmp_path / "p.pack", impl=impl, dtype=torch.float16)
+        read_pack_dense(tmp_path / "p.pack", impl=impl, dtype=torch.bfloat16)  # bf16 holds it
+    with pytest.raises(UsageError, match="cannot be decoded into"):
+        read_pack_dense(tmp_path / "p.pack", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_corrupt_packs_are_refused_when_decoded_into_a_dtype(tmp_path, encoding):
+    """A flipped payload byte, a changed header value, a truncated file: refused on the fast path too."""
+    pack = pack_adapter(_smollm2_shaped_lora(), density=0.1, base="b", scope="tensor", encoding=encoding,
+                        source_digest="x")
+    good = tmp_path / "good.pack"
+    write_pack(pack, good)
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    flipped = bytearray(data)
+    flipped[-100] ^= 0x10  # in the streams (the last tensor's data)
+    header = data.replace(b'"density":"0.1"', b'"density":"0.2"')
+    assert header != data
+    for name, content in (("flipped", bytes(flipped)), ("header", header), ("truncated", data[:len(data) // 2]),
+                          ("truncated header", data[:8 + n // 2])):
+        (tmp_path / name).write_bytes(content)
+        for dtype in (torch.float16, torch.bfloat16):
+            with pytest.raises(IntegrityError, match="corrupt|truncated|digest"):
+                read_pack_dense(tmp_path / name, dtype=dtype)
+
+
+# ---- LoRA keys: the string fast path against the key regex ---------------------------------------
+def test_lora_key_part_agrees_with_the_key_regex_on_any_key():
+    from adapterhub_c.adapters import lora as lora_mod
+
+    def reference(key):
+        m = lora_mod._ANY_KEY_RE.match(key)
+        if m is None or key != lora_mod.canonical_key(key):
+            return None
+        return lora_mod._strip(m["module"]), m["part"] + (".bias" if key.endswith(".bias") else "")
+
+    pieces = ["base_model.model.", "base_model", ".model", "model.layers.0", ".", "..", "q_proj", ".lora_A",
+              ".lora_B", "lora_A", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector", ".weight",
+              ".bias", ".default", "\n", "x", ".lora_", "lora_AB", ".modules_to_save.default."]
+    rng = random.Random(29)
+    keys = [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{p}" for i in range(3)
+            for p in ("A.weight", "B.weight", "B.bias", "A.bias", "embedding_A", "magnitude_vector")]
+    keys += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))) for _ in range(20000)]
+    keys += ["base_model.model." + k for k in keys[-5000:]]
+    fast = 0
+    for key in keys:
+        assert lora_mod.lora_key_part(key) == reference(key), key
+        fast += reference(key) is not None
+    assert fast > 500  # the campaign reaches both answers

@@ -63,12 +63,17 @@ def _run_split(kernel, index: np.ndarray, start: np.ndarray, vals: np.ndarray, t
     return -1, 0
 
 
-def _values(scales: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """[T, 3] bit patterns of (+0, +scale, -scale) in ``dtype``: float32 scale, rounded once,
-    as ``TernaryTensor.to_dense`` computes float32(±1)·float32(scale)."""
+def _values(scales: np.ndarray, codes: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """[T, 3] bit patterns in ``dtype`` of (+0, +scale, -scale) as each tensor's own dtype (``codes``)
+    holds them: float32 scale, rounded once to that dtype, as ``TernaryTensor.to_dense`` computes
+    float32(±1)·float32(scale), then cast to ``dtype`` (what ``.to(dtype)`` of that tensor gives)."""
     s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
-    vals = torch.stack([torch.zeros_like(s), s, -s], dim=1).to(dtype)
-    return vals.view(_WORDS[vals.element_size()]).numpy()
+    vals = torch.stack([torch.zeros_like(s), s, -s], dim=1)
+    out = torch.empty(vals.shape, dtype=dtype)
+    for code in np.unique(codes).tolist():
+        sel = torch.from_numpy(codes == code)
+        out[sel] = vals[sel].to(torch_dtype(code)).to(dtype)
+    return out.view(_WORDS[out.element_size()]).numpy()
 
 
 def _layout_by_shape(dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,9 +86,9 @@ def _layout_by_shape(dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.flatnonzero(new_group)
 
 
-def _decode_group(table: PackTable, sel: np.ndarray, encoding: str, streams: dict[str, np.ndarray],
-                  threads: int) -> tuple[np.ndarray, list[torch.Tensor]]:
-    """(tensor numbers, their dense views) for the tensors ``sel``, all of one dtype."""
+def _decode_group(table: PackTable, sel: np.ndarray, dtype: torch.dtype, encoding: str,
+                  streams: dict[str, np.ndarray], threads: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """(tensor numbers, their dense views) for the tensors ``sel``, decoded into ``dtype``."""
     from adapterhub_c.kernels import unpack_cpu
 
     order, firsts = _layout_by_shape(table.dims[sel])
@@ -91,10 +96,9 @@ def _decode_group(table: PackTable, sel: np.ndarray, encoding: str, streams: dic
     index = np.ascontiguousarray(table.index[tensors])
     numel = index[:, 0]
     start = np.cumsum(numel) - numel
-    dtype = torch_dtype(int(table.dtypes[tensors[0]]))
     flat = torch.empty(int(numel.sum()), dtype=dtype)
     words = flat.view(_WORDS[flat.element_size()]).numpy()
-    vals = _values(table.scales[tensors], dtype)
+    vals = _values(table.scales[tensors], table.dtypes[tensors], dtype)
     if encoding == "golomb":
         padded = unpack_cpu.padded_words(streams["bits"])
         kernel = lambda ix, st, vs: unpack_cpu.golomb_dense(padded, ix, st, vs, words)  # noqa: E731
@@ -113,20 +117,23 @@ def _decode_group(table: PackTable, sel: np.ndarray, encoding: str, streams: dic
 
 
 def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray],
-                 threads: int | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of ``table`` (checked by the reader) as a dense tensor of its dtype, by name.
+                 threads: int | None = None, out_codes: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``table`` (checked by the reader) as a dense tensor, by name.
 
+    ``out_codes``: the dtype code (:data:`.table.DTYPE_CODES`) each tensor is decoded into, its
+    own by default; a tensor decoded into another dtype holds its values cast (see :func:`_values`).
     ``threads``: decoding threads for a large pack (default :func:`decode_threads`); the
     output is the same bits for any number."""
     threads = decode_threads() if threads is None else threads
-    codes = table.dtypes
+    codes = table.dtypes if out_codes is None else out_codes
     if not codes.size:
         return {}
     groups = [np.arange(codes.size)] if (codes == codes[0]).all() else \
         [np.flatnonzero(codes == c) for c in np.unique(codes)]
     placed: list = [None] * codes.size
     for sel in groups:
-        tensors, views = _decode_group(table, sel, encoding, streams, threads)
+        dtype = torch_dtype(int(codes[sel[0]]))
+        tensors, views = _decode_group(table, sel, dtype, encoding, streams, threads)
         for t, view in zip(tensors.tolist(), views, strict=True):
             placed[t] = view
     return dict(zip(table.names, placed, strict=True))

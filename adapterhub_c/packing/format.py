@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapterhub_c.adapters.lora import LoraAdapter, canonical_key, check_lora_config, lora_geometry_fault
+from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config, lora_geometry_fault, lora_key_part
 from adapterhub_c.adapters.recovery import recovery_geometry_fault, seeded_d_init
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes, parse_safetensors_header
@@ -77,11 +77,14 @@ from adapterhub_c.packing.table import (
     MAX_PACK_NUMEL,
     PackTable,
     check_claims,
+    check_out_dtypes,
     check_scales,
     check_streams,
     decode_table,
     encode_table,
     rows_to_table,
+    torch_dtype,
+    torch_dtype_code,
 )
 from adapterhub_c.packing.ternary import TernaryTensor, dtype_from_name, scale_fits
 
@@ -93,6 +96,8 @@ READ_VERSIONS = ("1", "2", "3")
 KIND = "adapterhub_c.pack"
 _LORA_DELTA_RE = re.compile(r"\.lora_(A|B)\.weight$|\.lora_B\.bias$|\.lora_embedding_(A|B)$")
 _KEEP_DTYPE_RE = re.compile(r"\.lora_magnitude_vector$")  # DoRA magnitudes: small, verbatim
+# the lora_key_part parts of the canonical keys that _LORA_DELTA_RE finds: what a pack may hold
+_DELTA_PARTS = frozenset({"lora_A", "lora_B", "lora_B.bias", "lora_embedding_A", "lora_embedding_B"})
 RECOVERY_PREFIX = "recovery::"
 D_FROM_INIT = "d_from_init"  # recovery config key: the pack holds D − seeded_d_init, not D
 
@@ -468,10 +473,11 @@ def _check_geometry(config: dict, table: PackTable, raw_shapes: dict[str, tuple[
     recovery = _recovery_names(table.names)
     shapes = dict(zip(table.names, table.shapes, strict=True))
     lora = {n: s for n, s in shapes.items() if not n.startswith(RECOVERY_PREFIX)}
-    bad = [n for n in lora if not (_LORA_DELTA_RE.search(n) and n == canonical_key(n))]
+    parts = {n: lora_key_part(n) for n in lora}
+    bad = [n for n, part in parts.items() if part is None or part[1] not in _DELTA_PARTS]
     if bad:
         raise IntegrityError(f"packed tensor {bad[0]!r} is not a LoRA factor")
-    fault = lora_geometry_fault(config, {**raw_shapes, **lora}) or recovery_geometry_fault(
+    fault = lora_geometry_fault(config, {**raw_shapes, **lora}, parts) or recovery_geometry_fault(
         {n[len(RECOVERY_PREFIX):]: shapes[n] for n in recovery})
     if fault is not None:
         raise IntegrityError(f"the LoRA geometry is inconsistent: {fault}")
@@ -573,15 +579,19 @@ class DecodedPack:
     adapter_config: dict
     pack_digest: str
     recovery_config: dict | None
+    dtype: torch.dtype | None = None  # what the LoRA tensors were decoded into (None: their own dtypes)
 
     def to_adapter(self) -> LoraAdapter:
-        """What :func:`unpack_to_adapter` gives for the same file (recovery tensors left out)."""
+        """What :func:`unpack_to_adapter` gives for the same file (recovery tensors left out);
+        decoded into a ``dtype``: those tensors cast to it, the raw ones too."""
         config = dict(self.adapter_config)
         check_lora_config(config, "pack")
         tensors = dict(self.tensors)
         for name in self._recovery_keys():
             del tensors[name]
-        tensors.update({name: t.clone() for name, t in self.raw.items()})
+        cast = self.dtype is not None
+        tensors.update({name: t.to(self.dtype, copy=True) if cast and t.is_floating_point() else t.clone()
+                        for name, t in self.raw.items()})
         return LoraAdapter(config=config, tensors=tensors)
 
     def recovery(self) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -594,39 +604,58 @@ class DecodedPack:
         return _recovery_names(list(self.tensors))  # the keys are in name order, as decoded
 
 
-def _dense_ref(layout: _Layout) -> dict[str, torch.Tensor]:
-    """The reference twin: the numpy decoder, then :meth:`TernaryTensor.to_dense`, per tensor."""
+def _dense_ref(layout: _Layout, out_codes: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """The reference twin: the numpy decoder, then :meth:`TernaryTensor.to_dense`, per tensor
+    (then cast to its ``out_codes`` dtype when given)."""
     table, out = layout.table, {}
     for t, name in enumerate(table.names):
         idx, neg = decode(_encoded(layout, t))
         out[name] = TernaryTensor(idx, neg, float(table.scales[t]), table.shapes[t],
                                   table.dtype_name(t)).to_dense()
+        if out_codes is not None:
+            out[name] = out[name].to(torch_dtype(int(out_codes[t])))
     return out
 
 
-def read_pack_dense(path: str | Path, expected_base: str | None = None, *, impl: str = "numba") -> DecodedPack:
-    """Read, verify and decode a pack file straight into dense tensors of their source dtypes.
+def _out_codes(table: PackTable, dtype: torch.dtype) -> np.ndarray:
+    """The dtype code each tensor is decoded into: ``dtype`` for the LoRA tensors, their own for
+    the recovery tensors (D − D₀ is added back in the dtype D was packed from)."""
+    codes = np.full(len(table.names), torch_dtype_code(dtype), dtype=np.int64)
+    a = bisect.bisect_left(table.names, RECOVERY_PREFIX)
+    b = a + len(_recovery_names(table.names))
+    codes[a:b] = table.dtypes[a:b]
+    check_out_dtypes(table, codes)
+    return codes
 
-    ``impl="numba"``: one compiled pass over the streams per dtype (:mod:`.dense`), writing
+
+def read_pack_dense(path: str | Path, expected_base: str | None = None, *, impl: str = "numba",
+                    dtype: torch.dtype | None = None) -> DecodedPack:
+    """Read, verify and decode a pack file straight into dense tensors of their source dtypes,
+    or of ``dtype`` (the LoRA and raw tensors; recovery tensors keep theirs): the values of the
+    source dtype cast, bit for bit ``.to(dtype)`` of the default decode, written once.
+
+    ``impl="numba"``: one compiled pass over the streams per output dtype (:mod:`.dense`), writing
     one flat buffer that the tensors are views of; ``impl="ref"``: the numpy decoder per
-    tensor. Both give the same bits and refuse the same files (errors as :func:`read_pack`).
+    tensor. Both give the same bits and refuse the same files (errors as :func:`read_pack`;
+    UsageError for a ``dtype`` a scale does not fit).
     """
     from adapterhub_c.packing.dense import decode_dense
 
     if impl not in ("numba", "ref"):
         raise UsageError(f"impl must be numba or ref, got {impl!r}")
     layout = _open(path, expected_base)
+    out_codes = None if dtype is None else _out_codes(layout.table, dtype)
     try:
         if impl == "ref":
-            dense = _dense_ref(layout)
+            dense = _dense_ref(layout, out_codes)
         else:
-            dense = decode_dense(layout.table, layout.header.encoding, layout.streams)
+            dense = decode_dense(layout.table, layout.header.encoding, layout.streams, out_codes=out_codes)
     except IntegrityError as e:
         raise IntegrityError(f"{path}: {e}") from None
     h = layout.header
     check_lora_config(dict(h.adapter_config), "pack")  # as unpack_to_adapter does: both readers refuse alike
     return DecodedPack(dense, layout.raw, h.density, h.alpha, h.scope, h.method, h.encoding, h.base,
-                       h.source_digest, h.adapter_config, layout.pack_digest, h.recovery_config)
+                       h.source_digest, h.adapter_config, layout.pack_digest, h.recovery_config, dtype)
 
 
 def unpack_to_adapter(pack: Pack) -> LoraAdapter:

@@ -79,6 +79,13 @@ def torch_dtype(code: int) -> torch.dtype:
     return _TORCH_DTYPES[code]
 
 
+def torch_dtype_code(dtype: torch.dtype) -> int:
+    """The code of a torch dtype (UsageError for dtypes a pack cannot hold)."""
+    if dtype not in _TORCH_DTYPES:
+        raise UsageError(f"a pack cannot be decoded into {dtype}; use one of {', '.join(DTYPE_CODES)}")
+    return _TORCH_DTYPES.index(dtype)
+
+
 # ---- writing ------------------------------------------------------------------------------
 def _shuffled(values: np.ndarray) -> bytes:
     """Little-endian bytes of ``values``, byte planes first (byte 0 of each, byte 1, …)."""
@@ -190,6 +197,22 @@ def check_scales(table: PackTable) -> None:
         bad = int(np.flatnonzero(~ok)[0])
         raise IntegrityError(f"scale of {table.names[bad]!r} must be finite, >= 0 and fit "
                              f"{table.dtype_name(bad)}, got {float(table.scales[bad])!r}")
+
+
+def check_out_dtypes(table: PackTable, out_codes: np.ndarray) -> None:
+    """UsageError when a tensor decoded into another dtype (``out_codes``) would not keep its
+    scale finite: the scale as its own dtype holds it (:func:`check_scales` passed), cast."""
+    s = torch.from_numpy(np.ascontiguousarray(table.scales, dtype=np.float32))
+    ok = np.ones(s.shape, dtype=bool)
+    pairs = set(zip(table.dtypes.tolist(), out_codes.tolist(), strict=True))
+    for src, out in pairs - {(c, c) for c in range(len(DTYPE_CODES))}:
+        sel = (table.dtypes == src) & (out_codes == out)
+        ok[sel] = torch.isfinite(s[torch.from_numpy(sel)].to(torch_dtype(src)).to(torch_dtype(out))).numpy()
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        raise UsageError(f"the scale {float(table.scales[bad]):g} of {table.names[bad]!r} does not fit "
+                         f"{DTYPE_CODES[int(out_codes[bad])]}; decode it into its own dtype "
+                         f"{table.dtype_name(bad)}")
 
 
 def _codes(dtypes: np.ndarray) -> list:
