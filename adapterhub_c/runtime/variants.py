@@ -18,6 +18,7 @@ import torch
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.formats.checkpoint import load_checkpoint
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.models.weights import is_gguf_weight_file
 from adapterhub_c.registry.models import Variant
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.variants.build import (
@@ -65,9 +66,9 @@ def storage_form(row: Variant) -> str:
         return "delta"
     if WEIGHTS_FILE in files and (row.stats or {}).get("shares_base_weights"):
         return "base"
-    if any(rel.endswith(".safetensors") and rel not in OWN_FILES for rel in files) \
+    if any((rel.endswith(".safetensors") and rel not in OWN_FILES) or is_gguf_weight_file(rel) for rel in files) \
             and (row.stats or {}).get("shares_base_weights"):
-        return "base"  # sharded base weights
+        return "base"  # sharded base weights, or a GGUF base's file
     return "full-copy"
 
 

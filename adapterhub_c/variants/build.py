@@ -41,6 +41,7 @@ from torch import nn
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.models.arch import MLP_IN, MLP_OUT, describe
+from adapterhub_c.models.weights import GGUF_DTYPE, gguf_weights, read_state
 from adapterhub_c.progress import Progress
 from adapterhub_c.variants import sizes
 from adapterhub_c.variants.masks import (
@@ -308,19 +309,6 @@ def is_delta_folder(folder: str | Path) -> bool:
     return (Path(folder) / BASE_DIR).is_dir() and not (Path(folder) / WEIGHTS_FILE).exists()
 
 
-def read_state(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's `*.safetensors` files (all shards), in their stored dtype."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise IntegrityError(f"{folder} holds no safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
 def read_kept_indices(path: str | Path) -> dict[str, torch.Tensor]:
     """The kept channel indices of a `kept_indices.safetensors` file (int64)."""
     from safetensors.torch import load_file
@@ -368,34 +356,47 @@ def check_delta(build: VariantBuild, base_folder: str | Path) -> None:
     nothing; a pruning method that changed kept values would fail here (and would have to
     store its sparse values instead).
     """
-    from safetensors import safe_open
-
     seen: set[str] = set()
     others: dict[str, Path] = {}  # file tensors under names the model does not use
-    for f in sorted(Path(base_folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                if name not in build.state_dict:
-                    others[name] = f  # a tied duplicate the build stores once, or a legacy checkpoint name
-                    continue
-                t = {name: st.get_tensor(name)}
-                if name in build.masks:
-                    apply_masks(t, {name: build.masks[name]})
-                if name in build.compressed:
-                    apply_compressed(t, {name: build.compressed[name]})
-                if build.kept_indices:
-                    t[name] = select_tensor_channels(name, t[name], build.kept_indices, build.channel_plan)
-                want = build.state_dict[name]
-                got = t[name].to(want.dtype)
-                if got.shape != want.shape or not torch.equal(got, want):
-                    raise AdaptError(f"the variant's {name} is not the base's values under its keep-mask: "
-                                     "this pruning method changes kept values and cannot be stored as a mask")
-                seen.add(name)
+    for f, name, read in _base_tensors(Path(base_folder)):
+        if name not in build.state_dict:
+            others[name] = f  # a tied duplicate the build stores once, or a legacy checkpoint name
+            continue
+        t = {name: read()}
+        if name in build.masks:
+            apply_masks(t, {name: build.masks[name]})
+        if name in build.compressed:
+            apply_compressed(t, {name: build.compressed[name]})
+        if build.kept_indices:
+            t[name] = select_tensor_channels(name, t[name], build.kept_indices, build.channel_plan)
+        want = build.state_dict[name]
+        got = t[name].to(want.dtype)
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise AdaptError(f"the variant's {name} is not the base's values under its keep-mask: "
+                             "this pruning method changes kept values and cannot be stored as a mask")
+        seen.add(name)
     missing = [name for name in sorted(set(build.state_dict) - seen)
                if not _stored_under_another_name(name, build.state_dict[name], others)]
     if missing:
         raise AdaptError(f"the base's weight files lack {missing[0]!r} (and {len(missing) - 1} more): "
                          "the variant cannot be stored as a delta over them")
+
+
+def _base_tensors(folder: Path):
+    """(file, name, read) for every tensor of a base folder: read() gives it (safetensors: one at a time;
+    a GGUF base: its dequantized tensors, read once)."""
+    from safetensors import safe_open
+
+    gguf = gguf_weights(folder)
+    if gguf is not None:
+        state = read_state(folder)
+        for name in list(state):
+            yield gguf, name, (lambda n=name: state.pop(n))
+        return
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                yield f, name, (lambda st=st, n=name: st.get_tensor(n))
 
 
 def _stored_under_another_name(name: str, want: torch.Tensor, others: Mapping[str, Path]) -> bool:
@@ -547,9 +548,12 @@ def _config_dtype(folder: Path) -> torch.dtype:
 
 
 def storage_dtype(folder: str | Path) -> torch.dtype | None:
-    """The dtype of the floating-point weights in a folder's safetensors files (None if none)."""
+    """The dtype of the floating-point weights in a folder's safetensors files (None if none; a GGUF
+    folder: float32, what its dequantized values are exact in)."""
     from safetensors import safe_open
 
+    if gguf_weights(folder) is not None:
+        return GGUF_DTYPE  # dequantized GGUF values, exact in float32
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:

@@ -34,6 +34,7 @@ from torch import nn
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models.arch import linear_kind
+from adapterhub_c.models.weights import gguf_weights, read_state
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,13 +94,17 @@ def load_quantized(folder: str | Path, quant: str, double_quant: bool = False,
                    compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
                    include_lm_head: bool = False, dtype: torch.dtype | None = None,
                    cpu_bf16_kernel: bool = False):
-    """Load a HF causal LM folder, quantizing its linears with bitsandbytes on `device`.
+    """Load a HF causal LM folder (safetensors, or one GGUF file: dequantized), quantizing its linears
+    with bitsandbytes on `device`.
 
     `cpu_bf16_kernel=True` keeps bnb's CPU repack-to-bf16 fast path for 4-bit layers:
     inference only, never train after an eval forward (see the module docstring).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if gguf_weights(folder) is not None:  # a GGUF base's weights: its dequantized tensors
+        return load_quantized_state(AutoConfig.from_pretrained(str(folder)), read_state(folder), quant, double_quant,
+                                    compute_dtype, device, include_lm_head, dtype, cpu_bf16_kernel)
     config = bnb_config(quant, double_quant, compute_dtype, include_lm_head)
     kwargs = {"dtype": dtype or compute_dtype}
     if config is not None:

@@ -1,6 +1,6 @@
 """Does an adapter fit a base? Its modules checked against the base's stored tensor shapes.
 
-Read from safetensors headers only (no tensor loaded). A base whose block linears are
+Read from safetensors headers only (no tensor loaded; a GGUF base from its config). A base whose block linears are
 Conv1D (GPT-2; ``models.arch``) stores them ``[in, out]``. Embedding LoRAs and
 ``modules_to_save`` tensors are checked too.
 """
@@ -12,12 +12,16 @@ from adapterhub_c.adapters.lora import PREFIX
 from adapterhub_c.errors import IntegrityError
 from adapterhub_c.fsutil import read_safetensors_header
 from adapterhub_c.models.arch import stored_layout_is_in_out
+from adapterhub_c.models.weights import is_gguf_weight_file, weight_shapes
 from adapterhub_c.registry.models import BaseModel
 from adapterhub_c.registry.store import Registry
 
 
 def base_weight_shapes(reg: Registry, base: BaseModel) -> dict[str, list[int]]:
-    """{tensor name: shape} of a stored base, from its safetensors headers (no tensor loaded)."""
+    """{tensor name: shape} of a stored base, from its safetensors headers (no tensor loaded; a GGUF base:
+    its model's parameters on the meta device)."""
+    if any(is_gguf_weight_file(rel) for rel in (base.files or {})):
+        return weight_shapes(reg.materialize(base))
     shapes: dict[str, list[int]] = {}
     for rel, digest in sorted((base.files or {}).items()):
         if rel.endswith(".safetensors"):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from adapterhub_c.errors import NotFoundError
 from adapterhub_c.models.builtin import BUILTINS, builtin_for
+from adapterhub_c.models.weights import count_params
 from adapterhub_c.registry.models import BaseModel
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
@@ -15,21 +16,6 @@ def _describe_folder(folder: Path) -> dict:
 
     cfg = json.loads((folder / "config.json").read_text())
     return {"architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0], "config": cfg}
-
-
-def count_params(folder: Path) -> int:
-    """Parameters in the safetensors files of ``folder`` (read from their headers)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
 
 
 def register_base_folder(reg: Registry, name: str, folder: Path, hub_id: str | None, revision: str | None,

@@ -30,6 +30,7 @@ from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.models.weights import is_gguf_weight_file
 from adapterhub_c.options.variant import (
     CALIB_USERS,
     DEFAULT_CALIB,
@@ -182,10 +183,10 @@ def _base_weight_files(base: BaseModel) -> dict[str, str]:
     keep = {}
     for rel, digest in (base.files or {}).items():
         if rel in ("config.json", "generation_config.json") or rel.endswith(".safetensors") \
-                or rel.endswith(".safetensors.index.json"):
+                or rel.endswith(".safetensors.index.json") or is_gguf_weight_file(rel):
             keep[rel] = digest
-    if "config.json" not in keep or not any(r.endswith(".safetensors") for r in keep):
-        raise UsageError(f"base {base.name!r} has no safetensors weights to build a variant from")
+    if "config.json" not in keep or not any(r.endswith(".safetensors") or is_gguf_weight_file(r) for r in keep):
+        raise UsageError(f"base {base.name!r} has no safetensors or GGUF weights to build a variant from")
     return keep
 
 

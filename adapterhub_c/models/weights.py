@@ -1,0 +1,128 @@
+"""A model folder's stored weights, whatever file holds them: safetensors files, or one GGUF file.
+
+A base is stored as the files that are the model. For a Hub base those are its safetensors
+files; for a base that exists as a quantized GGUF (the built-in SmolLM2, a Q4_1 file) it is
+the GGUF file itself, beside the transformers ``config.json`` and tokenizer files written
+from it. Every reader of a base's weights (loading the base, building and loading a variant
+over it, checking a variant's delta, adapter fit checks) reads them through this module, so a
+GGUF base is seen as its dequantized tensors everywhere.
+
+GGUF tensors are dequantized by transformers' own GGUF loader (``load_gguf_checkpoint``:
+the ``gguf`` package's dequantization, llama.cpp's tensor names mapped back to the model's,
+q/k rows un-permuted) into float32: exactly what ``from_pretrained(..., gguf_file=...)``
+gives, i.e. bit for bit the float32 safetensors copy registries made before.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapterhub_c.errors import IntegrityError
+
+GGUF_SUFFIX = ".gguf"
+GGUF_DTYPE = torch.float32  # dequantized GGUF values: exact in float32 (d·q + m overflows 16-bit mantissas)
+
+
+def gguf_weights(folder: str | Path) -> Path | None:
+    """The GGUF file holding the folder's weights (a folder with no safetensors and one .gguf), else None."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return None
+    files = sorted(folder.glob(f"*{GGUF_SUFFIX}"))
+    if len(files) > 1:
+        raise IntegrityError(f"{folder} holds {len(files)} GGUF files; a model folder holds one")
+    return files[0] if files else None
+
+
+def is_gguf_weight_file(rel: str) -> bool:
+    """True for a stored file name that is a GGUF weight file."""
+    return rel.endswith(GGUF_SUFFIX)
+
+
+def _meta_model(folder: Path):
+    """The folder's model on the meta device (names and shapes, no storage)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def read_gguf_state(path: str | Path, folder: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The dequantized float32 tensors of a GGUF file under the model's names (``folder``: where its
+    ``config.json`` is; default the file's folder). A tied LM head is left out, as save_pretrained does."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = Path(path)
+    model = _meta_model(Path(folder) if folder is not None else path.parent)
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model, torch_dtype=GGUF_DTYPE)
+    except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError, struct / numpy errors on a bad file
+        raise IntegrityError(f"GGUF file {path.name} is unreadable ({type(e).__name__}: {e})") from None
+    state = {k: torch.as_tensor(v).to(GGUF_DTYPE).contiguous() for k, v in parsed["tensors"].items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def read_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weights: its `*.safetensors` files (all shards) in their stored
+    dtype, or its GGUF file dequantized (float32)."""
+    from safetensors.torch import load_file
+
+    gguf = gguf_weights(folder)
+    if gguf is not None:
+        return read_gguf_state(gguf, folder)
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise IntegrityError(f"{folder} holds no safetensors or GGUF weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def param_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """{parameter name: shape} of the model ``config.json`` describes (built on the meta device; tied
+    weights once, under the embedding's name), whatever its weights are stored in."""
+    return {k: list(v.shape) for k, v in _meta_model(Path(folder)).named_parameters()}
+
+
+def weight_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of the folder's weights without loading them (GGUF: :func:`param_shapes`)."""
+    from adapterhub_c.fsutil import read_safetensors_header
+
+    folder = Path(folder)
+    if gguf_weights(folder) is not None:
+        return param_shapes(folder)
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        header = read_safetensors_header(f)
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def count_params(folder: str | Path) -> int:
+    """Parameters of the folder's weights (tied weights once), read without loading them."""
+    total = 0
+    for shape in weight_shapes(folder).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """``AutoModelForCausalLM`` of a model folder in ``dtype`` (a GGUF folder: its dequantized tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    gguf = gguf_weights(folder)
+    if gguf is None:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    config = AutoConfig.from_pretrained(str(folder))
+    model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return model_cls.from_pretrained(None, config=config, state_dict=read_gguf_state(gguf, folder), dtype=dtype)
+
