@@ -13,9 +13,10 @@ fp32, uint64 for fp64): ``vals[t]`` = (bits of +0, of +scale, of -scale) in the 
 rounded by the caller exactly as the twin rounds, so no float arithmetic happens here.
 
 Golomb: the unary stream is read 64 bits at a time and its ones taken lowest first
-(trailing-zero count, clear lowest bit: no loop-carried shift chain); each non-zero then
-costs a fixed-position read of its prefix and of its sign bit and a sequential read of
-its extra bit, all branch-free; the output is zeroed in L1-sized chunks just ahead of the
+(trailing-zero count, clear lowest bit: no loop-carried shift chain); the prefixes, the
+signs and the extra bits are each read in order from a 64-bit buffer refilled when spent
+(a bit-position load per non-zero and stream cost 20% more), the truncated-binary step
+branch-free; the output is zeroed in L1-sized chunks just ahead of the
 write position, so the dense tensor is written once. Bitmask: a branch-free select per
 element, 32 per word, which LLVM vectorises (the output index is unsigned: numba's
 negative-index wraparound would stop it). Numbers: ``benchmarks/results/pack_speed.md``.
@@ -52,6 +53,7 @@ STATUS_MESSAGES = {
 }
 
 
+_U0 = np.uint64(0)
 _U1 = np.uint64(1)
 _U63 = np.uint64(63)
 
@@ -70,6 +72,16 @@ def _bits_at(words, j):  # pragma: no cover - compiled
 def _bit(words, k):  # pragma: no cover - compiled
     """Stream bit ``k`` (0 or 1, int64): one load, where :func:`_bits_at` takes two."""
     return np.int64((words[np.uint64(k >> 6)] >> np.uint64(k & 63)) & _U1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _zero_to(out, base, z, pos, numel):  # pragma: no cover - compiled
+    """Zero ``out[base + z:]`` in L1-sized chunks until it covers ``pos``; the new ``z``."""
+    while pos >= z:
+        hi = min(z + _CHUNK, numel)
+        out[base + z:base + hi] = 0  # +0.0 is all zero bits in every dtype: a memset
+        z = hi
+    return z
 
 
 @numba.njit(cache=True, nogil=True)
@@ -91,64 +103,82 @@ def _zero_bits(words, a, b):  # pragma: no cover - compiled
     return True
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _golomb_shape(m):  # pragma: no cover - compiled
+    """(prefix width w, threshold u, whether there are extra bits) of truncated binary coding
+    of remainders in [0, m): a prefix p >= u takes one extra bit."""
+    b = 0 if m == 1 else 64 - np.int64(leading_zeros(np.uint64(m - 1)))
+    return (0 if m == 1 else max(b - 1, 0)), (1 << b) - m, (1 if m > 1 else 0)
+
+
 @numba.njit(cache=True, nogil=True)
 def _golomb_one(words, numel, nnz, m, ub, off, length, out, base, zero, pv, nv):  # pragma: no cover
     status = _golomb_checks(numel, nnz, m, ub)
     if status != OK:
         return status
-    b = 0 if m == 1 else 64 - np.int64(leading_zeros(np.uint64(m - 1)))
-    w = 0 if m == 1 else max(b - 1, 0)
-    u = (1 << b) - m
-    has_extra = 1 if m > 1 else 0
-    mask = np.uint64((1 << w) - 1)
-    bit0 = 8 * off
-    end_bits = bit0 + 8 * length
-    ub_end = bit0 + ub
+    w, u, has_extra = _golomb_shape(m)
+    bit0, end_bits, ub_end = 8 * off, 8 * (off + length), 8 * off + ub
     sign0 = ub_end + nnz * w
-    extra0 = sign0 + nnz
-    if extra0 > end_bits:
+    if sign0 + nnz > end_bits:
         return TRUNCATED
     last_bit = 8 * (words.size - 1) * 8 - 1  # reads past the stream (hostile extras) are clamped here
-    e = extra0
-    pos = -1
-    z = 0  # out[base:base + z] is written
-    i = 0
+    e = sign0 + nnz  # the extra bits follow the signs
+    pos, z, i = -1, 0, 0  # out[base:base + z] is written
     last = bit0 - 1  # stream position of the previous unary one
     wpos = bit0  # the unary stream is scanned a word at a time, its ones taken lowest first
+    # the prefixes, signs and extra bits are each read in order from a 64-bit buffer, refilled when spent
+    p_mask, p_buf, p_left, p_at = np.uint64((1 << w) - 1), _U0, 0, ub_end
+    s_buf, e_buf, e_left = _U0, _U0, 0
     while i < nnz:
         if wpos >= ub_end:
             return UNARY
         x = _bits_at(words, wpos)
+        if ub_end - wpos < 64:  # ones past the unary stream are not quotients
+            x &= (_U1 << np.uint64(ub_end - wpos)) - _U1
         while x != 0 and i < nnz:
             end = wpos + np.int64(trailing_zeros(x))
             x &= x - _U1
-            if end >= ub_end:
-                return UNARY
             q = end - last - 1
             last = end
-            p = np.int64(_bits_at(words, ub_end + i * w) & mask)
+            if p_left < w:
+                p_buf = _bits_at(words, p_at)
+                p_left = 64
+            p = np.int64(p_buf & p_mask)
+            p_buf >>= np.uint64(w)
+            p_left -= w
+            p_at += w
             # branch-free truncated binary: a "big" prefix takes the next extra bit
             big = has_extra & np.int64(p >= u)
-            ebit = _bit(words, min(e, last_bit))
-            r = p + big * (p - u + ebit)
+            if e_left == 0:
+                e_buf = _bits_at(words, min(e, last_bit))
+                e_left = 64
+            r = p + big * (p - u + np.int64(e_buf & _U1))
             e += big
+            e_buf >>= np.uint64(big)
+            e_left -= big
             pos += q * m + r + 1
             if (r >= m) | (pos >= numel):  # one rarely taken branch for both
                 return REMAINDER if r >= m else PAST_END
-            while pos >= z:
-                hi = min(z + _CHUNK, numel)
-                out[base + z:base + hi] = 0  # +0.0 is all zero bits in every dtype: a memset
-                z = hi
-            neg = _bit(words, sign0 + i)
+            z = _zero_to(out, base, z, pos, numel)
+            if (i & 63) == 0:
+                s_buf = _bits_at(words, sign0 + i)
+            neg = np.int64((s_buf >> np.uint64(i & 63)) & _U1)
             out[np.uint64(base + pos)] = pv ^ ((pv ^ nv) & -neg)  # a select: a sign branch mispredicts
             i += 1
         wpos += 64
+    out[base + z:base + numel] = 0
+    return _golomb_end(words, nnz, last, bit0, ub_end, e, end_bits, length)
+
+
+@numba.njit(cache=True, nogil=True)
+def _golomb_end(words, nnz, last, bit0, ub_end, e, end_bits, length):  # pragma: no cover - compiled
+    """The checks once every non-zero is decoded: the unary stream ends with the last one, and the
+    extra bits (up to ``e``) end the stream, its padding zero."""
     if nnz == 0:
         if not _zero_bits(words, bit0, ub_end):  # no one may appear in the unary stream at all
             return UNARY
     elif last != ub_end - 1:
         return UNARY
-    out[base + z:base + numel] = 0
     if e > end_bits or length != (e - bit0 + 7) // 8 or not _zero_bits(words, e, end_bits):
         return LENGTH
     return OK
