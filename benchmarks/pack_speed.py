@@ -12,8 +12,9 @@ of copy bandwidth reached, counting the bytes each moves.
 
 Pack file → ready adapter (``--zoo TASK``: a real zoo LoRA; ``--random``: SmolLM2-135M
 shapes): the local CPU time to read + verify + decode the pack file (k = 5/10/20%,
-golomb and bitmask) into dense LoRA tensors (``read_pack_dense``: the compiled decoder; the
-numpy decoder of ``read_pack`` alongside), against reading the fp16 safetensors file of
+golomb and bitmask) into dense fp16 LoRA tensors (``read_pack_dense(..., dtype=torch.float16)``:
+the compiled decoder; into the source dtype and the numpy decoder of ``read_pack`` alongside),
+for the LoRA as trained and cast to bf16, against reading the fp16 safetensors file of
 the same tensors into fp16 tensors (files in the page cache; best of ``--repeat``), and
 each file's size in bits per parameter against the entropy bound of its tensors. Then
 the time to get a ready adapter when the file first has to travel over a link of a given
@@ -171,19 +172,24 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
         t16, _ = best(load_fp16, repeat), None
         size16 = os.path.getsize(f16)
         digest = tensors_digest(adapter.tensors)
-        cases = [("fp16 safetensors", size16, t16, None, {})]
+        cases = [("fp16 safetensors", size16, t16, None, None, {})]
         for k in (0.05, 0.10, 0.20):
             for encoding in ("golomb", "bitmask"):
                 path = os.path.join(tmp, f"p{k}{encoding}.pack")
                 write_pack(pack_adapter(adapter, density=k, encoding=encoding, base="benchmark", scope="tensor",
                                         method="delta-fit", source_digest=digest), path)
                 read_pack_dense(path)  # compiles the kernels (cached on disk after the first run)
-                t = best(lambda path=path: read_pack_dense(path).to_adapter(), repeat)
+                fast = read_pack_dense(path, dtype=torch.float16).to_adapter().tensors
+                ref = {name: t.to(torch.float16) for name, t in unpack_to_adapter(read_pack(path)).tensors.items()}
+                assert list(fast) == list(ref) and all(torch.equal(fast[n], ref[n]) for n in ref)
+                t = best(lambda path=path: read_pack_dense(path, dtype=torch.float16).to_adapter(), repeat)
+                t_own = best(lambda path=path: read_pack_dense(path).to_adapter(), repeat)
                 t_np = best(lambda path=path: unpack_to_adapter(read_pack(path)), repeat)
-                cases.append((f"pack k={k:.2f} {encoding}", os.path.getsize(path), t, t_np,
+                cases.append((f"pack k={k:.2f} {encoding}", os.path.getsize(path), t, t_own, t_np,
                               inspect_pack(path)["totals"]))
-    for label, size, local, local_np, totals in cases:
+    for label, size, local, own, local_np, totals in cases:
         row = {"file": label, "bytes": size, "local s": local, "local x": t16 / local,
+               "own dtype s": own, "own dtype x": t16 / own if own else None,
                "numpy decoder s": local_np, "file bits/param": totals.get("file_bits_per_param"),
                "bound bits/param": totals.get("entropy_bits_per_param"),
                "file / bound": (totals["file_bits_per_param"] / totals["entropy_bits_per_param"]
@@ -195,9 +201,10 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
             row[f"@{bw_name} x"] = base_total / total
         rows.append(row)
     size_cols = ["file", "bytes", "file bits/param", "bound bits/param", "file / bound"]
-    cols = ["file", "local s", "local x", "numpy decoder s"] + [c for bw, _ in BANDWIDTHS
+    cols = ["file", "local s", "local x", "own dtype s", "own dtype x", "numpy decoder s"] + [c for bw, _ in BANDWIDTHS
                                                                 for c in (f"@{bw} s", f"@{bw} x")]
-    fmt = {"bytes": "{:,d}", "local s": "{:.4f}", "local x": "{:.2f}", "numpy decoder s": "{:.4f}",
+    fmt = {"bytes": "{:,d}", "local s": "{:.4f}", "local x": "{:.2f}", "own dtype s": "{:.4f}",
+           "own dtype x": "{:.2f}", "numpy decoder s": "{:.4f}",
            "file bits/param": "{:.4f}", "bound bits/param": "{:.4f}", "file / bound": "{:.3f}",
            **{f"@{bw} s": "{:.3f}" for bw, _ in BANDWIDTHS}, **{f"@{bw} x": "{:.2f}" for bw, _ in BANDWIDTHS}}
     from adapterhub_c.packing.dense import decode_threads
@@ -207,10 +214,12 @@ def ready_table(adapter, what: str, repeat: int, out: list[str]) -> None:
             "(`ADAPTERHUB_DECODE_THREADS`; the fp16 load is one thread). "
             "local s: MEASURED on this CPU (files in the page cache, best of "
             f"{repeat}): fp16 = read the file + safetensors load into fp16 tensors; pack = read + verify the "
-            "digest + check every field + decode into dense tensors of the source dtype "
-            "(`read_pack_dense(path).to_adapter()`, the compiled decoder); local x = fp16 local / pack local "
-            "(>= 1: the pack is ready no later than the fp16 file); numpy decoder s = the same through "
-            "`unpack_to_adapter(read_pack(path))`. @link s: bytes / link bandwidth "
+            "digest + check every field + decode into dense fp16 tensors, what the fp16 file gives "
+            "(`read_pack_dense(path, dtype=torch.float16).to_adapter()`, the compiled decoder writing fp16 "
+            "directly; checked equal to the numpy decoder's tensors cast to fp16 before timing); local x = "
+            "fp16 local / pack local (>= 1: the pack is ready no later than the fp16 file); own dtype s / x = "
+            "the same decoded into the source dtype (`read_pack_dense(path).to_adapter()`); numpy decoder s = "
+            "`unpack_to_adapter(read_pack(path))`, source dtype. @link s: bytes / link bandwidth "
             "(SIMULATED transfer time, no network involved) + the measured local time; x = fp16 total / this "
             "total (> 1: the pack gives a ready adapter sooner).", "",
             bench_zoo.md_table(rows, cols, fmt), "",

@@ -317,9 +317,9 @@ def check_lora_config(config: dict, where: str) -> None:
 
 # What follows the first ".lora_" of a key that is its own canonical key, and the part
 # lora_geometry_fault files it under (a bias of lora_A / lora_B is a part of its own)
-_CANONICAL_ENDS = {"lora_A.weight": "lora_A", "lora_A.bias": "lora_A.bias", "lora_B.weight": "lora_B",
-                   "lora_B.bias": "lora_B.bias", "lora_embedding_A": "lora_embedding_A",
-                   "lora_embedding_B": "lora_embedding_B", MAGNITUDE: MAGNITUDE}
+_CANONICAL_ENDS = {"A.weight": "lora_A", "A.bias": "lora_A.bias", "B.weight": "lora_B", "B.bias": "lora_B.bias",
+                   "embedding_A": "lora_embedding_A", "embedding_B": "lora_embedding_B",
+                   MAGNITUDE.removeprefix("lora_"): MAGNITUDE}
 
 
 def lora_key_part(key: str) -> tuple[str, str] | None:
@@ -330,21 +330,34 @@ def lora_key_part(key: str) -> tuple[str, str] | None:
     The keys PEFT writes (the prefix, one ``.lora_`` and a canonical ending) are split with
     string operations; any other key takes the general route (:data:`_ANY_KEY_RE`, whose lazy
     module match costs about a microsecond a key). Both give the same answer."""
-    at = key.find(".lora_")
-    if at == -1:  # the key regex needs ".lora_": a full tensor
+    head, found, end = key.partition(".lora_")
+    if not found:  # the key regex needs ".lora_": a full tensor
         return None
-    if at >= len(PREFIX) and key.startswith(PREFIX) and "\n" not in key and key.find(".lora_", at + 1) == -1:
-        part = _CANONICAL_ENDS.get(key[at + 1:])
-        if part is not None:  # the regex can only match here, and the key is canonical
-            return key[len(PREFIX):at], part
+    part = _CANONICAL_ENDS.get(end)  # no ending holds ".lora_": this one is the only one
+    if part is not None and len(head) >= len(PREFIX) and key.startswith(PREFIX) and "\n" not in key:
+        return head[len(PREFIX):], part  # the regex can only match here, and the key is canonical
     m = _ANY_KEY_RE.match(key)
     if m is None or key != canonical_key(key):
         return None
     return _strip(m["module"]), m["part"] + (".bias" if key.endswith(".bias") else "")
 
 
-def lora_geometry_fault(config: dict, shapes: dict[str, tuple[int, ...]],
-                        parts: dict[str, tuple[str, str] | None] | None = None) -> str | None:
+def lora_key_parts(keys: list[str]) -> list[tuple[str, str] | None]:
+    """:func:`lora_key_part` of every key; the conditions every key must meet for the string
+    split are checked once on the keys joined when they all start with the prefix."""
+    joined = "\n".join(keys)
+    if joined.count("\n") != len(keys) - 1 or joined.count("\n" + PREFIX) != len(keys) - 1 \
+            or not joined.startswith(PREFIX):  # a key holds a newline or lacks the prefix
+        return [lora_key_part(k) for k in keys]
+    n, out = len(PREFIX), []
+    for key in keys:
+        head, _, end = key.partition(".lora_")
+        part = _CANONICAL_ENDS.get(end)
+        out.append((head[n:], part) if part is not None and len(head) >= n else lora_key_part(key))
+    return out
+
+
+def lora_geometry_fault(config: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """What in the tensor shapes (keys as PEFT saves them) a valid LoRA ``config`` does not describe, or None.
 
     Every ``lora_A`` has its ``lora_B`` (an embedding's A its B) and the reverse; A is
@@ -353,12 +366,14 @@ def lora_geometry_fault(config: dict, shapes: dict[str, tuple[int, ...]],
     a DoRA magnitude (``use_dora`` only) has one entry per output; every adapted module is
     one that ``target_modules`` names, as PEFT matches them. The base model's own shapes are
     checked where the adapter meets it (``adapters.attach.copy_lora``, ``serve.loading``).
-    ``parts``: :func:`lora_key_part` of keys the caller has already split (the others are split here).
     """
-    parts = parts or {}
+    return lora_modules_fault(config, lora_key_parts(list(shapes)), list(shapes.values()))
+
+
+def lora_modules_fault(config: dict, parts: list[tuple[str, str] | None], shapes: list[tuple[int, ...]]) -> str | None:
+    """:func:`lora_geometry_fault` of keys already split by :func:`lora_key_parts`, with their shapes."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
-        part = parts[key] if key in parts else lora_key_part(key)
+    for part, shape in zip(parts, shapes, strict=True):
         if part is not None:
             modules.setdefault(part[0], {})[part[1]] = tuple(shape)
     in_targets = _target_test(config.get("target_modules"))

@@ -69,6 +69,9 @@ def _values(scales: np.ndarray, codes: np.ndarray, dtype: torch.dtype) -> np.nda
     float32(±1)·float32(scale), then cast to ``dtype`` (what ``.to(dtype)`` of that tensor gives)."""
     s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
     vals = torch.stack([torch.zeros_like(s), s, -s], dim=1)
+    if (codes == codes[0]).all():  # one source dtype (the usual case)
+        out = vals.to(torch_dtype(int(codes[0]))).to(dtype)
+        return out.view(_WORDS[out.element_size()]).numpy()
     out = torch.empty(vals.shape, dtype=dtype)
     for code in np.unique(codes).tolist():
         sel = torch.from_numpy(codes == code)

@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config, lora_geometry_fault, lora_key_part
+from adapterhub_c.adapters.lora import LoraAdapter, check_lora_config, lora_key_parts, lora_modules_fault
 from adapterhub_c.adapters.recovery import recovery_geometry_fault, seeded_d_init
 from adapterhub_c.errors import IntegrityError, UsageError
 from adapterhub_c.fsutil import atomic_write_bytes, parse_safetensors_header
@@ -473,11 +473,12 @@ def _check_geometry(config: dict, table: PackTable, raw_shapes: dict[str, tuple[
     recovery = _recovery_names(table.names)
     shapes = dict(zip(table.names, table.shapes, strict=True))
     lora = {n: s for n, s in shapes.items() if not n.startswith(RECOVERY_PREFIX)}
-    parts = {n: lora_key_part(n) for n in lora}
-    bad = [n for n, part in parts.items() if part is None or part[1] not in _DELTA_PARTS]
+    keys = {**raw_shapes, **lora}
+    parts = lora_key_parts(list(keys))
+    bad = [n for n, part in zip(keys, parts, strict=True) if n in lora and (part is None or part[1] not in _DELTA_PARTS)]
     if bad:
         raise IntegrityError(f"packed tensor {bad[0]!r} is not a LoRA factor")
-    fault = lora_geometry_fault(config, {**raw_shapes, **lora}, parts) or recovery_geometry_fault(
+    fault = lora_modules_fault(config, parts, list(keys.values())) or recovery_geometry_fault(
         {n[len(RECOVERY_PREFIX):]: shapes[n] for n in recovery})
     if fault is not None:
         raise IntegrityError(f"the LoRA geometry is inconsistent: {fault}")
