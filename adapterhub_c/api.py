@@ -212,7 +212,7 @@ def show_variant(name: str, *, registry: Registry | None = None) -> dict[str, An
 
 def export(variant: str, out: str | Path, fmt: str = "hf", *, force: bool = False, registry: Registry | None = None,
            progress: Progress | None = None) -> Result:
-    """Write ``variant`` as a standalone folder (``hf`` or ``compressed-tensors``) that plain transformers loads."""
+    """Write ``variant`` as a standalone folder (``hf``, ``compressed-tensors`` or ``gguf``: llama.cpp + ollama)."""
     from adapterhub_c.workflows import exports as _exports
     reg = _reg(registry)
     res = _exports.export_variant(reg, variant, out, fmt, force=force, progress=progress)

@@ -12,12 +12,12 @@ from adapterhub_c.cli.render import human_bytes, print_json, print_table, progre
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write (created).")
 @click.option("--format", "fmt", type=click.Choice(api.EXPORT_FORMATS), default="hf", show_default=True,
               help="hf: transformers folder (bitsandbytes-serialized when quantized); compressed-tensors: "
-                   "sparse-bitmask.")
+                   "sparse-bitmask / pack-quantized; gguf: one .gguf llama.cpp loads + an ollama Modelfile.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def export_cmd(obj, variant, out, fmt, force, as_json) -> None:
-    """Write VARIANT as a standalone folder that plain transformers loads."""
+    """Write VARIANT as a standalone folder that plain transformers (or llama.cpp / ollama: gguf) loads."""
     with progress_callback() as progress:
         res = api.export(variant, out, fmt, force=force, registry=obj.registry, progress=progress).report
     if as_json:

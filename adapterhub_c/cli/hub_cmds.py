@@ -70,8 +70,9 @@ def search_cmd(obj, base, limit, token, as_json):
 @click.argument("name")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (new repos only).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "pack", "both"]), default="peft", show_default=True,
-              help="PEFT folder, the pack file (packs only), or both.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "pack", "both", "gguf"]), default="peft",
+              show_default=True, help="PEFT folder, the pack file (packs only), or both; a variant: gguf pushes its "
+                                      "GGUF + ollama Modelfile instead of its hf export.")
 @click.option("--commit-message", default=None)
 @click.option("--dry-run", is_flag=True, help="List the files that would be pushed; upload nothing.")
 @token_options(TOKEN_HELP)

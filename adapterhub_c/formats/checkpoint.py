@@ -14,6 +14,10 @@ Recognised from ``config.json``'s ``quantization_config`` (or an old AutoGPTQ
   are (bitsandbytes ≥ 0.48): Ŵ is bitsandbytes' dequantized weight, the layers stay bnb
   layers, as in the variants bitsandbytes quantizes at load.
 - ``awq``: recognised, refused (its packing is not read here yet).
+- ``gguf`` (llama.cpp's files): a folder holding one ``.gguf`` file and the base's
+  ``config.json`` (a GGUF names no transformers config: the base's is the one it was checked
+  against, formats/gguf_read.py). Ŵ is the file's tensors dequantized by the ``gguf`` package
+  (every type it dequantizes), under the model's names, loaded into a plain model.
 Any other method, or a config without one, is refused in one line naming what was found.
 """
 from __future__ import annotations
@@ -28,10 +32,12 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.formats import gptq as gptq_format
+from adapterhub_c.formats.gguf_read import GgufInfo, inspect_gguf, read_gguf_state
+from adapterhub_c.models.weights import gguf_weights
 from adapterhub_c.variants.build import read_state
 from adapterhub_c.variants.quantize import device_map_for, disable_cpu_repack
 
-METHODS = ("compressed-tensors", "gptq", "bitsandbytes")  # what `load_checkpoint` reads
+METHODS = ("compressed-tensors", "gptq", "bitsandbytes", "gguf")  # what `load_checkpoint` reads
 REFUSED = {"awq": "AWQ checkpoints are recognised but not read yet (their packing is not implemented here)"}
 CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 # config fields that fix the shapes of a decoder's weights
@@ -56,6 +62,8 @@ class Checkpoint:
         """A short label, e.g. 'compressed-tensors pack-quantized w4a16 g32 sym'."""
         s = self.scheme
         words = [self.method]
+        if self.method == "gguf":
+            return " ".join(["gguf", *(f"{t}x{n}" for t, n in self.scheme["types"].items())])
         if self.method == "compressed-tensors":
             words += [s["format"], f"w{s['bits']}a{s.get('act_bits') or 16}"]
         elif self.method == "bitsandbytes":
@@ -98,6 +106,9 @@ def inspect_checkpoint(folder: str | Path, label: str | None = None) -> Checkpoi
     folder = Path(folder)
     label = label or str(folder)
     config = read_config(folder, label)
+    gguf = gguf_weights(folder)
+    if gguf is not None:
+        return Checkpoint("gguf", gguf_scheme(inspect_gguf(gguf)), config)
     qc = _quantization_config(folder, config, label)
     method = str(qc.get("quant_method") or ("bitsandbytes" if qc.get("load_in_4bit") or qc.get("load_in_8bit")
                                             else "")).lower()
@@ -109,6 +120,31 @@ def inspect_checkpoint(folder: str | Path, label: str | None = None) -> Checkpoi
                          f"(this version reads {known})")
     scheme = {"compressed-tensors": _ct_scheme, "gptq": _gptq_scheme, "bitsandbytes": _bnb_scheme}[method](qc, label)
     return Checkpoint(method, scheme, config)
+
+
+def gguf_scheme(info: GgufInfo) -> dict:
+    """A GGUF file's identity fields: architecture, block count, {tensor type: count} (most used first),
+    and the bits its quantized tensors spend per weight."""
+    types = dict(sorted(info.types().items(), key=lambda kv: (-kv[1], kv[0])))
+    return {"architecture": info.architecture, "block_count": info.block_count, "types": types,
+            "bits": gguf_bits_per_weight(info)}
+
+
+def gguf_bits_per_weight(info: GgufInfo) -> float | None:
+    """Bits per weight of the file's quantized (not floating-point) tensors, block scales included."""
+    import gguf as gguf_lib
+
+    bits = numel = 0
+    for shape, type_name in info.tensors.values():
+        if type_name in ("F32", "F16", "BF16", "F64"):
+            continue
+        block, nbytes = gguf_lib.GGML_QUANT_SIZES[gguf_lib.GGMLQuantizationType[type_name]]
+        n = 1
+        for d in shape:
+            n *= d
+        bits += 8 * nbytes * n // block
+        numel += n
+    return round(bits / numel, 4) if numel else None
 
 
 def _ct_scheme(qc: dict, label: str) -> dict:
@@ -207,6 +243,8 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32, devi
         return _plain_model(folder, state, dtype, device)
     if ckpt.method == "compressed-tensors":
         return _plain_model(folder, _ct_dense_state(folder, dtype), dtype, device)
+    if ckpt.method == "gguf":
+        return _plain_model(folder, read_gguf_state(gguf_weights(folder), ckpt.config, dtype), dtype, device)
     return _load_bnb(folder, dtype, device)
 
 

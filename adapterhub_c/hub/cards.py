@@ -190,25 +190,31 @@ def _metrics_section(metrics: dict | None) -> list[str]:
 
 
 def variant_card(base_model: str, name: str, recipe: dict, quantized: bool, sizes: dict | None = None,
-                 metrics: dict | None = None, extra_tags: Iterable[str] = ()) -> str:
-    """A README.md for a compressed variant of ``base_model`` (an `adapt export --format hf` folder).
+                 metrics: dict | None = None, extra_tags: Iterable[str] = (), gguf_file: str | None = None) -> str:
+    """A README.md for a compressed variant of ``base_model`` (an `adapt export --format hf` folder, or
+    with ``gguf_file`` a `--format gguf` one: llama.cpp / ollama usage instead of transformers').
 
-    Front matter: ``library_name: transformers``, ``base_model`` and, for quantized
-    variants, ``base_model_relation: quantized`` (the Hub's model tree then lists it under
-    the base's quantizations); pruned-only variants leave the relation to the Hub.
+    Front matter: ``library_name: transformers`` (``gguf`` for a GGUF), ``base_model`` and, for
+    quantized variants, ``base_model_relation: quantized`` (the Hub's model tree then lists it
+    under the base's quantizations); pruned-only variants leave the relation to the Hub.
     """
     from huggingface_hub import ModelCardData
 
-    tags = ["adapterhub-c", "compressed-variant", *extra_tags]
-    data = ModelCardData(library_name="transformers", base_model=base_model, tags=list(dict.fromkeys(tags)))
+    tags = ["adapterhub-c", "compressed-variant", *extra_tags, *(["gguf"] if gguf_file else [])]
+    data = ModelCardData(library_name="gguf" if gguf_file else "transformers", base_model=base_model,
+                         tags=list(dict.fromkeys(tags)))
     if quantized:
         data.base_model_relation = "quantized"
+    if gguf_file:
+        usage = ["It is one GGUF file, for llama.cpp and ollama (`Modelfile` beside it):\n",
+                 f"```\nllama-cli -m {gguf_file}\nollama create {name} -f Modelfile\n```\n"]
+    else:
+        usage = ["It loads with plain transformers (bitsandbytes installed for quantized variants):\n",
+                 "```python\nimport torch\nfrom transformers import AutoModelForCausalLM\n\n"
+                 f"model = AutoModelForCausalLM.from_pretrained({name!r}, dtype=torch.float32)\n```\n"]
     lines = [f"---\n{data.to_yaml()}\n---\n", f"# {name}\n",
              f"A compressed variant of [`{base_model}`](https://huggingface.co/{base_model}), made with "
-             "adapterhub-c. It loads with plain transformers (bitsandbytes installed for quantized variants):\n",
-             "```python\nimport torch\nfrom transformers import AutoModelForCausalLM\n\n"
-             f"model = AutoModelForCausalLM.from_pretrained({name!r}, dtype=torch.float32)\n```\n",
-             "## Recipe\n", _json_block(recipe), "## Sizes\n"]
+             "adapterhub-c. " + usage[0], usage[1], "## Recipe\n", _json_block(recipe), "## Sizes\n"]
     if sizes:
         lines.append("| what | bytes | / fp16 base |\n|---|---|---|\n")
         fp16 = sizes.get("base_fp16_bytes")

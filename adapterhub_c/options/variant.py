@@ -17,7 +17,12 @@ from typing import ClassVar
 from adapterhub_c.options import Options, is_count, option
 from adapterhub_c.options.corpus import DEFAULT_CORPUS
 
-QUANT_METHODS = ("none", "int8", "nf4", "fp4", "gptq")
+# GGUF types a variant can be stored in (llama.cpp's formats): the gguf package quantizes the first five,
+# llama.cpp's own quantizer the k-quants (formats/gguf_write.py)
+GGUF_VARIANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S",
+                      "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+GGUF_PREFIX = "gguf:"
+QUANT_METHODS = ("none", "int8", "nf4", "fp4", "gptq") + tuple(GGUF_PREFIX + t for t in GGUF_VARIANT_TYPES)
 PRUNE_METHODS = ("none", "magnitude", "wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")
 GRANULARITIES = ("row", "layer")
 CALIB_USERS = ("wanda", "2:4", "ffn-channels", "sparsegpt", "sparsegpt:2:4")  # (and gptq) the default calibration set serves
@@ -26,6 +31,12 @@ MOE_ROUTERS = ("mlp", "similarity")
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_CALIB_SEQ_LEN = 128
 DEFAULT_EVAL_TOKENS = 8192  # perplexity of base and variant: first tokens of builtin:pydoc test
+
+
+def canonical_quant(quant: str) -> str:
+    """A quantization name as recipes write it: lower case, a GGUF type upper case (``gguf:Q4_K_M``)."""
+    low = str(quant).strip().lower()
+    return GGUF_PREFIX + low[len(GGUF_PREFIX):].upper() if low.startswith(GGUF_PREFIX) else low
 
 
 class DefaultCalib(str):
@@ -52,8 +63,9 @@ class VariantOptions(Options):
     family: ClassVar[str] = "variant"
 
     quant: str = option("none", choices=QUANT_METHODS,
-                        help="Quantization of the decoder linears: bitsandbytes int8/nf4/fp4 (applied at load) "
-                             "or gptq.")
+                        help="Quantization of the decoder linears: bitsandbytes int8/nf4/fp4 (applied at load), "
+                             "gptq, or gguf:TYPE (stored as a llama.cpp GGUF file of that type, e.g. gguf:Q4_0, "
+                             "gguf:Q4_K_M).")
     double_quant: bool = option(False, help="Quantize the 4-bit scales too (nf4/fp4).")
     prune: str = option("none", choices=PRUNE_METHODS,
                         help="Pruning method (magnitude/wanda: unstructured; 2:4: semi-structured; ffn-channels: "
@@ -96,7 +108,7 @@ class VariantOptions(Options):
         for name in ("quant", "prune", "granularity"):
             value = getattr(self, name)
             if isinstance(value, str):
-                self._set(name, value.lower())
+                self._set(name, canonical_quant(value) if name == "quant" else value.lower())
         if isinstance(self.calib, str) and self.calib.strip().lower() == "none":
             self._set("calib", None)
 
@@ -146,7 +158,7 @@ class VariantAddOptions(Options):
         self._require(str(self.device).startswith(("cpu", "cuda", "auto")), "device", "cpu, cuda or auto")
 
 
-__all__ = ["VariantOptions", "QUANT_METHODS", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "GPTQ_BITS",
+__all__ = ["VariantOptions", "QUANT_METHODS", "GGUF_VARIANT_TYPES", "GGUF_PREFIX", "canonical_quant", "PRUNE_METHODS", "GRANULARITIES", "CALIB_USERS", "GPTQ_BITS",
            "MOE_ROUTERS",
            "DefaultCalib", "VariantAddOptions",
            "DEFAULT_CALIB", "DEFAULT_CALIB_SAMPLES", "DEFAULT_CALIB_SEQ_LEN", "DEFAULT_EVAL_TOKENS"]

@@ -5,6 +5,8 @@
   `config.json`, `masks.safetensors` (bit-packed keep-masks), `kept_indices.safetensors`
   and / or `compressed.safetensors` (GPTQ codes, SparseGPT kept values), and `variant.json`;
 - base (quantization only): the base's own `config.json` / weight blobs at the top level;
+- gguf (issue 26, `--quant gguf:TYPE`): a GGUF file + the variant's `config.json`, read as an
+  imported GGUF is (formats/checkpoint.py);
 - full copy (registries written before issue 15): the variant's own whole-model
   `model.safetensors` (+ `config.json`, `kept_indices.safetensors`). Still read as is.
 A missing or corrupt blob of a variant is an IntegrityError naming the variant.
@@ -37,6 +39,7 @@ from adapterhub_c.variants.recipe import Recipe
 COMPUTE_DTYPE = torch.float32  # as load_base_model: variant and base perplexities are comparable
 OWN_FILES = (MASKS_FILE, KEPT_FILE, COMPRESSED_FILE)
 IMPORTED = "imported"  # storage form of a pre-quantized checkpoint added with `adapt variant add`
+GGUF = "gguf"  # storage form of a variant made as a GGUF file (`--quant gguf:TYPE`)
 
 
 def origin_of(row: Variant) -> dict | None:
@@ -58,9 +61,11 @@ def _variant_row(reg: Registry, variant: Variant | str) -> Variant:
 
 def storage_form(row: Variant) -> str:
     """'delta', 'base' (quantization only, the base's blobs), 'imported' (a pre-quantized checkpoint's
-    own files) or 'full-copy' (before issue 15)."""
+    own files), 'gguf' (a GGUF file made here) or 'full-copy' (before issue 15)."""
     if origin_of(row) is not None:
         return IMPORTED
+    if (row.stats or {}).get("storage") == GGUF:
+        return GGUF
     files = row.files or {}
     if any(rel.startswith(f"{BASE_DIR}/") for rel in files):
         return "delta"
@@ -107,7 +112,7 @@ def load_variant(reg: Registry, variant: Variant | str, device: str | None = "cp
     row = _variant_row(reg, variant)
     dev = str(resolve_device(device))
     folder = materialize_variant(reg, row)
-    if origin_of(row) is not None:  # the checkpoint's files as they are: Ŵ from its format
+    if origin_of(row) is not None or storage_form(row) == GGUF:  # the files as they are: Ŵ from their format
         return load_checkpoint(folder, compute_dtype, dev)
     recipe = Recipe.from_json(row.recipe)
     form = storage_form(row)

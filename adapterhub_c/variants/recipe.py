@@ -26,6 +26,10 @@ Defaults and choices:
   digests) of every earlier variant are unchanged.
 - SparseGPT (`prune="sparsegpt"` with a sparsity in (0, 1), or `"sparsegpt:2:4"`):
   calibrated; combines with gptq (jointly) or with bitsandbytes quantization at load.
+- GGUF (`quant="gguf:TYPE"`, issue 26): the variant is stored as a llama.cpp GGUF file of that
+  type (Q4_0 … Q8_0 quantized by the gguf package, k-quants by llama.cpp's quantizer), made
+  from the (pruned, when the recipe prunes) weights; its Ŵ is the file's dequantized tensors.
+  Combines with any pruning (prune, then quantize), not with MoEfication.
 - MoEfication (`moefy=True`, issue 25; variants/moefy.py): `experts` E >= 2 per MLP and
   `active` K in [1, E] computed per token (both required), `moe_router` "mlp" (default) or
   "similarity". Calibrated (it needs `calib`); combines with any quantization or pruning
@@ -41,7 +45,15 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from adapterhub_c.errors import UsageError
-from adapterhub_c.options.variant import GPTQ_BITS, GRANULARITIES, MOE_ROUTERS, PRUNE_METHODS, QUANT_METHODS
+from adapterhub_c.options.variant import (
+    GGUF_PREFIX,
+    GPTQ_BITS,
+    GRANULARITIES,
+    MOE_ROUTERS,
+    PRUNE_METHODS,
+    QUANT_METHODS,
+    canonical_quant,
+)
 
 BNB_METHODS = ("int8", "nf4", "fp4")  # quantized by bitsandbytes at load time
 SPARSEGPT = ("sparsegpt", "sparsegpt:2:4")  # prune with the OBS update: kept values change
@@ -75,7 +87,7 @@ class Recipe:
     moe_router: str | None = None
 
     def __post_init__(self) -> None:
-        quant = str(self.quant).lower()
+        quant = canonical_quant(self.quant)
         prune = str(self.prune).lower()
         if quant not in QUANT_METHODS:
             raise UsageError(f"unknown quantization {self.quant!r} (choose from {', '.join(QUANT_METHODS)})")
@@ -92,6 +104,10 @@ class Recipe:
             raise UsageError(f"double_quant applies only to nf4 and fp4, not to quant {quant!r}")
         self._check_gptq()
         self._check_moe()
+        if self.gguf_type is not None and (self.moefy or self.include_lm_head or self.include_embeddings):
+            raise UsageError(f"{quant} stores the variant as a llama.cpp GGUF file, which holds no MoE routing "
+                             "and quantizes its embeddings and LM head itself (no moefy, include_lm_head or "
+                             "include_embeddings)")
         self._check_calibration()
         if self.include_embeddings and prune not in UNSTRUCTURED:
             raise UsageError("include_embeddings applies only to magnitude, wanda and 2:4 pruning")
@@ -176,6 +192,11 @@ class Recipe:
         return self.quant if self.quant in BNB_METHODS else "none"
 
     @property
+    def gguf_type(self) -> str | None:
+        """The GGUF type the variant is stored in (``quant`` "gguf:TYPE"), or None."""
+        return self.quant[len(GGUF_PREFIX):] if self.quant.startswith(GGUF_PREFIX) else None
+
+    @property
     def uses_obs(self) -> bool:
         """True for GPTQ and / or SparseGPT: Hessian-based, sequential over the blocks, values change."""
         return self.quant == "gptq" or self.prune in SPARSEGPT
@@ -183,7 +204,7 @@ class Recipe:
     @property
     def stores_weights(self) -> bool:
         """True when the variant stores something of its own over the base (masks, channels, codes, values)."""
-        return self.prune != "none" or self.quant == "gptq" or self.moefy
+        return self.prune != "none" or self.quant == "gptq" or self.moefy or self.gguf_type is not None
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, defaults filled, plus the recipe format version (GPTQ's fields only for gptq)."""

@@ -31,6 +31,11 @@ Formats:
   sparsity config; compressed-tensors 0.12.2 and 0.14.0.1 write sparse-bitmask, but
   transformers 4.57.1 fails to load it ("Cannot copy out of meta tensor": its
   compressed-tensors quantizer compresses the meta-device model before loading).
+- `gguf` (issue 26; workflows/ggufvariants.py): one `.gguf` file llama.cpp loads and an ollama
+  `Modelfile` beside it. A GGUF variant (made with `--quant gguf:TYPE` or added from a GGUF file)
+  exports its own file, byte for byte; an uncompressed or pruned variant is converted from its
+  Ŵ in the base's stored dtype (exact); bitsandbytes, GPTQ, MoEfied variants and imported
+  non-GGUF checkpoints are refused in one line saying what to do instead.
 Writes go to a temp folder beside `out`, renamed into place when complete. The measured
 size is recorded in the variant's stats (`exports`), for `adapt variant ls`.
 """
@@ -46,14 +51,23 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.fsutil import atomic_dir
+from adapterhub_c.models.weights import GGUF_SUFFIX
 from adapterhub_c.options.export import EXPORT_FORMATS
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.models import BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
-from adapterhub_c.runtime.variants import load_variant, materialize_variant, origin_of, storage_form, variant_recipe
+from adapterhub_c.runtime.variants import (
+    GGUF,
+    load_variant,
+    materialize_variant,
+    origin_of,
+    storage_form,
+    variant_recipe,
+)
 from adapterhub_c.variants.build import BASE_DIR, storage_dtype
 from adapterhub_c.variants.recipe import Recipe
+from adapterhub_c.workflows.ggufvariants import MODELFILE, gguf_export_refusal, stored_gguf, write_gguf_export
 
 META_NAME = "adapterhub_c.json"
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")
@@ -82,6 +96,10 @@ def refusal(recipe: Recipe, fmt: str) -> str | None:
         return f"unknown export format {fmt!r}; pick one of {', '.join(EXPORT_FORMATS)}"
     if fmt == "hf":
         return None
+    if fmt == "gguf":
+        return gguf_export_refusal(recipe, None)
+    if recipe.gguf_type is not None:
+        return f"a GGUF variant ({recipe.quant}) is exported as its own file (--format gguf) or as hf"
     if recipe.quant == "gptq":
         from adapterhub_c.formats.compressed import pack_quantized_refusal
 
@@ -120,6 +138,17 @@ def _compressed_tensors_unavailable() -> str | None:
     return None
 
 
+def export_refusal(row: Variant, fmt: str) -> str | None:
+    """Why variant ``row`` cannot be exported as ``fmt`` (one line), or None when it can."""
+    recipe = variant_recipe(row)
+    origin = origin_of(row)
+    if origin is not None and fmt == "gguf":
+        return gguf_export_refusal(recipe, origin.get("method"))
+    if origin is not None and fmt != "hf":  # an imported checkpoint's own files are its export
+        return "an imported checkpoint is exported as hf (its dequantized weights, or its bnb layers)"
+    return refusal(recipe, fmt)
+
+
 def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: str = "hf", *,
                    force: bool = False, progress: Progress | None = None) -> ExportResult:
     """Write the variant as a standalone folder `out` in `fmt` (see the module docstring).
@@ -129,10 +158,7 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
     whole once the new folder is complete).
     """
     row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
-    recipe = variant_recipe(row)
-    reason = refusal(recipe, fmt)
-    if origin_of(row) is not None and fmt != "hf":  # an imported checkpoint's own files are its export
-        reason = "an imported checkpoint is exported as hf (its dequantized weights, or its bnb layers)"
+    reason = export_refusal(row, fmt)
     if reason is not None:
         raise UsageError(f"cannot export {row.name!r} as {fmt}: {reason}")
     out = Path(out)
@@ -152,7 +178,7 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
                      for p in sorted(tmp.rglob("*")) if p.is_file()]
         if progress:
             progress(f"exporting {row.name} ({fmt})", 2, 2)
-        weights = sum(f["size"] for f in files if f["path"].endswith(".safetensors"))
+        weights = sum(f["size"] for f in files if f["path"].endswith((".safetensors", GGUF_SUFFIX)))
         result = ExportResult(variant=row.name, format=fmt, out=str(out), files=files, weights_bytes=weights,
                               folder_bytes=sum(f["size"] for f in files),
                               base_fp16_bytes=(row.stats or {}).get("base_fp16_bytes"))
@@ -169,6 +195,9 @@ def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: 
     """Write the export of `row` into the existing empty folder `dest` (no checks, no run row)."""
     recipe = variant_recipe(row)
     stored = _stored_dtype(reg, row, base)
+    if fmt == "gguf":
+        _write_gguf(reg, row, base, dest, stored)
+        return
     model = load_variant(reg, row, "cpu")
     _cast_unquantized(model, stored)
     if fmt == "hf":
@@ -184,6 +213,23 @@ def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: 
             "perplexity": (row.stats or {}).get("perplexity"),
             "eval_tokens": (row.stats or {}).get("eval_tokens"),
             "load": _load_hint(recipe, fmt)}
+    (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _write_gguf(reg: Registry, row: Variant, base: BaseModel, dest: Path, stored: torch.dtype) -> None:
+    """The variant's GGUF (its own file, or its Ŵ converted) + Modelfile + adapterhub_c.json in ``dest``."""
+    own = stored_gguf(reg, row) if storage_form(row) in (GGUF, "imported") else None
+    if own is not None:
+        out = write_gguf_export(own, dest, row.name)
+    else:
+        model = load_variant(reg, row, "cpu")
+        state = {k: v for k, v in model.state_dict().items()}
+        out = write_gguf_export(state, dest, row.name, config=model.config, tokenizer_dir=reg.materialize(base),
+                                dtype=stored)
+        del model, state
+    meta = {"format": "gguf", "variant": row.name, "base": base.hub_id or base.name, "file": out.name,
+            "copied": own is not None, "perplexity": (row.stats or {}).get("perplexity"),
+            "load": f"llama-cli -m {out.name}  |  ollama create NAME -f {MODELFILE}"}
     (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 

@@ -8,6 +8,14 @@ anything else is refused in one line naming what was found), checks it against t
 stores the checkpoint's files as they are (DESIGN.md "Registry": "the file itself for …
 an imported checkpoint"). Ŵ is computed when the variant is loaded (runtime/variants.py).
 
+A GGUF file (llama.cpp's format) is imported the same way: ``FILE.gguf`` (a local file), a
+folder or Hub repo holding one (``REPO:FILE.gguf`` or ``--include`` picks one when it holds
+several quantizations). Its architecture and every tensor's shape are checked against the base
+from the file's header (formats/gguf_read.py: one line naming the first tensor that differs; a
+truncated file or a type the ``gguf`` package cannot dequantize is refused before anything is
+stored); the row stores the GGUF file (its stored size) and the base's ``config.json`` blob
+(shared, not counted), and Ŵ is the file's dequantized tensors.
+
 Identity: an imported variant has an origin instead of a recipe. The row's ``recipe``
 column holds ``{"origin": {method, scheme, files}, "version": 1}`` in canonical JSON, where
 ``files`` maps every stored file to its sha256, so the same checkpoint added twice (from the
@@ -32,11 +40,14 @@ from adapterhub_c.errors import AdaptWarning, UsageError
 from adapterhub_c.formats.checkpoint import (
     Checkpoint,
     check_architecture,
+    gguf_scheme,
     inspect_checkpoint,
     load_checkpoint,
     read_config,
 )
+from adapterhub_c.formats.gguf_read import check_gguf_against, inspect_gguf
 from adapterhub_c.hub import client
+from adapterhub_c.models.weights import GGUF_SUFFIX, param_shapes
 from adapterhub_c.options.variant import VariantAddOptions
 from adapterhub_c.progress import Progress
 from adapterhub_c.registry.artifacts import check_name_syntax
@@ -74,14 +85,31 @@ class _Source:
     names: list[str] | None = None  # the files downloaded (a snapshot folder may hold more); None: all
 
 
+def split_gguf_file(repo: str) -> tuple[str, str | None]:
+    """``"REPO:FILE.gguf"`` → (``REPO``, ``FILE.gguf``); anything else → (repo, None)."""
+    head, sep, tail = repo.rpartition(":")
+    if sep and head and tail.lower().endswith(GGUF_SUFFIX):
+        return head, tail
+    return repo, None
+
+
 def _fetch(repo: str, opts: VariantAddOptions, token: str | None, endpoint: str | None,
            progress: Progress | None) -> _Source:
-    """The checkpoint's folder: a local folder as it is, else the Hub repo downloaded into the HF cache."""
+    """The checkpoint's folder: a local folder (or GGUF file) as it is, else the Hub repo downloaded
+    into the HF cache (``REPO:FILE.gguf``: that file only)."""
     local = Path(repo).expanduser()
     if local.is_dir():
         return _Source(local.resolve(), str(local), {"path": str(local.resolve())})
+    if local.is_file():
+        if not local.name.lower().endswith(GGUF_SUFFIX):
+            raise UsageError(f"{local} is a file but not a .gguf; give a GGUF file, a checkpoint folder or a Hub repo")
+        return _Source(local.resolve().parent, str(local), {"path": str(local.resolve())}, [local.name])
+    repo, file = split_gguf_file(repo)
+    if file is not None and opts.include:
+        raise UsageError(f"{repo}:{file} names its file; drop --include (or give the file with --include only)")
+    include = [file] if file is not None else list(opts.include or []) or None
     repo_id, revision = split_repo(repo, opts.revision)
-    got = client.download_repo(repo_id, revision=revision, include=list(opts.include or []) or None,
+    got = client.download_repo(repo_id, revision=revision, include=include,
                                exclude=list(opts.exclude or []) or None, token=token, endpoint=endpoint,
                                progress=progress)
     return _Source(Path(got.path), repo_id, {"repo": repo_id, "revision": revision or "main",
@@ -105,6 +133,18 @@ def checkpoint_files(folder: Path, label: str, names: list[str] | None = None) -
     return files
 
 
+def gguf_file(src: _Source) -> Path | None:
+    """The GGUF file the source names or holds (UsageError when it holds several and none was picked)."""
+    names = src.names if src.names is not None else [p.relative_to(src.folder).as_posix()
+                                                     for p in sorted(src.folder.rglob(f"*{GGUF_SUFFIX}"))]
+    found = sorted(n for n in names if n.lower().endswith(GGUF_SUFFIX))
+    if len(found) > 1:
+        shown = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
+        raise UsageError(f"{src.label} holds {len(found)} GGUF files ({shown}); pick one with --include FILE "
+                         "or REPO:FILE.gguf")
+    return src.folder / found[0] if found else None
+
+
 def origin_json(ckpt: Checkpoint, digests: dict[str, str]) -> str:
     """The canonical JSON that identifies an imported checkpoint (stored as the row's recipe)."""
     origin = {"method": ckpt.method, "scheme": ckpt.scheme, "files": dict(sorted(digests.items()))}
@@ -113,6 +153,8 @@ def origin_json(ckpt: Checkpoint, digests: dict[str, str]) -> str:
 
 def _default_name(base: BaseModel, ckpt: Checkpoint, source: dict) -> str:
     stem = (source.get("repo") or source.get("path") or "checkpoint").rstrip("/").rsplit("/", 1)[-1]
+    if source.get("file"):
+        stem = Path(source["file"]).name[:-len(GGUF_SUFFIX)]
     short = short_base_name(base)
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or f"{short}-{ckpt.method}"
     return name if name.startswith(short) else f"{short}-{name}"
@@ -174,7 +216,7 @@ def import_stats(model, weights: dict[str, torch.Tensor], base_model, files: dic
         "base_params": base_params, "params_total": sum(w.numel() for w in weights.values()),
         "params_nonzero": int(sum(int(torch.count_nonzero(w)) for w in weights.values())),
         "sparsity": 0.0, "model_sparsity": 0.0,
-        "bits_per_weight": quantized_bits_per_weight(files, weights),
+        "bits_per_weight": ckpt.scheme["bits"] if ckpt.method == "gguf" else quantized_bits_per_weight(files, weights),
         "own_bytes": own, "stored_bytes": own, "stored_file_bytes": own, "quantized_bytes": loaded,
         "base_fp16_bytes": base_params * 2, "storage": "imported", "shares_base_weights": False,
         "imported": ckpt.describe(), "quant_method": ckpt.method, "quant_bits": ckpt.bits,
@@ -220,10 +262,11 @@ class _Import:
     name: str
     src: _Source
     ckpt: Checkpoint
-    files: dict[str, Path]
+    files: dict[str, Path]  # what the row stores: {name in the variant's folder: file}
     recipe: str
     digest: str
     notes: list[str]
+    shared: tuple[str, ...] = ()  # stored files that are the base's blobs (not the variant's own bytes)
 
 
 def add_variant(reg: Registry, repo: str, base_ref: str | BaseModel, options: VariantAddOptions | None = None, *,
@@ -245,11 +288,17 @@ def add_variant(reg: Registry, repo: str, base_ref: str | BaseModel, options: Va
         check_name_syntax(name, "variant name", namespace=False)
     base = _find_base(reg, base_ref)
     src = _fetch(repo, opts, token, endpoint, progress)
-    ckpt = inspect_checkpoint(src.folder, src.label)
     base_folder = reg.materialize(base)
-    check_architecture(ckpt.config, read_config(base_folder, f"base {base.name!r}"), src.label, base.name)
-    files = checkpoint_files(src.folder, src.label, src.names)
-    recipe = origin_json(ckpt, {rel: sha256_file(p) for rel, p in files.items()})
+    gguf = gguf_file(src)
+    if gguf is not None:
+        ckpt, files, shared = _checked_gguf(gguf, base, base_folder, src)
+        identity = {gguf.name: sha256_file(gguf)}
+    else:
+        ckpt = inspect_checkpoint(src.folder, src.label)
+        check_architecture(ckpt.config, read_config(base_folder, f"base {base.name!r}"), src.label, base.name)
+        files, shared = checkpoint_files(src.folder, src.label, src.names), ()
+        identity = {rel: sha256_file(p) for rel, p in files.items()}
+    recipe = origin_json(ckpt, identity)
     digest = hashlib.sha256(recipe.encode()).hexdigest()
     existing, final_name = _existing_or_name(reg, base, digest, name, ckpt, src.source)
     if existing is not None:
@@ -259,7 +308,7 @@ def add_variant(reg: Registry, repo: str, base_ref: str | BaseModel, options: Va
         notes.append(f"{src.label} also quantizes activations to {ckpt.scheme['act_bits']} bits at run time; "
                      "the variant computes with its dequantized weights and unquantized activations")
         warnings.warn(notes[-1], AdaptWarning, stacklevel=2)
-    job = _Import(base, final_name, src, ckpt, files, recipe, digest, notes)
+    job = _Import(base, final_name, src, ckpt, files, recipe, digest, notes, shared)
     params = dict(repo=repo, base=base.name, name=final_name, **opts.params())
     with record_run(reg, "variant add", params) as run:
         row, created = _register(reg, job, opts, progress, run.id)
@@ -267,13 +316,38 @@ def add_variant(reg: Registry, repo: str, base_ref: str | BaseModel, options: Va
         return row, created
 
 
+def _checked_gguf(path: Path, base: BaseModel, base_folder: Path,
+                  src: _Source) -> tuple[Checkpoint, dict[str, Path], tuple[str, ...]]:
+    """A GGUF file checked against the base from its header: (checkpoint, files to store, shared files)."""
+    label = src.label if src.label.lower().endswith(GGUF_SUFFIX) else f"{src.label}:{path.name}"
+    info = inspect_gguf(path)  # truncated / corrupt / a type the gguf package cannot dequantize: refused
+    config = read_config(base_folder, f"base {base.name!r}")
+    check_gguf_against(info, config, param_shapes(base_folder), label)
+    src.source["file"] = path.name
+    return Checkpoint("gguf", gguf_scheme(info), config), \
+        {path.name: path, "config.json": base_folder / "config.json"}, ("config.json",)
+
+
 def _register(reg: Registry, job: _Import, opts: VariantAddOptions, progress: Progress | None,
               run_id: str) -> tuple[Variant, bool]:
-    """Load and check the checkpoint against the base, measure it, store its files, add the row."""
+    """Stage the files the row will store, load and check them against the base, measure, store, add the row."""
+    with reg.staging("variant-add") as tmp:
+        for rel, p in job.files.items():
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, Path(tmp) / rel)
+        stats, evals = _measure(reg, job, Path(tmp), opts, progress)
+        stored = reg.blobs.put_folder(tmp)
+    return _insert(reg, job, stored, stats, evals, run_id)
+
+
+def _measure(reg: Registry, job: _Import, folder: Path, opts: VariantAddOptions,
+             progress: Progress | None) -> tuple[dict, tuple]:
+    """The staged checkpoint loaded as the variant will be, checked against the base and measured."""
     base_model, tokenizer = load_base_model(reg, job.base, "cpu")
-    model = load_checkpoint(job.src.folder, COMPUTE_DTYPE, "cpu", job.ckpt)
+    model = load_checkpoint(folder, COMPUTE_DTYPE, "cpu", job.ckpt)
     weights = check_shapes(model, base_model, job.src.label, job.base.name)
-    stats = import_stats(model, weights, base_model, job.files, job.ckpt)
+    own = {rel: p for rel, p in job.files.items() if rel not in job.shared}
+    stats = import_stats(model, weights, base_model, own, job.ckpt)
     stats["source"] = job.src.source
     if job.notes:
         stats["warnings"] = job.notes
@@ -288,12 +362,7 @@ def _register(reg: Registry, job: _Import, opts: VariantAddOptions, progress: Pr
     del model
     stats.update(perplexity=variant_eval["perplexity"] if variant_eval else None, base_perplexity=base_ppl,
                  eval_tokens=opts.eval_tokens, eval_data=f"{EVAL_DATA}:{EVAL_SPLIT}")
-    with reg.staging("variant-add") as tmp:
-        for rel, p in job.files.items():
-            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, Path(tmp) / rel)
-        stored = reg.blobs.put_folder(tmp)
-    return _insert(reg, job, stored, stats, (base_eval, variant_eval), run_id)
+    return stats, (base_eval, variant_eval)
 
 
 def _insert(reg: Registry, job: _Import, files: dict[str, str], stats: dict, evals: tuple,

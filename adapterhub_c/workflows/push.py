@@ -28,7 +28,7 @@ from adapterhub_c.registry.store import Registry
 from adapterhub_c.registry.views import lineage_tree
 from adapterhub_c.runtime.adapters import load_adapter_artifact
 from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
-from adapterhub_c.workflows.exports import write_export
+from adapterhub_c.workflows.exports import export_refusal, write_export
 from adapterhub_c.workflows.hubcommon import CARD_NAME, META_NAME, checked_repo_id, hub_label, listing, sha256_file
 from adapterhub_c.workflows.variants import variant_summary
 
@@ -210,8 +210,9 @@ def _variant_metrics(row: Variant) -> dict:
     return metrics
 
 
-def build_variant_push_folder(reg: Registry, row: Variant, dest: str | Path) -> list[dict]:
-    """Write what ``push`` uploads for a variant into the empty folder ``dest``: its hf export + README.md.
+def build_variant_push_folder(reg: Registry, row: Variant, dest: str | Path, fmt: str = "hf") -> list[dict]:
+    """Write what ``push`` uploads for a variant into the empty folder ``dest``: its ``fmt`` export (hf, or
+    gguf: the .gguf + ollama Modelfile) + README.md.
 
     Returns [{path, size, sha256}] sorted by path.
     """
@@ -219,16 +220,22 @@ def build_variant_push_folder(reg: Registry, row: Variant, dest: str | Path) -> 
     dest.mkdir(parents=True, exist_ok=True)
     with reg.session() as s:
         base = s.get(BaseModel, row.base_id)
-    write_export(reg, row, base, dest, "hf")
+    reason = export_refusal(row, fmt)
+    if reason is not None:
+        raise UsageError(f"cannot push {row.name!r} as {fmt}: {reason}")
+    write_export(reg, row, base, dest, fmt)
     summary = variant_summary(row, base)
-    weights = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for p in dest.iterdir() if p.name.endswith((".safetensors", ".gguf")))
     sizes = {"stored_bytes": summary["stored_bytes"], "loaded_bytes": summary["loaded_bytes"],
              "export_bytes": weights, "base_fp16_bytes": summary["base_fp16_bytes"]}
     recipe = summary["recipe_json"]
-    tags = [f"quant:{recipe['quant']}"] if recipe["quant"] != "none" else []
-    tags += [f"prune:{recipe['prune']}"] if recipe["prune"] != "none" else []
-    card = variant_card(hub_label(base), row.name, recipe, quantized=recipe["quant"] != "none", sizes=sizes,
-                        metrics=_variant_metrics(row), extra_tags=tags)
+    quant, prune = recipe.get("quant", "none"), recipe.get("prune", "none")
+    quantized = quant != "none" or "origin" in recipe
+    tags = [f"quant:{quant}"] if quant != "none" else []
+    tags += [f"prune:{prune}"] if prune != "none" else []
+    gguf = next((p.name for p in dest.glob("*.gguf")), None)
+    card = variant_card(hub_label(base), row.name, recipe, quantized=quantized, sizes=sizes,
+                        metrics=_variant_metrics(row), extra_tags=tags, gguf_file=gguf)
     (dest / CARD_NAME).write_text(card)
     return listing(dest)
 
@@ -311,10 +318,10 @@ def push_artifact(reg: Registry, name: str, repo_id: str, *, private: bool = Fal
     art = _artifact_or_variant(reg, name)
     upload = _Upload(private, commit_message, token, progress, endpoint)
     if isinstance(art, Variant):
-        if fmt not in ("peft", "hf"):
-            raise UsageError(f"{art.name!r} is a variant: it is pushed as its hf export (--format {fmt} is for "
-                             "adapters)")
-        return _push_variant_row(reg, art, repo_id, upload, dry_run)
+        if fmt not in ("peft", "hf", "gguf"):
+            raise UsageError(f"{art.name!r} is a variant: it is pushed as its hf export, or with --format gguf as "
+                             f"its GGUF (--format {fmt} is for adapters)")
+        return _push_variant_row(reg, art, repo_id, upload, dry_run, "gguf" if fmt == "gguf" else "hf")
     repo_id = checked_repo_id(repo_id)
     public = client.public_endpoint(endpoint)
     params = dict(artifact=art.name, repo_id=repo_id, private=private, format=fmt,
@@ -339,28 +346,30 @@ def _artifact_or_variant(reg: Registry, name: str):
     raise NotFoundError("adapter or variant", name, known)
 
 
-def _push_variant_row(reg: Registry, row: Variant, repo_id: str, upload: _Upload, dry_run: bool) -> dict:
+def _push_variant_row(reg: Registry, row: Variant, repo_id: str, upload: _Upload, dry_run: bool,
+                      fmt: str = "hf") -> dict:
     repo_id = checked_repo_id(repo_id)
     recorded = client.resolve_endpoint(upload.endpoint)
-    params = dict(variant=row.name, repo_id=repo_id, private=upload.private, format="hf",
+    params = dict(variant=row.name, repo_id=repo_id, private=upload.private, format=fmt,
                   commit_message=upload.commit_message, endpoint=recorded)
-    job = _PushJob("variant", row.name, repo_id, "hf", recorded, params,
-                   build=lambda stage: build_variant_push_folder(reg, row, stage),
+    job = _PushJob("variant", row.name, repo_id, fmt, recorded, params,
+                   build=lambda stage: build_variant_push_folder(reg, row, stage, fmt),
                    remember=partial(_remember_on_variant, reg, row.id))
     return _run_push(reg, job, upload, dry_run)
 
 
 def push_variant(reg: Registry, variant: str | Variant, repo_id: str, *, private: bool = False,
                  commit_message: str | None = None, dry_run: bool = False, token: str | None = None,
-                 progress: Progress | None = None, endpoint: str | None = None) -> dict:
-    """Push a variant's `hf` export with a model card to ``repo_id`` (created if needed).
+                 progress: Progress | None = None, endpoint: str | None = None, fmt: str = "hf") -> dict:
+    """Push a variant's `hf` (or ``fmt="gguf"``: GGUF + Modelfile) export with a model card to ``repo_id``
+    (created if needed).
 
     Same result shape as `push_artifact` (``variant`` instead of ``artifact``); the push is
     recorded in the variant's stats under ``pushes``.
     """
     row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
     return _push_variant_row(reg, row, repo_id, _Upload(private, commit_message, token, progress, endpoint),
-                             dry_run)
+                             dry_run, fmt)
 
 
 __all__ = ["push_artifact", "push_variant", "build_push_folder", "build_variant_push_folder", "PUSH_FORMATS"]

@@ -9,6 +9,8 @@ What a variant row stores (its `files`, digests into the blob store; see variant
   Before storing, `check_delta` verifies that base × masks is bit for bit the pruned model.
 - unpruned variants (quantization only): the base's own `config.json` / `*.safetensors`
   blobs at the top level plus `variant.json`; quantization happens at load.
+- GGUF variants (`--quant gguf:TYPE`): the GGUF file made from the (pruned) weights, the
+  variant's `config.json` and `variant.json` (workflows/ggufvariants.py); nothing shared.
 - variants made before issue 15 hold a whole-model `model.safetensors` of their own; they
   are read as they are (runtime/variants.py tells the three forms apart).
 The recipe (canonical JSON) and its digest identify a variant: creating the same recipe
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from adapterhub_c.errors import AdaptError, AdaptWarning, UsageError
 from adapterhub_c.evals.data import DEFAULT_CORPUS, load_dataset
 from adapterhub_c.evals.evaluate import evaluate_model
 from adapterhub_c.evals.metrics import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE, token_stream
+from adapterhub_c.formats.checkpoint import load_checkpoint
 from adapterhub_c.models.device import resolve_device
 from adapterhub_c.models.weights import is_gguf_weight_file
 from adapterhub_c.options.variant import (
@@ -45,7 +48,7 @@ from adapterhub_c.registry.models import BaseModel, Evaluation, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.runtime.bases import load_base_model
-from adapterhub_c.runtime.variants import COMPUTE_DTYPE, origin_of, storage_form, variant_recipe
+from adapterhub_c.runtime.variants import COMPUTE_DTYPE, GGUF, origin_of, storage_form, variant_recipe
 from adapterhub_c.variants.build import (
     BASE_DIR,
     KEPT_FILE,
@@ -59,6 +62,7 @@ from adapterhub_c.variants.build import (
 from adapterhub_c.variants.calibration import calibration_rows
 from adapterhub_c.variants.quantize import load_quantized
 from adapterhub_c.variants.recipe import Recipe
+from adapterhub_c.workflows.ggufvariants import write_gguf_build
 
 EVAL_DATA = DEFAULT_CORPUS
 EVAL_SPLIT = "test"
@@ -92,6 +96,8 @@ def default_variant_name(base: BaseModel, recipe: Recipe) -> str:
     if recipe.quant == "gptq":  # e.g. gptq4, gptq3g128-act-sym
         parts.append(f"gptq{recipe.bits}" + (f"g{recipe.group_size}" if recipe.group_size else "")
                      + "-act" * recipe.act_order + "-sym" * recipe.sym)
+    elif recipe.gguf_type is not None:  # e.g. gguf-q4_k_m
+        parts.append(f"gguf-{recipe.gguf_type.lower()}")
     elif recipe.quant != "none":
         parts.append(recipe.quant + ("dq" if recipe.double_quant else ""))
     if recipe.prune != "none":
@@ -240,7 +246,10 @@ def create_variant(reg: Registry, base_ref: str | BaseModel, options: VariantOpt
         base_ppl, base_eval = base_perplexity(reg, base, model, tokenizer, opts.eval_tokens, progress)
         calib_ids = calibration_ids(tokenizer, recipe)
         base_folder = reg.materialize(base)
-        build = apply_recipe(model, recipe, calib_ids, progress=progress, storage_dtype=storage_dtype(base_folder))
+        # a GGUF recipe prunes here (if at all) and quantizes when the GGUF is written (_store_build)
+        build_recipe = replace(recipe, quant="none") if recipe.gguf_type else recipe
+        build = apply_recipe(model, build_recipe, calib_ids, progress=progress,
+                             storage_dtype=storage_dtype(base_folder))
         stats = build.stats.to_dict()
         meta = {"recipe": recipe.to_dict(), "stats": stats}
         with reg.staging("variant") as tmp:
@@ -300,6 +309,11 @@ def base_perplexity(reg: Registry, base: BaseModel, model, tokenizer, eval_token
 def _store_build(reg: Registry, tmp: Path, recipe: Recipe, build, base_folder: Path, base_files: dict[str, str],
                  meta: dict) -> tuple[dict[str, str], Path]:
     """Store what the variant adds to its base; (its files, the folder its model loads from)."""
+    if recipe.gguf_type is not None:  # the GGUF file llama.cpp runs, made from the pruned weights
+        folder = tmp / "variant"
+        meta["stats"].update(write_gguf_build(build.state_dict, build.config, base_folder, folder, recipe.gguf_type))
+        meta["storage"] = GGUF
+        return reg.blobs.put_folder(folder), folder
     if not recipe.stores_weights:  # bnb quantization only: the base's own blobs, quantized at load
         return dict(base_files), base_folder
     why_not = _delta_refusal(build, base_folder)
@@ -327,7 +341,9 @@ def _variant_perplexity(load_from: Path, recipe: Recipe, tokenizer, opts: Varian
     if not opts.eval_tokens:
         return None
     device = str(resolve_device(opts.device))
-    if not recipe.stores_weights:
+    if recipe.gguf_type is not None:
+        vmodel = load_checkpoint(load_from, COMPUTE_DTYPE, device)
+    elif not recipe.stores_weights:
         vmodel = load_quantized(load_from, recipe.quant, recipe.double_quant, COMPUTE_DTYPE, device,
                                 include_lm_head=recipe.include_lm_head, dtype=COMPUTE_DTYPE)
     else:
@@ -343,7 +359,7 @@ def _file_sizes(reg: Registry, base: BaseModel, files: dict[str, str], stats: di
     stats["own_bytes"] = stats["stored_bytes"] = sum(reg.blobs.path_for(d).stat().st_size for d in own)
     stats["stored_file_bytes"] = size
     stats["storage"] = meta.get("storage") or "base"
-    stats["shares_base_weights"] = stats["storage"] != STORAGE_FULL
+    stats["shares_base_weights"] = stats["storage"] not in (STORAGE_FULL, GGUF)
     return size
 
 
@@ -426,7 +442,7 @@ def variant_summary(row: Variant, base: BaseModel | None) -> dict[str, Any]:
         "stored_ratio": _ratio(stored, fp16),
         "own_bytes": st.get("own_bytes"),
         "referenced_bytes": row.size_bytes,
-        "shares_base_weights": storage_form(row) != "full-copy",
+        "shares_base_weights": storage_form(row) not in ("full-copy", GGUF),
         "loaded_bytes": row.loaded_bytes,
         "loaded_ratio": _ratio(row.loaded_bytes, fp16),
         "export_bytes": export_bytes,
