@@ -82,7 +82,8 @@ def _values(scales: np.ndarray, codes: np.ndarray, dtype: torch.dtype) -> np.nda
 def _layout_by_shape(dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, first of each shape group in ``order``): tensors grouped by shape (the rows of
     :attr:`.table.PackTable.dims`), name order inside a group (lexsort is stable)."""
-    order = np.lexsort(dims.T[::-1])
+    used = 1 + int(dims[:, 0].max()) if dims.size else 1  # the columns past every rank are all ones
+    order = np.lexsort(dims[:, :used].T[::-1])
     ordered = dims[order]
     new_group = np.ones(len(order), dtype=bool)
     new_group[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)

@@ -470,16 +470,18 @@ def _check_geometry(config: dict, table: PackTable, raw_shapes: dict[str, tuple[
     modules, and their shapes fit each other and the config (issue 28): what inspection shows
     is what loading will find, and a decoded tensor has the geometry the config promises."""
     check_lora_config(config, "pack")
-    recovery = _recovery_names(table.names)
-    shapes = dict(zip(table.names, table.shapes, strict=True))
-    lora = {n: s for n, s in shapes.items() if not n.startswith(RECOVERY_PREFIX)}
-    keys = {**raw_shapes, **lora}
-    parts = lora_key_parts(list(keys))
-    bad = [n for n, part in zip(keys, parts, strict=True) if n in lora and (part is None or part[1] not in _DELTA_PARTS)]
+    names, shapes = table.names, table.shapes
+    a = bisect.bisect_left(names, RECOVERY_PREFIX)
+    b = a + len(_recovery_names(names))  # the recovery tensors sort together
+    lora, lora_shapes = names[:a] + names[b:], shapes[:a] + shapes[b:]
+    parts = lora_key_parts(lora)
+    bad = [n for n, part in zip(lora, parts, strict=True) if part is None or part[1] not in _DELTA_PARTS]
     if bad:
         raise IntegrityError(f"packed tensor {bad[0]!r} is not a LoRA factor")
-    fault = lora_modules_fault(config, parts, list(keys.values())) or recovery_geometry_fault(
-        {n[len(RECOVERY_PREFIX):]: shapes[n] for n in recovery})
+    # raw tensors first: a packed tensor of the same module and part takes its place
+    fault = lora_modules_fault(config, lora_key_parts(list(raw_shapes)) + parts,
+                               list(raw_shapes.values()) + lora_shapes) or recovery_geometry_fault(
+        {n[len(RECOVERY_PREFIX):]: s for n, s in zip(names[a:b], shapes[a:b], strict=True)})
     if fault is not None:
         raise IntegrityError(f"the LoRA geometry is inconsistent: {fault}")
 

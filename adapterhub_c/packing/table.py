@@ -60,6 +60,9 @@ class PackTable:
 
     @functools.cached_property
     def shapes(self) -> list[tuple[int, ...]]:
+        ndim = self.dims[:, 0]
+        if ndim.size and (ndim == ndim[0]).all():  # one rank (the usual case): rows cut at once
+            return list(map(tuple, self.dims[:, 1:1 + int(ndim[0])].tolist()))
         return [tuple(row[1:1 + row[0]]) for row in self.dims.tolist()]
 
     def dtype_name(self, t: int) -> str:
