@@ -205,16 +205,18 @@ def check_scales(table: PackTable) -> None:
 def check_out_dtypes(table: PackTable, out_codes: np.ndarray) -> None:
     """UsageError when a tensor decoded into another dtype (``out_codes``) would not keep its
     scale finite: the scale as its own dtype holds it (:func:`check_scales` passed), cast."""
-    pairs = table.dtypes * len(DTYPE_CODES) + out_codes  # (own dtype, output dtype) as one number
-    cast = table.dtypes != out_codes
-    if not cast.any():
+    n = len(DTYPE_CODES)
+    pairs = table.dtypes * n + out_codes  # (own dtype, output dtype) as one number
+    if not pairs.size:
         return
     s = torch.from_numpy(np.ascontiguousarray(table.scales, dtype=np.float32))
-    ok = np.ones(s.shape, dtype=bool)
-    for pair in ([int(pairs[0])] if (pairs == pairs[0]).all() else np.unique(pairs[cast]).tolist()):
-        sel = pairs == pair
-        src, out = torch_dtype(pair // len(DTYPE_CODES)), torch_dtype(pair % len(DTYPE_CODES))
-        ok[sel] = torch.isfinite(s[torch.from_numpy(sel)].to(src).to(out)).numpy()
+    one = (pairs == pairs[0]).all()  # the usual case: no masks
+    ok = np.ones(pairs.shape, dtype=bool)
+    for pair in ([int(pairs[0])] if one else np.unique(pairs).tolist()):
+        if pair // n != pair % n:
+            sel = slice(None) if one else pairs == pair
+            cast = s[sel if one else torch.from_numpy(sel)].to(torch_dtype(pair // n)).to(torch_dtype(pair % n))
+            ok[sel] = torch.isfinite(cast).numpy()
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         raise UsageError(f"the scale {float(table.scales[bad]):g} of {table.names[bad]!r} does not fit "
