@@ -8,14 +8,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguftiny import smol_tokenizer, tiny_gguf_model
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
 from adapterhub_c.formats.gguf_names import gguf_arch, gguf_to_hf, hf_to_gguf, permute_for_gguf, unpermute_from_gguf
 from adapterhub_c.formats.gguf_read import check_gguf_against, inspect_gguf, read_gguf_state
 from adapterhub_c.formats.gguf_write import quantize_gguf, write_gguf_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from gguftiny import smol_tokenizer, tiny_gguf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +21,7 @@ def world(tmp_path_factory):
     """The cut SmolLM2 tokenizer, a tiny Llama (untied) and a tiny Qwen2 (tied), each written as f32 GGUF."""
     root = tmp_path_factory.mktemp("gguf")
     tok = smol_tokenizer(root / "tok")
-    out = {"root": root, "tok": root / "tok"}
+    out = {"root": root, "tok": root / "tok", "tokenizer": tok}
     for kind, tie in (("llama", False), ("qwen2", True)):
         model = tiny_gguf_model(kind, tok, tie=tie)
         out[kind] = model
@@ -189,3 +187,89 @@ def test_a_k_quant_without_llama_cpp_says_to_install_the_extra(world, tmp_path, 
     with pytest.raises(UsageError, match=r"install the extra .*llama-cpp-python"):
         quantize_gguf(world["llama.f32"], tmp_path / "k.gguf", "q4_k_m")
     assert not list(tmp_path.iterdir())
+
+
+# ---- GGUF LoRA adapters ----------------------------------------------------------------------
+def _lora_folder(dest: Path, modules: dict[str, tuple[int, int]], seed: int = 3, **config) -> Path:
+    """A PEFT LoRA folder (rank 4, alpha 8) over ``modules`` {name: (out, in)}, written by our own LoraAdapter."""
+    from adapterhub_c.adapters.lora import LoraAdapter, LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {m: LoraLayer(A=torch.randn(4, i, generator=g), B=torch.randn(o, 4, generator=g), scale=2.0)
+              for m, (o, i) in modules.items()}
+    adapter = LoraAdapter.from_layers(layers, {"peft_type": "LORA", "r": 4, "lora_alpha": 8, **config})
+    adapter.config.update(config)
+    return adapter.to_folder(dest)
+
+
+def test_gguf_lora_is_laid_out_as_llama_cpp_reads_it(world, tmp_path):
+    from adapterhub_c.formats.gguf_lora import write_gguf_lora
+
+    cfg = world["llama"].config
+    folder = _lora_folder(tmp_path / "lora", {"model.layers.1.self_attn.q_proj": (256, 256),
+                                              "model.layers.0.mlp.down_proj": (256, 512)})
+    report = write_gguf_lora(folder, cfg, tmp_path / "lora.gguf")
+    assert report.alpha == 8 and report.folded == {} and report.architecture == "llama"
+    r = gguf.GGUFReader(tmp_path / "lora.gguf")
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["adapter.type"].contents() == "lora"
+    assert r.fields["adapter.lora.alpha"].contents() == 8.0
+    tensors = {t.name: t for t in r.tensors}
+    assert sorted(tensors) == ["blk.0.ffn_down.weight.lora_a", "blk.0.ffn_down.weight.lora_b",
+                               "blk.1.attn_q.weight.lora_a", "blk.1.attn_q.weight.lora_b"]
+    assert tensors["blk.0.ffn_down.weight.lora_a"].shape.tolist() == [512, 4]  # ggml order: ne0 = in
+    assert tensors["blk.0.ffn_down.weight.lora_b"].shape.tolist() == [4, 256]
+    from adapterhub_c.adapters.lora import LoraAdapter
+
+    layer = LoraAdapter.from_folder(folder).layers()["model.layers.1.self_attn.q_proj"]
+    assert np.array_equal(np.asarray(tensors["blk.1.attn_q.weight.lora_a"].data), layer.A.numpy())
+    b = permute_for_gguf("model.layers.1.self_attn.q_proj.weight", layer.B, cfg)
+    assert np.array_equal(np.asarray(tensors["blk.1.attn_q.weight.lora_b"].data), b.numpy())
+
+
+def _refused(folder, cfg, tmp_path, pattern):
+    from adapterhub_c.formats.gguf_lora import write_gguf_lora
+
+    with pytest.raises(AdaptError, match=pattern) as e:
+        write_gguf_lora(folder, cfg, tmp_path / "out.gguf")
+    assert "\n" not in str(e.value) and not (tmp_path / "out.gguf").exists()
+    return str(e.value)
+
+
+def test_what_a_gguf_lora_cannot_hold_is_refused_with_the_reason(world, tmp_path):
+    cfg = world["llama"].config
+    q = {"model.layers.0.self_attn.q_proj": (256, 256)}
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny_gguf_model("llama", world["tokenizer"]),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    peft.save_pretrained(tmp_path / "dora")  # a real PEFT DoRA folder, magnitude vectors included
+    _refused(tmp_path / "dora", cfg, tmp_path, r"DoRA adapter \(use_dora\).*magnitude")
+    recovered = _lora_folder(tmp_path / "rec", q)
+    from adapterhub_c.adapters.recovery import FILE_NAME
+
+    (recovered / FILE_NAME).write_bytes(b"")  # the file's presence is what marks a converted adapter
+    _refused(recovered, cfg, tmp_path, r"recovery modules .*adapt convert --recover lowrank, whose output is a plain LoRA")
+    prompted = _lora_folder(tmp_path / "prompt", q)
+    (prompted / "prompt.safetensors").write_bytes(b"")
+    _refused(prompted, cfg, tmp_path, "soft prompt")
+    head = _lora_folder(tmp_path / "head", {"lm_head": (2048, 256)})
+    _refused(head, cfg, tmp_path, "lm_head LoRA")
+    odd = _lora_folder(tmp_path / "odd", {"model.layers.0.mlp.extra_proj": (256, 256)})
+    _refused(odd, cfg, tmp_path, r"target module model\.layers\.0\.mlp\.extra_proj has no llama\.cpp \(llama\) name")
+    wrong = _lora_folder(tmp_path / "wrong", {"model.layers.0.mlp.up_proj": (384, 256)})
+    _refused(wrong, cfg, tmp_path, r"up_proj's LoRA is \[384, 256\] .* \[512, 256\]")
+    from adapterhub_c.models.tiny import build_tiny
+
+    _refused(_lora_folder(tmp_path / "g", q), build_tiny("gpt2")[0].config, tmp_path, "'gpt2'")
+
+
+def test_embedding_loras_are_refused(world, tmp_path):
+    from adapterhub_c.adapters.lora import LoraAdapter
+
+    folder = _lora_folder(tmp_path / "emb", {"model.layers.0.self_attn.q_proj": (256, 256)})
+    adapter = LoraAdapter.from_folder(folder)
+    adapter.tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 2048)
+    adapter.tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.zeros(256, 4)
+    adapter.to_folder(folder)
+    _refused(folder, world["llama"].config, tmp_path, r"embedding LoRA \(model\.embed_tokens\)")
