@@ -143,7 +143,7 @@ def test_a_large_pack_is_split_and_a_bad_tensor_is_named_whatever_its_thread(tmp
     write_pack(pack, path)
     calls = []
     real = dense_mod._run_split
-    monkeypatch.setattr(dense_mod, "_run_split", lambda k, ix, st, vs, n: calls.append(n) or real(k, ix, st, vs, n))
+    monkeypatch.setattr(dense_mod, "_run_split", lambda k, ix, st, vs, n, *during: calls.append(n) or real(k, ix, st, vs, n, *during))
     monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", "2")
     _assert_same(path)
     assert calls and set(calls) == {2}
@@ -522,3 +522,30 @@ def test_lora_key_part_agrees_with_the_key_regex_on_any_key():
                   + [list(range(a, a + 50)) for a in range(0, len(keys) - 50, 997)]):
         assert lora_mod.lora_key_parts([keys[i] for i in chunk]) == [want[i] for i in chunk]
     assert lora_mod.lora_key_parts([]) == []
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_geometry_refusals_while_other_threads_decode(tmp_path, monkeypatch, threads):
+    """The checks no decoder relies on run while the streams decode: a pack whose config does not
+    fit its factors, or whose dtype a scale does not fit, is still refused, with the same error
+    as before the decode (ahead of a broken stream), whatever the threads."""
+    monkeypatch.setattr(dense_mod, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setenv("ADAPTERHUB_DECODE_THREADS", threads)
+    adapter = _smollm2_shaped_lora()
+    path = tmp_path / "p.pack"
+    write_pack(pack_adapter(adapter, density=0.1, base="b", scope="tensor", source_digest="x"), path)
+    t, meta = _load_path(path)
+    config = json.loads(meta["adapter_config"])
+    bad_rank = _signed(tmp_path / "rank.pack", t, {**meta, "adapter_config": json.dumps({**config, "r": 8})})
+    bits = t["bits"].clone()
+    bits[-40:] = 255  # and a broken stream in the last tensors
+    both = _signed(tmp_path / "both.pack", {**t, "bits": bits},
+                   {**meta, "adapter_config": json.dumps({**config, "r": 8})})
+    for bad in (bad_rank, both):
+        for dtype in (None, torch.float16):
+            for impl in ("numba", "ref"):
+                with pytest.raises(IntegrityError, match="geometry is inconsistent.*rank 16"):
+                    read_pack_dense(bad, impl=impl, dtype=dtype)
+    with pytest.raises(IntegrityError, match="golomb"):
+        read_pack_dense(_signed(tmp_path / "stream.pack", {**t, "bits": bits}, meta))
+    assert read_pack_dense(path, dtype=torch.float16).to_adapter().tensors.keys() == adapter.tensors.keys()

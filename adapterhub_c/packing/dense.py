@@ -38,26 +38,39 @@ def decode_threads() -> int:
     return max(1, min(MAX_THREADS, cpus))
 
 
-def _run_split(kernel, index: np.ndarray, start: np.ndarray, vals: np.ndarray, threads: int) -> tuple[int, int]:
+def _run_split(kernel, index: np.ndarray, start: np.ndarray, vals: np.ndarray, threads: int,
+               during=None) -> tuple[int, int]:
     """``kernel(index, start, vals)`` (rows of the same tensors) over ``threads`` contiguous runs
-    of tensors of about equal numel, in parallel (the kernels release the GIL); the first
-    failure by tensor number."""
+    of tensors, in parallel (the kernels release the GIL); the first failure by tensor number.
+
+    ``during`` (see :func:`decode_dense`) runs in this thread first, while the other threads
+    decode: this thread's run is then the smaller one (1 / (threads + 1) of the elements,
+    the others share the rest), else the runs are about equal."""
     global _pool
     if threads <= 1 or index.shape[0] < 2 or int(index[:, 0].sum()) < PARALLEL_MIN_NUMEL:
+        if during is not None:
+            during()
         return kernel(index, start, vals)
     cum = np.cumsum(index[:, 0])
-    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, threads) / threads)
+    first = 1 / (threads + 1) if during is not None else 1 / threads
+    cuts = np.searchsorted(cum, cum[-1] * (first + (1 - first) * np.arange(threads - 1) / (threads - 1)))
     bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < index.shape[0])), index.shape[0]]
     runs = list(zip(bounds[:-1], bounds[1:], strict=True))
     if len(runs) == 1:  # one tensor holds nearly everything
+        if during is not None:
+            during()
         return kernel(index, start, vals)
     if _pool is None or _pool[1] < len(runs) - 1:
         _pool = (ThreadPoolExecutor(max_workers=len(runs) - 1, thread_name_prefix="pack-decode"), len(runs) - 1)
     jobs = [_pool[0].submit(kernel, index[a:b], start[a:b], vals[a:b]) for a, b in runs[1:]]
-    a, b = runs[0]
-    results = [kernel(index[a:b], start[a:b], vals[a:b])]  # the first run in this thread
-    results += [job.result() for job in jobs]
-    for (a, _), (bad, status) in zip(runs, results, strict=True):
+    try:
+        if during is not None:
+            during()
+        a, b = runs[0]
+        results = [kernel(index[a:b], start[a:b], vals[a:b])]  # the first run in this thread
+    finally:  # a refusal by ``during`` waits for the other threads before it propagates
+        results_rest = [job.result() for job in jobs]
+    for (a, _), (bad, status) in zip(runs, results + results_rest, strict=True):
         if status:
             return a + bad, status
     return -1, 0
@@ -91,7 +104,7 @@ def _layout_by_shape(dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode_group(table: PackTable, sel: np.ndarray, dtype: torch.dtype, encoding: str,
-                  streams: dict[str, np.ndarray], threads: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+                  streams: dict[str, np.ndarray], threads: int, during=None) -> tuple[np.ndarray, list[torch.Tensor]]:
     """(tensor numbers, their dense views) for the tensors ``sel``, decoded into ``dtype``."""
     from adapterhub_c.kernels import unpack_cpu
 
@@ -108,7 +121,7 @@ def _decode_group(table: PackTable, sel: np.ndarray, dtype: torch.dtype, encodin
         kernel = lambda ix, st, vs: unpack_cpu.golomb_dense(padded, ix, st, vs, words)  # noqa: E731
     else:
         kernel = lambda ix, st, vs: unpack_cpu.bitmask_dense(streams["pos"], streams["neg"], ix, st, vs, words)  # noqa: E731
-    bad, status = _run_split(kernel, index, start, vals, threads)
+    bad, status = _run_split(kernel, index, start, vals, threads, during)
     if status:
         raise IntegrityError(f"{table.names[tensors[bad]]!r}: {unpack_cpu.STATUS_MESSAGES[status]}")
     views: list[torch.Tensor] = []
@@ -120,24 +133,30 @@ def _decode_group(table: PackTable, sel: np.ndarray, dtype: torch.dtype, encodin
     return tensors, views
 
 
-def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray],
-                 threads: int | None = None, out_codes: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def decode_dense(table: PackTable, encoding: str, streams: dict[str, np.ndarray], threads: int | None = None,
+                 out_codes: np.ndarray | None = None, during=None) -> dict[str, torch.Tensor]:
     """Every tensor of ``table`` (checked by the reader) as a dense tensor, by name.
 
     ``out_codes``: the dtype code (:data:`.table.DTYPE_CODES`) each tensor is decoded into, its
     own by default; a tensor decoded into another dtype holds its values cast (see :func:`_values`).
     ``threads``: decoding threads for a large pack (default :func:`decode_threads`); the
-    output is the same bits for any number."""
+    output is the same bits for any number. ``during``: a call (the reader's checks that
+    decoding does not rely on) made once in this thread while other threads decode, before
+    this thread decodes its share; what it raises is raised once every thread has stopped,
+    ahead of any stream error."""
     threads = decode_threads() if threads is None else threads
     codes = table.dtypes if out_codes is None else out_codes
     if not codes.size:
+        if during is not None:
+            during()
         return {}
     groups = [np.arange(codes.size)] if (codes == codes[0]).all() else \
         [np.flatnonzero(codes == c) for c in np.unique(codes)]
     placed: list = [None] * codes.size
     for sel in groups:
         dtype = torch_dtype(int(codes[sel[0]]))
-        tensors, views = _decode_group(table, sel, dtype, encoding, streams, threads)
+        tensors, views = _decode_group(table, sel, dtype, encoding, streams, threads, during)
+        during = None  # made with the first group
         for t, view in zip(tensors.tolist(), views, strict=True):
             placed[t] = view
     return dict(zip(table.names, placed, strict=True))

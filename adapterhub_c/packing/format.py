@@ -495,9 +495,12 @@ class _Layout:
     streams: dict[str, np.ndarray]
     raw: dict[str, torch.Tensor]
     pack_digest: str
+    version: str
 
 
-def _layout(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str, file_bytes: int) -> _Layout:
+def _layout(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str, file_bytes: int,
+            semantics: bool = True) -> _Layout:
+    """Every field checked; ``semantics=False``: all but :func:`_check_semantics` (the decoders rely on none of those)."""
     header = _header(meta)
     raw_names = _raw_names(meta)
     _check_tensor_keys(tensors, version, header.encoding, raw_names)
@@ -511,16 +514,26 @@ def _layout(tensors: dict[str, torch.Tensor], meta: dict[str, str], version: str
         raise IntegrityError("the streams hold data that no tensor owns")
     nonzeros = int(table.index[:, 1].sum()) if header.encoding == "golomb" else None
     check_claims(table, header.density, header.scope, numel_cap(file_bytes, header.density, nonzeros), file_bytes)
+    raw = {name: tensors[f"raw::{name}"] for name in raw_names}
+    layout = _Layout(header, table, streams, raw, meta["pack_digest"], version)
+    if semantics:
+        _check_semantics(layout)
+    return layout
+
+
+def _check_semantics(layout: _Layout) -> None:
+    """The recovery tensors and config, and the LoRA geometry: what the tensors mean, which no
+    decoder relies on (:func:`read_pack_dense` checks it while the streams decode)."""
+    header, table = layout.header, layout.table
     if header.recovery_config is None and _recovery_names(table.names):
         raise IntegrityError("recovery tensors without a recovery config")
-    _check_recovery_init(header.recovery_config, table, version)
-    _check_geometry(header.adapter_config, table, {name: tuple(tensors[f"raw::{name}"].shape) for name in raw_names})
-    raw = {name: tensors[f"raw::{name}"] for name in raw_names}
-    return _Layout(header, table, streams, raw, meta["pack_digest"])
+    _check_recovery_init(header.recovery_config, table, layout.version)
+    _check_geometry(header.adapter_config, table, {name: tuple(t.shape) for name, t in layout.raw.items()})
 
 
-def _open(path: str | Path, expected_base: str | None) -> _Layout:
-    """Load, verify the digest, check the version and the base, check every field."""
+def _open(path: str | Path, expected_base: str | None, semantics: bool = True) -> _Layout:
+    """Load, verify the digest, check the version and the base, check every field
+    (``semantics=False``: all but :func:`_check_semantics`)."""
     path = Path(path)
     tensors, meta, file_bytes = _load(path)
     version = meta.get("format_version")
@@ -530,7 +543,7 @@ def _open(path: str | Path, expected_base: str | None) -> _Layout:
     if expected_base is not None and meta.get("base") != expected_base:
         raise UsageError(f"{path}: pack was made for base {meta.get('base')!r}, not {expected_base!r}")
     try:
-        return _layout(tensors, meta, version, file_bytes)
+        return _layout(tensors, meta, version, file_bytes, semantics)
     except IntegrityError as e:
         raise IntegrityError(f"{path}: {e}") from None
 
@@ -627,7 +640,6 @@ def _out_codes(table: PackTable, dtype: torch.dtype) -> np.ndarray:
     a = bisect.bisect_left(table.names, RECOVERY_PREFIX)
     b = a + len(_recovery_names(table.names))
     codes[a:b] = table.dtypes[a:b]
-    check_out_dtypes(table, codes)
     return codes
 
 
@@ -640,19 +652,28 @@ def read_pack_dense(path: str | Path, expected_base: str | None = None, *, impl:
     ``impl="numba"``: one compiled pass over the streams per output dtype (:mod:`.dense`), writing
     one flat buffer that the tensors are views of; ``impl="ref"``: the numpy decoder per
     tensor. Both give the same bits and refuse the same files (errors as :func:`read_pack`;
-    UsageError for a ``dtype`` a scale does not fit).
+    UsageError for a ``dtype`` a scale does not fit). The checks no decoder relies on
+    (:func:`_check_semantics`) run while the streams decode; nothing is returned unless all pass.
     """
     from adapterhub_c.packing.dense import decode_dense
 
     if impl not in ("numba", "ref"):
         raise UsageError(f"impl must be numba or ref, got {impl!r}")
-    layout = _open(path, expected_base)
+    layout = _open(path, expected_base, semantics=False)
     out_codes = None if dtype is None else _out_codes(layout.table, dtype)
+
+    def checks() -> None:
+        _check_semantics(layout)
+        if out_codes is not None:
+            check_out_dtypes(layout.table, out_codes)
+
     try:
         if impl == "ref":
+            checks()
             dense = _dense_ref(layout, out_codes)
         else:
-            dense = decode_dense(layout.table, layout.header.encoding, layout.streams, out_codes=out_codes)
+            dense = decode_dense(layout.table, layout.header.encoding, layout.streams, out_codes=out_codes,
+                                 during=checks)
     except IntegrityError as e:
         raise IntegrityError(f"{path}: {e}") from None
     h = layout.header
