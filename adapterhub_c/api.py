@@ -211,12 +211,13 @@ def show_variant(name: str, *, registry: Registry | None = None) -> dict[str, An
 
 
 def export(variant: str, out: str | Path, fmt: str = "hf", *, force: bool = False, registry: Registry | None = None,
-           progress: Progress | None = None) -> Result:
-    """Write ``variant`` as a standalone folder (``hf``, ``compressed-tensors`` or ``gguf``: llama.cpp + ollama)."""
+           progress: Progress | None = None, on_variant: str | None = None) -> Result:
+    """Write ``variant`` as a standalone folder (``hf``, ``compressed-tensors`` or ``gguf``: llama.cpp + ollama);
+    an adapter's name exports (``gguf``) its GGUF LoRA with the GGUF of its model (``on_variant``, default its
+    own variant or base) and an ollama Modelfile."""
     from adapterhub_c.workflows import exports as _exports
     reg = _reg(registry)
-    res = _exports.export_variant(reg, variant, out, fmt, force=force, progress=progress)
-    row = reg.get(variant, "variant")
+    res, row = _exports.export(reg, variant, out, fmt, variant=on_variant, force=force, progress=progress)
     paths = {f["path"]: str(Path(res.out) / f["path"]) for f in res.files}
     return Result(name=row.name, id=row.id, kind="folder", paths=paths, report=res.to_dict())
 

@@ -220,3 +220,83 @@ def test_the_whole_flow_runs_on_a_gguf_variant(reg, base, files):
     row, _ = add_variant(reg, str(files["Q4_0"]), BASE, eval_tokens=0)
     conv, low = convert_pack_serve(reg, row.name)
     assert conv.variant_id == low.variant_id == row.id
+
+
+def _source(reg):
+    from variantflow import FAST, TASK
+
+    from adapterhub_c.workflows.training import train_adapter
+
+    art, _ = train_adapter(reg, BASE, TASK, rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj", "down_proj"],
+                           name="src", baseline=False, **FAST)
+    return art
+
+
+def test_adapter_export_gguf_refuses_recovery_modules_and_another_base(cli, reg, base, files, tmp_path):
+    from variantflow import FAST, TASK
+
+    from adapterhub_c.workflows.bases import add_builtin_base
+    from adapterhub_c.workflows.training import convert_adapter
+    from adapterhub_c.workflows.variants import create_variant
+
+    _source(reg)
+    r = cli("export", "src", "--out", str(tmp_path / "src"), "--format", "gguf", "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert out["adapter"] == "src" and out["variant"] == BASE
+    assert (tmp_path / "src" / "Modelfile").read_text().splitlines() == [
+        f"FROM ./{BASE}.F32.gguf", "ADAPTER ./src.lora.gguf"]
+    _one_line(cli("export", "src", "--out", str(tmp_path / "x"), "--format", "hf"), "exports as gguf")
+    dry = cli("push", "src", "someone/src-gguf", "--format", "gguf", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    pushed = {f["path"] for f in json.loads(dry.out)["files"]}
+    assert pushed == {"src.lora.gguf", f"{BASE}.F32.gguf", "Modelfile", "README.md", "adapterhub_c.json"}
+    row, _ = add_variant_q8(reg, files)
+    convert_adapter(reg, "src", row.name, data=TASK, recover_rank=2, name="rec", reference_rows=False, **FAST)
+    _one_line(cli("export", "rec", "--out", str(tmp_path / "r"), "--format", "gguf"), "recovery modules",
+              "--recover lowrank")
+    tiny = add_builtin_base(reg, "builtin:tiny-llama")[0]
+    other, _ = create_variant(reg, tiny, prune="magnitude", sparsity=0.5, eval_tokens=0)
+    _one_line(cli("export", "src", "--variant", other.name, "--out", str(tmp_path / "o"), "--format", "gguf"),
+              f"base {BASE!r}", "builtin:tiny-llama")
+    assert not any((tmp_path / n).exists() for n in ("x", "r", "o"))
+
+
+def add_variant_q8(reg, files):
+    from adapterhub_c.workflows.imports import add_variant
+
+    return add_variant(reg, str(files["Q8_0"]), BASE, eval_tokens=0)
+
+
+def test_pull_variant_convert_export_and_llama_cpp_runs_it(cli, reg, base, files, hf, tmp_path):
+    """Acceptance 2: a GGUF pulled from the local Hub → variant add → convert --recover lowrank → export gguf
+    (variant + LoRA + Modelfile) → llama.cpp (a subprocess without adapterhub_c) gives our logits."""
+    from test_gguf_llamacpp import QUANT_TOL, llama_cpp_run, ours, relative_gap
+
+    from adapterhub_c.runtime.stack import StackSpec, load_stack
+    from adapterhub_c.workflows.training import convert_adapter
+
+    repo = "someone/tiny-smol-llama-Q8_0-GGUF"
+    hf.store.create_repo(repo)
+    hf.store.commit(repo, message="gguf", add={files["Q8_0"].name: files["Q8_0"].read_bytes()})
+    r = cli("variant", "add", repo, "--base", BASE, "--eval-tokens", "0", "--json")
+    assert r.code == 0, r.err
+    variant = reg.get(json.loads(r.out)["name"], "variant")
+    _source(reg)
+    low, _ = convert_adapter(reg, "src", variant.name, recover="lowrank", recover_rank=2, calib_samples=2,
+                             calib_seq_len=32, name="low", reference_rows=False, max_eval_tokens=100,
+                             max_eval_examples=1)
+    r = cli("export", "low", "--out", str(tmp_path / "out"), "--format", "gguf", "--json")
+    assert r.code == 0, r.err
+    out = tmp_path / "out"
+    assert (out / files["Q8_0"].name).read_bytes() == files["Q8_0"].read_bytes()
+    assert (out / "Modelfile").read_text().splitlines() == [f"FROM ./{files['Q8_0'].name}", "ADAPTER ./low.lora.gguf"]
+    model, tok = load_stack(reg, StackSpec(reg.get(BASE, "base"), variant, reg.get("low", "artifact")))
+    tokens = tok("Reverse the words: a b c\nAnswer:").input_ids
+    want, want_greedy = ours(model, tokens)
+    got, got_greedy = llama_cpp_run(out / files["Q8_0"].name, out / "low.lora.gguf", tokens, tmp_path / "l.npy",
+                                    f32_cache=False)
+    gap = relative_gap(want, got)
+    print("llama.cpp vs adapt, Q8_0 variant + converted LoRA: relative max |Δlogit|", gap)
+    assert gap <= QUANT_TOL
+    assert got_greedy == want_greedy

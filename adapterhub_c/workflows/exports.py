@@ -36,6 +36,11 @@ Formats:
   exports its own file, byte for byte; an uncompressed or pruned variant is converted from its
   Ŵ in the base's stored dtype (exact); bitsandbytes, GPTQ, MoEfied variants and imported
   non-GGUF checkpoints are refused in one line saying what to do instead.
+An adapter exports as `gguf` only (`export_adapter_gguf`): the GGUF LoRA llama.cpp loads
+(formats/gguf_lora.py: what it cannot hold, DoRA, recovery modules, soft prompts, embedding
+LoRAs, is refused in one line saying what to do instead) beside the GGUF of the model it runs on
+(the adapter's variant, or `variant=`, or its base) and an ollama `Modelfile` (`FROM` + `ADAPTER`).
+A pack is decoded first; merged and composed adapters are stored as their dense LoRA already.
 Writes go to a temp folder beside `out`, renamed into place when complete. The measured
 size is recorded in the variant's stats (`exports`), for `adapt variant ls`.
 """
@@ -43,20 +48,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import select
 
-from adapterhub_c.errors import UsageError
+from adapterhub_c.adapters.recovery import FILE_NAME as RECOVERY_FILE
+from adapterhub_c.errors import NotFoundError, UsageError
+from adapterhub_c.formats.gguf_lora import write_gguf_lora
 from adapterhub_c.fsutil import atomic_dir
-from adapterhub_c.models.weights import GGUF_SUFFIX
+from adapterhub_c.models.weights import GGUF_SUFFIX, gguf_weights
 from adapterhub_c.options.export import EXPORT_FORMATS
 from adapterhub_c.progress import Progress
-from adapterhub_c.registry.models import BaseModel, Variant
+from adapterhub_c.registry.kinds import ADAPTER_KINDS, PACK_KINDS
+from adapterhub_c.registry.models import Artifact, BaseModel, Variant
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
+from adapterhub_c.runtime.adapters import load_adapter_artifact
+from adapterhub_c.runtime.bases import load_base_model
 from adapterhub_c.runtime.variants import (
     GGUF,
     load_variant,
@@ -65,9 +77,17 @@ from adapterhub_c.runtime.variants import (
     storage_form,
     variant_recipe,
 )
+from adapterhub_c.training.recovery import recovery_file_bytes
 from adapterhub_c.variants.build import BASE_DIR, storage_dtype
 from adapterhub_c.variants.recipe import Recipe
-from adapterhub_c.workflows.ggufvariants import MODELFILE, gguf_export_refusal, stored_gguf, write_gguf_export
+from adapterhub_c.workflows.ggufvariants import (
+    MODELFILE,
+    gguf_export_refusal,
+    stored_gguf,
+    write_gguf_export,
+    write_modelfile,
+)
+from adapterhub_c.workflows.variants import short_base_name
 
 META_NAME = "adapterhub_c.json"
 _NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".gguf")
@@ -82,9 +102,11 @@ class ExportResult:
     format: str
     out: str
     files: list[dict]  # [{path, size}] sorted by path
-    weights_bytes: int  # bytes of the *.safetensors files
+    weights_bytes: int  # bytes of the *.safetensors / *.gguf files
     folder_bytes: int  # bytes of every file written
     base_fp16_bytes: int | None
+    adapter: str | None = None  # an adapter's export: its name (``variant``: the model it runs on)
+    notes: list[str] | None = None  # what the export changed to fit the format (folded scales, …)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,8 +184,7 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
     if reason is not None:
         raise UsageError(f"cannot export {row.name!r} as {fmt}: {reason}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError(f"{out} exists and is not empty; pick another --out or pass --force")
+    _check_out(out, force)
     with reg.session() as s:
         base = s.get(BaseModel, row.base_id)
     params = dict(variant=row.name, format=fmt, out=str(out.resolve()), force=force)
@@ -174,8 +195,7 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
             write_export(reg, row, base, tmp, fmt)
             if fmt == "compressed-tensors":
                 _check_transformers_loads(reg, row, tmp)
-            files = [{"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()]
+            files = _files(tmp)
         if progress:
             progress(f"exporting {row.name} ({fmt})", 2, 2)
         weights = sum(f["size"] for f in files if f["path"].endswith((".safetensors", GGUF_SUFFIX)))
@@ -189,6 +209,134 @@ def export_variant(reg: Registry, variant: str | Variant, out: str | Path, fmt: 
             r.stats = {**(r.stats or {}), "exports": exports}
         run.output = {k: v for k, v in result.to_dict().items() if k != "files"}
         return result
+
+
+def _files(folder: Path) -> list[dict]:
+    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def decoded_peft_folder(reg: Registry, art: Artifact, dest: Path, base_label: str | None = None) -> Path:
+    """Adapter ``art`` as a PEFT folder: its stored folder (LoRA kinds), or a pack decoded into ``dest``
+    (its recovery modules beside it); ``base_label`` sets a decoded pack's base_model_name_or_path."""
+    if art.kind not in PACK_KINDS:
+        return reg.materialize(art)
+    loaded = load_adapter_artifact(reg, art)
+    lora = loaded.lora
+    if base_label is not None:
+        lora.config = {**lora.config, "base_model_name_or_path": base_label}
+    lora.to_folder(dest)
+    if loaded.recovery_state is not None:
+        (dest / RECOVERY_FILE).write_bytes(recovery_file_bytes(loaded.recovery_state, loaded.recovery_config))
+    return dest
+
+
+def _runs_on(reg: Registry, art: Artifact, variant: str | Variant | None) -> tuple[BaseModel, Variant | None]:
+    """The base and variant an adapter's GGUF export runs on; UsageError naming both bases when they differ."""
+    with reg.session() as s:
+        base = s.get(BaseModel, art.base_id)
+        row = s.get(Variant, art.variant_id) if art.variant_id and variant is None else None
+    if variant is not None:
+        row = variant if isinstance(variant, Variant) else reg.get(variant, "variant")
+        if row.base_id != art.base_id:
+            with reg.session() as s:
+                other = s.get(BaseModel, row.base_id)
+            raise UsageError(f"adapter {art.name!r} is for base {base.name!r}, variant {row.name!r} is of base "
+                             f"{other.name!r}: export it with a variant of {base.name!r}")
+    return base, row
+
+
+def write_adapter_gguf(reg: Registry, art: Artifact, dest: Path, variant: str | Variant | None = None) -> dict:
+    """The GGUF LoRA of adapter ``art`` (+ the GGUF of the model it runs on and a Modelfile) in ``dest``;
+    returns the export's metadata (written as adapterhub_c.json)."""
+    if art.kind not in ADAPTER_KINDS:
+        raise UsageError(f"{art.name!r} is a {art.kind}: only adapters ({', '.join(ADAPTER_KINDS)}) export as a "
+                         "GGUF LoRA")
+    base, row = _runs_on(reg, art, variant)
+    lora_name = f"{art.name}.lora{GGUF_SUFFIX}"
+    with tempfile.TemporaryDirectory(prefix="adapterhub-peft-", dir=dest.parent) as tmp:
+        report = write_gguf_lora(decoded_peft_folder(reg, art, Path(tmp)), base.config, dest / lora_name)
+    if row is not None:
+        reason = export_refusal(row, "gguf")
+        if reason is not None:
+            raise UsageError(f"cannot export {art.name!r} with variant {row.name!r} as gguf: {reason}")
+        _write_gguf(reg, row, base, dest, _stored_dtype(reg, row, base))
+        model_file = json.loads((dest / META_NAME).read_text())["file"]
+    else:
+        model_file = _write_base_gguf(reg, base, dest).name
+    write_modelfile(dest, model_file, lora_name)
+    meta = {"format": "gguf", "adapter": art.name, "kind": art.kind, "variant": row.name if row else None,
+            "base": base.hub_id or base.name, "model_file": model_file, "lora_file": lora_name,
+            "lora_alpha": report.alpha, "modules": len(report.modules), "folded": report.folded,
+            "notes": report.notes,
+            "load": f"llama-cli -m {model_file} --lora {lora_name}  |  ollama create NAME -f {MODELFILE}"}
+    (dest / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def _write_base_gguf(reg: Registry, base: BaseModel, dest: Path) -> Path:
+    """The base as a GGUF in ``dest``: its own GGUF file (a base stored as one), else its weights converted."""
+    folder = reg.materialize(base)
+    own = gguf_weights(folder)
+    if own is not None:
+        return write_gguf_export(own, dest, short_base_name(base))
+    model, _ = load_base_model(reg, base)
+    return write_gguf_export(dict(model.state_dict()), dest, short_base_name(base), config=model.config,
+                             tokenizer_dir=folder, dtype=storage_dtype(folder) or torch.float32)
+
+
+def export_adapter_gguf(reg: Registry, adapter: str | Artifact, out: str | Path, *, variant: str | Variant | None = None,
+                        force: bool = False, progress: Progress | None = None) -> ExportResult:
+    """Write adapter ``adapter`` as a GGUF LoRA with the GGUF of its model and an ollama Modelfile into
+    folder ``out`` (see the module docstring); UsageError (nothing written) for what GGUF cannot hold."""
+    art = adapter if isinstance(adapter, Artifact) else reg.get(adapter, "artifact")
+    out = Path(out)
+    _check_out(out, force)
+    params = dict(adapter=art.name, format="gguf", out=str(out.resolve()), force=force,
+                  variant=variant.name if isinstance(variant, Variant) else variant)
+    with record_run(reg, "export", params) as run:
+        if progress:
+            progress(f"exporting {art.name} (gguf)", 0, 1)
+        with atomic_dir(out) as tmp:
+            meta = write_adapter_gguf(reg, art, tmp, variant)
+            files = _files(tmp)
+        if progress:
+            progress(f"exporting {art.name} (gguf)", 1, 1)
+        result = ExportResult(variant=meta["variant"] or meta["base"], format="gguf", out=str(out), files=files,
+                              weights_bytes=sum(f["size"] for f in files if f["path"].endswith(GGUF_SUFFIX)),
+                              folder_bytes=sum(f["size"] for f in files), base_fp16_bytes=None, adapter=art.name,
+                              notes=meta["notes"])
+        run.output = {k: v for k, v in result.to_dict().items() if k != "files"}
+        return result
+
+
+def export(reg: Registry, name: str, out: str | Path, fmt: str = "hf", *, variant: str | None = None,
+           force: bool = False, progress: Progress | None = None) -> tuple[ExportResult, Variant | Artifact]:
+    """``adapt export NAME``: a variant's export (`export_variant`), else an adapter's GGUF
+    (`export_adapter_gguf`, ``variant``: the model it runs on); (result, the row exported)."""
+    try:
+        row = reg.get(name, "variant")
+    except NotFoundError:
+        row = None
+    if row is not None:
+        if variant is not None:
+            raise UsageError(f"--variant names the model an adapter runs on; {row.name!r} is a variant")
+        return export_variant(reg, row, out, fmt, force=force, progress=progress), row
+    try:
+        art = reg.get(name, "artifact")
+    except NotFoundError:
+        with reg.session() as s:
+            known = [n for cls in (Variant, Artifact) for n in s.scalars(select(cls.name))]
+        raise NotFoundError("variant or adapter", name, known) from None
+    if fmt != "gguf":
+        raise UsageError(f"{art.name!r} is an adapter: it exports as gguf (a GGUF LoRA for llama.cpp and ollama); "
+                         "its PEFT folder is what adapt push sends")
+    return export_adapter_gguf(reg, art, out, variant=variant, force=force, progress=progress), art
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; pick another --out or pass --force")
 
 
 def write_export(reg: Registry, row: Variant, base: BaseModel, dest: Path, fmt: str = "hf") -> None:

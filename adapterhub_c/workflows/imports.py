@@ -272,8 +272,8 @@ class _Import:
 def add_variant(reg: Registry, repo: str, base_ref: str | BaseModel, options: VariantAddOptions | None = None, *,
                 name: str | None = None, token: str | None = None, endpoint: str | None = None,
                 progress: Progress | None = None, **fields: Any) -> tuple[Variant, bool]:
-    """Register the pre-quantized checkpoint ``repo`` (a Hub repo ``owner/name[@rev]`` or a local
-    folder) as a variant of ``base_ref``; returns (row, created).
+    """Register the pre-quantized checkpoint ``repo`` (a Hub repo ``owner/name[@rev]``, ``REPO:FILE.gguf``,
+    a local folder or ``.gguf`` file) as a variant of ``base_ref``; returns (row, created).
 
     ``options``: a ``VariantAddOptions`` (``fields`` set single fields of it: ``revision``,
     ``include``, ``exclude``, ``eval_tokens``, ``device``). Idempotent: the same checkpoint

@@ -26,14 +26,13 @@ from adapterhub_c.registry.models import Artifact, BaseModel, Evaluation, Varian
 from adapterhub_c.registry.runs import record_run
 from adapterhub_c.registry.store import Registry
 from adapterhub_c.registry.views import lineage_tree
-from adapterhub_c.runtime.adapters import load_adapter_artifact
-from adapterhub_c.training.recovery import FILE_NAME, recovery_file_bytes
-from adapterhub_c.workflows.exports import export_refusal, write_export
+from adapterhub_c.workflows.exports import decoded_peft_folder, export_refusal, write_adapter_gguf, write_export
+from adapterhub_c.workflows.ggufvariants import MODELFILE
 from adapterhub_c.workflows.hubcommon import CARD_NAME, META_NAME, checked_repo_id, hub_label, listing, sha256_file
 from adapterhub_c.workflows.variants import variant_summary
 
 META_FORMAT = 1
-PUSH_FORMATS = ("peft", "pack", "both")
+PUSH_FORMATS = ("peft", "pack", "both", "gguf")
 
 
 # ---- what an adapter's repo says ------------------------------------------------------------------
@@ -108,18 +107,12 @@ def _describe(reg: Registry, art: Artifact) -> dict[str, Any]:
 # ---- the folder an adapter push uploads --------------------------------------------------------
 def _write_decoded_pack(reg: Registry, art: Artifact, stage: Path, base_label: str) -> list[str]:
     """A pack artefact decoded into PEFT files (+ recovery) in ``stage``; returns the names written."""
-    loaded = load_adapter_artifact(reg, art)
-    lora = loaded.lora
-    lora.config = {**lora.config, "base_model_name_or_path": base_label}
-    lora.to_folder(stage / ".peft")
+    decoded_peft_folder(reg, art, stage / ".peft", base_label)
     written = []
     for p in sorted((stage / ".peft").iterdir()):
         shutil.move(str(p), stage / p.name)
         written.append(p.name)
     (stage / ".peft").rmdir()
-    if loaded.recovery_state is not None:
-        (stage / FILE_NAME).write_bytes(recovery_file_bytes(loaded.recovery_state, loaded.recovery_config))
-        written.append(FILE_NAME)
     return written
 
 
@@ -160,7 +153,7 @@ def _check_push_format(art: Artifact, fmt: str) -> None:
     if art.kind not in ADAPTER_KINDS:
         raise UsageError(f"{art.name!r} is a {art.kind}; only adapters "
                          f"({', '.join(ADAPTER_KINDS)}) can be pushed")
-    if fmt != "peft" and art.kind not in PACK_KINDS:
+    if fmt in ("pack", "both") and art.kind not in PACK_KINDS:
         raise UsageError(f"--format {fmt} needs a pack artefact; {art.name!r} is a {art.kind}")
 
 
@@ -170,14 +163,17 @@ def _adapter_card(art: Artifact, info: dict, base_label: str, fmt: str) -> str:
     lineage = info["parents"] or ([{"role": "pulled-from", "parent": info["source"]}] if info["source"] else [])
     recipe = info["variant"]["recipe"] if info["variant"] else None
     return model_card(base_label, art.name, recipe=recipe, lineage=lineage, metrics=metrics,
-                      extra_tags=(art.kind,), peft_loadable=fmt != "pack")
+                      extra_tags=(art.kind,) + (("gguf",) if fmt == "gguf" else ()),
+                      peft_loadable=fmt in ("peft", "both"))
 
 
 def build_push_folder(reg: Registry, art: Artifact, dest: str | Path, fmt: str = "peft") -> list[dict]:
     """Write what ``push`` uploads for ``art`` into the empty folder ``dest``.
 
     ``fmt``: ``peft`` (PEFT folder), ``pack`` (the pack file only; pack artefacts),
-    ``both`` (PEFT folder and pack file). Always adds ``adapterhub_c.json`` and README.md.
+    ``both`` (PEFT folder and pack file), ``gguf`` (the GGUF LoRA llama.cpp loads, with the GGUF
+    of the model it runs on and an ollama Modelfile: ``exports.write_adapter_gguf``). Always adds
+    ``adapterhub_c.json`` and README.md.
     Content is a function of the registry rows only (no timestamps), so an unchanged
     artefact gives byte-identical files. Returns [{path, size, sha256}] sorted by path.
     """
@@ -187,6 +183,9 @@ def build_push_folder(reg: Registry, art: Artifact, dest: str | Path, fmt: str =
     info = _describe(reg, art)
     base_label = info.pop("_base_label")
     written = []
+    if fmt == "gguf":
+        info["gguf"] = write_adapter_gguf(reg, art, dest)
+        written += [info["gguf"]["lora_file"], info["gguf"]["model_file"], MODELFILE]
     if fmt in ("peft", "both"):
         written += _write_peft_part(reg, art, dest, base_label)
     if fmt in ("pack", "both"):
