@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.models.arch import linear_kind
-from adapterhub_c.models.weights import gguf_weights, read_state
+from adapterhub_c.models.weights import from_state, gguf_weights, lazy_state, read_state
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -95,48 +98,37 @@ def load_quantized(folder: str | Path, quant: str, double_quant: bool = False,
                    include_lm_head: bool = False, dtype: torch.dtype | None = None,
                    cpu_bf16_kernel: bool = False):
     """Load a HF causal LM folder (safetensors, or one GGUF file: dequantized), quantizing its linears
-    with bitsandbytes on `device`.
+    with bitsandbytes on `device`. Safetensors weights are read and quantized one tensor at a time.
 
     `cpu_bf16_kernel=True` keeps bnb's CPU repack-to-bf16 fast path for 4-bit layers:
     inference only, never train after an eval forward (see the module docstring).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(str(folder))
+    args = (quant, double_quant, compute_dtype, device, include_lm_head, dtype, cpu_bf16_kernel)
     if gguf_weights(folder) is not None:  # a GGUF base's weights: its dequantized tensors
-        return load_quantized_state(AutoConfig.from_pretrained(str(folder)), read_state(folder), quant, double_quant,
-                                    compute_dtype, device, include_lm_head, dtype, cpu_bf16_kernel)
-    config = bnb_config(quant, double_quant, compute_dtype, include_lm_head)
-    kwargs = {"dtype": dtype or compute_dtype}
-    if config is not None:
-        kwargs.update(quantization_config=config, device_map=device_map_for(device))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    if config is None:
-        model.to(device)
-    elif not cpu_bf16_kernel:
-        disable_cpu_repack(model)
-    return model.eval()
+        return load_quantized_state(config, read_state(folder), *args)
+    with ExitStack() as stack:
+        return load_quantized_state(config, lazy_state(folder, stack), *args, folder=folder)
 
 
-def load_quantized_state(config, state_dict: dict[str, torch.Tensor], quant: str, double_quant: bool = False,
+def load_quantized_state(config, state_dict: Mapping[str, Any], quant: str, double_quant: bool = False,
                          compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
                          include_lm_head: bool = False, dtype: torch.dtype | None = None,
-                         cpu_bf16_kernel: bool = False):
-    """`load_quantized` from an in-memory state dict and a transformers config (no files written).
+                         cpu_bf16_kernel: bool = False, folder: str | Path | None = None):
+    """`load_quantized` from a state dict and a transformers config (no files written).
 
-    The state dict may be in any float dtype (a bf16 base is upcast to `dtype`); it is
-    consumed: transformers moves its tensors into the model.
+    The state dict may be in any float dtype (a bf16 base is upcast to `dtype`); its values may be
+    tensors or anything transformers materializes with ``value[...]`` (`models.weights.lazy_state`
+    slices, read one at a time). It is consumed: transformers moves its tensors into the model.
+    `folder`: the model folder it comes from (its generation config and name).
     """
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        raise UsageError(f"{type(config).__name__} is not a causal language model configuration") from None
     qconfig = bnb_config(quant, double_quant, compute_dtype, include_lm_head)
     kwargs = {"dtype": dtype or compute_dtype}
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map=device_map_for(device))
-    model = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    model = from_state(config, state_dict, folder, **kwargs)
     if qconfig is None:
         model.to(device)
     elif not cpu_bf16_kernel:
