@@ -156,7 +156,8 @@ def _variant_section(d: _Demo) -> Iterator[tuple[str, list[dict]]]:
     fp16 = vs["base_fp16_bytes"]
     yield f"perplexity on {DEMO_DATA} test (first {z.eval_tokens} tokens); sizes against the fp16 base", [
         {"model": b.name, "perplexity": _fmt(d.base_ppl, 2), "stored_MB": _fmt(b.stored_bytes / 1e6, 1),
-         "stored_vs_fp16": _fmt(b.stored_bytes / fp16, 3) if fp16 else None, "loaded_MB": None, "export_MB": None,
+         "stored_vs_fp16": _fmt(b.stored_bytes / fp16, 3) if fp16 else None,
+         "loaded_MB": _fmt(b.loaded_bytes / 1e6, 1) if b.loaded_bytes else None, "export_MB": None,
          "vs_base": 1.0},
         {"model": d.variant.name, "perplexity": _fmt(d.var_ppl, 2), "stored_MB": _fmt(vs["stored_bytes"] / 1e6, 1),
          "stored_vs_fp16": _fmt(vs["stored_ratio"], 3), "loaded_MB": _fmt(vs["loaded_bytes"] / 1e6, 1),

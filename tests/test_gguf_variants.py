@@ -300,3 +300,15 @@ def test_pull_variant_convert_export_and_llama_cpp_runs_it(cli, reg, base, files
     print("llama.cpp vs adapt, Q8_0 variant + converted LoRA: relative max |Δlogit|", gap)
     assert gap <= QUANT_TOL
     assert got_greedy == want_greedy
+
+
+def test_variant_create_k_quant_goes_through_llama_cpps_quantizer(reg, base):
+    pytest.importorskip("llama_cpp")
+    from adapterhub_c.runtime.variants import load_variant
+    from adapterhub_c.workflows.variants import create_variant
+
+    row, created = create_variant(reg, BASE, quant="gguf:q4_k_m", eval_tokens=0)  # any case: canonical Q4_K_M
+    assert created and row.name == f"{BASE}-gguf-q4_k_m" and json.loads(row.recipe)["quant"] == "gguf:Q4_K_M"
+    assert row.stats["gguf_quantizer"] == "llama.cpp" and "Q4_K" in row.stats["gguf_types"]
+    assert 4.0 < row.stats["bits_per_weight"] < 6.0
+    assert load_variant(reg, row).model.layers[0].self_attn.q_proj.weight.shape == (256, 256)
