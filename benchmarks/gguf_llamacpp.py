@@ -1,7 +1,7 @@
 """What GGUF LoRAs are for, measured inside llama.cpp (issue 26).
 
 Usage:
-  python benchmarks/gguf.py [--tasks reverse-words,uppercase,sort-numbers] [--variants Q4_0,Q4_K_M]
+  python benchmarks/gguf_llamacpp.py [--tasks reverse-words,uppercase,sort-numbers] [--variants Q4_0,Q4_K_M]
                             [--eval-examples 50] [--steps 20] [--batch-size 8] [--lr 1e-3]
                             [--compensate-rank 16] [--check-prompts 10] [--threads 2]
                             [--speed-tokens 64] [--speed-repeats 3] [--home DIR] [--out benchmarks/results/gguf.md]
@@ -35,7 +35,6 @@ Every artefact has a fixed name (registered conversions in ``--home``, GGUF file
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -201,23 +200,11 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def import_gguf_package() -> None:
-    """Import the ``gguf`` package before this folder goes on ``sys.path`` (for ``ca_lora`` and ``zoo``):
-    this file's own name would shadow it there."""
-    here = [p for p in sys.path if p and Path(p).resolve() == HERE]
-    for p in here:
-        sys.path.remove(p)
-    importlib.import_module("gguf")
-    if Path(sys.modules["gguf"].__file__).resolve() == Path(__file__).resolve():
-        raise RuntimeError("the gguf package is shadowed by benchmarks/gguf.py")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--llama-worker"]:
         return llama_worker(argv[1], argv[2])
     args = parse_args(argv)
-    import_gguf_package()
     sys.path.insert(0, str(HERE))
     import ca_lora
     from zoo import ZOO_DIR
@@ -436,7 +423,7 @@ def render(args, base_name, tasks, variants, measured, made, ours, out, prompts,
               for e in load_manifest().get("loras", [])}
     n = args.eval_examples
     lines = [f"# GGUF variants and GGUF LoRAs, run by llama.cpp (issue 26) on {base_name}", "",
-             f"Command: `python benchmarks/gguf.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python benchmarks/gguf_llamacpp.py {' '.join(sys.argv[1:])}`", "",
              "Source LoRAs: the zoo's (`benchmarks/make_zoo.py`, trained on the float32 SmolLM2, r = 16), pulled "
              "from its local hub. Variants: `create_variant(quant=\"gguf:TYPE\")`. Every adapter exported with "
              "`adapt export ADAPTER --format gguf --variant V` (the API's `export(..., on_variant=V)`: the GGUF LoRA "
