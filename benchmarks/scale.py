@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/scale.py [--shapes 135m,360m,1.7b] [--real] [--home DIR] [--calib-samples 8]
-                             [--out benchmarks/results/scale.md] [--skip-convert]
+                             [--out benchmarks/results/scale.md] [--skip-convert] [--only convert]
 
 Models: random-initialised Llamas with the shapes of SmolLM2-135M, -360M and -1.7B (configs
 built in-process from the published shapes, seeded, stored as bf16 as their Hub checkpoints are,
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -142,6 +143,10 @@ def worker_prep(args) -> dict:
     reg = _registry(args.home)
     real, _ = add_builtin_base(reg, "builtin:smollm2-135m")  # the tokenizer (and the real model)
     t0 = time.perf_counter()
+    names = {name: f"{args.base}-lora-{name}" for name in ("qkvo", "all-a", "all-b")}
+    if args.base != real.name and all(name_taken(reg, n) for n in names.values()):  # registered by an earlier run
+        base = reg.get(args.base, "base")
+        return _prep_result(reg, base, t0, names)
     if args.base == "builtin:smollm2-135m":
         base = real
         model, _ = load_base_model(reg, base)
@@ -174,6 +179,10 @@ def worker_prep(args) -> dict:
                 register_artifact(reg, kind="lora", name=art_name, base_id=base.id, folder=folder,
                                   source="benchmarks/scale.py", parents=[(base, "adapter-of")])
             loras[name] = art_name
+    return _prep_result(reg, base, t0, loras)
+
+
+def _prep_result(reg, base, t0: float, loras: dict) -> dict:
     return {"base": base.name, "params": base.params, "base_bytes": base.size_bytes,
             "weights_bytes": sum(reg.blobs.path_for(d).stat().st_size for r, d in base.files.items()
                                  if r.endswith(".safetensors")),
@@ -338,9 +347,16 @@ def call(args, worker: str, base: str, **extra) -> dict:
     return out
 
 
-def measure(args, base: str) -> dict:
+def measure(args, base: str, previous: dict | None = None) -> dict:
     print(f"{base}:", flush=True)
     m = {"prep": call(args, "prep", base)}
+    if args.only == "convert":  # the convert row again; the other figures are the previous run's
+        if not previous or "load" not in previous:
+            raise SystemExit(f"--only convert: {base} has no earlier results in the json file to keep")
+        call(args, "build", base, recipe=CONVERT_VARIANT)  # the variant converted to, when the home lacks it
+        cmd = "python benchmarks/scale.py " + shlex.join(sys.argv[1:])
+        return {**previous, "prep": m["prep"],
+                "convert": {**call(args, "convert", base), "alone": f"{cmd} ({time.strftime('%Y-%m-%d %H:%M')})"}}
     m["build"] = {label: call(args, "build", base, recipe=label) for label in RECIPES}
     m["load"] = call(args, "load", base)
     m["export"] = call(args, "export", base)
@@ -414,7 +430,8 @@ def render(results: dict, order: list[str], cmdline: str) -> str:
                          f"{c['trainable_params'] / 1e6:.2f}M params x 16 B = {opt / MB:.0f} + activations "
                          f"{act / MB:.0f} = {bound / MB:.0f} MB: {c['peak_rss'] / bound:.2f} x "
                          f"(runtime after imports {c['runtime_rss'] / MB:.0f} MB; "
-                         f"{(c['peak_rss'] - c['runtime_rss']) / bound:.2f} x without it). "
+                         f"{(c['peak_rss'] - c['runtime_rss']) / bound:.2f} x without it"
+                         + (f"; measured alone by `{c['alone']}`" if c.get("alone") else "") + "). "
                          f"Pack (k 0.1) {mg['pack_s']:.1f} s, TIES merge (d 0.5, rank {RANK}) {mg['ties_s']:.1f} s "
                          f"of r {RANK} all-linear LoRAs.")
     randoms = [b for b in present if b.startswith("random:")]
@@ -464,6 +481,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2, help="Load timings: best of this many.")
     ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--only", choices=["convert"], default=None,
+                    help="Re-measure only the convert row (prep and the converted variant's build run as needed "
+                         "in --home); the other figures are kept from the json file.")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.md"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
@@ -482,8 +502,14 @@ def main() -> None:
         if s and s not in SHAPES:
             raise SystemExit(f"unknown shape {s!r} (choose from {', '.join(SHAPES)})")
     cmdline = "python benchmarks/scale.py " + shlex.join(sys.argv[1:])
+    if args.only and out.exists():  # the page's other figures are the full run's: its command stays
+        full = re.search(r"^Command: `(.*)`$", out.read_text(), re.M)
+        cmdline = full.group(1) if full else cmdline
     for b in bases:
-        results[b] = {**measure(args, b), "repeat": args.repeat, "when": time.strftime("%Y-%m-%d %H:%M")}
+        if args.only:
+            results[b] = measure(args, b, results.get(b))
+        else:
+            results[b] = {**measure(args, b), "repeat": args.repeat, "when": time.strftime("%Y-%m-%d %H:%M")}
         store.write_text(json.dumps(results, indent=2, sort_keys=True))
         order = [f"random:smollm2-{s}" for s in SHAPES] + ["builtin:smollm2-135m"]
         out.write_text(render(results, order, cmdline))
