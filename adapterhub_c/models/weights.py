@@ -7,10 +7,11 @@ from it. Every reader of a base's weights (loading the base, building and loadin
 over it, checking a variant's delta, adapter fit checks) reads them through this module, so a
 GGUF base is seen as its dequantized tensors everywhere.
 
-GGUF tensors are dequantized by transformers' own GGUF loader (``load_gguf_checkpoint``:
-the ``gguf`` package's dequantization, llama.cpp's tensor names mapped back to the model's,
-q/k rows un-permuted) into float32: exactly what ``from_pretrained(..., gguf_file=...)``
-gives, i.e. bit for bit the float32 safetensors copy registries made before.
+GGUF tensors are read by :mod:`adapterhub_c.models.gguf_tensors` (the ``gguf`` package's
+dequantization, llama.cpp's tensor names mapped back to the model's, q/k rows un-permuted) into
+float32: bit for bit what transformers' ``from_pretrained(..., gguf_file=...)`` gives (a test
+checks it), i.e. the float32 safetensors copy registries made before; 2-3x faster than
+transformers' loader on the built-in SmolLM2.
 """
 from __future__ import annotations
 
@@ -176,13 +177,35 @@ def release_free_heap() -> None:
     dynamic mmap threshold has risen (to 32 MB), and freed heap memory between live blocks stays in
     the process's RSS: after a 1.7B-parameter variant load, 1.2 GB of it, on top of everything loaded next.
     """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc
+        libc.malloc_trim(0)
+
+
+def _libc():
+    """The C library's symbols (None where they cannot be reached)."""
     import ctypes
 
     try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 4 << 20
+
+
+def cap_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> None:
+    """From now on give every C allocation of ``nbytes`` or more its own mapping, returned to the OS when
+    freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``; elsewhere nothing).
+
+    glibc raises this threshold up to 32 MB as large blocks are freed; training then takes its activations
+    and the 4-bit layers' dequantized weights (a few MB to 32 MB each) from the heap, where the holes left
+    between live blocks stay in RSS: at the SmolLM2-1.7B shape a CA-LoRA step peaked 0.7 GB higher so."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, int(nbytes))
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32):

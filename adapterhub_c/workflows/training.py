@@ -38,6 +38,7 @@ from adapterhub_c.evals.evaluate import EvalData, Scores
 from adapterhub_c.evals.metrics import QUALITY_METRICS
 from adapterhub_c.models.builtin import builtin_for
 from adapterhub_c.models.device import resolve_device
+from adapterhub_c.models.weights import cap_mmap_threshold
 from adapterhub_c.options import Options
 from adapterhub_c.options.convert import RECOVER_METHODS, ConvertOptions
 from adapterhub_c.options.train import (
@@ -330,6 +331,7 @@ def convert_adapter(reg: Registry, adapter_ref: str, variant_ref: str, options: 
     if (earlier := earlier_result(reg, name, "adapt convert", params, ignore=opts.unkeyed())) is not None:
         return earlier, already_done_report(earlier)
     with record_run(reg, "adapt convert", params) as run:
+        cap_mmap_threshold()  # a conversion holds two models and trains: freed blocks go back to the OS
         if opts.trains:
             key = run_key(command="adapt convert", adapter=src.adapter.id, variant=src.variant.id, data=opts.data,
                           name=name)
