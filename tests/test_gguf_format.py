@@ -11,9 +11,10 @@ import torch
 from gguftiny import smol_tokenizer, tiny_gguf_model
 
 from adapterhub_c.errors import AdaptError, IntegrityError, UsageError
-from adapterhub_c.formats.gguf_names import gguf_arch, gguf_to_hf, hf_to_gguf, permute_for_gguf, unpermute_from_gguf
-from adapterhub_c.formats.gguf_read import check_gguf_against, inspect_gguf, read_gguf_state
+from adapterhub_c.formats.gguf_read import check_gguf_against, inspect_gguf
 from adapterhub_c.formats.gguf_write import quantize_gguf, write_gguf_model
+from adapterhub_c.models.gguf_names import gguf_arch, gguf_to_hf, hf_to_gguf, permute_for_gguf, unpermute_from_gguf
+from adapterhub_c.models.gguf_tensors import read_gguf_state
 
 
 @pytest.fixture(scope="module")

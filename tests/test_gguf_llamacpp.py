@@ -31,8 +31,8 @@ import torch
 from gguftiny import smol_tokenizer, tiny_gguf_model
 
 from adapterhub_c.formats.gguf_lora import write_gguf_lora
-from adapterhub_c.formats.gguf_read import read_gguf_state
 from adapterhub_c.formats.gguf_write import quantize_gguf, write_gguf_model
+from adapterhub_c.models.gguf_tensors import read_gguf_state
 
 pytest.importorskip("llama_cpp")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterhub_c.formats.gguf_read import read_gguf_state
 from adapterhub_c.formats.gguf_write import quantize_gguf, write_gguf_model
+from adapterhub_c.models.gguf_tensors import read_gguf_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguftiny import TINY_GGUF_ARCH, smol_tokenizer, tiny_gguf_model  # noqa: E402
@@ -88,10 +88,15 @@ def test_a_base_stored_as_a_gguf_is_its_dequantized_tensors_everywhere(reg, file
     assert row.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
     assert row.loaded_bytes == 4 * row.params and files["Q8_0"].stat().st_size < 1.1 * row.params  # Q8_0: ~1 byte
     loaded, _ = load_base_model(reg, row)
-    # transformers' GGUF loader (bases) and ours (formats.gguf_read) give the same tensors bit for bit
+    # the base loads as its GGUF's tensors read by ours (models.gguf_tensors), and they are bit for bit
+    # what transformers' own GGUF loader gives
+    from transformers import AutoModelForCausalLM
+
     ours = read_gguf_state(files["Q8_0"], model.config)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, gguf_file=files["Q8_0"].name, dtype=torch.float32)
     for name, t in ours.items():
         assert torch.equal(loaded.state_dict()[name], t), name
+        assert torch.equal(theirs.state_dict()[name], t), name
     variant, created = create_variant(reg, row, prune="wanda", sparsity=0.5, quant="nf4", calib_samples=2,
                                       calib_seq_len=32, eval_tokens=0)
     assert created and variant.stats["storage"] == "delta" and variant.stored_bytes < row.size_bytes / 4

@@ -32,7 +32,8 @@ import torch
 
 from adapterhub_c.errors import UsageError
 from adapterhub_c.formats import gptq as gptq_format
-from adapterhub_c.formats.gguf_read import GgufInfo, inspect_gguf, read_gguf_state
+from adapterhub_c.formats.gguf_read import GgufInfo, inspect_gguf
+from adapterhub_c.models.gguf_tensors import read_gguf_state
 from adapterhub_c.models.weights import gguf_weights
 from adapterhub_c.variants.build import read_state
 from adapterhub_c.variants.quantize import device_map_for, disable_cpu_repack

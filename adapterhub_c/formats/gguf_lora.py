@@ -9,7 +9,7 @@ What has no field there is folded into B: a module whose PEFT scale (rsLoRA's al
 ``rank_pattern`` / ``alpha_pattern``; see :func:`adapterhub_c.adapters.lora.lora_scale`) is not
 ``rank_scale(alpha, r)`` gets ``B · scale / rank_scale(alpha, r)``, so llama.cpp's product is
 PEFT's; the report lists those modules. For Llama, B's rows are reordered as the q/k weights
-are (:func:`adapterhub_c.formats.gguf_names.permute_for_gguf`).
+are (:func:`adapterhub_c.models.gguf_names.permute_for_gguf`).
 
 What cannot be expressed is refused in one line saying why and what to do instead: DoRA
 (magnitude vectors), recovery modules, soft prompts, embedding / ``lm_head`` LoRAs, full
@@ -28,8 +28,8 @@ import torch
 from adapterhub_c.adapters.lora import PEFT_DEFAULT_ALPHA, LoraAdapter, LoraLayer, rank_scale, read_folder_config
 from adapterhub_c.adapters.recovery import FILE_NAME as RECOVERY_FILE
 from adapterhub_c.errors import UsageError
-from adapterhub_c.formats.gguf_names import config_value, gguf_arch, hf_to_gguf, permute_for_gguf
 from adapterhub_c.formats.gguf_write import _as_dict, _temp_beside
+from adapterhub_c.models.gguf_names import config_value, gguf_arch, hf_to_gguf, permute_for_gguf
 
 PROMPT_FILE = "prompt.safetensors"  # a soft prompt's file (training.prompt writes it)
 LORA_TYPES = {"f32": (np.float32, gguf.GGMLQuantizationType.F32), "f16": (np.float16, gguf.GGMLQuantizationType.F16)}

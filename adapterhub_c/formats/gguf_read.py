@@ -7,22 +7,17 @@ whose header does not parse, is refused in one line before anything else reads i
 
 Shapes are reported in Hugging Face order (``[out, in]`` for a linear weight: GGUF lists
 dimensions innermost first). Tensors come back under Hugging Face names, with llama.cpp's
-q/k row order undone (:mod:`adapterhub_c.formats.gguf_names`); a model with tied embeddings
+q/k row order undone (:mod:`adapterhub_c.models.gguf_names`); a model with tied embeddings
 has no ``lm_head.weight``, as in transformers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import gguf
-import numpy as np
-import torch
 
 from adapterhub_c.errors import IntegrityError, UsageError
-from adapterhub_c.formats.gguf_names import config_value, gguf_arch, gguf_to_hf, hf_to_gguf, unpermute_from_gguf
+from adapterhub_c.models.gguf_names import config_value, gguf_arch, hf_to_gguf
+from adapterhub_c.models.gguf_tensors import dequantizable, gguf_field, hf_shape, open_gguf
 
 
 @dataclass
@@ -44,48 +39,6 @@ class GgufInfo:
         return out
 
 
-@lru_cache(maxsize=64)
-def dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
-    """True when the gguf package dequantizes tensors of this type (probed on one zero block)."""
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    try:
-        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
-    except (NotImplementedError, ValueError, TypeError):
-        return False
-    return True
-
-
-def _open(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise IntegrityError(f"{path}: not a GGUF file (no GGUF magic)")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OverflowError, TypeError, MemoryError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {str(e)[:80]})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size or t.data.nbytes != int(t.n_bytes):
-            raise IntegrityError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
-    return reader
-
-
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except (ValueError, IndexError, UnicodeDecodeError):
-        raise IntegrityError(f"GGUF field {key} is corrupt") from None
-
-
-def _hf_shape(t) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(t.shape.tolist()))
-
-
 def inspect_gguf(path: str | Path) -> GgufInfo:
     """Architecture, block count, every tensor's HF-order shape and type, and the file size.
 
@@ -93,23 +46,19 @@ def inspect_gguf(path: str | Path) -> GgufInfo:
     a tensor has a type the gguf package cannot dequantize.
     """
     path = Path(path)
-    reader = _open(path)
-    arch = _field(reader, "general.architecture")
+    reader = open_gguf(path)
+    arch = gguf_field(reader, "general.architecture")
     if not isinstance(arch, str):
         raise IntegrityError(f"{path}: GGUF without general.architecture")
-    blocks = _field(reader, f"{arch}.block_count")
+    blocks = gguf_field(reader, f"{arch}.block_count")
     info = GgufInfo(path=path, architecture=arch, block_count=int(blocks) if blocks is not None else None,
-                    file_size=path.stat().st_size, file_type=str(_field(reader, "general.type", "model")))
+                    file_size=path.stat().st_size, file_type=str(gguf_field(reader, "general.type", "model")))
     for t in reader.tensors:
         if not dequantizable(t.tensor_type):
             raise UsageError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
                              f"cannot dequantize")
-        info.tensors[t.name] = (_hf_shape(t), t.tensor_type.name)
+        info.tensors[t.name] = (hf_shape(t), t.tensor_type.name)
     return info
-
-
-def _tied(config: Any) -> bool:
-    return bool(config_value(config, "tie_word_embeddings", False))
 
 
 def check_gguf_against(info: GgufInfo, base_config: dict, base_shapes: dict[str, tuple[int, ...]],
@@ -139,28 +88,3 @@ def check_gguf_against(info: GgufInfo, base_config: dict, base_shapes: dict[str,
         raise UsageError(f"{label}: tensor {extra[0]} is not in the base")
 
 
-def read_gguf_state(path: str | Path, base_config: Any, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """{HF name: dequantized tensor} of a GGUF model, in HF shapes and row order (``dtype``).
-
-    ``output.weight`` is dropped when ``base_config`` ties the embeddings (transformers' tied
-    models have no ``lm_head.weight``).
-    """
-    path = Path(path)
-    reader = _open(path)
-    arch = gguf_arch(config_value(base_config, "model_type"))
-    got_arch = _field(reader, "general.architecture")
-    if got_arch != arch:
-        raise UsageError(f"{path}: GGUF architecture {got_arch!r}, the base is {arch!r}")
-    n_layers = int(config_value(base_config, "num_hidden_layers"))
-    state: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        hf_name = gguf_to_hf(arch, t.name, n_layers)
-        if hf_name == "lm_head.weight" and _tied(base_config):
-            continue
-        if not dequantizable(t.tensor_type):
-            raise UsageError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
-                             f"cannot dequantize")
-        values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        tensor = torch.from_numpy(values.reshape(_hf_shape(t)))
-        state[hf_name] = unpermute_from_gguf(hf_name, tensor, base_config).to(dtype).contiguous()
-    return state

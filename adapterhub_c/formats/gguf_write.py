@@ -2,7 +2,7 @@
 
 :func:`write_gguf_model` uses the ``gguf`` package's ``GGUFWriter``: the architecture's
 hyper-parameters, every tensor under its llama.cpp name (q/k rows reordered for Llama, see
-:mod:`adapterhub_c.formats.gguf_names`), norms and biases in float32 and matrices in
+:mod:`adapterhub_c.models.gguf_names`), norms and biases in float32 and matrices in
 ``ftype`` (f32, f16, bf16), and the tokenizer as llama.cpp's ``gpt2`` byte-level BPE:
 tokens and their types from ``tokenizer.json``, then merges, special-token ids, add-BOS flags
 and the chat template through ``gguf.vocab.SpecialVocab``. llama.cpp picks its pre-tokenizer
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from adapterhub_c.errors import AdaptError, UsageError
-from adapterhub_c.formats.gguf_names import config_value, gguf_arch, hf_to_gguf, permute_for_gguf
-from adapterhub_c.formats.gguf_read import _field, _open, inspect_gguf
+from adapterhub_c.formats.gguf_read import inspect_gguf
+from adapterhub_c.models.gguf_names import config_value, gguf_arch, hf_to_gguf, permute_for_gguf
+from adapterhub_c.models.gguf_tensors import gguf_field, open_gguf
 
 FLOAT_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                "bf16": gguf.GGMLQuantizationType.BF16}
@@ -284,7 +285,7 @@ def _copy_fields(reader: gguf.GGUFReader, w: gguf.GGUFWriter, file_type: int) ->
             continue
         vtype = f.types[0]
         sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, _field(reader, key), vtype, sub_type=sub)
+        w.add_key_value(key, gguf_field(reader, key), vtype, sub_type=sub)
     w.add_file_type(file_type)
 
 
@@ -296,9 +297,9 @@ def _numpy_type(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> ggu
 
 
 def _numpy_quantize(src: Path, dest: Path, name: str) -> None:
-    reader = _open(src)
+    reader = open_gguf(src)
     qtype = gguf.GGMLQuantizationType[name]
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     with _temp_beside(dest) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         _copy_fields(reader, w, int(_FILE_TYPES[name]))

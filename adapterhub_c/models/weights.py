@@ -57,23 +57,17 @@ def _meta_model(folder: Path):
 def read_gguf_state(path: str | Path, folder: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The dequantized float32 tensors of a GGUF file under the model's names (``folder``: where its
     ``config.json`` is; default the file's folder). A tied LM head is left out, as save_pretrained does."""
-    from transformers import modeling_gguf_pytorch_utils as loader
+    import json
+
+    from adapterhub_c.models.gguf_tensors import read_gguf_state as read_tensors
 
     path = Path(path)
-    model = _meta_model(Path(folder) if folder is not None else path.parent)
-    bar = loader.tqdm  # the loader draws a progress bar on stderr for every load; the library never prints
-    loader.tqdm = lambda items, **_: items
+    config_file = (Path(folder) if folder is not None else path.parent) / "config.json"
     try:
-        parsed = loader.load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model,
-                                             torch_dtype=GGUF_DTYPE)
-    except Exception as e:  # noqa: BLE001 - the gguf reader raises ValueError, struct / numpy errors on a bad file
-        raise IntegrityError(f"GGUF file {path.name} is unreadable ({type(e).__name__}: {e})") from None
-    finally:
-        loader.tqdm = bar
-    state = {k: torch.as_tensor(v).to(GGUF_DTYPE).contiguous() for k, v in parsed["tensors"].items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return state
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{config_file}: unreadable model config ({type(e).__name__})") from None
+    return read_tensors(path, config, GGUF_DTYPE)
 
 
 def read_state(folder: str | Path) -> dict[str, torch.Tensor]:
