@@ -227,12 +227,12 @@ def test_the_whole_flow_runs_on_a_gguf_variant(reg, base, files):
     assert conv.variant_id == low.variant_id == row.id
 
 
-def _source(reg):
+def _source(reg, base: str = BASE):
     from variantflow import FAST, TASK
 
     from adapterhub_c.workflows.training import train_adapter
 
-    art, _ = train_adapter(reg, BASE, TASK, rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj", "down_proj"],
+    art, _ = train_adapter(reg, base, TASK, rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj", "down_proj"],
                            name="src", baseline=False, **FAST)
     return art
 
@@ -273,38 +273,54 @@ def add_variant_q8(reg, files):
     return add_variant(reg, str(files["Q8_0"]), BASE, eval_tokens=0)
 
 
-def test_pull_variant_convert_export_and_llama_cpp_runs_it(cli, reg, base, files, hf, tmp_path):
-    """Acceptance 2: a GGUF pulled from the local Hub → variant add → convert --recover lowrank → export gguf
-    (variant + LoRA + Modelfile) → llama.cpp (a subprocess without adapterhub_c) gives our logits."""
+def _pull_convert_export_and_run(cli, reg, hf, base: str, gguf_file: Path, out: Path) -> None:
+    """A GGUF pulled from the local Hub → variant add → convert --recover lowrank → export gguf (variant +
+    LoRA + Modelfile) → llama.cpp (a subprocess without adapterhub_c): our logits and greedy tokens."""
     from test_gguf_llamacpp import QUANT_TOL, llama_cpp_run, ours, relative_gap
 
     from adapterhub_c.runtime.stack import StackSpec, load_stack
     from adapterhub_c.workflows.training import convert_adapter
 
-    repo = "someone/tiny-smol-llama-Q8_0-GGUF"
+    repo = f"someone/{base}-GGUF"
     hf.store.create_repo(repo)
-    hf.store.commit(repo, message="gguf", add={files["Q8_0"].name: files["Q8_0"].read_bytes()})
-    r = cli("variant", "add", repo, "--base", BASE, "--eval-tokens", "0", "--json")
+    hf.store.commit(repo, message="gguf", add={gguf_file.name: gguf_file.read_bytes()})
+    r = cli("variant", "add", repo, "--base", base, "--eval-tokens", "0", "--json")
     assert r.code == 0, r.err
     variant = reg.get(json.loads(r.out)["name"], "variant")
-    _source(reg)
-    low, _ = convert_adapter(reg, "src", variant.name, recover="lowrank", recover_rank=2, calib_samples=2,
-                             calib_seq_len=32, name="low", reference_rows=False, max_eval_tokens=100,
-                             max_eval_examples=1)
-    r = cli("export", "low", "--out", str(tmp_path / "out"), "--format", "gguf", "--json")
+    _source(reg, base)
+    convert_adapter(reg, "src", variant.name, recover="lowrank", recover_rank=2, calib_samples=2, calib_seq_len=32,
+                    name="low", reference_rows=False, max_eval_tokens=100, max_eval_examples=1)
+    r = cli("export", "low", "--out", str(out), "--format", "gguf", "--json")
     assert r.code == 0, r.err
-    out = tmp_path / "out"
-    assert (out / files["Q8_0"].name).read_bytes() == files["Q8_0"].read_bytes()
-    assert (out / "Modelfile").read_text().splitlines() == [f"FROM ./{files['Q8_0'].name}", "ADAPTER ./low.lora.gguf"]
-    model, tok = load_stack(reg, StackSpec(reg.get(BASE, "base"), variant, reg.get("low", "artifact")))
+    assert (out / gguf_file.name).read_bytes() == gguf_file.read_bytes()
+    assert (out / "Modelfile").read_text().splitlines() == [f"FROM ./{gguf_file.name}", "ADAPTER ./low.lora.gguf"]
+    model, tok = load_stack(reg, StackSpec(reg.get(base, "base"), variant, reg.get("low", "artifact")))
     tokens = tok("Reverse the words: a b c\nAnswer:").input_ids
     want, want_greedy = ours(model, tokens)
-    got, got_greedy = llama_cpp_run(out / files["Q8_0"].name, out / "low.lora.gguf", tokens, tmp_path / "l.npy",
+    got, got_greedy = llama_cpp_run(out / gguf_file.name, out / "low.lora.gguf", tokens, out.parent / "l.npy",
                                     f32_cache=False)
     gap = relative_gap(want, got)
-    print("llama.cpp vs adapt, Q8_0 variant + converted LoRA: relative max |Δlogit|", gap)
+    print(f"llama.cpp vs adapt, {gguf_file.name} + converted LoRA: relative max |Δlogit|", gap)
     assert gap <= QUANT_TOL
     assert got_greedy == want_greedy
+
+
+def test_pull_variant_convert_export_and_llama_cpp_runs_it(cli, reg, base, files, hf, tmp_path):
+    """Acceptance 2 on a tiny Llama's Q8_0 GGUF."""
+    _pull_convert_export_and_run(cli, reg, hf, BASE, files["Q8_0"], tmp_path / "out")
+
+
+def test_a_tiny_qwen2_in_a_4_bit_gguf_goes_the_same_way(cli, reg, files, hf, tmp_path):
+    """Acceptance 1's second family and 4-bit type: a tiny Qwen2 exported to GGUF and quantized to Q4_0."""
+    from adapterhub_c.workflows.bases import register_base_folder
+
+    model = tiny_gguf_model("qwen2", smol_tokenizer(tmp_path / "tok"))
+    model.save_pretrained(tmp_path / "hf")
+    shutil.copytree(files["tok"], tmp_path / "hf", dirs_exist_ok=True)
+    f32 = write_gguf_model(model.state_dict(), model.config, files["tok"], tmp_path / "qwen.F32.gguf", ftype="f32")
+    q4 = quantize_gguf(f32, tmp_path / "qwen.Q4_0.gguf", "Q4_0").path
+    register_base_folder(reg, "tiny-smol-qwen2", tmp_path / "hf", None, None, None, None)
+    _pull_convert_export_and_run(cli, reg, hf, "tiny-smol-qwen2", q4, tmp_path / "out")
 
 
 def test_variant_create_k_quant_goes_through_llama_cpps_quantizer(reg, base):
