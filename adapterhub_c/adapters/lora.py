@@ -316,7 +316,7 @@ def check_lora_config(config: dict, where: str) -> None:
 
 
 # What follows the first ".lora_" of a key that is its own canonical key, and the part
-# lora_geometry_fault files it under (a bias of lora_A / lora_B is a part of its own)
+# lora_modules_fault files it under (a bias of lora_A / lora_B is a part of its own)
 _CANONICAL_ENDS = {"A.weight": "lora_A", "A.bias": "lora_A.bias", "B.weight": "lora_B", "B.bias": "lora_B.bias",
                    "embedding_A": "lora_embedding_A", "embedding_B": "lora_embedding_B",
                    MAGNITUDE.removeprefix("lora_"): MAGNITUDE}
@@ -357,8 +357,9 @@ def lora_key_parts(keys: list[str]) -> list[tuple[str, str] | None]:
     return out
 
 
-def lora_geometry_fault(config: dict, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """What in the tensor shapes (keys as PEFT saves them) a valid LoRA ``config`` does not describe, or None.
+def lora_modules_fault(config: dict, parts: list[tuple[str, str] | None], shapes: list[tuple[int, ...]]) -> str | None:
+    """What in the tensor shapes a valid LoRA ``config`` does not describe, or None; keys as PEFT saves them,
+    split by :func:`lora_key_parts` (``parts``), with their ``shapes`` in the same order.
 
     Every ``lora_A`` has its ``lora_B`` (an embedding's A its B) and the reverse; A is
     ``[r, in, *kernel]`` and B ``[out, r, 1, …]`` (embeddings: ``[r, vocab]``, ``[hidden, r]``)
@@ -367,11 +368,6 @@ def lora_geometry_fault(config: dict, shapes: dict[str, tuple[int, ...]]) -> str
     one that ``target_modules`` names, as PEFT matches them. The base model's own shapes are
     checked where the adapter meets it (``adapters.attach.copy_lora``, ``serve.loading``).
     """
-    return lora_modules_fault(config, lora_key_parts(list(shapes)), list(shapes.values()))
-
-
-def lora_modules_fault(config: dict, parts: list[tuple[str, str] | None], shapes: list[tuple[int, ...]]) -> str | None:
-    """:func:`lora_geometry_fault` of keys already split by :func:`lora_key_parts`, with their shapes."""
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for part, shape in zip(parts, shapes, strict=True):
         if part is not None:
@@ -396,7 +392,7 @@ def lora_modules_fault(config: dict, parts: list[tuple[str, str] | None], shapes
 
 
 def _shape_faults(config: dict, parts: dict[str, tuple[int, ...]]) -> tuple[str | None, int, str | None]:
-    """What :func:`lora_geometry_fault` finds in one module's parts before its rank is compared
+    """What :func:`lora_modules_fault` finds in one module's parts before its rank is compared
     with the config's, the rank of its factors, and what it finds after (the extras); the
     module's name plays no part here."""
     embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
