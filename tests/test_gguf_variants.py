@@ -281,7 +281,7 @@ def _pull_convert_export_and_run(cli, reg, hf, base: str, gguf_file: Path, out: 
     from adapterhub_c.runtime.stack import StackSpec, load_stack
     from adapterhub_c.workflows.training import convert_adapter
 
-    repo = f"someone/{base}-GGUF"
+    repo = f"someone/{base}-{gguf_file.stem}-GGUF"  # not the other tests' repos: the Hub server is shared
     hf.store.create_repo(repo)
     hf.store.commit(repo, message="gguf", add={gguf_file.name: gguf_file.read_bytes()})
     r = cli("variant", "add", repo, "--base", base, "--eval-tokens", "0", "--json")
