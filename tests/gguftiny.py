@@ -57,10 +57,7 @@ def tiny_gguf_model(model_type: str, tokenizer, seed: int = 7, tie: bool = False
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   tie_word_embeddings=tie, **TINY_GGUF_ARCH)
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG state untouched
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.random.set_rng_state(state)
     return model.eval()

@@ -102,15 +102,12 @@ def make_lora(model, dest: Path, seed: int, **extra) -> Path:
     """A PEFT LoRA on every linear of ``model`` with random (non-zero) B, saved to ``dest``."""
     from peft import LoraConfig, get_peft_model
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG state untouched
+        torch.manual_seed(seed)
         peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, **extra))
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05)
-    finally:
-        torch.random.set_rng_state(state)
     peft.save_pretrained(dest)
     peft.unload()
     return dest

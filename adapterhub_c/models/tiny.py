@@ -81,12 +81,9 @@ def build_tiny(model_type: str = "llama", seed: int = TINY_SEED):
     tokenizer = tiny_tokenizer()
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=0,
                                   pad_token_id=0, **TINY_ARCHS[model_type])
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG state untouched
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.random.set_rng_state(state)
     model.eval()
     return model, tokenizer
 
@@ -94,11 +91,8 @@ def build_tiny(model_type: str = "llama", seed: int = TINY_SEED):
 def build_tiny_llama() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Build the seeded tiny Llama and its tokenizer (float32, eval mode)."""
     tokenizer = tiny_tokenizer()
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG state untouched
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(tiny_config(len(tokenizer)))
-    finally:
-        torch.random.set_rng_state(state)
     model.eval()
     return model, tokenizer
