@@ -71,6 +71,15 @@ def _progress(label: str):
     return cb
 
 
+def write_results(args, text: str, default: Path) -> None:
+    """Write the markdown ``text`` to ``--out``, else ``default`` (nothing with ``--tiny`` and no ``--out``)."""
+    out = args.out or (None if args.tiny else default)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"written {out}")
+
+
 def flags_label(inherit: bool, recover: bool, distill: bool) -> str:
     """``inherit+recover+distill`` / ``none`` style label of one ablation row."""
     on = [n for n, v in (("inherit", inherit), ("recover", recover), ("distill", distill)) if v]
@@ -220,11 +229,7 @@ def main(argv=None) -> int:
     total_s = time.perf_counter() - t_start
     text = render(args, base_name, var, source, rows, ref_rows, gap, total_s)
     print(text)
-    out = args.out or (None if args.tiny else RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"written {out}")
+    write_results(args, text, RESULTS)
     return 0
 
 
@@ -418,11 +423,7 @@ def lowrank_main(args) -> int:
     total_s = time.perf_counter() - t_start
     text = render_lowrank(args, base_name, tasks, variants, measured, pydoc, total_s)
     print(text)
-    out = args.out or (None if args.tiny else LOWRANK_RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"written {out}")
+    write_results(args, text, LOWRANK_RESULTS)
     return 0
 
 
@@ -567,11 +568,7 @@ def seeds_main(args) -> int:
             print(render_seeds_rows(vkey, task, rows), flush=True)
     text = render_seeds(args, base_name, tasks, variants, measured, pydoc, made, time.perf_counter() - t_start)
     print(text)
-    out = args.out or (None if args.tiny else SEEDS_RESULTS)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"written {out}")
+    write_results(args, text, SEEDS_RESULTS)
     return 0
 
 
